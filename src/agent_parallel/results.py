@@ -1,0 +1,89 @@
+"""The shapes the MCP tools answer with (published as each tool's ``outputSchema``).
+
+Times are ISO 8601 strings in UTC; ids and field names follow ``TOOLS.md``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .runner.records import TaskRecord, TaskStatus
+
+RetrievalStatus = Literal["success", "timeout", "not_ready"]
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TaskView(BaseModel):
+    """One task's state and (a page of) its output. Fields are None where they do not apply yet."""
+
+    task_id: str | None = None
+    status: TaskStatus | None = None
+    description: str | None = None
+    command: str | None = None
+    cwd: str | None = None
+    item_id: str | None = None
+    item_file: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration_s: float | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str | None = Field(None, description="why the task ended the way it did, when that is not plain success")
+    output: str | None = Field(None, description="output text (stdout and stderr interleaved); invalid UTF-8 replaced")
+    cursor: int | None = Field(None, description="byte offset where `output` starts")
+    next_cursor: int | None = Field(None, description="pass back as `cursor` to read what follows")
+    output_bytes: int | None = Field(None, description="total bytes the task has produced")
+    truncated: bool | None = Field(None, description="true when output exists that `output` does not show")
+    dropped_bytes: int | None = Field(None, description="bytes no longer kept because the log cap was reached")
+
+    @classmethod
+    def of(cls, rec: TaskRecord, **extra: object) -> TaskView:
+        return cls(task_id=rec.task_id, status=rec.status, description=rec.description, command=rec.command,
+                   cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, created_at=iso(rec.created_at),
+                   started_at=iso(rec.started_at), ended_at=iso(rec.ended_at), duration_s=rec.duration_s,
+                   exit_code=rec.exit_code, signal=rec.signal, reason=rec.reason, **extra)
+
+
+class LaunchResult(TaskView):
+    """``launch_task``'s answer. With ``run_in_background=false`` it also carries what ``task_output`` would."""
+
+    retrieval_status: RetrievalStatus | None = None
+
+
+class TaskOutputResult(TaskView):
+    """``task_output``'s answer: with ``task_id``, the task's fields at the top level; with
+    ``task_ids``, one entry per task in ``tasks``."""
+
+    retrieval_status: RetrievalStatus
+    tasks: list[TaskView] | None = None
+
+
+class CancelResult(BaseModel):
+    tasks: list[TaskView]
+    message: str
+
+
+class TaskSummary(BaseModel):
+    task_id: str
+    status: TaskStatus
+    description: str | None
+    command: str
+    exit_code: int | None
+    signal: str | None
+    created_at: str | None
+    duration_s: float | None
+    last_line: str | None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+    total: int = Field(description="tasks matching the filter, before `limit`")

@@ -1,0 +1,268 @@
+"""The task registry: every task of this server, its record, and the events waiters block on.
+
+Only the registry changes a task's status. Each task has one supervising coroutine (in the
+registry's task group) that waits for its predecessors, starts it through the executor, enforces
+its timeout and records how it ended. Waiters block on an ``anyio.Event`` per task, so they wake
+the moment a task ends: no polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus as StartStatus
+
+from ..errors import ResourceLimitError, UnknownTask, UsageError
+from .executor import Executor, LaunchSpec, SpawnError, TaskHandle
+from .logs import LogChunk, LogReader, LogWriter
+from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RegistrySettings:
+    log_cap_bytes: int = 64 << 20
+    kill_grace_s: float = 2.0
+    max_running: int = 256  # concurrently running or queued tasks
+
+
+@dataclass
+class Task:
+    """A record plus what only exists while this server runs."""
+
+    record: TaskRecord
+    done: anyio.Event = field(default_factory=anyio.Event)
+    handle: TaskHandle | None = None
+    log: LogWriter | None = None
+    cancel_requested: bool = False
+    waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
+
+    @property
+    def output_bytes(self) -> int:
+        return self.log.total if self.log is not None else self.record.output_bytes
+
+
+class TaskRegistry:
+    def __init__(self, root: Path, runs_dir: Path, executor: Executor, tg: TaskGroup,
+                 settings: RegistrySettings | None = None) -> None:
+        self.root, self.runs_dir, self.executor, self._tg = root, runs_dir, executor, tg
+        self.settings = settings or RegistrySettings()
+        self._tasks: dict[str, Task] = {}
+        self._closing = False
+        self._load_history()
+
+    # ----------------------------------------------------------------- queries
+    def get(self, task_id: str) -> Task:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise UnknownTask(task_id) from None
+
+    def list(self, statuses: set[str] | None = None, limit: int = 50) -> list[Task]:
+        tasks = sorted(self._tasks.values(), key=lambda t: t.record.created_at, reverse=True)
+        if statuses:
+            tasks = [t for t in tasks if t.record.status in statuses]
+        return tasks[:limit]
+
+    def reader(self, task: Task) -> LogReader:
+        rec = task.record
+        if task.log is not None:
+            return LogReader(self.runs_dir, rec.task_id, task.log.total, task.log.head_cap, list(task.log.segments))
+        return LogReader(self.runs_dir, rec.task_id, rec.output_bytes, self.settings.log_cap_bytes // 2, rec.tail_segments)
+
+    def read_output(self, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
+                    pattern: re.Pattern[str] | None) -> LogChunk:
+        reader = self.reader(task)
+        if pattern is not None:
+            chunk = reader.grep(pattern, cursor, max_bytes)
+        else:
+            chunk = reader.read(cursor, max_bytes)
+        if tail_lines is not None:
+            lines = chunk.text.splitlines(keepends=True)
+            if len(lines) > tail_lines:
+                chunk.text = "".join(lines[len(lines) - tail_lines:]) if tail_lines else ""
+                chunk.truncated = True
+        return chunk
+
+    def last_line(self, task: Task) -> str | None:
+        text = self.reader(task).read(None, 4096).text.rstrip("\n")
+        return text.rsplit("\n", 1)[-1][-200:] if text else None
+
+    def dropped_bytes(self, task: Task) -> int:
+        return task.log.dropped if task.log is not None else task.record.dropped_bytes
+
+    # ----------------------------------------------------------------- actions
+    async def launch(self, *, command: str | None = None, argv: list[str] | None = None, cwd: Path,
+                     description: str | None = None, env: dict[str, str] | None = None,
+                     timeout_s: float | None = None, after: list[str] | None = None,
+                     kind: str = "command", item_id: str | None = None, item_file: str | None = None,
+                     stdin_path: Path | None = None) -> Task:
+        """Register a task and start it (or queue it behind ``after``); returns once it is running."""
+        if self._closing:
+            raise UsageError("the server is shutting down; launch the task again after it restarts")
+        active = sum(1 for t in self._tasks.values() if not t.record.status.is_done)
+        if active >= self.settings.max_running:
+            raise ResourceLimitError(
+                f"{active} tasks are already queued or running (the limit is {self.settings.max_running}); "
+                "wait for some with task_output or stop some with cancel_task"
+            )
+        predecessors = [self.get(p) for p in (after or [])]
+        shown = command if command is not None else " ".join(argv or [])
+        record = TaskRecord(task_id=self._new_id(), kind=kind, command=shown, description=description,
+                            cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
+                            after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file)
+        task = Task(record)
+        self._tasks[record.task_id] = task
+        save_record(record, self.runs_dir)
+        spec = LaunchSpec(task_id=record.task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
+                          stdin_path=stdin_path)
+        await self._tg.start(self._supervise, task, spec, predecessors)
+        return task
+
+    async def wait(self, tasks: list[Task], *, mode: str, timeout: float) -> bool:
+        """Block until all (or any) of ``tasks`` are done; False if ``timeout`` passed first."""
+        with anyio.move_on_after(timeout):
+            if mode == "all":
+                for task in tasks:
+                    await task.done.wait()
+            elif not any(t.done.is_set() for t in tasks):
+                async with anyio.create_task_group() as tg:
+                    for task in tasks:
+                        tg.start_soon(_wait_then_cancel, task.done, tg.cancel_scope)
+            return True
+        return False
+
+    async def cancel(self, task: Task) -> bool:
+        """Stop a task and everything it started; False if it had already finished."""
+        if task.record.status.is_done:
+            return False
+        task.cancel_requested = True
+        if task.handle is not None:
+            await task.handle.terminate(self.settings.kill_grace_s)
+        else:
+            self._wake_queued(task)
+        await task.done.wait()
+        return True
+
+    async def shutdown(self, grace: float = 0.5) -> None:
+        """Stop every running task (TERM, ``grace``, KILL) and record them as interrupted."""
+        self._closing = True
+        live = [t for t in self._tasks.values() if not t.record.status.is_done]
+        async with anyio.create_task_group() as tg:
+            for task in live:
+                task.cancel_requested = True
+                if task.handle is not None:
+                    tg.start_soon(task.handle.terminate, grace)
+                else:
+                    self._wake_queued(task)
+        with anyio.move_on_after(1.0):
+            for task in live:
+                await task.done.wait()
+
+    # ----------------------------------------------------------------- internals
+    def _new_id(self) -> str:
+        while (task_id := new_task_id()) in self._tasks:
+            pass
+        return task_id
+
+    def _load_history(self) -> None:
+        """Bring back earlier tasks; those that were live when their server died are interrupted."""
+        for record in load_records(self.runs_dir):
+            if not record.status.is_done:
+                record.status = TaskStatus.INTERRUPTED
+                record.ended_at = record.ended_at or time.time()
+                record.reason = "the server stopped while this task was live"
+                save_record(record, self.runs_dir, durable=True)
+            task = Task(record)
+            task.done.set()
+            self._tasks[record.task_id] = task
+
+    def _wake_queued(self, task: Task) -> None:
+        if task.waker is not None:
+            task.waker.cancel()
+
+    async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: list[Task],
+                         *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        rec = task.record
+        if predecessors:
+            task_status.started()
+            with anyio.CancelScope() as task.waker:
+                for p in predecessors:
+                    await p.done.wait()
+            if task.cancel_requested:
+                return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while waiting for its predecessors")
+            failed = [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]
+            if failed:
+                first = failed[0].record
+                return self._finish(task, TaskStatus.SKIPPED,
+                                    reason=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
+            spec.env.setdefault("AGENT_UPSTREAM_LOGS", os.pathsep.join(
+                str(self.runs_dir / f"{p.record.task_id}.log") for p in predecessors))
+        spec.env["AGENT_TASK_ID"] = rec.task_id
+        task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
+        try:
+            task.handle = await self.executor.start(spec, task.log)
+        except SpawnError as exc:
+            task.log.write(f"agent-parallel: {exc}\n".encode())
+            self._finish(task, TaskStatus.FAILED, reason=str(exc))
+            if not predecessors:
+                task_status.started()
+            return
+        rec.status, rec.started_at, rec.pid = TaskStatus.RUNNING, time.time(), task.handle.pid
+        save_record(rec, self.runs_dir)
+        if not predecessors:
+            task_status.started()
+        handle = task.handle
+        timed_out = False
+        with anyio.CancelScope(shield=True):  # only this coroutine decides how the task ends
+            with anyio.move_on_after(rec.timeout_s if rec.timeout_s is not None else math.inf) as scope:
+                info = await handle.wait()
+            if scope.cancelled_caught:
+                timed_out = True
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(handle.terminate, self.settings.kill_grace_s)
+                    info = await handle.wait()
+        rec.exit_code, rec.signal = info.exit_code, info.signal
+        if self._closing:
+            status, reason = TaskStatus.INTERRUPTED, "the server shut down while this task was running"
+        elif task.cancel_requested:
+            status, reason = TaskStatus.CANCELLED, "cancelled by cancel_task"
+        elif timed_out:
+            status, reason = TaskStatus.TIMED_OUT, f"killed after its timeout of {rec.timeout_s:g} s"
+        elif task.log.error:
+            status, reason = TaskStatus.FAILED, task.log.error
+        elif info.exit_code == 0:
+            status, reason = TaskStatus.COMPLETED, None
+        else:
+            status = TaskStatus.FAILED
+            reason = f"exit code {info.exit_code}" if info.exit_code is not None else f"killed by {info.signal}"
+        self._finish(task, status, reason=reason)
+
+    def _finish(self, task: Task, status: TaskStatus, *, reason: str | None) -> None:
+        rec = task.record
+        now = time.time()
+        rec.status, rec.reason, rec.ended_at = status, reason, now
+        if task.log is not None:
+            task.log.close()
+            rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
+            rec.tail_segments = list(task.log.segments)
+            if rec.started_at is None and status == TaskStatus.FAILED:
+                rec.started_at = now
+        task.done.set()  # waiters first: the durable save below is for crash recovery
+        try:
+            save_record(rec, self.runs_dir, durable=True)
+        except OSError as exc:
+            log.error("could not save the record of task %s: %s", rec.task_id, exc)
+
+
+async def _wait_then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -1,0 +1,327 @@
+"""The MCP surface: tools, resources and the lifespan that owns the task registry.
+
+A thin layer: it checks arguments, calls the registry (or the planner) and translates the answer
+into the result models of ``results.py``. Every ``AgentParallelError`` becomes a tool error with
+its message; nothing here touches a process or a file directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, ParamSpec, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from . import __version__
+from .errors import AgentParallelError, UnknownTask, UsageError
+from .paths import resolve_inside, runs_dir
+from .results import CancelResult, LaunchResult, TaskList, TaskOutputResult, TaskSummary, TaskView, iso
+from .runner.executor import Executor, LocalExecutor
+from .runner.registry import RegistrySettings, Task, TaskRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_BYTES = 65536
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+RESOURCE_OUTPUT_BYTES = 1 << 20
+
+INSTRUCTIONS = """\
+Run shell commands and queue items in the background and wait on them without blocking yourself.
+launch_task starts work and answers at once with a task_id; task_output reads progress or blocks
+until one, any or all tasks finish; cancel_task stops a task and everything it started;
+list_tasks shows recent tasks. Launch independent work together, then wait with task_output
+(task_ids=[...], wait="all"); chain dependent steps with launch_task(after=[...])."""
+
+
+@dataclass
+class ServerSettings:
+    """Limits of one server; defaults are what a user gets without configuration."""
+
+    wait_cap_s: float = 50.0  # below common client tool-call timeouts
+    log_cap_bytes: int = 64 << 20
+    kill_grace_s: float = 2.0
+    max_running: int = 256
+
+
+@dataclass
+class Workspace:
+    """What every tool call needs: the root, the settings and the live registry."""
+
+    root: Path
+    settings: ServerSettings
+    registry: TaskRegistry
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn our own errors into tool errors carrying their message."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except AgentParallelError as exc:
+            raise ToolError(str(exc)) from exc
+
+    return wrapper
+
+
+def _ws(ctx: Context) -> Workspace:
+    return ctx.request_context.lifespan_context
+
+
+def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
+                 executor: Executor | None = None) -> MCPServer:
+    """Create the MCP server for the workspace at ``root``."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise UsageError(f"workspace root {root} is not a directory; pass --root DIR with an existing directory")
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
+        async with anyio.create_task_group() as tg:
+            registry = TaskRegistry(
+                root, runs_dir(root), executor or LocalExecutor(), tg,
+                RegistrySettings(log_cap_bytes=settings.log_cap_bytes, kill_grace_s=settings.kill_grace_s,
+                                 max_running=settings.max_running),
+            )
+            try:
+                yield Workspace(root, settings, registry)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await registry.shutdown(grace=0.5)
+                tg.cancel_scope.cancel()
+
+    server = MCPServer("agent-parallel", title="agent-parallel", version=__version__,
+                       instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+    _register_task_tools(server)
+    _register_task_resources(server)
+    return server
+
+
+def _register_task_tools(server: MCPServer) -> None:
+    @server.tool(title="Launch a background task",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
+                                             open_world_hint=True))
+    @_tool_errors
+    async def launch_task(
+        ctx: Context,
+        command: Annotated[str | None, Field(description="shell command, run with /bin/sh -c")] = None,
+        item: Annotated[str | None, Field(description="a queue item id (e.g. '007') to claim and run instead of a command")] = None,
+        description: Annotated[str | None, Field(description="a few words saying what the task is for")] = None,
+        cwd: Annotated[str | None, Field(description="working directory, relative to the workspace root (default: the root)")] = None,
+        env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
+        timeout_s: Annotated[float | None, Field(description="kill the task and everything it started after this many seconds")] = None,
+        after: Annotated[list[str] | None, Field(description="task ids that must complete successfully first; if one fails, this task ends as 'skipped'")] = None,
+        run_in_background: Annotated[bool, Field(description="false: wait for the end (up to the wait cap) and answer like task_output")] = True,
+    ) -> LaunchResult:
+        """Start a shell command (or a queue item) in the background and answer at once with its task_id.
+
+        Use it for anything that takes more than a few seconds (builds, test suites, servers,
+        long scripts) and to run independent steps in parallel: launch them all, then call
+        task_output(task_ids=[...], wait="all"). Chain dependent steps with `after`; each step gets
+        its predecessors' log paths in AGENT_UPSTREAM_LOGS. Output (stdout and stderr) goes to a
+        log; read it with task_output. stdin is /dev/null, so interactive commands will not wait for input.
+        """
+        ws = _ws(ctx)
+        if (command is None) == (item is None):
+            raise UsageError("give exactly one of `command` (a shell command) or `item` (a queue item id), "
+                             f"not {'both' if command is not None else 'neither'}")
+        if item is not None:
+            raise UsageError("running queue items is not available in this version; "
+                             "run the item's command with `command` instead")
+        if not command.strip():
+            raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
+        timeout_s = _check_timeout(timeout_s, "timeout_s")
+        workdir = resolve_inside(ws.root, cwd or ".", "cwd")
+        if not workdir.is_dir():
+            raise UsageError(f"cwd {cwd!r} is not a directory inside the workspace; create it or pick another")
+        for key, value in (env or {}).items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise UsageError(f"environment variable name {key!r} is invalid: names must be non-empty, "
+                                 "without '=' or NUL characters")
+        task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
+                                        timeout_s=timeout_s, after=after)
+        if run_in_background:
+            return LaunchResult.of(task.record)
+        done = await ws.registry.wait([task], mode="all", timeout=ws.settings.wait_cap_s)
+        view = _view(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None)
+        return LaunchResult(**view.model_dump(), retrieval_status="success" if done else "timeout")
+
+    @server.tool(title="Read task output / wait for tasks",
+                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    @_tool_errors
+    async def task_output(
+        ctx: Context,
+        task_id: Annotated[str | None, Field(description="one task id")] = None,
+        task_ids: Annotated[list[str] | None, Field(description="several task ids (see `wait`)")] = None,
+        block: Annotated[bool, Field(description="wait for the task(s) to finish (up to `timeout`)")] = True,
+        timeout: Annotated[float, Field(description="seconds to wait when blocking; clamped to the server's wait cap (default 50)")] = 30,
+        wait: Annotated[Literal["all", "any"], Field(description="with several ids: return when all, or any one, have finished")] = "all",
+        cursor: Annotated[int | None, Field(description="byte offset to read from (0 = start; pass back next_cursor); omit for the most recent output")] = None,
+        max_bytes: Annotated[int, Field(description="at most this many bytes of output per task (1 to 65536)")] = 16384,
+        tail_lines: Annotated[int | None, Field(description="only the last N lines of the selected output")] = None,
+        filter: Annotated[str | None, Field(description="a regular expression: only output lines that match")] = None,
+    ) -> TaskOutputResult:
+        """Get the status and output of one or several background tasks, optionally waiting for them.
+
+        With block=true (the default) it waits until the task finishes, or for several ids until
+        all (wait="all") or any (wait="any") have finished, at most `timeout` seconds. A timeout
+        is not an error: you get the current snapshot with retrieval_status="timeout"; call again
+        to keep waiting. With block=false it answers at once (retrieval_status="not_ready" while
+        running). By default you see the most recent output; page from the start with cursor=0
+        and then the returned next_cursor. With task_id the task's fields are at the top level;
+        with task_ids there is one entry per task in `tasks`.
+        """
+        ws = _ws(ctx)
+        if (task_id is None) == (not task_ids):
+            raise UsageError("give `task_id` (one task) or `task_ids` (several), not both or neither; "
+                             "call list_tasks to see task ids")
+        ids = [task_id] if task_id is not None else list(task_ids or [])
+        tasks = [ws.registry.get(i) for i in ids]
+        if not 1 <= max_bytes <= MAX_PAGE_BYTES:
+            raise UsageError(f"max_bytes must be between 1 and {MAX_PAGE_BYTES} (got {max_bytes}); "
+                             "page through longer output with cursor and next_cursor")
+        if cursor is not None and cursor < 0:
+            raise UsageError(f"cursor must be a byte offset >= 0 (got {cursor}); omit it for the most recent output")
+        if tail_lines is not None and tail_lines < 0:
+            raise UsageError(f"tail_lines must be >= 0 (got {tail_lines})")
+        if math.isnan(timeout) or timeout < 0:
+            raise UsageError(f"timeout must be a number of seconds >= 0 (got {timeout})")
+        pattern = _compile_filter(filter)
+        timeout = min(timeout, ws.settings.wait_cap_s)
+        if block:
+            done = await ws.registry.wait(tasks, mode=wait, timeout=timeout)
+            status = "success" if done else "timeout"
+        else:
+            finished = [t.done.is_set() for t in tasks]
+            status = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
+        views = [_view(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern) for t in tasks]
+        if task_id is not None:
+            return TaskOutputResult(**views[0].model_dump(), retrieval_status=status)
+        return TaskOutputResult(retrieval_status=status, tasks=views)
+
+    @server.tool(title="Cancel tasks",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
+                                             open_world_hint=False))
+    @_tool_errors
+    async def cancel_task(
+        ctx: Context,
+        task_id: Annotated[str | None, Field(description="the task to stop")] = None,
+        task_ids: Annotated[list[str] | None, Field(description="several tasks to stop")] = None,
+    ) -> CancelResult:
+        """Stop a background task and every process it started (TERM, a short grace, then KILL).
+
+        Answers once nothing of the task is left running, with its final status. Cancelling a
+        task that already finished changes nothing and says so. A task waiting in a pipeline
+        (`after`) is cancelled before it starts.
+        """
+        ws = _ws(ctx)
+        if (task_id is None) == (not task_ids):
+            raise UsageError("give `task_id` or `task_ids`, not both or neither; call list_tasks to see task ids")
+        tasks = [ws.registry.get(i) for i in ([task_id] if task_id is not None else list(task_ids or []))]
+        stopped: list[bool] = [False] * len(tasks)
+
+        async def stop(i: int) -> None:
+            stopped[i] = await ws.registry.cancel(tasks[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(tasks)):
+                tg.start_soon(stop, i)
+        parts = [f"{t.record.task_id}: {'cancelled' if s else f'already {t.record.status.value}, nothing to do'}"
+                 for t, s in zip(tasks, stopped)]
+        return CancelResult(tasks=[TaskView.of(t.record) for t in tasks], message="; ".join(parts))
+
+    @server.tool(title="List tasks",
+                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    @_tool_errors
+    async def list_tasks(
+        ctx: Context,
+        status: Annotated[list[str] | None, Field(description="only tasks in these states, e.g. ['running']")] = None,
+        limit: Annotated[int, Field(description="at most this many, newest first (1 to 1000)")] = 50,
+    ) -> TaskList:
+        """List recent background tasks, newest first, with status, exit code, duration and last output line.
+
+        Use it to find task ids you lost track of, or to see what is still running; then read one
+        with task_output or stop it with cancel_task.
+        """
+        ws = _ws(ctx)
+        from .runner.records import TaskStatus
+
+        known = {s.value for s in TaskStatus}
+        wanted = set(status or [])
+        if wanted - known:
+            raise UsageError(f"unknown status {sorted(wanted - known)}; use some of: {', '.join(sorted(known))}")
+        if not 1 <= limit <= 1000:
+            raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
+        everything = ws.registry.list(wanted or None, limit=10**9)
+        return TaskList(total=len(everything), tasks=[
+            TaskSummary(task_id=t.record.task_id, status=t.record.status, description=t.record.description,
+                        command=t.record.command, exit_code=t.record.exit_code, signal=t.record.signal,
+                        created_at=iso(t.record.created_at), duration_s=t.record.duration_s,
+                        last_line=ws.registry.last_line(t))
+            for t in everything[:limit]])
+
+
+def _register_task_resources(server: MCPServer) -> None:
+    @server.resource("task://{task_id}", mime_type="application/json", title="Task record")
+    async def task_record(task_id: str, ctx: Context) -> str:
+        """A task's record: command, status, times, exit code, output size."""
+        return _view(_ws(ctx), _resource_task(ctx, task_id), cursor=None, max_bytes=1, tail_lines=0,
+                     pattern=None).model_dump_json(exclude={"output", "cursor", "next_cursor"})
+
+    @server.resource("task://{task_id}/output", mime_type="text/plain", title="Task output")
+    async def task_log(task_id: str, ctx: Context) -> str:
+        """A task's output (the most recent 1 MiB when it is longer)."""
+        ws = _ws(ctx)
+        return ws.registry.reader(_resource_task(ctx, task_id)).read(None, RESOURCE_OUTPUT_BYTES).text
+
+
+def _resource_task(ctx: Context, task_id: str) -> Task:
+    try:
+        return _ws(ctx).registry.get(task_id)
+    except UnknownTask as exc:
+        raise ResourceNotFoundError(str(exc)) from exc
+
+
+def _view(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
+          pattern: re.Pattern[str] | None) -> TaskView:
+    chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
+    return TaskView.of(task.record, output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
+                       output_bytes=task.output_bytes, truncated=chunk.truncated,
+                       dropped_bytes=ws.registry.dropped_bytes(task))
+
+
+def _check_timeout(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    if math.isnan(value) or value <= 0 or value > MAX_TIMEOUT_S:
+        raise UsageError(f"{name} must be a number of seconds between 0 and {MAX_TIMEOUT_S:g} (7 days), got {value}")
+    return value
+
+
+def _compile_filter(expr: str | None) -> re.Pattern[str] | None:
+    if expr is None:
+        return None
+    try:
+        return re.compile(expr)
+    except re.error as exc:
+        raise UsageError(f"filter {expr!r} is not a valid regular expression: {exc}") from None
+
+
+__all__ = ["build_server", "ServerSettings", "Workspace"]
