@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -56,22 +55,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise AgentParallelError(
             f"refusing to serve HTTP on {args.host}: only loopback addresses are allowed in this version "
             "(use --host 127.0.0.1 and an SSH tunnel or a reverse proxy)")
-    server = build_server(args.root, settings)
+    server = build_server(args.root, settings, handle_signals=True)
 
     async def run() -> None:
-        async with anyio.create_task_group() as tg:
-            async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                    async for _ in signals:
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(stop_on_signal)
-            if args.transport == "stdio":
-                await server.run_stdio_async()
-            else:
-                await server.run_streamable_http_async(host=args.host, port=args.port, streamable_http_path="/mcp")
-            tg.cancel_scope.cancel()
+        if args.transport == "stdio":
+            await server.run_stdio_async()
+        else:
+            await server.run_streamable_http_async(host=args.host, port=args.port, streamable_http_path="/mcp")
 
     anyio.run(run)
     return 0

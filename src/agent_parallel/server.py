@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -85,8 +87,12 @@ def _ws(ctx: Context) -> Workspace:
 
 
 def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
-                 executor: Executor | None = None) -> MCPServer:
-    """Create the MCP server for the workspace at ``root``."""
+                 executor: Executor | None = None, *, handle_signals: bool = False) -> MCPServer:
+    """Create the MCP server for the workspace at ``root``.
+
+    ``handle_signals`` (for the real process, not tests): on SIGTERM, SIGINT or SIGHUP stop every
+    task (TERM, grace, KILL) and exit at once, since the stdio reader cannot be interrupted.
+    """
     root = Path(root).resolve()
     if not root.is_dir():
         raise UsageError(f"workspace root {root} is not a directory; pass --root DIR with an existing directory")
@@ -100,6 +106,8 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                 RegistrySettings(log_cap_bytes=settings.log_cap_bytes, kill_grace_s=settings.kill_grace_s,
                                  max_running=settings.max_running),
             )
+            if handle_signals:
+                tg.start_soon(_exit_on_signal, registry)
             try:
                 yield Workspace(root, settings, registry)
             finally:
@@ -112,6 +120,14 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     _register_task_tools(server)
     _register_task_resources(server)
     return server
+
+
+async def _exit_on_signal(registry: TaskRegistry) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            with anyio.CancelScope(shield=True):
+                await registry.shutdown(grace=0.5)
+            os._exit(128 + signum)
 
 
 def _register_task_tools(server: MCPServer) -> None:

@@ -129,18 +129,29 @@ class LogReader:
         return self.total
 
     def read_bytes(self, start: int, max_bytes: int) -> tuple[bytes, int]:
-        """Bytes from ``start`` up to ``max_bytes`` within one kept range; returns (data, real start)."""
+        """Up to ``max_bytes`` from ``start`` (moved past any dropped gap), stopping at the next gap.
+
+        Returns (data, real start).
+        """
         start = self._kept_from(start)
+        parts: list[bytes] = []
+        pos, want = start, max_bytes
         for lo, hi, path in self.ranges:
-            if lo <= start < hi:
-                want = min(max_bytes, hi - start)
-                try:
-                    with open(path, "rb") as f:
-                        f.seek(start - lo)
-                        return f.read(want), start
-                except FileNotFoundError:  # a tail segment rotated away while we read
-                    return b"", start
-        return b"", start
+            if want <= 0 or pos >= self.total:
+                break
+            if not lo <= pos < hi:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos - lo)
+                    data = f.read(min(want, hi - pos))
+            except FileNotFoundError:  # a tail segment rotated away while we read
+                break
+            parts.append(data)
+            pos, want = pos + len(data), want - len(data)
+            if want > 0 and pos < hi:
+                break  # short read: the file ends early
+        return b"".join(parts), start
 
     def read(self, cursor: int | None, max_bytes: int) -> LogChunk:
         """``cursor=None``: the most recent ``max_bytes``; otherwise page forward from ``cursor``."""

@@ -1,0 +1,370 @@
+"""`.agent/config.yaml`: the workspace's settings, read into one validated `Config`.
+
+Layout (every key optional; a missing file means every default)::
+
+    autonomy:
+      level: L2                 # L1 | L2 | L3
+      max_parallel: 5           # clamped to 1..64, with a warning
+      continue_on_error: false  # honoured at L3 only
+      l3_settings:              # the origin project's spelling, read where the keys above are absent
+        max_parallel: 5
+        continue_on_error: true
+    runner:
+      command: ["claude", "-p"] # argv for items without `command` (a string is split like a shell would)
+      timeout: 2h
+    queue:
+      dir: .agent/queue
+    resources:
+      min_free_memory: 256MiB   # bytes, or a size with a unit (KiB, MiB, GiB, KB, MB, GB)
+      max_load: 8               # load average above which no new item starts; default CPUs * 2
+    tasks:
+      wait_cap: 50s             # longest a blocking task_output call waits
+      log_cap: 64MiB            # bytes of output kept per task
+      max_tasks: 1000           # task records kept
+
+Durations (`runner.timeout`, `tasks.wait_cap`, and an item's `estimate` and `timeout`) are written
+``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` (h:mm) or a bare number. A bare number means
+**minutes** everywhere, because the spec fixes that for `estimate` and one rule for every duration
+in these files is the least surprising. Unknown keys are ignored with a warning (typos show up);
+a wrong type is a `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import QueueError
+from .paths import CONFIG_FILE, QUEUE_DIR, resolve_inside
+
+MIB = 1024 * 1024
+MAX_PARALLEL_RANGE = (1, 64)
+MAX_CONFIG_BYTES = MIB
+
+Level = Literal["L1", "L2", "L3"]
+
+
+class ConfigError(QueueError):
+    """Raised when `.agent/config.yaml` cannot be used; the message names the file and the key."""
+
+    def __init__(self, key: str | None, problem: str) -> None:
+        where = f"{CONFIG_FILE}: {key} " if key else f"{CONFIG_FILE}: "
+        super().__init__(where + problem)
+        self.key = key
+
+
+class Config(BaseModel):
+    """The settings in force for one workspace; built by `load_config`, immutable afterwards."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    level: Level = "L2"
+    max_parallel: int = Field(5, ge=MAX_PARALLEL_RANGE[0], le=MAX_PARALLEL_RANGE[1])
+    continue_on_error: bool = False
+    min_free_memory: int = Field(256 * MIB, ge=0)
+    max_load: float | None = Field(None, gt=0)
+    runner_command: list[str] | None = None
+    runner_timeout_s: float | None = Field(None, gt=0)
+    queue_dir: str = QUEUE_DIR
+    wait_cap_s: float = Field(50, gt=0)
+    log_cap_bytes: int = Field(64 * MIB, gt=0)
+    max_tasks: int = Field(1000, gt=0)
+
+    @property
+    def stops_on_first_failure(self) -> bool:
+        """L1/L2 always stop at the first failure; L3 only without `continue_on_error`."""
+        return self.level != "L3" or not self.continue_on_error
+
+    def effective_max_load(self) -> float:
+        """`max_load`, or twice the CPU count when it is not set."""
+        return self.max_load if self.max_load is not None else float((os.cpu_count() or 1) * 2)
+
+
+# --- durations and sizes -------------------------------------------------------------------------
+
+_DURATION_UNITS = {
+    "ms": 0.001,
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([a-z]+)\s*,?\s*")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
+_CLOCK = re.compile(r"(\d+):([0-5]\d)(?::([0-5]\d))?")
+_DURATION_HELP = "write 45s, 30m, 2h, 1h30m, 1:30, or a number of minutes"
+
+
+def parse_duration(value: object) -> float:
+    """Turn ``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` or a bare number of minutes into seconds.
+
+    Raises ``ValueError`` with a message saying what to write; callers add the file and field.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration ({_DURATION_HELP})")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{value!r} is not a duration: it must be a finite number, not negative")
+        return float(value) * 60
+    if not isinstance(value, str):
+        raise ValueError(f"a duration must be text or a number, not {describe(value)} ({_DURATION_HELP})")
+    text = value.strip().lower()
+    if _NUMBER.fullmatch(text):
+        return float(text) * 60
+    clock = _CLOCK.fullmatch(text)
+    if clock:
+        hours, minutes, seconds = clock.groups()
+        return float(int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0))
+    total, position = 0.0, 0
+    for part in _DURATION_PART.finditer(text):
+        unit = _DURATION_UNITS.get(part.group(2))
+        if part.start() != position or unit is None:
+            break
+        total += float(part.group(1)) * unit
+        position = part.end()
+    if not text or position != len(text):
+        raise ValueError(f"{short_repr(value)} is not a duration ({_DURATION_HELP})")
+    return total
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": MIB, "mib": MIB, "mb": 10**6,
+               "g": 1024**3, "gib": 1024**3, "gb": 10**9, "t": 1024**4, "tib": 1024**4, "tb": 10**12}
+
+
+def parse_size(value: object) -> int:
+    """Turn a number of bytes or ``256MiB`` / ``64MB`` / ``1G`` into bytes (KiB = 1024, KB = 1000)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ValueError(f"{short_repr(value)} is not a size (write a number of bytes, or 256MiB, 64MB, 1GiB)")
+
+
+def describe(value: object) -> str:
+    """Name a YAML value's type for a message, without printing a possibly huge value."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """A scalar's repr cut to `limit` characters; containers are only named (they may be enormous)."""
+    if isinstance(value, (dict, list, tuple, set)):
+        return describe(value)
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unknown_key_warning(where: str, key: object, known: list[str]) -> str:
+    """Say that `key` is ignored, suggesting the closest known key when there is one."""
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.7)
+    hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(known)})"
+    return f"unknown key {where}{key} ignored{hint}"
+
+
+# --- reading the file ----------------------------------------------------------------------------
+
+_KNOWN = {
+    "": ["autonomy", "runner", "queue", "resources", "tasks"],
+    "autonomy": ["level", "max_parallel", "continue_on_error", "l3_settings"],
+    "autonomy.l3_settings": ["max_parallel", "continue_on_error"],
+    "runner": ["command", "timeout"],
+    "queue": ["dir"],
+    "resources": ["min_free_memory", "max_load"],
+    "tasks": ["wait_cap", "log_cap", "max_tasks"],
+}
+
+
+def load_config(root: Path) -> tuple[Config, list[str]]:
+    """Read `.agent/config.yaml` under `root`; return the config and warnings for people to read.
+
+    Raises `ConfigError` for a file that cannot be used and `PathOutsideWorkspace` for a config
+    file that is a symlink pointing out of the workspace.
+    """
+    root = root.resolve()
+    path = resolve_inside(root, CONFIG_FILE, "config file")
+    if not path.exists():
+        return Config(), []
+    data = _read_yaml(path)
+    warnings: list[str] = []
+    if data is None:
+        return Config(), warnings
+    if not isinstance(data, dict):
+        raise ConfigError(None, f"must be a mapping of settings (key: value lines), not {describe(data)}")
+
+    sections = {name: _section(data, name) for name in _KNOWN if name}
+    sections[""] = data
+    for name, known in _KNOWN.items():
+        prefix = f"{name}." if name else ""
+        for key in sections[name]:
+            if key not in known:
+                warnings.append(unknown_key_warning(prefix, key, known))
+
+    values: dict[str, Any] = {}
+    autonomy, l3 = sections["autonomy"], sections["autonomy.l3_settings"]
+    if "level" in autonomy:
+        values["level"] = _level(autonomy["level"])
+    for key, convert in (("max_parallel", _whole_number), ("continue_on_error", _boolean)):
+        if key in autonomy:
+            values[key] = convert(f"autonomy.{key}", autonomy[key])
+        elif key in l3:
+            values[key] = convert(f"autonomy.l3_settings.{key}", l3[key])
+    if "max_parallel" in values:
+        low, high = MAX_PARALLEL_RANGE
+        asked = values["max_parallel"]
+        values["max_parallel"] = min(max(asked, low), high)
+        if values["max_parallel"] != asked:
+            warnings.append(f"max_parallel {asked} is outside {low}..{high}; using {values['max_parallel']}")
+    level = values.get("level", "L2")
+    if values.get("continue_on_error") and level != "L3":
+        warnings.append(
+            f"continue_on_error is true but level is {level}; it is honoured at L3 only, "
+            f"so the first failure stops the run"
+        )
+
+    runner = sections["runner"]
+    if "command" in runner and runner["command"] is not None:
+        values["runner_command"] = _argv("runner.command", runner["command"])
+    if "timeout" in runner and runner["timeout"] is not None:
+        values["runner_timeout_s"] = _duration("runner.timeout", runner["timeout"])
+    if "dir" in sections["queue"]:
+        values["queue_dir"] = _text("queue.dir", sections["queue"]["dir"])
+    resources = sections["resources"]
+    if "min_free_memory" in resources:
+        values["min_free_memory"] = _size("resources.min_free_memory", resources["min_free_memory"])
+    if "max_load" in resources and resources["max_load"] is not None:
+        values["max_load"] = _positive_number("resources.max_load", resources["max_load"])
+    tasks = sections["tasks"]
+    if "wait_cap" in tasks:
+        values["wait_cap_s"] = _duration("tasks.wait_cap", tasks["wait_cap"])
+    if "log_cap" in tasks:
+        values["log_cap_bytes"] = _size("tasks.log_cap", tasks["log_cap"], minimum=1)
+    if "max_tasks" in tasks:
+        values["max_tasks"] = _whole_number("tasks.max_tasks", tasks["max_tasks"], minimum=1)
+    return Config(**values), warnings
+
+
+def _read_yaml(path: Path) -> object:
+    """Load the file's YAML, turning every way it can fail into a `ConfigError`."""
+    try:
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(None, f"cannot be read: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(None, f"is larger than {MAX_CONFIG_BYTES} bytes; it should be a few lines")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(None, f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(None, f"is not valid YAML: {exc.problem}{where}") from exc
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError(None, f"is not valid YAML: {exc}") from exc
+
+
+def _section(data: dict, dotted: str) -> dict:
+    """The mapping at `dotted` (``autonomy.l3_settings``), empty when absent."""
+    value: object = data
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(dotted, f"must be a mapping of settings, not {describe(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _level(value: object) -> Level:
+    text = str(value).strip().upper() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    if text in ("1", "2", "3"):
+        text = "L" + text
+    if text not in ("L1", "L2", "L3"):
+        raise ConfigError("autonomy.level", f"must be L1, L2 or L3, not {short_repr(value)}")
+    return text  # type: ignore[return-value]
+
+
+def _whole_number(key: str, value: object, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be a whole number, not {short_repr(value)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, not {value}")
+    return value
+
+
+def _boolean(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, not {short_repr(value)}")
+    return value
+
+
+def _positive_number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be a number above 0, not {short_repr(value)}")
+    return float(value)
+
+
+def _text(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"must be a non-empty string, not {short_repr(value)}")
+    return value.strip()
+
+
+def _argv(key: str, value: object) -> list[str]:
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(key, f"cannot be split into arguments: {exc}") from exc
+    elif isinstance(value, list) and all(isinstance(part, (str, int, float)) for part in value):
+        argv = [str(part) for part in value]
+    else:
+        raise ConfigError(key, f"must be a list of strings (an argv), not {describe(value)}")
+    if not argv:
+        raise ConfigError(key, "must name a program; it is empty")
+    return argv
+
+
+def _duration(key: str, value: object) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(key, f"is not valid: {exc}") from exc
+    if seconds <= 0:
+        raise ConfigError(key, f"must be longer than 0, not {short_repr(value)}")
+    return seconds
+
+
+def _size(key: str, value: object, minimum: int = 0) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(key, f"is not valid: {exc}") from exc
+    if size < minimum:
+        raise ConfigError(key, f"must be at least {minimum} bytes")
+    return size

@@ -1,0 +1,120 @@
+"""The console script over stdio, in both protocol eras, and through the MCP Inspector CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client, ClientSession, StdioServerParameters, stdio_client
+
+from conftest import all_dead, read_pids
+
+pytestmark = pytest.mark.anyio
+SCRIPT = Path(sys.executable).parent / "agent-parallel"
+TOOLS = {"launch_task", "task_output", "cancel_task", "list_tasks"}
+
+
+def params(root: Path) -> StdioServerParameters:
+    return StdioServerParameters(command=str(SCRIPT), args=["serve", "--root", str(root)])
+
+
+async def test_console_script_2026_era(workspace):
+    async with Client(params(workspace)) as client:
+        assert TOOLS <= {t.name for t in (await client.list_tools()).tools}
+        launched = await client.call_tool("launch_task", {"command": "echo via-stdio"})
+        out = await client.call_tool("task_output", {"task_id": launched.structured_content["task_id"]})
+        assert out.structured_content["output"] == "via-stdio\n"
+        assert out.structured_content["retrieval_status"] == "success"
+
+
+async def test_console_script_2025_era(workspace):
+    async with stdio_client(params(workspace)) as (read, write):
+        async with ClientSession(read, write) as session:
+            init = await session.initialize()
+            assert init.protocol_version == "2025-11-25"
+            assert TOOLS <= {t.name for t in (await session.list_tools()).tools}
+            launched = await session.call_tool("launch_task", {"command": "echo legacy"})
+            out = await session.call_tool("task_output", {"task_id": launched.structured_content["task_id"]})
+            assert out.structured_content["output"] == "legacy\n"
+
+
+async def test_closing_stdin_stops_tasks_and_the_server(workspace):
+    pids = workspace / "pids"
+    async with Client(params(workspace)) as client:
+        await client.call_tool("launch_task", {"command": f"sleep 60 & echo $! > {pids}; sleep 60"})
+        with anyio.fail_after(5):
+            while not read_pids(pids):
+                await anyio.sleep(0.02)
+    deadline = time.monotonic() + 3
+    while not all_dead(read_pids(pids)) and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    assert all_dead(read_pids(pids))
+    record = json.loads(next((workspace / ".agent/runs").glob("*.json")).read_text())
+    assert record["status"] == "interrupted"
+
+
+def test_sigterm_stops_tasks_within_two_seconds(workspace):
+    pids = workspace / "pids"
+    server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        def send(msg: dict) -> None:
+            server.stdin.write((json.dumps(msg) + "\n").encode())
+            server.stdin.flush()
+
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+        server.stdout.readline()
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "launch_task", "arguments": {"command": f"echo $$ > {pids}; exec sleep 60"}}})
+        server.stdout.readline()
+        deadline = time.monotonic() + 5
+        while not read_pids(pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        server.terminate()
+        server.wait(timeout=5)
+        assert time.monotonic() - started < 2
+        assert all_dead(read_pids(pids))
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _inspector() -> list[str]:
+    """The Inspector CLI: the copy .ci/run installs, else npx (which may download it)."""
+    local = Path(__file__).parent.parent / ".ci/node/node_modules/.bin/mcp-inspector"
+    if local.exists():
+        return [str(local), "--cli", str(SCRIPT), "serve", "--root"]
+    npx = shutil.which("npx")
+    if npx is None:
+        if os.environ.get("CI"):
+            pytest.fail("neither .ci/node's Inspector nor npx is available: .ci/run must install the MCP Inspector CLI")
+        pytest.skip("npx not installed")
+    return [npx, "-y", "@modelcontextprotocol/inspector@2", "--cli", str(SCRIPT), "serve", "--root"]
+
+
+def test_inspector_lists_tools_and_launches(workspace):
+    base = _inspector()
+    listed = subprocess.run([*base, str(workspace), "--method", "tools/list"], capture_output=True, text=True,
+                            timeout=180)
+    assert listed.returncode == 0, listed.stderr
+    assert TOOLS <= {t["name"] for t in json.loads(listed.stdout)["tools"]}
+    called = subprocess.run([*base, str(workspace), "--method", "tools/call", "--tool-name", "launch_task",
+                             "--tool-arg", "command=echo from-inspector", "--tool-arg", "run_in_background=false"],
+                            capture_output=True, text=True, timeout=180)
+    assert called.returncode == 0, called.stderr
+    result = json.loads(called.stdout)
+    assert result["structuredContent"]["output"] == "from-inspector\n"
+    bad = subprocess.run([*base, str(workspace), "--method", "tools/call", "--tool-name", "launch_task"],
+                         capture_output=True, text=True, timeout=180)
+    assert bad.returncode == 5  # the Inspector's exit code for a tool error
+    assert "give exactly one of `command` (a shell command) or `item` (a queue item id), not neither" in bad.stdout
