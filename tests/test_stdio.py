@@ -118,3 +118,43 @@ def test_inspector_lists_tools_and_launches(workspace):
                          capture_output=True, text=True, timeout=180)
     assert bad.returncode == 5  # the Inspector's exit code for a tool error
     assert "give exactly one of `command` (a shell command) or `item` (a queue item id), not neither" in bad.stdout
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_server_killed_with_sigkill_leaves_no_orphans_and_restart_shows_interrupted(workspace):
+    pids = workspace / "pids"
+    server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        def send(msg: dict) -> None:
+            server.stdin.write((json.dumps(msg) + "\n").encode())
+            server.stdin.flush()
+
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+        server.stdout.readline()
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "launch_task", "arguments": {
+            "command": f"echo kept-output; sleep 60 & echo $! >> {pids}; sh -c 'echo $$ >> {pids}; trap \"\" TERM; sleep 60'"}}})
+        task_id = json.loads(server.stdout.readline())["result"]["structuredContent"]["task_id"]
+        assert _wait_for(lambda: len(read_pids(pids)) == 2)
+        server.kill()
+        server.wait()
+        assert _wait_for(lambda: all_dead(read_pids(pids))), "task processes outlived the SIGKILLed server"
+    finally:
+        server.kill()
+        server.wait()
+
+    async def restarted() -> None:
+        async with Client(params(workspace)) as client:
+            out = (await client.call_tool("task_output", {"task_id": task_id})).structured_content
+            assert out["status"] == "interrupted" and out["output"] == "kept-output\n", (out["output"], out["output_bytes"])
+            assert out["reason"] == "the server stopped while this task was live"
+
+    anyio.run(restarted)

@@ -100,9 +100,10 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
+        runner = executor or LocalExecutor(guard=True)
         async with anyio.create_task_group() as tg:
             registry = TaskRegistry(
-                root, runs_dir(root), executor or LocalExecutor(), tg,
+                root, runs_dir(root), runner, tg,
                 RegistrySettings(log_cap_bytes=settings.log_cap_bytes, kill_grace_s=settings.kill_grace_s,
                                  max_running=settings.max_running),
             )
@@ -113,6 +114,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
             finally:
                 with anyio.CancelScope(shield=True):
                     await registry.shutdown(grace=0.5)
+                runner.close()
                 tg.cancel_scope.cancel()
 
     server = MCPServer("agent-parallel", title="agent-parallel", version=__version__,

@@ -26,6 +26,7 @@ import anyio
 import anyio.lowlevel
 
 from .logs import LogWriter
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ExitInfo:
 
 class TaskHandle(Protocol):
     pid: int | None
+    start_time: int | None  # the process's start time (clock ticks since boot): tells a reused pid from ours
 
     async def wait(self) -> ExitInfo:
         """Return once the process has exited and its output is in the log. Safe to call again."""
@@ -70,9 +72,24 @@ class Executor(Protocol):
     async def start(self, spec: LaunchSpec, log: LogWriter) -> TaskHandle:
         """Start the process; raise ``SpawnError`` if it cannot start."""
 
+    def close(self) -> None:
+        """Release what the executor holds (after every task has ended)."""
+
 
 class LocalExecutor:
-    """Runs tasks as local subprocesses."""
+    """Runs tasks as local subprocesses.
+
+    With ``guard=True`` a watchdog process stops every live task group if this process dies
+    without cleaning up (see ``watchdog.py``).
+    """
+
+    def __init__(self, *, guard: bool = False) -> None:
+        self._watchdog = Watchdog() if guard else None
+
+    def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
 
     async def start(self, spec: LaunchSpec, log: LogWriter) -> LocalHandle:
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
@@ -95,16 +112,21 @@ class LocalExecutor:
             os.close(wfd)
             if stdin is not subprocess.DEVNULL:
                 stdin.close()
+        if self._watchdog is not None:
+            self._watchdog.watch(popen.pid)
         os.set_blocking(rfd, False)
-        return LocalHandle(popen, rfd, log)
+        return LocalHandle(popen, rfd, log, self._watchdog)
 
 
 class LocalHandle:
     """A running local process group and the pipe its output arrives on."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], read_fd: int, log: LogWriter) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], read_fd: int, log: LogWriter,
+                 watchdog: Watchdog | None = None) -> None:
         self.pid: int | None = popen.pid
         self.pgid = popen.pid  # start_new_session: the leader's pid is the group id
+        self.start_time = process_start_time(popen.pid)
+        self._watchdog = watchdog
         self._popen = popen
         self._rfd = read_fd
         self._log = log
@@ -119,6 +141,8 @@ class LocalHandle:
                 tg.start_soon(self._drain)
                 await self._wait_exit()
                 await stop_group(self.pgid, LEFTOVER_GRACE_S)
+                if self._watchdog is not None:
+                    self._watchdog.forget(self.pgid)
                 with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
                     await self._eof.wait()
                 tg.cancel_scope.cancel()
@@ -220,28 +244,53 @@ def group_alive(pgid: int) -> bool:
         return False
     # killpg also succeeds for zombies waiting to be reaped by someone else: look closer.
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and int(fields[2]) == pgid and fields[0] != b"Z":
+                return True
     return False
 
 
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (to tell a reused pid from ours)."""
+def kill_stale_group(pgid: int, leader_start: int | None) -> bool:
+    """After a crash: KILL what is left of a recorded task group, if it is provably ours.
+
+    Ours means the leader is alive with the recorded start time, or (leader gone) members that
+    started no earlier than it. A pid reused by someone else is never signalled.
+    """
+    if leader_start is None:
+        return False
+    leader = process_start_time(pgid)
+    if leader is not None and leader != leader_start:
+        return False  # the pid now belongs to another process
+    victims = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and int(fields[2]) == pgid and fields[0] != b"Z" and int(fields[19]) >= leader_start:
+                victims.append(int(entry.name))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return bool(victims)
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/PID/stat after the command name (state is [0], pgrp [2], starttime [19])."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    return int(stat[stat.rfind(b")") + 2 :].split()[19])
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (to tell a reused pid from ours)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 __all__ = ["Executor", "TaskHandle", "LaunchSpec", "ExitInfo", "SpawnError", "LocalExecutor", "stop_group",
-           "group_alive", "process_start_time"]
+           "group_alive", "kill_stale_group", "process_start_time"]

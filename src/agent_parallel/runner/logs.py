@@ -30,6 +30,19 @@ def tail_segment_path(runs_dir: Path, task_id: str, start: int) -> Path:
     return runs_dir / f"{task_id}.{start}.log"
 
 
+def recover_log_extent(runs_dir: Path, task_id: str, head_cap: int) -> tuple[int, list[int], int]:
+    """For a log whose writer died (server crash): (total bytes, tail segment starts, dropped bytes)."""
+    head = log_paths(runs_dir, task_id)[0]
+    total = head.stat().st_size if head.exists() else 0
+    segments = sorted(int(p.name.split(".")[1]) for p in runs_dir.glob(f"{task_id}.*.log")
+                      if p.name.split(".")[1].isdigit())
+    if segments:
+        last = tail_segment_path(runs_dir, task_id, segments[-1])
+        total = segments[-1] + last.stat().st_size
+    dropped = segments[0] - head_cap if segments else 0
+    return total, segments, max(dropped, 0)
+
+
 class LogWriter:
     """Appends a task's output to its log files, keeping the head and the most recent tail."""
 

@@ -63,6 +63,7 @@ class TaskRecord(BaseModel):
     exit_code: int | None = None
     signal: str | None = None
     pid: int | None = None
+    pid_start: int | None = None  # start time of `pid` (clock ticks since boot), to recognise it after a crash
     output_bytes: int = 0
     dropped_bytes: int = 0
     tail_segments: list[int] = Field(default_factory=list)

@@ -20,8 +20,8 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
 from ..errors import ResourceLimitError, UnknownTask, UsageError
-from .executor import Executor, LaunchSpec, SpawnError, TaskHandle
-from .logs import LogChunk, LogReader, LogWriter
+from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, kill_stale_group
+from .logs import LogChunk, LogReader, LogWriter, recover_log_extent
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,14 @@ class TaskRegistry:
         return task_id
 
     def _load_history(self) -> None:
-        """Bring back earlier tasks; those that were live when their server died are interrupted."""
+        """Bring back earlier tasks; those that were live when their server died are interrupted,
+        and whatever is left of their processes (provably theirs) is killed."""
         for record in load_records(self.runs_dir):
             if not record.status.is_done:
+                if record.pid is not None and kill_stale_group(record.pid, record.pid_start):
+                    log.warning("killed leftover processes of task %s from an earlier server", record.task_id)
+                record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
+                    self.runs_dir, record.task_id, self.settings.log_cap_bytes // 2)
                 record.status = TaskStatus.INTERRUPTED
                 record.ended_at = record.ended_at or time.time()
                 record.reason = "the server stopped while this task was live"
@@ -216,7 +221,8 @@ class TaskRegistry:
             if not predecessors:
                 task_status.started()
             return
-        rec.status, rec.started_at, rec.pid = TaskStatus.RUNNING, time.time(), task.handle.pid
+        rec.status, rec.started_at = TaskStatus.RUNNING, time.time()
+        rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
         save_record(rec, self.runs_dir)
         if not predecessors:
             task_status.started()

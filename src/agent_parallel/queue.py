@@ -1,0 +1,585 @@
+"""Work items: parsing `.agent/queue/NNN-STATUS-slug.md` files into validated `WorkItem`s.
+
+`parse_item` is pure (a file name and its text in, an item and diagnostics out); `QueueReader`
+does the I/O, refuses what must not be read (symlinks out of the workspace, huge, binary or
+non-UTF-8 files) and caches parsed items by file name, size and modification time, so
+re-planning an unchanged queue of thousands of items reads no file twice.
+
+Both syntaxes are read: YAML front matter, and the origin project's bold label lines in the body
+(``**BlockedBy**: 001, 002 (after the UI)``). Field names are matched ignoring case, ``_``, ``-``
+and spaces, so ``BlockedBy``, ``blockedBy``, ``blocked_by`` and ``Blocked By`` are one field.
+Where both syntaxes give a field, the front matter wins. Nothing here raises for a bad file:
+every problem becomes a `Diagnostic` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from .config import describe, parse_duration, short_repr, unknown_key_warning
+from .errors import QueueError
+from .paths import resolve_inside
+
+Status = Literal["pending", "in_progress", "completed", "blocked", "failed"]
+Priority = Literal["critical", "high", "medium", "low"]
+STATUSES: tuple[str, ...] = ("pending", "in_progress", "completed", "blocked", "failed")
+PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
+
+MAX_ITEM_BYTES = 1024 * 1024
+"""Item files above this size are refused: an item is a page of markdown, not a data file."""
+MAX_ID_DIGITS = 9
+"""Ids longer than this are refused, so every id stays an exact integer in JSON clients too."""
+
+WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config"})
+"""Diagnostic kinds that are warnings; every other kind is an error that stops the item."""
+
+
+class Diagnostic(BaseModel):
+    """One problem found in the queue: what kind, which item and file, and what to do about it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    item: str | None = None
+    file: str | None = None
+    message: str
+    path: list[str] | None = None
+
+    @property
+    def is_error(self) -> bool:
+        """Errors make the item (and what waits on it) not ready; warnings only inform."""
+        return self.kind not in WARNING_KINDS
+
+
+class WorkItem(BaseModel):
+    """One queue item as parsed from its file; the file name alone decides id and status."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    id_str: str
+    file: str
+    path: str
+    slug: str
+    status: Status
+    title: str
+    blocked_by: list[int] = []
+    blocks: list[int] = []
+    files: list[str] = []
+    components: list[str] = []
+    priority: Priority = "medium"
+    estimate_s: float | None = None
+    command: str | None = None
+    timeout_s: float | None = None
+    body: str = ""
+
+
+def format_id(item_id: int) -> str:
+    """The zero-padded spelling used in file names and results: 7 -> ``007``."""
+    return f"{item_id:03d}"
+
+
+# --- file names ----------------------------------------------------------------------------------
+
+_NAME = re.compile(r"(?P<id>\d+)-(?P<status>[A-Za-z_]+)-(?P<slug>.*)\.md")
+_SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_NAME_HELP = "NNN-STATUS-slug.md"
+
+
+@dataclass(frozen=True)
+class ItemName:
+    """What a valid file name says: id, its zero-padded spelling, status and slug."""
+
+    id: int
+    id_str: str
+    status: Status
+    slug: str
+
+
+def parse_file_name(file_name: str) -> ItemName | Diagnostic:
+    """Split ``007-pending-add-login.md`` into its parts, or say exactly what is wrong with it."""
+    match = _NAME.fullmatch(file_name)
+    if not match:
+        return _bad_name(file_name, None, f"file name does not match {_NAME_HELP} "
+                         f"(NNN: 3 or more digits; STATUS: {_status_list()}; slug: lower-case words joined by -)")
+    id_str, status, slug = match.group("id", "status", "slug")
+    if len(id_str) < 3:
+        return _bad_name(file_name, id_str, f"file name does not match {_NAME_HELP}: the id must have "
+                         f"at least 3 digits ({int(id_str):03d}, not {id_str})")
+    if len(id_str) > MAX_ID_DIGITS:
+        return _bad_name(file_name, id_str, f"file name does not match {_NAME_HELP}: the id has "
+                         f"{len(id_str)} digits, more than the {MAX_ID_DIGITS} allowed")
+    if status == "in" and slug.startswith("progress"):
+        return _bad_name(file_name, id_str, "file name has status in-progress; write it in_progress")
+    if status not in STATUSES:
+        return _bad_name(file_name, id_str, f"file name has unknown status {status!r}; use one of {_status_list()}")
+    if not _SLUG.fullmatch(slug):
+        return _bad_name(file_name, id_str, f"file name slug {slug!r} must be lower-case words joined by - "
+                         f"(letters and digits only)")
+    return ItemName(int(id_str), id_str, status, slug)  # type: ignore[arg-type]
+
+
+def _bad_name(file_name: str, id_str: str | None, message: str) -> Diagnostic:
+    return Diagnostic(kind="bad_name", item=id_str, file=file_name, message=message)
+
+
+def _status_list() -> str:
+    return ", ".join(STATUSES[:-1]) + " or " + STATUSES[-1]
+
+
+# --- fields --------------------------------------------------------------------------------------
+
+FIELDS: tuple[str, ...] = ("title", "status", "blocked_by", "blocks", "files", "components",
+                           "priority", "estimate", "command", "timeout")
+_ALIASES = {
+    "title": "title", "status": "status",
+    "blockedby": "blocked_by", "dependson": "blocked_by", "dependencies": "blocked_by",
+    "blocks": "blocks", "files": "files", "components": "components", "priority": "priority",
+    "estimate": "estimate", "command": "command", "timeout": "timeout",
+}
+
+
+def field_name(key: str) -> str | None:
+    """The canonical field a front-matter key or bold label means, or None for an unknown one."""
+    return _ALIASES.get(re.sub(r"[\s_\-]", "", key).lower())
+
+
+_LABEL = re.compile(r"[ \t]*(?:[-*+][ \t]+)?\*\*[ \t]*([A-Za-z][A-Za-z _\-]*?)[ \t]*(?::[ \t]*\*\*|\*\*[ \t]*:)[ \t]*(.*)")
+_BULLET = re.compile(r"[ \t]*[-*+][ \t]+(.+)")
+_HEADING = re.compile(r"#[ \t]+(.+?)[ \t#]*")
+_FENCE = re.compile(r"[ \t]*(```|~~~)")
+
+
+def _body_fields(body: str) -> tuple[dict[str, tuple[str, object]], str | None]:
+    """Bold label lines (``**Files**: a.py, b.py``) and the first ``# `` heading, outside code fences.
+
+    Returns {field: (label as written, value)} and the heading. A label with nothing after the
+    colon takes the bullet lines right below it as a list.
+    """
+    fields: dict[str, tuple[str, object]] = {}
+    heading: str | None = None
+    lines = body.split("\n")
+    in_fence = False
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        index += 1
+        if _FENCE.match(line):
+            in_fence = not in_fence
+            continue
+        if in_fence:
+            continue
+        if heading is None and line.startswith("#"):
+            match = _HEADING.fullmatch(line)
+            if match:
+                heading = match.group(1)
+                continue
+        if "**" not in line:
+            continue
+        match = _LABEL.fullmatch(line)
+        if not match:
+            continue
+        name = field_name(match.group(1))
+        if name is None or name in fields:
+            continue
+        value: object = match.group(2).strip()
+        if value == "":
+            bullets = []
+            while index < len(lines) and (bullet := _BULLET.fullmatch(lines[index])):
+                bullets.append(bullet.group(1).strip())
+                index += 1
+            value = bullets
+        fields[name] = (match.group(1), value)
+    return fields, heading
+
+
+class _ItemLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """Safe YAML that reads ``010`` as ten (not YAML 1.1 octal eight) and ``1:30`` as text."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> object:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    digits = text[1:] if text[:1] in "+-" else text
+    if digits.isdigit():
+        return int(text, 10)
+    if ":" in text:
+        return text
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_ItemLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+_FRONT_START = re.compile(r"---[ \t]*\n")
+_FRONT_END = re.compile(r"^(?:---|\.\.\.)[ \t]*$", re.MULTILINE)
+
+
+def _front_matter(text: str) -> tuple[dict | None, str, str | None]:
+    """Split ``---`` front matter from the body: (mapping or None, body, problem or None)."""
+    start = _FRONT_START.match(text)
+    if not start:
+        return None, text, None
+    end = _FRONT_END.search(text, start.end())
+    if not end:
+        return None, text, "front matter starts with --- on line 1 but has no closing --- line"
+    source = text[start.end():end.start()]
+    body = text[end.end() + 1:]
+    try:
+        data = yaml.load(source, Loader=_ItemLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 2}, column {mark.column + 1})" if mark else ""
+        return None, body, f"front matter is not valid YAML: {exc.problem}{where}"
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        return None, body, f"front matter is not valid YAML: {short_repr(str(exc), 200)}"
+    if data is None:
+        return None, body, None
+    if not isinstance(data, dict):
+        return None, body, f"front matter must be a mapping of fields (key: value lines), not {describe(data)}"
+    return data, body, None
+
+
+_NONE_WORDS = frozenset({"", "none", "-", "n/a", "na", "nothing", "[]"})
+_ASIDE = re.compile(r"(?:^|(?<=\s))\([^)]*\)")
+_ID_TOKEN = re.compile(r"#?(\d+)(?:-[\w.\-]*)?")
+_ID_SEPARATORS = re.compile(r"[,;\s&]+|\band\b")
+
+
+def _ids(field: str, value: object, problems: list[str]) -> list[int]:
+    """Item references: a YAML list, or text split on commas and spaces; ``(asides)`` ignored."""
+    if value is None or value is False:
+        return []
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        parts: list[object] = [value]
+    elif isinstance(value, list):
+        parts = value
+    else:
+        problems.append(f"{field} must be a list of item ids or a comma-separated string, not {describe(value)}")
+        return []
+    ids: list[int] = []
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (str, int)):
+            problems.append(f"{field}: {short_repr(part)} is not an item id (write ids like 007, 7 or #7)")
+            continue
+        if isinstance(part, int):
+            tokens = [str(part)]
+        else:
+            cleaned = re.sub(r"\([^)]*\)", " ", part).strip()
+            tokens = [] if cleaned.lower() in _NONE_WORDS else [t for t in _ID_SEPARATORS.split(cleaned) if t]
+        for token in tokens:
+            match = _ID_TOKEN.fullmatch(token)
+            if not match:
+                problems.append(f"{field}: {short_repr(token)} is not an item id (write ids like 007, 7 or #7)")
+            elif len(match.group(1).lstrip("0") or "0") > MAX_ID_DIGITS:
+                problems.append(f"{field}: {short_repr(token)} has more than {MAX_ID_DIGITS} digits, "
+                                f"so it cannot be an item id")
+            elif int(match.group(1)) not in ids:
+                ids.append(int(match.group(1)))
+    return ids
+
+
+def _names(field: str, value: object, problems: list[str], *, split_spaces: bool) -> list[str]:
+    """A list of names or paths: a YAML list, or text split on commas (and spaces for paths)."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if isinstance(part, (str, int, float)) and not isinstance(part, bool):
+                parts.append(str(part).strip().strip("`'\""))
+            else:
+                problems.append(f"{field}: each entry must be a string, not {describe(part)}")
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        text = _ASIDE.sub(" ", str(value)).strip()
+        if text.lower() in _NONE_WORDS:
+            return []
+        pattern = r"[,;\s]+" if split_spaces else r"[,;]+"
+        parts = [part.strip().strip("`'\"") for part in re.split(pattern, text)]
+    else:
+        problems.append(f"{field} must be a list of strings or a comma-separated string, not {describe(value)}")
+        return []
+    names: list[str] = []
+    for part in parts:
+        if part and part not in names:
+            names.append(part)
+    return names
+
+
+def normalize_file_entry(entry: str) -> str | None:
+    """A `files` entry as a clean workspace-relative path or glob, or None if it points outside."""
+    if entry.startswith("/") or re.match(r"[A-Za-z]:[\\/]", entry):
+        return None
+    clean = posixpath.normpath(entry.replace("\\", "/"))
+    if clean == ".." or clean.startswith("../"):
+        return None
+    return clean
+
+
+def _files(value: object, problems: list[str]) -> list[str]:
+    files: list[str] = []
+    for entry in _names("files", value, problems, split_spaces=True):
+        clean = normalize_file_entry(entry)
+        if clean is None:
+            problems.append(f"files: {short_repr(entry)} is outside the workspace; "
+                            f"give paths relative to the workspace root")
+        elif clean not in files:
+            files.append(clean)
+    return files
+
+
+def _text(field: str, value: object, problems: list[str]) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        problems.append(f"{field} must be a string, not {describe(value)}")
+        return None
+    return str(value).strip() or None
+
+
+def _priority(value: object, problems: list[str]) -> Priority:
+    if value is None:
+        return "medium"
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text not in PRIORITIES:
+        problems.append(f"priority: {short_repr(value)} is not one of {', '.join(PRIORITIES)}")
+        return "medium"
+    return text  # type: ignore[return-value]
+
+
+def _seconds(field: str, value: object, problems: list[str], *, allow_zero: bool) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        problems.append(f"{field}: {exc}")
+        return None
+    if seconds == 0 and not allow_zero:
+        problems.append(f"{field} must be longer than 0")
+        return None
+    return seconds
+
+
+def _command(value: object, problems: list[str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems.append(f"command must be a string (one shell command line), not {describe(value)}")
+        return None
+    command = value.strip()
+    if len(command) >= 2 and command[0] == command[-1] == "`" and "`" not in command[1:-1]:
+        command = command[1:-1].strip()
+    return command or None
+
+
+def _status_word(value: object) -> str:
+    return re.sub(r"[\s\-]+", "_", str(value).strip().lower())
+
+
+# --- one item ------------------------------------------------------------------------------------
+
+
+def stub_item(name: ItemName, file_name: str, path: str | None = None) -> WorkItem:
+    """An item known only from its file name, for files whose content could not be used."""
+    return WorkItem(id=name.id, id_str=name.id_str, file=file_name, path=path or file_name,
+                    slug=name.slug, status=name.status, title=name.slug)
+
+
+def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[WorkItem | None, list[Diagnostic]]:
+    """Parse one item file. Returns no item only when the file name itself is invalid.
+
+    Problems in the content come back as diagnostics on a still-returned item, so the planner can
+    show the item and keep everything that waits on it from running.
+    """
+    name = parse_file_name(file_name)
+    if isinstance(name, Diagnostic):
+        return None, [name]
+    diagnostics: list[Diagnostic] = []
+
+    def report(kind: str, message: str) -> None:
+        diagnostics.append(Diagnostic(kind=kind, item=name.id_str, file=file_name, message=message))
+
+    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    front, body, problem = _front_matter(text)
+    if problem:
+        report("bad_front_matter", problem)
+    body_fields, heading = _body_fields(body)
+    fields = {field: value for field, (_, value) in body_fields.items()}
+    labels = {field: f"**{label}** line" for field, (label, _) in body_fields.items()}
+    for key, value in (front or {}).items():
+        field = field_name(str(key))
+        if field is None:
+            report("unknown_field", unknown_key_warning("front matter field ", key, list(FIELDS)))
+            continue
+        fields[field] = value
+        labels[field] = f"front matter field {key}"
+
+    problems: list[str] = []
+    title = _text("title", fields.get("title"), problems) or heading or name.slug
+    item = WorkItem(
+        id=name.id, id_str=name.id_str, file=file_name, path=path or file_name, slug=name.slug,
+        status=name.status, title=title,
+        blocked_by=_ids("blocked_by", fields.get("blocked_by"), problems),
+        blocks=_ids("blocks", fields.get("blocks"), problems),
+        files=_files(fields.get("files"), problems),
+        components=_names("components", fields.get("components"), problems, split_spaces=False),
+        priority=_priority(fields.get("priority"), problems),
+        estimate_s=_seconds("estimate", fields.get("estimate"), problems, allow_zero=True),
+        command=_command(fields.get("command"), problems),
+        timeout_s=_seconds("timeout", fields.get("timeout"), problems, allow_zero=False),
+        body=body,
+    )
+    for message in problems:
+        report("bad_field", message)
+    if "status" in fields and _status_word(fields["status"]) != name.status:
+        report("status_mismatch",
+               f"the {labels['status']} says {short_repr(fields['status'])} but the file name says "
+               f"{name.status!r}; the file name is what counts (rename the file to change the status)")
+    return item, diagnostics
+
+
+# --- reading a directory -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """A cache entry: the file's identity when parsed, and what parsing gave."""
+
+    identity: tuple
+    item: WorkItem | None
+    diagnostics: tuple[Diagnostic, ...]
+
+
+class QueueReader:
+    """Reads queue directories, re-parsing only files whose name, size or mtime changed.
+
+    One reader per server: it keeps one cache per queue directory it has read, holding only the
+    files seen on the latest read. `parse_count` counts files actually parsed, for tests and
+    benchmarks. Reads are serialized by a lock, so the reader can be shared between threads.
+    """
+
+    def __init__(self, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
+        self.max_item_bytes = max_item_bytes
+        self.parse_count = 0
+        self._cache: dict[Path, dict[str, _Parsed]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, root: Path, queue_dir: Path | str) -> tuple[list[WorkItem], list[Diagnostic]]:
+        """All items of `queue_dir` (relative to `root`, or absolute inside it) in file-name order.
+
+        Raises `PathOutsideWorkspace` when the directory resolves outside `root`, and
+        `QueueError` when it does not exist or is not a directory. Per-file problems are
+        diagnostics, never exceptions.
+        """
+        root = root.resolve()
+        directory = resolve_inside(root, queue_dir, "queue_dir")
+        if not directory.exists():
+            raise QueueError(f"queue directory {str(queue_dir)!r} does not exist ({directory}); create it "
+                             f"and add one NNN-STATUS-slug.md file per work item, or pass another queue_dir")
+        if not directory.is_dir():
+            raise QueueError(f"queue_dir {str(queue_dir)!r} is not a directory ({directory})")
+        relative_dir = directory.relative_to(root).as_posix()
+        with self._lock:
+            previous = self._cache.get(directory, {})
+            current: dict[str, _Parsed] = {}
+            try:
+                with os.scandir(directory) as entries:
+                    names = sorted((entry.name, entry.is_symlink()) for entry in entries)
+            except OSError as exc:
+                raise QueueError(f"queue directory {str(queue_dir)!r} cannot be listed: {exc.strerror}") from exc
+            for file_name, is_symlink in names:
+                if file_name.startswith(".") or not file_name.endswith(".md"):
+                    continue
+                parsed = self._read_one(root, directory / file_name, f"{relative_dir}/{file_name}",
+                                        is_symlink, previous.get(file_name))
+                if parsed is not None:
+                    current[file_name] = parsed
+            self._cache[directory] = current
+        items = [parsed.item for parsed in current.values() if parsed.item is not None]
+        diagnostics = [diagnostic for parsed in current.values() for diagnostic in parsed.diagnostics]
+        return items, diagnostics
+
+    def _read_one(self, root: Path, file_path: Path, relative: str, is_symlink: bool,
+                  cached: _Parsed | None) -> _Parsed | None:
+        """Parse one entry, or reuse the cached result if the file is unchanged; None skips it."""
+        file_name = file_path.name
+        name = parse_file_name(file_name)
+        target = file_path
+        if is_symlink:
+            try:
+                target = file_path.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:
+                return self._refused(name, file_name, relative, "unreadable",
+                                     f"symlink cannot be followed: {getattr(exc, 'strerror', None) or exc}")
+            if not target.is_relative_to(root):
+                return self._refused(name, file_name, relative, "outside_workspace",
+                                     f"symlink points outside the workspace root (to {target}); refused")
+        try:
+            info = os.stat(target)
+        except OSError as exc:
+            return self._refused(name, file_name, relative, "unreadable", f"cannot be read: {exc.strerror}")
+        if stat.S_ISDIR(info.st_mode):
+            return None
+        identity = (info.st_size, info.st_mtime_ns, info.st_ino, str(target))
+        if cached is not None and cached.identity == identity:
+            return cached
+        if isinstance(name, Diagnostic):
+            return _Parsed(identity, None, (name,))
+        if not stat.S_ISREG(info.st_mode):
+            return self._refused(name, file_name, relative, "unreadable",
+                                 "is not a regular file (a device, socket or pipe); refused", identity)
+        if info.st_size > self.max_item_bytes:
+            return self._refused(name, file_name, relative, "too_large", self._too_large(info.st_size), identity)
+        data, problem = self._read_bytes(target)
+        if problem:
+            return self._refused(name, file_name, relative, problem[0], problem[1], identity)
+        self.parse_count += 1
+        item, diagnostics = parse_item(file_name, data, path=relative)
+        return _Parsed(identity, item, tuple(diagnostics))
+
+    def _read_bytes(self, target: Path) -> tuple[str, tuple[str, str] | None]:
+        """The file's text, or (kind, message) saying why it cannot be used."""
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            return "", ("unreadable", f"cannot be read: {exc.strerror}")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "", ("unreadable", "is not a regular file (a device, socket or pipe); refused")
+            with os.fdopen(fd, "rb", closefd=False) as stream:
+                raw = stream.read(self.max_item_bytes + 1)
+        except OSError as exc:
+            return "", ("unreadable", f"cannot be read: {exc.strerror}")
+        finally:
+            os.close(fd)
+        if len(raw) > self.max_item_bytes:
+            return "", ("too_large", self._too_large(len(raw)))
+        if b"\x00" in raw:
+            return "", ("binary", "file looks binary (it contains NUL bytes); a queue item must be UTF-8 markdown")
+        try:
+            return raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            return "", ("not_utf8", f"file is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+                                    f"{exc.start}); save it as UTF-8")
+
+    def _too_large(self, size: int) -> str:
+        return (f"file is {size} bytes, over the {self.max_item_bytes}-byte limit for a queue item; "
+                f"keep long material in another file and link to it")
+
+    @staticmethod
+    def _refused(name: ItemName | Diagnostic, file_name: str, relative: str, kind: str, message: str,
+                 identity: tuple | None = None) -> _Parsed:
+        """A file that cannot be used: the item is known from its name alone, with the error."""
+        if isinstance(name, Diagnostic):
+            return _Parsed(identity or (), None, (name,))
+        diagnostic = Diagnostic(kind=kind, item=name.id_str, file=file_name, message=message)
+        return _Parsed(identity or (), stub_item(name, file_name, relative), (diagnostic,))
