@@ -492,46 +492,45 @@ class QueueReader:
             previous = self._cache.get(directory, {})
             current: dict[str, _Parsed] = {}
             try:
-                with os.scandir(directory) as entries:
-                    names = sorted((entry.name, entry.is_symlink()) for entry in entries)
+                with os.scandir(directory) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
             except OSError as exc:
                 raise QueueError(f"queue directory {str(queue_dir)!r} cannot be listed: {exc.strerror}") from exc
-            for file_name, is_symlink in names:
-                if file_name.startswith(".") or not file_name.endswith(".md"):
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.endswith(".md"):
                     continue
-                parsed = self._read_one(root, directory / file_name, f"{relative_dir}/{file_name}",
-                                        is_symlink, previous.get(file_name))
+                parsed = self._read_one(root, entry, f"{relative_dir}/{entry.name}", previous.get(entry.name))
                 if parsed is not None:
-                    current[file_name] = parsed
+                    current[entry.name] = parsed
             self._cache[directory] = current
         items = [parsed.item for parsed in current.values() if parsed.item is not None]
         diagnostics = [diagnostic for parsed in current.values() for diagnostic in parsed.diagnostics]
         return items, diagnostics
 
-    def _read_one(self, root: Path, file_path: Path, relative: str, is_symlink: bool,
-                  cached: _Parsed | None) -> _Parsed | None:
-        """Parse one entry, or reuse the cached result if the file is unchanged; None skips it."""
-        file_name = file_path.name
-        name = parse_file_name(file_name)
-        target = file_path
-        if is_symlink:
-            try:
-                target = file_path.resolve(strict=True)
-            except (OSError, RuntimeError) as exc:
-                return self._refused(name, file_name, relative, "unreadable",
-                                     f"symlink cannot be followed: {getattr(exc, 'strerror', None) or exc}")
-            if not target.is_relative_to(root):
-                return self._refused(name, file_name, relative, "outside_workspace",
-                                     f"symlink points outside the workspace root (to {target}); refused")
+    def _read_one(self, root: Path, entry: os.DirEntry, relative: str, cached: _Parsed | None) -> _Parsed | None:
+        """Parse one entry, or reuse the cached result if the file is unchanged; None skips it.
+
+        The cache is checked first, on a single stat, so an unchanged queue costs one stat per file.
+        """
+        file_name = entry.name
+        target = entry.path
         try:
+            if entry.is_symlink():
+                resolved = Path(entry.path).resolve(strict=True)
+                if not resolved.is_relative_to(root):
+                    return self._refused(parse_file_name(file_name), file_name, relative, "outside_workspace",
+                                         f"symlink points outside the workspace root (to {resolved}); refused")
+                target = str(resolved)
             info = os.stat(target)
-        except OSError as exc:
-            return self._refused(name, file_name, relative, "unreadable", f"cannot be read: {exc.strerror}")
+        except (OSError, RuntimeError) as exc:
+            return self._refused(parse_file_name(file_name), file_name, relative, "unreadable",
+                                 f"cannot be read: {getattr(exc, 'strerror', None) or exc}")
         if stat.S_ISDIR(info.st_mode):
             return None
-        identity = (info.st_size, info.st_mtime_ns, info.st_ino, str(target))
+        identity = (info.st_size, info.st_mtime_ns, info.st_ino, target)
         if cached is not None and cached.identity == identity:
             return cached
+        name = parse_file_name(file_name)
         if isinstance(name, Diagnostic):
             return _Parsed(identity, None, (name,))
         if not stat.S_ISREG(info.st_mode):
@@ -539,14 +538,14 @@ class QueueReader:
                                  "is not a regular file (a device, socket or pipe); refused", identity)
         if info.st_size > self.max_item_bytes:
             return self._refused(name, file_name, relative, "too_large", self._too_large(info.st_size), identity)
-        data, problem = self._read_bytes(target)
+        text, problem = self._read_text(target)
         if problem:
             return self._refused(name, file_name, relative, problem[0], problem[1], identity)
         self.parse_count += 1
-        item, diagnostics = parse_item(file_name, data, path=relative)
+        item, diagnostics = parse_item(file_name, text, path=relative)
         return _Parsed(identity, item, tuple(diagnostics))
 
-    def _read_bytes(self, target: Path) -> tuple[str, tuple[str, str] | None]:
+    def _read_text(self, target: str) -> tuple[str, tuple[str, str] | None]:
         """The file's text, or (kind, message) saying why it cannot be used."""
         try:
             fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)

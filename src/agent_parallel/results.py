@@ -44,6 +44,7 @@ class TaskView(BaseModel):
     output_bytes: int | None = Field(None, description="total bytes the task has produced")
     truncated: bool | None = Field(None, description="true when output exists that `output` does not show")
     dropped_bytes: int | None = Field(None, description="bytes no longer kept because the log cap was reached")
+    run: RunProgress | None = Field(None, description="for a run_queue run: progress, and the report once finished")
 
     @classmethod
     def of(cls, rec: TaskRecord, **extra: object) -> TaskView:
@@ -87,3 +88,73 @@ class TaskSummary(BaseModel):
 class TaskList(BaseModel):
     tasks: list[TaskSummary]
     total: int = Field(description="tasks matching the filter, before `limit`")
+
+
+class RunningItem(BaseModel):
+    item: str
+    title: str
+    task_id: str
+    elapsed_s: float
+
+
+class ItemOutcome(BaseModel):
+    """How one item of a run ended (fork-join aggregation: every item's result in one place)."""
+
+    item: str
+    title: str
+    outcome: Literal["completed", "failed", "skipped", "not_started", "claimed_elsewhere"]
+    task_id: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    waited_on: str | None = Field(None, description="for skipped items: the failed item they (transitively) wait on")
+    duration_s: float | None = None
+    last_lines: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="what happened to the item file during the run")
+
+
+class RunProgress(BaseModel):
+    """A queue run: live counts while it runs, and the full report at the end."""
+
+    run_id: str
+    level: str
+    continue_on_error: bool
+    max_parallel: int
+    state: Literal["running", "stopping", "finished"]
+    elapsed_s: float
+    counts: dict[str, int] = Field(description="items by outcome so far: running, completed, failed, skipped, not_started ...")
+    running: list[RunningItem]
+    held: str | None = Field(None, description="why no new item is starting right now (memory, load), if so")
+    stop_reason: str | None = None
+    predicted_makespan: float = Field(description="the plan's predicted makespan (s) at the start of the run")
+    lower_bound: float = Field(description="the plan's lower bound (s): no schedule can finish faster")
+    makespan: float | None = Field(None, description="achieved: from the first start to the last end (s)")
+    outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished)")
+
+
+class RunStarted(BaseModel):
+    """``run_queue``'s answer: the run's id (a task id) and what it is about to do."""
+
+    run_id: str
+    status: TaskStatus
+    level: str
+    continue_on_error: bool
+    max_parallel: int
+    items: list[str] = Field(description="the pending items this run will consider, best-ranked first")
+    predicted_makespan: float
+    lower_bound: float
+    warnings: list[str] = Field(default_factory=list)
+    message: str
+
+
+class ItemMoved(BaseModel):
+    """``update_item``'s answer."""
+
+    item: str
+    previous_status: str
+    status: str
+    file: str
+    message: str
+
+
+for _model in (TaskView, LaunchResult, TaskOutputResult, CancelResult):
+    _model.model_rebuild()

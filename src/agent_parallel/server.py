@@ -28,9 +28,17 @@ from pydantic import Field
 from . import __version__
 from .errors import AgentParallelError, UnknownTask, UsageError
 from .paths import resolve_inside, runs_dir
-from .results import CancelResult, LaunchResult, TaskList, TaskOutputResult, TaskSummary, TaskView, iso
+from .claims import find_item, move_item, parse_item_id
+from .config import MAX_PARALLEL_RANGE, Config, load_config
+from .plan_view import plan_workspace
+from .planner import QueuePlan
+from .queue import QueueReader, format_id
+from .queue_runner import QueueContext, QueueRun, QueueRunExecutor, RunOptions, check_ready, launch_item
+from .results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult, TaskSummary,
+                      TaskView, iso)
+from .runner.admission import admission_check
 from .runner.executor import Executor, LocalExecutor
-from .runner.registry import RegistrySettings, Task, TaskRegistry
+from .runner.registry import RegistrySettings, Task, TaskRegistry, wait_any
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +62,28 @@ class ServerSettings:
     log_cap_bytes: int = 64 << 20
     kill_grace_s: float = 2.0
     max_running: int = 256
+    min_free_memory: int = 0  # bytes; 0: never hold a start for memory
+    max_load: float | None = None  # None: never hold a start for load
+
+    @classmethod
+    def from_config(cls, config: Config) -> ServerSettings:
+        return cls(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes,
+                   min_free_memory=config.min_free_memory, max_load=config.effective_max_load())
 
 
 @dataclass
 class Workspace:
-    """What every tool call needs: the root, the settings and the live registry."""
+    """What every tool call needs: the root, the settings, the live registry and the queue cache."""
 
     root: Path
     settings: ServerSettings
     registry: TaskRegistry
+    reader: QueueReader
+
+    def queue(self) -> QueueContext:
+        """The queue as configured now (the config is re-read, so edits apply without a restart)."""
+        config, _ = load_config(self.root)
+        return QueueContext(self.root, self.registry.runs_dir, config, self.registry, self.reader)
 
 
 P = ParamSpec("P")
@@ -96,7 +117,13 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     root = Path(root).resolve()
     if not root.is_dir():
         raise UsageError(f"workspace root {root} is not a directory; pass --root DIR with an existing directory")
-    settings = settings or ServerSettings()
+    if settings is None:
+        try:
+            settings = ServerSettings.from_config(load_config(root)[0])
+        except AgentParallelError as exc:  # a broken queue config must not stop background tasks
+            log.warning("%s; using the default settings", exc)
+            settings = ServerSettings()
+    reader = QueueReader()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
@@ -105,12 +132,13 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
             registry = TaskRegistry(
                 root, runs_dir(root), runner, tg,
                 RegistrySettings(log_cap_bytes=settings.log_cap_bytes, kill_grace_s=settings.kill_grace_s,
-                                 max_running=settings.max_running),
+                                 max_running=settings.max_running,
+                                 admission=admission_check(settings.min_free_memory, settings.max_load)),
             )
             if handle_signals:
                 tg.start_soon(_exit_on_signal, registry)
             try:
-                yield Workspace(root, settings, registry)
+                yield Workspace(root, settings, registry, reader)
             finally:
                 with anyio.CancelScope(shield=True):
                     await registry.shutdown(grace=0.5)
@@ -121,6 +149,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                        instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
     _register_task_tools(server)
     _register_task_resources(server)
+    _register_queue_tools(server, root, reader)
     return server
 
 
@@ -161,8 +190,11 @@ def _register_task_tools(server: MCPServer) -> None:
             raise UsageError("give exactly one of `command` (a shell command) or `item` (a queue item id), "
                              f"not {'both' if command is not None else 'neither'}")
         if item is not None:
-            raise UsageError("running queue items is not available in this version; "
-                             "run the item's command with `command` instead")
+            if cwd is not None or env or after or timeout_s is not None:
+                raise UsageError("`cwd`, `env`, `after` and `timeout_s` apply to commands only; an item runs in "
+                                 "the workspace root with its own `timeout` and waits on its `blocked_by` items")
+            task = await _launch_item(ws, item)
+            return await _launch_answer(ws, task, run_in_background)
         if not command.strip():
             raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
         timeout_s = _check_timeout(timeout_s, "timeout_s")
@@ -175,11 +207,7 @@ def _register_task_tools(server: MCPServer) -> None:
                                  "without '=' or NUL characters")
         task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
                                         timeout_s=timeout_s, after=after)
-        if run_in_background:
-            return LaunchResult.of(task.record)
-        done = await ws.registry.wait([task], mode="all", timeout=ws.settings.wait_cap_s)
-        view = _view(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None)
-        return LaunchResult(**view.model_dump(), retrieval_status="success" if done else "timeout")
+        return await _launch_answer(ws, task, run_in_background)
 
     @server.tool(title="Read task output / wait for tasks",
                  annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
@@ -224,7 +252,7 @@ def _register_task_tools(server: MCPServer) -> None:
         pattern = _compile_filter(filter)
         timeout = min(timeout, ws.settings.wait_cap_s)
         if block:
-            done = await ws.registry.wait(tasks, mode=wait, timeout=timeout)
+            done = await _wait_reporting_progress(ws, tasks, wait, timeout, ctx)
             status = "success" if done else "timeout"
         else:
             finished = [t.done.is_set() for t in tasks]
@@ -310,6 +338,45 @@ def _register_task_resources(server: MCPServer) -> None:
         return ws.registry.reader(_resource_task(ctx, task_id)).read(None, RESOURCE_OUTPUT_BYTES).text
 
 
+async def _launch_answer(ws: Workspace, task: Task, run_in_background: bool) -> LaunchResult:
+    if run_in_background:
+        return LaunchResult.of(task.record)
+    done = await ws.registry.wait([task], mode="all", timeout=ws.settings.wait_cap_s)
+    view = _view(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None)
+    return LaunchResult(**view.model_dump(), retrieval_status="success" if done else "timeout")
+
+
+async def _launch_item(ws: Workspace, item: str) -> Task:
+    queue = ws.queue()
+    item_id = parse_item_id(item)
+    graph = await anyio.to_thread.run_sync(queue.graph)
+    return await launch_item(queue, check_ready(graph, item_id), by="launch_task")
+
+
+async def _wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, timeout: float, ctx: Context) -> bool:
+    """Wait like ``registry.wait``; while a queue run is among the tasks, report its progress."""
+    runs = [t.handle for t in tasks if isinstance(t.handle, QueueRun)]
+    if not runs:
+        return await ws.registry.wait(tasks, mode=mode, timeout=timeout)
+    with anyio.move_on_after(timeout):
+        while not _all_or_any_done(tasks, mode):
+            events = [run.changed for run in runs] + [t.done for t in tasks]
+            await wait_any(events)
+            for run in runs:
+                p = run.progress()
+                finished = sum(n for k, n in p.counts.items() if k not in ("running", "waiting"))
+                total = finished + p.counts.get("running", 0) + p.counts.get("waiting", 0)
+                message = ", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n)
+                await ctx.report_progress(finished, total or None, f"run {run.run_id}: {message}")
+        return True
+    return False
+
+
+def _all_or_any_done(tasks: list[Task], mode: str) -> bool:
+    flags = [t.done.is_set() for t in tasks]
+    return all(flags) if mode == "all" else any(flags)
+
+
 def _resource_task(ctx: Context, task_id: str) -> Task:
     try:
         return _ws(ctx).registry.get(task_id)
@@ -320,9 +387,119 @@ def _resource_task(ctx: Context, task_id: str) -> Task:
 def _view(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
           pattern: re.Pattern[str] | None) -> TaskView:
     chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
+    run = task.handle.progress() if isinstance(task.handle, QueueRun) else None
     return TaskView.of(task.record, output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
                        output_bytes=task.output_bytes, truncated=chunk.truncated,
-                       dropped_bytes=ws.registry.dropped_bytes(task))
+                       dropped_bytes=ws.registry.dropped_bytes(task), run=run)
+
+
+def _register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> None:
+    @server.tool(title="Plan the work queue",
+                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    @_tool_errors
+    async def queue_plan(
+        ctx: Context,
+        queue_dir: Annotated[str | None, Field(description="queue directory inside the workspace (default .agent/queue)")] = None,
+        max_parallel: Annotated[int | None, Field(description="slots to plan for (default: autonomy.max_parallel, else 5)")] = None,
+    ) -> QueuePlan:
+        """Read the work queue (.agent/queue/NNN-STATUS-slug.md files) and say what can run now and in what order.
+
+        Checks every item: dependencies (blocked_by/blocks), cycles (printed as paths), references
+        to missing ids, duplicate ids, and which items conflict because they touch the same files
+        or components (those never run together). Returns `run_now` (ids to start now, best
+        first), the predicted `waves`, the `critical_path`, `conflicts`, fork-join and pipeline
+        `patterns`, `errors`/`warnings` naming file and field, the predicted makespan beside its
+        lower bound, and a Mermaid flowchart. Call it before run_queue, or to pick items to
+        launch yourself with launch_task(item=...).
+        """
+        return await anyio.to_thread.run_sync(lambda: plan_workspace(root, queue_dir, max_parallel, reader))
+
+    @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
+    async def queue_plan_resource() -> str:
+        """The current plan of the workspace's queue (what queue_plan returns with its defaults)."""
+        return (await anyio.to_thread.run_sync(lambda: plan_workspace(root, None, None, reader))).model_dump_json()
+
+    @server.tool(title="Run the work queue",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
+                                             open_world_hint=True))
+    @_tool_errors
+    async def run_queue(
+        ctx: Context,
+        max_parallel: Annotated[int | None, Field(description="items at once (default from config; clamped to 1..64)")] = None,
+        level: Annotated[Literal["L1", "L2", "L3"] | None, Field(description="autonomy level: L1/L2 stop at the first failure; L3 may continue")] = None,
+        continue_on_error: Annotated[bool | None, Field(description="L3 only: keep going past failures, skipping what depends on them")] = None,
+        items: Annotated[list[str] | None, Field(description="run only these item ids (and the pending items they need)")] = None,
+    ) -> RunStarted:
+        """Carry out the work queue in the background: answer at once with a run_id.
+
+        Keeps up to max_parallel items running, starting the best-ranked ready item that
+        conflicts with nothing running the moment a slot frees, and moves each item's file
+        pending -> in_progress -> completed/failed. Items run their `command` (or the configured
+        runner). L1/L2: the first failure stops new starts; L3 with continue_on_error: only what
+        depends on a failure is skipped. Follow it with task_output(task_id=run_id): progress
+        (counts, running items) while it runs, and at the end the report (completed, failed with
+        exit code and last lines, skipped with the failed item they waited on, not started, and
+        the makespan achieved beside the plan's lower bound). Stop it with cancel_task(run_id).
+        """
+        ws = _ws(ctx)
+        queue = ws.queue()
+        warnings: list[str] = []
+        config = queue.config
+        parallel = config.max_parallel if max_parallel is None else max_parallel
+        low, high = MAX_PARALLEL_RANGE
+        if not low <= parallel <= high:
+            warnings.append(f"max_parallel {parallel} is outside {low}..{high}; using {min(max(parallel, low), high)}")
+            parallel = min(max(parallel, low), high)
+        chosen_level = level or config.level
+        coe = config.continue_on_error if continue_on_error is None else continue_on_error
+        if coe and chosen_level != "L3":
+            warnings.append(f"continue_on_error applies at L3 only; level {chosen_level} stops at the first failure")
+        only = [parse_item_id(i) for i in items] if items is not None else None
+        graph = await anyio.to_thread.run_sync(queue.graph)
+        if only is not None:
+            missing = [format_id(i) for i in only if i not in graph.by_id]
+            if missing:
+                raise UsageError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
+        options = RunOptions(level=chosen_level, continue_on_error=coe, max_parallel=parallel, only=only)
+        task = await ws.registry.launch(
+            command=f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else ""),
+            cwd=ws.root, description="queue run", kind="run", executor=QueueRunExecutor(queue, options))
+        run = task.handle
+        assert isinstance(run, QueueRun)
+        planned = [format_id(i) for i in run.members]
+        return RunStarted(
+            run_id=task.record.task_id, status=task.record.status, level=chosen_level, continue_on_error=coe,
+            max_parallel=parallel, items=planned, predicted_makespan=run.predicted, lower_bound=run.lower_bound,
+            warnings=warnings,
+            message=(f"run {task.record.task_id} started with {len(planned)} item(s) to consider; "
+                     f"follow it with task_output(task_id=\"{task.record.task_id}\")") if planned else
+                    f"nothing to run: no pending item is ready or waiting (run {task.record.task_id} ends at once)")
+
+    @server.tool(title="Update a queue item's status",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                                             open_world_hint=False))
+    @_tool_errors
+    async def update_item(
+        ctx: Context,
+        item: Annotated[str, Field(description="item id, e.g. '007'")],
+        status: Annotated[Literal["pending", "in_progress", "completed", "failed", "blocked"], Field(description="the new status")],
+        reason: Annotated[str | None, Field(description="why (recorded in the run history)")] = None,
+    ) -> ItemMoved:
+        """Move a queue item you carry out yourself: claim it (in_progress), then mark it completed, failed or blocked.
+
+        Allowed moves: pending -> in_progress -> completed | failed | blocked, and blocked or
+        failed -> pending. Claiming is exclusive: if another agent or run claimed the item first,
+        you get an error naming the claimant; pick another item from queue_plan's run_now.
+        Renames the file in place; never overwrites a file.
+        """
+        ws = _ws(ctx)
+        item_id = parse_item_id(item)
+        queue = ws.queue()
+        path, name = find_item(queue.queue_dir, item_id)
+        new = await anyio.to_thread.run_sync(
+            lambda: move_item(queue.queue_dir, queue.runs_dir, item_id, status, by="an agent (update_item)", reason=reason))
+        return ItemMoved(item=name.id_str, previous_status=name.status, status=status, file=new.name,
+                         message=f"item {name.id_str} moved from {name.status} to {status} ({new.name})")
 
 
 def _check_timeout(value: float | None, name: str) -> float | None:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class RegistrySettings:
     log_cap_bytes: int = 64 << 20
     kill_grace_s: float = 2.0
     max_running: int = 256  # concurrently running or queued tasks
+    admission: Callable[[], str | None] | None = None
+    """Asked before each process starts: None to go ahead, or why to hold the start (low memory, high load)."""
+    admission_retry_s: float = 0.5
 
 
 @dataclass
@@ -44,6 +48,8 @@ class Task:
     log: LogWriter | None = None
     cancel_requested: bool = False
     waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
+    on_finish: Callable[[Task], None] | None = None  # runs before waiters wake (e.g. moves a queue item)
+    held: str | None = None  # why the start is being held, while it is
 
     @property
     def output_bytes(self) -> int:
@@ -104,7 +110,8 @@ class TaskRegistry:
                      description: str | None = None, env: dict[str, str] | None = None,
                      timeout_s: float | None = None, after: list[str] | None = None,
                      kind: str = "command", item_id: str | None = None, item_file: str | None = None,
-                     stdin_path: Path | None = None) -> Task:
+                     stdin_path: Path | None = None, executor: Executor | None = None,
+                     on_finish: Callable[[Task], None] | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running."""
         if self._closing:
             raise UsageError("the server is shutting down; launch the task again after it restarts")
@@ -119,12 +126,12 @@ class TaskRegistry:
         record = TaskRecord(task_id=self._new_id(), kind=kind, command=shown, description=description,
                             cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
                             after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file)
-        task = Task(record)
+        task = Task(record, on_finish=on_finish)
         self._tasks[record.task_id] = task
         save_record(record, self.runs_dir)
         spec = LaunchSpec(task_id=record.task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
                           stdin_path=stdin_path)
-        await self._tg.start(self._supervise, task, spec, predecessors)
+        await self._tg.start(self._supervise, task, spec, predecessors, executor or self.executor)
         return task
 
     async def wait(self, tasks: list[Task], *, mode: str, timeout: float) -> bool:
@@ -133,10 +140,8 @@ class TaskRegistry:
             if mode == "all":
                 for task in tasks:
                     await task.done.wait()
-            elif not any(t.done.is_set() for t in tasks):
-                async with anyio.create_task_group() as tg:
-                    for task in tasks:
-                        tg.start_soon(_wait_then_cancel, task.done, tg.cancel_scope)
+            else:
+                await wait_any([t.done for t in tasks])
             return True
         return False
 
@@ -194,7 +199,7 @@ class TaskRegistry:
         if task.waker is not None:
             task.waker.cancel()
 
-    async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: list[Task],
+    async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: list[Task], executor: Executor,
                          *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         rec = task.record
         if predecessors:
@@ -213,8 +218,12 @@ class TaskRegistry:
                 str(self.runs_dir / f"{p.record.task_id}.log") for p in predecessors))
         spec.env["AGENT_TASK_ID"] = rec.task_id
         task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
+        if not await self._admit(task):
+            if not predecessors:
+                task_status.started()
+            return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
         try:
-            task.handle = await self.executor.start(spec, task.log)
+            task.handle = await executor.start(spec, task.log)
         except SpawnError as exc:
             task.log.write(f"agent-parallel: {exc}\n".encode())
             self._finish(task, TaskStatus.FAILED, reason=str(exc))
@@ -252,6 +261,24 @@ class TaskRegistry:
             reason = f"exit code {info.exit_code}" if info.exit_code is not None else f"killed by {info.signal}"
         self._finish(task, status, reason=reason)
 
+    async def _admit(self, task: Task) -> bool:
+        """Hold the start while the admission check says so; False if cancelled meanwhile.
+
+        Memory and load have no event to wait on, so this re-checks every ``admission_retry_s``.
+        """
+        check = self.settings.admission
+        if check is None or not (why := check()):
+            return True
+        if task.log is not None:
+            task.log.write(f"agent-parallel: start held: {why}\n".encode())
+        with anyio.CancelScope() as task.waker:
+            while why and not task.cancel_requested:
+                task.held = why
+                await anyio.sleep(self.settings.admission_retry_s)
+                why = check()
+        task.held = None
+        return not task.cancel_requested
+
     def _finish(self, task: Task, status: TaskStatus, *, reason: str | None) -> None:
         rec = task.record
         now = time.time()
@@ -262,11 +289,25 @@ class TaskRegistry:
             rec.tail_segments = list(task.log.segments)
             if rec.started_at is None and status == TaskStatus.FAILED:
                 rec.started_at = now
+        if task.on_finish is not None:
+            try:
+                task.on_finish(task)
+            except Exception:  # a follow-up failing must never leave waiters hanging
+                log.exception("follow-up of task %s failed [this is a bug: please report it]", rec.task_id)
         task.done.set()  # waiters first: the durable save below is for crash recovery
         try:
             save_record(rec, self.runs_dir, durable=True)
         except OSError as exc:
             log.error("could not save the record of task %s: %s", rec.task_id, exc)
+
+
+async def wait_any(events: list[anyio.Event]) -> None:
+    """Return as soon as one of ``events`` is set."""
+    if any(e.is_set() for e in events):
+        return
+    async with anyio.create_task_group() as tg:
+        for event in events:
+            tg.start_soon(_wait_then_cancel, event, tg.cancel_scope)
 
 
 async def _wait_then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:

@@ -1,0 +1,854 @@
+"""The queue planner: validate the graph, rank ready items, and predict a schedule. Pure: no I/O.
+
+Three layers, each usable alone:
+
+* `build_graph(items, diagnostics) -> QueueGraph`: edges (``blocked_by`` and the reverse
+  ``blocks``), duplicate ids, dangling and self references, cycles (iterative Tarjan, so a
+  10,000-deep chain is fine), which items are stuck behind an error, a failed or a blocked item,
+  conflicts, estimates and the priority key of every item that can still run.
+* `Scheduler`: given a graph, hands out the best-ranked ready item that conflicts with nothing
+  running, the moment a slot is free. The simulation below and the live run engine drive the same
+  object, so the plan predicts what the run will do.
+* `make_plan(...) -> QueuePlan`: the `queue_plan` result: readiness and reasons per item, `run_now`,
+  `waves` from an event-driven simulation, critical path, conflicts, patterns, makespan against a
+  lower bound, and a Mermaid flowchart.
+
+Priority (smaller key first, see `QueueGraph.rank`): the longest remaining estimate-weighted path
+through the item (its own estimate included), then how many items it transitively unblocks, then
+the `priority` field, then fewest blockers, then id. An item without `estimate` counts as
+`DEFAULT_ESTIMATE_S`. Times are kept in integer milliseconds so sums are exact.
+
+Cycle paths read in the ``blocked_by`` direction: ``003 -> 007 -> 005 -> 003`` means 003 waits on
+007, which waits on 005, which waits on 003.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from pydantic import BaseModel
+
+from .conflicts import ConflictMap, find_conflicts
+from .errors import InternalError, UsageError
+from .queue import Diagnostic, WorkItem, format_id
+
+DEFAULT_ESTIMATE_S = 60.0
+"""What an item without an `estimate` counts as, for ranking and for the predicted schedule."""
+
+PRIORITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+
+_STATUS_REASONS = {
+    "completed": "completed",
+    "in_progress": "in progress",
+    "failed": "failed; move it back to pending to retry",
+    "blocked": "blocked; move it back to pending once the problem is solved",
+}
+_CAUSES = {"error": "has an error", "cycle": "is in a dependency cycle", "failed": "failed", "blocked": "is blocked"}
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+
+class PlanItem(BaseModel):
+    """One item as the plan sees it. `blocked_by`/`blocks` hold every edge, from either side."""
+
+    id: str
+    file: str
+    title: str
+    status: str
+    blocked_by: list[str]
+    blocks: list[str]
+    files: list[str]
+    components: list[str]
+    priority: str
+    estimate: float | None
+    """Seconds, as written in the item; None when it has no `estimate`."""
+    ready: bool
+    waiting_on: list[str]
+    reason: str | None
+
+
+class Conflict(BaseModel):
+    """Two items that must not run together, and the files or components they share."""
+
+    a: str
+    b: str
+    files: list[str]
+    components: list[str]
+
+
+class ForkJoin(BaseModel):
+    """Items that fan out from `fork` and meet again at `join`."""
+
+    fork: str
+    branches: list[str]
+    join: str
+
+
+class Patterns(BaseModel):
+    fork_join: list[ForkJoin]
+    pipelines: list[list[str]]
+
+
+class QueuePlan(BaseModel):
+    """The `queue_plan` result (field names are the contract in TOOLS.md)."""
+
+    items: list[PlanItem]
+    run_now: list[str]
+    waves: list[list[str]]
+    critical_path: list[str]
+    conflicts: list[Conflict]
+    patterns: Patterns
+    errors: list[Diagnostic]
+    warnings: list[Diagnostic]
+    max_parallel: int
+    predicted_makespan: float
+    lower_bound: float
+    mermaid: str
+
+
+# --- the graph ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class QueueGraph:
+    """Everything the planner and the run engine need to know about a queue, computed once."""
+
+    items: list[WorkItem]
+    """Every item, sorted by id and file (duplicates included)."""
+    by_id: dict[int, WorkItem]
+    """Items with a unique id: the nodes of the graph."""
+    waits_on: dict[int, list[int]]
+    """Node -> nodes it waits for (from its `blocked_by` and their `blocks`), sorted."""
+    unblocks: dict[int, list[int]]
+    """Node -> nodes waiting for it, sorted."""
+    errors: list[Diagnostic]
+    warnings: list[Diagnostic]
+    reasons: dict[str, str]
+    """File name -> why the item cannot run now (absent for ready items)."""
+    waiting_on: dict[str, list[int]]
+    """File name -> ids it still waits for (not completed), including broken ones."""
+    schedulable: list[int]
+    """Pending items that will run once what they wait on completes, in rank order."""
+    in_progress: list[int]
+    in_progress_set: frozenset[int]
+    estimate_ms: dict[int, int]
+    """Estimate of every schedulable and in-progress item, defaults applied."""
+    remaining_ms: dict[int, int]
+    """Longest estimate-weighted path from the item to the end, its own estimate included."""
+    unblocks_count: dict[int, int]
+    """How many schedulable items transitively wait on the item."""
+    rank: dict[int, tuple]
+    """Priority key of every schedulable item; smaller runs first."""
+    conflicts: dict[int, frozenset[int]]
+    """Pending or in-progress node -> the nodes it must not run beside."""
+    conflict_details: ConflictMap
+    cycles: list[list[int]]
+    """Strongly connected components of two or more items: each one holds at least one cycle."""
+    labels: dict[int, str]
+    """Id -> its spelling in the file name (``007``), for every id seen in a file name."""
+    position: dict[int, int] = field(default_factory=dict)
+    """Schedulable and in-progress items -> their index in one topological order (bit numbers)."""
+    descendants: dict[int, int] = field(default_factory=dict, repr=False)
+    """Schedulable and in-progress items -> bitset (by `position`) of the items waiting on them."""
+
+    def label(self, item_id: int) -> str:
+        """How results spell an id: as in its file name, else zero-padded to three digits."""
+        return self.labels.get(item_id) or format_id(item_id)
+
+
+def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = ()) -> QueueGraph:
+    """Validate the queue and compute readiness, ranks and conflicts. Never raises for bad input."""
+    items = sorted(items, key=lambda item: (item.id, item.file))
+    errors = [d for d in diagnostics if d.is_error]
+    warnings = [d for d in diagnostics if not d.is_error]
+
+    def error(kind: str, item: WorkItem, message: str, path: list[str] | None = None) -> None:
+        errors.append(Diagnostic(kind=kind, item=item.id_str, file=item.file, message=message, path=path))
+
+    files_by_id: dict[int, list[WorkItem]] = {}
+    labels: dict[int, str] = {}
+    for item in items:
+        files_by_id.setdefault(item.id, []).append(item)
+        labels.setdefault(item.id, item.id_str)
+    by_id = {item_id: same[0] for item_id, same in files_by_id.items() if len(same) == 1}
+    broken_ids: dict[int, str] = {}
+    """Ids that cannot be a node (duplicates, files with a bad name) -> their file, for messages."""
+    for item_id, same in files_by_id.items():
+        if len(same) > 1:
+            names = ", ".join(item.file for item in same)
+            for item in same:
+                error("duplicate_id", item, f"id {item.id_str} is used by {len(same)} files: {names}")
+            broken_ids[item_id] = same[0].file
+    for diagnostic in errors:
+        if diagnostic.item is not None and diagnostic.item.isdigit() and int(diagnostic.item) not in files_by_id:
+            broken_ids.setdefault(int(diagnostic.item), diagnostic.file or "")
+            labels.setdefault(int(diagnostic.item), diagnostic.item)
+
+    def label(item_id: int) -> str:
+        return labels.get(item_id) or format_id(item_id)
+
+
+    waits: dict[int, set[int]] = {item_id: set() for item_id in by_id}
+    waits_on_broken: dict[int, set[int]] = {}
+    for item in items:
+        if item.id not in by_id:
+            for target in item.blocks:
+                if target in by_id:
+                    waits_on_broken.setdefault(target, set()).add(item.id)
+            continue
+        for field_name, refs in (("blocked_by", item.blocked_by), ("blocks", item.blocks)):
+            for ref in refs:
+                if ref == item.id:
+                    error("self_reference", item, f"{field_name} refers to the item itself ({item.id_str})")
+                elif ref in by_id:
+                    if field_name == "blocked_by":
+                        waits[item.id].add(ref)
+                    else:
+                        waits[ref].add(item.id)
+                elif ref in broken_ids:
+                    if field_name == "blocked_by":
+                        waits_on_broken.setdefault(item.id, set()).add(ref)
+                else:
+                    error("dangling_ref", item, f"{field_name} refers to {format_id(ref)}, which does not exist")
+    waits_on = {item_id: sorted(preds) for item_id, preds in waits.items()}
+    unblocks: dict[int, list[int]] = {item_id: [] for item_id in by_id}
+    for item_id, preds in waits_on.items():
+        for pred in preds:
+            unblocks[pred].append(item_id)
+
+    reasons: dict[str, str] = {}
+    cycle_members: set[int] = set()
+    cycles = strongly_connected_components(list(by_id), waits_on)
+    for component in cycles:
+        path = cycle_path(component, waits_on)
+        shown = " -> ".join(label(node) for node in path)
+        error("cycle", by_id[path[0]], f"dependency cycle: {shown} (each item waits on the next)",
+              [label(node) for node in path])
+        on_path = set(path)
+        for node in component:
+            cycle_members.add(node)
+            reasons[by_id[node].file] = (f"in a dependency cycle: {shown}" if node in on_path
+                                         else f"in a group of items that wait on each other (see the cycle {shown})")
+
+    first_error: dict[str, str] = {}
+    for diagnostic in errors:
+        if diagnostic.file is not None and diagnostic.kind != "cycle":
+            first_error.setdefault(diagnostic.file, diagnostic.message)
+    for item in items:
+        if item.status != "pending":
+            reasons[item.file] = _STATUS_REASONS[item.status]
+        elif item.file in first_error and item.file not in reasons:
+            reasons[item.file] = f"has an error: {first_error[item.file]}"
+
+    causes: dict[int, str] = {}
+    for item_id, item in by_id.items():
+        if item.status != "completed" and (item.file in first_error or item_id in cycle_members):
+            causes[item_id] = "cycle" if item_id in cycle_members and item.file not in first_error else "error"
+    stuck = _spread_trouble(by_id, unblocks, causes, waits_on_broken)
+    for item_id in by_id:
+        if by_id[item_id].status in ("failed", "blocked") and item_id not in causes:
+            causes[item_id] = by_id[item_id].status
+    stuck.update(_spread_trouble(by_id, unblocks, causes, {}, skip=set(stuck)))
+
+    waiting_on: dict[str, list[int]] = {}
+    for item in items:
+        if item.id not in by_id:
+            continue
+        open_preds = [p for p in waits_on[item.id] if by_id[p].status != "completed"]
+        waiting_on[item.file] = sorted(open_preds + list(waits_on_broken.get(item.id, ())))
+        if item.file in reasons:
+            continue
+        if item.id in stuck:
+            via, root = stuck[item.id]
+            cause = _CAUSES[causes.get(root, "error")]
+            reasons[item.file] = (f"waits on {label(via)}, which {cause}" if via == root
+                                  else f"waits on {label(via)}, which cannot run: {label(root)} {cause}")
+        elif open_preds:
+            reasons[item.file] = "waits on " + ", ".join(label(p) for p in open_preds)
+
+    in_progress = [item_id for item_id, item in by_id.items() if item.status == "in_progress"]
+    schedulable = [item_id for item_id, item in by_id.items()
+                   if item.status == "pending" and item_id not in stuck and item.file not in first_error
+                   and item_id not in cycle_members]
+    for item_id in schedulable + in_progress:
+        item = by_id[item_id]
+        if not item.files and not item.components:
+            warnings.append(Diagnostic(
+                kind="no_files", item=item.id_str, file=item.file,
+                message="declares neither files nor components, so it is treated as independent of every other item"))
+
+    graph = QueueGraph(
+        items=items, by_id=by_id, waits_on=waits_on, unblocks=unblocks, errors=errors, warnings=warnings,
+        reasons=reasons, waiting_on=waiting_on, schedulable=schedulable, in_progress=in_progress,
+        in_progress_set=frozenset(in_progress),
+        estimate_ms={}, remaining_ms={}, unblocks_count={}, rank={}, conflicts={}, conflict_details={},
+        cycles=cycles, labels=labels,
+    )
+    _weigh(graph)
+    active = [item for item in items if item.id in by_id and item.status in ("pending", "in_progress")]
+    graph.conflict_details = find_conflicts(active)
+    neighbours: dict[int, set[int]] = {}
+    for first, second in graph.conflict_details:
+        neighbours.setdefault(first, set()).add(second)
+        neighbours.setdefault(second, set()).add(first)
+    graph.conflicts = {item_id: frozenset(others) for item_id, others in neighbours.items()}
+    graph.errors.sort(key=_diagnostic_order)
+    graph.warnings.sort(key=_diagnostic_order)
+    return graph
+
+
+def _diagnostic_order(diagnostic: Diagnostic) -> tuple:
+    return (diagnostic.file is None, diagnostic.file or "", diagnostic.kind, diagnostic.message)
+
+
+def _spread_trouble(by_id: dict[int, WorkItem], unblocks: dict[int, list[int]], causes: dict[int, str],
+                    waits_on_broken: dict[int, set[int]], skip: set[int] = frozenset()  # type: ignore[assignment]
+                    ) -> dict[int, tuple[int, int]]:
+    """Pending items behind a troubled item: item -> (the item it directly waits on, the root cause).
+
+    Breadth first from every cause in id order, so each item names its nearest trouble. Trouble
+    passes only through pending items: a completed item is done whatever its history.
+    """
+    stuck: dict[int, tuple[int, int]] = {}
+    queue: deque[tuple[int, int, int]] = deque()
+    for root in sorted(causes):
+        for successor in unblocks[root]:
+            queue.append((successor, root, root))
+    for item_id in sorted(waits_on_broken):
+        broken = min(waits_on_broken[item_id])
+        queue.append((item_id, broken, broken))
+    while queue:
+        node, via, root = queue.popleft()
+        if node in stuck or node in skip or node in causes or by_id[node].status != "pending":
+            continue
+        stuck[node] = (via, root)
+        for successor in unblocks[node]:
+            queue.append((successor, node, root))
+    return stuck
+
+
+def _weigh(graph: QueueGraph) -> None:
+    """Estimates, remaining critical path, transitive unblock counts and ranks of runnable items.
+
+    In-progress items count as started at time 0 and wait on nothing; what they wait on is moot.
+    """
+    active = graph.schedulable + graph.in_progress
+    pending_set = set(graph.schedulable)
+    graph.estimate_ms = {
+        item_id: round(1000 * (graph.by_id[item_id].estimate_s
+                               if graph.by_id[item_id].estimate_s is not None else DEFAULT_ESTIMATE_S))
+        for item_id in active
+    }
+    successors = {item_id: [s for s in graph.unblocks[item_id] if s in pending_set] for item_id in active}
+    order = topological_order(active, successors)
+    position = {item_id: index for index, item_id in enumerate(order)}
+    descendants: dict[int, int] = {}
+    remaining: dict[int, int] = {}
+    for item_id in reversed(order):
+        mask = 0
+        longest = 0
+        for successor in successors[item_id]:
+            mask |= descendants[successor] | (1 << position[successor])
+            longest = max(longest, remaining[successor])
+        descendants[item_id] = mask
+        remaining[item_id] = graph.estimate_ms[item_id] + longest
+    graph.remaining_ms = remaining
+    graph.position = position
+    graph.descendants = descendants
+    graph.unblocks_count = {item_id: mask.bit_count() for item_id, mask in descendants.items()}
+    graph.rank = {
+        item_id: (-remaining[item_id], -graph.unblocks_count[item_id],
+                  PRIORITY_ORDER[graph.by_id[item_id].priority], len(graph.waits_on[item_id]), item_id)
+        for item_id in graph.schedulable
+    }
+    graph.schedulable.sort(key=graph.rank.__getitem__)
+
+
+def topological_order(nodes: Iterable[int], successors: Mapping[int, Sequence[int]]) -> list[int]:
+    """Kahn's algorithm, smallest id first among the available; `successors` must be acyclic."""
+    nodes = list(nodes)
+    indegree = dict.fromkeys(nodes, 0)
+    for node in nodes:
+        for successor in successors[node]:
+            indegree[successor] += 1
+    available = [node for node in nodes if indegree[node] == 0]
+    heapq.heapify(available)
+    order = []
+    while available:
+        node = heapq.heappop(available)
+        order.append(node)
+        for successor in successors[node]:
+            indegree[successor] -= 1
+            if indegree[successor] == 0:
+                heapq.heappush(available, successor)
+    if len(order) != len(nodes):
+        raise InternalError("topological_order was given a graph with a cycle")
+    return order
+
+
+def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequence[int]]) -> list[list[int]]:
+    """Tarjan's algorithm with an explicit stack: components of two or more nodes, each sorted.
+
+    No recursion, so a 10,000-deep chain needs no raised recursion limit.
+    """
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    on_stack: set[int] = set()
+    stack: list[int] = []
+    components: list[list[int]] = []
+    counter = 0
+    for root in nodes:
+        if root in index:
+            continue
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        work = [(root, iter(edges[root]))]
+        while work:
+            node, successors = work[-1]
+            descended = False
+            for successor in successors:
+                if successor not in index:
+                    index[successor] = low[successor] = counter
+                    counter += 1
+                    stack.append(successor)
+                    on_stack.add(successor)
+                    work.append((successor, iter(edges[successor])))
+                    descended = True
+                    break
+                if successor in on_stack and index[successor] < low[node]:
+                    low[node] = index[successor]
+            if descended:
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                if low[node] < low[parent]:
+                    low[parent] = low[node]
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    components.append(sorted(component))
+    components.sort()
+    return components
+
+
+def cycle_path(component: Sequence[int], edges: Mapping[int, Sequence[int]]) -> list[int]:
+    """A shortest closed path through the smallest id of a strongly connected component.
+
+    Returns ``[start, ..., start]``; each step follows an edge of `edges` inside the component.
+    """
+    members = set(component)
+    start = min(component)
+    parent: dict[int, int] = {}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for successor in edges[node]:
+            if successor == start:
+                path = [start]
+                while node != start:
+                    path.append(node)
+                    node = parent[node]
+                path.append(start)
+                path[1:-1] = reversed(path[1:-1])
+                return path
+            if successor in members and successor not in parent:
+                parent[successor] = node
+                queue.append(successor)
+    raise InternalError(f"no cycle through {start} in a strongly connected component")
+
+
+# --- scheduling ----------------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Hands out the next items to start; the simulation and the live run engine both drive it.
+
+    Create it when the run starts, call `start_next(free_slots)` whenever slots are free and
+    `finished(item_id, ok)` when an item ends. It never starts an item before everything it waits
+    on has completed, nor beside a running item it conflicts with, and it starts the best-ranked
+    candidates first. Items in progress when it is created count as running.
+
+    `only` restricts the run to those ids and the pending items they need; `rank` replaces the
+    priority key (benchmarks use it to compare rules).
+    """
+
+    def __init__(self, graph: QueueGraph, *, only: Iterable[int] | None = None,
+                 rank: Mapping[int, object] | None = None, running: Iterable[int] = ()) -> None:
+        self._graph = graph
+        members = set(graph.schedulable)
+        if only is not None:
+            members = _needed(set(only), graph.waits_on) & members
+        self._members = members
+        key = rank.__getitem__ if rank is not None else graph.rank.__getitem__
+        self._order = sorted(members, key=key)
+        self._position = {item_id: index for index, item_id in enumerate(self._order)}
+        self.running: set[int] = set(graph.in_progress) | set(running)
+        self.done: set[int] = set()
+        self.failed: set[int] = set()
+        self.skipped: dict[int, int] = {}
+        """Item -> the failed item it (transitively) waits on."""
+        self._missing = {
+            item_id: sum(1 for pred in graph.waits_on[item_id] if pred in members or pred in self.running)
+            for item_id in members
+        }
+        self._ready = [self._position[item_id] for item_id, missing in self._missing.items() if missing == 0]
+        heapq.heapify(self._ready)
+
+    def ready(self) -> list[int]:
+        """Items that could start now if nothing conflicted, best first."""
+        return [self._order[position] for position in sorted(self._ready)]
+
+    def start_next(self, free_slots: int) -> list[int]:
+        """Start up to `free_slots` ready items that conflict with nothing running; best first."""
+        started: list[int] = []
+        deferred: list[int] = []
+        conflicts = self._graph.conflicts
+        while len(started) < free_slots and self._ready:
+            position = heapq.heappop(self._ready)
+            item_id = self._order[position]
+            if not conflicts.get(item_id, frozenset()).isdisjoint(self.running):
+                deferred.append(position)
+                continue
+            self.running.add(item_id)
+            started.append(item_id)
+        for position in deferred:
+            heapq.heappush(self._ready, position)
+        return started
+
+    def finished(self, item_id: int, ok: bool) -> list[int]:
+        """Record that an item ended; on failure return the items now skipped because of it."""
+        self.running.discard(item_id)
+        if ok:
+            self.done.add(item_id)
+            for successor in self._graph.unblocks.get(item_id, ()):
+                if successor in self._members and successor not in self.skipped:
+                    self._missing[successor] -= 1
+                    if self._missing[successor] == 0:
+                        heapq.heappush(self._ready, self._position[successor])
+            return []
+        self.failed.add(item_id)
+        newly: list[int] = []
+        queue = deque(self._graph.unblocks.get(item_id, ()))
+        while queue:
+            node = queue.popleft()
+            if node not in self._members or node in self.skipped or node in self.done or node in self.running:
+                continue
+            self.skipped[node] = item_id
+            newly.append(node)
+            queue.extend(self._graph.unblocks[node])
+        if newly:
+            skipped_positions = {self._position[node] for node in newly}
+            self._ready = [p for p in self._ready if p not in skipped_positions]
+            heapq.heapify(self._ready)
+        return newly
+
+    def not_started(self) -> list[int]:
+        """Members neither started nor skipped yet, in rank order."""
+        return [item_id for item_id in self._order
+                if item_id not in self.done and item_id not in self.running
+                and item_id not in self.skipped and item_id not in self.failed]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing ready: the run is over (or stuck on conflicts with nothing)."""
+        return not self.running and not self._ready
+
+
+def _needed(targets: set[int], waits_on: Mapping[int, Sequence[int]]) -> set[int]:
+    """`targets` and everything they wait on, transitively."""
+    needed = set()
+    queue = deque(target for target in targets if target in waits_on)
+    while queue:
+        node = queue.popleft()
+        if node in needed:
+            continue
+        needed.add(node)
+        queue.extend(waits_on[node])
+    return needed
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A predicted run: when each item starts and ends (ms), and the batches started together.
+
+    Each wave is what one free-slot event starts; two waves can share a start time only when
+    zero-length items end at the instant they start.
+    """
+
+    start_ms: dict[int, int]
+    end_ms: dict[int, int]
+    waves: list[list[int]]
+    wave_start_ms: list[int]
+    makespan_ms: int
+
+
+def simulate(graph: QueueGraph, max_parallel: int, *, rank: Mapping[int, object] | None = None) -> Schedule:
+    """List scheduling driven by estimates: whenever a slot frees, start the best ready items.
+
+    In-progress items are taken to run from time 0 for their whole estimate.
+    """
+    scheduler = Scheduler(graph, rank=rank)
+    start: dict[int, int] = {}
+    end: dict[int, int] = {}
+    events: list[tuple[int, int]] = []
+    for item_id in graph.in_progress:
+        start[item_id] = 0
+        end[item_id] = graph.estimate_ms[item_id]
+        heapq.heappush(events, (end[item_id], item_id))
+    waves: list[list[int]] = []
+    wave_start: list[int] = []
+
+    def launch(now: int) -> None:
+        started = scheduler.start_next(max_parallel - len(scheduler.running))
+        if not started:
+            return
+        waves.append(started)
+        wave_start.append(now)
+        for item_id in started:
+            start[item_id] = now
+            end[item_id] = now + graph.estimate_ms[item_id]
+            heapq.heappush(events, (end[item_id], item_id))
+
+    launch(0)
+    now = 0
+    while events:
+        now = events[0][0]
+        while events and events[0][0] == now:
+            scheduler.finished(heapq.heappop(events)[1], ok=True)
+        launch(now)
+    if scheduler.not_started():
+        raise InternalError(f"the simulation left items unstarted: {scheduler.not_started()[:10]}")
+    return Schedule(start, end, waves, wave_start, max(end.values(), default=0))
+
+
+# --- bounds and patterns ----------------------------------------------------------------------------------
+
+
+def lower_bound_ms(graph: QueueGraph, max_parallel: int) -> float:
+    """``max(critical path, total work / slots, longest serial set)``: no schedule can beat it.
+
+    The serial set is a greedy clique of items that pairwise conflict or wait on one another
+    (with at most one in-progress item, since those already overlap): they can only run one after
+    another. Slots are `max_parallel`, or more if more items are already in progress.
+    """
+    active = graph.schedulable + graph.in_progress
+    if not active:
+        return 0.0
+    estimate = graph.estimate_ms
+    critical = max(graph.remaining_ms.values())
+    work = sum(estimate[item_id] for item_id in active) / max(max_parallel, len(graph.in_progress))
+    return max(critical, work, _serial_bound(graph, active))
+
+
+_SERIAL_SEEDS = 16
+
+
+def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
+    """Sum of estimates of the heaviest greedy clique of mutually serial items (see lower_bound_ms).
+
+    Bitsets over `graph.position`: an item is serial with everything it waits on, everything that
+    waits on it and everything it conflicts with. Seeds: the critical path and the items with the
+    heaviest conflicts; each clique grows by estimate, heaviest first.
+    """
+    position, estimate = graph.position, graph.estimate_ms
+    by_position = sorted(position, key=position.__getitem__)
+    ancestors: dict[int, int] = {}
+    for item_id in by_position:
+        mask = 0
+        if item_id not in graph.in_progress_set:
+            for pred in graph.waits_on[item_id]:
+                if pred in position:
+                    mask |= ancestors[pred] | (1 << position[pred])
+        ancestors[item_id] = mask
+    running_mask = sum(1 << position[item_id] for item_id in graph.in_progress)
+    serial: dict[int, int] = {}
+    for item_id in active:
+        mask = ancestors[item_id] | graph.descendants[item_id]
+        for other in graph.conflicts.get(item_id, ()):
+            if other in position:
+                mask |= 1 << position[other]
+        serial[item_id] = mask
+    heaviest = sorted(active, key=lambda item_id: (-estimate[item_id], item_id))
+    with_conflicts = [item_id for item_id in active if graph.conflicts.get(item_id)]
+    with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
+        estimate.get(other, 0) for other in graph.conflicts[item_id])), item_id))
+    seeds = [critical_path(graph)] + [[item_id] for item_id in with_conflicts[:_SERIAL_SEEDS]]
+    best = 0
+    for seed in seeds:
+        allowed = -1
+        members = 0
+        for member in seed:
+            allowed &= serial[member]
+            members |= 1 << position[member]
+        if members & running_mask:
+            allowed &= ~running_mask
+        total = sum(estimate[member] for member in seed)
+        allowed &= ~members
+        for candidate in heaviest:
+            if not allowed:
+                break
+            bit = 1 << position[candidate]
+            if allowed & bit:
+                members |= bit
+                total += estimate[candidate]
+                allowed &= serial[candidate] & ~members
+                if bit & running_mask:
+                    allowed &= ~running_mask
+        best = max(best, total)
+    return best
+
+
+def critical_path(graph: QueueGraph) -> list[int]:
+    """The chain of runnable items with the longest total estimate, from its first item on."""
+    remaining = graph.remaining_ms
+    if not remaining:
+        return []
+    pending = set(graph.schedulable)
+    node = min(remaining, key=lambda item_id: (-remaining[item_id], item_id))
+    path = [node]
+    while True:
+        successors = [s for s in graph.unblocks[node] if s in pending]
+        if not successors:
+            return path
+        node = min(successors, key=lambda item_id: (-remaining[item_id], item_id))
+        path.append(node)
+
+
+def find_patterns(graph: QueueGraph) -> Patterns:
+    """Fork-join groups (a fork whose only-child branches meet at one join) and pipelines
+    (maximal chains where each item waits on exactly the one before, which unblocks only it)."""
+    waits_on, unblocks = graph.waits_on, graph.unblocks
+    fork_joins: list[ForkJoin] = []
+    for fork in sorted(unblocks):
+        if len(unblocks[fork]) < 2:
+            continue
+        joins: dict[int, list[int]] = {}
+        for branch in unblocks[fork]:
+            if waits_on[branch] == [fork]:
+                for join in unblocks[branch]:
+                    joins.setdefault(join, []).append(branch)
+        for join, branches in sorted(joins.items()):
+            if len(branches) >= 2:
+                fork_joins.append(ForkJoin(fork=graph.label(fork), branches=[graph.label(b) for b in branches],
+                                           join=graph.label(join)))
+    in_cycle = {node for component in graph.cycles for node in component}
+    link = {node: unblocks[node][0] for node in unblocks
+            if len(unblocks[node]) == 1 and len(waits_on[unblocks[node][0]]) == 1 and node not in in_cycle}
+    linked_to = set(link.values())
+    pipelines = []
+    for head in sorted(link):
+        if head in linked_to:
+            continue
+        chain = [head]
+        while chain[-1] in link:
+            chain.append(link[chain[-1]])
+        pipelines.append([graph.label(node) for node in chain])
+    return Patterns(fork_join=fork_joins, pipelines=pipelines)
+
+
+# --- Mermaid ---------------------------------------------------------------------------------------------
+
+_MERMAID_CLASSES = (
+    "classDef pending fill:#f3f4f6,stroke:#6b7280,color:#111827",
+    "classDef in_progress fill:#dbeafe,stroke:#2563eb,color:#1e3a8a",
+    "classDef completed fill:#dcfce7,stroke:#16a34a,color:#14532d",
+    "classDef blocked fill:#fef3c7,stroke:#d97706,color:#78350f",
+    "classDef failed fill:#fee2e2,stroke:#dc2626,color:#7f1d1d",
+    "classDef error fill:#fee2e2,stroke:#dc2626,stroke-width:3px,stroke-dasharray:5 3,color:#7f1d1d",
+)
+
+
+def _mermaid_label(text: str) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= 60 else text[:57] + "..."
+    for char, entity in (("&", "#amp;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
+        text = text.replace(char, entity)
+    return text
+
+
+def to_mermaid(graph: QueueGraph) -> str:
+    """A flowchart: arrows from an item to what waits on it, dashed links between conflicting
+    items, nodes coloured by status (items with an error get the `error` class)."""
+    error_files = {d.file for d in graph.errors if d.file}
+    in_cycle = {node for component in graph.cycles for node in component}
+    lines = ["flowchart LR", *("    " + line for line in _MERMAID_CLASSES)]
+    for item_id, item in graph.by_id.items():
+        css = "error" if item.file in error_files or item_id in in_cycle else item.status
+        label = _mermaid_label(f"{item.id_str}: {item.title}")
+        lines.append(f'    n{item.id_str}["{label}"]:::{css}')
+    for item_id, successors in graph.unblocks.items():
+        for successor in successors:
+            lines.append(f"    n{graph.by_id[item_id].id_str} --> n{graph.by_id[successor].id_str}")
+    for first, second in sorted(graph.conflict_details):
+        lines.append(f"    n{graph.by_id[first].id_str} -.- n{graph.by_id[second].id_str}")
+    return "\n".join(lines) + "\n"
+
+
+# --- the plan ------------------------------------------------------------------------------------------
+
+
+def make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max_parallel: int,
+              running: int = 0) -> QueuePlan:
+    """The `queue_plan` result for these items.
+
+    `running` counts slots already taken by work that is not an in-progress item of this queue
+    (in-progress items take their slots themselves); it shrinks `run_now` only: `waves` plan the
+    whole `max_parallel` budget from now on.
+    """
+    if max_parallel < 1:
+        raise UsageError(f"max_parallel must be at least 1, not {max_parallel}")
+    if running < 0:
+        raise UsageError(f"running must not be negative, not {running}")
+    graph = build_graph(items, diagnostics)
+    schedule = simulate(graph, max_parallel)
+    free_now = max(0, max_parallel - running - len(graph.in_progress))
+    run_now = schedule.waves[0][:free_now] if schedule.waves and schedule.wave_start_ms[0] == 0 else []
+    labels = graph.labels
+    # Built as plain data and validated in one call: per-row model construction costs more than
+    # the whole warm re-plan budget at 10,000 items.
+    return QueuePlan.model_validate({
+        "items": [_plan_item(graph, item) for item in graph.items],
+        "run_now": [labels[item_id] for item_id in run_now],
+        "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
+        "critical_path": [labels[item_id] for item_id in critical_path(graph)],
+        "conflicts": [{"a": labels[a], "b": labels[b], "files": sorted(files), "components": sorted(components)}
+                      for (a, b), (files, components) in sorted(graph.conflict_details.items())],
+        "patterns": find_patterns(graph),
+        "errors": graph.errors,
+        "warnings": graph.warnings,
+        "max_parallel": max_parallel,
+        "predicted_makespan": schedule.makespan_ms / 1000,
+        "lower_bound": lower_bound_ms(graph, max_parallel) / 1000,
+        "mermaid": to_mermaid(graph),
+    })
+
+
+def _plan_item(graph: QueueGraph, item: WorkItem) -> dict:
+    """One `PlanItem` as plain data."""
+    labels = graph.labels
+    node = item.id in graph.by_id
+    blocked_by = graph.waits_on[item.id] if node else item.blocked_by
+    blocks = graph.unblocks[item.id] if node else item.blocks
+    reason = graph.reasons.get(item.file)
+    return {
+        "id": item.id_str, "file": item.file, "title": item.title, "status": item.status,
+        "blocked_by": [labels.get(i) or format_id(i) for i in blocked_by],
+        "blocks": [labels.get(i) or format_id(i) for i in blocks],
+        "files": item.files, "components": item.components, "priority": item.priority,
+        "estimate": item.estimate_s, "ready": item.status == "pending" and reason is None,
+        "waiting_on": [labels[i] for i in graph.waiting_on.get(item.file, ())],
+        "reason": reason,
+    }

@@ -1,0 +1,225 @@
+"""run_queue, launch_task(item=...) and update_item with real commands."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from conftest import call, call_error
+from queue_helpers import statuses, write_config, write_item
+
+pytestmark = pytest.mark.anyio
+
+
+async def run_to_end(client, **args) -> dict:
+    run = await call(client, "run_queue", **args)
+    out = await call(client, "task_output", task_id=run["run_id"], timeout=30)
+    assert out["retrieval_status"] == "success", out
+    return out
+
+
+def by_item(report: dict) -> dict[str, dict]:
+    return {o["item"]: o for o in report["run"]["outcomes"]}
+
+
+def fork_join(root: Path, *, middle: str = "echo b") -> None:
+    """001 -> (002, 003) -> 004; 002's command is ``middle``."""
+    write_item(root, 1, "start", command="echo a", files=["a"])
+    write_item(root, 2, "left", command=middle, blocked_by=[1], files=["b"])
+    write_item(root, 3, "right", command="sleep 0.3; echo c", blocked_by=[1], files=["c"])
+    write_item(root, 4, "join", command="echo d", blocked_by=[2, 3], files=["d"])
+
+
+async def test_successful_run_completes_everything_and_reports(client, workspace):
+    fork_join(workspace)
+    out = await run_to_end(client, level="L2")
+    assert out["status"] == "completed" and out["exit_code"] == 0
+    assert statuses(workspace) == {"001": "completed", "002": "completed", "003": "completed", "004": "completed"}
+    report = out["run"]
+    assert report["state"] == "finished" and report["counts"] == {"running": 0, "completed": 4}
+    assert report["makespan"] > 0.3 and report["lower_bound"] > 0
+    assert "run " + out["task_id"] + " finished: 4 completed" in out["output"]
+
+
+@pytest.mark.parametrize("level", ["L1", "L2"])
+async def test_l1_l2_stop_on_first_failure_and_let_running_items_finish(client, workspace, level):
+    fork_join(workspace, middle="echo broken >&2; exit 4")
+    out = await run_to_end(client, level=level, continue_on_error=True)
+    report = by_item(out)
+    assert out["status"] == "failed"
+    assert report["002"]["outcome"] == "failed" and report["002"]["exit_code"] == 4
+    assert report["002"]["last_lines"] == ["broken"]
+    assert report["003"]["outcome"] == "completed"  # was running: left to finish
+    assert report["004"]["outcome"] == "skipped" and report["004"]["waited_on"] == "002"
+    assert out["run"]["stop_reason"] == f"item 002 failed and level {level} stops on the first failure; running items were left to finish"
+    assert statuses(workspace) == {"001": "completed", "002": "failed", "003": "completed", "004": "pending"}
+
+
+async def test_l2_failure_leaves_independent_items_not_started(client, workspace):
+    write_item(workspace, 1, "fails", command="exit 1", files=["a"], priority="critical")
+    write_item(workspace, 2, "later", command="sleep 0.2", files=["a"])
+    out = await run_to_end(client, level="L2", max_parallel=1)
+    report = by_item(out)
+    assert report["002"]["outcome"] == "not_started"
+    assert report["002"]["reason"].startswith("item 001 failed and level L2 stops on the first failure")
+    assert statuses(workspace)["002"] == "pending"
+
+
+async def test_l3_continue_on_error_skips_only_dependents(client, workspace):
+    fork_join(workspace, middle="exit 2")
+    write_item(workspace, 5, "independent", command="echo free", files=["e"])
+    out = await run_to_end(client, level="L3", continue_on_error=True)
+    report = by_item(out)
+    assert [report[i]["outcome"] for i in ("001", "002", "003", "004", "005")] == [
+        "completed", "failed", "completed", "skipped", "completed"]
+    assert out["run"]["stop_reason"] is None
+    assert statuses(workspace)["004"] == "pending"
+
+
+async def test_l3_without_continue_on_error_stops(client, workspace):
+    fork_join(workspace, middle="exit 2")
+    out = await run_to_end(client, level="L3", continue_on_error=False)
+    assert out["run"]["stop_reason"] == "item 002 failed and continue_on_error is off; running items were left to finish"
+
+
+async def test_item_timeout_fails_the_item(client, workspace):
+    write_item(workspace, 1, "slow", command="sleep 30", timeout="1s", files=["a"])
+    started = time.monotonic()
+    out = await run_to_end(client, level="L3", continue_on_error=True)
+    assert time.monotonic() - started < 10
+    assert by_item(out)["001"]["outcome"] == "failed" and by_item(out)["001"]["reason"] == "killed after its timeout of 1 s"
+    assert statuses(workspace)["001"] == "failed"
+
+
+async def test_killed_item_fails(client, workspace):
+    write_item(workspace, 1, "killed", command="kill -9 $$", files=["a"])
+    out = await run_to_end(client, level="L3", continue_on_error=True)
+    assert by_item(out)["001"]["outcome"] == "failed" and by_item(out)["001"]["reason"] == "killed by SIGKILL"
+
+
+async def test_cancel_a_run_stops_running_items(client, workspace):
+    write_item(workspace, 1, "long", command="sleep 30", files=["a"])
+    write_item(workspace, 2, "after", command="echo never", blocked_by=[1], files=["b"])
+    run = await call(client, "run_queue")
+    await anyio.sleep(0.3)
+    res = await call(client, "cancel_task", task_id=run["run_id"])
+    assert res["tasks"][0]["status"] == "cancelled"
+    assert statuses(workspace) == {"001": "failed", "002": "pending"}
+
+
+async def test_slots_are_refilled_as_soon_as_one_frees(client, workspace):
+    """max_parallel 2: a short item ending starts the next at once, not after the long one (no waves)."""
+    write_item(workspace, 1, "long", command="sleep 1.2", files=["a"], estimate="2m")
+    write_item(workspace, 2, "short", command="sleep 0.2", files=["b"], estimate="1m")
+    write_item(workspace, 3, "next", command="sleep 0.2", files=["c"], estimate="1m")
+    out = await run_to_end(client, max_parallel=2)
+    assert out["run"]["makespan"] < 1.6  # wave by wave would take 1.2 + 0.2
+
+
+async def test_conflicting_items_never_overlap(client, workspace):
+    log = workspace / "overlap.log"
+    cmd = f"echo start >> {log}; sleep 0.2; echo end >> {log}"
+    write_item(workspace, 1, "one", command=cmd, files=["src/app.py"])
+    write_item(workspace, 2, "two", command=cmd, files=["src/*.py"])
+    out = await run_to_end(client, max_parallel=5)
+    assert out["status"] == "completed"
+    assert log.read_text().split() == ["start", "end", "start", "end"]
+
+
+async def test_pipeline_items_get_upstream_logs_and_ids(client, workspace):
+    write_item(workspace, 1, "produce", command="echo artefact-42", files=["a"])
+    write_item(workspace, 2, "consume", command='echo "$AGENT_UPSTREAM_ITEMS"; cat "$AGENT_UPSTREAM_LOGS"',
+               blocked_by=[1], files=["b"])
+    out = await run_to_end(client)
+    consumer = await call(client, "task_output", task_id=by_item(out)["002"]["task_id"])
+    assert consumer["output"] == "001\nartefact-42\n"
+
+
+async def test_run_only_selected_items_and_what_they_need(client, workspace):
+    fork_join(workspace)
+    out = await run_to_end(client, items=["002"])
+    assert statuses(workspace) == {"001": "completed", "002": "completed", "003": "pending", "004": "pending"}
+    assert sorted(by_item(out)) == ["001", "002"]
+
+
+async def test_runner_gets_item_on_stdin_and_fields_only_in_env(client, workspace):
+    """An injection attempt through title and body stays inert: fields never reach a shell line."""
+    runner = workspace / "runner.sh"
+    runner.write_text('#!/bin/sh\necho "id=$AGENT_ITEM_ID title=$AGENT_ITEM_TITLE"\ncat\n')
+    runner.chmod(0o755)
+    write_config(workspace, runner={"command": [str(runner)]})
+    evil = '"; touch pwned; " $(touch pwned2) `touch pwned3`'
+    write_item(workspace, 1, "evil", title=evil, body=f"do it {evil}\n", files=["x"])
+    out = await run_to_end(client)
+    item_task = await call(client, "task_output", task_id=by_item(out)["001"]["task_id"])
+    assert item_task["status"] == "completed"
+    assert item_task["output"].startswith(f"id=001 title={evil}\n---\nfiles:\n- x\n---\n# {evil}")
+    assert not any((workspace / name).exists() for name in ("pwned", "pwned2", "pwned3"))
+
+
+async def test_item_deleted_mid_run_is_reported(client, workspace):
+    write_item(workspace, 1, "vanish", command=f"sleep 0.3", files=["a"])
+    run = await call(client, "run_queue")
+    await anyio.sleep(0.1)
+    (workspace / ".agent/queue/001-in_progress-vanish.md").unlink()
+    out = await call(client, "task_output", task_id=run["run_id"])
+    notes = by_item(out)["001"]["notes"]
+    assert notes[0] == "the item file was deleted or renamed while it ran"
+    assert notes[1].startswith("its status could not be recorded in the queue: no queue item has id 001")
+
+
+async def test_item_edited_mid_run_is_reported(client, workspace):
+    path = write_item(workspace, 1, "edited", command="sleep 0.3", files=["a"])
+    run = await call(client, "run_queue")
+    await anyio.sleep(0.1)
+    (path.parent / "001-in_progress-edited.md").write_text("# changed\n")
+    out = await call(client, "task_output", task_id=run["run_id"])
+    assert by_item(out)["001"]["notes"] == ["the item file was edited while it ran (the run used the version it started with)"]
+    assert statuses(workspace)["001"] == "completed"
+
+
+async def test_launch_task_item_runs_one_ready_item(client, workspace):
+    write_item(workspace, 1, "first", command="echo one", files=["a"])
+    write_item(workspace, 2, "second", command="echo two", blocked_by=[1], files=["b"])
+    text = await call_error(client, "launch_task", item="002")
+    assert text == "Error executing tool launch_task: item 002 is not ready: waits on 001"
+    out = await call(client, "launch_task", item="1", run_in_background=False)
+    assert (out["item_id"], out["output"], out["status"]) == ("001", "one\n", "completed")
+    assert statuses(workspace) == {"001": "completed", "002": "pending"}
+    text = await call_error(client, "launch_task", item="001")
+    assert text == "Error executing tool launch_task: item 001 is completed; only pending items can be launched"
+
+
+async def test_update_item_transitions_and_exclusive_claim(client, workspace):
+    write_item(workspace, 7, "manual", files=["a"])
+    moved = await call(client, "update_item", item="007", status="in_progress")
+    assert moved == {"item": "007", "previous_status": "pending", "status": "in_progress",
+                     "file": "007-in_progress-manual.md",
+                     "message": "item 007 moved from pending to in_progress (007-in_progress-manual.md)"}
+    text = await call_error(client, "update_item", item="7", status="in_progress")
+    assert text == "Error executing tool update_item: item 007 is already claimed by an agent (update_item)"
+    await call(client, "update_item", item="#7", status="blocked", reason="needs the API first")
+    text = await call_error(client, "update_item", item="007", status="completed")
+    assert text == "Error executing tool update_item: item 007 is blocked; it can move to pending, not completed"
+    assert statuses(workspace) == {"007": "blocked"}
+
+
+async def test_queue_errors_are_clear(client, workspace):
+    write_item(workspace, 1, "a", command="true")
+    assert await call_error(client, "update_item", item="abc", status="completed") == (
+        "Error executing tool update_item: item 'abc' is not an item id; give the number from the file name, e.g. \"007\"")
+    assert await call_error(client, "run_queue", items=["009"]) == (
+        "Error executing tool run_queue: no queue item has id 009; call queue_plan to see the items")
+    assert await call_error(client, "launch_task", item="001", cwd="sub") == (
+        "Error executing tool launch_task: `cwd`, `env`, `after` and `timeout_s` apply to commands only; an item runs "
+        "in the workspace root with its own `timeout` and waits on its `blocked_by` items")
+
+
+async def test_max_parallel_is_clamped_with_a_warning(client, workspace):
+    write_item(workspace, 1, "a", command="true", files=["a"])
+    run = await call(client, "run_queue", max_parallel=500)
+    assert run["max_parallel"] == 64 and run["warnings"] == ["max_parallel 500 is outside 1..64; using 64"]
+    await call(client, "task_output", task_id=run["run_id"])
