@@ -45,6 +45,7 @@ async def test_console_script_2025_era(workspace):
             assert out.structured_content["output"] == "legacy\n"
 
 
+@pytest.mark.fault('the client closes stdin: tasks are stopped, the record says interrupted')
 async def test_closing_stdin_stops_tasks_and_the_server(workspace):
     pids = workspace / "pids"
     async with Client(params(workspace)) as client:
@@ -60,6 +61,7 @@ async def test_closing_stdin_stops_tasks_and_the_server(workspace):
     assert record["status"] == "interrupted"
 
 
+@pytest.mark.fault('SIGTERM to the server: its tasks are stopped and it exits within 2 s')
 def test_sigterm_stops_tasks_within_two_seconds(workspace):
     pids = workspace / "pids"
     server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
@@ -127,6 +129,7 @@ def _wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+@pytest.mark.fault('the server is SIGKILLed mid-task: no orphan processes, the task shows as interrupted with its output after a restart')
 def test_server_killed_with_sigkill_leaves_no_orphans_and_restart_shows_interrupted(workspace):
     pids = workspace / "pids"
     server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
@@ -158,3 +161,24 @@ def test_server_killed_with_sigkill_leaves_no_orphans_and_restart_shows_interrup
             assert out["reason"] == "the server stopped while this task was live"
 
     anyio.run(restarted)
+
+
+@pytest.mark.fault('20 concurrent claims of one item from two server processes: exactly one winner')
+async def test_twenty_claims_from_two_server_processes_have_one_winner(workspace):
+    from queue_helpers import statuses, write_item
+
+    write_item(workspace, 1, "contested", files=["a"])
+    outcomes: list[str] = []
+
+    async def claim(client: Client) -> None:
+        result = await client.call_tool("update_item", {"item": "001", "status": "in_progress"})
+        outcomes.append("error: " + result.content[0].text if result.is_error else "won")
+
+    async with Client(params(workspace)) as first, Client(params(workspace)) as second:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(claim, first if i % 2 else second)
+    assert outcomes.count("won") == 1
+    assert set(outcomes) - {"won"} == {
+        "error: Error executing tool update_item: item 001 is already claimed by an agent (update_item)"}
+    assert statuses(workspace) == {"001": "in_progress"}

@@ -115,6 +115,7 @@ async def test_cancel_queued_task_in_pipeline(client):
     await call(client, "cancel_task", task_id=first)
 
 
+@pytest.mark.fault('a task outliving its timeout: the whole tree is killed, status timed_out')
 async def test_timeout_kills_the_whole_tree(client, workspace):
     pids = workspace / "pids"
     cmd = f"sleep 60 & echo $! >> {pids}; sh -c 'trap \"\" TERM; echo $$ >> {pids}; sleep 60' ; sleep 60"
@@ -124,6 +125,7 @@ async def test_timeout_kills_the_whole_tree(client, workspace):
     assert len(read_pids(pids)) == 2 and all_dead(read_pids(pids))
 
 
+@pytest.mark.fault('a child ignoring SIGTERM and a background grandchild: cancel_task kills both')
 async def test_cancel_kills_child_ignoring_term_and_background_grandchild(client, workspace):
     pids = workspace / "pids"
     script = f"import os,signal,time,subprocess; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
@@ -180,6 +182,7 @@ async def test_tail_lines_and_filter(client):
     assert out["output"] == "98\n99\n"
 
 
+@pytest.mark.fault('invalid UTF-8 in output: replaced, never a crash')
 async def test_invalid_utf8_and_binary_output_never_break_a_response(client):
     tid = await launch(client, r"printf 'ok \377\376 done\n'; head -c 200000 /dev/urandom")
     out = await call(client, "task_output", task_id=tid, cursor=0, max_bytes=20)
@@ -247,3 +250,13 @@ async def test_log_cap_keeps_head_and_tail_and_reports_dropped(workspace):
 async def test_run_data_is_gitignored(client, workspace):
     await call(client, "task_output", task_id=await launch(client, "true"))
     assert (workspace / ".agent/runs/.gitignore").read_text() == "*\n"
+
+
+async def test_parallel_execution_prompt_lists_and_renders(client):
+    prompts = (await client.list_prompts()).prompts
+    assert [p.name for p in prompts] == ["parallel-execution"]
+    rendered = await client.get_prompt("parallel-execution")
+    text = rendered.messages[0].content.text
+    for phrase in ("Independence check", "Fork-join", 'wait="all"', "after=[", "queue_plan()", "run_queue",
+                   "update_item", "L1/L2", "continue_on_error"):
+        assert phrase in text

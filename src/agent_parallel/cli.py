@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -41,30 +42,191 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="HTTP only: port (default 8765)")
     serve.add_argument("--wait-cap", type=float, default=None, metavar="SECONDS",
                        help="longest a blocking task_output may wait (default 50)")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="HTTP only: allow --host to be a non-loopback address; requires a bearer token in "
+                            f"${TOKEN_ENV} (clients send 'Authorization: Bearer TOKEN')")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                       help="with --allow-remote: another Host header value clients use (repeatable)")
     serve.set_defaults(func=_serve)
+
+    plan = sub.add_parser("plan", help="show the queue's plan: what can run now, in what order")
+    plan.add_argument("--root", type=Path, default=Path("."), help="workspace root (default: the working directory)")
+    plan.add_argument("--format", choices=["table", "json", "mermaid", "dot"], default="table")
+    plan.add_argument("--queue-dir", default=None, help="queue directory inside the root (default .agent/queue)")
+    plan.add_argument("--max-parallel", type=int, default=None)
+    plan.set_defaults(func=_plan)
+
+    run = sub.add_parser("run", help="run the queue with live progress; exit code 1 if an item failed")
+    run.add_argument("--root", type=Path, default=Path("."), help="workspace root (default: the working directory)")
+    run.add_argument("--level", choices=["L1", "L2", "L3"], default=None, help="autonomy level (default from config)")
+    run.add_argument("--max-parallel", type=int, default=None)
+    run.add_argument("--continue-on-error", action=argparse.BooleanOptionalAction, default=None,
+                     help="L3 only: keep going past failures")
+    run.add_argument("--items", nargs="+", default=None, metavar="ID", help="only these items and what they need")
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="copy the example queue to a temporary workspace, plan it and run it")
+    demo.add_argument("--root", type=Path, default=Path("."), help="where the example .agent/ is (default: here)")
+    demo.set_defaults(func=_demo)
+
+    status = sub.add_parser("status", help="list recent tasks and runs of the workspace")
+    status.add_argument("--root", type=Path, default=Path("."), help="workspace root (default: the working directory)")
+    status.add_argument("--limit", type=int, default=20)
+    status.set_defaults(func=_status)
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .plan_view import plan_table, plan_workspace, to_dot
+    from .queue import QueueReader
+
+    plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader())
+    if args.format == "json":
+        print(plan.model_dump_json(indent=2))
+    elif args.format == "mermaid":
+        print(plan.mermaid, end="")
+    elif args.format == "dot":
+        print(to_dot(plan), end="")
+    else:
+        Console().print(plan_table(plan))
+    return 1 if plan.errors else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from .config import load_config
+    from .paths import runs_dir
+    from .queue import QueueReader
+    from .queue_runner import QueueContext, QueueRun, start_run
+    from .run_view import progress_view, report_view
+    from .runner.records import TaskStatus
+    from .runner.registry import open_registry
+    from .server import ServerSettings
+
+    root = args.root.resolve()
+    config, config_warnings = load_config(root)
+    console = Console(stderr=False)
+    for warning in config_warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+    async def main() -> TaskStatus:
+        settings = ServerSettings.from_config(config).registry_settings()
+        async with open_registry(root, runs_dir(root), settings) as registry:
+            ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
+            task, warnings = await start_run(ctx, max_parallel=args.max_parallel, level=args.level,
+                                             continue_on_error=args.continue_on_error, items=args.items)
+            for warning in warnings:
+                console.print(f"[yellow]warning:[/] {warning}")
+            run = task.handle
+            assert isinstance(run, QueueRun)
+            async with anyio.create_task_group() as tg:
+                async def cancel_on_interrupt() -> None:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for _ in signals:
+                            console.print("[red]interrupted: stopping the run[/]")
+                            await registry.cancel(task)
+                            return
+
+                tg.start_soon(cancel_on_interrupt)
+                with Live(progress_view(run.progress()), console=console, refresh_per_second=4, transient=True) as live:
+                    while not task.done.is_set():
+                        with anyio.move_on_after(0.25):  # also ticks the elapsed times
+                            await run.changed.wait()
+                        live.update(progress_view(run.progress()))
+                tg.cancel_scope.cancel()
+            console.print(report_view(run.progress()))
+            return task.record.status
+
+    status = anyio.run(main)
+    return 0 if status == "completed" else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from .paths import AGENT_DIR, CONFIG_FILE, QUEUE_DIR
+
+    source = args.root.resolve()
+    if not (source / QUEUE_DIR).is_dir():
+        raise AgentParallelError(f"no example queue at {source / QUEUE_DIR}; run the demo from the agent-parallel "
+                                 "repository, or pass --root with a workspace that has .agent/queue/")
+    workspace = Path(tempfile.mkdtemp(prefix="agent-parallel-demo-"))
+    shutil.copytree(source / QUEUE_DIR, workspace / QUEUE_DIR)
+    if (source / CONFIG_FILE).is_file():
+        shutil.copy(source / CONFIG_FILE, workspace / CONFIG_FILE)
+    print(f"demo workspace: {workspace} (a copy of {source / AGENT_DIR})\n")
+    _plan(argparse.Namespace(root=workspace, queue_dir=None, max_parallel=None, format="table"))
+    code = _run(argparse.Namespace(root=workspace, level=None, max_parallel=None, continue_on_error=None, items=None))
+    print(f"\nthe queue files now carry their final status: ls {workspace / QUEUE_DIR}")
+    return code
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .paths import RUNS_DIR
+    from .run_view import status_view
+    from .runner.records import load_records
+
+    records = sorted(load_records(args.root.resolve() / RUNS_DIR), key=lambda r: r.created_at, reverse=True)
+    Console().print(status_view(records[: args.limit]))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import ServerSettings, build_server
 
-    settings = ServerSettings()
+    settings = None
     if args.wait_cap is not None:
+        from .config import load_config
+
+        settings = ServerSettings.from_config(load_config(args.root.resolve())[0])
         settings.wait_cap_s = args.wait_cap
-    if args.transport == "http" and args.host not in ("127.0.0.1", "localhost", "::1"):
-        raise AgentParallelError(
-            f"refusing to serve HTTP on {args.host}: only loopback addresses are allowed in this version "
-            "(use --host 127.0.0.1 and an SSH tunnel or a reverse proxy)")
-    server = build_server(args.root, settings, handle_signals=True)
+    security, token, public_url = None, None, None
+    if args.transport == "http":
+        security, token, public_url = _http_security(args)
+    server = build_server(args.root, settings, handle_signals=True, bearer_token=token, public_url=public_url)
 
     async def run() -> None:
         if args.transport == "stdio":
             await server.run_stdio_async()
         else:
-            await server.run_streamable_http_async(host=args.host, port=args.port, streamable_http_path="/mcp")
+            await server.run_streamable_http_async(host=args.host, port=args.port, streamable_http_path="/mcp",
+                                                   transport_security=security)
 
     anyio.run(run)
     return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_ENV = "AGENT_PARALLEL_TOKEN"
+
+
+def _http_security(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Loopback: the SDK's automatic Host/Origin checks. Elsewhere: explicit opt-in, a token, our hosts only."""
+    import os
+
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    if args.host in LOOPBACK:
+        return None, os.environ.get(TOKEN_ENV) or None, f"http://{args.host}:{args.port}"
+    if not args.allow_remote:
+        raise AgentParallelError(
+            f"refusing to serve HTTP on {args.host}: only loopback addresses are served by default; pass "
+            f"--allow-remote (and set a bearer token in ${TOKEN_ENV}) to accept connections from other machines")
+    token = os.environ.get(TOKEN_ENV, "")
+    if len(token) < 16:
+        raise AgentParallelError(
+            f"refusing to serve HTTP on {args.host} without a bearer token: set ${TOKEN_ENV} to a secret of at "
+            "least 16 characters (e.g. `export AGENT_PARALLEL_TOKEN=$(openssl rand -hex 24)`)")
+    hosts = [f"{args.host}:{args.port}", *args.allowed_host]
+    security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=[])
+    return security, token, f"http://{hosts[0]}"
 
 
 if __name__ == "__main__":

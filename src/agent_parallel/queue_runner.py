@@ -22,8 +22,8 @@ from pathlib import Path
 
 import anyio
 
-from .claims import ClaimLost, move_item
-from .config import Config
+from .claims import ClaimLost, move_item, parse_item_id
+from .config import MAX_PARALLEL_RANGE, Config
 from .errors import QueueError
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .queue import QueueReader, WorkItem, format_id
@@ -172,6 +172,36 @@ class _Slot:
     task: Task
 
 
+async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level: str | None = None,
+                    continue_on_error: bool | None = None, items: list[str] | None = None) -> tuple[Task, list[str]]:
+    """Start a queue run in the registry; arguments left None come from the config.
+
+    Returns the run's task (its ``handle`` is the ``QueueRun``) and warnings for the caller.
+    """
+    config = ctx.config
+    warnings: list[str] = []
+    parallel = config.max_parallel if max_parallel is None else max_parallel
+    low, high = MAX_PARALLEL_RANGE
+    if not low <= parallel <= high:
+        warnings.append(f"max_parallel {parallel} is outside {low}..{high}; using {min(max(parallel, low), high)}")
+        parallel = min(max(parallel, low), high)
+    chosen_level = level or config.level
+    coe = config.continue_on_error if continue_on_error is None else continue_on_error
+    if coe and chosen_level != "L3":
+        warnings.append(f"continue_on_error applies at L3 only; level {chosen_level} stops at the first failure")
+    only = [parse_item_id(i) for i in items] if items is not None else None
+    if only is not None:
+        graph = await anyio.to_thread.run_sync(ctx.graph)
+        missing = [format_id(i) for i in only if i not in graph.by_id]
+        if missing:
+            raise QueueError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
+    options = RunOptions(level=chosen_level, continue_on_error=coe, max_parallel=parallel, only=only)
+    command = f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else "")
+    task = await ctx.registry.launch(command=command, cwd=ctx.root, description="queue run", kind="run",
+                                     executor=QueueRunExecutor(ctx, options))
+    return task, warnings
+
+
 class QueueRunExecutor:
     """Starts a ``QueueRun`` where the registry expects a process: the run is the task's body."""
 
@@ -179,7 +209,8 @@ class QueueRunExecutor:
         self.ctx, self.options = ctx, options
 
     async def start(self, spec: LaunchSpec, log: LogWriter) -> QueueRun:
-        return QueueRun(self.ctx, self.options, spec.task_id, log)
+        graph = await anyio.to_thread.run_sync(lambda: self.ctx.graph(only=self.options.only))
+        return QueueRun(self.ctx, self.options, spec.task_id, log, graph)
 
     def close(self) -> None:
         pass
@@ -191,10 +222,10 @@ class QueueRun:
     pid = None
     start_time = None
 
-    def __init__(self, ctx: QueueContext, options: RunOptions, run_id: str, log: LogWriter) -> None:
+    def __init__(self, ctx: QueueContext, options: RunOptions, run_id: str, log: LogWriter, graph: QueueGraph) -> None:
         self.ctx, self.options, self.run_id, self.log = ctx, options, run_id, log
         self.by = f"run {run_id}"
-        self.graph = ctx.graph(only=options.only)
+        self.graph = graph
         self.scheduler = Scheduler(self.graph)
         self.members = self.scheduler.not_started()  # the pending items this run considers, best first
         self.predicted = simulate(self.graph, options.max_parallel).makespan_ms / 1000

@@ -8,6 +8,7 @@ its message; nothing here touches a process or a file directly.
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import math
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Annotated, Literal, ParamSpec, TypeVar
 
 import anyio
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ToolAnnotations
@@ -29,16 +32,17 @@ from . import __version__
 from .errors import AgentParallelError, UnknownTask, UsageError
 from .paths import resolve_inside, runs_dir
 from .claims import find_item, move_item, parse_item_id
-from .config import MAX_PARALLEL_RANGE, Config, load_config
+from .config import Config, load_config
 from .plan_view import plan_workspace
 from .planner import QueuePlan
+from .prompt import PARALLEL_EXECUTION
 from .queue import QueueReader, format_id
-from .queue_runner import QueueContext, QueueRun, QueueRunExecutor, RunOptions, check_ready, launch_item
+from .queue_runner import QueueContext, QueueRun, check_ready, launch_item, start_run
 from .results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult, TaskSummary,
                       TaskView, iso)
 from .runner.admission import admission_check
-from .runner.executor import Executor, LocalExecutor
-from .runner.registry import RegistrySettings, Task, TaskRegistry, wait_any
+from .runner.executor import Executor
+from .runner.registry import RegistrySettings, Task, TaskRegistry, open_registry, wait_any
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,15 @@ class ServerSettings:
     min_free_memory: int = 0  # bytes; 0: never hold a start for memory
     max_load: float | None = None  # None: never hold a start for load
 
+    def registry_settings(self) -> RegistrySettings:
+        return RegistrySettings(log_cap_bytes=self.log_cap_bytes, kill_grace_s=self.kill_grace_s,
+                                max_running=self.max_running,
+                                admission=admission_check(self.min_free_memory, self.max_load))
+
     @classmethod
     def from_config(cls, config: Config) -> ServerSettings:
         return cls(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes,
-                   min_free_memory=config.min_free_memory, max_load=config.effective_max_load())
+                   min_free_memory=config.min_free_memory, max_load=config.max_load)
 
 
 @dataclass
@@ -107,12 +116,27 @@ def _ws(ctx: Context) -> Workspace:
     return ctx.request_context.lifespan_context
 
 
+class StaticTokenVerifier:
+    """Accepts exactly one bearer token (compared in constant time): for ``serve --allow-remote``."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if hmac.compare_digest(token.encode(), self._token):
+            return AccessToken(token=token, client_id="agent-parallel-client", scopes=[])
+        return None
+
+
 def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
-                 executor: Executor | None = None, *, handle_signals: bool = False) -> MCPServer:
+                 executor: Executor | None = None, *, handle_signals: bool = False,
+                 bearer_token: str | None = None, public_url: str | None = None) -> MCPServer:
     """Create the MCP server for the workspace at ``root``.
 
     ``handle_signals`` (for the real process, not tests): on SIGTERM, SIGINT or SIGHUP stop every
     task (TERM, grace, KILL) and exit at once, since the stdio reader cannot be interrupted.
+    ``bearer_token`` (HTTP only) makes every request carry ``Authorization: Bearer TOKEN``;
+    ``public_url`` is the URL clients reach the server at (used in the SDK's auth metadata).
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -127,29 +151,30 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
-        runner = executor or LocalExecutor(guard=True)
-        async with anyio.create_task_group() as tg:
-            registry = TaskRegistry(
-                root, runs_dir(root), runner, tg,
-                RegistrySettings(log_cap_bytes=settings.log_cap_bytes, kill_grace_s=settings.kill_grace_s,
-                                 max_running=settings.max_running,
-                                 admission=admission_check(settings.min_free_memory, settings.max_load)),
-            )
-            if handle_signals:
-                tg.start_soon(_exit_on_signal, registry)
-            try:
+        async with open_registry(root, runs_dir(root), settings.registry_settings(), executor) as registry:
+            async with anyio.create_task_group() as tg:
+                if handle_signals:
+                    tg.start_soon(_exit_on_signal, registry)
                 yield Workspace(root, settings, registry, reader)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await registry.shutdown(grace=0.5)
-                runner.close()
                 tg.cancel_scope.cancel()
 
+    auth: dict = {}
+    if bearer_token is not None:
+        url = public_url or "http://127.0.0.1"
+        auth = {"token_verifier": StaticTokenVerifier(bearer_token),
+                "auth": AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp", validate_token_resource=False)}
     server = MCPServer("agent-parallel", title="agent-parallel", version=__version__,
-                       instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+                       instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING", **auth)
     _register_task_tools(server)
     _register_task_resources(server)
     _register_queue_tools(server, root, reader)
+
+    @server.prompt(name="parallel-execution", title="Parallel execution")
+    def parallel_execution() -> str:
+        """How to run independent work in parallel with these tools: independence checks, fork-join,
+        pipelines, the work queue and autonomy levels."""
+        return PARALLEL_EXECUTION
+
     return server
 
 
@@ -300,6 +325,7 @@ def _register_task_tools(server: MCPServer) -> None:
         ctx: Context,
         status: Annotated[list[str] | None, Field(description="only tasks in these states, e.g. ['running']")] = None,
         limit: Annotated[int, Field(description="at most this many, newest first (1 to 1000)")] = 50,
+        offset: Annotated[int, Field(description="skip this many (the next page: offset + limit)")] = 0,
     ) -> TaskList:
         """List recent background tasks, newest first, with status, exit code, duration and last output line.
 
@@ -315,13 +341,15 @@ def _register_task_tools(server: MCPServer) -> None:
             raise UsageError(f"unknown status {sorted(wanted - known)}; use some of: {', '.join(sorted(known))}")
         if not 1 <= limit <= 1000:
             raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
+        if offset < 0:
+            raise UsageError(f"offset must be >= 0 (got {offset})")
         everything = ws.registry.list(wanted or None, limit=10**9)
         return TaskList(total=len(everything), tasks=[
             TaskSummary(task_id=t.record.task_id, status=t.record.status, description=t.record.description,
                         command=t.record.command, exit_code=t.record.exit_code, signal=t.record.signal,
                         created_at=iso(t.record.created_at), duration_s=t.record.duration_s,
                         last_line=ws.registry.last_line(t))
-            for t in everything[:limit]])
+            for t in everything[offset:offset + limit]])
 
 
 def _register_task_resources(server: MCPServer) -> None:
@@ -442,34 +470,14 @@ def _register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) ->
         the makespan achieved beside the plan's lower bound). Stop it with cancel_task(run_id).
         """
         ws = _ws(ctx)
-        queue = ws.queue()
-        warnings: list[str] = []
-        config = queue.config
-        parallel = config.max_parallel if max_parallel is None else max_parallel
-        low, high = MAX_PARALLEL_RANGE
-        if not low <= parallel <= high:
-            warnings.append(f"max_parallel {parallel} is outside {low}..{high}; using {min(max(parallel, low), high)}")
-            parallel = min(max(parallel, low), high)
-        chosen_level = level or config.level
-        coe = config.continue_on_error if continue_on_error is None else continue_on_error
-        if coe and chosen_level != "L3":
-            warnings.append(f"continue_on_error applies at L3 only; level {chosen_level} stops at the first failure")
-        only = [parse_item_id(i) for i in items] if items is not None else None
-        graph = await anyio.to_thread.run_sync(queue.graph)
-        if only is not None:
-            missing = [format_id(i) for i in only if i not in graph.by_id]
-            if missing:
-                raise UsageError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
-        options = RunOptions(level=chosen_level, continue_on_error=coe, max_parallel=parallel, only=only)
-        task = await ws.registry.launch(
-            command=f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else ""),
-            cwd=ws.root, description="queue run", kind="run", executor=QueueRunExecutor(queue, options))
+        task, warnings = await start_run(ws.queue(), max_parallel=max_parallel, level=level,
+                                         continue_on_error=continue_on_error, items=items)
         run = task.handle
         assert isinstance(run, QueueRun)
         planned = [format_id(i) for i in run.members]
         return RunStarted(
-            run_id=task.record.task_id, status=task.record.status, level=chosen_level, continue_on_error=coe,
-            max_parallel=parallel, items=planned, predicted_makespan=run.predicted, lower_bound=run.lower_bound,
+            run_id=task.record.task_id, status=task.record.status, level=run.options.level,
+            continue_on_error=run.options.continue_on_error, max_parallel=run.options.max_parallel, items=planned, predicted_makespan=run.predicted, lower_bound=run.lower_bound,
             warnings=warnings,
             message=(f"run {task.record.task_id} started with {len(planned)} item(s) to consider; "
                      f"follow it with task_output(task_id=\"{task.record.task_id}\")") if planned else

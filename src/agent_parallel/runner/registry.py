@@ -13,7 +13,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class RegistrySettings:
     admission: Callable[[], str | None] | None = None
     """Asked before each process starts: None to go ahead, or why to hold the start (low memory, high load)."""
     admission_retry_s: float = 0.5
+    max_records: int = 10_000
+    """Finished tasks kept (records and logs); the oldest beyond this are removed."""
 
 
 @dataclass
@@ -49,7 +52,6 @@ class Task:
     cancel_requested: bool = False
     waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
     on_finish: Callable[[Task], None] | None = None  # runs before waiters wake (e.g. moves a queue item)
-    held: str | None = None  # why the start is being held, while it is
 
     @property
     def output_bytes(self) -> int:
@@ -58,9 +60,10 @@ class Task:
 
 class TaskRegistry:
     def __init__(self, root: Path, runs_dir: Path, executor: Executor, tg: TaskGroup,
-                 settings: RegistrySettings | None = None) -> None:
+                 settings: RegistrySettings | None = None, *, new_id: Callable[[], str] = new_task_id) -> None:
         self.root, self.runs_dir, self.executor, self._tg = root, runs_dir, executor, tg
         self.settings = settings or RegistrySettings()
+        self._new_task_id = new_id
         self._tasks: dict[str, Task] = {}
         self._closing = False
         self._load_history()
@@ -126,9 +129,14 @@ class TaskRegistry:
         record = TaskRecord(task_id=self._new_id(), kind=kind, command=shown, description=description,
                             cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
                             after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file)
+        try:
+            save_record(record, self.runs_dir)
+        except OSError as exc:
+            raise ResourceLimitError(f"cannot write the task record in {self.runs_dir}: {exc.strerror or exc}; "
+                                     "free some disk space (or fix the directory's permissions) and launch again") from exc
         task = Task(record, on_finish=on_finish)
         self._tasks[record.task_id] = task
-        save_record(record, self.runs_dir)
+        self._prune()
         spec = LaunchSpec(task_id=record.task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
                           stdin_path=stdin_path)
         await self._tg.start(self._supervise, task, spec, predecessors, executor or self.executor)
@@ -174,14 +182,25 @@ class TaskRegistry:
 
     # ----------------------------------------------------------------- internals
     def _new_id(self) -> str:
-        while (task_id := new_task_id()) in self._tasks:
+        while (task_id := self._new_task_id()) in self._tasks:
             pass
         return task_id
+
+    def _prune(self) -> None:
+        """Forget the oldest finished tasks beyond ``max_records`` (their records and logs too)."""
+        excess = len(self._tasks) - self.settings.max_records
+        if excess <= 0:
+            return
+        oldest = [task_id for task_id, t in self._tasks.items() if t.record.status.is_done][:excess]  # insertion = age
+        for task_id in oldest:
+            del self._tasks[task_id]
+            for path in self.runs_dir.glob(f"{task_id}.*"):
+                path.unlink(missing_ok=True)
 
     def _load_history(self) -> None:
         """Bring back earlier tasks; those that were live when their server died are interrupted,
         and whatever is left of their processes (provably theirs) is killed."""
-        for record in load_records(self.runs_dir):
+        for record in sorted(load_records(self.runs_dir), key=lambda r: r.created_at):
             if not record.status.is_done:
                 if record.pid is not None and kill_stale_group(record.pid, record.pid_start):
                     log.warning("killed leftover processes of task %s from an earlier server", record.task_id)
@@ -194,6 +213,7 @@ class TaskRegistry:
             task = Task(record)
             task.done.set()
             self._tasks[record.task_id] = task
+        self._prune()
 
     def _wake_queued(self, task: Task) -> None:
         if task.waker is not None:
@@ -269,14 +289,12 @@ class TaskRegistry:
         check = self.settings.admission
         if check is None or not (why := check()):
             return True
-        if task.log is not None:
-            task.log.write(f"agent-parallel: start held: {why}\n".encode())
         with anyio.CancelScope() as task.waker:
             while why and not task.cancel_requested:
-                task.held = why
+                task.record.reason = f"start held: {why}"  # shown by task_output while queued
                 await anyio.sleep(self.settings.admission_retry_s)
                 why = check()
-        task.held = None
+        task.record.reason = None
         return not task.cancel_requested
 
     def _finish(self, task: Task, status: TaskStatus, *, reason: str | None) -> None:
@@ -299,6 +317,26 @@ class TaskRegistry:
             save_record(rec, self.runs_dir, durable=True)
         except OSError as exc:
             log.error("could not save the record of task %s: %s", rec.task_id, exc)
+
+
+@asynccontextmanager
+async def open_registry(root: Path, runs_dir: Path, settings: RegistrySettings,
+                        executor: Executor | None = None) -> AsyncIterator[TaskRegistry]:
+    """A registry with its task group and executor; on exit every task is stopped (TERM, grace, KILL)."""
+    from .executor import LocalExecutor
+
+    runner = executor or LocalExecutor(guard=True)
+    try:
+        async with anyio.create_task_group() as tg:
+            registry = TaskRegistry(root, runs_dir, runner, tg, settings)
+            try:
+                yield registry
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await registry.shutdown(grace=0.5)
+                tg.cancel_scope.cancel()
+    finally:
+        runner.close()
 
 
 async def wait_any(events: list[anyio.Event]) -> None:

@@ -1,0 +1,51 @@
+"""The ``parallel-execution`` prompt: the seed skill, rewritten for these tools and for a model."""
+
+from __future__ import annotations
+
+PARALLEL_EXECUTION = """\
+# Parallel execution with agent-parallel
+
+Use these tools whenever work takes more than a few seconds or can be split into independent parts.
+
+## Independence check (before running anything in parallel)
+Two pieces of work may run at the same time only if:
+- neither needs the other's result (no data dependency, neither is in the other's `blocked_by`);
+- they do not modify the same files or components;
+- nothing requires them to happen in order.
+If unsure, run them one after the other.
+
+## Background tasks
+- `launch_task(command=..., description=...)` answers at once with a `task_id`; keep working.
+- `task_output(task_id=..., block=false)` peeks at status and recent output without waiting.
+- `task_output(task_id=...)` waits for the end (up to the server's wait cap). A
+  `retrieval_status: "timeout"` is not a failure: call it again to keep waiting.
+- Read long output in pages with `cursor=0` then `next_cursor`, or narrow it with `tail_lines` / `filter`.
+- `cancel_task(task_id=...)` stops a task and everything it started.
+
+## Fork-join
+1. Launch every independent part: one `launch_task` each.
+2. Wait for all of them: `task_output(task_ids=[...], wait="all")` (or `wait="any"` to act on the first).
+3. Aggregate: check each task's `status` and `exit_code`, read failures' output, then continue.
+
+## Pipeline
+Item A produces output, item B consumes it: `launch_task(command=B, after=[A's task_id])`. B starts
+only if A completed; otherwise B ends as `skipped`. B finds A's log through `AGENT_UPSTREAM_LOGS`.
+
+## The work queue (`.agent/queue/NNN-STATUS-slug.md`)
+1. `queue_plan()` first: fix every entry in `errors` (cycles, missing ids, duplicates); read
+   `run_now`, `waves`, `conflicts` and `critical_path`.
+2. Either `run_queue(level=...)` and follow it with `task_output(task_id=run_id)`, or carry items out
+   yourself: `update_item(item, "in_progress")` to claim (if the claim is refused, someone else has
+   it: take another `run_now` item), do the work, then `update_item(item, "completed")`,
+   `"failed"`, or `"blocked"` with a `reason` when a dependency problem stops you.
+3. `launch_task(item="007")` runs one ready item's command in the background.
+
+Prioritise items on the critical path and items that unblock the most others; leave items with
+the most blockers for last. Never run more than `max_parallel` at once.
+
+## Autonomy levels and failures
+- L1/L2: stop at the first failure: start nothing new, let running work finish, report what
+  failed and what was not started, and ask the user how to proceed.
+- L3 with `continue_on_error`: keep going; skip only work that depends on a failure; report every
+  failure together at the end.
+"""

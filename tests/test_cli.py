@@ -1,0 +1,65 @@
+"""The `agent-parallel` command: plan formats, run's live display and exit codes, status, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from queue_helpers import statuses, write_item
+
+SCRIPT = Path(sys.executable).parent / "agent-parallel"
+TOP = Path(__file__).parent.parent
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd or TOP)})
+
+
+def test_plan_json_is_the_tool_output(workspace):
+    write_item(workspace, 1, "a", command="true", files=["a"])
+    write_item(workspace, 2, "b", command="true", blocked_by=[1], files=["b"])
+    result = cli("plan", "--root", str(workspace), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["run_now"] == ["001"] and plan["waves"] == [["001"], ["002"]]
+
+
+def test_plan_table_mermaid_and_dot(workspace):
+    write_item(workspace, 1, "a", command="true", files=["a"])
+    table = cli("plan", "--root", str(workspace))
+    assert table.returncode == 0 and "run now: 001" in table.stdout
+    assert cli("plan", "--root", str(workspace), "--format", "mermaid").stdout.startswith("flowchart LR\n")
+    assert cli("plan", "--root", str(workspace), "--format", "dot").stdout.startswith("digraph queue {")
+
+
+def test_plan_with_errors_exits_1_and_outside_queue_dir_exits_2(workspace):
+    write_item(workspace, 1, "a", command="true", blocked_by=[9])
+    assert cli("plan", "--root", str(workspace)).returncode == 1
+    outside = cli("plan", "--root", str(workspace), "--queue-dir", "../..")
+    assert outside.returncode == 2
+    assert "queue_dir '../..' resolves outside the workspace root" in outside.stderr
+
+
+def test_run_exit_codes_and_summary(workspace):
+    write_item(workspace, 1, "good", command="echo fine", files=["a"])
+    ok = cli("run", "--root", str(workspace))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "completed" in ok.stdout and "makespan" in ok.stdout
+    write_item(workspace, 2, "bad", command="echo oops; exit 3", files=["b"])
+    bad = cli("run", "--root", str(workspace), "--level", "L3", "--continue-on-error")
+    assert bad.returncode == 1
+    assert "failed" in bad.stdout and "exit 3" in bad.stdout and "| oops" in bad.stdout
+    assert statuses(workspace) == {"001": "completed", "002": "failed"}
+    listed = cli("status", "--root", str(workspace))
+    assert listed.returncode == 0 and "item 002: bad" in listed.stdout and "run" in listed.stdout
+
+
+def test_demo_runs_a_copy_of_the_example_queue():
+    before = sorted(p.name for p in (TOP / ".agent/queue").iterdir())
+    result = cli("demo", cwd=TOP, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fork-join" in result.stdout and "pipeline" in result.stdout and "makespan" in result.stdout
+    assert sorted(p.name for p in (TOP / ".agent/queue").iterdir()) == before  # the example itself is untouched

@@ -1,0 +1,288 @@
+"""The fault suite: each test provokes one fault or attack for real and checks nothing is lost,
+nothing is left behind and nothing is reached that should not be. The list, with results, is
+written to docs/reliability.md by conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+
+from agent_parallel.runner.executor import LaunchSpec, LocalExecutor
+from agent_parallel.runner.logs import LogWriter
+from agent_parallel.runner.registry import RegistrySettings, open_registry
+from conftest import call, call_error
+from queue_helpers import write_item
+
+SCRIPT = Path(sys.executable).parent / "agent-parallel"
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def server_pid(root: Path) -> int:
+    out = subprocess.run(["pgrep", "-f", f"serve --root {root}$"], capture_output=True, text=True).stdout.split()
+    return int(out[0])
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("a task prints 1 GB, with and without newlines: no blocked pipe, server memory stays flat")
+@pytest.mark.parametrize("stream", ["yes | head -c 1000000000", "head -c 1000000000 /dev/zero"])
+async def test_gigabyte_flood_keeps_server_memory_flat(workspace, stream):
+    async with Client(StdioServerParameters(command=str(SCRIPT), args=["serve", "--root", str(workspace)])) as c:
+        pid = server_pid(workspace)
+        before = vm_hwm_kib(pid)
+        tid = (await call(c, "launch_task", command=stream))["task_id"]
+        out = await call(c, "task_output", task_id=tid, timeout=50, max_bytes=100)
+        assert out["status"] == "completed" and out["output_bytes"] == 1_000_000_000
+        grew = vm_hwm_kib(pid) - before
+        assert grew < 30_000, f"server peak RSS grew by {grew} KiB"
+        kept = sum(p.stat().st_size for p in (workspace / ".agent/runs").glob(f"{tid}*.log"))
+        assert kept <= 64 * 2**20 and out["dropped_bytes"] == 1_000_000_000 - kept
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("disk full (ENOSPC) while writing a task's log: the task fails visibly, the server stays up")
+async def test_log_write_enospc_fails_the_task_visibly(workspace, tmp_path):
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    ids = iter(["fulldisk0001", "healthy00001"])
+    os.symlink("/dev/full", runs / "fulldisk0001.log")
+    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+        registry._new_task_id = lambda: next(ids)  # choose the id whose log is /dev/full
+        task = await registry.launch(command="yes", cwd=workspace)
+        with anyio.fail_after(10):
+            await task.done.wait()
+        assert task.record.status == "failed"
+        assert task.record.reason == "could not write the task's log: No space left on device"
+        healthy = await registry.launch(command="echo fine", cwd=workspace)
+        await healthy.done.wait()
+        assert healthy.record.status == "completed"
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("disk full or unwritable run directory when a task's record is written: a clear error, nothing started")
+async def test_record_write_failure_is_a_clear_error(workspace):
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    async with open_registry(workspace, runs, RegistrySettings()) as registry:
+        registry._new_task_id = lambda: "fullrecord01"
+        os.symlink("/dev/full", runs / ".fullrecord01.json.tmp")
+        from agent_parallel.errors import ResourceLimitError
+
+        with pytest.raises(ResourceLimitError, match=r"^cannot write the task record in .*: No space left on device; "
+                                                     r"free some disk space"):
+            await registry.launch(command="touch started", cwd=workspace)
+        assert not (workspace / "started").exists() and registry.list() == []
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("binary output (random bytes): the task ends, output is returned with U+FFFD, no hang")
+async def test_binary_output(client):
+    tid = (await call(client, "launch_task", command="head -c 3000000 /dev/urandom"))["task_id"]
+    out = await call(client, "task_output", task_id=tid, max_bytes=65536)
+    assert out["status"] == "completed" and out["output_bytes"] == 3_000_000 and "\ufffd" in out["output"]
+    json.dumps(out)  # serialisable as the wire needs it
+
+
+WORKER = """
+import json, os, random, sys
+from pathlib import Path
+from agent_parallel.claims import ClaimLost, move_item
+queue_dir, runs, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+ids = list(range(1, 1001)); random.Random(me).shuffle(ids)
+won = []
+for i in ids:
+    if not (queue_dir / f"{i:04d}-pending-item.md").exists():
+        continue  # like an agent that lists the queue first
+    try:
+        move_item(queue_dir, runs, i, "in_progress", by=me, expect="pending")
+        won.append(i)
+    except ClaimLost:
+        pass
+print(json.dumps(won))
+"""
+
+
+@pytest.mark.fault("50 processes race to claim 1,000 items: every item claimed exactly once, no file overwritten")
+def test_fifty_claimers_over_a_thousand_items(workspace):
+    queue_dir, runs = workspace / ".agent/queue", workspace / ".agent/runs"
+    queue_dir.mkdir(parents=True)
+    runs.mkdir(parents=True)
+    for i in range(1, 1001):
+        (queue_dir / f"{i:04d}-pending-item.md").write_text(f"item {i}")
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(queue_dir), str(runs), f"w{w}"],
+                              stdout=subprocess.PIPE, text=True) for w in range(50)]
+    won = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    claimed = sorted(i for w in won for i in w)
+    assert claimed == list(range(1, 1001))
+    files = sorted(queue_dir.iterdir())
+    assert len(files) == 1000 and all("-in_progress-" in f.name for f in files)
+    assert all(f.read_text() == f"item {int(f.name[:4])}" for f in files)
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("1,000 concurrent blocking task_output calls: launch_task still answers fast; cancelled waiters leave nothing behind")
+async def test_thousand_blocking_waiters_do_not_stall_other_calls(client):
+    sleeper = (await call(client, "launch_task", command="sleep 60"))["task_id"]
+    baseline = len(asyncio.all_tasks())
+    with anyio.CancelScope() as waiters_scope:
+        async with anyio.create_task_group() as tg:
+            for _ in range(1000):
+                tg.start_soon(client.call_tool, "task_output", {"task_id": sleeper, "timeout": 45})
+            await anyio.sleep(1.0)
+            started = time.monotonic()
+            quick = await call(client, "launch_task", command="echo quick", run_in_background=False)
+            elapsed = time.monotonic() - started
+            assert quick["output"] == "quick\n"
+            assert elapsed < 0.5, f"launch_task took {elapsed * 1000:.0f} ms beside 1,000 waiters"
+            waiters_scope.cancel()  # the client cancels its 1,000 requests
+    with anyio.fail_after(10):
+        while len(asyncio.all_tasks()) > baseline + 5:
+            await anyio.sleep(0.05)
+    await call(client, "cancel_task", task_id=sleeper)
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("10,000 finished tasks in the registry: list_tasks stays fast and paginated")
+async def test_ten_thousand_finished_tasks(workspace):
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    from agent_parallel.runner.records import TaskRecord, TaskStatus, save_record
+
+    now = time.time()
+    for i in range(10_000):
+        save_record(TaskRecord(task_id=f"old{i:09d}", command="true", cwd=str(workspace), status=TaskStatus.COMPLETED,
+                               created_at=now - 10_000 + i, started_at=now - 10_000 + i, ended_at=now - 10_000 + i,
+                               exit_code=0), runs)
+    from agent_parallel.server import ServerSettings, build_server
+
+    async with Client(build_server(workspace, ServerSettings())) as c:
+        started = time.monotonic()
+        listed = await call(c, "list_tasks", limit=50)
+        assert time.monotonic() - started < 1.0
+        assert listed["total"] == 10_000 and len(listed["tasks"]) == 50
+        assert listed["tasks"][0]["task_id"] == "old000009999"
+        page = await call(c, "list_tasks", limit=50, offset=50)
+        assert page["tasks"][0]["task_id"] == "old000009949"
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("path escapes through every argument (cwd, queue_dir, item ids, resources): refused")
+async def test_path_escapes_are_refused(client, workspace, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "queue").mkdir()
+    os.symlink(outside, workspace / "link-out")
+    for cwd in ("/", "../..", "link-out", "/etc"):
+        assert "resolves outside the workspace root" in await call_error(client, "launch_task", command="true", cwd=cwd)
+    for queue_dir in ("../outside/queue", str(outside / "queue"), "link-out/queue", "/"):
+        assert "resolves outside the workspace root" in await call_error(client, "queue_plan", queue_dir=queue_dir)
+    for item in ("../../etc/passwd", "1; rm -rf /", "-1"):
+        text = await call_error(client, "update_item", item=item, status="in_progress")
+        assert "is not an item id; give the number from the file name" in text
+    from mcp import MCPError
+
+    for uri in ("task://../../etc/passwd", "task://..%2F..%2Fetc%2Fpasswd/output"):
+        with pytest.raises(MCPError):
+            await client.read_resource(uri)
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("a queue file that is a symlink to a file outside the workspace: refused, never read")
+async def test_symlinked_queue_file_is_refused(client, workspace, tmp_path):
+    secret = tmp_path / "secret.md"
+    secret.write_text("---\ncommand: touch pwned\n---\n# secret\n")
+    (workspace / ".agent/queue").mkdir(parents=True)
+    os.symlink(secret, workspace / ".agent/queue/001-pending-linked.md")
+    plan = await call(client, "queue_plan")
+    assert [e["file"] for e in plan["errors"]] == ["001-pending-linked.md"] and plan["run_now"] == []
+    assert "outside the workspace" in plan["errors"][0]["message"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def http_server(workspace):
+    port = free_port()
+    proc = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace), "--transport", "http", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def post(port: int, headers: dict[str, str], host: str = "127.0.0.1") -> int:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}).encode()
+    request = urllib.request.Request(f"http://{host}:{port}/mcp", data=body, method="POST", headers={
+        "Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.fault("DNS rebinding over HTTP: a foreign Host header gets 421, a foreign Origin 403")
+def test_http_host_and_origin_checks(http_server):
+    assert post(http_server, {}) == 200
+    assert post(http_server, {"Host": f"evil.example:{http_server}"}) == 421
+    assert post(http_server, {"Origin": "http://evil.example"}) == 403
+    assert post(http_server, {"Origin": f"http://127.0.0.1:{http_server}"}) == 200
+
+
+@pytest.mark.fault("HTTP on a non-loopback address: refused without --allow-remote and a token; 401 without the token")
+def test_http_remote_binding_needs_flag_and_token(workspace):
+    port = free_port()
+    base = [str(SCRIPT), "serve", "--root", str(workspace), "--transport", "http", "--host", "127.0.0.2", "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_PARALLEL_TOKEN"}
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=30, env=env)
+    assert refused.returncode == 2 and "pass --allow-remote" in refused.stderr
+    no_token = subprocess.run([*base, "--allow-remote"], capture_output=True, text=True, timeout=30, env=env)
+    assert no_token.returncode == 2 and "without a bearer token: set $AGENT_PARALLEL_TOKEN" in no_token.stderr
+    token = "%032x" % random.getrandbits(128)
+    proc = subprocess.Popen([*base, "--allow-remote"], env={**env, "AGENT_PARALLEL_TOKEN": token},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.2", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert post(port, {}, host="127.0.0.2") == 401
+        assert post(port, {"Authorization": "Bearer wrong-token-wrong-token"}, host="127.0.0.2") == 401
+        assert post(port, {"Authorization": f"Bearer {token}"}, host="127.0.0.2") == 200
+        assert post(port, {"Authorization": f"Bearer {token}", "Host": f"evil.example:{port}"}, host="127.0.0.2") == 421
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
