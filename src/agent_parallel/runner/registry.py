@@ -242,6 +242,7 @@ class TaskRegistry:
             if not predecessors:
                 task_status.started()
             return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
+        spawn_time = time.time()
         try:
             task.handle = await executor.start(spec, task.log)
         except SpawnError as exc:
@@ -250,7 +251,7 @@ class TaskRegistry:
             if not predecessors:
                 task_status.started()
             return
-        rec.status, rec.started_at = TaskStatus.RUNNING, time.time()
+        rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
         rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
         save_record(rec, self.runs_dir)
         if not predecessors:
