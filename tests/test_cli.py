@@ -48,6 +48,7 @@ def test_run_exit_codes_and_summary(workspace):
     ok = cli("run", "--root", str(workspace))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "completed" in ok.stdout and "makespan" in ok.stdout
+    [first_report] = (workspace / ".agent/runs").glob("*.report.json")
     write_item(workspace, 2, "bad", command="echo oops; exit 3", files=["b"])
     bad = cli("run", "--root", str(workspace), "--level", "L3", "--continue-on-error")
     assert bad.returncode == 1
@@ -55,6 +56,11 @@ def test_run_exit_codes_and_summary(workspace):
     assert statuses(workspace) == {"001": "completed", "002": "failed"}
     listed = cli("status", "--root", str(workspace))
     assert listed.returncode == 0 and "item 002: bad" in listed.stdout and "run" in listed.stdout
+    run_id = json.loads(first_report.read_text())["run_id"]
+    chart = cli("report", run_id, "--root", str(workspace), "--gantt")
+    assert chart.returncode == 0 and chart.stdout.startswith("gantt\n") and ":done, i001, " in chart.stdout
+    missing = cli("report", "nosuchrun", "--root", str(workspace))
+    assert missing.returncode == 2 and "no finished run 'nosuchrun'" in missing.stderr
 
 
 def test_demo_runs_a_copy_of_the_example_queue():

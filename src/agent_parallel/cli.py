@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--root", type=Path, default=Path("."), help="where the example .agent/ is (default: here)")
     demo.set_defaults(func=_demo)
 
+    report = sub.add_parser("report", help="show a finished run's report (or its Gantt chart)")
+    report.add_argument("run_id")
+    report.add_argument("--root", type=Path, default=Path("."), help="workspace root (default: the working directory)")
+    report.add_argument("--gantt", action="store_true", help="print a Mermaid Gantt chart of what ran when")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.set_defaults(func=_report)
+
     status = sub.add_parser("status", help="list recent tasks and runs of the workspace")
     status.add_argument("--root", type=Path, default=Path("."), help="workspace root (default: the working directory)")
     status.add_argument("--limit", type=int, default=20)
@@ -139,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
                         live.update(progress_view(run.progress()))
                 tg.cancel_scope.cancel()
             console.print(report_view(run.progress()))
+            console.print(f"[dim]Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt[/]")
             return task.record.status
 
     status = anyio.run(main)
@@ -164,6 +172,26 @@ def _demo(args: argparse.Namespace) -> int:
     code = _run(argparse.Namespace(root=workspace, level=None, max_parallel=None, continue_on_error=None, items=None))
     print(f"\nthe queue files now carry their final status: ls {workspace / QUEUE_DIR}")
     return code
+
+
+def _report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .paths import RUNS_DIR
+    from .queue_runner import load_report
+    from .run_view import gantt, report_view
+
+    progress = load_report(args.root.resolve() / RUNS_DIR, args.run_id)
+    if progress is None:
+        raise AgentParallelError(f"no finished run {args.run_id!r} in {args.root.resolve() / RUNS_DIR}; "
+                                 "`agent-parallel status` lists runs (kind 'run')")
+    if args.gantt:
+        print(gantt(progress), end="")
+    elif args.json:
+        print(progress.model_dump_json(indent=2))
+    else:
+        Console().print(report_view(progress))
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

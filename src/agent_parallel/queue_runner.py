@@ -325,7 +325,7 @@ class QueueRun:
             ok = rec.status == TaskStatus.COMPLETED
             self._record(item, "completed" if ok else "failed", task_id=rec.task_id, exit_code=rec.exit_code,
                          reason=None if ok else rec.reason, duration_s=rec.duration_s, last_lines=[] if ok else lines,
-                         notes=notes)
+                         notes=notes, started_at=rec.started_at, ended_at=rec.ended_at)
             self._write(f"{'completed' if ok else 'FAILED'} {item.id_str} ({item.title})"
                         + ("" if ok else f": {rec.reason}"))
             if ok:
@@ -372,6 +372,10 @@ class QueueRun:
                 self._record(item, "not_started", reason=why)
         failed = [o for o in self.outcomes.values() if o.outcome in ("failed",)]
         self._write(self.report_text())
+        try:
+            save_report(self.ctx.runs_dir, self.progress())
+        except OSError as exc:
+            self._write(f"could not save the run report: {exc.strerror or exc}")
         self._exit = ExitInfo(1 if failed else 0, None)
         self._changed()
 
@@ -416,4 +420,23 @@ class QueueRun:
             pass
 
 
-__all__ = ["QueueContext", "QueueRun", "QueueRunExecutor", "RunOptions", "check_ready", "launch_item"]
+def report_path(runs_dir: Path, run_id: str) -> Path:
+    return runs_dir / f"{run_id}.report.json"
+
+
+def save_report(runs_dir: Path, progress: RunProgress) -> None:
+    """Keep a finished run's report next to its record (for `agent-parallel report` and restarts)."""
+    path = report_path(runs_dir, progress.run_id)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(progress.model_dump_json())
+    os.replace(tmp, path)
+
+
+def load_report(runs_dir: Path, run_id: str) -> RunProgress | None:
+    try:
+        return RunProgress.model_validate_json(report_path(runs_dir, run_id).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["load_report", "save_report", "QueueContext", "QueueRun", "QueueRunExecutor", "RunOptions", "check_ready", "launch_item"]

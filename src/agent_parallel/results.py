@@ -108,6 +108,8 @@ class ItemOutcome(BaseModel):
     reason: str | None = None
     waited_on: str | None = Field(None, description="for skipped items: the failed item they (transitively) wait on")
     duration_s: float | None = None
+    started_at: float | None = Field(None, description="Unix time the item's task started")
+    ended_at: float | None = Field(None, description="Unix time the item's task ended")
     last_lines: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list, description="what happened to the item file during the run")
 

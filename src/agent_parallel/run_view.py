@@ -66,3 +66,17 @@ def status_view(records: list[TaskRecord]) -> RenderableType:
         table.add_row(r.task_id, r.kind, r.status.value, exit_text, iso(r.started_at) or "",
                       format_seconds(r.duration_s), r.description or r.command)
     return table
+
+
+def gantt(p: RunProgress) -> str:
+    """A Mermaid Gantt chart of what ran when (failed items marked ``crit``)."""
+    lines = ["gantt", f"    title Run {p.run_id}: makespan {format_seconds(p.makespan)} "
+             f"(lower bound {format_seconds(p.lower_bound)})", "    dateFormat x", "    axisFormat %M:%S",
+             "    section items"]
+    for o in sorted(p.outcomes, key=lambda o: (o.started_at or 0, o.item)):
+        if o.started_at is None or o.ended_at is None:
+            continue
+        tag = "done" if o.outcome == "completed" else "crit"
+        label = f"{o.item} {o.title}".replace(":", " ").replace("#", " ")
+        lines.append(f"    {label} :{tag}, i{o.item}, {int(o.started_at * 1000)}, {max(int(o.ended_at * 1000), int(o.started_at * 1000) + 1)}")
+    return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ from .plan_view import plan_workspace
 from .planner import QueuePlan
 from .prompt import PARALLEL_EXECUTION
 from .queue import QueueReader, format_id
-from .queue_runner import QueueContext, QueueRun, check_ready, launch_item, start_run
+from .queue_runner import QueueContext, QueueRun, check_ready, launch_item, load_report, start_run
 from .results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult, TaskSummary,
                       TaskView, iso)
 from .runner.admission import admission_check
@@ -415,7 +415,10 @@ def _resource_task(ctx: Context, task_id: str) -> Task:
 def _view(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
           pattern: re.Pattern[str] | None) -> TaskView:
     chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
-    run = task.handle.progress() if isinstance(task.handle, QueueRun) else None
+    if isinstance(task.handle, QueueRun):
+        run = task.handle.progress()
+    else:  # a run of an earlier server, or not a run
+        run = load_report(ws.registry.runs_dir, task.record.task_id) if task.record.kind == "run" else None
     return TaskView.of(task.record, output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
                        output_bytes=task.output_bytes, truncated=chunk.truncated,
                        dropped_bytes=ws.registry.dropped_bytes(task), run=run)
