@@ -6,6 +6,8 @@ Layout (every key optional; a missing file means every default)::
       level: L2                 # L1 | L2 | L3
       max_parallel: 5           # clamped to 1..64, with a warning
       continue_on_error: false  # honoured at L3 only
+      min_free_memory: 256MiB   # (also accepted under `resources:`) hold new starts below this much free memory
+      max_load: 8               # (also under `resources:`) hold new starts above this load; default: no limit
       l3_settings:              # the origin project's spelling, read where the keys above are absent
         max_parallel: 5
         continue_on_error: true
@@ -16,11 +18,11 @@ Layout (every key optional; a missing file means every default)::
       dir: .agent/queue
     resources:
       min_free_memory: 256MiB   # bytes, or a size with a unit (KiB, MiB, GiB, KB, MB, GB)
-      max_load: 8               # load average above which no new item starts; default CPUs * 2
+      max_load: 8               # load average above which no new item starts; default: no limit
     tasks:
       wait_cap: 50s             # longest a blocking task_output call waits
       log_cap: 64MiB            # bytes of output kept per task
-      max_tasks: 1000           # task records kept
+      max_tasks: 10000          # finished task records (and logs) kept; the oldest go first
 
 Durations (`runner.timeout`, `tasks.wait_cap`, and an item's `estimate` and `timeout`) are written
 ``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` (h:mm) or a bare number. A bare number means
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 import shlex
 from pathlib import Path
@@ -76,16 +77,12 @@ class Config(BaseModel):
     queue_dir: str = QUEUE_DIR
     wait_cap_s: float = Field(50, gt=0)
     log_cap_bytes: int = Field(64 * MIB, gt=0)
-    max_tasks: int = Field(1000, gt=0)
+    max_tasks: int = Field(10_000, gt=0)
 
     @property
     def stops_on_first_failure(self) -> bool:
         """L1/L2 always stop at the first failure; L3 only without `continue_on_error`."""
         return self.level != "L3" or not self.continue_on_error
-
-    def effective_max_load(self) -> float:
-        """`max_load`, or twice the CPU count when it is not set."""
-        return self.max_load if self.max_load is not None else float((os.cpu_count() or 1) * 2)
 
 
 # --- durations and sizes -------------------------------------------------------------------------
@@ -187,7 +184,7 @@ def unknown_key_warning(where: str, key: object, known: list[str]) -> str:
 
 _KNOWN = {
     "": ["autonomy", "runner", "queue", "resources", "tasks"],
-    "autonomy": ["level", "max_parallel", "continue_on_error", "l3_settings"],
+    "autonomy": ["level", "max_parallel", "continue_on_error", "l3_settings", "min_free_memory", "max_load"],
     "autonomy.l3_settings": ["max_parallel", "continue_on_error"],
     "runner": ["command", "timeout"],
     "queue": ["dir"],
@@ -250,11 +247,12 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
         values["runner_timeout_s"] = _duration("runner.timeout", runner["timeout"])
     if "dir" in sections["queue"]:
         values["queue_dir"] = _text("queue.dir", sections["queue"]["dir"])
-    resources = sections["resources"]
-    if "min_free_memory" in resources:
-        values["min_free_memory"] = _size("resources.min_free_memory", resources["min_free_memory"])
-    if "max_load" in resources and resources["max_load"] is not None:
-        values["max_load"] = _positive_number("resources.max_load", resources["max_load"])
+    for section in ("autonomy", "resources"):  # the issue's spelling first, then the resources section
+        limits = sections[section]
+        if "min_free_memory" in limits and "min_free_memory" not in values:
+            values["min_free_memory"] = _size(f"{section}.min_free_memory", limits["min_free_memory"])
+        if limits.get("max_load") is not None and "max_load" not in values:
+            values["max_load"] = _positive_number(f"{section}.max_load", limits["max_load"])
     tasks = sections["tasks"]
     if "wait_cap" in tasks:
         values["wait_cap_s"] = _duration("tasks.wait_cap", tasks["wait_cap"])

@@ -21,6 +21,10 @@ from .planner import QueuePlan, make_plan
 from .queue import Diagnostic, QueueReader
 
 
+_PLANS_KEPT = 8
+"""Plans kept per unchanged queue snapshot (one per max_parallel/running/config combination)."""
+
+
 def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader,
                    *, running: int = 0) -> QueuePlan:
     """Plan the queue of the workspace at `root`; arguments left None come from the config.
@@ -28,6 +32,9 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
     Raises `PathOutsideWorkspace` for a queue_dir that resolves outside `root`, `QueueError`
     for a missing queue directory or an unusable config, `UsageError` for a bad `max_parallel`.
     Problems inside the queue are in the plan's `errors` and `warnings`, never raised.
+
+    While no queue file changes, the reader returns the same snapshot and the plan computed for it
+    is returned again (the same object: treat it as read-only).
     """
     root = root.resolve()
     config, config_warnings = load_config(root)
@@ -35,9 +42,18 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
         low, high = MAX_PARALLEL_RANGE
         if isinstance(max_parallel, bool) or not low <= max_parallel <= high:
             raise UsageError(f"max_parallel must be between {low} and {high}, not {max_parallel!r}")
-    items, diagnostics = reader.read(root, queue_dir or config.queue_dir)
-    diagnostics += [Diagnostic(kind="config", file=CONFIG_FILE, message=text) for text in config_warnings]
-    return make_plan(items, diagnostics, max_parallel or config.max_parallel, running=running)
+    snapshot = reader.snapshot(root, queue_dir or config.queue_dir)
+    slots = max_parallel or config.max_parallel
+    key = ("plan", slots, running, tuple(config_warnings))
+    plan = snapshot.memo.get(key)
+    if plan is None:
+        diagnostics = list(snapshot.diagnostics)
+        diagnostics += [Diagnostic(kind="config", file=CONFIG_FILE, message=text) for text in config_warnings]
+        plan = make_plan(snapshot.items, diagnostics, slots, running=running)
+        if len(snapshot.memo) >= _PLANS_KEPT:
+            snapshot.memo.clear()
+        snapshot.memo[key] = plan
+    return plan
 
 
 def format_seconds(seconds: float | None) -> str:

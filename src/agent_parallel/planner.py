@@ -121,39 +121,38 @@ class QueueGraph:
     """Every item, sorted by id and file (duplicates included)."""
     by_id: dict[int, WorkItem]
     """Items with a unique id: the nodes of the graph."""
+    labels: dict[int, str]
+    """Id -> its spelling in the file name (``007``), for every id seen in a file name."""
     waits_on: dict[int, list[int]]
     """Node -> nodes it waits for (from its `blocked_by` and their `blocks`), sorted."""
     unblocks: dict[int, list[int]]
     """Node -> nodes waiting for it, sorted."""
     errors: list[Diagnostic]
     warnings: list[Diagnostic]
-    reasons: dict[str, str]
-    """File name -> why the item cannot run now (absent for ready items)."""
-    waiting_on: dict[str, list[int]]
-    """File name -> ids it still waits for (not completed), including broken ones."""
-    schedulable: list[int]
-    """Pending items that will run once what they wait on completes, in rank order."""
-    in_progress: list[int]
-    in_progress_set: frozenset[int]
-    estimate_ms: dict[int, int]
-    """Estimate of every schedulable and in-progress item, defaults applied."""
-    remaining_ms: dict[int, int]
-    """Longest estimate-weighted path from the item to the end, its own estimate included."""
-    unblocks_count: dict[int, int]
-    """How many schedulable items transitively wait on the item."""
-    rank: dict[int, tuple]
-    """Priority key of every schedulable item; smaller runs first."""
-    conflicts: dict[int, frozenset[int]]
-    """Pending or in-progress node -> the nodes it must not run beside."""
-    conflict_details: ConflictMap
     cycles: list[list[int]]
     """Strongly connected components of two or more items: each one holds at least one cycle."""
-    labels: dict[int, str]
-    """Id -> its spelling in the file name (``007``), for every id seen in a file name."""
+    reasons: dict[str, str] = field(default_factory=dict)
+    """File name -> why the item cannot run now (absent for ready items)."""
+    waiting_on: dict[str, list[int]] = field(default_factory=dict)
+    """File name of a pending item -> ids it still waits for (not completed), broken ones included."""
+    schedulable: list[int] = field(default_factory=list)
+    """Pending items that will run once what they wait on completes, in rank order."""
+    in_progress: list[int] = field(default_factory=list)
+    estimate_ms: dict[int, int] = field(default_factory=dict)
+    """Estimate of every schedulable and in-progress item, defaults applied."""
+    remaining_ms: dict[int, int] = field(default_factory=dict)
+    """Longest estimate-weighted path from the item to the end, its own estimate included."""
+    unblocks_count: dict[int, int] = field(default_factory=dict)
+    """How many schedulable items transitively wait on the item."""
+    rank: dict[int, tuple] = field(default_factory=dict)
+    """Priority key of every schedulable item; smaller runs first."""
     position: dict[int, int] = field(default_factory=dict)
-    """Schedulable and in-progress items -> their index in one topological order (bit numbers)."""
-    descendants: dict[int, int] = field(default_factory=dict, repr=False)
-    """Schedulable and in-progress items -> bitset (by `position`) of the items waiting on them."""
+    """Schedulable and in-progress items -> index in one topological order (their bit in `reach`)."""
+    reach: dict[int, int] = field(default_factory=dict, repr=False)
+    """Schedulable and in-progress items -> bitset of the item itself and every item waiting on it."""
+    conflicts: dict[int, frozenset[int]] = field(default_factory=dict)
+    """Pending or in-progress node -> the nodes it must not run beside."""
+    conflict_details: ConflictMap = field(default_factory=dict)
 
     def label(self, item_id: int) -> str:
         """How results spell an id: as in its file name, else zero-padded to three digits."""
@@ -165,33 +164,65 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
     items = sorted(items, key=lambda item: (item.id, item.file))
     errors = [d for d in diagnostics if d.is_error]
     warnings = [d for d in diagnostics if not d.is_error]
+    by_id, labels, broken_ids = _index_ids(items, errors)
+    waits_on, waits_on_broken = _edges(items, by_id, broken_ids, errors)
+    unblocks: dict[int, list[int]] = {item_id: [] for item_id in by_id}
+    for item_id, preds in waits_on.items():
+        for pred in preds:
+            unblocks[pred].append(item_id)
+    graph = QueueGraph(items=items, by_id=by_id, labels=labels, waits_on=waits_on, unblocks=unblocks,
+                       errors=errors, warnings=warnings,
+                       cycles=strongly_connected_components(list(by_id), waits_on))
+    _readiness(graph, waits_on_broken)
+    _weigh(graph)
+    graph.conflict_details = find_conflicts(
+        item for item in by_id.values() if item.status in ("pending", "in_progress"))
+    neighbours: dict[int, set[int]] = {}
+    for first, second in graph.conflict_details:
+        neighbours.setdefault(first, set()).add(second)
+        neighbours.setdefault(second, set()).add(first)
+    graph.conflicts = {item_id: frozenset(others) for item_id, others in neighbours.items()}
+    graph.errors.sort(key=_diagnostic_order)
+    graph.warnings.sort(key=_diagnostic_order)
+    return graph
 
-    def error(kind: str, item: WorkItem, message: str, path: list[str] | None = None) -> None:
-        errors.append(Diagnostic(kind=kind, item=item.id_str, file=item.file, message=message, path=path))
 
+def _error(errors: list[Diagnostic], kind: str, item: WorkItem, message: str, path: list[str] | None = None) -> None:
+    errors.append(Diagnostic(kind=kind, item=item.id_str, file=item.file, message=message, path=path))
+
+
+def _diagnostic_order(diagnostic: Diagnostic) -> tuple:
+    return (diagnostic.file is None, diagnostic.file or "", diagnostic.kind, diagnostic.message)
+
+
+def _index_ids(items: list[WorkItem], errors: list[Diagnostic]
+               ) -> tuple[dict[int, WorkItem], dict[int, str], set[int]]:
+    """Nodes (items with a unique id), id spellings, and broken ids: duplicates, and ids known
+    only from an error (a file whose name is wrong but starts with an id)."""
     files_by_id: dict[int, list[WorkItem]] = {}
     labels: dict[int, str] = {}
     for item in items:
         files_by_id.setdefault(item.id, []).append(item)
         labels.setdefault(item.id, item.id_str)
     by_id = {item_id: same[0] for item_id, same in files_by_id.items() if len(same) == 1}
-    broken_ids: dict[int, str] = {}
-    """Ids that cannot be a node (duplicates, files with a bad name) -> their file, for messages."""
+    broken_ids = set()
     for item_id, same in files_by_id.items():
         if len(same) > 1:
             names = ", ".join(item.file for item in same)
             for item in same:
-                error("duplicate_id", item, f"id {item.id_str} is used by {len(same)} files: {names}")
-            broken_ids[item_id] = same[0].file
-    for diagnostic in errors:
-        if diagnostic.item is not None and diagnostic.item.isdigit() and int(diagnostic.item) not in files_by_id:
-            broken_ids.setdefault(int(diagnostic.item), diagnostic.file or "")
+                _error(errors, "duplicate_id", item, f"id {item.id_str} is used by {len(same)} files: {names}")
+            broken_ids.add(item_id)
+    for diagnostic in list(errors):
+        if diagnostic.item and diagnostic.item.isdigit() and int(diagnostic.item) not in files_by_id:
+            broken_ids.add(int(diagnostic.item))
             labels.setdefault(int(diagnostic.item), diagnostic.item)
-
-    def label(item_id: int) -> str:
-        return labels.get(item_id) or format_id(item_id)
+    return by_id, labels, broken_ids
 
 
+def _edges(items: list[WorkItem], by_id: dict[int, WorkItem], broken_ids: set[int], errors: list[Diagnostic]
+           ) -> tuple[dict[int, list[int]], dict[int, set[int]]]:
+    """Who waits on whom, from both `blocked_by` and `blocks`; self and dangling references are
+    errors. Also: node -> broken ids it waits on (a duplicate's `blocks` counts too)."""
     waits: dict[int, set[int]] = {item_id: set() for item_id in by_id}
     waits_on_broken: dict[int, set[int]] = {}
     for item in items:
@@ -203,7 +234,7 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
         for field_name, refs in (("blocked_by", item.blocked_by), ("blocks", item.blocks)):
             for ref in refs:
                 if ref == item.id:
-                    error("self_reference", item, f"{field_name} refers to the item itself ({item.id_str})")
+                    _error(errors, "self_reference", item, f"{field_name} refers to the item itself ({item.id_str})")
                 elif ref in by_id:
                     if field_name == "blocked_by":
                         waits[item.id].add(ref)
@@ -213,21 +244,20 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
                     if field_name == "blocked_by":
                         waits_on_broken.setdefault(item.id, set()).add(ref)
                 else:
-                    error("dangling_ref", item, f"{field_name} refers to {format_id(ref)}, which does not exist")
-    waits_on = {item_id: sorted(preds) for item_id, preds in waits.items()}
-    unblocks: dict[int, list[int]] = {item_id: [] for item_id in by_id}
-    for item_id, preds in waits_on.items():
-        for pred in preds:
-            unblocks[pred].append(item_id)
+                    _error(errors, "dangling_ref", item,
+                           f"{field_name} refers to {format_id(ref)}, which does not exist")
+    return {item_id: sorted(preds) for item_id, preds in waits.items()}, waits_on_broken
 
-    reasons: dict[str, str] = {}
+
+def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
+    """Cycle errors, then why each item is not ready, and which pending items can be scheduled."""
+    by_id, label, reasons = graph.by_id, graph.label, graph.reasons
     cycle_members: set[int] = set()
-    cycles = strongly_connected_components(list(by_id), waits_on)
-    for component in cycles:
-        path = cycle_path(component, waits_on)
+    for component in graph.cycles:
+        path = cycle_path(component, graph.waits_on)
         shown = " -> ".join(label(node) for node in path)
-        error("cycle", by_id[path[0]], f"dependency cycle: {shown} (each item waits on the next)",
-              [label(node) for node in path])
+        _error(graph.errors, "cycle", by_id[path[0]], f"dependency cycle: {shown} (each item waits on the next)",
+               [label(node) for node in path])
         on_path = set(path)
         for node in component:
             cycle_members.add(node)
@@ -235,10 +265,10 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
                                          else f"in a group of items that wait on each other (see the cycle {shown})")
 
     first_error: dict[str, str] = {}
-    for diagnostic in errors:
+    for diagnostic in graph.errors:
         if diagnostic.file is not None and diagnostic.kind != "cycle":
             first_error.setdefault(diagnostic.file, diagnostic.message)
-    for item in items:
+    for item in graph.items:
         if item.status != "pending":
             reasons[item.file] = _STATUS_REASONS[item.status]
         elif item.file in first_error and item.file not in reasons:
@@ -247,62 +277,38 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
     causes: dict[int, str] = {}
     for item_id, item in by_id.items():
         if item.status != "completed" and (item.file in first_error or item_id in cycle_members):
-            causes[item_id] = "cycle" if item_id in cycle_members and item.file not in first_error else "error"
-    stuck = _spread_trouble(by_id, unblocks, causes, waits_on_broken)
-    for item_id in by_id:
-        if by_id[item_id].status in ("failed", "blocked") and item_id not in causes:
-            causes[item_id] = by_id[item_id].status
-    stuck.update(_spread_trouble(by_id, unblocks, causes, {}, skip=set(stuck)))
+            causes[item_id] = "error" if item.file in first_error else "cycle"
+    stuck = _spread_trouble(by_id, graph.unblocks, causes, waits_on_broken)
+    for item_id, item in by_id.items():
+        if item.status in ("failed", "blocked") and item_id not in causes:
+            causes[item_id] = item.status
+    stuck.update(_spread_trouble(by_id, graph.unblocks, causes, {}, skip=set(stuck)))
 
-    waiting_on: dict[str, list[int]] = {}
-    for item in items:
-        if item.id not in by_id:
+    for item_id, item in by_id.items():
+        if item.status != "pending":
+            if item.status == "in_progress":
+                graph.in_progress.append(item_id)
             continue
-        open_preds = [p for p in waits_on[item.id] if by_id[p].status != "completed"]
-        waiting_on[item.file] = sorted(open_preds + list(waits_on_broken.get(item.id, ())))
+        open_preds = [pred for pred in graph.waits_on[item_id] if by_id[pred].status != "completed"]
+        broken = waits_on_broken.get(item_id)
+        graph.waiting_on[item.file] = sorted(open_preds + list(broken)) if broken else open_preds
         if item.file in reasons:
             continue
-        if item.id in stuck:
-            via, root = stuck[item.id]
+        if item_id in stuck:
+            via, root = stuck[item_id]
             cause = _CAUSES[causes.get(root, "error")]
             reasons[item.file] = (f"waits on {label(via)}, which {cause}" if via == root
                                   else f"waits on {label(via)}, which cannot run: {label(root)} {cause}")
-        elif open_preds:
-            reasons[item.file] = "waits on " + ", ".join(label(p) for p in open_preds)
-
-    in_progress = [item_id for item_id, item in by_id.items() if item.status == "in_progress"]
-    schedulable = [item_id for item_id, item in by_id.items()
-                   if item.status == "pending" and item_id not in stuck and item.file not in first_error
-                   and item_id not in cycle_members]
-    for item_id in schedulable + in_progress:
+            continue
+        graph.schedulable.append(item_id)
+        if open_preds:
+            reasons[item.file] = "waits on " + ", ".join(label(pred) for pred in open_preds)
+    for item_id in graph.schedulable + graph.in_progress:
         item = by_id[item_id]
         if not item.files and not item.components:
-            warnings.append(Diagnostic(
+            graph.warnings.append(Diagnostic(
                 kind="no_files", item=item.id_str, file=item.file,
                 message="declares neither files nor components, so it is treated as independent of every other item"))
-
-    graph = QueueGraph(
-        items=items, by_id=by_id, waits_on=waits_on, unblocks=unblocks, errors=errors, warnings=warnings,
-        reasons=reasons, waiting_on=waiting_on, schedulable=schedulable, in_progress=in_progress,
-        in_progress_set=frozenset(in_progress),
-        estimate_ms={}, remaining_ms={}, unblocks_count={}, rank={}, conflicts={}, conflict_details={},
-        cycles=cycles, labels=labels,
-    )
-    _weigh(graph)
-    active = [item for item in items if item.id in by_id and item.status in ("pending", "in_progress")]
-    graph.conflict_details = find_conflicts(active)
-    neighbours: dict[int, set[int]] = {}
-    for first, second in graph.conflict_details:
-        neighbours.setdefault(first, set()).add(second)
-        neighbours.setdefault(second, set()).add(first)
-    graph.conflicts = {item_id: frozenset(others) for item_id, others in neighbours.items()}
-    graph.errors.sort(key=_diagnostic_order)
-    graph.warnings.sort(key=_diagnostic_order)
-    return graph
-
-
-def _diagnostic_order(diagnostic: Diagnostic) -> tuple:
-    return (diagnostic.file is None, diagnostic.file or "", diagnostic.kind, diagnostic.message)
 
 
 def _spread_trouble(by_id: dict[int, WorkItem], unblocks: dict[int, list[int]], causes: dict[int, str],
@@ -337,32 +343,30 @@ def _weigh(graph: QueueGraph) -> None:
     In-progress items count as started at time 0 and wait on nothing; what they wait on is moot.
     """
     active = graph.schedulable + graph.in_progress
-    pending_set = set(graph.schedulable)
-    graph.estimate_ms = {
-        item_id: round(1000 * (graph.by_id[item_id].estimate_s
-                               if graph.by_id[item_id].estimate_s is not None else DEFAULT_ESTIMATE_S))
+    pending = set(graph.schedulable)
+    by_id = graph.by_id
+    estimate = graph.estimate_ms = {
+        item_id: round(1000 * (DEFAULT_ESTIMATE_S if by_id[item_id].estimate_s is None else by_id[item_id].estimate_s))
         for item_id in active
     }
-    successors = {item_id: [s for s in graph.unblocks[item_id] if s in pending_set] for item_id in active}
+    successors = {item_id: [s for s in graph.unblocks[item_id] if s in pending] for item_id in active}
     order = topological_order(active, successors)
-    position = {item_id: index for index, item_id in enumerate(order)}
-    descendants: dict[int, int] = {}
-    remaining: dict[int, int] = {}
+    position = graph.position = {item_id: index for index, item_id in enumerate(order)}
+    reach = graph.reach
+    remaining = graph.remaining_ms
     for item_id in reversed(order):
-        mask = 0
+        mask = 1 << position[item_id]
         longest = 0
         for successor in successors[item_id]:
-            mask |= descendants[successor] | (1 << position[successor])
-            longest = max(longest, remaining[successor])
-        descendants[item_id] = mask
-        remaining[item_id] = graph.estimate_ms[item_id] + longest
-    graph.remaining_ms = remaining
-    graph.position = position
-    graph.descendants = descendants
-    graph.unblocks_count = {item_id: mask.bit_count() for item_id, mask in descendants.items()}
+            mask |= reach[successor]
+            if remaining[successor] > longest:
+                longest = remaining[successor]
+        reach[item_id] = mask
+        remaining[item_id] = estimate[item_id] + longest
+    graph.unblocks_count = {item_id: mask.bit_count() - 1 for item_id, mask in reach.items()}
     graph.rank = {
         item_id: (-remaining[item_id], -graph.unblocks_count[item_id],
-                  PRIORITY_ORDER[graph.by_id[item_id].priority], len(graph.waits_on[item_id]), item_id)
+                  PRIORITY_ORDER[by_id[item_id].priority], len(graph.waits_on[item_id]), item_id)
         for item_id in graph.schedulable
     }
     graph.schedulable.sort(key=graph.rank.__getitem__)
@@ -529,8 +533,13 @@ class Scheduler:
         return started
 
     def finished(self, item_id: int, ok: bool) -> list[int]:
-        """Record that an item ended; on failure return the items now skipped because of it."""
-        self.running.discard(item_id)
+        """Record that a running item ended; on failure return the items now skipped because of it.
+
+        An id that is not running is ignored, so reporting an end twice changes nothing.
+        """
+        if item_id not in self.running:
+            return []
+        self.running.remove(item_id)
         if ok:
             self.done.add(item_id)
             for successor in self._graph.unblocks.get(item_id, ()):
@@ -542,17 +551,12 @@ class Scheduler:
         self.failed.add(item_id)
         newly: list[int] = []
         queue = deque(self._graph.unblocks.get(item_id, ()))
-        while queue:
+        while queue:  # none of these can be ready, running or done: each waits on the failure
             node = queue.popleft()
-            if node not in self._members or node in self.skipped or node in self.done or node in self.running:
-                continue
-            self.skipped[node] = item_id
-            newly.append(node)
-            queue.extend(self._graph.unblocks[node])
-        if newly:
-            skipped_positions = {self._position[node] for node in newly}
-            self._ready = [p for p in self._ready if p not in skipped_positions]
-            heapq.heapify(self._ready)
+            if node in self._members and node not in self.skipped:
+                self.skipped[node] = item_id
+                newly.append(node)
+                queue.extend(self._graph.unblocks[node])
         return newly
 
     def not_started(self) -> list[int]:
@@ -654,6 +658,8 @@ def lower_bound_ms(graph: QueueGraph, max_parallel: int) -> float:
 
 
 _SERIAL_SEEDS = 16
+_SERIAL_BUDGET = 20_000
+"""Candidate checks the serial bound may spend in all; it stays a valid bound when cut short."""
 
 
 def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
@@ -661,54 +667,73 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
 
     Bitsets over `graph.position`: an item is serial with everything it waits on, everything that
     waits on it and everything it conflicts with. Seeds: the critical path and the items with the
-    heaviest conflicts; each clique grows by estimate, heaviest first.
+    heaviest conflicts; each clique grows by estimate, heaviest first, within `_SERIAL_BUDGET`
+    candidate checks. Without any conflict every such clique is a chain, which the critical
+    path already bounds, so nothing is computed.
     """
     position, estimate = graph.position, graph.estimate_ms
+    with_conflicts = [item_id for item_id in active if graph.conflicts.get(item_id)]
+    if not with_conflicts:
+        return 0
     by_position = sorted(position, key=position.__getitem__)
-    ancestors: dict[int, int] = {}
+    upward: dict[int, int] = {}
     for item_id in by_position:
-        mask = 0
-        if item_id not in graph.in_progress_set:
+        mask = 1 << position[item_id]
+        if graph.by_id[item_id].status == "pending":
             for pred in graph.waits_on[item_id]:
                 if pred in position:
-                    mask |= ancestors[pred] | (1 << position[pred])
-        ancestors[item_id] = mask
+                    mask |= upward[pred]
+        upward[item_id] = mask
     running_mask = sum(1 << position[item_id] for item_id in graph.in_progress)
-    serial: dict[int, int] = {}
-    for item_id in active:
-        mask = ancestors[item_id] | graph.descendants[item_id]
+
+    def serial(item_id: int) -> int:
+        mask = upward[item_id] | graph.reach[item_id]
         for other in graph.conflicts.get(item_id, ()):
             if other in position:
                 mask |= 1 << position[other]
-        serial[item_id] = mask
-    heaviest = sorted(active, key=lambda item_id: (-estimate[item_id], item_id))
-    with_conflicts = [item_id for item_id in active if graph.conflicts.get(item_id)]
+        return mask & ~(1 << position[item_id])
+
     with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
         estimate.get(other, 0) for other in graph.conflicts[item_id])), item_id))
     seeds = [critical_path(graph)] + [[item_id] for item_id in with_conflicts[:_SERIAL_SEEDS]]
+    budget = _SERIAL_BUDGET
     best = 0
     for seed in seeds:
-        allowed = -1
-        members = 0
+        allowed, members = -1, 0
         for member in seed:
-            allowed &= serial[member]
+            allowed &= serial(member)
             members |= 1 << position[member]
         if members & running_mask:
             allowed &= ~running_mask
-        total = sum(estimate[member] for member in seed)
         allowed &= ~members
-        for candidate in heaviest:
-            if not allowed:
-                break
+        total = sum(estimate[member] for member in seed)
+        candidates = [by_position[bit] for bit in _set_bits(allowed)]
+        candidates.sort(key=lambda item_id: (-estimate[item_id], item_id))
+        for candidate in candidates[:budget]:
             bit = 1 << position[candidate]
             if allowed & bit:
-                members |= bit
                 total += estimate[candidate]
-                allowed &= serial[candidate] & ~members
+                allowed &= serial(candidate)
                 if bit & running_mask:
                     allowed &= ~running_mask
+                if not allowed:
+                    break
+        budget -= min(budget, len(candidates))
         best = max(best, total)
+        if budget == 0:
+            break
     return best
+
+
+def _set_bits(mask: int) -> list[int]:
+    """Positions of the 1 bits of a non-negative int, lowest first."""
+    text = bin(mask)[:1:-1]
+    positions = []
+    index = text.find("1")
+    while index >= 0:
+        positions.append(index)
+        index = text.find("1", index + 1)
+    return positions
 
 
 def critical_path(graph: QueueGraph) -> list[int]:
@@ -779,21 +804,40 @@ def _mermaid_label(text: str) -> str:
     return text
 
 
+MERMAID_MAX_NODES = 200
+MERMAID_MAX_EDGES = 500
+"""Mermaid refuses to render more than 500 edges by default; larger queues are drawn in part."""
+
+
 def to_mermaid(graph: QueueGraph) -> str:
     """A flowchart: arrows from an item to what waits on it, dashed links between conflicting
-    items, nodes coloured by status (items with an error get the `error` class)."""
+    items, nodes coloured by status (items with an error get the `error` class).
+
+    A queue larger than `MERMAID_MAX_NODES` items or `MERMAID_MAX_EDGES` links is drawn in part
+    (unfinished items first, by id) with a comment saying so; the plan's other fields are complete.
+    """
     error_files = {d.file for d in graph.errors if d.file}
     in_cycle = {node for component in graph.cycles for node in component}
+    nodes = list(graph.by_id)
+    if len(nodes) > MERMAID_MAX_NODES:
+        nodes.sort(key=lambda item_id: (graph.by_id[item_id].status == "completed", item_id))
+        nodes = sorted(nodes[:MERMAID_MAX_NODES])
+    shown = set(nodes)
+    names = {item_id: "n" + graph.by_id[item_id].id_str for item_id in nodes}
     lines = ["flowchart LR", *("    " + line for line in _MERMAID_CLASSES)]
-    for item_id, item in graph.by_id.items():
+    for item_id in nodes:
+        item = graph.by_id[item_id]
         css = "error" if item.file in error_files or item_id in in_cycle else item.status
-        label = _mermaid_label(f"{item.id_str}: {item.title}")
-        lines.append(f'    n{item.id_str}["{label}"]:::{css}')
-    for item_id, successors in graph.unblocks.items():
-        for successor in successors:
-            lines.append(f"    n{graph.by_id[item_id].id_str} --> n{graph.by_id[successor].id_str}")
-    for first, second in sorted(graph.conflict_details):
-        lines.append(f"    n{graph.by_id[first].id_str} -.- n{graph.by_id[second].id_str}")
+        lines.append(f'    {names[item_id]}["{_mermaid_label(f"{item.id_str}: {item.title}")}"]:::{css}')
+    links = [f"    {names[item_id]} --> {names[successor]}"
+             for item_id in nodes for successor in graph.unblocks[item_id] if successor in shown]
+    links += [f"    {names[first]} -.- {names[second]}"
+              for first, second in sorted(graph.conflict_details) if first in shown and second in shown]
+    lines += links[:MERMAID_MAX_EDGES]
+    if len(nodes) < len(graph.by_id) or len(links) > MERMAID_MAX_EDGES:
+        lines.append(f"    %% drawn in part: {len(nodes)} of {len(graph.by_id)} items, "
+                     f"{min(len(links), MERMAID_MAX_EDGES)} of {len(links)} links among them "
+                     f"(Mermaid renders at most about {MERMAID_MAX_EDGES} links)")
     return "\n".join(lines) + "\n"
 
 
@@ -812,10 +856,14 @@ def make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max_
         raise UsageError(f"max_parallel must be at least 1, not {max_parallel}")
     if running < 0:
         raise UsageError(f"running must not be negative, not {running}")
+    return _make_plan(items, diagnostics, max_parallel, running)
+
+
+def _make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max_parallel: int,
+               running: int) -> QueuePlan:
     graph = build_graph(items, diagnostics)
     schedule = simulate(graph, max_parallel)
-    free_now = max(0, max_parallel - running - len(graph.in_progress))
-    run_now = schedule.waves[0][:free_now] if schedule.waves and schedule.wave_start_ms[0] == 0 else []
+    run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
     labels = graph.labels
     # Built as plain data and validated in one call: per-row model construction costs more than
     # the whole warm re-plan budget at 10,000 items.

@@ -19,7 +19,7 @@ import posixpath
 import re
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -415,13 +415,18 @@ def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[W
     body_fields, heading = _body_fields(body)
     fields = {field: value for field, (_, value) in body_fields.items()}
     labels = {field: f"**{label}** line" for field, (label, _) in body_fields.items()}
+    from_front: dict[str, str] = {}
     for key, value in (front or {}).items():
         field = field_name(str(key))
         if field is None:
             report("unknown_field", unknown_key_warning("front matter field ", key, list(FIELDS)))
-            continue
-        fields[field] = value
-        labels[field] = f"front matter field {key}"
+        elif field in from_front:
+            report("bad_field", f"{field} is given twice in the front matter (as {from_front[field]} and {key}); "
+                                f"keep one")
+        else:
+            from_front[field] = str(key)
+            fields[field] = value
+            labels[field] = f"front matter field {key}"
 
     problems: list[str] = []
     title = _text("title", fields.get("title"), problems) or heading or name.slug
@@ -459,6 +464,20 @@ class _Parsed:
     diagnostics: tuple[Diagnostic, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class QueueSnapshot:
+    """A queue directory as parsed at one moment.
+
+    The reader hands out the same snapshot for as long as no file in the directory changes, so
+    what is computed from it can be kept in `memo` and reused (a re-plan of an unchanged queue).
+    """
+
+    directory: Path
+    items: tuple[WorkItem, ...]
+    diagnostics: tuple[Diagnostic, ...]
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+
 class QueueReader:
     """Reads queue directories, re-parsing only files whose name, size or mtime changed.
 
@@ -470,15 +489,23 @@ class QueueReader:
     def __init__(self, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
         self.max_item_bytes = max_item_bytes
         self.parse_count = 0
-        self._cache: dict[Path, dict[str, _Parsed]] = {}
+        self._cache: dict[Path, tuple[dict[str, _Parsed], QueueSnapshot]] = {}
         self._lock = threading.Lock()
 
     def read(self, root: Path, queue_dir: Path | str) -> tuple[list[WorkItem], list[Diagnostic]]:
-        """All items of `queue_dir` (relative to `root`, or absolute inside it) in file-name order.
+        """All items of `queue_dir` and the diagnostics of its files, in file-name order.
+
+        See `snapshot` for the arguments and errors.
+        """
+        snapshot = self.snapshot(root, queue_dir)
+        return list(snapshot.items), list(snapshot.diagnostics)
+
+    def snapshot(self, root: Path, queue_dir: Path | str) -> QueueSnapshot:
+        """The parsed queue in `queue_dir` (relative to `root`, or absolute inside it).
 
         Raises `PathOutsideWorkspace` when the directory resolves outside `root`, and
         `QueueError` when it does not exist or is not a directory. Per-file problems are
-        diagnostics, never exceptions.
+        diagnostics, never exceptions. Returns the previous snapshot object if nothing changed.
         """
         root = root.resolve()
         directory = resolve_inside(root, queue_dir, "queue_dir")
@@ -489,58 +516,68 @@ class QueueReader:
             raise QueueError(f"queue_dir {str(queue_dir)!r} is not a directory ({directory})")
         relative_dir = directory.relative_to(root).as_posix()
         with self._lock:
-            previous = self._cache.get(directory, {})
+            previous, last_snapshot = self._cache.get(directory, ({}, None))
             current: dict[str, _Parsed] = {}
             try:
                 with os.scandir(directory) as listing:
                     entries = sorted(listing, key=lambda entry: entry.name)
             except OSError as exc:
                 raise QueueError(f"queue directory {str(queue_dir)!r} cannot be listed: {exc.strerror}") from exc
+            changed = last_snapshot is None
             for entry in entries:
                 if entry.name.startswith(".") or not entry.name.endswith(".md"):
                     continue
-                parsed = self._read_one(root, entry, f"{relative_dir}/{entry.name}", previous.get(entry.name))
+                cached = previous.get(entry.name)
+                parsed = self._read_one(root, entry, relative_dir, cached)
                 if parsed is not None:
                     current[entry.name] = parsed
-            self._cache[directory] = current
-        items = [parsed.item for parsed in current.values() if parsed.item is not None]
-        diagnostics = [diagnostic for parsed in current.values() for diagnostic in parsed.diagnostics]
-        return items, diagnostics
+                    changed = changed or parsed is not cached
+            if not changed and len(current) == len(previous) and last_snapshot is not None:
+                return last_snapshot
+            snapshot = QueueSnapshot(
+                directory=directory,
+                items=tuple(parsed.item for parsed in current.values() if parsed.item is not None),
+                diagnostics=tuple(diagnostic for parsed in current.values() for diagnostic in parsed.diagnostics),
+            )
+            self._cache[directory] = (current, snapshot)
+            return snapshot
 
-    def _read_one(self, root: Path, entry: os.DirEntry, relative: str, cached: _Parsed | None) -> _Parsed | None:
+    def _read_one(self, root: Path, entry: os.DirEntry, relative_dir: str, cached: _Parsed | None
+                  ) -> _Parsed | None:
         """Parse one entry, or reuse the cached result if the file is unchanged; None skips it.
 
         The cache is checked first, on a single stat, so an unchanged queue costs one stat per file.
         """
         file_name = entry.name
         target = entry.path
+        problem: tuple[str, str] | None = None
         try:
             if entry.is_symlink():
                 resolved = Path(entry.path).resolve(strict=True)
-                if not resolved.is_relative_to(root):
-                    return self._refused(parse_file_name(file_name), file_name, relative, "outside_workspace",
-                                         f"symlink points outside the workspace root (to {resolved}); refused")
                 target = str(resolved)
-            info = os.stat(target)
+                if not resolved.is_relative_to(root):
+                    problem = ("outside_workspace", f"symlink points outside the workspace root (to {resolved}); refused")
+            info = None if problem else os.stat(target)
         except (OSError, RuntimeError) as exc:
-            return self._refused(parse_file_name(file_name), file_name, relative, "unreadable",
-                                 f"cannot be read: {getattr(exc, 'strerror', None) or exc}")
-        if stat.S_ISDIR(info.st_mode):
+            info, problem = None, ("unreadable", f"cannot be read: {getattr(exc, 'strerror', None) or exc}")
+        if info is not None and stat.S_ISDIR(info.st_mode):
             return None
-        identity = (info.st_size, info.st_mtime_ns, info.st_ino, target)
+        identity = problem if info is None else (info.st_size, info.st_mtime_ns, info.st_ino, target)
         if cached is not None and cached.identity == identity:
             return cached
         name = parse_file_name(file_name)
         if isinstance(name, Diagnostic):
             return _Parsed(identity, None, (name,))
-        if not stat.S_ISREG(info.st_mode):
-            return self._refused(name, file_name, relative, "unreadable",
-                                 "is not a regular file (a device, socket or pipe); refused", identity)
-        if info.st_size > self.max_item_bytes:
-            return self._refused(name, file_name, relative, "too_large", self._too_large(info.st_size), identity)
-        text, problem = self._read_text(target)
-        if problem:
-            return self._refused(name, file_name, relative, problem[0], problem[1], identity)
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            problem = ("unreadable", "is not a regular file (a device, socket or pipe); refused")
+        elif info is not None and info.st_size > self.max_item_bytes:
+            problem = ("too_large", self._too_large(info.st_size))
+        relative = f"{relative_dir}/{file_name}"
+        if problem is None:
+            text, problem = self._read_text(target)
+        if problem is not None:
+            diagnostic = Diagnostic(kind=problem[0], item=name.id_str, file=file_name, message=problem[1])
+            return _Parsed(identity, stub_item(name, file_name, relative), (diagnostic,))
         self.parse_count += 1
         item, diagnostics = parse_item(file_name, text, path=relative)
         return _Parsed(identity, item, tuple(diagnostics))
@@ -573,12 +610,3 @@ class QueueReader:
     def _too_large(self, size: int) -> str:
         return (f"file is {size} bytes, over the {self.max_item_bytes}-byte limit for a queue item; "
                 f"keep long material in another file and link to it")
-
-    @staticmethod
-    def _refused(name: ItemName | Diagnostic, file_name: str, relative: str, kind: str, message: str,
-                 identity: tuple | None = None) -> _Parsed:
-        """A file that cannot be used: the item is known from its name alone, with the error."""
-        if isinstance(name, Diagnostic):
-            return _Parsed(identity or (), None, (name,))
-        diagnostic = Diagnostic(kind=kind, item=name.id_str, file=file_name, message=message)
-        return _Parsed(identity or (), stub_item(name, file_name, relative), (diagnostic,))

@@ -66,17 +66,18 @@ class ServerSettings:
     log_cap_bytes: int = 64 << 20
     kill_grace_s: float = 2.0
     max_running: int = 256
+    max_records: int = 10_000
     min_free_memory: int = 0  # bytes; 0: never hold a start for memory
     max_load: float | None = None  # None: never hold a start for load
 
     def registry_settings(self) -> RegistrySettings:
         return RegistrySettings(log_cap_bytes=self.log_cap_bytes, kill_grace_s=self.kill_grace_s,
-                                max_running=self.max_running,
+                                max_running=self.max_running, max_records=self.max_records,
                                 admission=admission_check(self.min_free_memory, self.max_load))
 
     @classmethod
     def from_config(cls, config: Config) -> ServerSettings:
-        return cls(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes,
+        return cls(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes, max_records=config.max_tasks,
                    min_free_memory=config.min_free_memory, max_load=config.max_load)
 
 
@@ -163,8 +164,11 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
         url = public_url or "http://127.0.0.1"
         auth = {"token_verifier": StaticTokenVerifier(bearer_token),
                 "auth": AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp", validate_token_resource=False)}
+    from .tasks_extension import TasksExtension  # here: that module builds on this one
+
     server = MCPServer("agent-parallel", title="agent-parallel", version=__version__,
-                       instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING", **auth)
+                       instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING",
+                       extensions=[TasksExtension()], **auth)
     _register_task_tools(server)
     _register_task_resources(server)
     _register_queue_tools(server, root, reader)

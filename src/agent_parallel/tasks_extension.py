@@ -1,0 +1,283 @@
+"""Protocol-native background tasks: the MCP tasks extension (SEP-2663) on top of our task registry.
+
+Why: a client that declares ``io.modelcontextprotocol/tasks`` (protocol 2026-07-28) can hand long
+work to the server and poll for it with ``tasks/get`` instead of holding a ``tools/call`` open or
+learning our own ``task_output`` loop. ``launch_task`` and ``run_queue`` already run in the
+background, so the extension adds no second runner: the tool starts the work as usual, the MCP
+task is a handle on the registry task it started, and ``tasks/get`` reports the registry's state
+without waiting (registry waits are event-driven, so polling is cheap and ``pollIntervalMs`` short).
+
+Mapping, following the SEP's vocabulary:
+
+- queued, running -> ``working``;
+- completed -> ``completed``, with the tool's final result inline;
+- failed, timed_out, skipped, interrupted -> ``completed`` with ``isError: true`` (and our status in
+  the result and the ``statusMessage``). The SEP reserves ``failed`` for JSON-RPC errors and says
+  it MUST NOT be used for tool-level errors; a command that exits 1 is one;
+- cancelled (by ``tasks/cancel`` or ``cancel_task``) -> ``cancelled``.
+
+Caller scoping: a 2026-07-28 request carries no session or connection id (the SDK builds a fresh
+``Connection`` per request), so a task is bound to the authenticated principal when the transport
+has one (HTTP with a token) and otherwise to an unguessable MCP task id: ``<registry id>.<128
+random bits>``. Knowing a registry id (``list_tasks`` shows them to anyone) does not find the task.
+
+Clients that do not declare the extension, and every handshake-era (2025) connection, see no change.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import anyio
+import pydantic_core
+from mcp import MCPError
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension, MethodBinding
+from mcp.server.mcpserver import require_client_extension
+from mcp.server.request_state import authenticated_principal
+from mcp.types import CallToolRequestParams, CallToolResult, TextContent
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, RequestParams
+from pydantic import Field, TypeAdapter, ValidationError
+
+from .errors import UnknownTask
+from .queue_runner import QueueRun
+from .results import LaunchResult, iso
+from .runner.records import TaskStatus
+from .runner.registry import Task, TaskRegistry
+from .server import MAX_PAGE_BYTES, Workspace, _view
+
+log = logging.getLogger(__name__)
+
+IDENTIFIER = "io.modelcontextprotocol/tasks"
+PROTOCOL_VERSIONS = frozenset({"2026-07-28"})
+TASK_TOOLS = {"launch_task": "task_id", "run_queue": "run_id"}  # tool -> the field naming the registry task
+NOTE_KEY = "io.github.agent-parallel/note"
+RESULT_BYTES = 16384  # output inlined in a finished task's result: what launch_task(run_in_background=false) shows
+
+
+class TaskIdParams(RequestParams):
+    """``tasks/get`` and ``tasks/cancel`` params."""
+
+    task_id: str = Field(description="the taskId a tools/call answered with")
+
+
+class UpdateTaskParams(TaskIdParams):
+    """``tasks/update`` params: responses to the task's outstanding ``inputRequests``."""
+
+    input_responses: dict[str, Any]
+
+
+@dataclass
+class _Entry:
+    """One MCP task: a handle on a registry task, owned by the principal that created it."""
+
+    mcp_id: str
+    task_id: str
+    tool: str
+    principal: str | None
+    started: dict[str, Any]  # the tool's own first answer (run_queue's RunStarted), reused in the final result
+
+
+class TasksExtension(Extension):
+    """Serve ``launch_task`` and ``run_queue`` as MCP tasks to clients that declare the extension."""
+
+    identifier = IDENTIFIER
+
+    def __init__(self, *, poll_interval_ms: int = 250, ttl_ms: int = 24 * 3600 * 1000,
+                 retain_after_end_ms: int = 3600 * 1000) -> None:
+        self.poll_interval_ms = poll_interval_ms
+        self.ttl_ms = ttl_ms
+        self.retain_after_end_ms = retain_after_end_ms
+        # Per registry (one per lifespan): tasks die with the registry that runs their processes.
+        self._tables: WeakKeyDictionary[TaskRegistry, dict[str, _Entry]] = WeakKeyDictionary()
+
+    def methods(self) -> list[MethodBinding]:
+        return [MethodBinding("tasks/get", TaskIdParams, self._get, protocol_versions=PROTOCOL_VERSIONS),
+                MethodBinding("tasks/update", UpdateTaskParams, self._update, protocol_versions=PROTOCOL_VERSIONS),
+                MethodBinding("tasks/cancel", TaskIdParams, self._cancel, protocol_versions=PROTOCOL_VERSIONS)]
+
+    # ------------------------------------------------------------------ tools/call
+    async def intercept_tool_call(self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any],
+                                  call_next: CallNext) -> HandlerResult:
+        """Run the tool as usual; if it started background work for a declaring client, answer with a task."""
+        if not _wants_task(params, ctx):
+            return await call_next(ctx)
+        result = await call_next(ctx)
+        # Argument and launch errors stay synchronous: no task exists for work that never started.
+        if not isinstance(result, CallToolResult) or result.is_error or not result.structured_content:
+            return result
+        task_id = result.structured_content.get(TASK_TOOLS[params.name])
+        ws = _workspace(ctx)
+        try:
+            task = ws.registry.get(task_id)
+        except UnknownTask:
+            log.warning("%s answered with unknown task %r; answering synchronously", params.name, task_id)
+            return result
+        entry = _Entry(mcp_id=f"{task_id}.{secrets.token_urlsafe(16)}", task_id=task_id, tool=params.name,
+                       principal=authenticated_principal(ctx), started=dict(result.structured_content))
+        self._table(ws.registry)[entry.mcp_id] = entry  # stored before answering: tasks/get resolves at once
+        return {"resultType": "task", **self._task_fields(entry, task)}
+
+    # ------------------------------------------------------------------ tasks/*
+    async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        """The task's state now (nothing waits); the tool's result inline once it has finished."""
+        require_client_extension(ctx, IDENTIFIER)
+        ws = _workspace(ctx)
+        entry, task = self._find(ctx, ws, params.task_id, "retrieve")
+        fields = self._task_fields(entry, task)
+        if fields["status"] == "completed":
+            fields["result"] = self._final_result(ws, entry, task)
+        return {"resultType": "complete", **fields}
+
+    async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        """Stop the task through the registry (TERM, grace, KILL of its process group); ack once it is over."""
+        require_client_extension(ctx, IDENTIFIER)
+        ws = _workspace(ctx)
+        _, task = self._find(ctx, ws, params.task_id, "cancel")
+        with anyio.CancelScope(shield=True):  # an abandoned request must not leave a half-killed tree
+            await ws.registry.cancel(task)  # a finished task is left as it is: the SEP allows that
+        return {"resultType": "complete"}
+
+    async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
+        """Acknowledge, as the SEP requires; our tasks never ask for input, so there is nothing to apply."""
+        require_client_extension(ctx, IDENTIFIER)
+        ws = _workspace(ctx)
+        entry, _ = self._find(ctx, ws, params.task_id, "update")
+        ignored = ", ".join(sorted(params.input_responses)) or "none"
+        return {"resultType": "complete", "_meta": {NOTE_KEY: (
+            f"task {entry.mcp_id} never asks for input (its commands run with stdin at /dev/null), so there is "
+            f"nothing to update; the input responses ({ignored}) were ignored")}}
+
+    # ------------------------------------------------------------------ internals
+    def _table(self, registry: TaskRegistry) -> dict[str, _Entry]:
+        table = self._tables.get(registry)
+        if table is None:
+            table = self._tables[registry] = {}
+        return table
+
+    def _find(self, ctx: ServerRequestContext[Any, Any], ws: Workspace, mcp_id: str, action: str) -> tuple[_Entry, Task]:
+        """The caller's task, or -32602; another principal's task reads exactly like a missing one."""
+        table = self._table(ws.registry)
+        self._expire(ws.registry, table)
+        entry = table.get(mcp_id)
+        if entry is None or entry.principal != authenticated_principal(ctx):
+            raise MCPError(code=INVALID_PARAMS, message=(
+                f"Failed to {action} task: no task {mcp_id!r} for this caller. Task ids are the taskId a "
+                "tools/call answered with; tasks from other callers, servers or earlier server runs are not visible"))
+        try:
+            return entry, ws.registry.get(entry.task_id)
+        except UnknownTask:
+            del table[mcp_id]
+            raise MCPError(code=INVALID_PARAMS, message=(
+                f"Failed to {action} task: task {mcp_id!r} has expired (its record was pruned)")) from None
+
+    def _expire(self, registry: TaskRegistry, table: dict[str, _Entry]) -> None:
+        """Forget finished tasks past their TTL; a task whose work is still live never expires."""
+        now = time.time()
+        for mcp_id, entry in list(table.items()):
+            try:
+                rec = registry.get(entry.task_id).record
+            except UnknownTask:
+                del table[mcp_id]
+                continue
+            if rec.status.is_done and (now - rec.created_at) * 1000 > self._ttl(rec):
+                del table[mcp_id]
+
+    def _ttl(self, rec: Any) -> int:
+        """At least ``ttl_ms`` from creation, and ``retain_after_end_ms`` past the end of the work."""
+        end = rec.ended_at if rec.status.is_done and rec.ended_at is not None else time.time()
+        return max(self.ttl_ms, int((end - rec.created_at) * 1000) + self.retain_after_end_ms)
+
+    def _task_fields(self, entry: _Entry, task: Task) -> dict[str, Any]:
+        rec = task.record
+        updated = max(t for t in (rec.created_at, rec.started_at, rec.ended_at) if t is not None)
+        return {"taskId": entry.mcp_id, "status": _mcp_status(rec.status), "statusMessage": _status_message(entry, task),
+                "createdAt": iso(rec.created_at), "lastUpdatedAt": iso(updated), "ttlMs": self._ttl(rec),
+                "pollIntervalMs": self.poll_interval_ms}
+
+    def _final_result(self, ws: Workspace, entry: _Entry, task: Task) -> dict[str, Any]:
+        """The ``CallToolResult`` the tool would have given had it waited for the end.
+
+        launch_task: exactly what ``launch_task(run_in_background=false)`` answers (a ``LaunchResult``,
+        i.e. ``task_output``'s view of the finished task), without the wait cap. run_queue: its first
+        answer (``RunStarted``, so the tool's output schema still holds) updated with the final status,
+        a summary ``message`` and ``task_output``'s view of the run, whose ``run`` field is the report.
+        ``isError`` is set when the work did not succeed.
+        """
+        try:
+            view = _view(ws, task, cursor=None, max_bytes=min(RESULT_BYTES, MAX_PAGE_BYTES), tail_lines=None,
+                         pattern=None)
+        except OSError as exc:
+            raise MCPError(code=INTERNAL_ERROR, message=(
+                f"could not read the output of task {entry.task_id}: {exc.strerror or exc}; try tasks/get again")) from exc
+        if entry.tool == "launch_task":
+            structured = LaunchResult(**view.model_dump(), retrieval_status="success").model_dump(mode="json")
+        else:
+            structured = {**entry.started, **view.model_dump(mode="json"), "retrieval_status": "success",
+                          "message": _status_message(entry, task)}
+        failed = task.record.status != TaskStatus.COMPLETED
+        text = pydantic_core.to_json(structured, indent=2).decode()
+        result = CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured,
+                                is_error=failed)
+        return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _wants_task(params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any]) -> bool:
+    """A task only for our background tools, at 2026-07-28, for a client that declared the extension."""
+    if params.name not in TASK_TOOLS or ctx.protocol_version not in PROTOCOL_VERSIONS:
+        return False
+    capabilities = ctx.session.client_capabilities
+    if capabilities is None or not capabilities.extensions or IDENTIFIER not in capabilities.extensions:
+        return False
+    # launch_task(run_in_background=false) asks for an inline answer: honour it (the SEP lets the server choose).
+    return not (params.name == "launch_task" and _false((params.arguments or {}).get("run_in_background", True)))
+
+
+def _false(value: Any) -> bool:
+    try:
+        return TypeAdapter(bool).validate_python(value) is False
+    except ValidationError:
+        return False  # the tool reports the bad value itself
+
+
+def _workspace(ctx: ServerRequestContext[Any, Any]) -> Workspace:
+    ws = ctx.lifespan_context
+    if not isinstance(ws, Workspace):
+        raise MCPError(code=INTERNAL_ERROR, message=(
+            "the tasks extension needs agent-parallel's lifespan (a Workspace); build the server with build_server()"))
+    return ws
+
+
+def _mcp_status(status: TaskStatus) -> str:
+    if not status.is_done:
+        return "working"
+    return "cancelled" if status == TaskStatus.CANCELLED else "completed"
+
+
+def _status_message(entry: _Entry, task: Task) -> str:
+    """One line for people and models: our status, why, and how to look closer with our own tools."""
+    rec = task.record
+    what = f"queue run {rec.task_id}" if entry.tool == "run_queue" else f"task {rec.task_id}"
+    if isinstance(task.handle, QueueRun):
+        counts = task.handle.progress().counts
+        progress = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n) or "no items"
+    else:
+        progress = None
+    if rec.status == TaskStatus.QUEUED:
+        why = rec.reason or (f"waiting for {', '.join(rec.after)}" if rec.after else "starting")
+        return f"{what} is queued: {why}"
+    if rec.status == TaskStatus.RUNNING:
+        detail = f": {progress}" if progress else f" for {rec.duration_s or 0:.1f} s" + (f" (pid {rec.pid})" if rec.pid else "")
+        return f"{what} is running{detail}; its output so far: task_output(task_id=\"{rec.task_id}\")"
+    if rec.status == TaskStatus.COMPLETED:
+        return f"{what} completed" + (f": {progress}" if progress else f" (exit code 0) in {rec.duration_s or 0:.1f} s")
+    detail = rec.reason or (f"exit code {rec.exit_code}" if rec.exit_code is not None else "")
+    return f"{what} ended {rec.status.value}" + (f": {detail}" if detail else "") + (f" ({progress})" if progress else "")
+
+
+__all__ = ["TasksExtension", "IDENTIFIER"]
