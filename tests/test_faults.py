@@ -286,3 +286,60 @@ def test_http_remote_binding_needs_flag_and_token(workspace):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("a run's server dies with items in_progress: queue_plan reports them stale and moves them to blocked, never re-running them")
+async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
+    write_item(workspace, 1, "long", command="sleep 60", files=["a"])
+    write_item(workspace, 2, "manual", files=["b"])
+    server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        def send(msg: dict) -> dict | None:
+            server.stdin.write((json.dumps(msg) + "\n").encode())
+            server.stdin.flush()
+            return json.loads(server.stdout.readline()) if "id" in msg else None
+
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "run_queue", "arguments": {}}})
+        send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "update_item", "arguments": {"item": "002", "status": "in_progress"}}})
+        deadline = time.monotonic() + 10
+        while not (workspace / ".agent/queue/001-in_progress-long.md").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        server.kill()
+        server.wait()
+    from agent_parallel.server import ServerSettings, build_server
+
+    async with Client(build_server(workspace, ServerSettings())) as c:
+        plan = await call(c, "queue_plan")
+        stale = [w for w in plan["warnings"] if w["kind"] == "stale_claim"]
+        assert [(w["item"], w["file"]) for w in stale] == [("001", "001-blocked-long.md")]
+        assert stale[0]["message"].startswith("claimed by run ")
+        assert "not re-run automatically (at-most-once)" in stale[0]["message"]
+        status = {i["id"]: i["status"] for i in plan["items"]}
+        assert status == {"001": "blocked", "002": "in_progress"}  # an agent's own claim is left alone
+    history = [json.loads(line) for line in (workspace / ".agent/runs/history.jsonl").read_text().splitlines()]
+    assert history[-1]["item"] == "001" and history[-1]["to"] == "blocked" and "no longer runs" in history[-1]["reason"]
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("two servers on one workspace: starting the second never touches the first one's running tasks")
+async def test_second_server_leaves_the_first_servers_tasks_alone(workspace):
+    pids = workspace / "pids"
+    params = StdioServerParameters(command=str(SCRIPT), args=["serve", "--root", str(workspace)])
+    async with Client(params) as first:
+        tid = (await call(first, "launch_task", command=f"echo $$ > {pids}; exec sleep 30"))["task_id"]
+        with anyio.fail_after(5):
+            while not pids.exists() or not pids.read_text().strip():
+                await anyio.sleep(0.02)
+        async with Client(params) as second:
+            await call(second, "list_tasks")
+        out = await call(first, "task_output", task_id=tid, block=False)
+        assert out["status"] == "running"
+        assert Path(f"/proc/{int(pids.read_text())}").exists()
+        await call(first, "cancel_task", task_id=tid)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import QueueError
 from .queue import ItemName, format_id, parse_file_name
+from .runner.executor import process_start_time
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"in_progress"}),
@@ -84,12 +85,14 @@ def parse_item_id(text: str) -> int:
 
 
 def move_item(queue_dir: Path, runs_dir: Path, item_id: int, to_status: str, *, by: str,
-              reason: str | None = None, expect: str | None = None) -> Path:
+              reason: str | None = None, expect: str | None = None, owned: bool = False) -> Path:
     """Move item ``item_id`` to ``to_status``; return its new path.
 
     ``expect`` (default: any status the transition table allows) is the status the caller
-    believes the item has. Raises ``ClaimLost`` when another claimant moved it first and
-    ``BadTransition`` when the move is not allowed from the current status.
+    believes the item has. ``owned``: this process carries the item out (a run or launch_task),
+    so if the process dies the claim is stale (see ``release_stale_claims``). Raises
+    ``ClaimLost`` when another claimant moved it first and ``BadTransition`` when the move is not
+    allowed from the current status.
     """
     with queue_lock(runs_dir):
         path, name = find_item(queue_dir, item_id)
@@ -102,7 +105,7 @@ def move_item(queue_dir: Path, runs_dir: Path, item_id: int, to_status: str, *, 
         except FileExistsError:
             raise QueueError(f"cannot move item {name.id_str}: {target.name} already exists; "
                              "remove the duplicate file first") from None
-        record_move(runs_dir, name.id_str, name.status, to_status, by=by, reason=reason)
+        record_move(runs_dir, name.id_str, name.status, to_status, by=by, reason=reason, owned=owned)
         return target
 
 
@@ -144,9 +147,17 @@ def _load_renameat2():  # type: ignore[no-untyped-def]
 _renameat2 = _load_renameat2()
 
 
-def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str, reason: str | None) -> None:
-    """Append one line to the run history (a single small O_APPEND write: lines never interleave)."""
-    line = json.dumps({"time": time.time(), "item": item, "from": old, "to": new, "by": by, "reason": reason}) + "\n"
+def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str, reason: str | None,
+                owned: bool = False) -> None:
+    """Append one line to the run history (a single small O_APPEND write: lines never interleave).
+
+    An ``owned`` claim also records this process (pid and start time), to tell later whether
+    the claimant still exists.
+    """
+    move = {"time": time.time(), "item": item, "from": old, "to": new, "by": by, "reason": reason}
+    if owned:
+        move["pid"], move["pid_start"] = os.getpid(), process_start_time(os.getpid())
+    line = json.dumps(move) + "\n"
     fd = os.open(runs_dir / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -169,6 +180,47 @@ def history(runs_dir: Path, item: str | None = None) -> list[dict]:
         if item is None or move.get("item") == item:
             moves.append(move)
     return moves
+
+
+def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str, str]]:
+    """Move items whose claiming process no longer exists from in_progress to blocked.
+
+    At-most-once: such an item may have run partly or fully, so it is never re-run
+    automatically; the reason (recorded in the history) says what to do. Claims made with
+    ``update_item`` (an agent doing the work itself) are never stale by this rule.
+    Returns (item, file, message) for each item moved.
+    """
+    if not queue_dir.is_dir():
+        return []
+    in_progress = [(entry.name, name) for entry in os.scandir(queue_dir)
+                   if entry.name.endswith(".md") and isinstance(name := parse_file_name(entry.name), ItemName)
+                   and name.status == "in_progress"]
+    if not in_progress:
+        return []
+    last_claim: dict[str, dict] = {}
+    for move in history(runs_dir):
+        if move.get("to") == "in_progress":
+            last_claim[move.get("item")] = move
+    released = []
+    for file_name, name in in_progress:
+        claim = last_claim.get(name.id_str)
+        if not claim or "pid" not in claim or _alive(claim["pid"], claim.get("pid_start")):
+            continue
+        reason = (f"claimed by {claim['by']} of a server (pid {claim['pid']}) that no longer runs; not re-run "
+                  "automatically (at-most-once): check whether its work was done, then move it with update_item "
+                  "(blocked -> pending to run it again)")
+        try:
+            target = move_item(queue_dir, runs_dir, name.id, "blocked", by="agent-parallel (stale claim)",
+                               reason=reason, expect="in_progress")
+        except QueueError:
+            continue  # moved meanwhile by someone else: not ours to fix
+        released.append((name.id_str, target.name, reason))
+    return released
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether the claiming process still runs (unknown start time: assume it does)."""
+    return start is None or process_start_time(pid) == start
 
 
 def claimant(runs_dir: Path, item: str) -> str:

@@ -16,7 +16,8 @@ from rich.text import Text
 
 from .config import MAX_PARALLEL_RANGE, load_config
 from .errors import UsageError
-from .paths import CONFIG_FILE
+from .claims import release_stale_claims
+from .paths import CONFIG_FILE, resolve_inside, runs_dir
 from .planner import QueuePlan, make_plan
 from .queue import Diagnostic, QueueReader
 
@@ -26,7 +27,7 @@ _PLANS_KEPT = 8
 
 
 def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader,
-                   *, running: int = 0) -> QueuePlan:
+                   *, running: int = 0, release_stale: bool = False) -> QueuePlan:
     """Plan the queue of the workspace at `root`; arguments left None come from the config.
 
     Raises `PathOutsideWorkspace` for a queue_dir that resolves outside `root`, `QueueError`
@@ -35,6 +36,9 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
 
     While no queue file changes, the reader returns the same snapshot and the plan computed for it
     is returned again (the same object: treat it as read-only).
+
+    ``release_stale`` first moves items whose claiming server no longer exists from in_progress
+    to blocked (``claims.release_stale_claims``) and reports each as a ``stale_claim`` warning.
     """
     root = root.resolve()
     config, config_warnings = load_config(root)
@@ -42,6 +46,10 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
         low, high = MAX_PARALLEL_RANGE
         if isinstance(max_parallel, bool) or not low <= max_parallel <= high:
             raise UsageError(f"max_parallel must be between {low} and {high}, not {max_parallel!r}")
+    released = []
+    if release_stale:
+        directory = resolve_inside(root, queue_dir or config.queue_dir, "queue_dir")
+        released = release_stale_claims(directory, runs_dir(root))
     snapshot = reader.snapshot(root, queue_dir or config.queue_dir)
     slots = max_parallel or config.max_parallel
     key = ("plan", slots, running, tuple(config_warnings))
@@ -53,6 +61,9 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
         if len(snapshot.memo) >= _PLANS_KEPT:
             snapshot.memo.clear()
         snapshot.memo[key] = plan
+    if released:
+        stale = [Diagnostic(kind="stale_claim", item=item, file=file, message=message) for item, file, message in released]
+        plan = plan.model_copy(update={"warnings": stale + plan.warnings})
     return plan
 
 

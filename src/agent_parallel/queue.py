@@ -40,7 +40,7 @@ MAX_ITEM_BYTES = 1024 * 1024
 MAX_ID_DIGITS = 9
 """Ids longer than this are refused, so every id stays an exact integer in JSON clients too."""
 
-WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config"})
+WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config", "stale_claim"})
 """Diagnostic kinds that are warnings; every other kind is an error that stops the item."""
 
 

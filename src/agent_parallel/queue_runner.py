@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from .claims import ClaimLost, move_item, parse_item_id
+from .claims import ClaimLost, move_item, parse_item_id, release_stale_claims
 from .config import MAX_PARALLEL_RANGE, Config
 from .errors import QueueError
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
@@ -82,7 +82,7 @@ async def launch_item(ctx: QueueContext, item: WorkItem, *, by: str,
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir = ctx.queue_dir
     path = await anyio.to_thread.run_sync(
-        lambda: move_item(queue_dir, ctx.runs_dir, item.id, "in_progress", by=by, expect="pending"))
+        lambda: move_item(queue_dir, ctx.runs_dir, item.id, "in_progress", by=by, expect="pending", owned=True))
     before = _file_state(path)
     env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
     upstream = [t for dep in item.blocked_by if (t := _latest_item_task(ctx.registry, format_id(dep)))]
@@ -195,6 +195,8 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
         missing = [format_id(i) for i in only if i not in graph.by_id]
         if missing:
             raise QueueError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
+    released = await anyio.to_thread.run_sync(lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir))
+    warnings += [f"item {item} ({file}) was {message}" for item, file, message in released]
     options = RunOptions(level=chosen_level, continue_on_error=coe, max_parallel=parallel, only=only)
     command = f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else "")
     task = await ctx.registry.launch(command=command, cwd=ctx.root, description="queue run", kind="run",

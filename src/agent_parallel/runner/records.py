@@ -64,6 +64,8 @@ class TaskRecord(BaseModel):
     signal: str | None = None
     pid: int | None = None
     pid_start: int | None = None  # start time of `pid` (clock ticks since boot), to recognise it after a crash
+    server_pid: int | None = None  # the server process that owns the task, and its start time:
+    server_start: int | None = None  # another live server's tasks are never touched
     output_bytes: int = 0
     dropped_bytes: int = 0
     tail_segments: list[int] = Field(default_factory=list)

@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
 from ..errors import ResourceLimitError, UnknownTask, UsageError
-from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, kill_stale_group
+from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, kill_stale_group, process_start_time
 from .logs import LogChunk, LogReader, LogWriter, recover_log_extent
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
 
@@ -64,6 +64,7 @@ class TaskRegistry:
         self.root, self.runs_dir, self.executor, self._tg = root, runs_dir, executor, tg
         self.settings = settings or RegistrySettings()
         self._new_task_id = new_id
+        self._server = (os.getpid(), process_start_time(os.getpid()))
         self._tasks: dict[str, Task] = {}
         self._closing = False
         self._load_history()
@@ -128,7 +129,8 @@ class TaskRegistry:
         shown = command if command is not None else " ".join(argv or [])
         record = TaskRecord(task_id=self._new_id(), kind=kind, command=shown, description=description,
                             cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
-                            after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file)
+                            after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file,
+                            server_pid=self._server[0], server_start=self._server[1])
         try:
             save_record(record, self.runs_dir)
         except OSError as exc:
@@ -199,9 +201,12 @@ class TaskRegistry:
 
     def _load_history(self) -> None:
         """Bring back earlier tasks; those that were live when their server died are interrupted,
-        and whatever is left of their processes (provably theirs) is killed."""
+        and whatever is left of their processes (provably theirs) is killed. Live tasks of
+        another server that is still running on this workspace are left alone (and not listed)."""
         for record in sorted(load_records(self.runs_dir), key=lambda r: r.created_at):
             if not record.status.is_done:
+                if self._owned_by_live_server(record):
+                    continue
                 if record.pid is not None and kill_stale_group(record.pid, record.pid_start):
                     log.warning("killed leftover processes of task %s from an earlier server", record.task_id)
                 record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
@@ -214,6 +219,12 @@ class TaskRegistry:
             task.done.set()
             self._tasks[record.task_id] = task
         self._prune()
+
+    def _owned_by_live_server(self, record: TaskRecord) -> bool:
+        if record.server_pid is None or record.server_start is None:
+            return False
+        return (record.server_pid, record.server_start) != self._server and \
+            process_start_time(record.server_pid) == record.server_start
 
     def _wake_queued(self, task: Task) -> None:
         if task.waker is not None:
