@@ -447,7 +447,8 @@ def _register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) ->
         lower bound, and a Mermaid flowchart. Call it before run_queue, or to pick items to
         launch yourself with launch_task(item=...).
         """
-        return await anyio.to_thread.run_sync(lambda: plan_workspace(root, queue_dir, max_parallel, reader))
+        return await anyio.to_thread.run_sync(
+            lambda: plan_workspace(root, queue_dir, max_parallel, reader, release_stale=True))
 
     @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
     async def queue_plan_resource() -> str:

@@ -47,9 +47,9 @@ from pydantic import Field, TypeAdapter, ValidationError
 from .errors import UnknownTask
 from .queue_runner import QueueRun
 from .results import LaunchResult, iso
-from .runner.records import TaskStatus
+from .runner.records import TaskRecord, TaskStatus
 from .runner.registry import Task, TaskRegistry
-from .server import MAX_PAGE_BYTES, Workspace, _view
+from .server import Workspace, _view
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class TasksExtension(Extension):
             if rec.status.is_done and (now - rec.created_at) * 1000 > self._ttl(rec):
                 del table[mcp_id]
 
-    def _ttl(self, rec: Any) -> int:
+    def _ttl(self, rec: TaskRecord) -> int:
         """At least ``ttl_ms`` from creation, and ``retain_after_end_ms`` past the end of the work."""
         end = rec.ended_at if rec.status.is_done and rec.ended_at is not None else time.time()
         return max(self.ttl_ms, int((end - rec.created_at) * 1000) + self.retain_after_end_ms)
@@ -210,8 +210,7 @@ class TasksExtension(Extension):
         ``isError`` is set when the work did not succeed.
         """
         try:
-            view = _view(ws, task, cursor=None, max_bytes=min(RESULT_BYTES, MAX_PAGE_BYTES), tail_lines=None,
-                         pattern=None)
+            view = _view(ws, task, cursor=None, max_bytes=RESULT_BYTES, tail_lines=None, pattern=None)
         except OSError as exc:
             raise MCPError(code=INTERNAL_ERROR, message=(
                 f"could not read the output of task {entry.task_id}: {exc.strerror or exc}; try tasks/get again")) from exc
