@@ -286,7 +286,12 @@ def _register_task_tools(server: MCPServer) -> None:
         else:
             finished = [t.done.is_set() for t in tasks]
             status = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
-        views = [_view(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern) for t in tasks]
+        def read_all() -> list[TaskView]:
+            return [_view(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
+                    for t in tasks]
+
+        # a filter scans the whole kept log (up to the cap): off the event loop, so other calls go on
+        views = await anyio.to_thread.run_sync(read_all) if pattern is not None else read_all()
         if task_id is not None:
             return TaskOutputResult(**views[0].model_dump(), retrieval_status=status)
         return TaskOutputResult(retrieval_status=status, tasks=views)
