@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,40 @@ def all_dead(pids: list[int]) -> bool:
 
 
 __all__ = ["call", "call_error", "alive", "read_pids", "all_dead"]
+
+
+class RawServer:
+    """The console script driven with raw JSON-RPC lines (2025-11-25 handshake), for tests that
+    signal or kill the server process itself. Use as a context manager: it always reaps it."""
+
+    SCRIPT = Path(sys.executable).parent / "agent-parallel"
+
+    def __init__(self, root: Path) -> None:
+        self.process = subprocess.Popen([str(self.SCRIPT), "serve", "--root", str(root)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._next_id = 0
+        self._request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                     "clientInfo": {"name": "raw-test", "version": "0"}})
+        self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def call_tool(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Call a tool; return the structured result."""
+        return self._request("tools/call", {"name": name, "arguments": arguments})["result"]["structuredContent"]
+
+    def _request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._next_id += 1
+        self._send({"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params})
+        assert self.process.stdout is not None
+        return json.loads(self.process.stdout.readline())
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(message) + "\n").encode())
+        self.process.stdin.flush()

@@ -23,7 +23,7 @@ from mcp import Client, StdioServerParameters
 from agent_parallel.runner.executor import LaunchSpec, LocalExecutor
 from agent_parallel.runner.logs import LogWriter
 from agent_parallel.runner.registry import RegistrySettings, open_registry
-from conftest import call, call_error
+from conftest import RawServer, call, call_error
 from queue_helpers import write_item
 
 SCRIPT = Path(sys.executable).parent / "agent-parallel"
@@ -293,26 +293,13 @@ def test_http_remote_binding_needs_flag_and_token(workspace):
 async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
     write_item(workspace, 1, "long", command="sleep 60", files=["a"])
     write_item(workspace, 2, "manual", files=["b"])
-    server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        def send(msg: dict) -> dict | None:
-            server.stdin.write((json.dumps(msg) + "\n").encode())
-            server.stdin.flush()
-            return json.loads(server.stdout.readline()) if "id" in msg else None
-
-        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
-        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "run_queue", "arguments": {}}})
-        send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
-            "name": "update_item", "arguments": {"item": "002", "status": "in_progress"}}})
+    with RawServer(workspace) as server:
+        server.call_tool("run_queue", {})
+        server.call_tool("update_item", {"item": "002", "status": "in_progress"})
         deadline = time.monotonic() + 10
         while not (workspace / ".agent/queue/001-in_progress-long.md").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-    finally:
-        server.kill()
-        server.wait()
+        server.process.kill()
     from agent_parallel.server import ServerSettings, build_server
 
     async with Client(build_server(workspace, ServerSettings())) as c:

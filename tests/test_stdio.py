@@ -14,11 +14,18 @@ import anyio
 import pytest
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
-from conftest import all_dead, read_pids
+from conftest import RawServer, all_dead, read_pids
 
 pytestmark = pytest.mark.anyio
 SCRIPT = Path(sys.executable).parent / "agent-parallel"
 TOOLS = {"launch_task", "task_output", "cancel_task", "list_tasks"}
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
 
 
 def params(root: Path) -> StdioServerParameters:
@@ -64,31 +71,14 @@ async def test_closing_stdin_stops_tasks_and_the_server(workspace):
 @pytest.mark.fault('SIGTERM to the server: its tasks are stopped and it exits within 2 s')
 def test_sigterm_stops_tasks_within_two_seconds(workspace):
     pids = workspace / "pids"
-    server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        def send(msg: dict) -> None:
-            server.stdin.write((json.dumps(msg) + "\n").encode())
-            server.stdin.flush()
-
-        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
-        server.stdout.readline()
-        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-            "name": "launch_task", "arguments": {"command": f"echo $$ > {pids}; exec sleep 60"}}})
-        server.stdout.readline()
-        deadline = time.monotonic() + 5
-        while not read_pids(pids) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with RawServer(workspace) as server:
+        server.call_tool("launch_task", {"command": f"echo $$ > {pids}; exec sleep 60"})
+        assert _wait_for(lambda: bool(read_pids(pids)))
         started = time.monotonic()
-        server.terminate()
-        server.wait(timeout=5)
+        server.process.terminate()
+        server.process.wait(timeout=5)
         assert time.monotonic() - started < 2
         assert all_dead(read_pids(pids))
-    finally:
-        server.kill()
-        server.wait()
 
 
 def _inspector() -> list[str]:
@@ -122,37 +112,16 @@ def test_inspector_lists_tools_and_launches(workspace):
     assert "give exactly one of `command` (a shell command) or `item` (a queue item id), not neither" in bad.stdout
 
 
-def _wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return predicate()
-
-
 @pytest.mark.fault('the server is SIGKILLed mid-task: no orphan processes, the task shows as interrupted with its output after a restart')
 def test_server_killed_with_sigkill_leaves_no_orphans_and_restart_shows_interrupted(workspace):
     pids = workspace / "pids"
-    server = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        def send(msg: dict) -> None:
-            server.stdin.write((json.dumps(msg) + "\n").encode())
-            server.stdin.flush()
-
-        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
-        server.stdout.readline()
-        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "launch_task", "arguments": {
-            "command": f"echo kept-output; sleep 60 & echo $! >> {pids}; sh -c 'echo $$ >> {pids}; trap \"\" TERM; sleep 60'"}}})
-        task_id = json.loads(server.stdout.readline())["result"]["structuredContent"]["task_id"]
+    with RawServer(workspace) as server:
+        task_id = server.call_tool("launch_task", {"command": (
+            f"echo kept-output; sleep 60 & echo $! >> {pids}; sh -c 'echo $$ >> {pids}; trap \"\" TERM; sleep 60'")})["task_id"]
         assert _wait_for(lambda: len(read_pids(pids)) == 2)
-        server.kill()
-        server.wait()
+        server.process.kill()
+        server.process.wait()
         assert _wait_for(lambda: all_dead(read_pids(pids))), "task processes outlived the SIGKILLed server"
-    finally:
-        server.kill()
-        server.wait()
 
     async def restarted() -> None:
         async with Client(params(workspace)) as client:
