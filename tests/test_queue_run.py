@@ -226,3 +226,20 @@ async def test_max_parallel_is_clamped_with_a_warning(client, workspace):
     run = await call(client, "run_queue", max_parallel=500)
     assert run["max_parallel"] == 64 and run["warnings"] == ["max_parallel 500 is outside 1..64; using 64"]
     await call(client, "task_output", task_id=run["run_id"])
+
+
+async def test_task_cap_reached_mid_run_fails_the_item_not_the_server(workspace):
+    from mcp import Client
+
+    from agent_parallel.server import ServerSettings, build_server
+
+    write_item(workspace, 1, "first", command="sleep 0.3", files=["a"])
+    write_item(workspace, 2, "second", command="sleep 0.3", files=["b"])
+    async with Client(build_server(workspace, ServerSettings(max_running=2))) as c:  # the run + one item
+        out = await run_to_end(c, level="L3", continue_on_error=True, max_parallel=2)
+        outcomes = by_item(out)
+        assert outcomes["001"]["outcome"] == "completed"
+        assert outcomes["002"]["outcome"] == "failed"
+        assert outcomes["002"]["reason"].startswith("could not start: 2 tasks are already queued or running (the limit is 2)")
+        assert statuses(workspace) == {"001": "completed", "002": "pending"}  # the claim was given back
+        assert (await call(c, "launch_task", command="echo alive", run_in_background=False))["output"] == "alive\n"

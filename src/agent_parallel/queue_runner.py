@@ -24,7 +24,8 @@ import anyio
 
 from .claims import ClaimLost, move_item, parse_item_id, release_stale_claims
 from .config import MAX_PARALLEL_RANGE, Config
-from .errors import QueueError
+from .errors import AgentParallelError, QueueError
+from .paths import resolve_inside
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .queue import QueueReader, WorkItem, format_id
 from .results import ItemOutcome, RunningItem, RunProgress
@@ -48,7 +49,7 @@ class QueueContext:
 
     @property
     def queue_dir(self) -> Path:
-        return (self.root / self.config.queue_dir).resolve()
+        return resolve_inside(self.root, self.config.queue_dir, "queue.dir in .agent/config.yaml")
 
     def graph(self, *, only: list[int] | None = None) -> QueueGraph:
         """The queue as a graph; with ``only``, just those items and the pending items they need."""
@@ -76,7 +77,7 @@ def check_ready(graph: QueueGraph, item_id: int) -> WorkItem:
     return item
 
 
-async def launch_item(ctx: QueueContext, item: WorkItem, *, by: str,
+async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str,
                       on_end: Callable[[Task, list[str]], None] | None = None) -> Task:
     """Claim ``item`` (pending → in_progress) and start it; when it ends, move it to completed/failed."""
     argv, timeout_s = _how_to_run(ctx.config, item)
@@ -85,9 +86,10 @@ async def launch_item(ctx: QueueContext, item: WorkItem, *, by: str,
         lambda: move_item(queue_dir, ctx.runs_dir, item.id, "in_progress", by=by, expect="pending", owned=True))
     before = _file_state(path)
     env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
-    upstream = [t for dep in item.blocked_by if (t := _latest_item_task(ctx.registry, format_id(dep)))]
-    if item.blocked_by:
-        env["AGENT_UPSTREAM_ITEMS"] = " ".join(format_id(dep) for dep in item.blocked_by)
+    waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
+    upstream = [t for dep in waits_on if (t := _latest_item_task(ctx.registry, format_id(dep)))]
+    if waits_on:
+        env["AGENT_UPSTREAM_ITEMS"] = " ".join(format_id(dep) for dep in waits_on)
     if upstream:
         env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(ctx.runs_dir / f"{t.record.task_id}.log") for t in upstream)
 
@@ -294,18 +296,18 @@ class QueueRun:
     async def _start(self, item_id: int) -> bool:
         item = self.graph.by_id[item_id]
         try:
-            task = await launch_item(self.ctx, item, by=self.by,
+            task = await launch_item(self.ctx, self.graph, item, by=self.by,
                                      on_end=lambda t, notes, i=item_id: self._on_end(i, t, notes))
         except ClaimLost as exc:
             self._record(item, "claimed_elsewhere", reason=str(exc))
             self._skip_dependents(item_id, f"{item.id_str} was claimed by someone else")
             return False
-        except QueueError as exc:
+        except AgentParallelError as exc:  # no runner, a cap reached, the server shutting down...
             self._record(item, "failed", reason=f"could not start: {exc}")
             self._failure(item_id, item)
             return False
         if self.first_start is None:
-            self.first_start = time.time()
+            self.first_start = task.record.started_at or time.time()
         self.running[item_id] = _Slot(item, task)
         self._write(f"started {item.id_str} ({item.title}) as task {task.record.task_id}")
         self._changed()
@@ -321,7 +323,7 @@ class QueueRun:
             slot = self.running.pop(item_id, None)
             item = slot.item if slot else self.graph.by_id[item_id]
             rec = task.record
-            self.last_end = time.time()
+            self.last_end = max(self.last_end or 0.0, rec.ended_at or time.time())
             lines = self.ctx.registry.read_output(task, cursor=None, max_bytes=4096, tail_lines=LAST_LINES,
                                                   pattern=None).text.splitlines()
             ok = rec.status == TaskStatus.COMPLETED

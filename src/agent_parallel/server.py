@@ -387,7 +387,7 @@ async def _launch_item(ws: Workspace, item: str) -> Task:
     queue = ws.queue()
     item_id = parse_item_id(item)
     graph = await anyio.to_thread.run_sync(queue.graph)
-    return await launch_item(queue, check_ready(graph, item_id), by="launch_task")
+    return await launch_item(queue, graph, check_ready(graph, item_id), by="launch_task")
 
 
 async def _wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, timeout: float, ctx: Context) -> bool:

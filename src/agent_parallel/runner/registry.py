@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
-from ..errors import ResourceLimitError, UnknownTask, UsageError
+from ..errors import InternalError, ResourceLimitError, UnknownTask, UsageError
 from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, kill_stale_group, process_start_time
 from .logs import LogChunk, LogReader, LogWriter, recover_log_extent
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
@@ -269,14 +269,20 @@ class TaskRegistry:
             task_status.started()
         handle = task.handle
         timed_out = False
-        with anyio.CancelScope(shield=True):  # only this coroutine decides how the task ends
-            with anyio.move_on_after(rec.timeout_s if rec.timeout_s is not None else math.inf) as scope:
-                info = await handle.wait()
-            if scope.cancelled_caught:
-                timed_out = True
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(handle.terminate, self.settings.kill_grace_s)
+        try:
+            with anyio.CancelScope(shield=True):  # only this coroutine decides how the task ends
+                with anyio.move_on_after(rec.timeout_s if rec.timeout_s is not None else math.inf) as scope:
                     info = await handle.wait()
+                if scope.cancelled_caught:
+                    timed_out = True
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(handle.terminate, self.settings.kill_grace_s)
+                        info = await handle.wait()
+        except Exception as exc:  # a bug in an executor must fail this task, not the server
+            log.exception("task %s: its executor failed", rec.task_id)
+            with anyio.CancelScope(shield=True):
+                await handle.terminate(self.settings.kill_grace_s)
+            return self._finish(task, TaskStatus.FAILED, reason=str(InternalError(f"the task's executor failed: {exc!r}")))
         rec.exit_code, rec.signal = info.exit_code, info.signal
         if self._closing:
             status, reason = TaskStatus.INTERRUPTED, "the server shut down while this task was running"
