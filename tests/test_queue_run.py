@@ -243,3 +243,17 @@ async def test_task_cap_reached_mid_run_fails_the_item_not_the_server(workspace)
         assert outcomes["002"]["reason"].startswith("could not start: 2 tasks are already queued or running (the limit is 2)")
         assert statuses(workspace) == {"001": "completed", "002": "pending"}  # the claim was given back
         assert (await call(c, "launch_task", command="echo alive", run_in_background=False))["output"] == "alive\n"
+
+
+async def test_an_item_ending_while_others_start_frees_its_slot_at_once(client, workspace):
+    """Regression: an end that happened while the run was launching other items went unnoticed
+    until some unrelated item ended (found by bench/bench_run.py)."""
+    write_item(workspace, 1, "first", command="sleep 0.3", files=["f1"], estimate="0.3s")
+    write_item(workspace, 2, "second", command="sleep 0.32", files=["f2"], estimate="0.32s")
+    for i in range(3, 15):
+        write_item(workspace, i, f"wide-{i}", command="sleep 1", blocked_by=[1], files=[f"w{i}"], estimate="1s")
+    write_item(workspace, 15, "quick", command="sleep 0.1", blocked_by=[2], files=["q"], estimate="0.1s")
+    out = await run_to_end(client, max_parallel=16)
+    outcomes = by_item(out)
+    waited = outcomes["015"]["started_at"] - outcomes["002"]["ended_at"]
+    assert waited < 0.2, f"015 waited {waited:.3f}s after 002 ended, with free slots"

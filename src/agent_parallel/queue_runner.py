@@ -266,11 +266,13 @@ class QueueRun:
     # -- the loop
     async def _loop(self) -> None:
         while True:
+            # Take the event before looking at anything: an item ending while we collect or start
+            # others sets this very event, so the wait below returns at once instead of missing it.
+            wake = self.changed
             self._collect_finished()
             started = await self._start_what_fits() if self.state == "running" else False
             if not self.running and not started and (self.state != "running" or self.held is None):
                 break  # nothing running, and nothing can start: either all done, or stuck behind others' work
-            wake = self.changed
             with anyio.move_on_after(self.ctx.registry.settings.admission_retry_s if self.held else math.inf):
                 await wake.wait()
         self.state = "finished"

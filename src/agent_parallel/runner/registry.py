@@ -67,6 +67,7 @@ class TaskRegistry:
         self._server = (os.getpid(), process_start_time(os.getpid()))
         self._tasks: dict[str, Task] = {}
         self._closing = False
+        self._active = 0  # tasks queued or running (kept, not counted, so launching stays O(1))
         self._load_history()
 
     # ----------------------------------------------------------------- queries
@@ -119,10 +120,9 @@ class TaskRegistry:
         """Register a task and start it (or queue it behind ``after``); returns once it is running."""
         if self._closing:
             raise UsageError("the server is shutting down; launch the task again after it restarts")
-        active = sum(1 for t in self._tasks.values() if not t.record.status.is_done)
-        if active >= self.settings.max_running:
+        if self._active >= self.settings.max_running:
             raise ResourceLimitError(
-                f"{active} tasks are already queued or running (the limit is {self.settings.max_running}); "
+                f"{self._active} tasks are already queued or running (the limit is {self.settings.max_running}); "
                 "wait for some with task_output or stop some with cancel_task"
             )
         predecessors = [self.get(p) for p in (after or [])]
@@ -138,6 +138,7 @@ class TaskRegistry:
                                      "free some disk space (or fix the directory's permissions) and launch again") from exc
         task = Task(record, on_finish=on_finish)
         self._tasks[record.task_id] = task
+        self._active += 1
         self._prune()
         spec = LaunchSpec(task_id=record.task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
                           stdin_path=stdin_path)
@@ -318,6 +319,7 @@ class TaskRegistry:
     def _finish(self, task: Task, status: TaskStatus, *, reason: str | None) -> None:
         rec = task.record
         now = time.time()
+        self._active -= 1
         rec.status, rec.reason, rec.ended_at = status, reason, now
         if task.log is not None:
             task.log.close()
