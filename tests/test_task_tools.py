@@ -260,3 +260,21 @@ async def test_parallel_execution_prompt_lists_and_renders(client):
     for phrase in ("Independence check", "Fork-join", 'wait="all"', "after=[", "queue_plan()", "run_queue",
                    "update_item", "L1/L2", "continue_on_error"):
         assert phrase in text
+
+
+async def test_a_held_start_answers_at_once_and_says_why(workspace):
+    """With the machine below its free-memory floor, launch_task answers at once with the task
+    queued and the reason; the task starts when the machine recovers, or can be cancelled."""
+    from mcp import Client
+
+    from agent_parallel.server import ServerSettings, build_server
+
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=1 << 60))) as c:
+        started = time.monotonic()
+        held = await call(c, "launch_task", command="echo never")
+        assert time.monotonic() - started < 0.5
+        assert held["status"] == "queued"
+        assert held["reason"].startswith("start held: available memory ")
+        assert "MiB is below autonomy.min_free_memory 1099511627776 MiB; waiting for it to recover" in held["reason"]
+        res = await call(c, "cancel_task", task_id=held["task_id"])
+        assert res["tasks"][0]["status"] == "cancelled" and res["tasks"][0]["reason"] == "cancelled while its start was held"

@@ -233,41 +233,53 @@ class TaskRegistry:
 
     async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: list[Task], executor: Executor,
                          *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run one task from start to end. ``launch`` returns once this calls ``answer()``: at once
+        when the task must wait (predecessors, a held start), else when its process is running."""
         rec = task.record
-        if predecessors:
-            task_status.started()
-            with anyio.CancelScope() as task.waker:
-                for p in predecessors:
-                    await p.done.wait()
-            if task.cancel_requested:
-                return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while waiting for its predecessors")
-            failed = [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]
-            if failed:
-                first = failed[0].record
-                return self._finish(task, TaskStatus.SKIPPED,
-                                    reason=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
-            spec.env.setdefault("AGENT_UPSTREAM_LOGS", os.pathsep.join(
-                str(self.runs_dir / f"{p.record.task_id}.log") for p in predecessors))
-        spec.env["AGENT_TASK_ID"] = rec.task_id
-        task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
-        if not await self._admit(task):
-            if not predecessors:
+        answered = False
+
+        def answer() -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
                 task_status.started()
-            return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
-        spawn_time = time.time()
+
         try:
-            task.handle = await executor.start(spec, task.log)
-        except SpawnError as exc:
-            task.log.write(f"agent-parallel: {exc}\n".encode())
-            self._finish(task, TaskStatus.FAILED, reason=str(exc))
-            if not predecessors:
-                task_status.started()
-            return
-        rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
-        rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
-        save_record(rec, self.runs_dir)
-        if not predecessors:
-            task_status.started()
+            if predecessors:
+                answer()
+                with anyio.CancelScope() as task.waker:
+                    for p in predecessors:
+                        await p.done.wait()
+                if task.cancel_requested:
+                    return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while waiting for its predecessors")
+                failed = [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]
+                if failed:
+                    first = failed[0].record
+                    return self._finish(task, TaskStatus.SKIPPED,
+                                        reason=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
+                spec.env.setdefault("AGENT_UPSTREAM_LOGS", os.pathsep.join(
+                    str(self.runs_dir / f"{p.record.task_id}.log") for p in predecessors))
+            spec.env["AGENT_TASK_ID"] = rec.task_id
+            task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
+            if not await self._admit(task, answer):
+                return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
+            spawn_time = time.time()
+            try:
+                task.handle = await executor.start(spec, task.log)
+            except SpawnError as exc:
+                task.log.write(f"agent-parallel: {exc}\n".encode())
+                return self._finish(task, TaskStatus.FAILED, reason=str(exc))
+            rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
+            rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
+            save_record(rec, self.runs_dir)
+        finally:
+            answer()
+        await self._watch(task)
+
+    async def _watch(self, task: Task) -> None:
+        """Wait for a running task to end (enforcing its timeout) and record how it ended."""
+        rec = task.record
+        assert task.handle is not None and task.log is not None
         handle = task.handle
         timed_out = False
         try:
@@ -300,14 +312,17 @@ class TaskRegistry:
             reason = f"exit code {info.exit_code}" if info.exit_code is not None else f"killed by {info.signal}"
         self._finish(task, status, reason=reason)
 
-    async def _admit(self, task: Task) -> bool:
+    async def _admit(self, task: Task, answer: Callable[[], None]) -> bool:
         """Hold the start while the admission check says so; False if cancelled meanwhile.
 
-        Memory and load have no event to wait on, so this re-checks every ``admission_retry_s``.
+        A held task is answered at once (status ``queued``, the reason says why). Memory and load
+        have no event to wait on, so this re-checks every ``admission_retry_s``.
         """
         check = self.settings.admission
         if check is None or not (why := check()):
             return True
+        task.record.reason = f"start held: {why}"
+        answer()
         with anyio.CancelScope() as task.waker:
             while why and not task.cancel_requested:
                 task.record.reason = f"start held: {why}"  # shown by task_output while queued
@@ -332,11 +347,19 @@ class TaskRegistry:
                 task.on_finish(task)
             except Exception:  # a follow-up failing must never leave waiters hanging
                 log.exception("follow-up of task %s failed [this is a bug: please report it]", rec.task_id)
-        task.done.set()  # waiters first: the durable save below is for crash recovery
-        try:
-            save_record(rec, self.runs_dir, durable=True)
-        except OSError as exc:
-            log.error("could not save the record of task %s: %s", rec.task_id, exc)
+        task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
+        if rec.kind != "run":  # a run's handle still answers progress(); a process handle is spent
+            task.handle = None
+        task.done.set()
+        self._tg.start_soon(self._save_final, rec)  # off the event loop: waiters resume at once
+
+    async def _save_final(self, rec: TaskRecord) -> None:
+        """Save a final record durably (fsync) in a worker thread, even while shutting down."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir, durable=True))
+            except OSError as exc:
+                log.error("could not save the record of task %s: %s", rec.task_id, exc)
 
 
 @asynccontextmanager
