@@ -76,6 +76,13 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
     return found[0]
 
 
+def _known_file(known: Path | None, item_id: int) -> tuple[Path, ItemName] | None:
+    if known is None or not known.exists():
+        return None
+    name = parse_file_name(known.name)
+    return (known, name) if isinstance(name, ItemName) and name.id == item_id else None
+
+
 def parse_item_id(text: str) -> int:
     """``"007"``, ``"7"`` and ``"#7"`` all mean item 7."""
     cleaned = text.strip().lstrip("#")
@@ -85,17 +92,20 @@ def parse_item_id(text: str) -> int:
 
 
 def move_item(queue_dir: Path, runs_dir: Path, item_id: int, to_status: str, *, by: str,
-              reason: str | None = None, expect: str | None = None, owned: bool = False) -> Path:
+              reason: str | None = None, expect: str | None = None, owned: bool = False,
+              known: Path | None = None) -> Path:
     """Move item ``item_id`` to ``to_status``; return its new path.
 
     ``expect`` (default: any status the transition table allows) is the status the caller
     believes the item has. ``owned``: this process carries the item out (a run or launch_task),
     so if the process dies the claim is stale (see ``release_stale_claims``). Raises
     ``ClaimLost`` when another claimant moved it first and ``BadTransition`` when the move is not
-    allowed from the current status.
+    allowed from the current status. ``known``: where the caller last saw the file; used
+    without listing the directory when it is still there (a run moves each item twice, and
+    listing is O(queue size) under the lock).
     """
     with queue_lock(runs_dir):
-        path, name = find_item(queue_dir, item_id)
+        path, name = _known_file(known, item_id) or find_item(queue_dir, item_id)
         _check_transition(runs_dir, name, to_status, expect)
         target = path.with_name(f"{name.id_str}-{to_status}-{name.slug}.md")
         try:

@@ -83,7 +83,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir = ctx.queue_dir
     path = await anyio.to_thread.run_sync(
-        lambda: move_item(queue_dir, ctx.runs_dir, item.id, "in_progress", by=by, expect="pending", owned=True))
+        lambda: move_item(queue_dir, ctx.runs_dir, item.id, "in_progress", by=by, expect="pending", owned=True,
+                          known=queue_dir / item.file))
     before = _file_state(path)
     env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
@@ -98,7 +99,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         notes = _item_file_notes(path, before)
         try:
             move_item(queue_dir, ctx.runs_dir, item.id, "completed" if ok else "failed", by=by,
-                      reason=task.record.reason, expect="in_progress")
+                      reason=task.record.reason, expect="in_progress", known=path)
         except QueueError as exc:
             notes.append(f"its status could not be recorded in the queue: {exc}")
         if notes:
@@ -115,7 +116,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     except Exception:
         # not started (a cap was reached...): give the claim back so the item is not stuck
         await anyio.to_thread.run_sync(lambda: move_item(queue_dir, ctx.runs_dir, item.id, "pending", by=by,
-                                                         reason="could not start", expect="in_progress"))
+                                                         reason="could not start", expect="in_progress", known=path))
         raise
 
 
