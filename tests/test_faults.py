@@ -89,7 +89,7 @@ async def test_record_write_failure_is_a_clear_error(workspace):
         with pytest.raises(ResourceLimitError, match=r"^cannot write the task record in .*: No space left on device; "
                                                      r"free some disk space"):
             await registry.launch(command="touch started", cwd=workspace)
-        assert not (workspace / "started").exists() and registry.list() == []
+        assert not (workspace / "started").exists() and registry.list() == ([], 0)
 
 
 @pytest.mark.anyio

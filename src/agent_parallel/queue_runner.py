@@ -131,7 +131,7 @@ def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float
 
 
 def _latest_item_task(registry: TaskRegistry, item_id: str) -> Task | None:
-    for task in registry.list(limit=10**9):
+    for task in registry.newest_first():
         if task.record.item_id == item_id and task.record.kind == "item" and task.record.status == TaskStatus.COMPLETED:
             return task
     return None

@@ -42,6 +42,7 @@ from .results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskLis
                       TaskView, iso)
 from .runner.admission import admission_check
 from .runner.executor import Executor
+from .runner.records import TaskStatus
 from .runner.registry import RegistrySettings, Task, TaskRegistry, open_registry, wait_any
 
 log = logging.getLogger(__name__)
@@ -345,8 +346,6 @@ def _register_task_tools(server: MCPServer) -> None:
         with task_output or stop it with cancel_task.
         """
         ws = _ws(ctx)
-        from .runner.records import TaskStatus
-
         known = {s.value for s in TaskStatus}
         wanted = set(status or [])
         if wanted - known:
@@ -355,13 +354,13 @@ def _register_task_tools(server: MCPServer) -> None:
             raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
         if offset < 0:
             raise UsageError(f"offset must be >= 0 (got {offset})")
-        everything = ws.registry.list(wanted or None, limit=10**9)
-        return TaskList(total=len(everything), tasks=[
+        page, total = ws.registry.list(wanted or None, limit=limit, offset=offset)
+        return TaskList(total=total, tasks=[
             TaskSummary(task_id=t.record.task_id, status=t.record.status, description=t.record.description,
                         command=t.record.command, exit_code=t.record.exit_code, signal=t.record.signal,
                         created_at=iso(t.record.created_at), duration_s=t.record.duration_s,
                         last_line=ws.registry.last_line(t))
-            for t in everything[offset:offset + limit]])
+            for t in page])
 
 
 def _register_task_resources(server: MCPServer) -> None:

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,11 +77,16 @@ class TaskRegistry:
         except KeyError:
             raise UnknownTask(task_id) from None
 
-    def list(self, statuses: set[str] | None = None, limit: int = 50) -> list[Task]:
-        tasks = sorted(self._tasks.values(), key=lambda t: t.record.created_at, reverse=True)
-        if statuses:
-            tasks = [t for t in tasks if t.record.status in statuses]
-        return tasks[:limit]
+    def newest_first(self, statuses: set[str] | None = None) -> Iterator[Task]:
+        """Tasks from the newest, optionally only in ``statuses`` (insertion order is creation order)."""
+        for task in reversed(self._tasks.values()):
+            if not statuses or task.record.status in statuses:
+                yield task
+
+    def list(self, statuses: set[str] | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Task], int]:
+        """A page of tasks, newest first, and how many match in all."""
+        matching = list(self.newest_first(statuses))
+        return matching[offset:offset + limit], len(matching)
 
     def reader(self, task: Task) -> LogReader:
         rec = task.record
