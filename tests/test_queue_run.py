@@ -257,3 +257,18 @@ async def test_an_item_ending_while_others_start_frees_its_slot_at_once(client, 
     outcomes = by_item(out)
     waited = outcomes["015"]["started_at"] - outcomes["002"]["ended_at"]
     assert waited < 0.2, f"015 waited {waited:.3f}s after 002 ended, with free slots"
+
+
+async def test_blocking_on_a_run_sends_progress_notifications(client, workspace):
+    fork_join(workspace)
+    run = await call(client, "run_queue")
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    result = await client.call_tool("task_output", {"task_id": run["run_id"]}, progress_callback=on_progress)
+    assert result.structured_content["status"] == "completed"
+    assert seen and seen[-1][0] == seen[-1][1] == 4
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
+    assert seen[-1][2] == f"run {run['run_id']}: 4 completed"
