@@ -291,7 +291,7 @@ def _register_task_tools(server: MCPServer) -> None:
             finished = [t.done.is_set() for t in tasks]
             status = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
         def read_all() -> list[TaskView]:
-            return [_view(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
+            return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
                     for t in tasks]
 
         # a filter scans the whole kept log (up to the cap): off the event loop, so other calls go on
@@ -367,7 +367,7 @@ def _register_task_resources(server: MCPServer) -> None:
     @server.resource("task://{task_id}", mime_type="application/json", title="Task record")
     async def task_record(task_id: str, ctx: Context) -> str:
         """A task's record: command, status, times, exit code, output size."""
-        return _view(_ws(ctx), _resource_task(ctx, task_id), cursor=None, max_bytes=1, tail_lines=0,
+        return view_task(_ws(ctx), _resource_task(ctx, task_id), cursor=None, max_bytes=1, tail_lines=0,
                      pattern=None).model_dump_json(exclude={"output", "cursor", "next_cursor"})
 
     @server.resource("task://{task_id}/output", mime_type="text/plain", title="Task output")
@@ -381,7 +381,7 @@ async def _launch_answer(ws: Workspace, task: Task, run_in_background: bool) -> 
     if run_in_background:
         return LaunchResult.of(task.record)
     done = await ws.registry.wait([task], mode="all", timeout=ws.settings.wait_cap_s)
-    view = _view(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None)
+    view = view_task(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None)
     return LaunchResult(**view.model_dump(), retrieval_status="success" if done else "timeout")
 
 
@@ -423,8 +423,9 @@ def _resource_task(ctx: Context, task_id: str) -> Task:
         raise ResourceNotFoundError(str(exc)) from exc
 
 
-def _view(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
-          pattern: re.Pattern[str] | None) -> TaskView:
+def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
+              pattern: re.Pattern[str] | None) -> TaskView:
+    """A task as ``task_output`` shows it: state, a page of output and, for a run, its progress."""
     chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
     if isinstance(task.handle, QueueRun):
         run = task.handle.progress()

@@ -49,7 +49,7 @@ from .queue_runner import QueueRun
 from .results import LaunchResult, iso
 from .runner.records import TaskRecord, TaskStatus
 from .runner.registry import Task, TaskRegistry
-from .server import Workspace, _view
+from .server import Workspace, view_task
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class TasksExtension(Extension):
         ``isError`` is set when the work did not succeed.
         """
         try:
-            view = _view(ws, task, cursor=None, max_bytes=RESULT_BYTES, tail_lines=None, pattern=None)
+            view = view_task(ws, task, cursor=None, max_bytes=RESULT_BYTES, tail_lines=None, pattern=None)
         except OSError as exc:
             raise MCPError(code=INTERNAL_ERROR, message=(
                 f"could not read the output of task {entry.task_id}: {exc.strerror or exc}; try tasks/get again")) from exc
