@@ -5,6 +5,7 @@ written to docs/reliability.md by conftest.py."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -141,21 +143,46 @@ def test_fifty_claimers_over_a_thousand_items(workspace):
 @pytest.mark.fault("1,000 concurrent blocking task_output calls: launch_task still answers fast; cancelled waiters leave nothing behind")
 async def test_thousand_blocking_waiters_do_not_stall_other_calls(client):
     sleeper = (await call(client, "launch_task", command="sleep 60"))["task_id"]
+
+    async def with_thousand_waiters(during) -> None:  # type: ignore[no-untyped-def]
+        with anyio.CancelScope() as waiters:
+            async with anyio.create_task_group() as tg:
+                for _ in range(1000):
+                    tg.start_soon(client.call_tool, "task_output", {"task_id": sleeper, "timeout": 45})
+                await anyio.sleep(1.0)
+                await during()
+                waiters.cancel()  # the client cancels its 1,000 requests
+
+    async def launch_quickly() -> None:
+        started = time.monotonic()
+        quick = await call(client, "launch_task", command="echo quick", run_in_background=False)
+        elapsed = time.monotonic() - started
+        assert quick["output"] == "quick\n"
+        assert elapsed < 0.1, f"launch_task took {elapsed * 1000:.0f} ms beside 1,000 waiters"
+
     baseline = len(asyncio.all_tasks())
-    with anyio.CancelScope() as waiters_scope:
-        async with anyio.create_task_group() as tg:
-            for _ in range(1000):
-                tg.start_soon(client.call_tool, "task_output", {"task_id": sleeper, "timeout": 45})
-            await anyio.sleep(1.0)
-            started = time.monotonic()
-            quick = await call(client, "launch_task", command="echo quick", run_in_background=False)
-            elapsed = time.monotonic() - started
-            assert quick["output"] == "quick\n"
-            assert elapsed < 0.5, f"launch_task took {elapsed * 1000:.0f} ms beside 1,000 waiters"
-            waiters_scope.cancel()  # the client cancels its 1,000 requests
+    await with_thousand_waiters(launch_quickly)
     with anyio.fail_after(10):
         while len(asyncio.all_tasks()) > baseline + 5:
             await anyio.sleep(0.05)
+
+    # Again, tracing allocations: what 1,000 cancelled waiters held is released.
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+
+    async def nothing() -> None:
+        pass
+
+    await with_thousand_waiters(nothing)
+    with anyio.fail_after(10):
+        while len(asyncio.all_tasks()) > baseline + 5:
+            await anyio.sleep(0.05)
+    gc.collect()
+    after, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak - before > 1_000_000  # the waiters really held memory ...
+    assert after - before < 1_000_000, f"{(after - before) / 1e6:.1f} MB not released"  # ... and gave it back
     await call(client, "cancel_task", task_id=sleeper)
 
 
