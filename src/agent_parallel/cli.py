@@ -1,4 +1,5 @@
-"""The ``agent-parallel`` command: ``serve`` the MCP server, ``plan`` the queue.
+"""The ``agent-parallel`` command: ``serve`` the MCP server; ``plan``, ``run``, ``demo``, ``report``
+and ``status`` for the work queue from a terminal.
 
 Argument parsing and printing only; the work is done by the server, the planner and the runner.
 """
