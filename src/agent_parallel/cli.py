@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agent-parallel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="agent-parallel", description=(
+        "Background tasks and a dependency-aware parallel work queue for MCP coding agents."))
     parser.add_argument("--version", action="version", version=f"agent-parallel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
