@@ -22,8 +22,6 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from agent_parallel.runner.executor import LaunchSpec, LocalExecutor
-from agent_parallel.runner.logs import LogWriter
 from agent_parallel.runner.registry import RegistrySettings, open_registry
 from conftest import RawServer, call, call_error
 from queue_helpers import write_item

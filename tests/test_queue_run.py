@@ -163,7 +163,7 @@ async def test_runner_gets_item_on_stdin_and_fields_only_in_env(client, workspac
 
 @pytest.mark.fault('a queue item file deleted while it runs: no crash, the report says so')
 async def test_item_deleted_mid_run_is_reported(client, workspace):
-    write_item(workspace, 1, "vanish", command=f"sleep 0.3", files=["a"])
+    write_item(workspace, 1, "vanish", command="sleep 0.3", files=["a"])
     run = await call(client, "run_queue")
     await anyio.sleep(0.1)
     (workspace / ".agent/queue/001-in_progress-vanish.md").unlink()

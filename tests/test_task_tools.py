@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import anyio
 import pytest
 
-from conftest import all_dead, call, call_error, read_pids
+from conftest import all_dead, call, read_pids
 
 pytestmark = pytest.mark.anyio
 PY = sys.executable

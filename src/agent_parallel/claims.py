@@ -202,7 +202,7 @@ def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str
     """
     if not queue_dir.is_dir():
         return []
-    in_progress = [(entry.name, name) for entry in os.scandir(queue_dir)
+    in_progress = [name for entry in os.scandir(queue_dir)
                    if entry.name.endswith(".md") and isinstance(name := parse_file_name(entry.name), ItemName)
                    and name.status == "in_progress"]
     if not in_progress:
@@ -212,7 +212,7 @@ def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str
         if move.get("to") == "in_progress":
             last_claim[move.get("item")] = move
     released = []
-    for file_name, name in in_progress:
+    for name in in_progress:
         claim = last_claim.get(name.id_str)
         if not claim or "pid" not in claim or _alive(claim["pid"], claim.get("pid_start")):
             continue
