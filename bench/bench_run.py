@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
+from bench_common import pct
 import yaml
 from mcp import Client, StdioServerParameters
 from rich.console import Console
@@ -224,15 +225,6 @@ class ToolFailed(Exception):
 
 def iso_to_epoch(s: str | None) -> float | None:
     return None if not s else datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
-    return s[k]
 
 
 async def call(c: Client, name: str, args: dict[str, Any]) -> dict[str, Any]:

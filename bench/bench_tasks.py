@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
+from bench_common import pct
 from mcp import Client, StdioServerParameters
 from rich.console import Console
 from rich.markup import escape
@@ -70,15 +71,6 @@ class Report:
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         self.rows.append(Row(*args, **kwargs))
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
-    return s[k]
 
 
 def ms(x: float) -> str:

@@ -247,18 +247,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(host: str, port: int, timeout: float = 15) -> None:
+    """Until the server accepts connections (it binds after start-up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def http_server(workspace):
     port = free_port()
     proc = subprocess.Popen([str(SCRIPT), "serve", "--root", str(workspace), "--transport", "http", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_for_port("127.0.0.1", port)
     yield port
     proc.terminate()
     proc.wait(timeout=10)
@@ -297,13 +302,7 @@ def test_http_remote_binding_needs_flag_and_token(workspace):
     proc = subprocess.Popen([*base, "--allow-remote"], env={**env, "AGENT_PARALLEL_TOKEN": token},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.2", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port("127.0.0.2", port)
         assert post(port, {}, host="127.0.0.2") == 401
         assert post(port, {"Authorization": "Bearer wrong-token-wrong-token"}, host="127.0.0.2") == 401
         assert post(port, {"Authorization": f"Bearer {token}"}, host="127.0.0.2") == 200
