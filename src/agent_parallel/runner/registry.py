@@ -68,6 +68,9 @@ class TaskRegistry:
         self._tasks: dict[str, Task] = {}
         self._closing = False
         self._active = 0  # tasks queued or running (kept, not counted, so launching stays O(1))
+        self._saving = 0  # final records being written in worker threads
+        self._saved = anyio.Event()  # set whenever no final record is being written
+        self._saved.set()
         self._load_history()
 
     # ----------------------------------------------------------------- queries
@@ -187,6 +190,7 @@ class TaskRegistry:
         with anyio.move_on_after(1.0):
             for task in live:
                 await task.done.wait()
+            await self._saved.wait()  # the process may exit right after: final records first
 
     # ----------------------------------------------------------------- internals
     def _new_id(self) -> str:
@@ -356,15 +360,24 @@ class TaskRegistry:
         if rec.kind != "run":  # a run's handle still answers progress(); a process handle is spent
             task.handle = None
         task.done.set()
+        if self._saving == 0:
+            self._saved = anyio.Event()
+        self._saving += 1
         self._tg.start_soon(self._save_final, rec)  # off the event loop: waiters resume at once
 
     async def _save_final(self, rec: TaskRecord) -> None:
-        """Save a final record durably (fsync) in a worker thread, even while shutting down."""
+        """Save a final record durably (fsync) in a worker thread, even while shutting down.
+
+        ``_finish`` counted it in ``_saving`` already, so ``shutdown`` can wait for it."""
         with anyio.CancelScope(shield=True):
             try:
                 await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir, durable=True))
             except OSError as exc:
                 log.error("could not save the record of task %s: %s", rec.task_id, exc)
+            finally:
+                self._saving -= 1
+                if self._saving == 0:
+                    self._saved.set()
 
 
 @asynccontextmanager
