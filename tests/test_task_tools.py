@@ -277,3 +277,21 @@ async def test_a_held_start_answers_at_once_and_says_why(workspace):
         assert "MiB is below autonomy.min_free_memory 1099511627776 MiB; waiting for it to recover" in held["reason"]
         res = await call(c, "cancel_task", task_id=held["task_id"])
         assert res["tasks"][0]["status"] == "cancelled" and res["tasks"][0]["reason"] == "cancelled while its start was held"
+
+
+async def test_a_capped_log_reads_back_after_the_cap_setting_changes(workspace):
+    """The head/tail split is read with the cap the log was written with, not today's setting."""
+    from mcp import Client
+
+    from agent_parallel.server import ServerSettings, build_server
+
+    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4096))) as c:
+        tid = await launch(c, "seq 1 100000")
+        await call(c, "task_output", task_id=tid)
+    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=1 << 20))) as c:
+        head = await call(c, "task_output", task_id=tid, cursor=0, max_bytes=4096)
+        assert head["output"].startswith("1\n2\n3\n") and head["next_cursor"] == 2048
+        after_head = await call(c, "task_output", task_id=tid, cursor=head["next_cursor"], max_bytes=100)
+        assert after_head["output"] and after_head["cursor"] > 2048  # paging goes on past the dropped gap
+        tail = await call(c, "task_output", task_id=tid, max_bytes=13)
+        assert tail["output"] == "99999\n100000\n"

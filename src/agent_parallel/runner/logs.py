@@ -30,6 +30,11 @@ def tail_segment_path(runs_dir: Path, task_id: str, start: int) -> Path:
     return runs_dir / f"{task_id}.{start}.log"
 
 
+def head_cap(cap_bytes: int) -> int:
+    """Bytes of a log's start kept in ``<id>.log`` for a log capped at ``cap_bytes``."""
+    return max(cap_bytes // 2, 1)
+
+
 def recover_log_extent(runs_dir: Path, task_id: str, head_cap: int) -> tuple[int, list[int], int]:
     """For a log whose writer died (server crash): (total bytes, tail segment starts, dropped bytes)."""
     head = log_paths(runs_dir, task_id)[0]
@@ -48,7 +53,7 @@ class LogWriter:
 
     def __init__(self, runs_dir: Path, task_id: str, cap_bytes: int) -> None:
         self.runs_dir, self.task_id = runs_dir, task_id
-        self.head_cap = max(cap_bytes // 2, 1)
+        self.head_cap = head_cap(cap_bytes)
         self.segment_cap = max(cap_bytes // 4, 1)
         self.total = 0
         self.dropped = 0

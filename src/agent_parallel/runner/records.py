@@ -67,6 +67,7 @@ class TaskRecord(BaseModel):
     server_pid: int | None = None  # the server process that owns the task, and its start time:
     server_start: int | None = None  # another live server's tasks are never touched
     output_bytes: int = 0
+    log_cap_bytes: int | None = None  # the cap the log was written with (the config may change later)
     dropped_bytes: int = 0
     tail_segments: list[int] = Field(default_factory=list)
     reason: str | None = None  # why it was skipped, failed to start, interrupted ...

@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
 from ..errors import InternalError, ResourceLimitError, UnknownTask, UsageError
 from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, kill_stale_group, process_start_time
-from .logs import LogChunk, LogReader, LogWriter, recover_log_extent
+from .logs import LogChunk, LogReader, LogWriter, head_cap, recover_log_extent
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,10 @@ class TaskRegistry:
         rec = task.record
         if task.log is not None:
             return LogReader(self.runs_dir, rec.task_id, task.log.total, task.log.head_cap, list(task.log.segments))
-        return LogReader(self.runs_dir, rec.task_id, rec.output_bytes, self.settings.log_cap_bytes // 2, rec.tail_segments)
+        return LogReader(self.runs_dir, rec.task_id, rec.output_bytes, self._head_cap(rec), rec.tail_segments)
+
+    def _head_cap(self, rec: TaskRecord) -> int:
+        return head_cap(rec.log_cap_bytes or self.settings.log_cap_bytes)
 
     def read_output(self, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
                     pattern: re.Pattern[str] | None) -> LogChunk:
@@ -138,7 +141,8 @@ class TaskRegistry:
         record = TaskRecord(task_id=self._new_id(), kind=kind, command=shown, description=description,
                             cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
                             after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file,
-                            server_pid=self._server[0], server_start=self._server[1])
+                            server_pid=self._server[0], server_start=self._server[1],
+                            log_cap_bytes=self.settings.log_cap_bytes)
         try:
             save_record(record, self.runs_dir)
         except OSError as exc:
@@ -222,7 +226,7 @@ class TaskRegistry:
                 if record.pid is not None and kill_stale_group(record.pid, record.pid_start):
                     log.warning("killed leftover processes of task %s from an earlier server", record.task_id)
                 record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
-                    self.runs_dir, record.task_id, self.settings.log_cap_bytes // 2)
+                    self.runs_dir, record.task_id, self._head_cap(record))
                 record.status = TaskStatus.INTERRUPTED
                 record.ended_at = record.ended_at or time.time()
                 record.reason = "the server stopped while this task was live"
