@@ -1,4 +1,5 @@
-"""The MCP tasks extension (SEP-2663): launch_task and run_queue as tasks, polled with tasks/get.
+"""The MCP tasks extension (SEP-2663): launch_task(run_in_background=false) and run_queue as tasks,
+polled with tasks/get; a background launch_task answers at once whatever the client declares.
 
 Driven by the SDK's own client declaring the extension (a ``ClientExtension`` with a
 ``ResultClaim("task")`` whose resolver polls ``tasks/get``), in memory and over stdio, with real
@@ -127,7 +128,9 @@ async def cancel_task(session: Any, task_id: str) -> Ack:
 
 
 async def start(client: Client, tool: str, **args: Any) -> CreatedTask:
-    """Call a tool and keep the raw task handle (no transparent resolution)."""
+    """Call a tool and keep the raw task handle (no transparent resolution); launch_task waits for its result."""
+    if tool == "launch_task":
+        args.setdefault("run_in_background", False)  # only a call that waits for its result becomes a task
     created = await client.session.call_tool(tool, args, allow_claimed=True)
     assert isinstance(created, CreatedTask), created
     return created
@@ -172,7 +175,7 @@ async def test_launch_task_result_arrives_transparently(server):
     ext = TasksClient()
     async with Client(server, extensions=[ext]) as client:
         assert TASKS in client.server_capabilities.extensions
-        result = await client.call_tool("launch_task", {"command": "sleep 0.4; echo hello"})
+        result = await client.call_tool("launch_task", {"command": "sleep 0.4; echo hello", "run_in_background": False})
     assert not result.is_error
     out = result.structured_content
     assert out["status"] == "completed" and out["exit_code"] == 0 and out["output"] == "hello\n"
@@ -213,8 +216,8 @@ async def test_failed_and_timed_out_commands_complete_with_is_error(server):
             slot[0] = await client.call_tool("launch_task", args)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(functools.partial(run, failed, command="echo oops >&2; exit 3"))
-            tg.start_soon(functools.partial(run, timed_out, command="sleep 30", timeout_s=0.3))
+            tg.start_soon(functools.partial(run, failed, command="echo oops >&2; exit 3", run_in_background=False))
+            tg.start_soon(functools.partial(run, timed_out, command="sleep 30", timeout_s=0.3, run_in_background=False))
     # SEP-2663: `failed` is for JSON-RPC errors only; a tool-level failure is `completed` + isError
     assert {s.status for s in ext.states} <= {"working", "completed"}
     assert failed[0].is_error and timed_out[0].is_error
@@ -250,7 +253,7 @@ async def test_cancel_task_tool_shows_as_cancelled_to_a_transparent_caller(serve
             results = []
 
             async def waiter():
-                results.append(await client.call_tool("launch_task", {"command": "sleep 60"}))
+                results.append(await client.call_tool("launch_task", {"command": "sleep 60", "run_in_background": False}))
 
             tg.start_soon(waiter)
             with anyio.fail_after(5):
@@ -297,11 +300,11 @@ async def test_update_is_acknowledged_with_a_note_and_unknown_ids_are_errors(ser
 async def test_errors_before_the_start_stay_synchronous(server):
     ext = TasksClient()
     async with Client(server, extensions=[ext]) as client:
-        bad = await client.call_tool("launch_task", {"command": "echo", "item": "001"})
-        inline = await client.call_tool("launch_task", {"command": "echo inline", "run_in_background": False})
+        bad = await client.call_tool("launch_task", {"command": "echo", "item": "001", "run_in_background": False})
+        worse = await client.call_tool("launch_task", {"command": "echo", "run_in_background": "maybe"})
         other = await client.call_tool("list_tasks", {})
     assert bad.is_error and "exactly one of" in bad.content[0].text
-    assert inline.structured_content["output"] == "inline\n" and inline.structured_content["retrieval_status"] == "success"
+    assert worse.is_error and "run_in_background" in worse.content[0].text
     assert not other.is_error
     assert ext.created == []  # none of these became a task
 
@@ -347,8 +350,8 @@ async def test_stdio_task_result_polling_and_cancel(workspace):
     pids = workspace / "pids"
     async with Client(stdio(workspace), extensions=[ext]) as client:
         assert TASKS in client.server_capabilities.extensions
-        ok = await client.call_tool("launch_task", {"command": "sleep 0.3; echo over-stdio"})
-        bad = await client.call_tool("launch_task", {"command": "exit 7"})
+        ok = await client.call_tool("launch_task", {"command": "sleep 0.3; echo over-stdio", "run_in_background": False})
+        bad = await client.call_tool("launch_task", {"command": "exit 7", "run_in_background": False})
         created = await start(client, "launch_task", command=f"sleep 60 & echo $! > {pids}; echo $$ >> {pids}; wait")
         tree = await wait_for_pids(pids, 2)
         await cancel_task(client.session, created.task_id)

@@ -2,10 +2,14 @@
 
 Why: a client that declares ``io.modelcontextprotocol/tasks`` (protocol 2026-07-28) can hand long
 work to the server and poll for it with ``tasks/get`` instead of holding a ``tools/call`` open or
-learning our own ``task_output`` loop. ``launch_task`` and ``run_queue`` already run in the
-background, so the extension adds no second runner: the tool starts the work as usual, the MCP
-task is a handle on the registry task it started, and ``tasks/get`` reports the registry's state
-without waiting (registry waits are event-driven, so polling is cheap and ``pollIntervalMs`` short).
+learning our own ``task_output`` loop. Only calls that would wait for a result become tasks:
+``launch_task(run_in_background=false)`` and ``run_queue`` (whose result is its report). A
+background ``launch_task`` answers at once with its ``task_id`` whatever the client declares: made a
+task, a client that resolves tasks transparently would wait for the command's end. The extension
+adds no second runner: the tool starts the work in the background as usual (a waiting
+``launch_task`` is told not to wait), the MCP task is a handle on the registry task it started, and
+``tasks/get`` reports the registry's state without waiting (registry waits are event-driven, so
+polling is cheap and ``pollIntervalMs`` short).
 
 Mapping, following the SEP's vocabulary:
 
@@ -20,6 +24,13 @@ Caller scoping: a 2026-07-28 request carries no session or connection id (the SD
 ``Connection`` per request), so a task is bound to the authenticated principal when the transport
 has one (HTTP with a token) and otherwise to an unguessable MCP task id: ``<registry id>.<128
 random bits>``. Knowing a registry id (``list_tasks`` shows them to anyone) does not find the task.
+
+Routing header: over streamable HTTP, ``tasks/get|update|cancel`` must carry ``Mcp-Name: <taskId>``
+(SEP-2663, with SEP-2243's rule that the server rejects a header that is missing or disagrees with
+the body): anything else is -32020 (HeaderMismatch), which the SDK's HTTP entry sends as HTTP 400,
+and nothing is read or changed. The SDK checks ``Mcp-Name`` only for ``tools/call``,
+``prompts/get`` and ``resources/read``, so the extension checks its own methods. Over stdio (and in
+memory) there are no headers and nothing to check: the header is an HTTP transport rule.
 
 Clients that do not declare the extension, and every handshake-era (2025) connection, see no change.
 """
@@ -41,7 +52,8 @@ from mcp.server.extension import Extension, MethodBinding
 from mcp.server.mcpserver import require_client_extension
 from mcp.server.request_state import authenticated_principal
 from mcp.types import CallToolRequestParams, CallToolResult, TextContent
-from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, RequestParams
+from mcp.shared.inbound import MCP_NAME_HEADER, decode_header_value
+from mcp_types import HEADER_MISMATCH, INTERNAL_ERROR, INVALID_PARAMS, RequestParams
 from pydantic import Field, TypeAdapter, ValidationError
 
 from .errors import UnknownTask
@@ -58,6 +70,9 @@ PROTOCOL_VERSIONS = frozenset({"2026-07-28"})
 TASK_TOOLS = {"launch_task": "task_id", "run_queue": "run_id"}  # tool -> the field naming the registry task
 NOTE_KEY = "io.github.agent-parallel/note"
 RESULT_BYTES = 16384  # output inlined in a finished task's result: what launch_task(run_in_background=false) shows
+# tasks/cancel acknowledges once the task has ended, waiting at most this long beyond the kill grace: a task
+# that cannot end (a process in uninterruptible sleep survives SIGKILL) must not hold the request forever.
+CANCEL_WAIT_S = 60.0
 
 
 class TaskIdParams(RequestParams):
@@ -104,9 +119,13 @@ class TasksExtension(Extension):
     # ------------------------------------------------------------------ tools/call
     async def intercept_tool_call(self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any],
                                   call_next: CallNext) -> HandlerResult:
-        """Run the tool as usual; if it started background work for a declaring client, answer with a task."""
+        """Run the tool as usual; if the call waits for a result and the client declared tasks, answer with a task."""
         if not _wants_task(params, ctx):
             return await call_next(ctx)
+        if params.name == "launch_task":
+            # The wait moves to tasks/get, so the tool must start the work and answer at once. The SDK invokes the
+            # tool with this very params object (see Extension.intercept_tool_call), so the rewrite reaches it.
+            params.arguments = {**(params.arguments or {}), "run_in_background": True}
         result = await call_next(ctx)
         # Argument and launch errors stay synchronous: no task exists for work that never started.
         if not isinstance(result, CallToolResult) or result.is_error or not result.structured_content:
@@ -120,12 +139,15 @@ class TasksExtension(Extension):
             return result
         entry = _Entry(mcp_id=f"{task_id}.{secrets.token_urlsafe(16)}", task_id=task_id, tool=params.name,
                        principal=authenticated_principal(ctx), started=dict(result.structured_content))
-        self._table(ws.registry)[entry.mcp_id] = entry  # stored before answering: tasks/get resolves at once
+        table = self._table(ws.registry)
+        self._expire(ws.registry, table)  # here too: a client that never polls must not grow the table for ever
+        table[entry.mcp_id] = entry  # stored before answering: tasks/get resolves at once
         return {"resultType": "task", **self._task_fields(entry, task)}
 
     # ------------------------------------------------------------------ tasks/*
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         """The task's state now (nothing waits); the tool's result inline once it has finished."""
+        _check_mcp_name(ctx, params.task_id)
         require_client_extension(ctx, IDENTIFIER)
         ws = _workspace(ctx)
         entry, task = self._find(ctx, ws, params.task_id, "retrieve")
@@ -135,16 +157,28 @@ class TasksExtension(Extension):
         return {"resultType": "complete", **fields}
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
-        """Stop the task through the registry (TERM, grace, KILL of its process group); ack once it is over."""
+        """Stop the task through the registry (TERM, grace, KILL of its process group); ack once it is over.
+
+        The wait is bounded: past ``CANCEL_WAIT_S`` beyond the kill grace the request is acknowledged (the
+        SEP's ack means "cancellation requested") with a note, and ``tasks/get`` keeps telling the truth.
+        """
+        _check_mcp_name(ctx, params.task_id)
         require_client_extension(ctx, IDENTIFIER)
         ws = _workspace(ctx)
-        _, task = self._find(ctx, ws, params.task_id, "cancel")
-        with anyio.CancelScope(shield=True):  # an abandoned request must not leave a half-killed tree
-            await ws.registry.cancel(task)  # a finished task is left as it is: the SEP allows that
-        return {"resultType": "complete"}
+        entry, task = self._find(ctx, ws, params.task_id, "cancel")
+        # Shielded: an abandoned request must not leave a half-killed tree. A finished task is left as it is.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(ws.settings.kill_grace_s + CANCEL_WAIT_S) as waited:
+            await ws.registry.cancel(task)
+        if not waited.cancelled_caught:
+            return {"resultType": "complete"}
+        log.warning("task %s was asked to stop but had not ended %g s later", entry.task_id, CANCEL_WAIT_S)
+        return {"resultType": "complete", "_meta": {NOTE_KEY: (
+            f"task {entry.mcp_id} was asked to stop (TERM, then KILL of its process group) but had not ended "
+            f"{CANCEL_WAIT_S:g} s later; tasks/get shows `working` until it has, then `cancelled`")}}
 
     async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
         """Acknowledge, as the SEP requires; our tasks never ask for input, so there is nothing to apply."""
+        _check_mcp_name(ctx, params.task_id)
         require_client_extension(ctx, IDENTIFIER)
         ws = _workspace(ctx)
         entry, _ = self._find(ctx, ws, params.task_id, "update")
@@ -227,14 +261,42 @@ class TasksExtension(Extension):
 
 
 def _wants_task(params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any]) -> bool:
-    """A task only for our background tools, at 2026-07-28, for a client that declared the extension."""
+    """A task only for a call that waits for a result, at 2026-07-28, for a client that declared the extension.
+
+    That is ``run_queue`` and ``launch_task(run_in_background=false)``. A background ``launch_task``
+    answers at once with its task_id (the SEP lets the server choose): made a task, it would keep a
+    client that resolves tasks transparently waiting for the command's end.
+    """
     if params.name not in TASK_TOOLS or ctx.protocol_version not in PROTOCOL_VERSIONS:
         return False
     capabilities = ctx.session.client_capabilities
     if capabilities is None or not capabilities.extensions or IDENTIFIER not in capabilities.extensions:
         return False
-    # launch_task(run_in_background=false) asks for an inline answer: honour it (the SEP lets the server choose).
-    return not (params.name == "launch_task" and _false((params.arguments or {}).get("run_in_background", True)))
+    return params.name != "launch_task" or _false((params.arguments or {}).get("run_in_background", True))
+
+
+def _check_mcp_name(ctx: ServerRequestContext[Any, Any], task_id: str) -> None:
+    """Over HTTP, -32020 (HTTP 400) unless the ``Mcp-Name`` header names ``task_id`` (SEP-2663 routing headers).
+
+    A proxy routes on the header and the server acts on the body, so the two must agree; a header
+    that is missing or names another task is refused before anything is looked up. No transport
+    request (stdio, in memory) means no headers, and nothing to check.
+    """
+    headers = getattr(ctx.request, "headers", None)
+    if headers is None:
+        return
+    raw = headers.get(MCP_NAME_HEADER)
+    if raw is not None and decode_header_value(raw) == task_id:
+        return
+    found = "it is missing" if raw is None else f"it is {_clip(raw)}"
+    raise MCPError(code=HEADER_MISMATCH, message=(
+        f"{ctx.method} over HTTP must carry the Mcp-Name header set to params.taskId ({_clip(task_id)}), but {found}; "
+        "send `Mcp-Name: <taskId>` (SEP-2663), base64-wrapped as =?base64?...?= if the id is not plain ASCII"))
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """``repr`` of a client-supplied string, cut so an error never echoes a huge header back."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _false(value: Any) -> bool:
