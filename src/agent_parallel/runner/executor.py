@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ def check_launch_strings(spec: LaunchSpec) -> str | None:
     again by the executor as its last guard.
     """
 
-    def bad(text: str, what: str, extra: int = 0, *, limit: bool = True) -> str | None:
+    def bad(text: str, what: str, *, limit: bool = True) -> str | None:
         try:
             data = os.fsencode(text)
         except UnicodeEncodeError as exc:
@@ -104,10 +105,15 @@ def check_launch_strings(spec: LaunchSpec) -> str | None:
                     f"({text[exc.start]!r} at position {exc.start}); remove it")
         if (at := data.find(b"\0")) >= 0:
             return f"{what} contains a NUL character (at byte {at}), which cannot be passed to a process; remove it"
-        if limit and len(data) + extra >= MAX_ARG_BYTES:
-            return (f"{what} is {len(data) + extra} bytes; the kernel refuses a single argument or environment "
-                    "entry of 128 KiB or more: pass long input through a file instead")
+        if limit:
+            return too_long(what, len(data))
         return None
+
+    def too_long(what: str, size: int) -> str | None:
+        if size < MAX_ARG_BYTES:
+            return None
+        return (f"{what} is {size} bytes; the kernel refuses a single argument or environment entry of "
+                "128 KiB or more: pass long input through a file instead")
 
     problems = []
     if spec.command is not None:
@@ -122,17 +128,11 @@ def check_launch_strings(spec: LaunchSpec) -> str | None:
             problems.append("an env name is empty; give every variable a name")
         elif "=" in name:
             problems.append(f"env name {name!r} contains '=', which would set another variable; remove it")
-        problems.append(bad(name, f"env name {name!r}"))
-        problems.append(bad(value, f"env value of {name}", len(os.fsencode(name)) + 1 if _encodable(name) else 0))
+        problems.append(bad(name, f"env name {name!r}", limit=False))
+        problems.append(bad(value, f"env value of {name}", limit=False))
+        if not any(problems):
+            problems.append(too_long(f"env entry {name}=...", len(os.fsencode(name)) + 1 + len(os.fsencode(value))))
     return next((p for p in problems if p), None)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        os.fsencode(text)
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def os_error_text(exc: OSError) -> str:
@@ -171,17 +171,17 @@ class LocalExecutor:
             raise SpawnError(f"cannot start the task: {problem}")
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
         env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"), **spec.env}
-        rfd = wfd = -1
-        stdin = None
+        rfd = wfd = stdin = -1
         try:
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
             try:
                 fcntl.fcntl(rfd, F_SETPIPE_SZ, 1 << 20)
             except OSError:
                 pass  # a bigger pipe only means fewer wake-ups
-            stdin = open(spec.stdin_path, "rb") if spec.stdin_path else None
+            if spec.stdin_path is not None:
+                stdin = _open_stdin(spec.stdin_path)
             popen = processes.spawn(lambda: subprocess.Popen(
-                argv, cwd=spec.cwd, env=env, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                argv, cwd=spec.cwd, env=env, stdin=stdin if stdin >= 0 else subprocess.DEVNULL,
                 stdout=wfd, stderr=wfd, start_new_session=True, close_fds=True,
             ))
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -190,10 +190,9 @@ class LocalExecutor:
             cause = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
             raise SpawnError(f"could not start {argv[0] if argv else 'the task'!r} in {spec.cwd}: {cause}") from exc
         finally:
-            if wfd >= 0:
-                os.close(wfd)
-            if stdin is not None:
-                stdin.close()
+            for fd in (wfd, stdin):
+                if fd >= 0:
+                    os.close(fd)
         if self._watchdog is not None:
             self._watchdog.watch(popen.pid, spec.task_id)
         os.set_blocking(rfd, False)
@@ -217,16 +216,22 @@ class LocalHandle:
         self._eof = anyio.Event()
         self._exit: ExitInfo | None = None
         self._pidfd = _pidfd_open(popen.pid)
+        self._exit_wait: anyio.CancelScope | None = None
+        self._leftovers = False  # the command exited: what it left running is still to be stopped
+        self._waited = False
         self._stops = 0  # stops in progress
         self._stopped = anyio.Event()  # set while no stop is in progress
         self._stopped.set()
 
     async def wait(self) -> ExitInfo:
-        if self._exit is None:
+        if not self._waited:  # (a wait cancelled half-way, e.g. by a timeout, resumes where it was)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drain)
-                await self._wait_exit()
-                await self._stop(LEFTOVER_GRACE_S)
+                if self._exit is None:
+                    self._leftovers = await self._wait_exit()
+                if self._leftovers:
+                    await self._stop(LEFTOVER_GRACE_S)
+                    self._leftovers = False
                 await self._stopped.wait()  # a terminate() still killing: its verdict counts too
                 if self.survivors:  # look once more: the last word is what is alive now
                     self.survivors = await anyio.to_thread.run_sync(self._find_left)
@@ -236,6 +241,7 @@ class LocalHandle:
                     await self._eof.wait()
                 tg.cancel_scope.cancel()
             self._finish_drain()
+            self._waited = True
         assert self._exit is not None
         return self._exit
 
@@ -248,25 +254,37 @@ class LocalHandle:
         self._stops += 1
         try:
             self.survivors = await stop_task(self.task_id, self.pgid, grace)
+            if self.pid in self.survivors and self._exit_wait is not None:
+                self._exit_wait.cancel()  # the command itself outlives SIGKILL: stop waiting for its exit
         finally:
             self._stops -= 1
             if self._stops == 0:
                 self._stopped.set()
 
     def _find_left(self) -> list[int]:
-        snap = processes.scan()
+        snap = processes.scan(mine_only=processes.is_subreaper())
         return sorted(processes.task_members(snap, self.task_id, self.pgid))
 
-    async def _wait_exit(self) -> None:
+    async def _wait_exit(self) -> bool:
+        """Wait for the command to exit; False when a stop gave up on it (it survived SIGKILL)."""
+        try:
+            with anyio.CancelScope() as self._exit_wait:
+                if self._pidfd is not None:
+                    await anyio.wait_readable(self._pidfd)
+                    code = self._popen.wait()
+                else:  # kernels without pidfd (or no fd left for one): a worker thread waits instead
+                    code = await anyio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
+                processes.forget_child(self._popen.pid)
+                self._exit = ExitInfo(code, None) if code >= 0 else ExitInfo(None, signal.Signals(-code).name)
+        finally:
+            self._exit_wait = None
         if self._pidfd is not None:
-            await anyio.wait_readable(self._pidfd)
-            code = self._popen.wait()
             os.close(self._pidfd)
             self._pidfd = None
-        else:  # kernels without pidfd (or no fd left for one): a worker thread waits instead
-            code = await anyio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
-        processes.forget_child(self._popen.pid)
-        self._exit = ExitInfo(code, None) if code >= 0 else ExitInfo(None, signal.Signals(-code).name)
+        if self._exit is None:
+            self._exit = ExitInfo(None, None)  # still running, unkillable: ``survivors`` says so
+            return False
+        return True
 
     async def _drain(self) -> None:
         while True:
@@ -297,6 +315,16 @@ class LocalHandle:
             self._rfd = -1
 
 
+def _open_stdin(path: Path) -> int:
+    """Open a task's stdin file without ever blocking (a FIFO would): only a regular file will do."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"its stdin file {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _pidfd_open(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
@@ -312,8 +340,10 @@ async def stop_task(task_id: str, pgid: int | None, grace: float) -> list[int]:
     Scans of /proc run in a worker thread.
     """
 
+    mine_only = processes.is_subreaper()  # then every process of the task descends from us
+
     def signal_round(sig: signal.Signals) -> dict[int, int]:
-        snap = processes.scan()
+        snap = processes.scan(mine_only=mine_only)
         processes.reap_orphans(snap.orphans)
         victims = processes.task_members(snap, task_id, pgid)
         if pgid is not None:
@@ -329,12 +359,16 @@ async def stop_task(task_id: str, pgid: int | None, grace: float) -> list[int]:
         victims = await run(signal_round, signal.SIGTERM)  # anything started meanwhile gets its TERM too
         if not victims:
             return []
+    killed: dict[int, int] = {}
     for _ in range(processes.KILL_ROUNDS):
         victims = await run(signal_round, signal.SIGKILL)
         if not victims:
             return []
+        if victims.keys() <= killed.keys():
+            break  # nothing new since the last KILL: these do not die, waiting longer will not help
+        killed.update(victims)
         await _wait_gone(victims, processes.KILL_WAIT_S)
-    left = await run(lambda: sorted(processes.task_members(processes.scan(), task_id, pgid)))
+    left = await run(lambda: sorted(processes.task_members(processes.scan(mine_only=mine_only), task_id, pgid)))
     if left:
         log.error("task %s: %s", task_id, processes.describe_survivors(left))
     return left

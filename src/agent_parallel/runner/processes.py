@@ -89,11 +89,16 @@ def _environ_task_id(pid: int) -> str | None:
     return data[at + len(_ENTRY): end if end >= 0 else len(data)].decode("ascii", "replace")
 
 
-def scan() -> Snapshot:
-    """Every live process of our uid (with its task id), and the orphaned zombie children to reap."""
+def scan(*, mine_only: bool = False) -> Snapshot:
+    """Every live process of our uid (with its task id), and the orphaned zombie children to reap.
+
+    ``mine_only``: only our descendants get their environment read (the others get no task id).
+    Enough while we are the subreaper: every process a task started is then a descendant of
+    ours, escaped or not; it saves reading the environment of every process on a busy machine.
+    """
     uid, me = os.getuid(), os.getpid()
     my_session = os.getsid(0)
-    procs: dict[int, Proc] = {}
+    stats: dict[int, list[bytes]] = {}
     orphans: list[int] = []
     for entry in os.scandir("/proc"):
         if not entry.name.isascii() or not entry.name.isdigit():
@@ -111,8 +116,29 @@ def scan() -> Snapshot:
             if int(fields[1]) == me and int(fields[3]) != my_session:
                 orphans.append(pid)
             continue
-        procs[pid] = Proc(pid, int(fields[1]), int(fields[2]), int(fields[19]), _environ_task_id(pid))
+        stats[pid] = fields
+    wanted = _descendants(me, {pid: int(f[1]) for pid, f in stats.items()}) if mine_only else stats.keys()
+    procs = {pid: Proc(pid, int(f[1]), int(f[2]), int(f[19]), _environ_task_id(pid) if pid in wanted else None)
+             for pid, f in stats.items()}
     return Snapshot(procs, orphans)
+
+
+def _descendants(root: int, parents: dict[int, int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(children.get(root, ()))
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, ()))
+    return found
+
+
+def is_subreaper() -> bool:
+    return _subreaper_users > 0
 
 
 def _protected(procs: dict[int, Proc]) -> set[int]:
@@ -245,6 +271,7 @@ def _prctl_subreaper(on: int) -> bool:
 def kill_tasks_now(task_ids: dict[str, int | None], rounds: int = KILL_ROUNDS) -> dict[str, list[int]]:
     """SIGKILL every process of these tasks (task id -> earliest start time allowed, or None) and
     return, per task, the pids still alive afterwards. Blocking: for start-up and the watchdog."""
+    killed: dict[int, int] = {}
     for _ in range(rounds):
         snap = scan()
         reap_orphans(snap.orphans)
@@ -253,6 +280,9 @@ def kill_tasks_now(task_ids: dict[str, int | None], rounds: int = KILL_ROUNDS) -
         if not everyone:
             return {}
         signal_processes(everyone, signal.SIGKILL)
+        if everyone.keys() <= killed.keys():
+            break  # nothing new since the last KILL: these do not die
+        killed.update(everyone)
         deadline = time.monotonic() + KILL_WAIT_S
         while still_alive(everyone) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -267,6 +297,6 @@ def describe_survivors(pids: list[int]) -> str:
             "they may be stuck in the kernel (e.g. on a hung filesystem or frozen cgroup)")
 
 
-__all__ = ["Proc", "Snapshot", "scan", "task_members", "signal_processes", "signal_group", "still_alive",
+__all__ = ["Proc", "Snapshot", "scan", "is_subreaper", "task_members", "signal_processes", "signal_group", "still_alive",
            "reap_orphans", "spawn", "forget_child", "become_subreaper", "release_subreaper", "kill_tasks_now",
            "process_start_time", "describe_survivors", "TASK_ID_VAR"]

@@ -29,7 +29,8 @@ from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
 from ..errors import AgentParallelError, InternalError, ResourceLimitError, UnknownTask, UsageError
 from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, check_launch_strings, os_error_text
-from .logs import LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files, upstream_log_path
+from .logs import (LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
+                   upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
 
