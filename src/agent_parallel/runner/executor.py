@@ -253,7 +253,7 @@ class LocalHandle:
             self._stopped = anyio.Event()
         self._stops += 1
         try:
-            self.survivors = await stop_task(self.task_id, self.pgid, grace)
+            self.survivors = await stop_task(self.task_id, self.pgid, grace, since=self.start_time)
             if self.pid in self.survivors and self._exit_wait is not None:
                 self._exit_wait.cancel()  # the command itself outlives SIGKILL: stop waiting for its exit
         finally:
@@ -263,7 +263,7 @@ class LocalHandle:
 
     def _find_left(self) -> list[int]:
         snap = processes.scan(mine_only=processes.is_subreaper())
-        return sorted(processes.task_members(snap, self.task_id, self.pgid))
+        return sorted(processes.task_members(snap, self.task_id, self.pgid, since=self.start_time))
 
     async def _wait_exit(self) -> bool:
         """Wait for the command to exit; False when a stop gave up on it (it survived SIGKILL)."""
@@ -332,12 +332,13 @@ def _pidfd_open(pid: int) -> int | None:
         return None
 
 
-async def stop_task(task_id: str, pgid: int | None, grace: float) -> list[int]:
+async def stop_task(task_id: str, pgid: int | None, grace: float, *, since: int | None = None) -> list[int]:
     """Stop every process of a task: TERM, ``grace`` seconds, KILL, and a fresh look to confirm.
 
     ``pgid`` is the task's process group (one we started); the task's other processes are found
-    by ``AGENT_TASK_ID``. Returns the pids still alive after SIGKILL (empty: verified gone).
-    Scans of /proc run in a worker thread.
+    by ``AGENT_TASK_ID``; ``since`` (the leader's start time) excludes anything older, so a
+    reused group id is never hit. Returns the pids still alive after SIGKILL (empty: verified
+    gone). Scans of /proc run in a worker thread.
     """
 
     mine_only = processes.is_subreaper()  # then every process of the task descends from us
@@ -345,7 +346,7 @@ async def stop_task(task_id: str, pgid: int | None, grace: float) -> list[int]:
     def signal_round(sig: signal.Signals) -> dict[int, int]:
         snap = processes.scan(mine_only=mine_only)
         processes.reap_orphans(snap.orphans)
-        victims = processes.task_members(snap, task_id, pgid)
+        victims = processes.task_members(snap, task_id, pgid, since=since)
         if pgid is not None:
             processes.signal_group(pgid, sig)
         processes.signal_processes(victims, sig)
@@ -368,7 +369,8 @@ async def stop_task(task_id: str, pgid: int | None, grace: float) -> list[int]:
             break  # nothing new since the last KILL: these do not die, waiting longer will not help
         killed.update(victims)
         await _wait_gone(victims, processes.KILL_WAIT_S)
-    left = await run(lambda: sorted(processes.task_members(processes.scan(mine_only=mine_only), task_id, pgid)))
+    left = await run(lambda: sorted(processes.task_members(processes.scan(mine_only=mine_only), task_id, pgid,
+                                                            since=since)))
     if left:
         log.error("task %s: %s", task_id, processes.describe_survivors(left))
     return left
