@@ -204,9 +204,33 @@ async def test_abandoned_launch_gives_its_slot_back(workspace):
             await registry.launch(command="true", cwd=workspace, executor=SlowStart())
         [task], _ = registry.list()
         assert task.record.status == "cancelled"
-        assert task.record.reason == "the launch was abandoned before the task started"
+        assert task.record.reason == "the launch was abandoned while the task was starting"
         assert task.done.is_set() and registry.has_room()
         await still_works(registry)
+
+
+@pytest.mark.fault("cancel_task while the executor is still starting the task (no process yet): the process is "
+                   "stopped as soon as it exists, cancel answers at once instead of when the command ends")
+async def test_cancel_during_a_slow_start_stops_the_task(workspace):
+    class SlowStart:
+        def __init__(self) -> None:
+            self.inner = LocalExecutor()
+
+        async def start(self, spec, log):
+            await anyio.sleep(0.3)  # e.g. a queue run reading its graph in a thread
+            return await self.inner.start(spec, log)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    async with open_registry(workspace, runs_of(workspace), GRACE) as registry:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: registry.launch(command="sleep 30", cwd=workspace, executor=SlowStart()))
+            await anyio.sleep(0.1)
+            [task], _ = registry.list()
+            with anyio.fail_after(10):
+                assert await registry.cancel(task)
+        assert task.record.status == "cancelled" and task.record.reason == "cancelled by cancel_task"
 
 
 # ------------------------------------------------------------------ 2. strings bound for a process

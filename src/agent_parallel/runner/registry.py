@@ -377,12 +377,17 @@ class TaskRegistry:
         if not await self._admit(task, answer):
             await self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
             return False
+        if task.cancel_requested:  # cancel_task came while this was preparing: nothing to start
+            await self._finish(task, TaskStatus.CANCELLED, reason="cancelled before it started")
+            return False
         spawn_time = time.time()
         try:
             task.handle = await executor.start(spec, task.log)
         except SpawnError as exc:
             await self._fail(task, exc)
             return False
+        if task.cancel_requested:  # cancel_task came during the start and found no process yet
+            self._tg.start_soon(task.handle.terminate, self.settings.kill_grace_s)
         rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
         rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
         try:
@@ -455,7 +460,7 @@ class TaskRegistry:
         if exc is None:
             status = TaskStatus.INTERRUPTED if self._closing else TaskStatus.CANCELLED
             reason = "the server shut down while this task was starting" if self._closing else \
-                "the launch was abandoned before the task started"
+                "the launch was abandoned while the task was starting"
         else:
             status, reason = TaskStatus.FAILED, _failure_text(exc)
             if not isinstance(exc, (_TaskFailure, SpawnError, AgentParallelError, OSError)):
@@ -531,7 +536,9 @@ class TaskRegistry:
                 await on_finish(task)
             except Exception as exc:  # a follow-up failing must never leave waiters hanging
                 log.exception("follow-up of task %s failed", rec.task_id)
-                problem = f"its follow-up failed: {_failure_text(exc)}"
+                cause = str(exc) if isinstance(exc, AgentParallelError) else \
+                    os_error_text(exc) if isinstance(exc, OSError) else str(InternalError(repr(exc)))
+                problem = f"its follow-up failed: {cause}"
         if scope.cancelled_caught:
             log.error("follow-up of task %s did not finish within %g s", rec.task_id, FOLLOW_UP_TIMEOUT_S)
             problem = f"its follow-up did not finish within {FOLLOW_UP_TIMEOUT_S:g} s"
