@@ -220,9 +220,12 @@ def still_alive(victims: dict[int, int]) -> dict[int, int]:
 
 def reap_orphans(orphans: list[int]) -> None:
     """Reap zombie children that were reparented to us (never one this process started)."""
+    me, my_session = os.getpid(), os.getsid(0)
     with _spawn_lock:
         for pid in orphans:
-            if pid in _spawned:
+            fields = _stat_fields(pid)  # look again, under the lock: still a zombie orphan of ours?
+            if pid in _spawned or not fields or fields[0] != b"Z" or int(fields[1]) != me \
+                    or int(fields[3]) == my_session:
                 continue
             try:
                 os.waitpid(pid, os.WNOHANG)

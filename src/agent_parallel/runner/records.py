@@ -29,7 +29,7 @@ import time
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,13 @@ def load_records(runs_dir: Path) -> list[TaskRecord]:
             record = TaskRecord.model_validate(json.loads(path.read_bytes()))
             if problem := record_problem(record, stem, now):
                 raise ValueError(problem)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            log.warning("skipped the task record %s: %s: %s", path, ".".join(map(str, first["loc"])) or "record",
+                        first["msg"])
+            continue
         except (OSError, ValueError, RecursionError) as exc:
-            log.warning("skipped the task record %s: %s", path, str(exc).splitlines()[0][:300] if str(exc) else exc)
+            log.warning("skipped the task record %s: %s", path, str(exc)[:300])
             continue
         records.append(record)
     return records
