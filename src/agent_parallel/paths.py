@@ -1,14 +1,17 @@
 """The workspace root and the one rule for paths: everything resolves inside it.
 
 Checks use ``Path.resolve()`` and ``is_relative_to``, never string prefixes, so ``..``,
-absolute paths and symlinks pointing out are all caught the same way.
+absolute paths and symlinks pointing out are all caught the same way. That includes the
+server's own run directory: a cloned repository can ship ``.agent`` or ``.agent/runs`` as a
+symlink to somewhere else, and nothing is ever written through it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .errors import PathOutsideWorkspace
+from .errors import PathOutsideWorkspace, UsageError
 
 AGENT_DIR = ".agent"
 RUNS_DIR = ".agent/runs"
@@ -28,11 +31,31 @@ def resolve_inside(root: Path, given: str | Path, what: str) -> Path:
 
 
 def runs_dir(root: Path) -> Path:
-    """Where task records and logs live; created with a ``.gitignore`` so run data is never committed."""
+    """Where task records and logs live; created with a ``.gitignore`` so run data is never committed.
+
+    Refused (``UsageError``) when it resolves outside ``root``, e.g. through a symlinked
+    ``.agent`` or ``.agent/runs``; the ``.gitignore`` is never written through a symlink.
+    """
+    root = root.resolve()
     path = root / RUNS_DIR
-    if not path.is_dir():
-        path.mkdir(parents=True, exist_ok=True)
-    ignore = path / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("*\n")
+    _check_inside(root, path)
+    path.mkdir(parents=True, exist_ok=True)
+    _check_inside(root, path)  # created through a link that appeared meanwhile: still refused
+    try:
+        fd = os.open(path / ".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return path  # there already (a file, or a link we leave alone)
+    try:
+        os.write(fd, b"*\n")
+    finally:
+        os.close(fd)
     return path
+
+
+def _check_inside(root: Path, path: Path) -> None:
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise UsageError(
+            f"{RUNS_DIR} resolves to {real}, outside the workspace root {root} (a symbolic link in {AGENT_DIR}?); "
+            "task records and logs are only written inside the workspace: remove the link "
+            f"(or point it inside {root}) and start again")

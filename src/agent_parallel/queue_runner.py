@@ -94,12 +94,13 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     if upstream:
         env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(ctx.runs_dir / f"{t.record.task_id}.log") for t in upstream)
 
-    def finished(task: Task) -> None:
+    async def finished(task: Task) -> None:
         ok = task.record.status == TaskStatus.COMPLETED
         notes = _item_file_notes(path, before)
         try:
-            move_item(queue_dir, ctx.runs_dir, item.id, "completed" if ok else "failed", by=by,
-                      reason=task.record.reason, expect="in_progress", known=path)
+            await anyio.to_thread.run_sync(lambda: move_item(
+                queue_dir, ctx.runs_dir, item.id, "completed" if ok else "failed", by=by,
+                reason=task.record.reason, expect="in_progress", known=path))
         except QueueError as exc:
             notes.append(f"its status could not be recorded in the queue: {exc}")
         if notes:

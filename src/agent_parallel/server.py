@@ -146,6 +146,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     root = Path(root).resolve()
     if not root.is_dir():
         raise UsageError(f"workspace root {root} is not a directory; pass --root DIR with an existing directory")
+    runs_dir(root)  # refuses a run directory that resolves outside the root, before serving
     if settings is None:
         try:
             settings = ServerSettings.from_config(load_config(root)[0])

@@ -4,19 +4,26 @@ The registry talks to an ``Executor`` (start) and the ``TaskHandle`` it returns 
 terminate); another execution engine (a container, a remote host) only has to provide these.
 ``LocalExecutor`` runs ``/bin/sh -c COMMAND`` (or an argv) in its own session and process group,
 stdin from /dev/null (or a file), stdout and stderr sharing one pipe that is drained into the
-task's log as it is produced.
+task's log as it is produced. Every string bound for the process is checked first
+(``check_launch_strings``), and every way a start can fail is a ``SpawnError`` saying why.
 
-Stopping is always the whole process group: TERM, a grace period, KILL, then a check that no
-live process of the group is left. When the command itself exits, whatever it left running in its
-group is stopped the same way: a task's processes end with the task, none is left unseen.
+Stopping a task stops all of its processes, also those that left its group (``setsid``, double
+fork): they are found by the ``AGENT_TASK_ID`` in their environment (see ``processes.py``).
+TERM, a grace period, KILL, then a fresh look that confirms nothing is left; what survives KILL
+is reported (``survivors``), never hidden. When the command itself exits, whatever it left
+running is stopped the same way: a task's processes end with the task. Looking through /proc
+happens in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +32,9 @@ from typing import Protocol
 import anyio
 import anyio.lowlevel
 
+from . import processes
 from .logs import LogWriter
+from .processes import process_start_time
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,7 @@ log = logging.getLogger(__name__)
 F_SETPIPE_SZ = 1031
 LEFTOVER_GRACE_S = 0.5  # leftovers of a finished command get this long to exit after TERM
 DRAIN_AFTER_EXIT_S = 1.0  # how long to wait for an escaped process to release the output pipe
+MAX_ARG_BYTES = 128 * 1024  # MAX_ARG_STRLEN: the kernel refuses one argument or NAME=value this long (with its NUL)
 
 
 class SpawnError(Exception):
@@ -60,6 +70,7 @@ class ExitInfo:
 class TaskHandle(Protocol):
     pid: int | None
     start_time: int | None  # the process's start time (clock ticks since boot): tells a reused pid from ours
+    survivors: list[int]  # pids of the task still alive after SIGKILL; empty once verified gone
 
     async def wait(self) -> ExitInfo:
         """Return once the process has exited and its output is in the log. Safe to call again."""
@@ -76,56 +87,128 @@ class Executor(Protocol):
         """Release what the executor holds (after every task has ended)."""
 
 
+def check_launch_strings(spec: LaunchSpec) -> str | None:
+    """Why a string bound for the process cannot reach it intact, or None when all can.
+
+    A NUL ends a C string (the kernel would see a different command, so it is refused, never
+    cut); an env name with ``=`` would set another variable; one argument or ``NAME=value``
+    entry of 128 KiB or more is refused by the kernel (E2BIG); text that cannot be encoded for
+    the OS cannot be passed at all. Checked once in ``TaskRegistry.launch`` (a usage error) and
+    again by the executor as its last guard.
+    """
+
+    def bad(text: str, what: str, *, limit: bool = True) -> str | None:
+        try:
+            data = os.fsencode(text)
+        except UnicodeEncodeError as exc:
+            return (f"{what} contains a character that cannot be passed to a process "
+                    f"({text[exc.start]!r} at position {exc.start}); remove it")
+        if (at := data.find(b"\0")) >= 0:
+            return f"{what} contains a NUL character (at byte {at}), which cannot be passed to a process; remove it"
+        if limit:
+            return too_long(what, len(data))
+        return None
+
+    def too_long(what: str, size: int) -> str | None:
+        if size < MAX_ARG_BYTES:
+            return None
+        return (f"{what} is {size} bytes; the kernel refuses a single argument or environment entry of "
+                "128 KiB or more: pass long input through a file instead")
+
+    problems = []
+    if spec.command is not None:
+        problems.append(bad(spec.command, "command"))
+    for i, arg in enumerate(spec.argv or []):
+        problems.append(bad(arg, "the program name" if i == 0 else f"argument {i} of the command"))
+    problems.append(bad(str(spec.cwd), "cwd", limit=False))
+    if spec.stdin_path is not None:
+        problems.append(bad(str(spec.stdin_path), "the stdin file's path", limit=False))
+    for name, value in spec.env.items():
+        if not name:
+            problems.append("an env name is empty; give every variable a name")
+        elif "=" in name:
+            problems.append(f"env name {name!r} contains '=', which would set another variable; remove it")
+        problems.append(bad(name, f"env name {name!r}", limit=False))
+        problems.append(bad(value, f"env value of {name}", limit=False))
+        if not any(problems):
+            problems.append(too_long(f"env entry {name}=...", len(os.fsencode(name)) + 1 + len(os.fsencode(value))))
+    return next((p for p in problems if p), None)
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OS error as a sentence; running out of file descriptors names the limit and the fix."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        which = f"the server's open-file limit (RLIMIT_NOFILE, ulimit -n) of {soft}" if exc.errno == errno.EMFILE \
+            else "the system-wide open-file limit (fs.file-max)"
+        return (f"too many open files: {which} is reached; wait for some tasks to end (or cancel some), "
+                "or raise the limit before starting the server")
+    return exc.strerror or str(exc)
+
+
 class LocalExecutor:
     """Runs tasks as local subprocesses.
 
-    With ``guard=True`` a watchdog process stops every live task group if this process dies
-    without cleaning up (see ``watchdog.py``).
+    With ``guard=True`` this process becomes the child subreaper (escaped descendants are
+    reparented to it, so they can be found and reaped) and a watchdog process stops every live
+    task if this process dies without cleaning up (see ``watchdog.py``).
     """
 
     def __init__(self, *, guard: bool = False) -> None:
+        self._subreaper = guard and processes.become_subreaper()
         self._watchdog = Watchdog() if guard else None
 
     def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
+        if self._subreaper:
+            processes.release_subreaper()
+            self._subreaper = False
 
     async def start(self, spec: LaunchSpec, log: LogWriter) -> LocalHandle:
+        if problem := check_launch_strings(spec):
+            raise SpawnError(f"cannot start the task: {problem}")
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
         env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"), **spec.env}
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        rfd = wfd = stdin = -1
         try:
-            fcntl.fcntl(rfd, F_SETPIPE_SZ, 1 << 20)
-        except OSError:
-            pass  # a bigger pipe only means fewer wake-ups
-        stdin = open(spec.stdin_path, "rb") if spec.stdin_path else subprocess.DEVNULL
-        try:
-            popen = subprocess.Popen(
-                argv, cwd=spec.cwd, env=env, stdin=stdin, stdout=wfd, stderr=wfd,
-                start_new_session=True, close_fds=True,
-            )
-        except OSError as exc:
-            os.close(rfd)
-            raise SpawnError(f"could not start {argv[0]!r} in {spec.cwd}: {exc.strerror or exc}") from exc
+            rfd, wfd = os.pipe2(os.O_CLOEXEC)
+            try:
+                fcntl.fcntl(rfd, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass  # a bigger pipe only means fewer wake-ups
+            if spec.stdin_path is not None:
+                stdin = _open_stdin(spec.stdin_path)
+            popen = processes.spawn(lambda: subprocess.Popen(
+                argv, cwd=spec.cwd, env=env, stdin=stdin if stdin >= 0 else subprocess.DEVNULL,
+                stdout=wfd, stderr=wfd, start_new_session=True, close_fds=True,
+            ))
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            if rfd >= 0:
+                os.close(rfd)
+            cause = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+            raise SpawnError(f"could not start {argv[0] if argv else 'the task'!r} in {spec.cwd}: {cause}") from exc
         finally:
-            os.close(wfd)
-            if stdin is not subprocess.DEVNULL:
-                stdin.close()
+            for fd in (wfd, stdin):
+                if fd >= 0:
+                    os.close(fd)
         if self._watchdog is not None:
-            self._watchdog.watch(popen.pid)
+            self._watchdog.watch(popen.pid, spec.task_id)
         os.set_blocking(rfd, False)
-        return LocalHandle(popen, rfd, log, self._watchdog)
+        return LocalHandle(popen, rfd, log, spec.task_id, self._watchdog)
 
 
 class LocalHandle:
     """A running local process group and the pipe its output arrives on."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], read_fd: int, log: LogWriter,
+    def __init__(self, popen: subprocess.Popen[bytes], read_fd: int, log: LogWriter, task_id: str,
                  watchdog: Watchdog | None = None) -> None:
         self.pid: int | None = popen.pid
         self.pgid = popen.pid  # start_new_session: the leader's pid is the group id
+        self.task_id = task_id
         self.start_time = process_start_time(popen.pid)
+        self.survivors: list[int] = []
         self._watchdog = watchdog
         self._popen = popen
         self._rfd = read_fd
@@ -133,35 +216,75 @@ class LocalHandle:
         self._eof = anyio.Event()
         self._exit: ExitInfo | None = None
         self._pidfd = _pidfd_open(popen.pid)
-        self._reaped = anyio.Event()
+        self._exit_wait: anyio.CancelScope | None = None
+        self._leftovers = False  # the command exited: what it left running is still to be stopped
+        self._waited = False
+        self._stops = 0  # stops in progress
+        self._stopped = anyio.Event()  # set while no stop is in progress
+        self._stopped.set()
 
     async def wait(self) -> ExitInfo:
-        if self._exit is None:
+        if not self._waited:  # (a wait cancelled half-way, e.g. by a timeout, resumes where it was)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drain)
-                await self._wait_exit()
-                await stop_group(self.pgid, LEFTOVER_GRACE_S)
-                if self._watchdog is not None:
+                if self._exit is None:
+                    self._leftovers = await self._wait_exit()
+                if self._leftovers:
+                    await self._stop(LEFTOVER_GRACE_S)
+                    self._leftovers = False
+                await self._stopped.wait()  # a terminate() still killing: its verdict counts too
+                if self.survivors:  # look once more: the last word is what is alive now
+                    self.survivors = await anyio.to_thread.run_sync(self._find_left)
+                if self._watchdog is not None and not self.survivors:
                     self._watchdog.forget(self.pgid)
                 with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
                     await self._eof.wait()
                 tg.cancel_scope.cancel()
             self._finish_drain()
+            self._waited = True
         assert self._exit is not None
         return self._exit
 
     async def terminate(self, grace: float) -> None:
-        await stop_group(self.pgid, grace)
+        await self._stop(grace)
 
-    async def _wait_exit(self) -> None:
+    async def _stop(self, grace: float) -> None:
+        if self._stops == 0:
+            self._stopped = anyio.Event()
+        self._stops += 1
+        try:
+            self.survivors = await stop_task(self.task_id, self.pgid, grace, since=self.start_time)
+            if self.pid in self.survivors and self._exit_wait is not None:
+                self._exit_wait.cancel()  # the command itself outlives SIGKILL: stop waiting for its exit
+        finally:
+            self._stops -= 1
+            if self._stops == 0:
+                self._stopped.set()
+
+    def _find_left(self) -> list[int]:
+        snap = processes.scan(mine_only=processes.is_subreaper())
+        return sorted(processes.task_members(snap, self.task_id, self.pgid, since=self.start_time))
+
+    async def _wait_exit(self) -> bool:
+        """Wait for the command to exit; False when a stop gave up on it (it survived SIGKILL)."""
+        try:
+            with anyio.CancelScope() as self._exit_wait:
+                if self._pidfd is not None:
+                    await anyio.wait_readable(self._pidfd)
+                    code = self._popen.wait()
+                else:  # kernels without pidfd (or no fd left for one): a worker thread waits instead
+                    code = await anyio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
+                processes.forget_child(self._popen.pid)
+                self._exit = ExitInfo(code, None) if code >= 0 else ExitInfo(None, signal.Signals(-code).name)
+        finally:
+            self._exit_wait = None
         if self._pidfd is not None:
-            await anyio.wait_readable(self._pidfd)
-            code = self._popen.wait()
             os.close(self._pidfd)
             self._pidfd = None
-        else:  # kernels without pidfd: a worker thread waits instead
-            code = await anyio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
-        self._exit = ExitInfo(code, None) if code >= 0 else ExitInfo(None, signal.Signals(-code).name)
+        if self._exit is None:
+            self._exit = ExitInfo(None, None)  # still running, unkillable: ``survivors`` says so
+            return False
+        return True
 
     async def _drain(self) -> None:
         while True:
@@ -174,7 +297,7 @@ class LocalHandle:
                 await anyio.wait_readable(self._rfd)
             except OSError as exc:  # the log cannot be written (disk full...): stop the task visibly
                 self._log.error = f"could not write the task's log: {exc.strerror or exc}"
-                await stop_group(self.pgid, LEFTOVER_GRACE_S)
+                await self._stop(LEFTOVER_GRACE_S)
                 self._eof.set()
                 return
 
@@ -192,6 +315,16 @@ class LocalHandle:
             self._rfd = -1
 
 
+def _open_stdin(path: Path) -> int:
+    """Open a task's stdin file without ever blocking (a FIFO would): only a regular file will do."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"its stdin file {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _pidfd_open(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
@@ -199,98 +332,64 @@ def _pidfd_open(pid: int) -> int | None:
         return None
 
 
-async def stop_group(pgid: int, grace: float) -> None:
-    """TERM the process group, give it ``grace`` seconds, KILL what is left, and confirm it is gone."""
-    if not _signal_group(pgid, signal.SIGTERM):
-        return
-    if await _wait_group_gone(pgid, grace):
-        return
-    _signal_group(pgid, signal.SIGKILL)
-    if not await _wait_group_gone(pgid, 5.0):
-        log.error("process group %d still has live processes after SIGKILL", pgid)
+async def stop_task(task_id: str, pgid: int | None, grace: float, *, since: int | None = None) -> list[int]:
+    """Stop every process of a task: TERM, ``grace`` seconds, KILL, and a fresh look to confirm.
 
-
-def _signal_group(pgid: int, sig: signal.Signals) -> bool:
-    """Send ``sig`` to the group; False when the group no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # only zombies or foreign processes: nothing we may signal is left
-        return False
-
-
-async def _wait_group_gone(pgid: int, timeout: float) -> bool:
-    """Poll (briefly, with back-off) until no live process is in the group.
-
-    There is no event for the death of processes that are not our children, so this is
-    the one place that polls; it only runs while a group is being stopped.
+    ``pgid`` is the task's process group (one we started); the task's other processes are found
+    by ``AGENT_TASK_ID``; ``since`` (the leader's start time) excludes anything older, so a
+    reused group id is never hit. Returns the pids still alive after SIGKILL (empty: verified
+    gone). Scans of /proc run in a worker thread.
     """
-    delay = 0.002
+
+    mine_only = processes.is_subreaper()  # then every process of the task descends from us
+
+    def signal_round(sig: signal.Signals) -> dict[int, int]:
+        snap = processes.scan(mine_only=mine_only)
+        processes.reap_orphans(snap.orphans)
+        victims = processes.task_members(snap, task_id, pgid, since=since)
+        if pgid is not None:
+            processes.signal_group(pgid, sig)
+        processes.signal_processes(victims, sig)
+        return victims
+
+    run = anyio.to_thread.run_sync
+    victims = await run(signal_round, signal.SIGTERM)
+    if not victims:
+        return []
+    if await _wait_gone(victims, grace):
+        victims = await run(signal_round, signal.SIGTERM)  # anything started meanwhile gets its TERM too
+        if not victims:
+            return []
+    killed: dict[int, int] = {}
+    for _ in range(processes.KILL_ROUNDS):
+        victims = await run(signal_round, signal.SIGKILL)
+        if not victims:
+            return []
+        if victims.keys() <= killed.keys():
+            break  # nothing new since the last KILL: these do not die, waiting longer will not help
+        killed.update(victims)
+        await _wait_gone(victims, processes.KILL_WAIT_S)
+    left = await run(lambda: sorted(processes.task_members(processes.scan(mine_only=mine_only), task_id, pgid,
+                                                            since=since)))
+    if left:
+        log.error("task %s: %s", task_id, processes.describe_survivors(left))
+    return left
+
+
+async def _wait_gone(victims: dict[int, int], timeout: float) -> bool:
+    """Poll (with back-off, in a worker thread) until none of ``victims`` is alive; False on timeout.
+
+    There is no event for the death of processes that are not our children, so this is the one
+    place that polls; it only runs while a task is being stopped.
+    """
+    delay = 0.005
     with anyio.move_on_after(timeout):
-        while group_alive(pgid):
+        while await anyio.to_thread.run_sync(processes.still_alive, victims):
             await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.1)
         return True
-    return not group_alive(pgid)
-
-
-def group_alive(pgid: int) -> bool:
-    """True while a live (non-zombie) process belongs to group ``pgid``."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # killpg also succeeds for zombies waiting to be reaped by someone else: look closer.
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields and int(fields[2]) == pgid and fields[0] != b"Z":
-                return True
     return False
 
 
-def kill_stale_group(pgid: int, leader_start: int | None) -> bool:
-    """After a crash: KILL what is left of a recorded task group, if it is provably ours.
-
-    Ours means the leader is alive with the recorded start time, or (leader gone) members that
-    started no earlier than it. A pid reused by someone else is never signalled.
-    """
-    if leader_start is None:
-        return False
-    leader = process_start_time(pgid)
-    if leader is not None and leader != leader_start:
-        return False  # the pid now belongs to another process
-    victims = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields and int(fields[2]) == pgid and fields[0] != b"Z" and int(fields[19]) >= leader_start:
-                victims.append(int(entry.name))
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return bool(victims)
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """Fields of /proc/PID/stat after the command name (state is [0], pgrp [2], starttime [19])."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rfind(b")") + 2 :].split()
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (to tell a reused pid from ours)."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
-
-
-__all__ = ["Executor", "TaskHandle", "LaunchSpec", "ExitInfo", "SpawnError", "LocalExecutor", "stop_group",
-           "group_alive", "kill_stale_group", "process_start_time"]
+__all__ = ["Executor", "TaskHandle", "LaunchSpec", "ExitInfo", "SpawnError", "LocalExecutor", "stop_task",
+           "check_launch_strings", "os_error_text", "process_start_time", "MAX_ARG_BYTES"]

@@ -1,13 +1,18 @@
 """Task logs on disk: a capped writer fed straight from the child's pipe, and a paging reader.
 
-One function owns the paths (``log_paths``). A log keeps the start of the output in
-``<id>.log`` (up to half the cap) and the most recent output in tail segments
-``<id>.<offset>.log`` (each a quarter of the cap, at most two kept). Offsets are absolute byte
-positions in everything the task ever printed, so a cursor stays valid while old tail segments
-are dropped; bytes in the gap are counted as ``dropped_bytes``.
+One module owns the paths (``log_paths``, ``tail_segment_path``, ``upstream_path``,
+``task_files``). A log keeps the start of the output in ``<id>.log`` (up to half the cap) and the
+most recent output in tail segments ``<id>.<offset>.log`` (each a quarter of the cap, at most two
+kept; a cap below ``MIN_LOG_CAP`` counts as that, so a tiny cap cannot mean one file per
+byte). Offsets are absolute byte positions in everything the task ever printed, so a cursor
+stays valid while old tail segments are dropped; bytes in the gap are counted as ``dropped_bytes``.
+A dependent task is handed ``upstream_log_path``: the head log when nothing was cut, else one
+file with all kept output and the dropped middle marked.
 
 Output never passes through an unbounded buffer: the writer moves bytes pipe → file with
 ``os.splice`` (in the kernel) and falls back to read/write where splice is not supported.
+Files are read only when they are regular files (never through a symlink, never a FIFO): a
+cloned repository can ship a ``.agent/runs`` of its own.
 """
 
 from __future__ import annotations
@@ -15,10 +20,17 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .records import TaskRecord
 
 CHUNK = 1 << 20
+MIN_LOG_CAP = 4096  # the smallest log kept, whatever the configured cap: head 2 KiB, two tail segments of 1 KiB
 
 
 def log_paths(runs_dir: Path, task_id: str) -> tuple[Path, Path]:
@@ -30,22 +42,130 @@ def tail_segment_path(runs_dir: Path, task_id: str, start: int) -> Path:
     return runs_dir / f"{task_id}.{start}.log"
 
 
+def upstream_path(runs_dir: Path, task_id: str) -> Path:
+    """Where ``upstream_log_path`` assembles a cut log's kept output."""
+    return runs_dir / f"{task_id}.upstream.log"
+
+
+def task_files(runs_dir: Path, task_id: str, segments: list[int]) -> list[Path]:
+    """Every file a task may have in ``runs_dir``, by exact name (for pruning: never a pattern)."""
+    return [runs_dir / f"{task_id}.json", runs_dir / f".{task_id}.json.tmp", log_paths(runs_dir, task_id)[0],
+            upstream_path(runs_dir, task_id), runs_dir / f"{task_id}.report.json",
+            *(tail_segment_path(runs_dir, task_id, s) for s in segments)]
+
+
 def head_cap(cap_bytes: int) -> int:
     """Bytes of a log's start kept in ``<id>.log`` for a log capped at ``cap_bytes``."""
-    return max(cap_bytes // 2, 1)
+    return max(cap_bytes, MIN_LOG_CAP) // 2
+
+
+def segment_cap(cap_bytes: int) -> int:
+    """Bytes in each tail segment for a log capped at ``cap_bytes``."""
+    return max(cap_bytes, MIN_LOG_CAP) // 4
+
+
+def open_regular(path: Path) -> int:
+    """Open ``path`` for reading only if it is a regular file (no symlink, FIFO or device): an fd."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def _regular_size(path: Path) -> int:
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def recover_log_extent(runs_dir: Path, task_id: str, head_cap: int) -> tuple[int, list[int], int]:
     """For a log whose writer died (server crash): (total bytes, tail segment starts, dropped bytes)."""
-    head = log_paths(runs_dir, task_id)[0]
-    total = head.stat().st_size if head.exists() else 0
-    segments = sorted(int(p.name.split(".")[1]) for p in runs_dir.glob(f"{task_id}.*.log")
-                      if p.name.split(".")[1].isdigit())
+    named = re.compile(re.escape(task_id) + r"\.([0-9]{1,18})\.log", re.ASCII)
+    total = _regular_size(log_paths(runs_dir, task_id)[0])
+    segments = sorted(int(m.group(1)) for p in runs_dir.glob(f"{task_id}.*.log") if (m := named.fullmatch(p.name)))
     if segments:
-        last = tail_segment_path(runs_dir, task_id, segments[-1])
-        total = segments[-1] + last.stat().st_size
+        total = segments[-1] + _regular_size(tail_segment_path(runs_dir, task_id, segments[-1]))
     dropped = segments[0] - head_cap if segments else 0
     return total, segments, max(dropped, 0)
+
+
+def dropped_marker(dropped: int) -> bytes:
+    return f"[agent-parallel: {dropped} bytes dropped here]\n".encode()
+
+
+def upstream_log_path(runs_dir: Path, record: TaskRecord) -> Path:
+    """The file to give a dependent task (``AGENT_UPSTREAM_LOGS``) for ``record``'s output.
+
+    The head log when nothing was cut; else ``<id>.upstream.log``, holding the head, one line
+    ``[agent-parallel: N bytes dropped here]`` where output was dropped, and the kept tail (made
+    once, atomically, then reused). ``record`` must be final. Blocking: call it in a worker thread.
+    """
+    head = log_paths(runs_dir, record.task_id)[0]
+    if not record.tail_segments:
+        return head
+    segments = record.tail_segments
+    pieces = [(head, min(_regular_size(head), segments[0]))]
+    for i, start in enumerate(segments):
+        end = segments[i + 1] if i + 1 < len(segments) else record.output_bytes
+        path = tail_segment_path(runs_dir, record.task_id, start)
+        pieces.append((path, min(_regular_size(path), max(end - start, 0))))
+    marker = b""
+    if record.dropped_bytes > 0:
+        marker = dropped_marker(record.dropped_bytes)
+        if pieces[0][1] and not _ends_with_newline(head, pieces[0][1]):
+            marker = b"\n" + marker
+    out = upstream_path(runs_dir, record.task_id)
+    if _regular_size(out) == sum(n for _, n in pieces) + len(marker):
+        return out
+    tmp = runs_dir / f".{record.task_id}.upstream.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        for i, (path, length) in enumerate(pieces):
+            if i == 1 and marker:
+                _write_all(fd, marker)
+            _copy(path, fd, length)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, out)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _ends_with_newline(path: Path, length: int) -> bool:
+    fd = open_regular(path)
+    try:
+        return os.pread(fd, 1, length - 1) == b"\n"
+    finally:
+        os.close(fd)
+
+
+def _copy(path: Path, dst: int, length: int) -> None:
+    if length <= 0:
+        return
+    src = open_regular(path)
+    try:
+        offset = 0
+        while offset < length:
+            data = os.pread(src, min(CHUNK, length - offset), offset)
+            if not data:
+                break
+            _write_all(dst, data)
+            offset += len(data)
+    finally:
+        os.close(src)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class LogWriter:
@@ -54,7 +174,7 @@ class LogWriter:
     def __init__(self, runs_dir: Path, task_id: str, cap_bytes: int) -> None:
         self.runs_dir, self.task_id = runs_dir, task_id
         self.head_cap = head_cap(cap_bytes)
-        self.segment_cap = max(cap_bytes // 4, 1)
+        self.segment_cap = segment_cap(cap_bytes)
         self.total = 0
         self.dropped = 0
         self.segments: list[int] = []  # start offsets of the kept tail segments, oldest first
@@ -160,11 +280,15 @@ class LogReader:
             if not lo <= pos < hi:
                 continue
             try:
-                with open(path, "rb") as f:
-                    f.seek(pos - lo)
-                    data = f.read(min(want, hi - pos))
-            except FileNotFoundError:  # a tail segment rotated away while we read
+                fd = open_regular(path)
+            except OSError:  # a tail segment rotated away while we read (or not a regular file)
                 break
+            try:
+                data = os.pread(fd, min(want, hi - pos), pos - lo)
+            except OSError:
+                break
+            finally:
+                os.close(fd)
             parts.append(data)
             pos, want = pos + len(data), want - len(data)
             if want > 0 and pos < hi:

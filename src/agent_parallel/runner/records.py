@@ -8,19 +8,34 @@ Lifecycle (the only transitions the registry makes)::
 
 Records are plain data, written to ``.agent/runs/<task_id>.json``; handles to processes live
 elsewhere (the executor), so a record can always be saved, loaded and shown.
+
+A loaded record is untrusted (a cloned repository can ship a ``.agent/runs`` of its own):
+``load_records`` keeps only records whose id is a plain token equal to the file's name and whose
+numbers are sane (``record_problem``), and skips the rest with a warning. Nothing else in a
+record is ever used as a path or as a process to signal without a check of its own.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import math
 import os
+import re
 import secrets
+import stat
 import time
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+MAX_RECORD_BYTES = 4 << 20  # a record is a few KB (its command at most 128 KiB); bigger files are not read
+FUTURE_SLACK_S = 366 * 86400  # times further ahead than this are not clock skew but nonsense
 
 
 class TaskStatus(StrEnum):
@@ -71,6 +86,7 @@ class TaskRecord(BaseModel):
     dropped_bytes: int = 0
     tail_segments: list[int] = Field(default_factory=list)
     reason: str | None = None  # why it was skipped, failed to start, interrupted ...
+    last_line: str | None = None  # the output's last line, kept at the end so listing never reads a finished log
 
     @property
     def duration_s(self) -> float | None:
@@ -105,12 +121,63 @@ def save_record(record: TaskRecord, runs_dir: Path, *, durable: bool = False) ->
             os.close(dfd)
 
 
+def is_task_id(text: str) -> bool:
+    return TASK_ID.fullmatch(text) is not None
+
+
+def record_problem(record: TaskRecord, stem: str, now: float) -> str | None:
+    """Why a loaded record cannot be trusted, or None when it can be used."""
+    if not is_task_id(record.task_id) or record.task_id != stem:
+        return f"task_id {record.task_id[:80]!r} is not a plain id equal to the file name"
+    if any(not is_task_id(a) for a in record.after):
+        return "`after` holds something that is not a task id"
+    for name in ("created_at", "started_at", "ended_at"):
+        value = getattr(record, name)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= now + FUTURE_SLACK_S):
+            return f"{name} {value!r} is not a plausible time"
+    if record.timeout_s is not None and not (math.isfinite(record.timeout_s) and record.timeout_s >= 0):
+        return f"timeout_s {record.timeout_s!r} is not a number of seconds"
+    for name in ("pid", "server_pid"):
+        value = getattr(record, name)
+        if value is not None and not 1 < value <= 1 << 22:
+            return f"{name} {value!r} is not a process id"
+    for name in ("pid_start", "server_start"):
+        value = getattr(record, name)
+        if value is not None and not 0 <= value < 1 << 62:
+            return f"{name} {value!r} is not a start time"
+    if record.log_cap_bytes is not None and not 0 < record.log_cap_bytes < 1 << 50:
+        return f"log_cap_bytes {record.log_cap_bytes!r} is not a size"
+    if not 0 <= record.output_bytes < 1 << 62 or not 0 <= record.dropped_bytes <= record.output_bytes:
+        return "output_bytes or dropped_bytes is not a size"
+    segs = record.tail_segments
+    if len(segs) > 2 or any(not 0 < s <= record.output_bytes for s in segs) or segs != sorted(set(segs)):
+        return "tail_segments are not offsets in the output"
+    return None
+
+
 def load_records(runs_dir: Path) -> list[TaskRecord]:
-    """Every readable record in ``runs_dir``; unreadable ones are skipped (and never crash start-up)."""
+    """Every valid record in ``runs_dir``. Unreadable or implausible ones are skipped with a
+    warning (and never crash start-up); records are read only from regular files."""
     records = []
+    now = time.time()
     for path in runs_dir.glob("*.json"):
+        stem = path.name[: -len(".json")]
+        if "." in stem:
+            continue  # another file of a task (e.g. a run's <id>.report.json), not a record
         try:
-            records.append(TaskRecord.model_validate(json.loads(path.read_bytes())))
-        except (OSError, ValueError):
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
+                raise ValueError("not a regular file of a plausible size")
+            record = TaskRecord.model_validate(json.loads(path.read_bytes()))
+            if problem := record_problem(record, stem, now):
+                raise ValueError(problem)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            log.warning("skipped the task record %s: %s: %s", path, ".".join(map(str, first["loc"])) or "record",
+                        first["msg"])
             continue
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("skipped the task record %s: %s", path, str(exc)[:300])
+            continue
+        records.append(record)
     return records

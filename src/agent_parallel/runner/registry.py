@@ -4,6 +4,12 @@ Only the registry changes a task's status. Each task has one supervising corouti
 registry's task group) that waits for its predecessors, starts it through the executor, enforces
 its timeout and records how it ended. Waiters block on an ``anyio.Event`` per task, so they wake
 the moment a task ends: no polling.
+
+A failure inside one task's supervision fails that task and nothing else: whatever goes wrong
+(the executor raising anything, no file descriptor left, a log or record that cannot be
+written), the task ends ``failed`` with the reason (and a line in its log when one can be
+written), its processes are stopped, and the registry's task group, and so the server, goes on.
+Blocking work (record saves, log reads, looking through /proc) runs in worker threads.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +27,21 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
-from ..errors import InternalError, ResourceLimitError, UnknownTask, UsageError
-from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, kill_stale_group, process_start_time
-from .logs import LogChunk, LogReader, LogWriter, head_cap, recover_log_extent
+from ..errors import AgentParallelError, InternalError, ResourceLimitError, UnknownTask, UsageError
+from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, check_launch_strings, os_error_text
+from .logs import (LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
+                   upstream_log_path)
+from .processes import describe_survivors, kill_tasks_now, process_start_time
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
 
 log = logging.getLogger(__name__)
+
+FOLLOW_UP_TIMEOUT_S = 30.0  # the longest a task's on_finish may take before waiters are woken anyway
+STOP_BOUND_S = 15.0  # the longest a failing task's processes are given to be stopped
+
+
+class _TaskFailure(Exception):
+    """Supervision of one task cannot go on; the message is the task's ``reason``."""
 
 
 @dataclass
@@ -51,7 +66,10 @@ class Task:
     log: LogWriter | None = None
     cancel_requested: bool = False
     waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
-    on_finish: Callable[[Task], None] | None = None  # runs before waiters wake (e.g. moves a queue item)
+    on_finish: Callable[[Task], Awaitable[None]] | None = None
+    """Awaited once the final status is set and before waiters wake (e.g. moves a queue item)."""
+    active: bool = False  # counted in the registry's queued-or-running tally
+    finishing: bool = False  # _finish has begun: it runs once
 
     @property
     def output_bytes(self) -> int:
@@ -67,7 +85,7 @@ class TaskRegistry:
         self._server = (os.getpid(), process_start_time(os.getpid()))
         self._tasks: dict[str, Task] = {}
         self._closing = False
-        self._active = 0  # tasks queued or running (kept, not counted, so launching stays O(1))
+        self._active = 0  # tasks queued or running, plus launches under way (kept, not counted: O(1))
         self._saving = 0  # final records being written in worker threads
         self._saved = anyio.Event()  # set whenever no final record is being written
         self._saved.set()
@@ -77,8 +95,12 @@ class TaskRegistry:
     def get(self, task_id: str) -> Task:
         try:
             return self._tasks[task_id]
-        except KeyError:
+        except (KeyError, TypeError):
             raise UnknownTask(task_id) from None
+
+    def has_room(self) -> bool:
+        """False while ``max_running`` tasks are queued or running: a launch now would be refused."""
+        return self._active < self.settings.max_running
 
     def newest_first(self, statuses: set[str] | None = None) -> Iterator[Task]:
         """Tasks from the newest, optionally only in ``statuses`` (insertion order is creation order)."""
@@ -115,6 +137,12 @@ class TaskRegistry:
         return chunk
 
     def last_line(self, task: Task) -> str | None:
+        """The last line of output: from the record once the task is done (no log is read), else from its log."""
+        if task.record.status.is_done or task.log is None:
+            return task.record.last_line
+        return self._read_last_line(task)
+
+    def _read_last_line(self, task: Task) -> str | None:
         text = self.reader(task).read(None, 4096).text.rstrip("\n")
         return text.rsplit("\n", 1)[-1][-200:] if text else None
 
@@ -127,34 +155,50 @@ class TaskRegistry:
                      timeout_s: float | None = None, after: list[str] | None = None,
                      kind: str = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None,
-                     on_finish: Callable[[Task], None] | None = None) -> Task:
-        """Register a task and start it (or queue it behind ``after``); returns once it is running."""
+                     on_finish: Callable[[Task], Awaitable[None]] | None = None) -> Task:
+        """Register a task and start it (or queue it behind ``after``); returns once it is running.
+
+        Raises ``UsageError`` before registering anything when a string bound for the process
+        cannot reach it (``check_launch_strings``), ``ResourceLimitError`` at the task cap or
+        when the record cannot be written. Once registered, every failure ends the task instead.
+        """
         if self._closing:
             raise UsageError("the server is shutting down; launch the task again after it restarts")
-        if self._active >= self.settings.max_running:
+        if not self.has_room():
             raise ResourceLimitError(
                 f"{self._active} tasks are already queued or running (the limit is {self.settings.max_running}); "
                 "wait for some with task_output or stop some with cancel_task"
             )
         predecessors = [self.get(p) for p in (after or [])]
+        task_id = self._new_id()
+        spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
+                          stdin_path=stdin_path)
+        if problem := check_launch_strings(spec):
+            raise UsageError(f"cannot start the task: {problem}")
         shown = command if command is not None else " ".join(argv or [])
-        record = TaskRecord(task_id=self._new_id(), kind=kind, command=shown, description=description,
+        record = TaskRecord(task_id=task_id, kind=kind, command=shown, description=description,
                             cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
                             after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file,
                             server_pid=self._server[0], server_start=self._server[1],
                             log_cap_bytes=self.settings.log_cap_bytes)
+        self._active += 1  # held from here, so launches saving their records at once cannot pass the cap
         try:
-            save_record(record, self.runs_dir)
-        except OSError as exc:
-            raise ResourceLimitError(f"cannot write the task record in {self.runs_dir}: {exc.strerror or exc}; "
-                                     "free some disk space (or fix the directory's permissions) and launch again") from exc
-        task = Task(record, on_finish=on_finish)
-        self._tasks[record.task_id] = task
-        self._active += 1
-        self._prune()
-        spec = LaunchSpec(task_id=record.task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
-                          stdin_path=stdin_path)
+            try:
+                await anyio.to_thread.run_sync(lambda: save_record(record, self.runs_dir))
+            except OSError as exc:
+                raise ResourceLimitError(
+                    f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
+                    "free some disk space (or fix the directory's permissions) and launch again") from exc
+            if self._closing:
+                await anyio.to_thread.run_sync(lambda: task_files(self.runs_dir, task_id, [])[0].unlink(missing_ok=True))
+                raise UsageError("the server is shutting down; launch the task again after it restarts")
+        except BaseException:
+            self._active -= 1
+            raise
+        task = Task(record, on_finish=on_finish, active=True)
+        self._tasks[task_id] = task
         await self._tg.start(self._supervise, task, spec, predecessors, executor or self.executor)
+        await self._prune()
         return task
 
     async def wait(self, tasks: list[Task], *, mode: str, timeout: float) -> bool:
@@ -202,37 +246,62 @@ class TaskRegistry:
             pass
         return task_id
 
-    def _prune(self) -> None:
-        """Forget the oldest finished tasks beyond ``max_records`` (their records and logs too)."""
+    def _excess(self) -> list[Task]:
+        """The oldest finished tasks beyond ``max_records`` (insertion order is age)."""
         excess = len(self._tasks) - self.settings.max_records
         if excess <= 0:
-            return
-        oldest = [task_id for task_id, t in self._tasks.items() if t.record.status.is_done][:excess]  # insertion = age
-        for task_id in oldest:
-            del self._tasks[task_id]
-            for path in self.runs_dir.glob(f"{task_id}.*"):
-                path.unlink(missing_ok=True)
+            return []
+        return [t for t in self._tasks.values() if t.record.status.is_done][:excess]
+
+    def _forget(self, tasks: list[Task]) -> list[Path]:
+        """Drop ``tasks`` from the registry; the files to delete (exact names, never a pattern)."""
+        paths = []
+        for task in tasks:
+            del self._tasks[task.record.task_id]
+            paths.extend(task_files(self.runs_dir, task.record.task_id, task.record.tail_segments))
+        return paths
+
+    async def _prune(self) -> None:
+        """Forget the oldest finished tasks beyond ``max_records`` and delete their files (off the loop)."""
+        if paths := self._forget(self._excess()):
+            await anyio.to_thread.run_sync(_unlink_all, paths)
 
     def _load_history(self) -> None:
         """Bring back earlier tasks; those that were live when their server died are interrupted,
-        and whatever is left of their processes (provably theirs) is killed. Live tasks of
-        another server that is still running on this workspace are left alone (and not listed)."""
+        and whatever is left of their processes is killed: only processes that carry the task's
+        ``AGENT_TASK_ID`` (and started no earlier than it), never a pid taken from a record.
+        Live tasks of another server that is still running on this workspace are left alone (and
+        not listed)."""
         ended = anyio.Event()  # one set event shared by every earlier task: ~0.8 KB less per task
         ended.set()
+        stale: list[TaskRecord] = []
         for record in sorted(load_records(self.runs_dir), key=lambda r: r.created_at):
             if not record.status.is_done:
                 if self._owned_by_live_server(record):
                     continue
-                if record.pid is not None and kill_stale_group(record.pid, record.pid_start):
-                    log.warning("killed leftover processes of task %s from an earlier server", record.task_id)
-                record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
-                    self.runs_dir, record.task_id, self._head_cap(record))
-                record.status = TaskStatus.INTERRUPTED
-                record.ended_at = record.ended_at or time.time()
-                record.reason = "the server stopped while this task was live"
-                save_record(record, self.runs_dir, durable=True)
+                stale.append(record)
             self._tasks[record.task_id] = Task(record, done=ended)
-        self._prune()
+        if stale:
+            left = kill_tasks_now({r.task_id: r.pid_start for r in stale})
+            for record in stale:
+                self._interrupted(record, left.get(record.task_id, []))
+        _unlink_all(self._forget(self._excess()))
+
+    def _interrupted(self, record: TaskRecord, survivors: list[int]) -> None:
+        record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
+            self.runs_dir, record.task_id, self._head_cap(record))
+        record.status = TaskStatus.INTERRUPTED
+        record.ended_at = record.ended_at or time.time()
+        record.reason = "the server stopped while this task was live"
+        if survivors:
+            record.reason += "; " + describe_survivors(survivors)
+        elif record.started_at is not None:
+            log.warning("stopped what was left of task %s from an earlier server", record.task_id)
+        record.last_line = self._read_last_line(Task(record))
+        try:
+            save_record(record, self.runs_dir, durable=True)
+        except OSError as exc:
+            log.error("could not save the record of task %s: %s", record.task_id, os_error_text(exc))
 
     def _owned_by_live_server(self, record: TaskRecord) -> bool:
         if record.server_pid is None or record.server_start is None:
@@ -247,8 +316,8 @@ class TaskRegistry:
     async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: list[Task], executor: Executor,
                          *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run one task from start to end. ``launch`` returns once this calls ``answer()``: at once
-        when the task must wait (predecessors, a held start), else when its process is running."""
-        rec = task.record
+        when the task must wait (predecessors, a held start), else when its process is running
+        (or once it has failed). Nothing raised here leaves this coroutine: it ends the task."""
         answered = False
 
         def answer() -> None:
@@ -258,36 +327,75 @@ class TaskRegistry:
                 task_status.started()
 
         try:
-            if predecessors:
-                answer()
-                with anyio.CancelScope() as task.waker:
-                    for p in predecessors:
-                        await p.done.wait()
-                if task.cancel_requested:
-                    return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while waiting for its predecessors")
-                failed = [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]
-                if failed:
-                    first = failed[0].record
-                    return self._finish(task, TaskStatus.SKIPPED,
-                                        reason=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
-                spec.env.setdefault("AGENT_UPSTREAM_LOGS", os.pathsep.join(
-                    str(self.runs_dir / f"{p.record.task_id}.log") for p in predecessors))
-            spec.env["AGENT_TASK_ID"] = rec.task_id
-            task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
-            if not await self._admit(task, answer):
-                return self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
-            spawn_time = time.time()
             try:
-                task.handle = await executor.start(spec, task.log)
-            except SpawnError as exc:
-                task.log.write(f"agent-parallel: {exc}\n".encode())
-                return self._finish(task, TaskStatus.FAILED, reason=str(exc))
-            rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
-            rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
-            save_record(rec, self.runs_dir)
+                if await self._start(task, spec, predecessors, executor, answer):
+                    answer()
+                    await self._watch(task)
+            except Exception as exc:
+                await self._fail(task, exc)
+        except BaseException:  # cancelled (the launch was abandoned, or the registry is closing)
+            with anyio.CancelScope(shield=True):
+                await self._fail(task, None)
+            raise
         finally:
             answer()
-        await self._watch(task)
+
+    async def _start(self, task: Task, spec: LaunchSpec, predecessors: list[Task], executor: Executor,
+                     answer: Callable[[], None]) -> bool:
+        """Wait for predecessors and admission, start the process and record it running.
+
+        True when a process now runs (to be watched); False when the task already ended."""
+        rec = task.record
+        if predecessors:
+            answer()
+            with anyio.CancelScope() as task.waker:
+                for p in predecessors:
+                    await p.done.wait()
+            if task.cancel_requested:
+                await self._finish(task, TaskStatus.CANCELLED, reason="cancelled while waiting for its predecessors")
+                return False
+            failed = [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]
+            if failed:
+                first = failed[0].record
+                await self._finish(task, TaskStatus.SKIPPED,
+                                   reason=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
+                return False
+            if "AGENT_UPSTREAM_LOGS" not in spec.env:
+                try:
+                    paths = await anyio.to_thread.run_sync(
+                        lambda: [str(upstream_log_path(self.runs_dir, p.record)) for p in predecessors])
+                except OSError as exc:
+                    raise _TaskFailure(f"could not hand over its predecessors' output: {os_error_text(exc)}") from exc
+                spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
+        spec.env["AGENT_TASK_ID"] = rec.task_id
+        try:
+            task.log = await anyio.to_thread.run_sync(
+                lambda: LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes))
+        except OSError as exc:
+            raise _TaskFailure(f"could not open the task's log {log_paths(self.runs_dir, rec.task_id)[0]}: "
+                               f"{os_error_text(exc)}") from exc
+        if not await self._admit(task, answer):
+            await self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
+            return False
+        if task.cancel_requested:  # cancel_task came while this was preparing: nothing to start
+            await self._finish(task, TaskStatus.CANCELLED, reason="cancelled before it started")
+            return False
+        spawn_time = time.time()
+        try:
+            task.handle = await executor.start(spec, task.log)
+        except SpawnError as exc:
+            await self._fail(task, exc)
+            return False
+        if task.cancel_requested:  # cancel_task came during the start and found no process yet
+            self._tg.start_soon(task.handle.terminate, self.settings.kill_grace_s)
+        rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
+        rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
+        try:
+            await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir))
+        except OSError as exc:
+            raise _TaskFailure(f"could not write the task record in {self.runs_dir}: {os_error_text(exc)}; "
+                               "free some disk space (or fix the directory's permissions) and launch again") from exc
+        return True
 
     async def _watch(self, task: Task) -> None:
         """Wait for a running task to end (enforcing its timeout) and record how it ended."""
@@ -306,9 +414,7 @@ class TaskRegistry:
                         info = await handle.wait()
         except Exception as exc:  # a bug in an executor must fail this task, not the server
             log.exception("task %s: its executor failed", rec.task_id)
-            with anyio.CancelScope(shield=True):
-                await handle.terminate(self.settings.kill_grace_s)
-            return self._finish(task, TaskStatus.FAILED, reason=str(InternalError(f"the task's executor failed: {exc!r}")))
+            raise _TaskFailure(str(InternalError(f"the task's executor failed: {exc!r}"))) from exc
         rec.exit_code, rec.signal = info.exit_code, info.signal
         if self._closing:
             status, reason = TaskStatus.INTERRUPTED, "the server shut down while this task was running"
@@ -323,7 +429,9 @@ class TaskRegistry:
         else:
             status = TaskStatus.FAILED
             reason = f"exit code {info.exit_code}" if info.exit_code is not None else f"killed by {info.signal}"
-        self._finish(task, status, reason=reason)
+        if survivors := getattr(handle, "survivors", None):
+            reason = f"{reason}; {describe_survivors(survivors)}" if reason else describe_survivors(survivors)
+        await self._finish(task, status, reason=reason)
 
     async def _admit(self, task: Task, answer: Callable[[], None]) -> bool:
         """Hold the start while the admission check says so; False if cancelled meanwhile.
@@ -344,30 +452,98 @@ class TaskRegistry:
         task.record.reason = None
         return not task.cancel_requested
 
-    def _finish(self, task: Task, status: TaskStatus, *, reason: str | None) -> None:
+    async def _fail(self, task: Task, exc: BaseException | None) -> None:
+        """End a task whose supervision failed (``exc``; None: it was cancelled): stop its
+        processes, say why in its log and its reason. Never raises."""
+        if task.finishing:
+            return
+        if exc is None:
+            status = TaskStatus.INTERRUPTED if self._closing else TaskStatus.CANCELLED
+            reason = "the server shut down while this task was starting" if self._closing else \
+                "the launch was abandoned while the task was starting"
+        else:
+            status, reason = TaskStatus.FAILED, _failure_text(exc)
+            if not isinstance(exc, (_TaskFailure, SpawnError, AgentParallelError, OSError)):
+                log.error("task %s: its supervision failed", task.record.task_id, exc_info=exc)
+        with anyio.CancelScope(shield=True):
+            handle = task.handle
+            if handle is not None and exc is not None:
+                with anyio.move_on_after(STOP_BOUND_S):
+                    try:
+                        await handle.terminate(self.settings.kill_grace_s)
+                        await handle.wait()  # drains and closes what the handle holds
+                    except Exception:
+                        log.exception("task %s: could not stop it after its supervision failed", task.record.task_id)
+            elif handle is not None:  # cancelled: stop it, but never wait long
+                with anyio.move_on_after(STOP_BOUND_S):
+                    try:
+                        await handle.terminate(0.5)
+                        await handle.wait()
+                    except Exception:
+                        log.exception("task %s: could not stop it", task.record.task_id)
+            if task.log is not None and exc is not None:
+                try:
+                    task.log.write(f"agent-parallel: {reason}\n".encode())
+                except OSError:
+                    pass  # the log itself is what fails: the reason says it
+            await self._finish(task, status, reason=reason)
+
+    async def _finish(self, task: Task, status: TaskStatus, *, reason: str | None) -> None:
+        """Record how the task ended, run its follow-up, then wake its waiters. Runs once, whole."""
+        if task.finishing:
+            return
+        task.finishing = True
+        with anyio.CancelScope(shield=True):
+            rec = task.record
+            if task.active:
+                task.active = False
+                self._active -= 1
+            if task.log is not None:
+                try:
+                    rec.last_line = await anyio.to_thread.run_sync(self._read_last_line, task)
+                except Exception:  # the log is unreadable: no last line
+                    rec.last_line = None
+            now = time.time()
+            rec.status, rec.reason, rec.ended_at = status, reason, now
+            if task.log is not None:
+                try:
+                    task.log.close()
+                except OSError:
+                    pass
+                rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
+                rec.tail_segments = list(task.log.segments)
+                if rec.started_at is None and status == TaskStatus.FAILED:
+                    rec.started_at = now
+            if task.on_finish is not None:
+                await self._follow_up(task)
+            task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
+            if rec.kind != "run":  # a run's handle still answers progress(); a process handle is spent
+                task.handle = None
+            task.done.set()
+            if self._saving == 0:
+                self._saved = anyio.Event()
+            self._saving += 1
+            self._tg.start_soon(self._save_final, rec)  # off the event loop: waiters resume at once
+
+    async def _follow_up(self, task: Task) -> None:
+        """Await the task's ``on_finish`` (at most FOLLOW_UP_TIMEOUT_S); a failure is added to its reason."""
         rec = task.record
-        now = time.time()
-        self._active -= 1
-        rec.status, rec.reason, rec.ended_at = status, reason, now
-        if task.log is not None:
-            task.log.close()
-            rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
-            rec.tail_segments = list(task.log.segments)
-            if rec.started_at is None and status == TaskStatus.FAILED:
-                rec.started_at = now
-        if task.on_finish is not None:
+        on_finish, task.on_finish = task.on_finish, None
+        assert on_finish is not None
+        problem = None
+        with anyio.move_on_after(FOLLOW_UP_TIMEOUT_S) as scope:
             try:
-                task.on_finish(task)
-            except Exception:  # a follow-up failing must never leave waiters hanging
-                log.exception("follow-up of task %s failed [this is a bug: please report it]", rec.task_id)
-        task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
-        if rec.kind != "run":  # a run's handle still answers progress(); a process handle is spent
-            task.handle = None
-        task.done.set()
-        if self._saving == 0:
-            self._saved = anyio.Event()
-        self._saving += 1
-        self._tg.start_soon(self._save_final, rec)  # off the event loop: waiters resume at once
+                await on_finish(task)
+            except Exception as exc:  # a follow-up failing must never leave waiters hanging
+                log.exception("follow-up of task %s failed", rec.task_id)
+                cause = str(exc) if isinstance(exc, AgentParallelError) else \
+                    os_error_text(exc) if isinstance(exc, OSError) else str(InternalError(repr(exc)))
+                problem = f"its follow-up failed: {cause}"
+        if scope.cancelled_caught:
+            log.error("follow-up of task %s did not finish within %g s", rec.task_id, FOLLOW_UP_TIMEOUT_S)
+            problem = f"its follow-up did not finish within {FOLLOW_UP_TIMEOUT_S:g} s"
+        if problem:
+            rec.reason = f"{rec.reason}; {problem}" if rec.reason else problem
 
     async def _save_final(self, rec: TaskRecord) -> None:
         """Save a final record durably (fsync) in a worker thread, even while shutting down.
@@ -376,12 +552,30 @@ class TaskRegistry:
         with anyio.CancelScope(shield=True):
             try:
                 await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir, durable=True))
-            except OSError as exc:
+            except Exception as exc:
                 log.error("could not save the record of task %s: %s", rec.task_id, exc)
             finally:
                 self._saving -= 1
                 if self._saving == 0:
                     self._saved.set()
+
+
+def _failure_text(exc: BaseException) -> str:
+    """The reason a task gets when ``exc`` ended its supervision."""
+    if isinstance(exc, (_TaskFailure, SpawnError, AgentParallelError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"an operating-system error stopped the task: {os_error_text(exc)}{where}"
+    return str(InternalError(f"supervising the task failed: {exc!r}"))
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", path, exc)
 
 
 @asynccontextmanager

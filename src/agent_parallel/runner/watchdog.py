@@ -1,32 +1,36 @@
 """A guard process that stops a server's tasks if the server dies without cleaning up.
 
 The server starts one watchdog (``python -m agent_parallel.runner.watchdog``) and keeps a pipe to
-its stdin, writing ``+PGID`` when a task's process group starts and ``-PGID`` when it is gone.
-The watchdog sits in its own session and ignores the usual stop signals; when its stdin reaches
-end of file (the server exited, even by SIGKILL) it sends TERM to every group still listed, waits
-briefly, sends KILL, and exits. On a clean shutdown the list is already empty.
+its stdin, writing ``+PGID TASK_ID`` when a task's process group starts and ``-PGID`` when it is
+gone. The watchdog sits in its own session and ignores the usual stop signals; when its stdin
+reaches end of file (the server exited, even by SIGKILL) it stops every task still listed: TERM
+to its group and to every process carrying its ``AGENT_TASK_ID`` (those that left the group),
+a short grace, then KILL until none is left (``processes.py``), and exits. A listed group is only
+signalled while one of its members still carries the task's id, so a group id reused by
+someone else is never hit. On a clean shutdown the list is already empty.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
+from . import processes
+
 GRACE_S = 0.5
 
 
 class Watchdog:
-    """The server's end: starts the guard process and tells it which groups are live."""
+    """The server's end: starts the guard process and tells it which tasks are live."""
 
     def __init__(self) -> None:
-        self._proc = subprocess.Popen(
+        self._proc = processes.spawn(lambda: subprocess.Popen(
             [sys.executable, "-m", "agent_parallel.runner.watchdog"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
-        )
+        ))
         self.pid = self._proc.pid
 
     def _send(self, line: str) -> None:
@@ -34,11 +38,11 @@ class Watchdog:
             assert self._proc.stdin is not None
             self._proc.stdin.write(line.encode())
             self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError):  # the guard is gone; the start-up sweep remains
+        except (OSError, ValueError):  # the guard is gone; the start-up sweep remains
             pass
 
-    def watch(self, pgid: int) -> None:
-        self._send(f"+{pgid}\n")
+    def watch(self, pgid: int, task_id: str) -> None:
+        self._send(f"+{pgid} {task_id}\n")
 
     def forget(self, pgid: int) -> None:
         self._send(f"-{pgid}\n")
@@ -48,38 +52,49 @@ class Watchdog:
         if self._proc.stdin is not None:
             try:
                 self._proc.stdin.close()
-            except BrokenPipeError:
+            except OSError:
                 pass
         try:
             self._proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        processes.forget_child(self._proc.pid)
 
 
 def _guard() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    groups: set[int] = set()
+    tasks: dict[int, str] = {}
     for raw in sys.stdin.buffer:
         line = raw.strip()
-        if line[:1] == b"+":
-            groups.add(int(line[1:]))
-        elif line[:1] == b"-":
-            groups.discard(int(line[1:]))
-    alive = [g for g in groups if _signal(g, signal.SIGTERM)]
-    if alive:
-        time.sleep(GRACE_S)
-        for g in alive:
-            _signal(g, signal.SIGKILL)
+        try:
+            if line[:1] == b"+":
+                pgid, task_id = line[1:].split(b" ", 1)
+                tasks[int(pgid)] = task_id.decode("ascii")
+            elif line[:1] == b"-":
+                tasks.pop(int(line[1:]), None)
+        except ValueError:
+            continue
+    if tasks:
+        stop_all(tasks)
 
 
-def _signal(pgid: int, sig: signal.Signals) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+def stop_all(tasks: dict[int, str]) -> None:
+    """TERM every listed task (its group, while provably still its own, and its escaped processes),
+    wait ``GRACE_S``, then KILL until none is left."""
+    snap = processes.scan()
+    for pgid, task_id in tasks.items():
+        members = processes.task_members(snap, task_id)
+        if any(snap.procs[pid].pgrp == pgid for pid in members):
+            processes.signal_group(pgid, signal.SIGTERM)
+        processes.signal_processes(members, signal.SIGTERM)
+    time.sleep(GRACE_S)
+    snap = processes.scan()
+    for pgid, task_id in tasks.items():  # KILL the group while one of its members is provably the task's
+        if any(snap.procs[pid].pgrp == pgid for pid in processes.task_members(snap, task_id)):
+            processes.signal_group(pgid, signal.SIGKILL)
+    processes.kill_tasks_now({task_id: None for task_id in tasks.values()})
 
 
 if __name__ == "__main__":

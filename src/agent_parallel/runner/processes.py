@@ -1,0 +1,305 @@
+"""Finding, stopping and reaping every process of a task, including those that left its group.
+
+A task's process group is not enough to find what it started: a child that calls ``setsid`` or
+double-forks leaves it. So every task process carries ``AGENT_TASK_ID=<task id>`` in its
+environment (inherited by everything it starts), and a task's processes are: its process group,
+every process whose ``/proc/PID/environ`` holds that entry, and their descendants. Only
+processes of our own uid are considered, never this process or its ancestors, and a signal is
+sent through a pidfd after checking the start time again, so a reused pid is never hit.
+
+The server is the child subreaper (``PR_SET_CHILD_SUBREAPER``) while a guarded executor is open:
+escaped descendants whose parents exit are reparented to it instead of to init. It reaps those
+orphans itself, by pid, never with ``waitpid(-1)`` (which would take the exit codes of its own
+``Popen`` children): a zombie child is an orphan when this module did not start it and it is in
+another session than ours (every task process is in its task's session or one it made).
+
+This module only uses the standard library: the watchdog process imports it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+TASK_ID_VAR = "AGENT_TASK_ID"
+_ENTRY = TASK_ID_VAR.encode() + b"="
+PR_SET_CHILD_SUBREAPER = 36
+KILL_WAIT_S = 2.0  # how long processes get to vanish after SIGKILL before the check that counts survivors
+KILL_ROUNDS = 4  # KILL, wait, look again: catches processes forked while the others were being killed
+
+_spawn_lock = threading.Lock()  # held while starting a child and while reaping: no reap of a child not yet listed
+_spawned: set[int] = set()  # our own children (Popen): never reaped here
+_subreaper_users = 0
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A live process as seen in /proc."""
+
+    pid: int
+    ppid: int
+    pgrp: int
+    start: int  # start time in clock ticks since boot: (pid, start) names one process for good
+    task_id: str | None  # its AGENT_TASK_ID
+
+
+@dataclass
+class Snapshot:
+    procs: dict[int, Proc]
+    orphans: list[int]  # zombie children of ours that we did not start (reparented to us)
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/PID/stat after the command name (state [0], ppid [1], pgrp [2], session [3],
+    starttime [19])."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (to tell a reused pid from ours)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _environ_task_id(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    at = data.find(b"\0" + _ENTRY)
+    if at >= 0:
+        at += 1
+    elif data.startswith(_ENTRY):
+        at = 0
+    else:
+        return None
+    end = data.find(b"\0", at)
+    return data[at + len(_ENTRY): end if end >= 0 else len(data)].decode("ascii", "replace")
+
+
+def scan(*, mine_only: bool = False) -> Snapshot:
+    """Every live process of our uid (with its task id), and the orphaned zombie children to reap.
+
+    ``mine_only``: only our descendants get their environment read (the others get no task id).
+    Enough while we are the subreaper: every process a task started is then a descendant of
+    ours, escaped or not; it saves reading the environment of every process on a busy machine.
+    """
+    uid, me = os.getuid(), os.getpid()
+    my_session = os.getsid(0)
+    stats: dict[int, list[bytes]] = {}
+    orphans: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isascii() or not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        fields = _stat_fields(pid)
+        if not fields:
+            continue
+        if fields[0] == b"Z":
+            if int(fields[1]) == me and int(fields[3]) != my_session:
+                orphans.append(pid)
+            continue
+        stats[pid] = fields
+    wanted = _descendants(me, {pid: int(f[1]) for pid, f in stats.items()}) if mine_only else stats.keys()
+    procs = {pid: Proc(pid, int(f[1]), int(f[2]), int(f[19]), _environ_task_id(pid) if pid in wanted else None)
+             for pid, f in stats.items()}
+    return Snapshot(procs, orphans)
+
+
+def _descendants(root: int, parents: dict[int, int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(children.get(root, ()))
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, ()))
+    return found
+
+
+def is_subreaper() -> bool:
+    return _subreaper_users > 0
+
+
+def _protected(procs: dict[int, Proc]) -> set[int]:
+    """This process and its ancestors: never a victim, whatever their environment says."""
+    keep = {0, 1}
+    pid = os.getpid()
+    while pid > 1 and pid not in keep:
+        keep.add(pid)
+        pid = procs[pid].ppid if pid in procs else (int(f[1]) if (f := _stat_fields(pid)) else 0)
+    return keep
+
+
+def task_members(snap: Snapshot, task_id: str, pgid: int | None = None, *, since: int | None = None) -> dict[int, int]:
+    """The live processes of ``task_id`` in ``snap``: pid -> start time.
+
+    Seeds are the processes carrying ``AGENT_TASK_ID=task_id`` (and members of group ``pgid`` when
+    given: pass it only for a group we started); with ``since``, seeds that started earlier are
+    not the task's. Descendants of the seeds are included (they started after them).
+    """
+    procs = snap.procs
+    seeds = [p for p in procs.values()
+             if (p.task_id == task_id or (pgid is not None and p.pgrp == pgid))
+             and (since is None or p.start >= since)]
+    children: dict[int, list[int]] = {}
+    for p in procs.values():
+        children.setdefault(p.ppid, []).append(p.pid)
+    keep = _protected(procs)
+    found: dict[int, int] = {}
+    stack = [p.pid for p in seeds]
+    while stack:
+        pid = stack.pop()
+        if pid in found or pid in keep:
+            continue
+        found[pid] = procs[pid].start
+        stack.extend(children.get(pid, ()))
+    return found
+
+
+def signal_processes(victims: dict[int, int], sig: signal.Signals) -> None:
+    """Send ``sig`` to each (pid, start time) that is still that very process."""
+    for pid, start in victims.items():
+        fd = None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        except (AttributeError, OSError):  # no pidfd (old kernel, or no fd left): check, then kill by pid
+            fd = None
+        try:
+            if process_start_time(pid) != start:
+                continue  # gone, and the pid maybe reused: not ours
+            if fd is not None:
+                signal.pidfd_send_signal(fd, sig)
+            else:
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def still_alive(victims: dict[int, int]) -> dict[int, int]:
+    """Those of ``victims`` that are still running (zombies count as gone)."""
+    left = {}
+    for pid, start in victims.items():
+        fields = _stat_fields(pid)
+        if fields and fields[0] != b"Z" and int(fields[19]) == start:
+            left[pid] = start
+    return left
+
+
+def reap_orphans(orphans: list[int]) -> None:
+    """Reap zombie children that were reparented to us (never one this process started)."""
+    me, my_session = os.getpid(), os.getsid(0)
+    with _spawn_lock:
+        for pid in orphans:
+            fields = _stat_fields(pid)  # look again, under the lock: still a zombie orphan of ours?
+            if pid in _spawned or not fields or fields[0] != b"Z" or int(fields[1]) != me \
+                    or int(fields[3]) == my_session:
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def spawn(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """Start a child with ``start`` and list it as ours, so the orphan reaper never takes its exit code."""
+    with _spawn_lock:
+        popen = start()
+        _spawned.add(popen.pid)
+    return popen
+
+
+def forget_child(pid: int) -> None:
+    """``pid`` (started with ``spawn``) has been waited for."""
+    with _spawn_lock:
+        _spawned.discard(pid)
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper (Linux); False where it is not supported."""
+    global _subreaper_users
+    if _subreaper_users == 0 and not _prctl_subreaper(1):
+        return False
+    _subreaper_users += 1
+    return True
+
+
+def release_subreaper() -> None:
+    global _subreaper_users
+    _subreaper_users -= 1
+    if _subreaper_users == 0:
+        _prctl_subreaper(0)
+
+
+def _prctl_subreaper(on: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def kill_tasks_now(task_ids: dict[str, int | None], rounds: int = KILL_ROUNDS) -> dict[str, list[int]]:
+    """SIGKILL every process of these tasks (task id -> earliest start time allowed, or None) and
+    return, per task, the pids still alive afterwards. Blocking: for start-up and the watchdog."""
+    killed: dict[int, int] = {}
+    for _ in range(rounds):
+        snap = scan()
+        reap_orphans(snap.orphans)
+        everyone = {pid: start for t, since in task_ids.items()
+                    for pid, start in task_members(snap, t, since=since).items()}
+        if not everyone:
+            return {}
+        signal_processes(everyone, signal.SIGKILL)
+        if everyone.keys() <= killed.keys():
+            break  # nothing new since the last KILL: these do not die
+        killed.update(everyone)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while still_alive(everyone) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    snap = scan()
+    reap_orphans(snap.orphans)
+    return {t: sorted(found) for t, since in task_ids.items() if (found := task_members(snap, t, since=since))}
+
+
+def describe_survivors(pids: list[int]) -> str:
+    shown = ", ".join(str(p) for p in pids[:10]) + (", ..." if len(pids) > 10 else "")
+    return (f"{len(pids)} of its processes could not be stopped: still alive after SIGKILL (pid {shown}); "
+            "they may be stuck in the kernel (e.g. on a hung filesystem or frozen cgroup)")
+
+
+__all__ = ["Proc", "Snapshot", "scan", "is_subreaper", "task_members", "signal_processes", "signal_group", "still_alive",
+           "reap_orphans", "spawn", "forget_child", "become_subreaper", "release_subreaper", "kill_tasks_now",
+           "process_start_time", "describe_survivors", "TASK_ID_VAR"]
