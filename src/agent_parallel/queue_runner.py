@@ -9,32 +9,40 @@ and ``list_tasks`` work on it as on any task.
 Item fields never reach a shell line or an argv: an item's own ``command`` is run as written;
 for the configured runner, the item's markdown is its stdin and id, file and title are in
 ``AGENT_ITEM_ID``, ``AGENT_ITEM_FILE`` and ``AGENT_ITEM_TITLE``.
+
+Nothing here blocks the event loop: every move of an item file (it takes the queue's ``flock``,
+which another process may hold) and every file read runs in a worker thread. A move that fails
+(disk full, ``.agent/runs`` removed by ``git clean -fdX``) is reported in the item's outcome and
+never stops the run.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from anyio.lowlevel import checkpoint_if_cancelled
 
-from .claims import ClaimLost, move_item, parse_item_id, release_stale_claims
+from . import claims
+from .claims import ClaimLost, find_item, move_item, parse_item_id, release_stale_claims
 from .config import MAX_PARALLEL_RANGE, Config
-from .errors import AgentParallelError, QueueError
-from .paths import resolve_inside
+from .errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, UsageError
+from .paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .queue import QueueReader, WorkItem, format_id
 from .results import ItemOutcome, RunningItem, RunProgress
-from .runner.executor import ExitInfo, LaunchSpec
+from .runner import executor as executor_module, logs as logs_module, registry as registry_module
+from .runner.executor import ExitInfo, LaunchSpec, SpawnError, process_start_time
 from .runner.logs import LogWriter
-from .runner.records import TaskStatus
-from .runner.registry import Task, TaskRegistry
+from .runner.records import TaskRecord, TaskStatus
+from .runner.registry import Task, TaskRegistry, wait_any
 
 LAST_LINES = 10
+NOT_RECORDED = "its status could not be recorded in the queue"
 
 
 @dataclass
@@ -52,13 +60,26 @@ class QueueContext:
         return resolve_inside(self.root, self.config.queue_dir, "queue.dir in .agent/config.yaml")
 
     def graph(self, *, only: list[int] | None = None) -> QueueGraph:
-        """The queue as a graph; with ``only``, just those items and the pending items they need."""
-        items, diagnostics = self.reader.read(self.root, self.queue_dir)
+        """The queue as a graph; with ``only``, just those items and the pending items they need.
+
+        Raises the reader's clear ``QueueError`` when the queue directory does not exist."""
+        self.queue_dir  # noqa: B018 -- a queue.dir outside the workspace is refused naming the setting
+        items, diagnostics = self.reader.read(self.root, self.config.queue_dir)
         graph = build_graph(items, diagnostics)
         if only is None:
             return graph
         members = set(Scheduler(graph, only=only).not_started())
         return build_graph([i for i in items if i.status != "pending" or i.id in members], diagnostics)
+
+    def ensure_runs_dir(self) -> None:
+        """Recreate the runs directory if it vanished mid-run (``git clean -fdX`` removes it):
+        every move needs its lock file and its history. Sync: call it in a worker thread."""
+        if self.runs_dir.is_dir():
+            return
+        if self.runs_dir == self.root / RUNS_DIR:
+            make_runs_dir(self.root)  # with its .gitignore
+        else:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------- one item
@@ -77,48 +98,114 @@ def check_ready(graph: QueueGraph, item_id: int) -> WorkItem:
     return item
 
 
+class NotStarted(Exception):
+    """``launch_item`` claimed the item but was told not to start it (its run was stopped); the
+    claim was given back."""
+
+
 async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str,
-                      on_end: Callable[[Task, list[str]], None] | None = None) -> Task:
-    """Claim ``item`` (pending → in_progress) and start it; when it ends, move it to completed/failed."""
+                      on_end: Callable[[Task, list[str]], None] | None = None,
+                      go_on: Callable[[], bool] | None = None) -> Task:
+    """Claim ``item`` (pending → in_progress) and start it; when it ends, move it to completed/failed.
+
+    Claim and start are one step as far as cancellation goes: if the caller is cancelled while
+    claiming, or ``go_on()`` (asked once the claim is made) says no, or the start fails, the
+    claim is given back (pending, with the reason in the history), so an item is never left
+    in_progress with nothing running. Raises ``ClaimLost`` when another claimant was first, and
+    ``NotStarted`` when ``go_on`` said no.
+    """
     argv, timeout_s = _how_to_run(ctx.config, item)
-    queue_dir = ctx.queue_dir
-    path = await anyio.to_thread.run_sync(
-        lambda: move_item(queue_dir, ctx.runs_dir, item.id, "in_progress", by=by, expect="pending", owned=True,
-                          known=queue_dir / item.file))
-    before = _file_state(path)
-    env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
+    queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
-    upstream = [t for dep in waits_on if (t := _latest_item_task(ctx.registry, format_id(dep)))]
+    upstream = [t.record for dep in waits_on if (t := _latest_item_task(ctx.registry, format_id(dep)))]
+    try:
+        upstream_logs = await anyio.to_thread.run_sync(lambda: [_upstream_log_path(runs_dir, r) for r in upstream])
+    except OSError as exc:
+        raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {_why(exc)}") from exc
+
+    def claim() -> tuple[Path, tuple[int, int] | None]:
+        ctx.ensure_runs_dir()
+        path = move_item(queue_dir, runs_dir, item.id, "in_progress", by=by, expect="pending", owned=True,
+                         known=queue_dir / item.file)
+        return path, _file_state(path)
+
+    async def give_back(path: Path, why: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(lambda: _release_claim(queue_dir, runs_dir, item.id, by=by, reason=why,
+                                                                  known=path))
+        except Exception as exc:  # the outcome already says why it did not start; add why it stays claimed
+            raise QueueError(f"{why}; the claim could not be given back either ({_why(exc)}): "
+                             f"move item {item.id_str} back with update_item") from exc
+
+    with anyio.CancelScope(shield=True):  # a claim made is never dropped by a cancellation
+        path, before = await anyio.to_thread.run_sync(claim)
+    try:
+        await checkpoint_if_cancelled()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await give_back(path, "not started: the call was cancelled while claiming it")
+        raise
+    if go_on is not None and not go_on():
+        with anyio.CancelScope(shield=True):
+            await give_back(path, f"not started: {by} was stopped while claiming it")
+        raise NotStarted(f"{by} was stopped while claiming it; the claim was given back")
+
+    env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
     if waits_on:
         env["AGENT_UPSTREAM_ITEMS"] = " ".join(format_id(dep) for dep in waits_on)
-    if upstream:
-        env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(ctx.runs_dir / f"{t.record.task_id}.log") for t in upstream)
+    if upstream_logs:
+        env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(p) for p in upstream_logs)
 
     async def finished(task: Task) -> None:
-        ok = task.record.status == TaskStatus.COMPLETED
-        notes = _item_file_notes(path, before)
+        """Move the item to completed/failed, off the event loop; never raises, always tells ``on_end``."""
+        rec = task.record
+        ok = rec.status == TaskStatus.COMPLETED
+        notes = [f"{NOT_RECORDED}: the move was interrupted"]
         try:
-            await anyio.to_thread.run_sync(lambda: move_item(
-                queue_dir, ctx.runs_dir, item.id, "completed" if ok else "failed", by=by,
-                reason=task.record.reason, expect="in_progress", known=path))
-        except QueueError as exc:
-            notes.append(f"its status could not be recorded in the queue: {exc}")
-        if notes:
-            note = "; ".join(notes)
-            task.record.reason = f"{task.record.reason}; {note}" if task.record.reason else note
-        if on_end is not None:
-            on_end(task, notes)
+            notes = await anyio.to_thread.run_sync(
+                lambda: _end_move(ctx, item.id, path, before, "completed" if ok else "failed", by=by, reason=rec.reason))
+        finally:
+            if notes:
+                note = "; ".join(notes)
+                rec.reason = f"{rec.reason}; {note}" if rec.reason else note
+            if on_end is not None:
+                on_end(task, notes)
 
+    with anyio.CancelScope(shield=True):  # claimed: start it, or give the claim back
+        try:
+            _check_launch_strings(ctx.root, item.command, argv, env)
+            return await ctx.registry.launch(
+                command=item.command, argv=argv, cwd=ctx.root, description=f"item {item.id_str}: {item.title}",
+                env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
+                stdin_path=path if argv else None, on_finish=_as_on_finish(ctx.registry, finished))
+        except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
+            await give_back(path, f"not started: {_why(exc)}")
+            raise
+
+
+def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, int] | None, to_status: str, *,
+              by: str, reason: str | None) -> list[str]:
+    """An item's end, in a worker thread: what happened to its file while it ran, then the move.
+
+    A failed move is returned as a note, never raised: the item's own result still decides what
+    happens to its dependents, and the run must end."""
+    notes = _item_file_notes(path, before)
     try:
-        return await ctx.registry.launch(
-            command=item.command, argv=argv, cwd=ctx.root, description=f"item {item.id_str}: {item.title}",
-            env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
-            stdin_path=path if argv else None, on_finish=finished)
-    except Exception:
-        # not started (a cap was reached...): give the claim back so the item is not stuck
-        await anyio.to_thread.run_sync(lambda: move_item(queue_dir, ctx.runs_dir, item.id, "pending", by=by,
-                                                         reason="could not start", expect="in_progress", known=path))
-        raise
+        ctx.ensure_runs_dir()
+        move_item(ctx.queue_dir, ctx.runs_dir, item_id, to_status, by=by, reason=reason, expect="in_progress",
+                  known=path)
+    except Exception as exc:
+        notes.append(f"{NOT_RECORDED}: {_why(exc)}")
+    return notes
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as a reason: our own errors carry their message; an OSError names the file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    if isinstance(exc, AgentParallelError):
+        return str(exc)
+    return str(InternalError(repr(exc)))
 
 
 def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float | None]:
@@ -155,6 +242,50 @@ def _item_file_notes(path: Path, before: tuple[int, int] | None) -> list[str]:
     return []
 
 
+@dataclass
+class _Where:
+    """Where an item another claimant took went: its status now, and who moved or holds it."""
+
+    status: str | None  # None: no file (or several)
+    by: str
+    claim: tuple[int, int | None] | None = None  # (pid, start time) of a claim made by a run or launch_task
+    path: Path | None = None
+    live: bool = False
+    """In progress, claimed by a process that still runs: it will leave in_progress by itself."""
+
+    def claimant_alive(self) -> bool:
+        if self.claim is None:
+            return False
+        pid, start = self.claim
+        return start is None or process_start_time(pid) == start
+
+    def still_there(self) -> bool:
+        """The cheap re-check while waiting (sync): the same in_progress file, its claimant alive."""
+        return self.path is not None and self.path.exists() and self.claimant_alive()
+
+
+def _locate(queue_dir: Path, runs_dir: Path, item_id: int) -> _Where:
+    """Look up an item's file and history (sync: call it in a worker thread)."""
+    try:
+        path, name = find_item(queue_dir, item_id)
+    except (QueueError, OSError) as exc:
+        return _Where(None, _why(exc))
+    try:
+        moves = claims.history(runs_dir, name.id_str)
+    except OSError:
+        moves = []
+    if name.status != "in_progress":
+        return _Where(name.status, moves[-1]["by"] if moves else "another agent or by hand", path=path)
+    last_claim = next((m for m in reversed(moves) if m.get("to") == "in_progress"), None)
+    if last_claim is None:
+        return _Where("in_progress", "another agent (no claim was recorded; it was moved by hand)", path=path)
+    pid = last_claim.get("pid")
+    owned = (pid, last_claim.get("pid_start")) if isinstance(pid, int) else None
+    where = _Where("in_progress", str(last_claim.get("by")), claim=owned, path=path)
+    where.live = where.claimant_alive()
+    return where
+
+
 # ---------------------------------------------------------------------------------- a run
 
 
@@ -162,12 +293,14 @@ def _item_file_notes(path: Path, before: tuple[int, int] | None) -> list[str]:
 class RunOptions:
     level: str
     continue_on_error: bool
+    """Whether this run goes on past a failure (the level and the written setting resolved by
+    ``stops_on_first_failure``)."""
     max_parallel: int
     only: list[int] | None = None
 
     @property
     def stops_on_first_failure(self) -> bool:
-        return self.level != "L3" or not self.continue_on_error
+        return not self.continue_on_error
 
 
 @dataclass
@@ -181,6 +314,7 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
     """Start a queue run in the registry; arguments left None come from the config.
 
     Returns the run's task (its ``handle`` is the ``QueueRun``) and warnings for the caller.
+    Fails at once with a clear ``QueueError`` when the queue directory does not exist.
     """
     config = ctx.config
     warnings: list[str] = []
@@ -190,18 +324,19 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
         warnings.append(f"max_parallel {parallel} is outside {low}..{high}; using {min(max(parallel, low), high)}")
         parallel = min(max(parallel, low), high)
     chosen_level = level or config.level
-    coe = config.continue_on_error if continue_on_error is None else continue_on_error
+    coe = _written_continue_on_error(config) if continue_on_error is None else continue_on_error
     if coe and chosen_level != "L3":
         warnings.append(f"continue_on_error applies at L3 only; level {chosen_level} stops at the first failure")
     only = [parse_item_id(i) for i in items] if items is not None else None
+    graph = await anyio.to_thread.run_sync(ctx.graph)  # a missing queue directory is refused here, clearly
     if only is not None:
-        graph = await anyio.to_thread.run_sync(ctx.graph)
         missing = [format_id(i) for i in only if i not in graph.by_id]
         if missing:
             raise QueueError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
     released = await anyio.to_thread.run_sync(lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir))
     warnings += [f"item {item} ({file}) was {message}" for item, file, message in released]
-    options = RunOptions(level=chosen_level, continue_on_error=coe, max_parallel=parallel, only=only)
+    options = RunOptions(level=chosen_level, continue_on_error=not stops_on_first_failure(chosen_level, coe),
+                         max_parallel=parallel, only=only)
     command = f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else "")
     task = await ctx.registry.launch(command=command, cwd=ctx.root, description="queue run", kind="run",
                                      executor=QueueRunExecutor(ctx, options))
@@ -215,15 +350,28 @@ class QueueRunExecutor:
         self.ctx, self.options = ctx, options
 
     async def start(self, spec: LaunchSpec, log: LogWriter) -> QueueRun:
-        graph = await anyio.to_thread.run_sync(lambda: self.ctx.graph(only=self.options.only))
-        return QueueRun(self.ctx, self.options, spec.task_id, log, graph)
+        """Read the queue and set the run up; any failure fails the run's task (a ``SpawnError``),
+        never the registry (the queue may vanish between ``start_run``'s check and here)."""
+        try:
+            graph = await anyio.to_thread.run_sync(lambda: self.ctx.graph(only=self.options.only))
+            return QueueRun(self.ctx, self.options, spec.task_id, log, graph)
+        except AgentParallelError as exc:
+            raise SpawnError(f"the run could not start: {exc}") from exc
+        except Exception as exc:
+            raise SpawnError(str(InternalError(f"the run could not start: {exc!r}"))) from exc
 
     def close(self) -> None:
         pass
 
 
 class QueueRun:
-    """One ``run_queue``: the scheduling loop, its progress and its report (a ``TaskHandle``)."""
+    """One ``run_queue``: the scheduling loop, its progress and its report (a ``TaskHandle``).
+
+    Another run (or server, or ``launch_task``) may take an item first. The run then follows
+    where the item went: completed elsewhere counts as done, failed or blocked as a failure of
+    that item, and while a live process holds it in_progress the run waits (polling its file in
+    a worker thread). The same holds for in-progress items that this run's items wait on.
+    """
 
     pid = None
     start_time = None
@@ -234,6 +382,7 @@ class QueueRun:
         self.graph = graph
         self.scheduler = Scheduler(self.graph)
         self.members = self.scheduler.not_started()  # the pending items this run considers, best first
+        self._member_set = set(self.members)
         self.predicted = simulate(self.graph, options.max_parallel).makespan_ms / 1000
         self.lower_bound = lower_bound_ms(self.graph, options.max_parallel) / 1000
         self.started = time.time()
@@ -245,9 +394,17 @@ class QueueRun:
         self.state = "running"
         self.stop_reason: str | None = None
         self.held: str | None = None
+        self._held_for_room = False  # held at the registry's task cap: woken by any task ending
+        self._cancelled = False
+        self._retry: list[int] = []  # items to (re)claim before asking the scheduler (held at the cap, given back)
+        self.watching: dict[int, str] = {}  # items held by another claimant -> who
+        self._elsewhere: dict[int, str] = {}  # items left in progress elsewhere -> why this run does not wait
+        self._watched: list[tuple[int, _Where]] = []
         self._finished: list[tuple[int, Task, list[str]]] = []
+        self._tg: anyio.abc.TaskGroup | None = None
         self._exit: ExitInfo | None = None
-        self._write(f"run {run_id}: level {options.level}, continue_on_error {options.continue_on_error}, "
+        policy = "continues past failures" if options.continue_on_error else "stops at the first failure"
+        self._write(f"run {run_id}: level {options.level} ({policy}), "
                     f"max_parallel {options.max_parallel}; predicted makespan {self.predicted:.1f}s, "
                     f"lower bound {self.lower_bound:.1f}s")
 
@@ -260,6 +417,7 @@ class QueueRun:
 
     async def terminate(self, grace: float) -> None:
         """Stop the run: start nothing new and cancel the items that are running."""
+        self._cancelled = True
         self._stop("the run was cancelled")
         async with anyio.create_task_group() as tg:
             for slot in list(self.running.values()):
@@ -267,94 +425,201 @@ class QueueRun:
 
     # -- the loop
     async def _loop(self) -> None:
-        while True:
-            # Take the event before looking at anything: an item ending while we collect or start
-            # others sets this very event, so the wait below returns at once instead of missing it.
-            wake = self.changed
-            self._collect_finished()
-            started = await self._start_what_fits() if self.state == "running" else False
-            if not self.running and not started and (self.state != "running" or self.held is None):
-                break  # nothing running, and nothing can start: either all done, or stuck behind others' work
-            with anyio.move_on_after(self.ctx.registry.settings.admission_retry_s if self.held else math.inf):
-                await wake.wait()
+        async with anyio.create_task_group() as self._tg:
+            needed = {p for m in self.members for p in self.graph.waits_on.get(m, ())}
+            for item_id in sorted(needed & set(self.graph.in_progress)):
+                self._follow(item_id, "in progress when the run started")
+            while True:
+                # Take the event before looking at anything: an item ending while we collect or start
+                # others sets this very event, so the wait below returns at once instead of missing it.
+                wake = self.changed
+                await self._collect()
+                started = await self._start_what_fits() if self.state == "running" else False
+                busy = bool(self.running) or started
+                if self.state == "running":
+                    busy = busy or bool(self.watching) or self.held is not None
+                if not busy:
+                    break  # nothing running, and nothing can start: either all done, or stuck behind others' work
+                await self._sleep(wake)
+            self._tg.cancel_scope.cancel()  # stop following others' items
         self.state = "finished"
-        self._finalize()
+        await self._finalize()
+
+    async def _sleep(self, wake: anyio.Event) -> None:
+        """Until something changes; while held, also re-check every ``admission_retry_s`` (memory
+        and load have no event) and, at the task cap, wake the moment any task ends."""
+        if self.held is None:
+            await wake.wait()
+            return
+        events = [wake]
+        if self._held_for_room:
+            events += [t.done for t in self.ctx.registry.newest_first({TaskStatus.QUEUED, TaskStatus.RUNNING})
+                       if t.record.task_id != self.run_id]
+        with anyio.move_on_after(self.ctx.registry.settings.admission_retry_s):
+            await wait_any(events)
 
     async def _start_what_fits(self) -> bool:
         """Start the best-ranked ready items while slots are free and the machine allows it."""
-        check = self.ctx.registry.settings.admission
+        registry = self.ctx.registry
+        check = registry.settings.admission
         started = False
         while len(self.running) < self.options.max_parallel and self.state == "running":
-            if check is not None and (why := check()):
-                if self.held != why:
-                    self._write(f"start held: {why}")
-                self.held = why
+            if not _has_room(registry):
+                self._hold(f"the server already has {registry.settings.max_running} tasks queued or running (its "
+                           "limit); the next item starts when one of them ends", for_room=True)
                 return started
-            self.held = None
-            batch = self.scheduler.start_next(1)
-            if not batch:
-                break
-            started = await self._start(batch[0]) or started
+            if check is not None and (why := check()):
+                self._hold(why)
+                return started
+            self.held, self._held_for_room = None, False
+            if self._retry:
+                item_id = self._retry.pop(0)
+            else:
+                batch = self.scheduler.start_next(1)
+                if not batch:
+                    break
+                item_id = batch[0]
+            started = await self._start(item_id) or started
         return started
+
+    def _hold(self, why: str, *, for_room: bool = False) -> None:
+        if self.held != why:
+            self._write(f"start held: {why}")
+            self.held = why
+            self._changed()
+        self._held_for_room = for_room
 
     async def _start(self, item_id: int) -> bool:
         item = self.graph.by_id[item_id]
         try:
-            task = await launch_item(self.ctx, self.graph, item, by=self.by,
+            task = await launch_item(self.ctx, self.graph, item, by=self.by, go_on=lambda: self.state == "running",
                                      on_end=lambda t, notes, i=item_id: self._on_end(i, t, notes))
         except ClaimLost as exc:
-            self._record(item, "claimed_elsewhere", reason=str(exc))
-            self._skip_dependents(item_id, f"{item.id_str} was claimed by someone else")
+            self._follow(item_id, str(exc))
             return False
-        except AgentParallelError as exc:  # no runner, a cap reached, the server shutting down...
-            self._record(item, "failed", reason=f"could not start: {exc}")
-            self._failure(item_id, item)
+        except NotStarted:
+            self._record(item, "not_started", reason=self.stop_reason or "the run was stopped")
+            return False
+        except ResourceLimitError as exc:
+            if not _has_room(self.ctx.registry):  # the cap filled between our check and the start: hold, retry
+                self._retry.insert(0, item_id)
+                return False
+            self._could_not_start(item, exc)
+            return False
+        except Exception as exc:  # bad strings for the process, no runner, a full disk, shutting down...
+            self._could_not_start(item, exc)
             return False
         if self.first_start is None:
             self.first_start = task.record.started_at or time.time()
         self.running[item_id] = _Slot(item, task)
         self._write(f"started {item.id_str} ({item.title}) as task {task.record.task_id}")
+        if self._cancelled and self._tg is not None:  # cancelled while it was starting
+            self._tg.start_soon(self.ctx.registry.cancel, task)
         self._changed()
         return True
+
+    def _could_not_start(self, item: WorkItem, exc: Exception) -> None:
+        self._record(item, "failed", reason=f"could not start: {_why(exc)}")
+        self._write(f"FAILED {item.id_str} ({item.title}): could not start: {_why(exc)}")
+        self._failure(item.id)
 
     def _on_end(self, item_id: int, task: Task, notes: list[str]) -> None:
         self._finished.append((item_id, task, notes))
         self._changed()
 
-    def _collect_finished(self) -> None:
+    # -- items another claimant holds
+    def _follow(self, item_id: int, why: str) -> None:
+        """Follow an item someone else claimed until it leaves in_progress (see the class docstring)."""
+        self.watching[item_id] = why
+        self._write(f"{format_id(item_id)}: {why}; following it")
+        assert self._tg is not None
+        self._tg.start_soon(self._watch, item_id)
+
+    async def _watch(self, item_id: int) -> None:
+        queue_dir, runs_dir = self.ctx.queue_dir, self.ctx.runs_dir
+        interval = self.ctx.registry.settings.admission_retry_s
+        where = await anyio.to_thread.run_sync(lambda: _locate(queue_dir, runs_dir, item_id))
+        while where.live:
+            self.watching[item_id] = f"in progress, claimed by {where.by}"
+            await anyio.sleep(interval)
+            if not await anyio.to_thread.run_sync(where.still_there):
+                where = await anyio.to_thread.run_sync(lambda: _locate(queue_dir, runs_dir, item_id))
+        self._watched.append((item_id, where))
+        self._changed()
+
+    def _settle(self, item_id: int, where: _Where) -> None:
+        """Act on where an item held elsewhere went."""
+        self.watching.pop(item_id, None)
+        member = item_id in self._member_set
+        label = format_id(item_id)
+        item = self.graph.by_id.get(item_id)
+        if where.status == "pending" and member:  # given back: try to claim it ourselves
+            self._retry.append(item_id)
+            return
+        if where.status == "completed":
+            what = f"claimed by {where.by}, where it completed"
+        elif where.status in ("failed", "blocked"):
+            what = f"claimed by {where.by}, where it ended {where.status}"
+        elif where.status is None:
+            what = f"claimed elsewhere, then its file went away ({where.by})"
+        else:
+            what = (f"{where.status} ({where.by}); this run does not wait for it: only a live run or launch_task "
+                    "claim is followed")
+        self._write(f"{label}: {what}")
+        if member and item is not None:
+            self._record(item, "claimed_elsewhere", reason=what)
+        if where.status == "completed":
+            self.scheduler.finished(item_id, ok=True)
+        elif where.status in ("failed", "blocked"):
+            self._failure(item_id, f" ({what})")
+        else:  # stays "running" for the scheduler: what waits on it or conflicts with it does not start
+            self._elsewhere[item_id] = what
+
+    # -- ends
+    async def _collect(self) -> None:
+        """Take in ended items and items settled elsewhere; the failed ones' last lines are read off the loop."""
+        watched, self._watched = self._watched, []
+        for item_id, where in watched:
+            self._settle(item_id, where)
         finished, self._finished = self._finished, []
-        for item_id, task, notes in finished:
+        if not finished:
+            return
+        tails = await anyio.to_thread.run_sync(lambda: [self._last_lines(task) for _, task, _ in finished])
+        for (item_id, task, notes), lines in zip(finished, tails):
             slot = self.running.pop(item_id, None)
             item = slot.item if slot else self.graph.by_id[item_id]
             rec = task.record
             self.last_end = max(self.last_end or 0.0, rec.ended_at or time.time())
-            lines = self.ctx.registry.read_output(task, cursor=None, max_bytes=4096, tail_lines=LAST_LINES,
-                                                  pattern=None).text.splitlines()
             ok = rec.status == TaskStatus.COMPLETED
             self._record(item, "completed" if ok else "failed", task_id=rec.task_id, exit_code=rec.exit_code,
-                         reason=None if ok else rec.reason, duration_s=rec.duration_s, last_lines=[] if ok else lines,
+                         reason=None if ok else rec.reason, duration_s=rec.duration_s, last_lines=lines,
                          notes=notes, started_at=rec.started_at, ended_at=rec.ended_at)
             self._write(f"{'completed' if ok else 'FAILED'} {item.id_str} ({item.title})"
                         + ("" if ok else f": {rec.reason}"))
             if ok:
                 self.scheduler.finished(item_id, ok=True)
             else:
-                self._failure(item_id, item)
+                self._failure(item_id)
 
-    def _failure(self, item_id: int, item: WorkItem) -> None:
-        skipped = self.scheduler.finished(item_id, ok=False)
-        for node in skipped:
-            other = self.graph.by_id[node]
-            self._record(other, "skipped", waited_on=item.id_str,
-                         reason=f"waits on {item.id_str}, which failed")
+    def _last_lines(self, task: Task) -> list[str]:
+        """A failed item's last lines (sync: in a worker thread); none for a completed one."""
+        if task.record.status == TaskStatus.COMPLETED:
+            return []
+        try:
+            return self.ctx.registry.read_output(task, cursor=None, max_bytes=4096, tail_lines=LAST_LINES,
+                                                 pattern=None).text.splitlines()
+        except OSError as exc:
+            return [f"(its output could not be read: {_why(exc)})"]
+
+    def _failure(self, item_id: int, where: str = "") -> None:
+        """An item failed (here, or elsewhere as ``where`` says): skip what waits on it; maybe stop."""
+        label = format_id(item_id)
+        for node in self.scheduler.finished(item_id, ok=False):
+            self._record(self.graph.by_id[node], "skipped", waited_on=label, reason=f"waits on {label}, which failed{where}")
         if self.options.stops_on_first_failure and self.state == "running":
             policy = (f"level {self.options.level} stops on the first failure" if self.options.level != "L3"
                       else "continue_on_error is off")
-            self._stop(f"item {item.id_str} failed and {policy}; running items were left to finish")
-
-    def _skip_dependents(self, item_id: int, why: str) -> None:
-        for node in self.scheduler.finished(item_id, ok=False):
-            self._record(self.graph.by_id[node], "skipped", waited_on=format_id(item_id), reason=why)
+            self._stop(f"item {label} failed and {policy}; running items were left to finish")
 
     def _stop(self, reason: str) -> None:
         if self.state == "running":
@@ -370,21 +635,32 @@ class QueueRun:
         self.changed.set()
         self.changed = anyio.Event()
 
-    def _finalize(self) -> None:
+    async def _finalize(self) -> None:
+        """Give every item of the run an outcome; the run succeeds only if every one of them completed
+        (here or elsewhere): items that never ran are reported, never passed over."""
+        for item_id, who in self.watching.items():
+            if item_id in self._member_set and item_id not in self.outcomes:
+                self._record(self.graph.by_id[item_id], "claimed_elsewhere",
+                             reason=f"{who}; still in progress there when this run ended")
+        for item_id in self._retry:
+            if item_id not in self.outcomes:
+                self._record(self.graph.by_id[item_id], "not_started",
+                             reason=self.stop_reason or "its start was held when the run ended")
         for item_id in self.scheduler.not_started():
             if item_id not in self.outcomes:
                 item = self.graph.by_id[item_id]
-                waits = [format_id(d) for d in self.graph.waits_on.get(item_id, [])
-                         if d not in self.scheduler.done]
+                waits = [format_id(d) + (f" ({note})" if (note := self._elsewhere.get(d) or self.watching.get(d)) else "")
+                         for d in self.graph.waits_on.get(item_id, []) if d not in self.scheduler.done]
                 why = self.stop_reason or (f"waits on {', '.join(waits)}" if waits else "never became ready")
                 self._record(item, "not_started", reason=why)
-        failed = [o for o in self.outcomes.values() if o.outcome in ("failed",)]
+        all_done = all(item_id in self.scheduler.done for item_id in self.members)
         self._write(self.report_text())
+        progress = self.progress()
         try:
-            save_report(self.ctx.runs_dir, self.progress())
+            await anyio.to_thread.run_sync(lambda: save_report(self.ctx.runs_dir, progress))
         except OSError as exc:
-            self._write(f"could not save the run report: {exc.strerror or exc}")
-        self._exit = ExitInfo(1 if failed else 0, None)
+            self._write(f"could not save the run report: {_why(exc)}")
+        self._exit = ExitInfo(0 if all_done else 1, None)
         self._changed()
 
     # -- views
@@ -393,7 +669,8 @@ class QueueRun:
         for outcome in self.outcomes.values():
             counts[outcome.outcome] = counts.get(outcome.outcome, 0) + 1
         if self.state != "finished":
-            counts["waiting"] = len(self.scheduler.not_started())
+            elsewhere = sum(1 for i in self.watching if i in self._member_set and i not in self.outcomes)
+            counts["waiting"] = len(self.scheduler.not_started()) + len(self._retry) + elsewhere
         now = time.time()
         return RunProgress(
             run_id=self.run_id, level=self.options.level, continue_on_error=self.options.continue_on_error,
@@ -447,4 +724,119 @@ def load_report(runs_dir: Path, run_id: str) -> RunProgress | None:
         return None
 
 
-__all__ = ["load_report", "save_report", "QueueContext", "QueueRun", "QueueRunExecutor", "RunOptions", "check_ready", "launch_item"]
+# ---------------------------------------------------------------------------------- SHIMs
+# Each stands in for an API another helper is building for issue 9 (see the numbered interfaces);
+# the lead deletes them at the merge and uses the real API named in each.
+
+# SHIM(issue 9 merge): interface 7 -- `config.stops_on_first_failure` is THE rule; import it instead.
+try:
+    from .config import stops_on_first_failure  # type: ignore[attr-defined]
+except ImportError:
+    def stops_on_first_failure(level: str, continue_on_error: bool | None) -> bool:
+        """L1/L2 always stop; L3 continues unless continue_on_error is explicitly False."""
+        return level != "L3" or continue_on_error is False
+
+
+def _written_continue_on_error(config: Config) -> bool | None:
+    """SHIM(issue 9 merge): interface 7 -- `Config.continue_on_error` becomes `bool | None` (None: not
+    written); until then an unwritten key reads False, so ask pydantic whether it was set. Replace
+    the call with `config.continue_on_error`."""
+    if config.continue_on_error is False and "continue_on_error" not in config.model_fields_set:
+        return None
+    return config.continue_on_error
+
+
+def _has_room(registry: TaskRegistry) -> bool:
+    """SHIM(issue 9 merge): interface 2 -- use `registry.has_room()`."""
+    has_room = getattr(registry, "has_room", None)
+    if has_room is not None:
+        return bool(has_room())
+    return registry._active < registry.settings.max_running
+
+
+def _release_claim(queue_dir: Path, runs_dir: Path, item_id: int, *, by: str, reason: str, known: Path) -> None:
+    """SHIM(issue 9 merge): interface 5 -- use `claims.release_claim` (the transition table no longer
+    allows in_progress -> pending through move_item)."""
+    release = getattr(claims, "release_claim", None)
+    if release is not None:
+        release(queue_dir, runs_dir, item_id, by=by, reason=reason, known=known)
+        return
+    move_item(queue_dir, runs_dir, item_id, "pending", by=by, reason=reason, expect="in_progress", known=known)
+
+
+def _upstream_log_path(runs_dir: Path, record: TaskRecord) -> Path:
+    """SHIM(issue 9 merge): interface 4 -- use `runner.logs.upstream_log_path` (sync, in a worker thread).
+
+    Until it exists: the head log when nothing was cut, else one file with the whole kept output
+    and the dropped middle marked."""
+    real = getattr(logs_module, "upstream_log_path", None)
+    if real is not None:
+        return real(runs_dir, record)
+    head = runs_dir / f"{record.task_id}.log"
+    if not record.tail_segments:
+        return head
+    whole = runs_dir / f"{record.task_id}.upstream.log"
+    tmp = whole.with_name(f".{whole.name}.tmp")
+    kept = logs_module.head_cap(record.log_cap_bytes or 64 << 20)
+    with open(tmp, "wb") as out:
+        with open(head, "rb") as f:
+            data = f.read(kept)
+            out.write(data)
+        if record.dropped_bytes:
+            out.write(("" if data.endswith(b"\n") else "\n").encode()
+                      + f"[agent-parallel: {record.dropped_bytes} bytes dropped here]\n".encode())
+        for start in record.tail_segments:
+            with open(logs_module.tail_segment_path(runs_dir, record.task_id, start), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+    os.replace(tmp, whole)
+    return whole
+
+
+def _check_launch_strings(cwd: Path, command: str | None, argv: list[str] | None, env: dict[str, str]) -> None:
+    """SHIM(issue 9 merge): interface 3 -- `registry.launch` raises this UsageError itself (through
+    `runner.executor.check_launch_strings`); delete this function and its call in `launch_item`."""
+    if getattr(executor_module, "check_launch_strings", None) is not None:
+        return  # the registry checks
+    where = [("the command", command)] if command is not None else []
+    where += [(f"argument {i} of runner.command", a) for i, a in enumerate(argv or [])]
+    where += [(f"env value of {k}", v) for k, v in env.items()] + [("the cwd", str(cwd))]
+    for what, text in where:
+        if "\0" in text:
+            raise UsageError(f"{what} contains a NUL character, which no process can be given; remove it")
+
+
+def _as_on_finish(registry: TaskRegistry, follow_up: Callable[[Task], Awaitable[None]]) -> Callable:
+    """SHIM(issue 9 merge): interface 1 -- the registry awaits an async `on_finish` (shielded, bounded
+    by FOLLOW_UP_TIMEOUT_S) before it sets `task.done`; pass `follow_up` directly and delete this.
+
+    Until then the registry calls `on_finish` synchronously: run `follow_up` in the registry's task
+    group, and keep the waiters' `done` event unset until it has run (so `launch_task(item=...,
+    run_in_background=false)` still sees the item moved)."""
+    if hasattr(registry_module, "FOLLOW_UP_TIMEOUT_S"):
+        return follow_up
+
+    def on_finish(task: Task) -> None:
+        waiters = task.done
+        task.done = anyio.Event()  # the one _finish sets now; those already waiting hold `waiters`
+
+        async def later() -> None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    with anyio.move_on_after(30.0):
+                        await follow_up(task)
+                    from .runner.records import save_record
+                    await anyio.to_thread.run_sync(lambda: save_record(task.record, registry.runs_dir, durable=True))
+                except OSError:
+                    pass
+                finally:
+                    task.done = waiters
+                    waiters.set()
+
+        registry._tg.start_soon(later)
+
+    return on_finish
+
+
+__all__ = ["NotStarted", "QueueContext", "QueueRun", "QueueRunExecutor", "RunOptions", "check_ready", "launch_item",
+           "load_report", "save_report"]
