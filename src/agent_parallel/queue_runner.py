@@ -22,8 +22,8 @@ from pathlib import Path
 
 import anyio
 
-from .claims import ClaimLost, move_item, parse_item_id, release_stale_claims
-from .config import MAX_PARALLEL_RANGE, Config
+from .claims import ClaimLost, move_item, parse_item_id, release_claim, release_stale_claims
+from .config import MAX_PARALLEL_RANGE, Config, stops_on_first_failure
 from .errors import AgentParallelError, QueueError
 from .paths import resolve_inside
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
@@ -115,8 +115,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             stdin_path=path if argv else None, on_finish=finished)
     except Exception:
         # not started (a cap was reached...): give the claim back so the item is not stuck
-        await anyio.to_thread.run_sync(lambda: move_item(queue_dir, ctx.runs_dir, item.id, "pending", by=by,
-                                                         reason="could not start", expect="in_progress", known=path))
+        await anyio.to_thread.run_sync(lambda: release_claim(queue_dir, ctx.runs_dir, item.id, by=by,
+                                                             reason="could not start", known=path))
         raise
 
 
@@ -200,7 +200,7 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
             raise QueueError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
     released = await anyio.to_thread.run_sync(lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir))
     warnings += [f"item {item} ({file}) was {message}" for item, file, message in released]
-    options = RunOptions(level=chosen_level, continue_on_error=coe, max_parallel=parallel, only=only)
+    options = RunOptions(level=chosen_level, continue_on_error=not stops_on_first_failure(chosen_level, coe), max_parallel=parallel, only=only)
     command = f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else "")
     task = await ctx.registry.launch(command=command, cwd=ctx.root, description="queue run", kind="run",
                                      executor=QueueRunExecutor(ctx, options))
