@@ -46,6 +46,7 @@ HISTORY_ROTATE_BYTES = 1024 * 1024
 """Past this size `history.jsonl` becomes `history.1.jsonl` (replacing the older one)."""
 MAX_REASON_CHARS = 2000
 """A move's reason is cut to this length in the history, so one line stays small."""
+_READ_BACK_BYTES = 2 * HISTORY_ROTATE_BYTES
 LOCK_FILE = "queue.lock"
 LOCK_TIMEOUT_S = 10.0
 """Longest `queue_lock` waits; a move takes milliseconds, so a longer wait means a stuck holder."""
@@ -62,12 +63,14 @@ class BadTransition(QueueError):
 
 
 @contextmanager
-def queue_lock(runs_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]:
     """Hold the queue's exclusive lock: across threads, processes and servers.
 
-    Waits at most `timeout_s`, then raises `QueueError` naming the lock file: a holder that never
-    lets go (a stopped process, a hung file system) must not hang every caller with it.
+    Waits at most `timeout_s` (default `LOCK_TIMEOUT_S`), then raises `QueueError` naming the lock
+    file: a holder that never lets go (a stopped process, a hung file system) must not hang every
+    caller with it.
     """
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     path = runs_dir / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -267,17 +270,20 @@ def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str
 
 def _moves_newest_first(runs_dir: Path) -> Iterator[dict]:
     """The recorded moves from the newest back, reading the files from their end in blocks, so a
-    lookup that finds its answer near the end reads only that far."""
+    lookup that finds its answer near the end reads only that far. At most `_READ_BACK_BYTES` of
+    each file are read: rotation keeps them smaller, but a file written before rotation existed
+    (or by hand) may be of any size."""
     for name in (HISTORY_FILE, OLD_HISTORY_FILE):
         try:
             stream = open(runs_dir / name, "rb")
-        except FileNotFoundError:
+        except OSError:
             continue
         with stream:
             position = stream.seek(0, os.SEEK_END)
+            stop = max(0, position - _READ_BACK_BYTES)
             rest = b""
-            while position > 0:
-                step = min(65536, position)
+            while position > stop:
+                step = min(65536, position - stop)
                 position -= step
                 stream.seek(position)
                 lines = (stream.read(step) + rest).split(b"\n")
@@ -285,8 +291,8 @@ def _moves_newest_first(runs_dir: Path) -> Iterator[dict]:
                 for line in reversed(lines[1:]):
                     if move := _parse_move(line):
                         yield move
-            if move := _parse_move(rest):
-                yield move
+            if stop == 0 and (move := _parse_move(rest)):
+                yield move  # the first line (a cut line at `stop` is not a whole move)
 
 
 def _parse_move(line: bytes) -> dict | None:

@@ -212,9 +212,11 @@ def short_repr(value: object, limit: int = 60) -> str:
 
 def unknown_key_warning(where: str, key: object, known: list[str]) -> str:
     """Say that `key` is ignored, suggesting the closest known key when there is one."""
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.7)
+    text = str(key)
+    shown = text if text.isprintable() and len(text) <= 60 else short_repr(text)  # a key may be huge or hold NUL
+    close = difflib.get_close_matches(text[:100], known, n=1, cutoff=0.7)
     hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(known)})"
-    return f"unknown key {where}{key} ignored{hint}"
+    return f"unknown key {where}{shown} ignored{hint}"
 
 
 # --- reading the file ----------------------------------------------------------------------------
