@@ -235,6 +235,8 @@ class ConflictIndex:
         self._marks: dict[int, tuple[Mark, ...]] = {}
         self._checks: dict[int, tuple[Mark, ...]] = {}
         self._heavy_near: dict[Key, tuple[Mark, ...]] = {}
+        self._contested = {key for key, holders in self.holders.items() if len(holders) > 1 or key in self.adjacent}
+        """Keys another item could conflict on; the rest (one holder, no overlap) need no counter."""
 
     def _heavy(self, key: Key) -> bool:
         return len(self.adjacent.get(key, ())) > _SPREAD_LIMIT
@@ -245,6 +247,8 @@ class ConflictIndex:
         if found is None:
             marks: list[Mark] = []
             for key in self.keys.get(item_id, ()):
+                if key not in self._contested:
+                    continue
                 marks.append(("near", key))
                 if self._heavy(key):
                     marks.append(("held", key))
@@ -265,6 +269,8 @@ class ConflictIndex:
         if found is None:
             checks: list[Mark] = []
             for key in self.keys.get(item_id, ()):
+                if key not in self._contested:
+                    continue
                 checks.append(("near", key))
                 heavy = self._heavy_near.get(key)
                 if heavy is None:
