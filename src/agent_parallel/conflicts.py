@@ -232,6 +232,7 @@ class ConflictIndex:
             ("file", entry): tuple(("file", other) for other in sorted(others)) for entry, others in overlaps.items()}
         """Key -> the other keys overlapping it (files only; components meet only when equal)."""
         self._neighbours: dict[int, frozenset[int]] = {}
+        self._pair_count: int | None = None
         self._marks: dict[int, tuple[Mark, ...]] = {}
         self._checks: dict[int, tuple[Mark, ...]] = {}
         self._heavy_near: dict[Key, tuple[Mark, ...]] = {}
@@ -305,7 +306,12 @@ class ConflictIndex:
         return first != second and second in self.neighbours(first)
 
     def pair_count(self) -> int:
-        """How many pairs conflict, counted without keeping every pair."""
+        """How many pairs conflict, counted without keeping every pair (once, then kept)."""
+        if self._pair_count is None:
+            self._pair_count = self._count_pairs()
+        return self._pair_count
+
+    def _count_pairs(self) -> int:
         if all(len(keys) == 1 for keys in self.keys.values()):  # then no pair is met through two keys
             total = sum(len(holders) * (len(holders) - 1) // 2 for holders in self.holders.values())
             total += sum(len(self.holders[key]) * len(self.holders[other])

@@ -763,6 +763,8 @@ def lower_bound_ms(graph: QueueGraph, max_parallel: int) -> float:
 
 
 _SERIAL_SEEDS = 16
+_EXACT_WEIGHT_PAIRS = 100_000
+"""Up to this many conflicting pairs, seeds are weighed pair by pair (exactly)."""
 _SERIAL_BUDGET = 20_000
 """Candidate checks the serial bound may spend in all; it stays a valid bound when cut short."""
 
@@ -816,8 +818,13 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
             mask |= near_key(key)[0]
         return mask & ~(1 << position[item_id])
 
-    # Seeds first: the items with the heaviest conflicts (weighed by key: an estimate, only for the order).
-    with_conflicts.sort(key=lambda item_id: (-sum(near_key(key)[1] for key in index.keys[item_id]), item_id))
+    # Seeds first: the items with the heaviest conflicts, their own estimate plus their neighbours'
+    # (when there are many pairs, weighed by key instead: an estimate, it only orders the seeds).
+    if index.pair_count() <= _EXACT_WEIGHT_PAIRS:
+        with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
+            estimate.get(other, 0) for other in index.neighbours(item_id))), item_id))
+    else:
+        with_conflicts.sort(key=lambda item_id: (-sum(near_key(key)[1] for key in index.keys[item_id]), item_id))
     seeds = [critical_path(graph)] + [[item_id] for item_id in with_conflicts[:_SERIAL_SEEDS]]
     budget = _SERIAL_BUDGET
     best = 0
