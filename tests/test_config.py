@@ -25,7 +25,7 @@ def test_missing_file_means_defaults(tmp_path: Path) -> None:
     config, warnings = load_config(tmp_path)
     assert config == Config()
     assert warnings == []
-    assert (config.level, config.max_parallel, config.continue_on_error) == ("L2", 5, False)
+    assert (config.level, config.max_parallel, config.continue_on_error) == ("L2", 5, None)
     assert (config.min_free_memory, config.max_load, config.queue_dir) == (256 * MIB, None, ".agent/queue")
     assert (config.wait_cap_s, config.log_cap_bytes, config.max_tasks) == (50, 64 * MIB, 10_000)
     assert config.stops_on_first_failure
@@ -111,7 +111,8 @@ def test_continue_on_error_below_l3_is_ignored_with_a_warning(tmp_path: Path) ->
     config, warnings = load_config(tmp_path)
     assert config.stops_on_first_failure
     assert warnings == ["continue_on_error is true but level is L2; it is honoured at L3 only, "
-                        "so the first failure stops the run"]
+                        "so the first failure stops the run (at L3 runs continue past failures unless "
+                        "continue_on_error is false)"]
 
 
 def test_unknown_keys_are_ignored_with_a_suggestion(tmp_path: Path) -> None:
@@ -148,7 +149,8 @@ def test_unknown_keys_are_ignored_with_a_suggestion(tmp_path: Path) -> None:
     ("resources:\n  min_free_memory: lots\n", ".agent/config.yaml: resources.min_free_memory is not valid: 'lots' is "
                                               "not a size (write a number of bytes, or 256MiB, 64MB, 1GiB)"),
     ("resources:\n  max_load: -1\n", ".agent/config.yaml: resources.max_load must be a number above 0, not -1"),
-    ("tasks:\n  log_cap: 0\n", ".agent/config.yaml: tasks.log_cap must be at least 1 bytes"),
+    ("tasks:\n  log_cap: 0\n", ".agent/config.yaml: tasks.log_cap must be at least 64KiB (65536 bytes), not 0: "
+                              "a smaller cap keeps almost nothing of a task's output"),
     ("tasks:\n  max_tasks: 0\n", ".agent/config.yaml: tasks.max_tasks must be at least 1, not 0"),
 ])
 def test_bad_values_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:

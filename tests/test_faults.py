@@ -313,7 +313,7 @@ def test_http_remote_binding_needs_flag_and_token(workspace):
 
 
 @pytest.mark.anyio
-@pytest.mark.fault("a run's server dies with items in_progress: queue_plan reports them stale and moves them to blocked, never re-running them")
+@pytest.mark.fault("a run's server dies with items in_progress: queue_plan reports them stale (changing nothing), run_queue moves them to blocked, never re-running them")
 async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
     write_item(workspace, 1, "long", command="sleep 60", files=["a"])
     write_item(workspace, 2, "manual", files=["b"])
@@ -329,13 +329,20 @@ async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
     async with Client(build_server(workspace, ServerSettings())) as c:
         plan = await call(c, "queue_plan")
         stale = [w for w in plan["warnings"] if w["kind"] == "stale_claim"]
-        assert [(w["item"], w["file"]) for w in stale] == [("001", "001-blocked-long.md")]
+        assert [(w["item"], w["file"]) for w in stale] == [("001", "001-in_progress-long.md")]
         assert stale[0]["message"].startswith("claimed by run ")
         assert "not re-run automatically (at-most-once)" in stale[0]["message"]
+        assert "planning leaves it in_progress" in stale[0]["message"]
+        assert sorted(p.name for p in (workspace / ".agent/queue").iterdir()) == [
+            "001-in_progress-long.md", "002-in_progress-manual.md"]  # planning changed nothing
+        started = await call(c, "run_queue")
+        assert any("001" in w and "no longer runs" in w for w in started["warnings"])
+        plan = await call(c, "queue_plan")
         status = {i["id"]: i["status"] for i in plan["items"]}
         assert status == {"001": "blocked", "002": "in_progress"}  # an agent's own claim is left alone
     history = [json.loads(line) for line in (workspace / ".agent/runs/history.jsonl").read_text().splitlines()]
-    assert history[-1]["item"] == "001" and history[-1]["to"] == "blocked" and "no longer runs" in history[-1]["reason"]
+    assert [m for m in history if m["to"] == "blocked"][-1]["item"] == "001"
+    assert "no longer runs" in [m for m in history if m["to"] == "blocked"][-1]["reason"]
 
 
 @pytest.mark.anyio

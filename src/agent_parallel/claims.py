@@ -7,7 +7,10 @@ means another claimant won. Moves also hold an ``flock`` on ``.agent/runs/queue.
 can make "compute the ready set + claim" one step across agents and server processes.
 
 Every move is appended to ``.agent/runs/history.jsonl`` (who, when, why), which is also where a
-loser learns who won.
+loser learns who won. A move is all-or-nothing: when its history line cannot be written (a full
+disk), the rename is undone. The history is bounded: past `HISTORY_ROTATE_BYTES` it becomes
+``history.1.jsonl`` (one old file is kept), and the lookups made under the lock read it from the
+end, only as far as they need.
 """
 
 from __future__ import annotations
@@ -23,20 +26,30 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import QueueError
-from .queue import ItemName, format_id, parse_file_name
+from .queue import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
 from .runner.executor import process_start_time
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"in_progress"}),
-    "in_progress": frozenset({"completed", "failed", "blocked", "pending"}),
+    "in_progress": frozenset({"completed", "failed", "blocked"}),
     "blocked": frozenset({"pending"}),
     "failed": frozenset({"pending"}),
     "completed": frozenset(),
 }
-"""Allowed status moves. ``in_progress → pending`` only releases a claim that never ran (used by runs)."""
+"""Allowed status moves. Never ``in_progress → pending``: the item may be running, and a pending
+item can be started again (twice at once). A run gives back a claim that never ran with
+`release_claim`."""
 
 HISTORY_FILE = "history.jsonl"
+OLD_HISTORY_FILE = "history.1.jsonl"
+HISTORY_ROTATE_BYTES = 1024 * 1024
+"""Past this size `history.jsonl` becomes `history.1.jsonl` (replacing the older one)."""
+MAX_REASON_CHARS = 2000
+"""A move's reason is cut to this length in the history, so one line stays small."""
+_READ_BACK_BYTES = 2 * HISTORY_ROTATE_BYTES
 LOCK_FILE = "queue.lock"
+LOCK_TIMEOUT_S = 10.0
+"""Longest `queue_lock` waits; a move takes milliseconds, so a longer wait means a stuck holder."""
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -50,11 +63,35 @@ class BadTransition(QueueError):
 
 
 @contextmanager
-def queue_lock(runs_dir: Path) -> Iterator[None]:
-    """Hold the queue's exclusive lock (blocking): across threads, processes and servers."""
-    fd = os.open(runs_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold the queue's exclusive lock: across threads, processes and servers.
+
+    Waits at most `timeout_s` (default `LOCK_TIMEOUT_S`), then raises `QueueError` naming the lock
+    file: a holder that never lets go (a stopped process, a hung file system) must not hang every
+    caller with it.
+    """
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    path = runs_dir / LOCK_FILE
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise QueueError(f"cannot open the queue lock {path}: {exc.strerror}; check that {runs_dir} "
+                         "exists and is writable") from exc
+    try:
+        deadline = time.monotonic() + timeout_s
+        pause = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise QueueError(
+                        f"the queue lock {path} has been held by another process for over {timeout_s:g} s; "
+                        f"nothing was moved. Try again; if it persists, find the holder with `fuser {path}` "
+                        "(another agent-parallel server or run) and stop it") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -63,11 +100,16 @@ def queue_lock(runs_dir: Path) -> Iterator[None]:
 def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
     """The one file holding item ``item_id``; a clear error if there is none or more than one."""
     found: list[tuple[Path, ItemName]] = []
-    for entry in os.scandir(queue_dir):
-        if entry.name.endswith(".md"):
-            name = parse_file_name(entry.name)
-            if isinstance(name, ItemName) and name.id == item_id:
-                found.append((Path(entry.path), name))
+    try:
+        with os.scandir(queue_dir) as listing:
+            for entry in listing:
+                if entry.name.endswith(".md"):
+                    name = parse_file_name(entry.name)
+                    if isinstance(name, ItemName) and name.id == item_id:
+                        found.append((Path(entry.path), name))
+    except OSError as exc:
+        raise QueueError(f"queue directory {queue_dir} cannot be listed ({exc.strerror}); create it, or set "
+                         "queue.dir in .agent/config.yaml") from None
     if not found:
         raise QueueError(f"no queue item has id {format_id(item_id)} in {queue_dir}; call queue_plan to see the items")
     if len(found) > 1:
@@ -84,11 +126,16 @@ def _known_file(known: Path | None, item_id: int) -> tuple[Path, ItemName] | Non
 
 
 def parse_item_id(text: str) -> int:
-    """``"007"``, ``"7"`` and ``"#7"`` all mean item 7."""
-    cleaned = text.strip().lstrip("#")
-    if not cleaned.isdigit() or len(cleaned) > 9:
-        raise QueueError(f"item {text!r} is not an item id; give the number from the file name, e.g. \"007\"")
-    return int(cleaned)
+    """``"007"``, ``"7"``, ``"#7"`` and ``"007-add-login"`` all mean item 7: what `blocked_by` accepts
+    (`queue.parse_item_ref`, ASCII digits only)."""
+    try:
+        return parse_item_ref(text)
+    except ValueError as exc:
+        if "digits" in str(exc):
+            raise QueueError(f"item {short(text)} has more than {MAX_ID_DIGITS} digits; item ids have at most "
+                             f"{MAX_ID_DIGITS} (give the number from the file name, e.g. \"007\")") from None
+        raise QueueError(f"item {short(text)} is not an item id; give the number from the file name, "
+                         f"e.g. \"007\"") from None
 
 
 def move_item(queue_dir: Path, runs_dir: Path, item_id: int, to_status: str, *, by: str,
@@ -107,16 +154,51 @@ def move_item(queue_dir: Path, runs_dir: Path, item_id: int, to_status: str, *, 
     with queue_lock(runs_dir):
         path, name = _known_file(known, item_id) or find_item(queue_dir, item_id)
         _check_transition(runs_dir, name, to_status, expect)
-        target = path.with_name(f"{name.id_str}-{to_status}-{name.slug}.md")
-        try:
-            rename_noreplace(path, target)
-        except FileNotFoundError:  # another process without our lock moved it first
-            raise ClaimLost(f"item {name.id_str} was just moved by someone else; call queue_plan to see its status") from None
-        except FileExistsError:
-            raise QueueError(f"cannot move item {name.id_str}: {target.name} already exists; "
-                             "remove the duplicate file first") from None
+        return _move(runs_dir, path, name, to_status, by=by, reason=reason, owned=owned)
+
+
+def release_claim(queue_dir: Path, runs_dir: Path, item_id: int, *, by: str, reason: str,
+                  known: Path | None = None) -> Path:
+    """Give back a claim that never ran: in_progress -> pending, for a run that claimed the item
+    but could not start it (or was cancelled before it did). Not for anything that may be running;
+    the public transitions (`move_item`) never allow it. Raises `ClaimLost` when the item is no
+    longer in_progress."""
+    with queue_lock(runs_dir):
+        path, name = _known_file(known, item_id) or find_item(queue_dir, item_id)
+        if name.status != "in_progress":
+            raise ClaimLost(f"item {name.id_str} is {name.status}, not in_progress: it was moved by "
+                            f"{last_mover(runs_dir, name.id_str)}")
+        return _move(runs_dir, path, name, "pending", by=by, reason=reason)
+
+
+def _move(runs_dir: Path, path: Path, name: ItemName, to_status: str, *, by: str, reason: str | None,
+          owned: bool = False) -> Path:
+    """Rename the item file and record the move, all or nothing (the caller holds the lock)."""
+    target = path.with_name(f"{name.id_str}-{to_status}-{name.slug}.md")
+    try:
+        rename_noreplace(path, target)
+    except FileNotFoundError:  # another process without our lock moved it first
+        raise ClaimLost(f"item {name.id_str} was just moved by someone else; call queue_plan to see its status") from None
+    except FileExistsError:
+        raise QueueError(f"cannot move item {name.id_str}: {target.name} already exists; "
+                         "remove the duplicate file first") from None
+    except OSError as exc:
+        raise QueueError(f"cannot move item {name.id_str} ({path.name} -> {target.name}): {exc.strerror}; "
+                         "nothing was changed") from None
+    try:
         record_move(runs_dir, name.id_str, name.status, to_status, by=by, reason=reason, owned=owned)
-        return target
+    except OSError as exc:
+        cause = f"the run history {runs_dir / HISTORY_FILE} cannot be written ({exc.strerror or exc})"
+        fix = ("free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+               else f"check that {runs_dir} exists and is writable")
+        try:
+            rename_noreplace(target, path)
+        except OSError as undo:
+            raise QueueError(f"item {name.id_str} was moved to {to_status} ({target.name}) but {cause}, and "
+                             f"moving it back failed too ({undo.strerror}); {fix}, then check the item") from None
+        raise QueueError(f"cannot move item {name.id_str} to {to_status}: {cause}; nothing was changed. "
+                         f"{fix[0].upper() + fix[1:]} and try again") from None
+    return target
 
 
 def _check_transition(runs_dir: Path, name: ItemName, to_status: str, expect: str | None) -> None:
@@ -164,32 +246,83 @@ def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str
     An ``owned`` claim also records this process (pid and start time), to tell later whether
     the claimant still exists.
     """
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS - 25] + f" … ({len(reason)} characters)"
     move = {"time": time.time(), "item": item, "from": old, "to": new, "by": by, "reason": reason}
     if owned:
         move["pid"], move["pid_start"] = os.getpid(), process_start_time(os.getpid())
-    line = json.dumps(move) + "\n"
-    fd = os.open(runs_dir / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    line = (json.dumps(move) + "\n").encode()
+    path = runs_dir / HISTORY_FILE
     try:
-        os.write(fd, line.encode())
+        if os.stat(path).st_size + len(line) > HISTORY_ROTATE_BYTES:
+            os.replace(path, runs_dir / OLD_HISTORY_FILE)  # callers hold the queue lock: no writer races it
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, line)
+        if written != len(line):  # a short write: the disk filled up mid-line; take it back
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     finally:
         os.close(fd)
 
 
-def history(runs_dir: Path, item: str | None = None) -> list[dict]:
-    """The recorded moves, oldest first (of one item if given)."""
-    try:
-        lines = (runs_dir / HISTORY_FILE).read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    moves = []
-    for line in lines:
+def _moves_newest_first(runs_dir: Path) -> Iterator[dict]:
+    """The recorded moves from the newest back, reading the files from their end in blocks, so a
+    lookup that finds its answer near the end reads only that far. At most `_READ_BACK_BYTES` of
+    each file are read: rotation keeps them smaller, but a file written before rotation existed
+    (or by hand) may be of any size."""
+    for name in (HISTORY_FILE, OLD_HISTORY_FILE):
         try:
-            move = json.loads(line)
-        except ValueError:
+            stream = open(runs_dir / name, "rb")
+        except OSError:
             continue
-        if item is None or move.get("item") == item:
-            moves.append(move)
+        with stream:
+            position = stream.seek(0, os.SEEK_END)
+            stop = max(0, position - _READ_BACK_BYTES)
+            rest = b""
+            while position > stop:
+                step = min(65536, position - stop)
+                position -= step
+                stream.seek(position)
+                lines = (stream.read(step) + rest).split(b"\n")
+                rest = lines[0]
+                for line in reversed(lines[1:]):
+                    if move := _parse_move(line):
+                        yield move
+            if stop == 0 and (move := _parse_move(rest)):
+                yield move  # the first line (a cut line at `stop` is not a whole move)
+
+
+def _parse_move(line: bytes) -> dict | None:
+    try:
+        move = json.loads(line)
+    except ValueError:
+        return None
+    return move if isinstance(move, dict) else None
+
+
+def history(runs_dir: Path, item: str | None = None) -> list[dict]:
+    """The recorded moves still kept (both files), oldest first (of one item if given)."""
+    moves = [move for move in _moves_newest_first(runs_dir) if item is None or move.get("item") == item]
+    moves.reverse()
     return moves
+
+
+def last_moves(runs_dir: Path, items: set[str], *, to: str | None = None) -> dict[str, dict]:
+    """Item -> its latest recorded move (only moves to `to` if given), reading from the end and
+    stopping once every item of `items` is found."""
+    found: dict[str, dict] = {}
+    if not items:
+        return found
+    for move in _moves_newest_first(runs_dir):
+        item = move.get("item")
+        if item in items and item not in found and (to is None or move.get("to") == to):
+            found[item] = move
+            if len(found) == len(items):
+                break
+    return found
 
 
 def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str, str]]:
@@ -205,18 +338,9 @@ def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str
     in_progress = [name for entry in os.scandir(queue_dir)
                    if entry.name.endswith(".md") and isinstance(name := parse_file_name(entry.name), ItemName)
                    and name.status == "in_progress"]
-    if not in_progress:
-        return []
-    last_claim: dict[str, dict] = {}
-    for move in history(runs_dir):
-        if move.get("to") == "in_progress":
-            last_claim[move.get("item")] = move
     released = []
-    for name in in_progress:
-        claim = last_claim.get(name.id_str)
-        if not claim or "pid" not in claim or _alive(claim["pid"], claim.get("pid_start")):
-            continue
-        reason = (f"claimed by {claim['by']} of a server (pid {claim['pid']}) that no longer runs; not re-run "
+    for name, claim in stale_claims(runs_dir, in_progress):
+        reason = (f"claimed by {claim.get('by', 'an unknown claimant')} of a server (pid {claim['pid']}) that no longer runs; not re-run "
                   "automatically (at-most-once): check whether its work was done, then move it with update_item "
                   "(blocked -> pending to run it again)")
         try:
@@ -228,16 +352,35 @@ def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str
     return released
 
 
+def stale_claims(runs_dir: Path, in_progress: list[ItemName]) -> list[tuple[ItemName, dict]]:
+    """The in-progress items whose recorded claim was made by a process that no longer runs, with
+    that claim. Read-only (the plan reports them; `release_stale_claims` moves them). Claims made
+    with ``update_item`` (an agent doing the work itself) record no process and are never stale."""
+    claims = last_moves(runs_dir, {name.id_str for name in in_progress}, to="in_progress")
+    stale = []
+    for name in in_progress:
+        claim = claims.get(name.id_str)
+        if claim and isinstance(claim.get("pid"), int) and not _alive(claim["pid"], claim.get("pid_start")):
+            stale.append((name, claim))
+    return stale
+
+
 def _alive(pid: int, start: int | None) -> bool:
     """Whether the claiming process still runs (unknown start time: assume it does)."""
-    return start is None or process_start_time(pid) == start
+    return start is None or (pid > 0 and process_start_time(pid) == start)
 
 
 def claimant(runs_dir: Path, item: str) -> str:
-    claims = [m for m in history(runs_dir, item) if m.get("to") == "in_progress"]
-    return claims[-1]["by"] if claims else "another agent (no claim was recorded; it was moved by hand)"
+    claim = last_moves(runs_dir, {item}, to="in_progress").get(item)
+    return str(claim.get("by")) if claim else "another agent (no claim was recorded; it was moved by hand)"
 
 
 def last_mover(runs_dir: Path, item: str) -> str:
-    moves = history(runs_dir, item)
-    return moves[-1]["by"] if moves else "another agent or by hand"
+    move = last_moves(runs_dir, {item}).get(item)
+    return str(move.get("by")) if move else "another agent or by hand"
+
+
+def short(text: str, limit: int = 60) -> str:
+    """`text`'s repr, cut to `limit` characters (an argument may be enormous)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."

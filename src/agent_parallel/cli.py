@@ -91,7 +91,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .plan_view import plan_table, plan_workspace, to_dot
     from .queue import QueueReader
 
-    plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader(), release_stale=True)
+    plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader())
     if args.format == "json":
         print(plan.model_dump_json(indent=2))
     elif args.format == "mermaid":

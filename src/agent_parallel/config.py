@@ -5,7 +5,7 @@ Layout (every key optional; a missing file means every default)::
     autonomy:
       level: L2                 # L1 | L2 | L3
       max_parallel: 5           # clamped to 1..64, with a warning
-      continue_on_error: false  # honoured at L3 only
+      continue_on_error: false  # L3 only; at L3 the default is true (keep going), false stops at the first failure
       min_free_memory: 256MiB   # (also accepted under `resources:`) hold new starts below this much free memory
       max_load: 8               # (also under `resources:`) hold new starts above this load; default: no limit
       l3_settings:              # the origin project's spelling, read where the keys above are absent
@@ -20,15 +20,17 @@ Layout (every key optional; a missing file means every default)::
       min_free_memory: 256MiB   # bytes, or a size with a unit (KiB, MiB, GiB, KB, MB, GB)
       max_load: 8               # load average above which no new item starts; default: no limit
     tasks:
-      wait_cap: 50s             # longest a blocking task_output call waits
-      log_cap: 64MiB            # bytes of output kept per task
+      wait_cap: 50s             # longest a blocking task_output call waits (above 0)
+      log_cap: 64MiB            # bytes of output kept per task (at least 64KiB)
       max_tasks: 10000          # finished task records (and logs) kept; the oldest go first
 
 Durations (`runner.timeout`, `tasks.wait_cap`, and an item's `estimate` and `timeout`) are written
 ``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` (h:mm) or a bare number. A bare number means
 **minutes** everywhere, because the spec fixes that for `estimate` and one rule for every duration
-in these files is the least surprising. Unknown keys are ignored with a warning (typos show up);
-a wrong type is a `ConfigError` naming the file and the key.
+in these files is the least surprising. A duration is at most 365 days and a size at most 1 PiB
+(a 400-digit number is a mistake, not a setting). Unknown keys are ignored with a warning (typos
+show up); a wrong type is a `ConfigError` naming the file and the key. YAML aliases are expanded
+only within a budget (`alias_problem`), so a few hundred bytes cannot make gigabytes.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ from .paths import CONFIG_FILE, QUEUE_DIR, resolve_inside
 MIB = 1024 * 1024
 MAX_PARALLEL_RANGE = (1, 64)
 MAX_CONFIG_BYTES = MIB
+MAX_DURATION_S = 365 * 86400
+"""Longest duration accepted anywhere (an estimate, a timeout, a wait cap): one year."""
+MAX_SIZE_BYTES = 1 << 50
+"""Largest size accepted (1 PiB): beyond it a number is a typo, and it would overflow later."""
+MIN_LOG_CAP_BYTES = 64 * 1024
+"""Smallest `tasks.log_cap`: a task's log is split in head and tail segments; below this it keeps
+almost nothing and rotates a file every few bytes."""
+MAX_TASKS = 10_000_000
+"""Most finished task records `tasks.max_tasks` may keep."""
+ALIAS_BUDGET = 1_000_000
+"""Characters YAML aliases may expand to in one file (see `alias_problem`)."""
 
 Level = Literal["L1", "L2", "L3"]
 
@@ -69,20 +82,27 @@ class Config(BaseModel):
 
     level: Level = "L2"
     max_parallel: int = Field(5, ge=MAX_PARALLEL_RANGE[0], le=MAX_PARALLEL_RANGE[1])
-    continue_on_error: bool = False
+    continue_on_error: bool | None = None
+    """As written in the file; None when it is not (see `stops_on_first_failure` for the rule)."""
     min_free_memory: int = Field(256 * MIB, ge=0)
     max_load: float | None = Field(None, gt=0)
     runner_command: list[str] | None = None
     runner_timeout_s: float | None = Field(None, gt=0)
     queue_dir: str = QUEUE_DIR
     wait_cap_s: float = Field(50, gt=0)
-    log_cap_bytes: int = Field(64 * MIB, gt=0)
-    max_tasks: int = Field(10_000, gt=0)
+    log_cap_bytes: int = Field(64 * MIB, ge=MIN_LOG_CAP_BYTES)
+    max_tasks: int = Field(10_000, gt=0, le=MAX_TASKS)
 
     @property
     def stops_on_first_failure(self) -> bool:
-        """L1/L2 always stop at the first failure; L3 only without `continue_on_error`."""
-        return self.level != "L3" or not self.continue_on_error
+        """Whether a run at this config's level stops at the first failure (see the function)."""
+        return stops_on_first_failure(self.level, self.continue_on_error)
+
+
+def stops_on_first_failure(level: str, continue_on_error: bool | None) -> bool:
+    """THE rule: L1/L2 always stop at the first failure; L3 continues unless `continue_on_error`
+    is explicitly false (the seed defines L3 as "continue_on_error: true")."""
+    return level != "L3" or continue_on_error is False
 
 
 # --- durations and sizes -------------------------------------------------------------------------
@@ -94,9 +114,10 @@ _DURATION_UNITS = {
     "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([a-z]+)\s*,?\s*")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
-_CLOCK = re.compile(r"(\d+):([0-5]\d)(?::([0-5]\d))?")
+# ASCII digits only: Python's \d and float() also read other scripts' digits (``١٢`` is 12).
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-z]+)\s*,?\s*", re.ASCII)
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
+_CLOCK = re.compile(r"([0-9]+):([0-5][0-9])(?::([0-5][0-9]))?")
 _DURATION_HELP = "write 45s, 30m, 2h, 1h30m, 1:30, or a number of minutes"
 
 
@@ -107,19 +128,23 @@ def parse_duration(value: object) -> float:
     """
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration ({_DURATION_HELP})")
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):  # compared as an int: a 400-digit number must not reach float()
+        if value < 0:
+            raise ValueError(f"{short_repr(value)} is not a duration: it must be a finite number, not negative")
+        return _bounded(value * 60, value)
+    if isinstance(value, float):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{value!r} is not a duration: it must be a finite number, not negative")
-        return float(value) * 60
+        return _bounded(value * 60, value)
     if not isinstance(value, str):
         raise ValueError(f"a duration must be text or a number, not {describe(value)} ({_DURATION_HELP})")
     text = value.strip().lower()
     if _NUMBER.fullmatch(text):
-        return float(text) * 60
+        return _bounded(float(text) * 60, value)  # 400 nines read as float are inf: refused below
     clock = _CLOCK.fullmatch(text)
     if clock:
         hours, minutes, seconds = clock.groups()
-        return float(int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0))
+        return _bounded(int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0), value)
     total, position = 0.0, 0
     for part in _DURATION_PART.finditer(text):
         unit = _DURATION_UNITS.get(part.group(2))
@@ -129,23 +154,35 @@ def parse_duration(value: object) -> float:
         position = part.end()
     if not text or position != len(text):
         raise ValueError(f"{short_repr(value)} is not a duration ({_DURATION_HELP})")
-    return total
+    return _bounded(total, value)
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
+def _bounded(seconds: float, written: object) -> float:
+    """`seconds` as a float, or a ValueError when it is over `MAX_DURATION_S` (or not finite)."""
+    if not seconds <= MAX_DURATION_S:  # also catches inf and nan
+        raise ValueError(f"{short_repr(written)} is too long: a duration is at most 365 days ({_DURATION_HELP})")
+    return float(seconds)
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?i?b?)", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": MIB, "mib": MIB, "mb": 10**6,
                "g": 1024**3, "gib": 1024**3, "gb": 10**9, "t": 1024**4, "tib": 1024**4, "tb": 10**12}
 
 
 def parse_size(value: object) -> int:
     """Turn a number of bytes or ``256MiB`` / ``64MB`` / ``1G`` into bytes (KiB = 1024, KB = 1000)."""
+    size: float | None = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         match = _SIZE.fullmatch(value.strip())
         if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    raise ValueError(f"{short_repr(value)} is not a size (write a number of bytes, or 256MiB, 64MB, 1GiB)")
+            size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size is None:
+        raise ValueError(f"{short_repr(value)} is not a size (write a number of bytes, or 256MiB, 64MB, 1GiB)")
+    if not size <= MAX_SIZE_BYTES:  # a 400-digit size (inf as a float) would overflow where it is used
+        raise ValueError(f"{short_repr(value)} is too large: a size is at most 1 PiB ({MAX_SIZE_BYTES} bytes)")
+    return int(size)
 
 
 def describe(value: object) -> str:
@@ -175,9 +212,11 @@ def short_repr(value: object, limit: int = 60) -> str:
 
 def unknown_key_warning(where: str, key: object, known: list[str]) -> str:
     """Say that `key` is ignored, suggesting the closest known key when there is one."""
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.7)
+    text = str(key)
+    shown = text if text.isprintable() and len(text) <= 60 else short_repr(text)  # a key may be huge or hold NUL
+    close = difflib.get_close_matches(text[:100], known, n=1, cutoff=0.7)
     hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(known)})"
-    return f"unknown key {where}{key} ignored{hint}"
+    return f"unknown key {where}{shown} ignored{hint}"
 
 
 # --- reading the file ----------------------------------------------------------------------------
@@ -237,7 +276,8 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
     if values.get("continue_on_error") and level != "L3":
         warnings.append(
             f"continue_on_error is true but level is {level}; it is honoured at L3 only, "
-            f"so the first failure stops the run"
+            f"so the first failure stops the run (at L3 runs continue past failures unless "
+            f"continue_on_error is false)"
         )
 
     runner = sections["runner"]
@@ -257,9 +297,9 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
     if "wait_cap" in tasks:
         values["wait_cap_s"] = _duration("tasks.wait_cap", tasks["wait_cap"])
     if "log_cap" in tasks:
-        values["log_cap_bytes"] = _size("tasks.log_cap", tasks["log_cap"], minimum=1)
+        values["log_cap_bytes"] = _size("tasks.log_cap", tasks["log_cap"], minimum=MIN_LOG_CAP_BYTES)
     if "max_tasks" in tasks:
-        values["max_tasks"] = _whole_number("tasks.max_tasks", tasks["max_tasks"], minimum=1)
+        values["max_tasks"] = _whole_number("tasks.max_tasks", tasks["max_tasks"], minimum=1, maximum=MAX_TASKS)
     return Config(**values), warnings
 
 
@@ -276,14 +316,58 @@ def _read_yaml(path: Path) -> object:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(None, f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    problem = alias_problem(text, loader)
+    if problem:
+        raise ConfigError(None, problem)
     try:
-        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(None, f"is not valid YAML: {exc.problem}{where}") from exc
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError(None, f"is not valid YAML: {exc}") from exc
+        raise ConfigError(None, f"is not valid YAML: {short_repr(str(exc), 200)}") from exc
+
+
+def alias_problem(text: str, loader: type) -> str | None:
+    """Why `text` must not be loaded: YAML aliases that expand past `ALIAS_BUDGET`, else None.
+
+    A billion-laughs file (``a: &a [x, x]``, ``b: &b [*a, *a]``, ...) is a few hundred bytes
+    whose aliases expand exponentially; building or printing its values would take minutes and
+    all memory. The events are scanned only when the text has both ``&`` (an anchor) and ``*``
+    (an alias), so ordinary files keep the C loader's speed. Syntax errors are left to the loader.
+    """
+    if "&" not in text or "*" not in text:
+        return None
+    sizes: dict[str, int] = {}
+    stack = [[None, 0]]  # per open collection: its anchor, the characters it holds so far
+    expanded = 0
+    try:
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.AliasEvent):
+                size = sizes.get(event.anchor, 1)
+                expanded += size
+                if expanded > ALIAS_BUDGET:
+                    return (f"uses YAML aliases (*{short_repr(event.anchor, 30)[1:-1]}) that expand to more than "
+                            f"{ALIAS_BUDGET:,} characters; write the values out instead of repeating them "
+                            f"with &anchors and *aliases")
+                stack[-1][1] += size
+            elif isinstance(event, yaml.ScalarEvent):
+                size = len(event.value) + 1
+                if event.anchor:
+                    sizes[event.anchor] = size
+                stack[-1][1] += size
+            elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                stack.append([event.anchor, 1])
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                anchor, size = stack.pop()
+                if anchor:
+                    sizes[anchor] = size
+                stack[-1][1] += size
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return None
+    return None
 
 
 def _section(data: dict, dotted: str) -> dict:
@@ -307,11 +391,13 @@ def _level(value: object) -> Level:
     return text  # type: ignore[return-value]
 
 
-def _whole_number(key: str, value: object, minimum: int | None = None) -> int:
+def _whole_number(key: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(key, f"must be a whole number, not {short_repr(value)}")
     if minimum is not None and value < minimum:
-        raise ConfigError(key, f"must be at least {minimum}, not {value}")
+        raise ConfigError(key, f"must be at least {minimum}, not {short_repr(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(key, f"must be at most {maximum}, not {short_repr(value)}")
     return value
 
 
@@ -322,14 +408,18 @@ def _boolean(key: str, value: object) -> bool:
 
 
 def _positive_number(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ConfigError(key, f"must be a number above 0, not {short_repr(value)}")
+    if value > 1e9:  # compared before float(): a 400-digit int would overflow there
+        raise ConfigError(key, f"must be at most 1e9, not {short_repr(value)}")
     return float(value)
 
 
 def _text(key: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, f"must be a non-empty string, not {short_repr(value)}")
+    if "\x00" in value:
+        raise ConfigError(key, "contains a NUL character (\\0); remove it")
     return value.strip()
 
 
@@ -345,6 +435,8 @@ def _argv(key: str, value: object) -> list[str]:
         raise ConfigError(key, f"must be a list of strings (an argv), not {describe(value)}")
     if not argv:
         raise ConfigError(key, "must name a program; it is empty")
+    if any("\x00" in part for part in argv):
+        raise ConfigError(key, "contains a NUL character (\\0), which cannot be passed to a process; remove it")
     return argv
 
 
@@ -364,5 +456,10 @@ def _size(key: str, value: object, minimum: int = 0) -> int:
     except ValueError as exc:
         raise ConfigError(key, f"is not valid: {exc}") from exc
     if size < minimum:
-        raise ConfigError(key, f"must be at least {minimum} bytes")
+        raise ConfigError(key, f"must be at least {_show_size(minimum)}, not {short_repr(value)}: "
+                               f"a smaller cap keeps almost nothing of a task's output")
     return size
+
+
+def _show_size(size: int) -> str:
+    return f"{size // 1024}KiB ({size} bytes)" if size % 1024 == 0 else f"{size} bytes"

@@ -12,9 +12,11 @@ matched by both:
   are assumed to share a character, which errs toward a conflict;
 * ``.`` (the whole workspace) overlaps everything.
 
-Components overlap when their names are equal ignoring case. Plain paths are matched through an
-index (exact path and each parent directory), so a queue of 10,000 items with one file each costs
-one dictionary look-up per path component; only globs are compared pattern by pattern.
+Components overlap when their names are equal ignoring case. Conflicts are kept by what items
+declare (`ConflictIndex`: each entry or component once, with its holders and the entries it
+overlaps), never as a list of every pair: 1,000 items sharing one component would be 499,500 pairs.
+Distinct plain paths are matched through an index (the path and each parent directory); only globs
+are compared pattern by pattern, after a cheap test of their literal starts and ends.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from fnmatch import fnmatchcase
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .queue import WorkItem
 
@@ -124,90 +126,265 @@ def files_overlap(a: str, b: str) -> bool:
     return _plain_meets_glob(plain, glob_tokens(glob))
 
 
+def _literal_suffix(glob: str) -> str:
+    """The part of a glob after its last wildcard or character class."""
+    cut = max(glob.rfind("*"), glob.rfind("?"), glob.rfind("]") if "[" in glob else -1)
+    return glob[cut + 1:]
+
+
 def _literal_prefix(glob: str) -> str:
     """The part of a glob before its first wildcard."""
     cut = min((glob.index(char) for char in _GLOB_CHARS if char in glob), default=len(glob))
     return glob[:cut]
 
 
-def find_conflicts(items: Iterable[WorkItem]) -> ConflictMap:
-    """Every pair of items whose files or components overlap, with what they share.
+Key = tuple[str, str]
+"""What an item declares, as the index knows it: ``("file", entry)`` or ``("component", casefolded name)``."""
+Mark = tuple[str, Key]
+"""A scheduler's counter: ``("near", key)`` or ``("held", key)`` (see `ConflictIndex.checks`)."""
+_SPREAD_LIMIT = 16
+"""Keys overlapping more entries than this are checked by whoever might start beside them, not spread."""
 
-    `items` must have distinct ids.
+
+def entry_overlaps(entries: Iterable[str]) -> dict[str, set[str]]:
+    """For distinct `files` entries: entry -> the other entries it overlaps (see `files_overlap`).
+
+    An entry always overlaps itself; that is not listed. Plain paths meet through an index (the
+    path and each parent directory); only globs are compared pattern by pattern.
     """
-    found: ConflictMap = {}
+    entries = sorted(set(entries))
+    adjacent: dict[str, set[str]] = defaultdict(set)
 
-    def add(first: int, second: int, files: Iterable[str] = (), components: Iterable[str] = ()) -> None:
-        if first == second:
-            return
-        key = (first, second) if first < second else (second, first)
-        shared = found.get(key)
-        if shared is None:
-            shared = found[key] = (set(), set())
-        shared[0].update(files)
-        shared[1].update(components)
+    def link(first: str, second: str) -> None:
+        if first != second:
+            adjacent[first].add(second)
+            adjacent[second].add(first)
 
-    plain_index: dict[str, list[int]] = defaultdict(list)
-    globs: list[tuple[int, str]] = []
-    everything: list[int] = []
-    component_index: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    with_files: list[int] = []
-    for item in items:
-        if item.files:
-            with_files.append(item.id)
-        for entry in item.files:
-            if entry == ".":
-                everything.append(item.id)
-            elif is_glob(entry):
-                globs.append((item.id, entry))
-            else:
-                plain_index[entry].append(item.id)
-        for component in item.components:
-            component_index[component.casefold()].append((item.id, component))
-
-    for path, owners in plain_index.items():
-        for index, first in enumerate(owners):
-            for second in owners[index + 1:]:
-                add(first, second, (path,))
+    plain = [entry for entry in entries if entry != "." and not is_glob(entry)]
+    plain_set = set(plain)
+    globs = [entry for entry in entries if entry != "." and is_glob(entry)]
+    for path in plain:
         parent = path.rfind("/")
         while parent > 0:
-            directory = path[:parent]
-            for holder in plain_index.get(directory, ()):
-                for owner in owners:
-                    add(holder, owner, (directory, path))
+            if path[:parent] in plain_set:
+                link(path[:parent], path)
             parent = path.rfind("/", 0, parent)
-
-    sorted_plain = sorted(plain_index)
-    glob_token_cache = {glob: glob_tokens(glob) for _, glob in globs}
-    for index, (owner, glob) in enumerate(globs):
-        tokens = glob_token_cache[glob]
+    tokens = {glob: glob_tokens(glob) for glob in globs}
+    ends = {glob: (_literal_prefix(glob), _literal_suffix(glob)) for glob in globs}
+    for index, glob in enumerate(globs):
         prefix = _literal_prefix(glob)
         candidates = set()
-        start = bisect.bisect_left(sorted_plain, prefix)
-        while start < len(sorted_plain) and sorted_plain[start].startswith(prefix):
-            candidates.add(sorted_plain[start])
+        start = bisect.bisect_left(plain, prefix)
+        while start < len(plain) and plain[start].startswith(prefix):
+            candidates.add(plain[start])
             start += 1
         cut = prefix.find("/")
         while cut > 0:
-            if prefix[:cut] in plain_index:
+            if prefix[:cut] in plain_set:
                 candidates.add(prefix[:cut])
             cut = prefix.find("/", cut + 1)
-        if prefix in plain_index:
+        if prefix in plain_set:
             candidates.add(prefix)
         for path in candidates:
-            if _plain_meets_glob(path, tokens):
-                for other in plain_index[path]:
-                    add(owner, other, (glob, path))
-        for other, other_glob in globs[index + 1:]:
-            if tokens_meet(tokens, glob_token_cache[other_glob]):
-                add(owner, other, (glob, other_glob))
+            if _plain_meets_glob(path, tokens[glob]):
+                link(glob, path)
+        head, tail = ends[glob]
+        for other in globs[index + 1:]:
+            # a cheap filter first: literal starts and ends must agree (src/*1 and src/*2 never meet)
+            other_head, other_tail = ends[other]
+            if ((head.startswith(other_head) or other_head.startswith(head))
+                    and (tail.endswith(other_tail) or other_tail.endswith(tail))
+                    and tokens_meet(tokens[glob], tokens[other])):
+                link(glob, other)
+    if "." in entries:
+        for entry in entries:
+            link(".", entry)
+    return adjacent
 
-    for holder in everything:
-        for other in with_files:
-            add(holder, other, (".",))
 
-    for owners in component_index.values():
-        for index, (first, name) in enumerate(owners):
-            for second, _ in owners[index + 1:]:
-                add(first, second, (), (name,))
+class ConflictIndex:
+    """Which items must not run at the same time, kept by what they declare rather than by pair.
+
+    Every `files` entry and component is a key held by the items declaring it; two items conflict
+    when they hold the same key or two keys that overlap (``src`` and ``src/a.py``). So 1,000 items
+    sharing one component cost 1,000 entries here, not 500,000 pairs; pairs are derived on demand.
+    """
+
+    def __init__(self, items: Iterable[WorkItem]) -> None:
+        self.holders: dict[Key, list[int]] = {}
+        """Key -> the ids holding it, in the order given (ascending when items are sorted by id)."""
+        self.names: dict[Key, str] = {}
+        """Key -> how to show it: the entry, or the component as first written."""
+        self.keys: dict[int, tuple[Key, ...]] = {}
+        for item in items:
+            own: dict[Key, str] = {}
+            for entry in item.files:
+                own.setdefault(("file", entry), entry)
+            for component in item.components:
+                own.setdefault(("component", component.casefold()), component)
+            for key, name in own.items():
+                self.holders.setdefault(key, []).append(item.id)
+                self.names.setdefault(key, name)
+            if own:
+                self.keys[item.id] = tuple(own)
+        overlaps = entry_overlaps(name for kind, name in self.holders if kind == "file")
+        self.adjacent: dict[Key, tuple[Key, ...]] = {
+            ("file", entry): tuple(("file", other) for other in sorted(others)) for entry, others in overlaps.items()}
+        """Key -> the other keys overlapping it (files only; components meet only when equal)."""
+        self._neighbours: dict[int, frozenset[int]] = {}
+        self._pair_count: int | None = None
+        self._marks: dict[int, tuple[Mark, ...]] = {}
+        self._checks: dict[int, tuple[Mark, ...]] = {}
+        self._heavy_near: dict[Key, tuple[Mark, ...]] = {}
+        self._contested = {key for key, holders in self.holders.items() if len(holders) > 1 or key in self.adjacent}
+        """Keys another item could conflict on; the rest (one holder, no overlap) need no counter."""
+
+    def _heavy(self, key: Key) -> bool:
+        return len(self.adjacent.get(key, ())) > _SPREAD_LIMIT
+
+    def marks(self, item_id: int) -> tuple[Mark, ...]:
+        """Counters a scheduler raises while `item_id` runs (see `checks`)."""
+        found = self._marks.get(item_id)
+        if found is None:
+            marks: list[Mark] = []
+            for key in self.keys.get(item_id, ()):
+                if key not in self._contested:
+                    continue
+                marks.append(("near", key))
+                if self._heavy(key):
+                    marks.append(("held", key))
+                else:
+                    marks.extend(("near", other) for other in self.adjacent.get(key, ()))
+            found = self._marks[item_id] = tuple(marks)
+        return found
+
+    def checks(self, item_id: int) -> tuple[Mark, ...]:
+        """Counters that must all be zero for `item_id` to start beside what runs.
+
+        ``("near", key)`` counts running items holding `key` or a lightly connected key overlapping
+        it; ``("held", key)`` counts running items holding a heavily connected `key` (a directory
+        or glob overlapping more than a few entries, or ``.``). Splitting them keeps both starting
+        and checking cheap: an item holding ``.`` raises one counter, not one per entry.
+        """
+        found = self._checks.get(item_id)
+        if found is None:
+            checks: list[Mark] = []
+            for key in self.keys.get(item_id, ()):
+                if key not in self._contested:
+                    continue
+                checks.append(("near", key))
+                heavy = self._heavy_near.get(key)
+                if heavy is None:
+                    heavy = self._heavy_near[key] = tuple(
+                        ("held", other) for other in self.adjacent.get(key, ()) if self._heavy(other))
+                checks.extend(heavy)
+            found = self._checks[item_id] = tuple(checks)
+        return found
+
+    def reach(self, item_id: int) -> Iterator[Key]:
+        """Every key a running `item_id` makes unavailable: its own and those overlapping them."""
+        for key in self.keys.get(item_id, ()):
+            yield key
+            yield from self.adjacent.get(key, ())
+
+    def neighbours(self, item_id: int) -> frozenset[int]:
+        """The items `item_id` must not run beside (computed on demand, then kept)."""
+        found = self._neighbours.get(item_id)
+        if found is None:
+            found = set()
+            for key in self.reach(item_id):
+                found.update(self.holders[key])
+            found.discard(item_id)
+            found = self._neighbours[item_id] = frozenset(found)
+        return found
+
+    def has_conflict(self, item_id: int) -> bool:
+        """Whether `item_id` conflicts with any other item (without building its neighbour set)."""
+        return any(holder != item_id for key in self.reach(item_id) for holder in self.holders[key])
+
+    def conflict(self, first: int, second: int) -> bool:
+        return first != second and second in self.neighbours(first)
+
+    def pair_count(self) -> int:
+        """How many pairs conflict, counted without keeping every pair (once, then kept)."""
+        if self._pair_count is None:
+            self._pair_count = self._count_pairs()
+        return self._pair_count
+
+    def _count_pairs(self) -> int:
+        if all(len(keys) == 1 for keys in self.keys.values()):  # then no pair is met through two keys
+            total = sum(len(holders) * (len(holders) - 1) // 2 for holders in self.holders.values())
+            total += sum(len(self.holders[key]) * len(self.holders[other])
+                         for key, others in self.adjacent.items() for other in others if key < other)
+            return total
+        # Otherwise each item's neighbours, as a bitset over the items: one OR per key it holds.
+        bit = {item_id: index for index, item_id in enumerate(self.keys)}
+        key_bits = {key: _bitset([bit[holder] for holder in holders], len(bit)) for key, holders in self.holders.items()}
+        near: dict[Key, int] = {}
+        total = 0
+        for keys in self.keys.values():
+            mask = 0
+            for key in keys:
+                if key not in near:
+                    near[key] = key_bits[key]
+                    for other in self.adjacent.get(key, ()):
+                        near[key] |= key_bits[other]
+                mask |= near[key]
+            total += mask.bit_count() - 1  # less the item itself
+        return total // 2
+
+    def pairs(self, limit: int | None = None) -> list[tuple[int, int]]:
+        """Conflicting pairs ``(lower id, higher id)`` in order, at most `limit` of them."""
+        found: list[tuple[int, int]] = []
+        for first in sorted(self.keys):
+            if limit is not None and len(found) >= limit:
+                break
+            if self.has_conflict(first):
+                found.extend((first, second) for second in sorted(self.neighbours(first)) if second > first)
+        return found if limit is None else found[:limit]
+
+    def shared(self, first: int, second: int) -> tuple[list[str], list[str]]:
+        """What makes two items conflict: (the files entries involved, the shared components), sorted."""
+        files: set[str] = set()
+        components: set[str] = set()
+        theirs = set(self.keys.get(second, ()))
+        for key in self.keys.get(first, ()):
+            met = [key] if key in theirs else []
+            met += [other for other in self.adjacent.get(key, ()) if other in theirs]
+            for other in met:
+                if key[0] == "component":
+                    components.add(self.names[key])
+                else:
+                    files.update((key[1], other[1]))
+        return sorted(files), sorted(components)
+
+    def groups(self) -> list[tuple[Key, list[int], list[Key]]]:
+        """Each key that causes a conflict: (key, its holders, the keys overlapping it), in key order."""
+        found = []
+        for key in sorted(self.holders):
+            holders, adjacent = self.holders[key], list(self.adjacent.get(key, ()))
+            if len(holders) > 1 or any(holder != holders[0] for other in adjacent for holder in self.holders[other]):
+                found.append((key, holders, adjacent))
+        return found
+
+
+def _bitset(indices: list[int], size: int) -> int:
+    """An int with the bits at `indices` set, built in linear time."""
+    data = bytearray((size + 7) // 8)
+    for index in indices:
+        data[index >> 3] |= 1 << (index & 7)
+    return int.from_bytes(data, "little")
+
+
+def find_conflicts(items: Iterable[WorkItem]) -> ConflictMap:
+    """Every pair of items whose files or components overlap, with what they share.
+
+    `items` must have distinct ids. This lists every pair (quadratic for items sharing one key);
+    the planner keeps a `ConflictIndex` instead and lists pairs only up to a cap.
+    """
+    index = ConflictIndex(items)
+    found: ConflictMap = {}
+    for pair in index.pairs():
+        files, components = index.shared(*pair)
+        found[pair] = (set(files), set(components))
     return found

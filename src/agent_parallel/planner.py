@@ -27,16 +27,23 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from .conflicts import ConflictMap, find_conflicts
+from .conflicts import ConflictIndex, Mark
 from .errors import InternalError, UsageError
 from .queue import Diagnostic, WorkItem, format_id
 
 DEFAULT_ESTIMATE_S = 60.0
 """What an item without an `estimate` counts as, for ranking and for the predicted schedule."""
+
+MAX_CONFLICTS_SHOWN = 200
+"""Conflicting pairs listed in a plan; `conflicts_total` counts them all, `conflict_groups` explains them."""
+MAX_OVERLAPS_SHOWN = 20
+"""Overlapping entries listed per conflict group; `overlaps_total` counts them all."""
+MAX_PATH_SHOWN = 10
+"""Ids of a cycle printed in a message; the rest are counted (``… 4990 more``). `path` has them all."""
 
 PRIORITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 
@@ -80,6 +87,19 @@ class Conflict(BaseModel):
     components: list[str]
 
 
+class ConflictGroup(BaseModel):
+    """One `files` entry or component that keeps items apart, listed once with the items declaring it."""
+
+    kind: Literal["file", "component"]
+    name: str = Field(description="the files entry (a path, directory or glob) or the component, as written")
+    items: list[str] = Field(description="the pending or in-progress items declaring it: no two of them run "
+                                         "together")
+    overlaps: list[str] = Field(description="other files entries that overlap this one (a directory and a path "
+                                            "under it, globs that can match a common path, '.'): no item here runs "
+                                            f"beside an item of those groups; at most {MAX_OVERLAPS_SHOWN}")
+    overlaps_total: int = Field(description="how many entries overlap this one in all")
+
+
 class ForkJoin(BaseModel):
     """Items that fan out from `fork` and meet again at `join`."""
 
@@ -100,7 +120,11 @@ class QueuePlan(BaseModel):
     run_now: list[str]
     waves: list[list[str]]
     critical_path: list[str]
-    conflicts: list[Conflict]
+    conflicts: list[Conflict] = Field(description=f"pairs of items that never run together, in id order; at most "
+                                                  f"{MAX_CONFLICTS_SHOWN} (see conflicts_total and conflict_groups)")
+    conflicts_total: int = Field(description="how many pairs of items conflict in all")
+    conflict_groups: list[ConflictGroup] = Field(description="every files entry or component that makes items "
+                                                             "conflict, once, with the items declaring it")
     patterns: Patterns
     errors: list[Diagnostic]
     warnings: list[Diagnostic]
@@ -150,9 +174,10 @@ class QueueGraph:
     """Schedulable and in-progress items -> index in one topological order (their bit in `reach`)."""
     reach: dict[int, int] = field(default_factory=dict, repr=False)
     """Schedulable and in-progress items -> bitset of the item itself and every item waiting on it."""
-    conflicts: dict[int, frozenset[int]] = field(default_factory=dict)
-    """Pending or in-progress node -> the nodes it must not run beside."""
-    conflict_details: ConflictMap = field(default_factory=dict)
+    conflict_index: ConflictIndex = field(default_factory=lambda: ConflictIndex(()))
+    """Which pending or in-progress nodes must not run together, by the files and components they hold."""
+    conflicts: Mapping[int, frozenset[int]] = field(default_factory=dict)
+    """Pending or in-progress node with a conflict -> the nodes it must not run beside (built on demand)."""
 
     def label(self, item_id: int) -> str:
         """How results spell an id: as in its file name, else zero-padded to three digits."""
@@ -175,16 +200,33 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
                        cycles=strongly_connected_components(list(by_id), waits_on))
     _readiness(graph, waits_on_broken)
     _weigh(graph)
-    graph.conflict_details = find_conflicts(
+    graph.conflict_index = ConflictIndex(
         item for item in by_id.values() if item.status in ("pending", "in_progress"))
-    neighbours: dict[int, set[int]] = {}
-    for first, second in graph.conflict_details:
-        neighbours.setdefault(first, set()).add(second)
-        neighbours.setdefault(second, set()).add(first)
-    graph.conflicts = {item_id: frozenset(others) for item_id, others in neighbours.items()}
+    graph.conflicts = _Neighbours(graph.conflict_index)
     graph.errors.sort(key=_diagnostic_order)
     graph.warnings.sort(key=_diagnostic_order)
     return graph
+
+
+class _Neighbours(Mapping[int, frozenset[int]]):
+    """`QueueGraph.conflicts`: each node's neighbour set, built only when asked for."""
+
+    def __init__(self, index: ConflictIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, item_id: int) -> frozenset[int]:
+        if item_id not in self._index.keys or not self._index.has_conflict(item_id):
+            raise KeyError(item_id)
+        return self._index.neighbours(item_id)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._index.keys and self._index.has_conflict(item_id)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return (item_id for item_id in self._index.keys if self._index.has_conflict(item_id))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _error(errors: list[Diagnostic], kind: str, item: WorkItem, message: str, path: list[str] | None = None) -> None:
@@ -255,14 +297,22 @@ def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
     cycle_members: set[int] = set()
     for component in graph.cycles:
         path = cycle_path(component, graph.waits_on)
-        shown = " -> ".join(label(node) for node in path)
-        _error(graph.errors, "cycle", by_id[path[0]], f"dependency cycle: {shown} (each item waits on the next)",
+        start = label(path[0])
+        _error(graph.errors, "cycle", by_id[path[0]],
+               f"dependency cycle: {show_path([label(node) for node in path])} (each item waits on the next)",
                [label(node) for node in path])
         on_path = set(path)
+        if len(path) - 1 <= MAX_PATH_SHOWN:
+            shown = show_path([label(node) for node in path])
+            member = f"in a dependency cycle: {shown}"
+            other = f"in a group of items that wait on each other (see the cycle {shown})"
+        else:  # a long cycle is printed once, in its error
+            member = f"in a dependency cycle of {len(path) - 1} items (see the cycle error for {start})"
+            other = (f"in a group of {len(component)} items that wait on each other "
+                     f"(see the cycle error for {start})")
         for node in component:
             cycle_members.add(node)
-            reasons[by_id[node].file] = (f"in a dependency cycle: {shown}" if node in on_path
-                                         else f"in a group of items that wait on each other (see the cycle {shown})")
+            reasons[by_id[node].file] = member if node in on_path else other
 
     first_error: dict[str, str] = {}
     for diagnostic in graph.errors:
@@ -309,6 +359,13 @@ def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
             graph.warnings.append(Diagnostic(
                 kind="no_files", item=item.id_str, file=item.file,
                 message="declares neither files nor components, so it is treated as independent of every other item"))
+
+
+def show_path(labels: Sequence[str], limit: int = MAX_PATH_SHOWN) -> str:
+    """``001 -> 002 -> 001``; a longer path keeps its first `limit` ids, a count, and its last id."""
+    if len(labels) <= limit + 1:
+        return " -> ".join(labels)
+    return " -> ".join(labels[:limit]) + f" -> … {len(labels) - limit - 1} more -> {labels[-1]}"
 
 
 def _spread_trouble(by_id: dict[int, WorkItem], unblocks: dict[int, list[int]], causes: dict[int, str],
@@ -510,26 +567,74 @@ class Scheduler:
         }
         self._ready = [self._position[item_id] for item_id, missing in self._missing.items() if missing == 0]
         heapq.heapify(self._ready)
+        # Conflicts are checked by counters over what running items hold (`ConflictIndex.marks` and
+        # `checks`), not pair by pair. A ready item blocked by a conflict waits in `_parked` under
+        # the counter that blocks it; when that counter falls to zero, only its best parked item
+        # returns to `_ready` (the next one when that one is blocked elsewhere). So 1,000 items
+        # sharing a component cost O(n log n) to schedule, not a scan of every waiting item per start.
+        self._taken: dict[Mark, int] = {}
+        """Counter -> how many running items raise it."""
+        self._holding: set[int] = set()
+        """The running items counted in `_taken` (`running` may also be changed from outside)."""
+        self._parked: dict[Mark, list[int]] = {}
+        """Counter above zero -> heap of positions of ready items it blocks."""
+        self._promoted: dict[int, Mark] = {}
+        """Position in `_ready` -> the counter whose parked heap it came from."""
+
+    def _sync_taken(self) -> None:
+        """Count the keys of items that started running, uncount those that stopped, unpark what frees."""
+        if self._holding == self.running:
+            return
+        marks, taken = self._graph.conflict_index.marks, self._taken
+        freed = []
+        for item_id in self._holding - self.running:
+            for mark in marks(item_id):
+                taken[mark] -= 1
+                if not taken[mark]:
+                    freed.append(mark)
+        for item_id in self.running - self._holding:
+            for mark in marks(item_id):
+                taken[mark] = taken.get(mark, 0) + 1
+        self._holding = set(self.running)
+        for mark in freed:
+            if not taken.get(mark):
+                self._unpark(mark)
+
+    def _unpark(self, mark: Mark) -> None:
+        """Return the best item parked under a counter that fell to zero to the ready heap."""
+        parked = self._parked.get(mark)
+        if parked:
+            position = heapq.heappop(parked)
+            self._promoted[position] = mark
+            heapq.heappush(self._ready, position)
+            if not parked:
+                del self._parked[mark]
 
     def ready(self) -> list[int]:
         """Items that could start now if nothing conflicted, best first."""
-        return [self._order[position] for position in sorted(self._ready)]
+        positions = self._ready + [position for parked in self._parked.values() for position in parked]
+        return [self._order[position] for position in sorted(positions)]
 
     def start_next(self, free_slots: int) -> list[int]:
         """Start up to `free_slots` ready items that conflict with nothing running; best first."""
         started: list[int] = []
-        deferred: list[int] = []
-        conflicts = self._graph.conflicts
+        checks, taken = self._graph.conflict_index.checks, self._taken
+        self._sync_taken()
         while len(started) < free_slots and self._ready:
             position = heapq.heappop(self._ready)
             item_id = self._order[position]
-            if not conflicts.get(item_id, frozenset()).isdisjoint(self.running):
-                deferred.append(position)
+            source = self._promoted.pop(position, None)
+            blocker = next((mark for mark in checks(item_id) if taken.get(mark)), None)
+            if blocker is not None:
+                heapq.heappush(self._parked.setdefault(blocker, []), position)
+                if source is not None and not taken.get(source):
+                    self._unpark(source)  # its key is still free: the next item parked there may start
                 continue
             self.running.add(item_id)
             started.append(item_id)
-        for position in deferred:
-            heapq.heappush(self._ready, position)
+            self._sync_taken()
+            if source is not None and not taken.get(source):
+                self._unpark(source)  # it did not raise that counter: the next one parked there may start too
         return started
 
     def finished(self, item_id: int, ok: bool) -> list[int]:
@@ -568,7 +673,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing running and nothing ready: the run is over (or stuck on conflicts with nothing)."""
-        return not self.running and not self._ready
+        return not self.running and not self._ready and not self._parked
 
 
 def _needed(targets: set[int], waits_on: Mapping[int, Sequence[int]]) -> set[int]:
@@ -658,6 +763,8 @@ def lower_bound_ms(graph: QueueGraph, max_parallel: int) -> float:
 
 
 _SERIAL_SEEDS = 16
+_EXACT_WEIGHT_PAIRS = 100_000
+"""Up to this many conflicting pairs, seeds are weighed pair by pair (exactly)."""
 _SERIAL_BUDGET = 20_000
 """Candidate checks the serial bound may spend in all; it stays a valid bound when cut short."""
 
@@ -671,8 +778,8 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
     candidate checks. Without any conflict every such clique is a chain, which the critical
     path already bounds, so nothing is computed.
     """
-    position, estimate = graph.position, graph.estimate_ms
-    with_conflicts = [item_id for item_id in active if graph.conflicts.get(item_id)]
+    position, estimate, index = graph.position, graph.estimate_ms, graph.conflict_index
+    with_conflicts = [item_id for item_id in active if item_id in index.keys and index.has_conflict(item_id)]
     if not with_conflicts:
         return 0
     by_position = sorted(position, key=position.__getitem__)
@@ -686,15 +793,38 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
         upward[item_id] = mask
     running_mask = sum(1 << position[item_id] for item_id in graph.in_progress)
 
+    key_mask: dict[tuple[str, str], int] = {}
+    key_weight: dict[tuple[str, str], int] = {}
+    for key, holders in index.holders.items():
+        placed = [holder for holder in holders if holder in position]
+        key_mask[key] = sum(1 << position[holder] for holder in placed)
+        key_weight[key] = sum(estimate[holder] for holder in placed)
+    near: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def near_key(key: tuple[str, str]) -> tuple[int, int]:
+        """(mask, weight) of the holders of `key` and of every key overlapping it."""
+        found = near.get(key)
+        if found is None:
+            mask, weight = key_mask[key], key_weight[key]
+            for other in index.adjacent.get(key, ()):
+                mask |= key_mask[other]
+                weight += key_weight[other]
+            found = near[key] = (mask, weight)
+        return found
+
     def serial(item_id: int) -> int:
         mask = upward[item_id] | graph.reach[item_id]
-        for other in graph.conflicts.get(item_id, ()):
-            if other in position:
-                mask |= 1 << position[other]
+        for key in index.keys.get(item_id, ()):  # by key, not by pair: items sharing one key share its mask
+            mask |= near_key(key)[0]
         return mask & ~(1 << position[item_id])
 
-    with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
-        estimate.get(other, 0) for other in graph.conflicts[item_id])), item_id))
+    # Seeds first: the items with the heaviest conflicts, their own estimate plus their neighbours'
+    # (when there are many pairs, weighed by key instead: an estimate, it only orders the seeds).
+    if index.pair_count() <= _EXACT_WEIGHT_PAIRS:
+        with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
+            estimate.get(other, 0) for other in index.neighbours(item_id))), item_id))
+    else:
+        with_conflicts.sort(key=lambda item_id: (-sum(near_key(key)[1] for key in index.keys[item_id]), item_id))
     seeds = [critical_path(graph)] + [[item_id] for item_id in with_conflicts[:_SERIAL_SEEDS]]
     budget = _SERIAL_BUDGET
     best = 0
@@ -831,8 +961,10 @@ def to_mermaid(graph: QueueGraph) -> str:
         lines.append(f'    {names[item_id]}["{_mermaid_label(f"{item.id_str}: {item.title}")}"]:::{css}')
     links = [f"    {names[item_id]} --> {names[successor]}"
              for item_id in nodes for successor in graph.unblocks[item_id] if successor in shown]
+    index = graph.conflict_index
     links += [f"    {names[first]} -.- {names[second]}"
-              for first, second in sorted(graph.conflict_details) if first in shown and second in shown]
+              for first in nodes if first in index.keys and index.has_conflict(first)
+              for second in sorted(index.neighbours(first) & shown) if second > first]
     lines += links[:MERMAID_MAX_EDGES]
     if len(nodes) < len(graph.by_id) or len(links) > MERMAID_MAX_EDGES:
         lines.append(f"    %% drawn in part: {len(nodes)} of {len(graph.by_id)} items, "
@@ -864,7 +996,7 @@ def _make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max
     graph = build_graph(items, diagnostics)
     schedule = simulate(graph, max_parallel)
     run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
-    labels = graph.labels
+    labels, index = graph.labels, graph.conflict_index
     # Built as plain data and validated in one call: per-row model construction costs more than
     # the whole warm re-plan budget at 10,000 items.
     return QueuePlan.model_validate({
@@ -872,8 +1004,14 @@ def _make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max
         "run_now": [labels[item_id] for item_id in run_now],
         "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
         "critical_path": [labels[item_id] for item_id in critical_path(graph)],
-        "conflicts": [{"a": labels[a], "b": labels[b], "files": sorted(files), "components": sorted(components)}
-                      for (a, b), (files, components) in sorted(graph.conflict_details.items())],
+        "conflicts": [{"a": labels[a], "b": labels[b], "files": files, "components": components}
+                      for a, b in index.pairs(MAX_CONFLICTS_SHOWN) for files, components in [index.shared(a, b)]],
+        "conflicts_total": index.pair_count(),
+        "conflict_groups": [{"kind": kind, "name": index.names[(kind, name)],
+                             "items": [labels[holder] for holder in holders],
+                             "overlaps": [index.names[other] for other in overlaps[:MAX_OVERLAPS_SHOWN]],
+                             "overlaps_total": len(overlaps)}
+                            for (kind, name), holders, overlaps in index.groups()],
         "patterns": find_patterns(graph),
         "errors": graph.errors,
         "warnings": graph.warnings,

@@ -46,6 +46,7 @@ the most blockers for last. Never run more than `max_parallel` at once.
 ## Autonomy levels and failures
 - L1/L2: stop at the first failure: start nothing new, let running work finish, report what
   failed and what was not started, and ask the user how to proceed.
-- L3 with `continue_on_error`: keep going; skip only work that depends on a failure; report every
-  failure together at the end.
+- L3: keep going (continue_on_error is the default there); skip only work that depends on a
+  failure; report every failure together at the end. Only `continue_on_error: false` makes L3
+  stop at the first failure like L1/L2.
 """

@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from .config import describe, parse_duration, short_repr, unknown_key_warning
+from .config import alias_problem, describe, parse_duration, short_repr, unknown_key_warning
 from .errors import QueueError
 from .paths import resolve_inside
 
@@ -91,7 +91,8 @@ def format_id(item_id: int) -> str:
 
 # --- file names ----------------------------------------------------------------------------------
 
-_NAME = re.compile(r"(?P<id>\d+)-(?P<status>[A-Za-z_]+)-(?P<slug>.*)\.md")
+_NAME = re.compile(r"(?P<id>[0-9]+)-(?P<status>[A-Za-z_]+)-(?P<slug>.*)\.md")
+"""ASCII digits only: ``١٢٣`` is not an id (Python's ``\\d`` and ``int`` would read it as 123)."""
 _SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _NAME_HELP = "NNN-STATUS-slug.md"
 
@@ -209,14 +210,14 @@ class _ItemLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> object:
     text = str(loader.construct_scalar(node)).replace("_", "")
-    digits = text[1:] if text[:1] in "+-" else text
-    if digits.isdigit():
+    if _DECIMAL.fullmatch(text):
         return int(text, 10)
     if ":" in text:
         return text
     return yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
+_DECIMAL = re.compile(r"[-+]?[0-9]+")
 _ItemLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 _FRONT_START = re.compile(r"---[ \t]*\n")
@@ -233,6 +234,9 @@ def _front_matter(text: str) -> tuple[dict | None, str, str | None]:
         return None, text, "front matter starts with --- on line 1 but has no closing --- line"
     source = text[start.end():end.start()]
     body = text[end.end() + 1:]
+    problem = alias_problem(source, _ItemLoader)
+    if problem:
+        return None, body, f"front matter {problem}"
     try:
         data = yaml.load(source, Loader=_ItemLoader)
     except yaml.MarkedYAMLError as exc:
@@ -250,8 +254,24 @@ def _front_matter(text: str) -> tuple[dict | None, str, str | None]:
 
 _NONE_WORDS = frozenset({"", "none", "-", "n/a", "na", "nothing", "[]"})
 _ASIDE = re.compile(r"(?:^|(?<=\s))\([^)]*\)")
-_ID_TOKEN = re.compile(r"#?(\d+)(?:-[\w.\-]*)?")
+_ID_TOKEN = re.compile(r"#?([0-9]+)(?:-[\w.\-]*)?")
 _ID_SEPARATORS = re.compile(r"[,;\s&]+|\band\b")
+ID_HELP = "write ids like 007, 7 or #7"
+
+
+def parse_item_ref(text: str) -> int:
+    """One item reference: ``007``, ``7``, ``#7`` or a file-name stem ``007-add-login``.
+
+    The one grammar for ids written by people: `blocked_by`/`blocks`, and the `item` argument of
+    the tools. ASCII digits only; at most `MAX_ID_DIGITS` digits (leading zeros aside). Raises
+    ``ValueError`` saying which rule is broken.
+    """
+    match = _ID_TOKEN.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{short_repr(text)} is not an item id ({ID_HELP})")
+    if len(match.group(1).lstrip("0") or "0") > MAX_ID_DIGITS:
+        raise ValueError(f"{short_repr(text)} has more than {MAX_ID_DIGITS} digits, so it cannot be an item id")
+    return int(match.group(1))
 
 
 def _ids(field: str, value: object, problems: list[str]) -> list[int]:
@@ -268,7 +288,7 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
     ids: list[int] = []
     for part in parts:
         if isinstance(part, bool) or not isinstance(part, (str, int)):
-            problems.append(f"{field}: {short_repr(part)} is not an item id (write ids like 007, 7 or #7)")
+            problems.append(f"{field}: {short_repr(part)} is not an item id ({ID_HELP})")
             continue
         if isinstance(part, int):
             tokens = [str(part)]
@@ -276,14 +296,13 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
             cleaned = re.sub(r"\([^)]*\)", " ", part).strip()
             tokens = [] if cleaned.lower() in _NONE_WORDS else [t for t in _ID_SEPARATORS.split(cleaned) if t]
         for token in tokens:
-            match = _ID_TOKEN.fullmatch(token)
-            if not match:
-                problems.append(f"{field}: {short_repr(token)} is not an item id (write ids like 007, 7 or #7)")
-            elif len(match.group(1).lstrip("0") or "0") > MAX_ID_DIGITS:
-                problems.append(f"{field}: {short_repr(token)} has more than {MAX_ID_DIGITS} digits, "
-                                f"so it cannot be an item id")
-            elif int(match.group(1)) not in ids:
-                ids.append(int(match.group(1)))
+            try:
+                item_id = parse_item_ref(token)
+            except ValueError as exc:
+                problems.append(f"{field}: {exc}")
+                continue
+            if item_id not in ids:
+                ids.append(item_id)
     return ids
 
 
@@ -309,7 +328,9 @@ def _names(field: str, value: object, problems: list[str], *, split_spaces: bool
         return []
     names: list[str] = []
     for part in parts:
-        if part and part not in names:
+        if "\x00" in part:
+            problems.append(f"{field}: {short_repr(part)} contains a NUL character (\\0); remove it")
+        elif part and part not in names:
             names.append(part)
     return names
 
@@ -342,7 +363,17 @@ def _text(field: str, value: object, problems: list[str]) -> str | None:
     if isinstance(value, (dict, list)):
         problems.append(f"{field} must be a string, not {describe(value)}")
         return None
-    return str(value).strip() or None
+    text = str(value).strip()
+    if "\x00" in text:
+        problems.append(_nul_problem(field))
+        return None
+    return text or None
+
+
+def _nul_problem(field: str) -> str:
+    """A NUL cannot reach a process (an argument or environment value ends at it): refuse it here."""
+    return (f"{field} contains a NUL character (\\0), which cannot be passed to a process "
+            f"(the item's title and command are); remove it")
 
 
 def _priority(value: object, problems: list[str]) -> Priority:
@@ -376,6 +407,9 @@ def _command(value: object, problems: list[str]) -> str | None:
         problems.append(f"command must be a string (one shell command line), not {describe(value)}")
         return None
     command = value.strip()
+    if "\x00" in command:
+        problems.append(_nul_problem("command"))
+        return None
     if len(command) >= 2 and command[0] == command[-1] == "`" and "`" not in command[1:-1]:
         command = command[1:-1].strip()
     return command or None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +28,16 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import claims
-from .claims import ClaimLost, find_item, move_item, parse_item_id, release_stale_claims
-from .config import MAX_PARALLEL_RANGE, Config
-from .errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, UsageError
+from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
+from .config import MAX_PARALLEL_RANGE, Config, stops_on_first_failure
+from .errors import AgentParallelError, InternalError, QueueError, ResourceLimitError
 from .paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .queue import QueueReader, WorkItem, format_id
 from .results import ItemOutcome, RunningItem, RunProgress
-from .runner import executor as executor_module, logs as logs_module, registry as registry_module
 from .runner.executor import ExitInfo, LaunchSpec, SpawnError, process_start_time
-from .runner.logs import LogWriter
-from .runner.records import TaskRecord, TaskStatus
+from .runner.logs import LogWriter, upstream_log_path
+from .runner.records import TaskStatus
 from .runner.registry import Task, TaskRegistry, wait_any
 
 LAST_LINES = 10
@@ -119,7 +118,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
     upstream = [t.record for dep in waits_on if (t := _latest_item_task(ctx.registry, format_id(dep)))]
     try:
-        upstream_logs = await anyio.to_thread.run_sync(lambda: [_upstream_log_path(runs_dir, r) for r in upstream])
+        upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
     except OSError as exc:
         raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {_why(exc)}") from exc
 
@@ -131,7 +130,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
 
     async def give_back(path: Path, why: str) -> None:
         try:
-            await anyio.to_thread.run_sync(lambda: _release_claim(queue_dir, runs_dir, item.id, by=by, reason=why,
+            await anyio.to_thread.run_sync(lambda: release_claim(queue_dir, runs_dir, item.id, by=by, reason=why,
                                                                   known=path))
         except Exception as exc:  # the outcome already says why it did not start; add why it stays claimed
             raise QueueError(f"{why}; the claim could not be given back either ({_why(exc)}): "
@@ -173,11 +172,10 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
 
     with anyio.CancelScope(shield=True):  # claimed: start it, or give the claim back
         try:
-            _check_launch_strings(ctx.root, item.command, argv, env)
             return await ctx.registry.launch(
                 command=item.command, argv=argv, cwd=ctx.root, description=f"item {item.id_str}: {item.title}",
                 env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
-                stdin_path=path if argv else None, on_finish=_as_on_finish(ctx.registry, finished))
+                stdin_path=path if argv else None, on_finish=finished)
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             await give_back(path, f"not started: {_why(exc)}")
             raise
@@ -271,12 +269,12 @@ def _locate(queue_dir: Path, runs_dir: Path, item_id: int) -> _Where:
     except (QueueError, OSError) as exc:
         return _Where(None, _why(exc))
     try:
-        moves = claims.history(runs_dir, name.id_str)
+        last = claims.last_moves(runs_dir, {name.id_str}).get(name.id_str)
+        last_claim = claims.last_moves(runs_dir, {name.id_str}, to="in_progress").get(name.id_str)
     except OSError:
-        moves = []
+        last = last_claim = None
     if name.status != "in_progress":
-        return _Where(name.status, moves[-1]["by"] if moves else "another agent or by hand", path=path)
-    last_claim = next((m for m in reversed(moves) if m.get("to") == "in_progress"), None)
+        return _Where(name.status, str(last["by"]) if last else "another agent or by hand", path=path)
     if last_claim is None:
         return _Where("in_progress", "another agent (no claim was recorded; it was moved by hand)", path=path)
     pid = last_claim.get("pid")
@@ -324,7 +322,7 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
         warnings.append(f"max_parallel {parallel} is outside {low}..{high}; using {min(max(parallel, low), high)}")
         parallel = min(max(parallel, low), high)
     chosen_level = level or config.level
-    coe = _written_continue_on_error(config) if continue_on_error is None else continue_on_error
+    coe = config.continue_on_error if continue_on_error is None else continue_on_error
     if coe and chosen_level != "L3":
         warnings.append(f"continue_on_error applies at L3 only; level {chosen_level} stops at the first failure")
     only = [parse_item_id(i) for i in items] if items is not None else None
@@ -464,7 +462,7 @@ class QueueRun:
         check = registry.settings.admission
         started = False
         while len(self.running) < self.options.max_parallel and self.state == "running":
-            if not _has_room(registry):
+            if not registry.has_room():
                 self._hold(f"the server already has {registry.settings.max_running} tasks queued or running (its "
                            "limit); the next item starts when one of them ends", for_room=True)
                 return started
@@ -501,7 +499,7 @@ class QueueRun:
             self._record(item, "not_started", reason=self.stop_reason or "the run was stopped")
             return False
         except ResourceLimitError as exc:
-            if not _has_room(self.ctx.registry):  # the cap filled between our check and the start: hold, retry
+            if not self.ctx.registry.has_room():  # the cap filled between our check and the start: hold, retry
                 self._retry.insert(0, item_id)
                 return False
             self._could_not_start(item, exc)
@@ -722,121 +720,3 @@ def load_report(runs_dir: Path, run_id: str) -> RunProgress | None:
         return RunProgress.model_validate_json(report_path(runs_dir, run_id).read_bytes())
     except (OSError, ValueError):
         return None
-
-
-# ---------------------------------------------------------------------------------- SHIMs
-# Each stands in for an API another helper is building for issue 9 (see the numbered interfaces);
-# the lead deletes them at the merge and uses the real API named in each.
-
-# SHIM(issue 9 merge): interface 7 -- `config.stops_on_first_failure` is THE rule; import it instead.
-try:
-    from .config import stops_on_first_failure  # type: ignore[attr-defined]
-except ImportError:
-    def stops_on_first_failure(level: str, continue_on_error: bool | None) -> bool:
-        """L1/L2 always stop; L3 continues unless continue_on_error is explicitly False."""
-        return level != "L3" or continue_on_error is False
-
-
-def _written_continue_on_error(config: Config) -> bool | None:
-    """SHIM(issue 9 merge): interface 7 -- `Config.continue_on_error` becomes `bool | None` (None: not
-    written); until then an unwritten key reads False, so ask pydantic whether it was set. Replace
-    the call with `config.continue_on_error`."""
-    if config.continue_on_error is False and "continue_on_error" not in config.model_fields_set:
-        return None
-    return config.continue_on_error
-
-
-def _has_room(registry: TaskRegistry) -> bool:
-    """SHIM(issue 9 merge): interface 2 -- use `registry.has_room()`."""
-    has_room = getattr(registry, "has_room", None)
-    if has_room is not None:
-        return bool(has_room())
-    return registry._active < registry.settings.max_running
-
-
-def _release_claim(queue_dir: Path, runs_dir: Path, item_id: int, *, by: str, reason: str, known: Path) -> None:
-    """SHIM(issue 9 merge): interface 5 -- use `claims.release_claim` (the transition table no longer
-    allows in_progress -> pending through move_item)."""
-    release = getattr(claims, "release_claim", None)
-    if release is not None:
-        release(queue_dir, runs_dir, item_id, by=by, reason=reason, known=known)
-        return
-    move_item(queue_dir, runs_dir, item_id, "pending", by=by, reason=reason, expect="in_progress", known=known)
-
-
-def _upstream_log_path(runs_dir: Path, record: TaskRecord) -> Path:
-    """SHIM(issue 9 merge): interface 4 -- use `runner.logs.upstream_log_path` (sync, in a worker thread).
-
-    Until it exists: the head log when nothing was cut, else one file with the whole kept output
-    and the dropped middle marked."""
-    real = getattr(logs_module, "upstream_log_path", None)
-    if real is not None:
-        return real(runs_dir, record)
-    head = runs_dir / f"{record.task_id}.log"
-    if not record.tail_segments:
-        return head
-    whole = runs_dir / f"{record.task_id}.upstream.log"
-    tmp = whole.with_name(f".{whole.name}.tmp")
-    kept = logs_module.head_cap(record.log_cap_bytes or 64 << 20)
-    with open(tmp, "wb") as out:
-        with open(head, "rb") as f:
-            data = f.read(kept)
-            out.write(data)
-        if record.dropped_bytes:
-            out.write(("" if data.endswith(b"\n") else "\n").encode()
-                      + f"[agent-parallel: {record.dropped_bytes} bytes dropped here]\n".encode())
-        for start in record.tail_segments:
-            with open(logs_module.tail_segment_path(runs_dir, record.task_id, start), "rb") as f:
-                while chunk := f.read(1 << 20):
-                    out.write(chunk)
-    os.replace(tmp, whole)
-    return whole
-
-
-def _check_launch_strings(cwd: Path, command: str | None, argv: list[str] | None, env: dict[str, str]) -> None:
-    """SHIM(issue 9 merge): interface 3 -- `registry.launch` raises this UsageError itself (through
-    `runner.executor.check_launch_strings`); delete this function and its call in `launch_item`."""
-    if getattr(executor_module, "check_launch_strings", None) is not None:
-        return  # the registry checks
-    where = [("the command", command)] if command is not None else []
-    where += [(f"argument {i} of runner.command", a) for i, a in enumerate(argv or [])]
-    where += [(f"env value of {k}", v) for k, v in env.items()] + [("the cwd", str(cwd))]
-    for what, text in where:
-        if "\0" in text:
-            raise UsageError(f"{what} contains a NUL character, which no process can be given; remove it")
-
-
-def _as_on_finish(registry: TaskRegistry, follow_up: Callable[[Task], Awaitable[None]]) -> Callable:
-    """SHIM(issue 9 merge): interface 1 -- the registry awaits an async `on_finish` (shielded, bounded
-    by FOLLOW_UP_TIMEOUT_S) before it sets `task.done`; pass `follow_up` directly and delete this.
-
-    Until then the registry calls `on_finish` synchronously: run `follow_up` in the registry's task
-    group, and keep the waiters' `done` event unset until it has run (so `launch_task(item=...,
-    run_in_background=false)` still sees the item moved)."""
-    if hasattr(registry_module, "FOLLOW_UP_TIMEOUT_S"):
-        return follow_up
-
-    def on_finish(task: Task) -> None:
-        waiters = task.done
-        task.done = anyio.Event()  # the one _finish sets now; those already waiting hold `waiters`
-
-        async def later() -> None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    with anyio.move_on_after(30.0):
-                        await follow_up(task)
-                    from .runner.records import save_record
-                    await anyio.to_thread.run_sync(lambda: save_record(task.record, registry.runs_dir, durable=True))
-                except OSError:
-                    pass
-                finally:
-                    task.done = waiters
-                    waiters.set()
-
-        registry._tg.start_soon(later)
-
-    return on_finish
-
-
-__all__ = ["NotStarted", "QueueContext", "QueueRun", "QueueRunExecutor", "RunOptions", "check_ready", "launch_item",
-           "load_report", "save_report"]

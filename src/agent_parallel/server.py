@@ -457,7 +457,7 @@ def _register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) ->
         launch yourself with launch_task(item=...).
         """
         return await anyio.to_thread.run_sync(
-            lambda: plan_workspace(root, queue_dir, max_parallel, reader, release_stale=True))
+            lambda: plan_workspace(root, queue_dir, max_parallel, reader))
 
     @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
     async def queue_plan_resource() -> str:
