@@ -365,7 +365,7 @@ async def test_a_failure_while_a_run_starts_fails_the_run_not_the_server(workspa
 # ---------------------------------------------------------------- 8. NUL bound for a process
 
 
-@pytest.mark.fault("NUL in an item's title (AGENT_ITEM_TITLE) or command: that item fails with the reason, its claim is given back, the run goes on")
+@pytest.mark.fault("NUL in an item's title (AGENT_ITEM_TITLE) or command: the item is refused at parse time with a clear error, the run goes on without it")
 async def test_nul_in_item_strings_fails_the_item_not_the_server(client, workspace):
     queue = workspace / ".agent/queue"
     queue.mkdir(parents=True)
@@ -373,27 +373,26 @@ async def test_nul_in_item_strings_fails_the_item_not_the_server(client, workspa
     (queue / "002-pending-nul-command.md").write_text('---\ncommand: "echo a\\0b"\nfiles: [b]\n---\n# nul command\n')
     write_item(workspace, 3, "fine", command="echo fine", files=["c"])
     write_item(workspace, 4, "after", command="echo never", blocked_by=[1], files=["d"])
+    plan = await call(client, "queue_plan")
+    errors = {e["item"]: e["message"] for e in plan["errors"]}
+    assert "NUL" in errors["001"] and "title" in errors["001"]
+    assert "NUL" in errors["002"] and "command" in errors["002"]
     out = await run_to_end(client, level="L3")
     outcomes = by_item(out)
-    assert outcomes["001"]["outcome"] == "failed"
-    assert outcomes["001"]["reason"].startswith("could not start: ")
-    assert "AGENT_ITEM_TITLE" in outcomes["001"]["reason"] and "NUL" in outcomes["001"]["reason"]
-    assert outcomes["002"]["outcome"] == "failed" and "NUL" in outcomes["002"]["reason"]
     assert outcomes["003"]["outcome"] == "completed"
-    assert outcomes["004"]["outcome"] == "skipped"
-    # the processes never started: the claims were given back, with the reason in the history
+    assert "001" not in outcomes and "002" not in outcomes  # never considered: they have errors
+    # nothing of theirs ran or moved
     assert statuses(workspace) == {"001": "pending", "002": "pending", "003": "completed", "004": "pending"}
-    moves = history(workspace / ".agent/runs", "001")
-    assert [m["to"] for m in moves] == ["in_progress", "pending"] and "NUL" in moves[-1]["reason"]
+    assert history(workspace / ".agent/runs", "001") == []
     assert (await call(client, "launch_task", command="echo alive", run_in_background=False))["output"] == "alive\n"
 
 
-@pytest.mark.fault("NUL in runner.command: every item fails with the reason, the run and the server go on")
+@pytest.mark.fault("NUL in runner.command: run_queue answers a clear config error; nothing is claimed, the server goes on")
 async def test_nul_in_runner_command(client, workspace):
     write_config(workspace, runner={"command": ["sh", "-c", "echo a\0b"]})
     write_item(workspace, 1, "runner", files=["a"])
-    out = await run_to_end(client, level="L3")
-    assert by_item(out)["001"]["outcome"] == "failed" and "NUL" in by_item(out)["001"]["reason"]
+    message = await call_error(client, "run_queue", level="L3")
+    assert "runner.command" in message and "NUL" in message
     assert statuses(workspace) == {"001": "pending"}
 
 
