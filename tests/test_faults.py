@@ -313,7 +313,7 @@ def test_http_remote_binding_needs_flag_and_token(workspace):
 
 
 @pytest.mark.anyio
-@pytest.mark.fault("a run's server dies with items in_progress: queue_plan reports them stale and moves them to blocked, never re-running them")
+@pytest.mark.fault("a run's server dies with items in_progress: the next update_item (or run) moves them to blocked, never re-running them")
 async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
     write_item(workspace, 1, "long", command="sleep 60", files=["a"])
     write_item(workspace, 2, "manual", files=["b"])
@@ -327,15 +327,18 @@ async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
     from agent_parallel.server import ServerSettings, build_server
 
     async with Client(build_server(workspace, ServerSettings())) as c:
+        await call(c, "queue_plan")  # planning changes no file
+        assert (workspace / ".agent/queue/001-in_progress-long.md").exists()
+        moved = await call(c, "update_item", item="002", status="completed")
+        [stale] = moved["warnings"]
+        assert stale.startswith("item 001 (001-blocked-long.md): claimed by run ")
+        assert "not re-run automatically (at-most-once)" in stale
         plan = await call(c, "queue_plan")
-        stale = [w for w in plan["warnings"] if w["kind"] == "stale_claim"]
-        assert [(w["item"], w["file"]) for w in stale] == [("001", "001-blocked-long.md")]
-        assert stale[0]["message"].startswith("claimed by run ")
-        assert "not re-run automatically (at-most-once)" in stale[0]["message"]
         status = {i["id"]: i["status"] for i in plan["items"]}
-        assert status == {"001": "blocked", "002": "in_progress"}  # an agent's own claim is left alone
+        assert status == {"001": "blocked", "002": "completed"}  # an agent's own claim is left alone
     history = [json.loads(line) for line in (workspace / ".agent/runs/history.jsonl").read_text().splitlines()]
-    assert history[-1]["item"] == "001" and history[-1]["to"] == "blocked" and "no longer runs" in history[-1]["reason"]
+    released = [move for move in history if move["item"] == "001"][-1]
+    assert released["to"] == "blocked" and "no longer runs" in released["reason"]
 
 
 @pytest.mark.anyio
