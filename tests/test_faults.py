@@ -313,7 +313,7 @@ def test_http_remote_binding_needs_flag_and_token(workspace):
 
 
 @pytest.mark.anyio
-@pytest.mark.fault("a run's server dies with items in_progress: queue_plan reports them stale (changing nothing), run_queue moves them to blocked, never re-running them")
+@pytest.mark.fault("a run's server dies with items in_progress: queue_plan reports them stale (changing nothing), the next update_item or run moves them to blocked, never re-running them")
 async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
     write_item(workspace, 1, "long", command="sleep 60", files=["a"])
     write_item(workspace, 2, "manual", files=["b"])
@@ -335,14 +335,16 @@ async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
         assert "planning leaves it in_progress" in stale[0]["message"]
         assert sorted(p.name for p in (workspace / ".agent/queue").iterdir()) == [
             "001-in_progress-long.md", "002-in_progress-manual.md"]  # planning changed nothing
-        started = await call(c, "run_queue")
-        assert any("001" in w and "no longer runs" in w for w in started["warnings"])
+        moved = await call(c, "update_item", item="002", status="completed")
+        [stale_warning] = moved["warnings"]
+        assert stale_warning.startswith("item 001 (001-blocked-long.md): claimed by run ")
+        assert "not re-run automatically (at-most-once)" in stale_warning
         plan = await call(c, "queue_plan")
         status = {i["id"]: i["status"] for i in plan["items"]}
-        assert status == {"001": "blocked", "002": "in_progress"}  # an agent's own claim is left alone
+        assert status == {"001": "blocked", "002": "completed"}  # an agent's own claim is left alone
     history = [json.loads(line) for line in (workspace / ".agent/runs/history.jsonl").read_text().splitlines()]
-    assert [m for m in history if m["to"] == "blocked"][-1]["item"] == "001"
-    assert "no longer runs" in [m for m in history if m["to"] == "blocked"][-1]["reason"]
+    released = [move for move in history if move["item"] == "001"][-1]
+    assert released["to"] == "blocked" and "no longer runs" in released["reason"]
 
 
 @pytest.mark.anyio

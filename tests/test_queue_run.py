@@ -201,7 +201,7 @@ async def test_update_item_transitions_and_exclusive_claim(client, workspace):
     moved = await call(client, "update_item", item="007", status="in_progress")
     assert moved == {"item": "007", "previous_status": "pending", "status": "in_progress",
                      "file": "007-in_progress-manual.md",
-                     "message": "item 007 moved from pending to in_progress (007-in_progress-manual.md)"}
+                     "message": "item 007 moved from pending to in_progress (007-in_progress-manual.md)", "warnings": []}
     text = await call_error(client, "update_item", item="7", status="in_progress")
     assert text == "Error executing tool update_item: item 007 is already claimed by an agent (update_item)"
     await call(client, "update_item", item="#7", status="blocked", reason="needs the API first")

@@ -80,7 +80,7 @@ async def test_resource_for_unknown_task(healthy):
     ({"timeout": -5}, "timeout must be a number of seconds >= 0 (got -5.0)"),
     ({"cursor": -3}, "cursor must be a byte offset >= 0 (got -3); omit it for the most recent output"),
     ({"tail_lines": -2}, "tail_lines must be >= 0 (got -2)"),
-    ({"filter": "("}, "filter '(' is not a valid regular expression: missing ), unterminated subpattern at position 0"),
+    ({"filter": "("}, "filter '(' is not a valid regular expression: missing ) at position 1"),
 ])
 async def test_task_output_bad_arguments(healthy, args, message):
     tid = (await call(healthy, "launch_task", command="echo x"))["task_id"]

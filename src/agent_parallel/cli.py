@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 
 from . import __version__
-from .errors import AgentParallelError
+from .errors import AgentParallelError, UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP only: address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="HTTP only: port (default 8765)")
-    serve.add_argument("--wait-cap", type=float, default=None, metavar="SECONDS",
-                       help="longest a blocking task_output may wait (default 50)")
+    serve.add_argument("--wait-cap", type=_wait_cap, default=None, metavar="SECONDS",
+                       help="longest a blocking task_output may wait (default 50, at most 3600)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="HTTP only: allow --host to be a non-loopback address; requires a bearer token in "
                             f"${TOKEN_ENV} (clients send 'Authorization: Bearer TOKEN')")
@@ -85,13 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wait_cap(text: str) -> float:
+    """``--wait-cap``: refused here, before the server starts, unless a finite number in (0, 3600]."""
+    from .server import check_wait_cap
+
+    try:
+        return check_wait_cap(float(text))
+    except (ValueError, UsageError) as exc:
+        detail = str(exc) if isinstance(exc, UsageError) else f"the wait cap must be a number of seconds, not {text!r}"
+        raise argparse.ArgumentTypeError(detail) from None
+
+
 def _plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .plan_view import plan_table, plan_workspace, to_dot
     from .queue import QueueReader
 
-    plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader())
+    plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader())  # changes no file
     if args.format == "json":
         print(plan.model_dump_json(indent=2))
     elif args.format == "mermaid":
@@ -106,7 +117,9 @@ def _plan(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
+    from rich.text import Text
 
+    from .claims import release_stale_claims
     from .config import load_config
     from .paths import runs_dir
     from .queue import QueueReader
@@ -120,23 +133,27 @@ def _run(args: argparse.Namespace) -> int:
     config, config_warnings = load_config(root)
     console = Console(stderr=False)
     for warning in config_warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(_warning(warning))
 
     async def main() -> TaskStatus:
         settings = ServerSettings.from_config(config).registry_settings()
         async with open_registry(root, runs_dir(root), settings) as registry:
             ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
+            # a run starts: claims of servers that no longer run are given back first (planning moves no file)
+            for item, file, message in await anyio.to_thread.run_sync(
+                    lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir)):
+                console.print(_warning(f"item {item} ({file}): {message}"))
             task, warnings = await start_run(ctx, max_parallel=args.max_parallel, level=args.level,
                                              continue_on_error=args.continue_on_error, items=args.items)
             for warning in warnings:
-                console.print(f"[yellow]warning:[/] {warning}")
+                console.print(_warning(warning))
             run = task.handle
             assert isinstance(run, QueueRun)
             async with anyio.create_task_group() as tg:
                 async def cancel_on_interrupt() -> None:
                     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                         async for _ in signals:
-                            console.print("[red]interrupted: stopping the run[/]")
+                            console.print(Text("interrupted: stopping the run", style="red"))
                             await registry.cancel(task)
                             return
 
@@ -148,11 +165,19 @@ def _run(args: argparse.Namespace) -> int:
                         live.update(progress_view(run.progress()))
                 tg.cancel_scope.cancel()
             console.print(report_view(run.progress()))
-            console.print(f"[dim]Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt[/]")
+            console.print(Text(f"Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt",
+                               style="dim"))
             return task.record.status
 
     status = anyio.run(main)
     return 0 if status == "completed" else 1
+
+
+def _warning(text: str):  # type: ignore[no-untyped-def]
+    """``warning: TEXT`` for rich, TEXT printed as text (a title like ``Fix [/x]`` is not markup)."""
+    from rich.text import Text
+
+    return Text.assemble(("warning:", "yellow"), " ", text)
 
 
 def _demo(args: argparse.Namespace) -> int:

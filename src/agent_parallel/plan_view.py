@@ -100,7 +100,11 @@ _STATUS_STYLE = {"pending": "white", "in_progress": "blue", "completed": "green"
 
 
 def plan_table(plan: QueuePlan) -> RenderableType:
-    """The plan for people: a summary, the items, the schedule, conflicts and every diagnostic."""
+    """The plan for people: a summary, the items, the schedule, conflicts and every diagnostic.
+
+    Text from the queue (titles, file names, messages) is printed as text, never read as rich
+    markup: ``Fix [/x] parser`` must print, and ``[link=...]`` must not become a hyperlink.
+    """
     counts = Counter(item.status for item in plan.items)
     summary = Text()
     summary.append(f"{len(plan.items)} items", style="bold")
@@ -120,8 +124,9 @@ def plan_table(plan: QueuePlan) -> RenderableType:
         else:
             state = Text(item.reason or "", style="red" if "error" in (item.reason or "") or "cycle" in (
                 item.reason or "") else "dim")
-        items.add_row(item.id, Text(item.status, style=_STATUS_STYLE.get(item.status, "")), item.title,
-                      ", ".join(item.waiting_on), format_seconds(item.estimate), item.priority, state)
+        items.add_row(Text(item.id), Text(item.status, style=_STATUS_STYLE.get(item.status, "")), Text(item.title),
+                      Text(", ".join(item.waiting_on)), Text(format_seconds(item.estimate)), Text(str(item.priority)),
+                      state)
 
     parts: list[RenderableType] = [summary, run_now, items]
     if plan.waves:
@@ -129,7 +134,7 @@ def plan_table(plan: QueuePlan) -> RenderableType:
         waves.add_column("#", justify="right")
         waves.add_column("starts")
         for number, wave in enumerate(plan.waves, 1):
-            waves.add_row(str(number), ", ".join(wave))
+            waves.add_row(str(number), Text(", ".join(wave)))
         parts.append(waves)
     if plan.critical_path:
         parts.append(Text("critical path: " + " -> ".join(plan.critical_path)))
@@ -142,7 +147,7 @@ def plan_table(plan: QueuePlan) -> RenderableType:
         for column in ("a", "b", "shared"):
             conflicts.add_column(column)
         for conflict in plan.conflicts:
-            conflicts.add_row(conflict.a, conflict.b, ", ".join(conflict.files + conflict.components))
+            conflicts.add_row(Text(conflict.a), Text(conflict.b), Text(", ".join(conflict.files + conflict.components)))
         parts.append(conflicts)
     for title, diagnostics, style in (("Errors", plan.errors, "red"), ("Warnings", plan.warnings, "yellow")):
         if diagnostics:
@@ -150,7 +155,7 @@ def plan_table(plan: QueuePlan) -> RenderableType:
             for column in ("kind", "file", "message"):
                 table.add_column(column)
             for diagnostic in diagnostics:
-                table.add_row(diagnostic.kind, diagnostic.file or "", diagnostic.message)
+                table.add_row(Text(diagnostic.kind), Text(diagnostic.file or ""), Text(diagnostic.message))
             parts.append(table)
     return Group(*parts)
 

@@ -15,6 +15,17 @@ from .runner.records import TaskRecord, TaskStatus
 RetrievalStatus = Literal["success", "timeout", "not_ready"]
 
 
+SHORT_TEXT_CHARS = 300
+"""A command or description shown among many (list_tasks rows, several tasks) is cut to this."""
+
+
+def cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and a note saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [cut: {len(text) - limit:,} more characters]"
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -47,8 +58,14 @@ class TaskView(BaseModel):
     run: RunProgress | None = Field(None, description="for a run_queue run: progress, and the report once finished")
 
     @classmethod
-    def of(cls, rec: TaskRecord, **extra: object) -> TaskView:
-        return cls(task_id=rec.task_id, status=rec.status, description=rec.description, command=rec.command,
+    def of(cls, rec: TaskRecord, *, short: bool = False, **extra: object) -> TaskView:
+        """``short``: one of several tasks, so the command and description are cut (task_output with
+        the one task_id shows them whole)."""
+        description, command = rec.description, rec.command
+        if short:
+            description = cut(description, SHORT_TEXT_CHARS) if description is not None else None
+            command = cut(command, SHORT_TEXT_CHARS)
+        return cls(task_id=rec.task_id, status=rec.status, description=description, command=command,
                    cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, created_at=iso(rec.created_at),
                    started_at=iso(rec.started_at), ended_at=iso(rec.ended_at), duration_s=rec.duration_s,
                    exit_code=rec.exit_code, signal=rec.signal, reason=rec.reason, **extra)
@@ -77,12 +94,19 @@ class TaskSummary(BaseModel):
     task_id: str
     status: TaskStatus
     description: str | None
-    command: str
+    command: str = Field(description=f"cut to {SHORT_TEXT_CHARS} characters (saying so); task_output shows it whole")
     exit_code: int | None
     signal: str | None
     created_at: str | None
     duration_s: float | None
     last_line: str | None
+
+    @classmethod
+    def of(cls, rec: TaskRecord, *, last_line: str | None) -> TaskSummary:
+        return cls(task_id=rec.task_id, status=rec.status,
+                   description=cut(rec.description, SHORT_TEXT_CHARS) if rec.description is not None else None,
+                   command=cut(rec.command, SHORT_TEXT_CHARS), exit_code=rec.exit_code, signal=rec.signal,
+                   created_at=iso(rec.created_at), duration_s=rec.duration_s, last_line=last_line)
 
 
 class TaskList(BaseModel):
@@ -156,6 +180,7 @@ class ItemMoved(BaseModel):
     status: str
     file: str
     message: str
+    warnings: list[str] = Field(default_factory=list, description="claims of servers that no longer run, given back first")
 
 
 for _model in (TaskView, LaunchResult, TaskOutputResult, CancelResult):

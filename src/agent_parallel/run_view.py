@@ -1,4 +1,8 @@
-"""Showing runs and tasks to people in a terminal (rich): live progress, the final report, status."""
+"""Showing runs and tasks to people in a terminal (rich): live progress, the final report, status.
+
+Text from items, commands and output is always a rich ``Text``, never markup: ``Fix [/x] parser``
+must print as written, and ``[link=...]`` must not become a terminal hyperlink.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .plan_view import format_seconds
-from .results import RunProgress, iso
+from .results import SHORT_TEXT_CHARS, RunProgress, cut, iso
 from .runner.records import TaskRecord
 
 _OUTCOME_STYLE = {"completed": "green", "failed": "red", "skipped": "yellow", "not_started": "dim",
@@ -22,7 +26,7 @@ def progress_view(p: RunProgress) -> RenderableType:
     for column in ("item", "title", "task", "running for"):
         table.add_column(column)
     for r in p.running:
-        table.add_row(r.item, r.title, r.task_id, format_seconds(r.elapsed_s))
+        table.add_row(Text(r.item), Text(r.title), Text(r.task_id), format_seconds(r.elapsed_s))
     parts: list[RenderableType] = [head, table]
     if p.held:
         parts.append(Text(f"start held: {p.held}", style="yellow"))
@@ -33,7 +37,7 @@ def progress_view(p: RunProgress) -> RenderableType:
 
 def report_view(p: RunProgress) -> RenderableType:
     """The end of a run: every item's outcome, the last lines of failures, makespan vs lower bound."""
-    table = Table(title=f"Run {p.run_id}", title_justify="left")
+    table = Table(title=Text(f"Run {p.run_id}"), title_justify="left")
     for column in ("item", "title", "outcome", "time", "details"):
         table.add_column(column)
     for o in p.outcomes:
@@ -44,8 +48,8 @@ def report_view(p: RunProgress) -> RenderableType:
             details += "\n" + "\n".join(f"| {line}" for line in o.last_lines[-5:])
         if o.notes:
             details += "\n" + "; ".join(o.notes)
-        table.add_row(o.item, o.title, Text(o.outcome, style=_OUTCOME_STYLE.get(o.outcome, "")),
-                      format_seconds(o.duration_s), details.strip())
+        table.add_row(Text(o.item), Text(o.title), Text(o.outcome, style=_OUTCOME_STYLE.get(o.outcome, "")),
+                      format_seconds(o.duration_s), Text(details.strip()))
     parts: list[RenderableType] = [table]
     if p.makespan is not None:
         ratio = f" = {p.makespan / p.lower_bound:.2f} x" if p.lower_bound else ""
@@ -63,8 +67,8 @@ def status_view(records: list[TaskRecord]) -> RenderableType:
         table.add_column(column, no_wrap=column in ("id", "status"))
     for r in records:
         exit_text = str(r.exit_code) if r.exit_code is not None else (r.signal or "")
-        table.add_row(r.task_id, r.kind, r.status.value, exit_text, iso(r.started_at) or "",
-                      format_seconds(r.duration_s), r.description or r.command)
+        table.add_row(Text(r.task_id), Text(r.kind), Text(r.status.value), Text(exit_text), iso(r.started_at) or "",
+                      format_seconds(r.duration_s), Text(cut(r.description or r.command, SHORT_TEXT_CHARS)))
     return table
 
 

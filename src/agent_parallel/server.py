@@ -12,34 +12,37 @@ import hmac
 import logging
 import math
 import os
-import re
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, ParamSpec, TypeVar
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 import anyio
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import (ResourceError, ResourceNotFoundError, ToolError, UnexpectedResourceError,
+                                             UnexpectedToolError)
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, ServerEvent
 from mcp.types import ToolAnnotations
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from . import __version__
 from .errors import AgentParallelError, UnknownTask, UsageError
 from .paths import resolve_inside, runs_dir
-from .claims import find_item, move_item, parse_item_id
+from .claims import find_item, move_item, parse_item_id, release_stale_claims
 from .config import Config, load_config
+from .output_filter import OutputFilter
 from .plan_view import plan_workspace
 from .planner import QueuePlan
 from .prompt import PARALLEL_EXECUTION
 from .queue import QueueReader, format_id
 from .queue_runner import QueueContext, QueueRun, check_ready, launch_item, load_report, start_run
-from .results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult, TaskSummary,
-                      TaskView, iso)
+from .results import (CancelResult, ItemMoved, LaunchResult, RunProgress, RunStarted, TaskList, TaskOutputResult,
+                      TaskSummary, TaskView, cut)
 from .runner.admission import admission_check
 from .runner.executor import Executor
 from .runner.records import TaskStatus
@@ -49,7 +52,17 @@ log = logging.getLogger(__name__)
 
 MAX_PAGE_BYTES = 65536
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_WAIT_CAP_S = 3600.0
+"""The longest a blocking call may wait: far above any client's tool-call timeout."""
 RESOURCE_OUTPUT_BYTES = 1 << 20
+MAX_TASK_IDS = 256
+"""Ids in one task_output or cancel_task call (after removing repeats): keeps every answer bounded."""
+MAX_ARG_BYTES = 128 * 1024
+"""The kernel's limit on one argument or environment string (MAX_ARG_STRLEN), terminating NUL included."""
+UPDATE_INTERVAL_S = 0.2
+"""How often resource subscribers' tasks are checked for a status change."""
+OUTPUT_UPDATE_INTERVAL_S = 1.0
+"""At most one resources/updated per task for growing output in this time."""
 
 INSTRUCTIONS = """\
 Run shell commands and queue items in the background and wait on them without blocking yourself.
@@ -74,6 +87,9 @@ class ServerSettings:
     min_free_memory: int = 0  # bytes; 0: never hold a start for memory
     max_load: float | None = None  # None: never hold a start for load
 
+    def __post_init__(self) -> None:
+        self.wait_cap_s = check_wait_cap(self.wait_cap_s)
+
     def registry_settings(self) -> RegistrySettings:
         return RegistrySettings(log_cap_bytes=self.log_cap_bytes, kill_grace_s=self.kill_grace_s,
                                 max_running=self.max_running, max_records=self.max_records,
@@ -83,6 +99,16 @@ class ServerSettings:
     def from_config(cls, config: Config) -> ServerSettings:
         return cls(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes, max_records=config.max_tasks,
                    min_free_memory=config.min_free_memory, max_load=config.max_load)
+
+
+def check_wait_cap(value: float) -> float:
+    """The wait cap, refused unless finite and in (0, MAX_WAIT_CAP_S]: a bad cap would make a blocking
+    launch fail only after its task started (an agent retrying it would run it twice)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 0 < value <= MAX_WAIT_CAP_S:
+        raise UsageError(f"the wait cap must be a number of seconds above 0 and at most {MAX_WAIT_CAP_S:g}, "
+                         f"not {value!r}; the default is 50")
+    return float(value)
 
 
 @dataclass
@@ -121,6 +147,173 @@ def _ws(ctx: Context) -> Workspace:
     return ctx.request_context.lifespan_context
 
 
+class AgentParallelServer(MCPServer):
+    """The SDK's server with our error rules at the one place every tool call and resource read passes.
+
+    - Arguments that fail the input schema: one short line per argument (its name, what was given,
+      what is expected) instead of pydantic's text with URLs.
+    - Our own errors reaching a resource: the SDK's resource error with the same text a tool gives.
+    - Anything else escaping a tool or resource is a bug: the caller gets the exception's text and
+      is told it is a bug; the log gets the traceback. The server goes on serving.
+    """
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except UnexpectedToolError as exc:
+            cause = _original(exc)
+            log.error("tool %s failed with an unexpected exception (a bug)", name, exc_info=cause)
+            raise ToolError(f"Error executing tool {name}: {bug_message(cause)}") from cause
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                raise ToolError(f"Error executing tool {name}: {describe_arguments_error(exc.__cause__)}") from None
+            raise
+
+    async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
+        try:
+            return await super().read_resource(uri, context)
+        except UnexpectedResourceError as exc:
+            cause = _original(exc)
+            if isinstance(cause, UnknownTask):
+                raise ResourceNotFoundError(str(cause)) from cause
+            if isinstance(cause, AgentParallelError):
+                raise ResourceError(str(cause)) from cause
+            log.error("reading %s failed with an unexpected exception (a bug)", uri, exc_info=cause)
+            raise ResourceError(f"reading {uri} failed: {bug_message(cause)}") from cause
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The exception the SDK wrapped (through nested ``Unexpected...Error`` wrappers)."""
+    while isinstance(exc, UnexpectedToolError | UnexpectedResourceError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def bug_message(exc: BaseException) -> str:
+    return (f"unexpected {type(exc).__name__}: {cut(str(exc), 300)}. This is a bug in agent-parallel, "
+            "not a problem with your call: please report it (the server log has the traceback). "
+            "The server keeps running.")
+
+
+_EXPECTED = {"string_type": "must be a string", "int_type": "must be an integer", "int_parsing": "must be an integer",
+             "int_from_float": "must be a whole number", "float_type": "must be a number",
+             "float_parsing": "must be a number", "bool_type": "must be true or false",
+             "bool_parsing": "must be true or false", "list_type": "must be a list", "dict_type": "must be an object",
+             "finite_number": "must be a finite number", "missing": "is required"}
+_JSON_TYPE = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+              dict: "an object", type(None): "null"}
+
+
+def describe_arguments_error(exc: ValidationError) -> str:
+    """Tool arguments that fail the input schema, for a model to correct: name, given, expected."""
+    problems = []
+    errors = exc.errors(include_url=False)
+    for error in errors[:5]:
+        where = _argument_path(error["loc"])
+        expected = _EXPECTED.get(error["type"])
+        if expected is None:
+            message = error["msg"]
+            expected = ("must be " + message[len("Input should be "):] if message.startswith("Input should be ")
+                        else message[:1].lower() + message[1:])
+        if error["type"] == "missing":
+            problems.append(f"`{where}` {expected}")
+        else:
+            value = error.get("input")
+            kind = _JSON_TYPE.get(type(value), type(value).__name__)
+            problems.append(f"`{where}` {expected}, got {cut(repr(value), 60)} ({kind})")
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "invalid arguments: " + "; ".join(problems) + more + " (the tool's input schema lists every argument)"
+
+
+def _argument_path(loc: Iterable[Any]) -> str:
+    parts = list(loc)
+    text = str(parts[0]) if parts else "arguments"
+    for part in parts[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f"[{part!r}]"
+    return text
+
+
+class TaskUpdates(InMemorySubscriptionBus):
+    """The subscription bus, plus ``resources/updated`` for ``task://{id}`` and ``task://{id}/output``.
+
+    While at least one ``subscriptions/listen`` stream is open, every task is checked every
+    ``UPDATE_INTERVAL_S``: a changed status publishes both URIs; grown output publishes them at most
+    once per ``OUTPUT_UPDATE_INTERVAL_S`` per task. (Handshake-era clients are not offered
+    ``resources/subscribe``; the SDK serves update events on 2026-07-28 listen streams only.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listeners = 0
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        unsubscribe = super().subscribe(listener)
+        self.listeners += 1
+        done = False
+
+        def once() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.listeners -= 1
+                unsubscribe()
+
+        return once
+
+    async def watch(self, registry: TaskRegistry) -> None:
+        """Publish task changes until cancelled (runs in the lifespan's task group).
+
+        Each check looks only at tasks created since the last one and tasks that had not finished
+        (a finished task never changes), so it costs nothing for the thousands of old records.
+        """
+        live: dict[str, tuple[str, int]] = {}  # unfinished at the last check -> what subscribers last heard
+        newest: str | None = None  # the newest task at the last check; None: nobody was listening
+        output_sent: dict[str, float] = {}
+        while True:
+            await anyio.sleep(UPDATE_INTERVAL_S)
+            if not self.listeners:
+                live, newest = {}, None
+                continue
+            taking_stock = newest is None  # the first check after someone listens publishes nothing
+            now = time.monotonic()
+            changed: dict[str, None] = {}  # ordered, without repeats
+            fresh: list[Task] = []
+            for task in registry.newest_first():
+                if task.record.task_id == newest:
+                    break
+                fresh.append(task)
+            if fresh:
+                newest = fresh[0].record.task_id
+            elif newest is None:
+                newest = ""  # no task yet: every task from now on is new
+            for task in fresh:
+                if not taking_stock:
+                    changed[task.record.task_id] = None
+                if not task.record.status.is_done:
+                    live[task.record.task_id] = (task.record.status.value, task.output_bytes)
+            for task_id, before in list(live.items()):
+                try:
+                    task = registry.get(task_id)
+                except UnknownTask:
+                    del live[task_id]
+                    continue
+                state = (task.record.status.value, task.output_bytes)
+                if task.record.status.is_done:
+                    del live[task_id]
+                elif state == before or (state[0] == before[0]
+                                         and now - output_sent.get(task_id, 0.0) < OUTPUT_UPDATE_INTERVAL_S):
+                    continue  # unchanged, or only output grew and its last update was too recent
+                else:
+                    live[task_id] = state
+                changed[task_id] = None
+            for task_id in changed:
+                output_sent[task_id] = now
+                await self.publish(ResourceUpdated(uri=f"task://{task_id}"))
+                await self.publish(ResourceUpdated(uri=f"task://{task_id}/output"))
+            if len(output_sent) > 4 * MAX_TASK_IDS:
+                output_sent = {k: v for k, v in output_sent.items() if now - v < OUTPUT_UPDATE_INTERVAL_S}
+
+
 class StaticTokenVerifier:
     """Accepts exactly one bearer token (compared in constant time): for ``serve --allow-remote``."""
 
@@ -154,6 +347,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
             log.warning("%s; using the default settings", exc)
             settings = ServerSettings()
     reader = QueueReader()
+    updates = TaskUpdates()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
@@ -161,6 +355,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
             async with anyio.create_task_group() as tg:
                 if handle_signals:
                     tg.start_soon(_exit_on_signal, registry)
+                tg.start_soon(updates.watch, registry)
                 yield Workspace(root, settings, registry, reader)
                 tg.cancel_scope.cancel()
 
@@ -171,9 +366,9 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                 "auth": AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp", validate_token_resource=False)}
     from .tasks_extension import TasksExtension  # here: that module builds on this one
 
-    server = MCPServer("agent-parallel", title="agent-parallel", version=__version__,
-                       instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING",
-                       extensions=[TasksExtension()], **auth)
+    server = AgentParallelServer("agent-parallel", title="agent-parallel", version=__version__,
+                                 instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING",
+                                 extensions=[TasksExtension()], subscriptions=updates, **auth)
     _register_task_tools(server)
     _register_task_resources(server)
     _register_queue_tools(server, root, reader)
@@ -229,16 +424,25 @@ def _register_task_tools(server: MCPServer) -> None:
                                  "the workspace root with its own `timeout` and waits on its `blocked_by` items")
             task = await _launch_item(ws, item)
             return await _launch_answer(ws, task, run_in_background)
+        # every argument is checked before anything starts: an error after the start invites a retry (a second run)
         if not command.strip():
             raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
+        _check_process_string("`command`", command, "put a long script in a file and run that file")
         timeout_s = _check_timeout(timeout_s, "timeout_s")
+        _check_text("cwd", cwd)
         workdir = resolve_inside(ws.root, cwd or ".", "cwd")
         if not workdir.is_dir():
             raise UsageError(f"cwd {cwd!r} is not a directory inside the workspace; create it or pick another")
         for key, value in (env or {}).items():
-            if not key or "=" in key or "\0" in key or "\0" in value:
-                raise UsageError(f"environment variable name {key!r} is invalid: names must be non-empty, "
+            if not key or "=" in key or "\0" in key:
+                raise UsageError(f"environment variable name {cut(repr(key), 60)} is invalid: names must be non-empty, "
                                  "without '=' or NUL characters")
+            _check_process_string(f"the value of environment variable {key}", value, "pass large data in a file instead",
+                                  size=len(key.encode()) + 1 + len(value.encode()))
+        if after and len(after) > MAX_TASK_IDS:
+            raise UsageError(f"`after` names {len(after)} tasks; at most {MAX_TASK_IDS} are accepted")
+        for task_id in after or []:
+            ws.registry.get(task_id)
         task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
                                         timeout_s=timeout_s, after=after)
         return await _launch_answer(ws, task, run_in_background)
@@ -272,8 +476,7 @@ def _register_task_tools(server: MCPServer) -> None:
         if (task_id is None) == (not task_ids):
             raise UsageError("give `task_id` (one task) or `task_ids` (several), not both or neither; "
                              "call list_tasks to see task ids")
-        ids = [task_id] if task_id is not None else list(task_ids or [])
-        tasks = [ws.registry.get(i) for i in ids]
+        tasks = [ws.registry.get(i) for i in _task_ids(task_id, task_ids)]
         if not 1 <= max_bytes <= MAX_PAGE_BYTES:
             raise UsageError(f"max_bytes must be between 1 and {MAX_PAGE_BYTES} (got {max_bytes}); "
                              "page through longer output with cursor and next_cursor")
@@ -283,7 +486,7 @@ def _register_task_tools(server: MCPServer) -> None:
             raise UsageError(f"tail_lines must be >= 0 (got {tail_lines})")
         if math.isnan(timeout) or timeout < 0:
             raise UsageError(f"timeout must be a number of seconds >= 0 (got {timeout})")
-        pattern = _compile_filter(filter)
+        pattern = OutputFilter(filter) if filter is not None else None
         timeout = min(timeout, ws.settings.wait_cap_s)
         if block:
             done = await _wait_reporting_progress(ws, tasks, wait, timeout, ctx)
@@ -291,13 +494,17 @@ def _register_task_tools(server: MCPServer) -> None:
         else:
             finished = [t.done.is_set() for t in tasks]
             status = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
+        several = task_id is None
+        live = _live_progress(tasks)
+
         def read_all() -> list[TaskView]:
-            return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
+            return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
+                              short=several, live_run=live.get(t.record.task_id))
                     for t in tasks]
 
-        # a filter scans the whole kept log (up to the cap): off the event loop, so other calls go on
-        views = await anyio.to_thread.run_sync(read_all) if pattern is not None else read_all()
-        if task_id is not None:
+        # logs are read (and a filter matched, within its time budget) off the event loop: other calls go on
+        views = await anyio.to_thread.run_sync(read_all)
+        if not several:
             return TaskOutputResult(**views[0].model_dump(), retrieval_status=status)
         return TaskOutputResult(retrieval_status=status, tasks=views)
 
@@ -319,7 +526,7 @@ def _register_task_tools(server: MCPServer) -> None:
         ws = _ws(ctx)
         if (task_id is None) == (not task_ids):
             raise UsageError("give `task_id` or `task_ids`, not both or neither; call list_tasks to see task ids")
-        tasks = [ws.registry.get(i) for i in ([task_id] if task_id is not None else list(task_ids or []))]
+        tasks = [ws.registry.get(i) for i in _task_ids(task_id, task_ids)]
         stopped: list[bool] = [False] * len(tasks)
 
         async def stop(i: int) -> None:
@@ -330,7 +537,7 @@ def _register_task_tools(server: MCPServer) -> None:
                 tg.start_soon(stop, i)
         parts = [f"{t.record.task_id}: {'cancelled' if s else f'already {t.record.status.value}, nothing to do'}"
                  for t, s in zip(tasks, stopped)]
-        return CancelResult(tasks=[TaskView.of(t.record) for t in tasks], message="; ".join(parts))
+        return CancelResult(tasks=[TaskView.of(t.record, short=len(tasks) > 1) for t in tasks], message="; ".join(parts))
 
     @server.tool(title="List tasks",
                  annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
@@ -356,60 +563,78 @@ def _register_task_tools(server: MCPServer) -> None:
         if offset < 0:
             raise UsageError(f"offset must be >= 0 (got {offset})")
         page, total = ws.registry.list(wanted or None, limit=limit, offset=offset)
-        return TaskList(total=total, tasks=[
-            TaskSummary(task_id=t.record.task_id, status=t.record.status, description=t.record.description,
-                        command=t.record.command, exit_code=t.record.exit_code, signal=t.record.signal,
-                        created_at=iso(t.record.created_at), duration_s=t.record.duration_s,
-                        last_line=ws.registry.last_line(t))
-            for t in page])
+
+        def rows() -> list[TaskSummary]:  # last lines may come from the logs: read off the event loop
+            return [TaskSummary.of(t.record, last_line=ws.registry.last_line(t)) for t in page]
+
+        return TaskList(total=total, tasks=await anyio.to_thread.run_sync(rows))
 
 
 def _register_task_resources(server: MCPServer) -> None:
     @server.resource("task://{task_id}", mime_type="application/json", title="Task record")
     async def task_record(task_id: str, ctx: Context) -> str:
         """A task's record: command, status, times, exit code, output size."""
-        return view_task(_ws(ctx), _resource_task(ctx, task_id), cursor=None, max_bytes=1, tail_lines=0,
-                     pattern=None).model_dump_json(exclude={"output", "cursor", "next_cursor"})
+        ws, task = _ws(ctx), _resource_task(ctx, task_id)
+        live = _live_progress([task])
+        view = await anyio.to_thread.run_sync(lambda: view_task(ws, task, cursor=None, max_bytes=1, tail_lines=0,
+                                                                 pattern=None, live_run=live.get(task_id)))
+        return view.model_dump_json(exclude={"output", "cursor", "next_cursor"})
 
     @server.resource("task://{task_id}/output", mime_type="text/plain", title="Task output")
     async def task_log(task_id: str, ctx: Context) -> str:
         """A task's output (the most recent 1 MiB when it is longer)."""
-        ws = _ws(ctx)
-        return ws.registry.reader(_resource_task(ctx, task_id)).read(None, RESOURCE_OUTPUT_BYTES).text
+        reader = _ws(ctx).registry.reader(_resource_task(ctx, task_id))
+        return await anyio.to_thread.run_sync(lambda: reader.read(None, RESOURCE_OUTPUT_BYTES).text)
 
 
 async def _launch_answer(ws: Workspace, task: Task, run_in_background: bool) -> LaunchResult:
     if run_in_background:
         return LaunchResult.of(task.record)
     done = await ws.registry.wait([task], mode="all", timeout=ws.settings.wait_cap_s)
-    view = view_task(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None)
+    view = await anyio.to_thread.run_sync(
+        lambda: view_task(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None))
     return LaunchResult(**view.model_dump(), retrieval_status="success" if done else "timeout")
 
 
 async def _launch_item(ws: Workspace, item: str) -> Task:
-    queue = ws.queue()
+    _check_text("item", item)
     item_id = parse_item_id(item)
+    queue = await anyio.to_thread.run_sync(ws.queue)
     graph = await anyio.to_thread.run_sync(queue.graph)
     return await launch_item(queue, graph, check_ready(graph, item_id), by="launch_task")
 
 
 async def _wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, timeout: float, ctx: Context) -> bool:
-    """Wait like ``registry.wait``; while a queue run is among the tasks, report its progress."""
+    """Wait like ``registry.wait``; while queue runs are among the tasks, report their progress.
+
+    Progress is the runs' items that have finished out of all their items (the total is fixed
+    when a run starts), sent only when it grew: it strictly increases, as clients expect.
+    """
     runs = [t.handle for t in tasks if isinstance(t.handle, QueueRun)]
     if not runs:
         return await ws.registry.wait(tasks, mode=mode, timeout=timeout)
+    total = sum(len(run.members) for run in runs)
+    sent = -1
     with anyio.move_on_after(timeout):
-        while not _all_or_any_done(tasks, mode):
-            events = [run.changed for run in runs] + [t.done for t in tasks]
-            await wait_any(events)
-            for run in runs:
-                p = run.progress()
-                finished = sum(n for k, n in p.counts.items() if k not in ("running", "waiting"))
-                total = finished + p.counts.get("running", 0) + p.counts.get("waiting", 0)
-                message = ", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n)
-                await ctx.report_progress(finished, total or None, f"run {run.run_id}: {message}")
-        return True
+        while True:
+            views = [run.progress() for run in runs]
+            finished = sum(_items_finished(run, p) for run, p in zip(runs, views))
+            if total and finished > sent:
+                sent = finished
+                message = "; ".join(f"run {p.run_id}: " + ", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n)
+                                    for p in views)
+                await ctx.report_progress(finished, total, message)
+            if _all_or_any_done(tasks, mode):
+                return True
+            await wait_any([run.changed for run in runs] + [t.done for t in tasks])
     return False
+
+
+def _items_finished(run: QueueRun, progress: RunProgress) -> int:
+    if progress.state == "finished":
+        return len(run.members)
+    done = sum(n for k, n in progress.counts.items() if k not in ("running", "waiting"))
+    return min(done, len(run.members))
 
 
 def _all_or_any_done(tasks: list[Task], mode: str) -> bool:
@@ -424,15 +649,24 @@ def _resource_task(ctx: Context, task_id: str) -> Task:
         raise ResourceNotFoundError(str(exc)) from exc
 
 
+def _live_progress(tasks: list[Task]) -> dict[str, RunProgress]:
+    """The progress of the live runs among ``tasks``, taken on the event loop (runs change there)."""
+    return {t.record.task_id: t.handle.progress() for t in tasks if isinstance(t.handle, QueueRun)}
+
+
 def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
-              pattern: re.Pattern[str] | None) -> TaskView:
-    """A task as ``task_output`` shows it: state, a page of output and, for a run, its progress."""
+              pattern: OutputFilter | None, short: bool = False, live_run: RunProgress | None = None) -> TaskView:
+    """A task as ``task_output`` shows it: state, a page of output and, for a run, its progress.
+
+    Reads files: call it in a worker thread, passing a live run's progress as ``live_run`` (taken
+    on the event loop). ``short`` cuts the command and description (one of several tasks).
+    """
     chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
     if isinstance(task.handle, QueueRun):
-        run = task.handle.progress()
+        run = live_run if live_run is not None else task.handle.progress()
     else:  # a run of an earlier server, or not a run
         run = load_report(ws.registry.runs_dir, task.record.task_id) if task.record.kind == "run" else None
-    return TaskView.of(task.record, output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
+    return TaskView.of(task.record, short=short, output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
                        output_bytes=task.output_bytes, truncated=chunk.truncated,
                        dropped_bytes=ws.registry.dropped_bytes(task), run=run)
 
@@ -456,12 +690,13 @@ def _register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) ->
         lower bound, and a Mermaid flowchart. Call it before run_queue, or to pick items to
         launch yourself with launch_task(item=...).
         """
-        return await anyio.to_thread.run_sync(
-            lambda: plan_workspace(root, queue_dir, max_parallel, reader))
+        _check_text("queue_dir", queue_dir)
+        return await anyio.to_thread.run_sync(lambda: plan_workspace(root, queue_dir, max_parallel, reader))
 
     @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
     async def queue_plan_resource() -> str:
         """The current plan of the workspace's queue (what queue_plan returns with its defaults)."""
+        # our errors (e.g. no queue directory) reach the client as the SDK's resource error: see AgentParallelServer
         return (await anyio.to_thread.run_sync(lambda: plan_workspace(root, None, None, reader))).model_dump_json()
 
     @server.tool(title="Run the work queue",
@@ -487,7 +722,10 @@ def _register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) ->
         the makespan achieved beside the plan's lower bound). Stop it with cancel_task(run_id).
         """
         ws = _ws(ctx)
-        task, warnings = await start_run(ws.queue(), max_parallel=max_parallel, level=level,
+        for item in items or []:
+            _check_text("items", item)
+        queue = await anyio.to_thread.run_sync(ws.queue)
+        task, warnings = await start_run(queue, max_parallel=max_parallel, level=level,
                                          continue_on_error=continue_on_error, items=items)
         run = task.handle
         assert isinstance(run, QueueRun)
@@ -518,13 +756,20 @@ def _register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) ->
         Renames the file in place; never overwrites a file.
         """
         ws = _ws(ctx)
+        _check_text("item", item)
         item_id = parse_item_id(item)
-        queue = ws.queue()
-        path, name = find_item(queue.queue_dir, item_id)
-        new = await anyio.to_thread.run_sync(
-            lambda: move_item(queue.queue_dir, queue.runs_dir, item_id, status, by="an agent (update_item)", reason=reason))
-        return ItemMoved(item=name.id_str, previous_status=name.status, status=status, file=new.name,
-                         message=f"item {name.id_str} moved from {name.status} to {status} ({new.name})")
+
+        def move() -> ItemMoved:  # the config, the queue directory and its lock: off the event loop
+            queue = ws.queue()
+            # claims of servers that no longer run are given back first (planning never moves files)
+            released = release_stale_claims(queue.queue_dir, queue.runs_dir)
+            _, name = find_item(queue.queue_dir, item_id)
+            new = move_item(queue.queue_dir, queue.runs_dir, item_id, status, by="an agent (update_item)", reason=reason)
+            return ItemMoved(item=name.id_str, previous_status=name.status, status=status, file=new.name,
+                             message=f"item {name.id_str} moved from {name.status} to {status} ({new.name})",
+                             warnings=[f"item {item} ({file}): {message}" for item, file, message in released])
+
+        return await anyio.to_thread.run_sync(move)
 
 
 def _check_timeout(value: float | None, name: str) -> float | None:
@@ -535,13 +780,30 @@ def _check_timeout(value: float | None, name: str) -> float | None:
     return value
 
 
-def _compile_filter(expr: str | None) -> re.Pattern[str] | None:
-    if expr is None:
-        return None
-    try:
-        return re.compile(expr)
-    except re.error as exc:
-        raise UsageError(f"filter {expr!r} is not a valid regular expression: {exc}") from None
+def _check_text(name: str, value: str | None) -> None:
+    """A NUL character cannot be in a path or a name: say so, naming the argument."""
+    if value is not None and "\0" in value:
+        raise UsageError(f"`{name}` {cut(repr(value), 60)} contains a NUL character; remove it")
+
+
+def _check_process_string(what: str, value: str, fix: str, *, size: int | None = None) -> None:
+    """A string bound for the process (the command, an environment entry) the kernel would refuse."""
+    if "\0" in value:
+        raise UsageError(f"{what} contains a NUL character (at offset {value.index(chr(0))}); a process cannot "
+                         "receive one: remove it")
+    size = len(value.encode()) if size is None else size
+    if size >= MAX_ARG_BYTES:
+        raise UsageError(f"{what} is {size:,} bytes; the kernel refuses a single argument or environment entry of "
+                         f"128 KiB ({MAX_ARG_BYTES:,} bytes) or more: {fix}")
+
+
+def _task_ids(task_id: str | None, task_ids: list[str] | None) -> list[str]:
+    """The ids of one call, repeats removed (first occurrence kept), at most MAX_TASK_IDS."""
+    ids = [task_id] if task_id is not None else list(dict.fromkeys(task_ids or []))
+    if len(ids) > MAX_TASK_IDS:
+        raise UsageError(f"task_ids names {len(ids):,} different tasks; at most {MAX_TASK_IDS} are accepted per "
+                         "call: split them over several calls")
+    return ids
 
 
 __all__ = ["build_server", "ServerSettings", "Workspace"]
