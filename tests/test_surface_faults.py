@@ -182,7 +182,7 @@ async def test_nul_in_paths_names_the_argument(client, workspace):
 @pytest.mark.fault("a NUL character in an env value was blamed on the variable's name: the message names the value")
 async def test_nul_in_env_value_is_blamed_on_the_value(client, workspace):
     text = await call_error(client, "launch_task", command="true", env={"GOOD_NAME": "x\0y"})
-    assert "value of environment variable GOOD_NAME contains a NUL character" in text, text
+    assert "env value of GOOD_NAME contains a NUL character" in text, text
     assert "name" not in text.replace("GOOD_NAME", "")
     assert records(workspace) == set()
 
@@ -381,40 +381,37 @@ async def test_planning_changes_no_file_and_update_item_releases_stale_claims(cl
 # ------------------------------------------------------------------ 11. no file reads on the event loop
 
 @pytest.mark.anyio
-@pytest.mark.fault("a task's log replaced by a FIFO (a hostile workspace): list_tasks and task_output read logs in "
-                   "worker threads, so other calls still answer while that read waits")
+@pytest.mark.fault("a task's log replaced by a FIFO (a hostile workspace): reading it never waits on the FIFO "
+                   "(logs are opened non-blocking, regular files only), and other calls answer meanwhile")
 async def test_log_reads_never_block_the_event_loop(client, workspace):
     tid = await finished_task(client, "echo hello")
     other = await finished_task(client, "echo other")
     log_file = workspace / ".agent/runs" / f"{tid}.log"
     log_file.unlink()
     os.mkfifo(log_file)
-    stuck: list[str] = []
+    answered: list[float] = []
 
-    def unblock() -> None:  # lets a read waiting on the FIFO finish (empty)
+    def unblock() -> None:  # were the FIFO opened for reading, this would let it go (and the test fail by time)
         try:
             os.close(os.open(log_file, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
-            pass  # no reader waits (any more)
+            pass  # no reader waits
 
-    # were a read on the event loop, it would freeze the test too: a thread unblocks it after 5 s
     watchdog = threading.Timer(5.0, unblock)
     watchdog.start()
 
-    async def read_stuck_log() -> None:
+    async def read_fifo_log() -> None:
+        began = time.monotonic()
         await client.call_tool("task_output", {"task_id": tid, "block": False})
-        stuck.append("answered")  # an error or not: the log is the workspace's to fix; the point is the wait
+        answered.append(time.monotonic() - began)  # an error or not: the log is the workspace's to fix
 
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(read_stuck_log)
-            await anyio.sleep(0.3)  # task_output is now waiting to open the FIFO
+            tg.start_soon(read_fifo_log)
             began = time.monotonic()
             out = await call(client, "task_output", task_id=other, block=False)
             assert out["output"] == "other\n" and time.monotonic() - began < 1.0
-            assert not stuck
-            unblock()
     finally:
         watchdog.cancel()
         unblock()
-    assert stuck == ["answered"]
+    assert len(answered) == 1 and answered[0] < 2.0

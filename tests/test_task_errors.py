@@ -30,7 +30,7 @@ async def runs_before(workspace: Path) -> set[str]:
     ({"command": "   "}, "`command` is empty; give the shell command to run, e.g. \"make test\""),
     ({"command": "true", "timeout_s": -1}, "timeout_s must be a number of seconds between 0 and 604800 (7 days), got -1.0"),
     ({"command": "true", "timeout_s": 1e12}, "timeout_s must be a number of seconds between 0 and 604800 (7 days), got 1000000000000.0"),
-    ({"command": "true", "env": {"A=B": "x"}}, "environment variable name 'A=B' is invalid: names must be non-empty, without '=' or NUL characters"),
+    ({"command": "true", "env": {"A=B": "x"}}, "cannot start the task: env name 'A=B' contains '=', which would set another variable; remove it"),
     ({"command": "true", "after": ["nosuchtask"]}, "unknown task_id 'nosuchtask'; call list_tasks to see the ids of current and recent tasks"),
 ])
 async def test_launch_task_bad_arguments(healthy, workspace, args, message):

@@ -57,8 +57,6 @@ MAX_WAIT_CAP_S = 3600.0
 RESOURCE_OUTPUT_BYTES = 1 << 20
 MAX_TASK_IDS = 256
 """Ids in one task_output or cancel_task call (after removing repeats): keeps every answer bounded."""
-MAX_ARG_BYTES = 128 * 1024
-"""The kernel's limit on one argument or environment string (MAX_ARG_STRLEN), terminating NUL included."""
 UPDATE_INTERVAL_S = 0.2
 """How often resource subscribers' tasks are checked for a status change."""
 OUTPUT_UPDATE_INTERVAL_S = 1.0
@@ -424,21 +422,15 @@ def _register_task_tools(server: MCPServer) -> None:
                                  "the workspace root with its own `timeout` and waits on its `blocked_by` items")
             task = await _launch_item(ws, item)
             return await _launch_answer(ws, task, run_in_background)
-        # every argument is checked before anything starts: an error after the start invites a retry (a second run)
+        # every argument is checked before anything starts: an error after the start invites a retry (a second run);
+        # strings bound for the process (command, env) are checked by registry.launch, before it registers anything
         if not command.strip():
             raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
-        _check_process_string("`command`", command, "put a long script in a file and run that file")
         timeout_s = _check_timeout(timeout_s, "timeout_s")
         _check_text("cwd", cwd)
         workdir = resolve_inside(ws.root, cwd or ".", "cwd")
         if not workdir.is_dir():
             raise UsageError(f"cwd {cwd!r} is not a directory inside the workspace; create it or pick another")
-        for key, value in (env or {}).items():
-            if not key or "=" in key or "\0" in key:
-                raise UsageError(f"environment variable name {cut(repr(key), 60)} is invalid: names must be non-empty, "
-                                 "without '=' or NUL characters")
-            _check_process_string(f"the value of environment variable {key}", value, "pass large data in a file instead",
-                                  size=len(key.encode()) + 1 + len(value.encode()))
         if after and len(after) > MAX_TASK_IDS:
             raise UsageError(f"`after` names {len(after)} tasks; at most {MAX_TASK_IDS} are accepted")
         for task_id in after or []:
@@ -784,17 +776,6 @@ def _check_text(name: str, value: str | None) -> None:
     """A NUL character cannot be in a path or a name: say so, naming the argument."""
     if value is not None and "\0" in value:
         raise UsageError(f"`{name}` {cut(repr(value), 60)} contains a NUL character; remove it")
-
-
-def _check_process_string(what: str, value: str, fix: str, *, size: int | None = None) -> None:
-    """A string bound for the process (the command, an environment entry) the kernel would refuse."""
-    if "\0" in value:
-        raise UsageError(f"{what} contains a NUL character (at offset {value.index(chr(0))}); a process cannot "
-                         "receive one: remove it")
-    size = len(value.encode()) if size is None else size
-    if size >= MAX_ARG_BYTES:
-        raise UsageError(f"{what} is {size:,} bytes; the kernel refuses a single argument or environment entry of "
-                         f"128 KiB ({MAX_ARG_BYTES:,} bytes) or more: {fix}")
 
 
 def _task_ids(task_id: str | None, task_ids: list[str] | None) -> list[str]:
