@@ -98,9 +98,11 @@ def suite() -> tuple[str, Path]:
 
 @pytest.fixture
 def http_server(tmp_path: Path):
-    """``agent-parallel serve --transport http`` on a fresh workspace (no queue: what a new user has)."""
+    """``agent-parallel serve --transport http`` on a fresh workspace with a one-item queue (so the
+    first resource listed, ``queue://plan``, reads as a plan)."""
     root = tmp_path / "ws"
-    root.mkdir()
+    (root / ".agent/queue").mkdir(parents=True)
+    (root / ".agent/queue/001-pending-hello.md").write_text("---\ncommand: echo hello\nfiles: [a]\n---\n# Hello\n")
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen([str(SCRIPT), "serve", "--root", str(root), "--transport", "http", "--port", str(port)],

@@ -297,6 +297,14 @@ async def test_update_item_takes_a_file_stem_and_blames_the_digit_limit(client, 
     assert "has more than 9 digits" in text and "is not an item id" not in text
 
 
+@pytest.mark.anyio
+async def test_launch_task_takes_the_id_form_blocked_by_takes(client, workspace):
+    """launch_task(item="007-add-login") was refused while `blocked_by: 007-add-login` was accepted."""
+    write_item(workspace, 7, "add-login", command="echo logged-in", files=["a"])
+    out = await call(client, "launch_task", item="007-add-login", run_in_background=False)
+    assert out["status"] == "completed" and out["output"] == "logged-in\n" and out["item_id"] == "007"
+
+
 # --- 5. planning changes nothing -------------------------------------------------------------------------
 
 
