@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import QueueError
 from .queue import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
+from .text import short_repr
 from .runner.executor import process_start_time
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -132,9 +133,9 @@ def parse_item_id(text: str) -> int:
         return parse_item_ref(text)
     except ValueError as exc:
         if "digits" in str(exc):
-            raise QueueError(f"item {short(text)} has more than {MAX_ID_DIGITS} digits; item ids have at most "
+            raise QueueError(f"item {short_repr(text)} has more than {MAX_ID_DIGITS} digits; item ids have at most "
                              f"{MAX_ID_DIGITS} (give the number from the file name, e.g. \"007\")") from None
-        raise QueueError(f"item {short(text)} is not an item id; give the number from the file name, "
+        raise QueueError(f"item {short_repr(text)} is not an item id; give the number from the file name, "
                          f"e.g. \"007\"") from None
 
 
@@ -380,7 +381,3 @@ def last_mover(runs_dir: Path, item: str) -> str:
     return str(move.get("by")) if move else "another agent or by hand"
 
 
-def short(text: str, limit: int = 60) -> str:
-    """`text`'s repr, cut to `limit` characters (an argument may be enormous)."""
-    shown = repr(text)
-    return shown if len(shown) <= limit else shown[:limit - 3] + "..."

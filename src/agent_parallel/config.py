@@ -46,6 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import QueueError
+from .text import describe, short_repr
 from .paths import CONFIG_FILE, QUEUE_DIR, resolve_inside
 
 MIB = 1024 * 1024
@@ -183,31 +184,6 @@ def parse_size(value: object) -> int:
     if not size <= MAX_SIZE_BYTES:  # a 400-digit size (inf as a float) would overflow where it is used
         raise ValueError(f"{short_repr(value)} is too large: a size is at most 1 PiB ({MAX_SIZE_BYTES} bytes)")
     return int(size)
-
-
-def describe(value: object) -> str:
-    """Name a YAML value's type for a message, without printing a possibly huge value."""
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if value is None:
-        return "empty"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return f"a {type(value).__name__}"
-
-
-def short_repr(value: object, limit: int = 60) -> str:
-    """A scalar's repr cut to `limit` characters; containers are only named (they may be enormous)."""
-    if isinstance(value, (dict, list, tuple, set)):
-        return describe(value)
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def unknown_key_warning(where: str, key: object, known: list[str]) -> str:

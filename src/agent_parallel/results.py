@@ -11,19 +11,13 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from .runner.records import TaskRecord, TaskStatus
+from .text import cut
 
 RetrievalStatus = Literal["success", "timeout", "not_ready"]
 
 
 SHORT_TEXT_CHARS = 300
 """A command or description shown among many (list_tasks rows, several tasks) is cut to this."""
-
-
-def cut(text: str, limit: int) -> str:
-    """``text``, or its first ``limit`` characters and a note saying how much was cut."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... [cut: {len(text) - limit:,} more characters]"
 
 
 def iso(ts: float | None) -> str | None:

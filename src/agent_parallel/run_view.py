@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .plan_view import format_seconds
-from .results import SHORT_TEXT_CHARS, RunProgress, cut, iso
+from .results import SHORT_TEXT_CHARS, RunProgress, iso
+from .text import cut
 from .runner.records import TaskRecord
 
 _OUTCOME_STYLE = {"completed": "green", "failed": "red", "skipped": "yellow", "not_started": "dim",

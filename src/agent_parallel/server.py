@@ -42,9 +42,10 @@ from .prompt import PARALLEL_EXECUTION
 from .queue import QueueReader, format_id
 from .queue_runner import QueueContext, QueueRun, check_ready, launch_item, load_report, start_run
 from .results import (CancelResult, ItemMoved, LaunchResult, RunProgress, RunStarted, TaskList, TaskOutputResult,
-                      TaskSummary, TaskView, cut)
+                      TaskSummary, TaskView)
 from .runner.admission import admission_check
 from .runner.executor import Executor
+from .text import cut
 from .runner.records import TaskStatus
 from .runner.registry import RegistrySettings, Task, TaskRegistry, open_registry, wait_any
 
