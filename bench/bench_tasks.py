@@ -104,8 +104,20 @@ async def call(c: Client, name: str, args: dict[str, Any]) -> dict[str, Any]:
     return res.structured_content
 
 
+MAX_IDS_PER_CALL = 256  # task_output's limit on task_ids per call
+
+
 async def wait_tasks(c: Client, ids: list[str], *, max_bytes: int = 256) -> tuple[dict[str, Any], int]:
-    """task_output(wait=all) until success; returns (last answer, number of calls)."""
+    """task_output(wait=all) until success, in calls of at most MAX_IDS_PER_CALL ids; returns (the
+    answers merged, number of calls)."""
+    if len(ids) > MAX_IDS_PER_CALL:
+        merged: dict[str, Any] = {"retrieval_status": "success", "tasks": []}
+        calls = 0
+        for start in range(0, len(ids), MAX_IDS_PER_CALL):
+            r, n = await wait_tasks(c, ids[start:start + MAX_IDS_PER_CALL], max_bytes=max_bytes)
+            merged["tasks"] += r.get("tasks", [r])
+            calls += n
+        return merged, calls
     calls = 0
     while True:
         calls += 1
