@@ -103,7 +103,8 @@ def tiny_runs_fs(workspace: Path):
 
 @pytest.mark.fault("the disk fills up while an item runs (ENOSPC on the history append at its end): the outcome says so, the run ends")
 async def test_disk_full_at_an_items_end(workspace, tiny_runs_fs):
-    write_item(workspace, 1, "first", command="sleep 0.6", files=["a"])
+    # the item ends only once the disk is full (a fixed sleep raced the filling on a loaded machine)
+    write_item(workspace, 1, "first", command="while [ ! -e go ]; do sleep 0.02; done", files=["a"])
     async with Client(build_server(workspace, ServerSettings(kill_grace_s=0.5))) as client:
         run = await call(client, "run_queue")
         await until(lambda: status_of(workspace, "001") == "in_progress")
@@ -113,6 +114,7 @@ async def test_disk_full_at_an_items_end(workspace, tiny_runs_fs):
         with open(tiny_runs_fs / "filler", "wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):
             while True:
                 f.write(b"\0" * 4096)
+        (workspace / "go").touch()
         out = await call(client, "task_output", task_id=run["run_id"], timeout=20)
         assert out["retrieval_status"] == "success", f"the run did not end: {out['run']}"
         outcome = by_item(out)["001"]

@@ -14,6 +14,9 @@ else is a bug and is reported as one.
 
 from __future__ import annotations
 
+import errno
+import resource
+
 
 class AgentParallelError(Exception):
     """Base class: the message is written for the model or person who made the call."""
@@ -57,3 +60,24 @@ class InternalError(AgentParallelError):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"{message} [this is a bug in agent-parallel: please report it]")
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OS error as a sentence; running out of file descriptors names the limit and the fix."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        which = f"the server's open-file limit (RLIMIT_NOFILE, ulimit -n) of {soft}" if exc.errno == errno.EMFILE \
+            else "the system-wide open-file limit (fs.file-max)"
+        return (f"too many open files: {which} is reached; wait for some tasks to end (or cancel some), "
+                "or raise the limit before starting the server")
+    return exc.strerror or str(exc)
+
+
+def exception_reason(exc: BaseException) -> str:
+    """An exception as the reason a task or item gives: our own errors carry their message, an OS
+    error its cause (and the file it was about), anything else is named as a bug."""
+    if isinstance(exc, AgentParallelError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return os_error_text(exc) + (f" ({exc.filename})" if exc.filename else "")
+    return str(InternalError(repr(exc)))

@@ -30,7 +30,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from . import claims
 from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
 from .config import MAX_PARALLEL_RANGE, Config, stops_on_first_failure
-from .errors import AgentParallelError, InternalError, QueueError, ResourceLimitError
+from .errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
 from .paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .queue import QueueReader, WorkItem, format_id
@@ -120,7 +120,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     try:
         upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
     except OSError as exc:
-        raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {_why(exc)}") from exc
+        raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
 
     def claim() -> tuple[Path, tuple[int, int] | None]:
         ctx.ensure_runs_dir()
@@ -133,7 +133,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             await anyio.to_thread.run_sync(lambda: release_claim(queue_dir, runs_dir, item.id, by=by, reason=why,
                                                                   known=path))
         except Exception as exc:  # the outcome already says why it did not start; add why it stays claimed
-            raise QueueError(f"{why}; the claim could not be given back either ({_why(exc)}): "
+            raise QueueError(f"{why}; the claim could not be given back either ({exception_reason(exc)}): "
                              f"move item {item.id_str} back with update_item") from exc
 
     with anyio.CancelScope(shield=True):  # a claim made is never dropped by a cancellation
@@ -177,7 +177,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                 env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
                 stdin_path=path if argv else None, on_finish=finished)
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
-            await give_back(path, f"not started: {_why(exc)}")
+            await give_back(path, f"not started: {exception_reason(exc)}")
             raise
 
 
@@ -193,17 +193,8 @@ def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, in
         move_item(ctx.queue_dir, ctx.runs_dir, item_id, to_status, by=by, reason=reason, expect="in_progress",
                   known=path)
     except Exception as exc:
-        notes.append(f"{NOT_RECORDED}: {_why(exc)}")
+        notes.append(f"{NOT_RECORDED}: {exception_reason(exc)}")
     return notes
-
-
-def _why(exc: BaseException) -> str:
-    """An exception as a reason: our own errors carry their message; an OSError names the file."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    if isinstance(exc, AgentParallelError):
-        return str(exc)
-    return str(InternalError(repr(exc)))
 
 
 def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float | None]:
@@ -267,7 +258,7 @@ def _locate(queue_dir: Path, runs_dir: Path, item_id: int) -> _Where:
     try:
         path, name = find_item(queue_dir, item_id)
     except (QueueError, OSError) as exc:
-        return _Where(None, _why(exc))
+        return _Where(None, exception_reason(exc))
     try:
         last = claims.last_moves(runs_dir, {name.id_str}).get(name.id_str)
         last_claim = claims.last_moves(runs_dir, {name.id_str}, to="in_progress").get(name.id_str)
@@ -517,8 +508,8 @@ class QueueRun:
         return True
 
     def _could_not_start(self, item: WorkItem, exc: Exception) -> None:
-        self._record(item, "failed", reason=f"could not start: {_why(exc)}")
-        self._write(f"FAILED {item.id_str} ({item.title}): could not start: {_why(exc)}")
+        self._record(item, "failed", reason=f"could not start: {exception_reason(exc)}")
+        self._write(f"FAILED {item.id_str} ({item.title}): could not start: {exception_reason(exc)}")
         self._failure(item.id)
 
     def _on_end(self, item_id: int, task: Task, notes: list[str]) -> None:
@@ -607,7 +598,7 @@ class QueueRun:
             return self.ctx.registry.read_output(task, cursor=None, max_bytes=4096, tail_lines=LAST_LINES,
                                                  pattern=None).text.splitlines()
         except OSError as exc:
-            return [f"(its output could not be read: {_why(exc)})"]
+            return [f"(its output could not be read: {exception_reason(exc)})"]
 
     def _failure(self, item_id: int, where: str = "") -> None:
         """An item failed (here, or elsewhere as ``where`` says): skip what waits on it; maybe stop."""
@@ -657,7 +648,7 @@ class QueueRun:
         try:
             await anyio.to_thread.run_sync(lambda: save_report(self.ctx.runs_dir, progress))
         except OSError as exc:
-            self._write(f"could not save the run report: {_why(exc)}")
+            self._write(f"could not save the run report: {exception_reason(exc)}")
         self._exit = ExitInfo(0 if all_done else 1, None)
         self._changed()
 

@@ -21,7 +21,6 @@ import errno
 import fcntl
 import logging
 import os
-import resource
 import signal
 import stat
 import subprocess
@@ -32,6 +31,7 @@ from typing import Protocol
 import anyio
 import anyio.lowlevel
 
+from ..errors import os_error_text
 from . import processes
 from .logs import LogWriter
 from .processes import process_start_time
@@ -133,17 +133,6 @@ def check_launch_strings(spec: LaunchSpec) -> str | None:
         if not any(problems):
             problems.append(too_long(f"env entry {name}=...", len(os.fsencode(name)) + 1 + len(os.fsencode(value))))
     return next((p for p in problems if p), None)
-
-
-def os_error_text(exc: OSError) -> str:
-    """An OS error as a sentence; running out of file descriptors names the limit and the fix."""
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        which = f"the server's open-file limit (RLIMIT_NOFILE, ulimit -n) of {soft}" if exc.errno == errno.EMFILE \
-            else "the system-wide open-file limit (fs.file-max)"
-        return (f"too many open files: {which} is reached; wait for some tasks to end (or cancel some), "
-                "or raise the limit before starting the server")
-    return exc.strerror or str(exc)
 
 
 class LocalExecutor:

@@ -27,8 +27,9 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
-from ..errors import AgentParallelError, InternalError, ResourceLimitError, UnknownTask, UsageError
-from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, check_launch_strings, os_error_text
+from ..errors import (AgentParallelError, InternalError, ResourceLimitError, UnknownTask, UsageError, exception_reason,
+                      os_error_text)
+from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, check_launch_strings
 from .logs import (LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
                    upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time
@@ -536,9 +537,7 @@ class TaskRegistry:
                 await on_finish(task)
             except Exception as exc:  # a follow-up failing must never leave waiters hanging
                 log.exception("follow-up of task %s failed", rec.task_id)
-                cause = str(exc) if isinstance(exc, AgentParallelError) else \
-                    os_error_text(exc) if isinstance(exc, OSError) else str(InternalError(repr(exc)))
-                problem = f"its follow-up failed: {cause}"
+                problem = f"its follow-up failed: {exception_reason(exc)}"
         if scope.cancelled_caught:
             log.error("follow-up of task %s did not finish within %g s", rec.task_id, FOLLOW_UP_TIMEOUT_S)
             problem = f"its follow-up did not finish within {FOLLOW_UP_TIMEOUT_S:g} s"
