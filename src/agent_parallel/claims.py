@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import QueueError
 from .queue import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
@@ -227,7 +228,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
-def _load_renameat2():  # type: ignore[no-untyped-def]
+def _load_renameat2() -> Any:
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):

@@ -317,12 +317,12 @@ def alias_problem(text: str, loader: type) -> str | None:
     if "&" not in text or "*" not in text:
         return None
     sizes: dict[str, int] = {}
-    stack = [[None, 0]]  # per open collection: its anchor, the characters it holds so far
+    stack: list[list[Any]] = [[None, 0]]  # per open collection: its anchor, the characters it holds so far
     expanded = 0
     try:
         for event in yaml.parse(text, Loader=loader):
             if isinstance(event, yaml.AliasEvent):
-                size = sizes.get(event.anchor, 1)
+                size = sizes.get(event.anchor or "", 1)
                 expanded += size
                 if expanded > ALIAS_BUDGET:
                     return (f"uses YAML aliases (*{short_repr(event.anchor, 30)[1:-1]}) that expand to more than "

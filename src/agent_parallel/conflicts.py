@@ -291,11 +291,11 @@ class ConflictIndex:
         """The items `item_id` must not run beside (computed on demand, then kept)."""
         found = self._neighbours.get(item_id)
         if found is None:
-            found = set()
+            collected: set[int] = set()
             for key in self.reach(item_id):
-                found.update(self.holders[key])
-            found.discard(item_id)
-            found = self._neighbours[item_id] = frozenset(found)
+                collected.update(self.holders[key])
+            collected.discard(item_id)
+            found = self._neighbours[item_id] = frozenset(collected)
         return found
 
     def has_conflict(self, item_id: int) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -220,7 +220,7 @@ class _Neighbours(Mapping[int, frozenset[int]]):
         return self._index.neighbours(item_id)
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._index.keys and self._index.has_conflict(item_id)  # type: ignore[arg-type]
+        return isinstance(item_id, int) and item_id in self._index.keys and self._index.has_conflict(item_id)
 
     def __iter__(self) -> Iterator[int]:
         return (item_id for item_id in self._index.keys if self._index.has_conflict(item_id))
@@ -402,10 +402,7 @@ def _weigh(graph: QueueGraph) -> None:
     active = graph.schedulable + graph.in_progress
     pending = set(graph.schedulable)
     by_id = graph.by_id
-    estimate = graph.estimate_ms = {
-        item_id: round(1000 * (DEFAULT_ESTIMATE_S if by_id[item_id].estimate_s is None else by_id[item_id].estimate_s))
-        for item_id in active
-    }
+    estimate = graph.estimate_ms = {item_id: round(1000 * _estimate_s(by_id[item_id])) for item_id in active}
     successors = {item_id: [s for s in graph.unblocks[item_id] if s in pending] for item_id in active}
     order = topological_order(active, successors)
     position = graph.position = {item_id: index for index, item_id in enumerate(order)}
@@ -427,6 +424,10 @@ def _weigh(graph: QueueGraph) -> None:
         for item_id in graph.schedulable
     }
     graph.schedulable.sort(key=graph.rank.__getitem__)
+
+
+def _estimate_s(item: WorkItem) -> float:
+    return DEFAULT_ESTIMATE_S if item.estimate_s is None else item.estimate_s
 
 
 def topological_order(nodes: Iterable[int], successors: Mapping[int, Sequence[int]]) -> list[int]:
@@ -547,7 +548,7 @@ class Scheduler:
     """
 
     def __init__(self, graph: QueueGraph, *, only: Iterable[int] | None = None,
-                 rank: Mapping[int, object] | None = None, running: Iterable[int] = ()) -> None:
+                 rank: Mapping[int, Any] | None = None, running: Iterable[int] = ()) -> None:
         self._graph = graph
         members = set(graph.schedulable)
         if only is not None:

@@ -494,7 +494,7 @@ def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[W
 class _Parsed:
     """A cache entry: the file's identity when parsed, and what parsing gave."""
 
-    identity: tuple
+    identity: object
     item: WorkItem | None
     diagnostics: tuple[Diagnostic, ...]
 

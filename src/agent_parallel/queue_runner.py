@@ -18,6 +18,7 @@ never stops the run.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -172,13 +173,14 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
 
     with anyio.CancelScope(shield=True):  # claimed: start it, or give the claim back
         try:
-            return await ctx.registry.launch(
+            task = await ctx.registry.launch(
                 command=item.command, argv=argv, cwd=ctx.root, description=f"item {item.id_str}: {item.title}",
                 env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
                 stdin_path=path if argv else None, on_finish=finished)
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             await give_back(path, f"not started: {exception_reason(exc)}")
             raise
+    return task
 
 
 def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, int] | None, to_status: str, *,
@@ -362,12 +364,13 @@ class QueueRun:
     a worker thread). The same holds for in-progress items that this run's items wait on.
     """
 
-    pid = None
-    start_time = None
+    pid: int | None = None  # a run is not a process (the TaskHandle protocol asks for these)
+    start_time: int | None = None
 
     def __init__(self, ctx: QueueContext, options: RunOptions, run_id: str, log: LogWriter, graph: QueueGraph) -> None:
         self.ctx, self.options, self.run_id, self.log = ctx, options, run_id, log
         self.by = f"run {run_id}"
+        self.survivors: list[int] = []  # TaskHandle: a run leaves no process of its own behind
         self.graph = graph
         self.scheduler = Scheduler(self.graph)
         self.members = self.scheduler.not_started()  # the pending items this run considers, best first
@@ -482,7 +485,7 @@ class QueueRun:
         item = self.graph.by_id[item_id]
         try:
             task = await launch_item(self.ctx, self.graph, item, by=self.by, go_on=lambda: self.state == "running",
-                                     on_end=lambda t, notes, i=item_id: self._on_end(i, t, notes))
+                                     on_end=functools.partial(self._on_end, item_id))
         except ClaimLost as exc:
             self._follow(item_id, str(exc))
             return False
@@ -618,7 +621,7 @@ class QueueRun:
             self._changed()
 
     def _record(self, item: WorkItem, outcome: str, **fields: object) -> None:
-        self.outcomes[item.id] = ItemOutcome(item=item.id_str, title=item.title, outcome=outcome, **fields)  # type: ignore[arg-type]
+        self.outcomes[item.id] = ItemOutcome(item=item.id_str, title=item.title, outcome=outcome, **fields)
 
     def _changed(self) -> None:
         self.changed.set()

@@ -14,6 +14,7 @@ Blocking work (record saves, log reads, looking through /proc) runs in worker th
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import os
@@ -109,7 +110,7 @@ class TaskRegistry:
             if not statuses or task.record.status in statuses:
                 yield task
 
-    def list(self, statuses: set[str] | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Task], int]:
+    def list(self, statuses: set[str] | None = None, limit: int = 50, offset: int = 0) -> tuple[builtins.list[Task], int]:
         """A page of tasks, newest first, and how many match in all."""
         matching = list(self.newest_first(statuses))
         return matching[offset:offset + limit], len(matching)
@@ -151,9 +152,9 @@ class TaskRegistry:
         return task.log.dropped if task.log is not None else task.record.dropped_bytes
 
     # ----------------------------------------------------------------- actions
-    async def launch(self, *, command: str | None = None, argv: list[str] | None = None, cwd: Path,
+    async def launch(self, *, command: str | None = None, argv: builtins.list[str] | None = None, cwd: Path,
                      description: str | None = None, env: dict[str, str] | None = None,
-                     timeout_s: float | None = None, after: list[str] | None = None,
+                     timeout_s: float | None = None, after: builtins.list[str] | None = None,
                      kind: str = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None,
                      on_finish: Callable[[Task], Awaitable[None]] | None = None) -> Task:
@@ -202,7 +203,7 @@ class TaskRegistry:
         await self._prune()
         return task
 
-    async def wait(self, tasks: list[Task], *, mode: str, timeout: float) -> bool:
+    async def wait(self, tasks: builtins.list[Task], *, mode: str, timeout: float) -> bool:
         """Block until all (or any) of ``tasks`` are done; False if ``timeout`` passed first."""
         with anyio.move_on_after(timeout):
             if mode == "all":
@@ -247,14 +248,14 @@ class TaskRegistry:
             pass
         return task_id
 
-    def _excess(self) -> list[Task]:
+    def _excess(self) -> builtins.list[Task]:
         """The oldest finished tasks beyond ``max_records`` (insertion order is age)."""
         excess = len(self._tasks) - self.settings.max_records
         if excess <= 0:
             return []
         return [t for t in self._tasks.values() if t.record.status.is_done][:excess]
 
-    def _forget(self, tasks: list[Task]) -> list[Path]:
+    def _forget(self, tasks: builtins.list[Task]) -> builtins.list[Path]:
         """Drop ``tasks`` from the registry; the files to delete (exact names, never a pattern)."""
         paths = []
         for task in tasks:
@@ -275,7 +276,7 @@ class TaskRegistry:
         not listed)."""
         ended = anyio.Event()  # one set event shared by every earlier task: ~0.8 KB less per task
         ended.set()
-        stale: list[TaskRecord] = []
+        stale: builtins.list[TaskRecord] = []
         for record in sorted(load_records(self.runs_dir), key=lambda r: r.created_at):
             if not record.status.is_done:
                 if self._owned_by_live_server(record):
@@ -288,7 +289,7 @@ class TaskRegistry:
                 self._interrupted(record, left.get(record.task_id, []))
         _unlink_all(self._forget(self._excess()))
 
-    def _interrupted(self, record: TaskRecord, survivors: list[int]) -> None:
+    def _interrupted(self, record: TaskRecord, survivors: builtins.list[int]) -> None:
         record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
             self.runs_dir, record.task_id, self._head_cap(record))
         record.status = TaskStatus.INTERRUPTED
@@ -314,7 +315,7 @@ class TaskRegistry:
         if task.waker is not None:
             task.waker.cancel()
 
-    async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: list[Task], executor: Executor,
+    async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
                          *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run one task from start to end. ``launch`` returns once this calls ``answer()``: at once
         when the task must wait (predecessors, a held start), else when its process is running
@@ -341,7 +342,7 @@ class TaskRegistry:
         finally:
             answer()
 
-    async def _start(self, task: Task, spec: LaunchSpec, predecessors: list[Task], executor: Executor,
+    async def _start(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
                      answer: Callable[[], None]) -> bool:
         """Wait for predecessors and admission, start the process and record it running.
 
@@ -569,7 +570,7 @@ def _failure_text(exc: BaseException) -> str:
     return str(InternalError(f"supervising the task failed: {exc!r}"))
 
 
-def _unlink_all(paths: list[Path]) -> None:
+def _unlink_all(paths: builtins.list[Path]) -> None:
     for path in paths:
         try:
             path.unlink(missing_ok=True)
