@@ -298,7 +298,7 @@ def test_http_remote_binding_needs_flag_and_token(workspace):
     assert refused.returncode == 2 and "pass --allow-remote" in refused.stderr
     no_token = subprocess.run([*base, "--allow-remote"], capture_output=True, text=True, timeout=30, env=env)
     assert no_token.returncode == 2 and "without a bearer token: set $AGENT_PARALLEL_TOKEN" in no_token.stderr
-    token = "%032x" % random.getrandbits(128)
+    token = f"{random.getrandbits(128):032x}"
     proc = subprocess.Popen([*base, "--allow-remote"], env={**env, "AGENT_PARALLEL_TOKEN": token},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

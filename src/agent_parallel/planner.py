@@ -27,7 +27,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 

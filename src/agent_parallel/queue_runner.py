@@ -577,7 +577,7 @@ class QueueRun:
         if not finished:
             return
         tails = await anyio.to_thread.run_sync(lambda: [self._last_lines(task) for _, task, _ in finished])
-        for (item_id, task, notes), lines in zip(finished, tails):
+        for (item_id, task, notes), lines in zip(finished, tails, strict=True):
             slot = self.running.pop(item_id, None)
             item = slot.item if slot else self.graph.by_id[item_id]
             rec = task.record

@@ -5,7 +5,7 @@ Times are ISO 8601 strings in UTC; ids and field names follow ``TOOLS.md``.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -23,7 +23,7 @@ SHORT_TEXT_CHARS = 300
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class TaskView(BaseModel):
