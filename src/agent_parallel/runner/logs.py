@@ -24,7 +24,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .records import TaskRecord
@@ -168,6 +168,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+class LineMatcher(Protocol):
+    """What ``grep`` needs of a filter: ``re.Pattern`` has it, and so has the server's time-bounded
+    ``OutputFilter``."""
+
+    def search(self, line: str, /) -> object: ...
+
+
 class LogWriter:
     """Appends a task's output to its log files, keeping the head and the most recent tail."""
 
@@ -306,7 +313,7 @@ class LogReader:
         data, real = _trim_to_characters(data, real, keep_tail=not at_end)
         return LogChunk(data.decode("utf-8", "replace"), real, real + len(data), real > 0)
 
-    def grep(self, pattern: re.Pattern[str], cursor: int | None, max_bytes: int) -> LogChunk:
+    def grep(self, pattern: LineMatcher, cursor: int | None, max_bytes: int) -> LogChunk:
         """Lines matching ``pattern`` from ``cursor`` (or the whole kept log) to the end.
 
         Keeps the last ``max_bytes`` of matches when starting from None, the first when paging.

@@ -18,7 +18,6 @@ import builtins
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -31,7 +30,7 @@ from anyio.abc import TaskGroup, TaskStatus as StartStatus
 from ..errors import (AgentParallelError, InternalError, ResourceLimitError, UnknownTask, UsageError, exception_reason,
                       os_error_text)
 from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, check_launch_strings
-from .logs import (LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
+from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
                    upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
@@ -125,7 +124,7 @@ class TaskRegistry:
         return head_cap(rec.log_cap_bytes or self.settings.log_cap_bytes)
 
     def read_output(self, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
-                    pattern: re.Pattern[str] | None) -> LogChunk:
+                    pattern: LineMatcher | None) -> LogChunk:
         reader = self.reader(task)
         if pattern is not None:
             chunk = reader.grep(pattern, cursor, max_bytes)
