@@ -22,7 +22,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from agent_parallel.runner.registry import RegistrySettings, open_registry
+from agent_parallel.tasks.registry import RegistrySettings, open_registry
 from conftest import RawServer, call, call_error
 from queue_helpers import write_item
 
@@ -189,7 +189,7 @@ async def test_thousand_blocking_waiters_do_not_stall_other_calls(client):
 async def test_ten_thousand_finished_tasks(workspace):
     runs = workspace / ".agent/runs"
     runs.mkdir(parents=True)
-    from agent_parallel.runner.records import TaskRecord, TaskStatus, save_record
+    from agent_parallel.tasks.records import TaskRecord, TaskStatus, save_record
 
     now = time.time()
     for i in range(10_000):

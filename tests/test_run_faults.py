@@ -17,8 +17,8 @@ from agent_parallel.config import load_config
 from agent_parallel.paths import runs_dir
 from agent_parallel.queue import QueueReader
 from agent_parallel.queue_runner import QueueContext, QueueRun, start_run
-from agent_parallel.runner.records import TaskStatus
-from agent_parallel.runner.registry import RegistrySettings, open_registry
+from agent_parallel.tasks.records import TaskStatus
+from agent_parallel.tasks.registry import RegistrySettings, open_registry
 from agent_parallel.server import ServerSettings, build_server
 from conftest import RawServer, call, call_error
 from queue_helpers import statuses, write_config, write_item

@@ -125,8 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     from .queue import QueueReader
     from .queue_runner import QueueContext, QueueRun, start_run
     from .run_view import progress_view, report_view
-    from .runner.records import TaskStatus
-    from .runner.registry import open_registry
+    from .tasks.records import TaskStatus
+    from .tasks.registry import open_registry
     from .server import ServerSettings
 
     root = args.root.resolve()
@@ -226,7 +226,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from .paths import RUNS_DIR
     from .run_view import status_view
-    from .runner.records import load_records
+    from .tasks.records import load_records
 
     records = sorted(load_records(args.root.resolve() / RUNS_DIR), key=lambda r: r.created_at, reverse=True)
     Console().print(status_view(records[: args.limit]))

@@ -35,10 +35,10 @@ from .paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .queue import QueueReader, WorkItem, format_id
 from .results import ItemOutcome, RunningItem, RunProgress
-from .runner.executor import ExitInfo, LaunchSpec, SpawnError, process_start_time
-from .runner.logs import LogWriter, upstream_log_path
-from .runner.records import TaskStatus
-from .runner.registry import Task, TaskRegistry, wait_any
+from .tasks.executor import ExitInfo, LaunchSpec, SpawnError, process_start_time
+from .tasks.logs import LogWriter, upstream_log_path
+from .tasks.records import TaskStatus
+from .tasks.registry import Task, TaskRegistry, wait_any
 
 LAST_LINES = 10
 NOT_RECORDED = "its status could not be recorded in the queue"

@@ -13,7 +13,7 @@ from rich.text import Text
 from .plan_view import format_seconds
 from .results import SHORT_TEXT_CHARS, RunProgress, iso
 from .text import cut
-from .runner.records import TaskRecord
+from .tasks.records import TaskRecord
 
 _OUTCOME_STYLE = {"completed": "green", "failed": "red", "skipped": "yellow", "not_started": "dim",
                   "claimed_elsewhere": "magenta"}

@@ -43,11 +43,11 @@ from .queue import QueueReader, format_id
 from .queue_runner import QueueContext, QueueRun, check_ready, launch_item, load_report, start_run
 from .results import (CancelResult, ItemMoved, LaunchResult, RunProgress, RunStarted, TaskList, TaskOutputResult,
                       TaskSummary, TaskView)
-from .runner.admission import admission_check
-from .runner.executor import Executor
+from .tasks.admission import admission_check
+from .tasks.executor import Executor
 from .text import cut
-from .runner.records import TaskStatus
-from .runner.registry import RegistrySettings, Task, TaskRegistry, open_registry, wait_any
+from .tasks.records import TaskStatus
+from .tasks.registry import RegistrySettings, Task, TaskRegistry, open_registry, wait_any
 
 log = logging.getLogger(__name__)
 

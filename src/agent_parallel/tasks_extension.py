@@ -59,8 +59,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 from .errors import UnknownTask
 from .queue_runner import QueueRun
 from .results import LaunchResult, iso
-from .runner.records import TaskRecord, TaskStatus
-from .runner.registry import Task, TaskRegistry
+from .tasks.records import TaskRecord, TaskStatus
+from .tasks.registry import Task, TaskRegistry
 from .server import Workspace, view_task
 
 log = logging.getLogger(__name__)
