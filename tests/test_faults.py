@@ -104,7 +104,7 @@ async def test_binary_output(client):
 WORKER = """
 import json, os, random, sys
 from pathlib import Path
-from agent_parallel.claims import ClaimLost, move_item
+from agent_parallel.queue.claims import ClaimLost, move_item
 queue_dir, runs, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 ids = list(range(1, 1001)); random.Random(me).shuffle(ids)
 won = []

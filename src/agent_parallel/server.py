@@ -33,14 +33,14 @@ from pydantic import Field, ValidationError
 from . import __version__
 from .errors import AgentParallelError, UnknownTask, UsageError
 from .paths import resolve_inside, runs_dir
-from .claims import find_item, move_item, parse_item_id, release_stale_claims
+from .queue.claims import find_item, move_item, parse_item_id, release_stale_claims
 from .config import Config, load_config
 from .output_filter import OutputFilter
-from .plan_view import plan_workspace
-from .planner import QueuePlan
+from .queue.plan import plan_workspace
+from .queue.planner import QueuePlan
 from .prompt import PARALLEL_EXECUTION
-from .queue import QueueReader, format_id
-from .queue_runner import QueueContext, QueueRun, check_ready, launch_item, load_report, start_run
+from .queue.items import QueueReader, format_id
+from .queue.run import QueueContext, QueueRun, check_ready, launch_item, load_report, start_run
 from .results import (CancelResult, ItemMoved, LaunchResult, RunProgress, RunStarted, TaskList, TaskOutputResult,
                       TaskSummary, TaskView)
 from .tasks.admission import admission_check

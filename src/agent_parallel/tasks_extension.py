@@ -57,7 +57,7 @@ from mcp_types import HEADER_MISMATCH, INTERNAL_ERROR, INVALID_PARAMS, RequestPa
 from pydantic import Field, TypeAdapter, ValidationError
 
 from .errors import UnknownTask
-from .queue_runner import QueueRun
+from .queue.run import QueueRun
 from .results import LaunchResult, iso
 from .tasks.records import TaskRecord, TaskStatus
 from .tasks.registry import Task, TaskRegistry
