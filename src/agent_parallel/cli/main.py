@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _wait_cap(text: str) -> float:
     """``--wait-cap``: refused here, before the server starts, unless a finite number in (0, 3600]."""
-    from ..server import check_wait_cap
+    from ..server.settings import check_wait_cap
 
     try:
         return check_wait_cap(float(text))
