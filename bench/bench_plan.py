@@ -29,9 +29,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agent_parallel.planner import build_graph, lower_bound_ms, simulate
-from agent_parallel.plan_view import plan_workspace
-from agent_parallel.queue import QueueReader, WorkItem, format_id
+from agent_parallel.queue.planner import build_graph, lower_bound_ms, simulate
+from agent_parallel.queue.plan import plan_workspace
+from agent_parallel.queue.items import QueueReader, WorkItem, format_id
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 

@@ -75,8 +75,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent_parallel.planner import build_graph, simulate
-from agent_parallel.queue import WorkItem, format_id
+from agent_parallel.queue.planner import build_graph, simulate
+from agent_parallel.queue.items import WorkItem, format_id
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 SERVER_CMD = "agent-parallel"

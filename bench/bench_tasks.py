@@ -431,7 +431,7 @@ async def bench_history(root: Path, rep: Report, n_history: int, n: int) -> None
     package's own record model so the format stays right; skipped if that model is not importable.
     """
     try:
-        from agent_parallel.runner.records import TaskRecord, TaskStatus, new_task_id
+        from agent_parallel.tasks.records import TaskRecord, TaskStatus, new_task_id
     except ImportError as exc:
         rep.anomalies.append(f"history bench skipped: cannot import the record model ({exc})")
         return

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_parallel.claims import BadTransition, ClaimLost, history, move_item, rename_noreplace
+from agent_parallel.queue.claims import BadTransition, ClaimLost, history, move_item, rename_noreplace
 from agent_parallel.errors import QueueError
 
 
@@ -74,7 +74,7 @@ def test_rename_never_overwrites(tmp_path):
 WORKER = """
 import json, sys
 from pathlib import Path
-from agent_parallel.claims import ClaimLost, move_item
+from agent_parallel.queue.claims import ClaimLost, move_item
 queue_dir, runs, me, ids = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 won = []
 for i in ids:

@@ -21,12 +21,12 @@ import pytest
 from mcp import Client
 
 from agent_parallel.errors import QueueError, ResourceLimitError, UsageError
-from agent_parallel.runner import registry as registry_module
-from agent_parallel.runner.executor import LaunchSpec, LocalExecutor, SpawnError
-from agent_parallel.runner.logs import LogWriter
-from agent_parallel.runner.processes import process_start_time
-from agent_parallel.runner.records import TaskRecord, TaskStatus, save_record
-from agent_parallel.runner.registry import RegistrySettings, Task, open_registry
+from agent_parallel.tasks import registry as registry_module
+from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
+from agent_parallel.tasks.logs import LogWriter
+from agent_parallel.tasks.processes import process_start_time
+from agent_parallel.tasks.records import TaskRecord, TaskStatus, save_record
+from agent_parallel.tasks.registry import RegistrySettings, Task, open_registry
 from agent_parallel.server import ServerSettings, build_server
 from conftest import RawServer, alive, call, call_error, read_pids
 
@@ -393,7 +393,7 @@ def _watchdog_of(server_pid: int) -> int:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"agent_parallel.runner.watchdog" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"agent_parallel.tasks.watchdog" in cmdline:
                 return int(entry.name)
     raise AssertionError("no watchdog found")
 

@@ -22,7 +22,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from agent_parallel.runner.registry import RegistrySettings, open_registry
+from agent_parallel.tasks.registry import RegistrySettings, open_registry
 from conftest import RawServer, call, call_error
 from queue_helpers import write_item
 
@@ -104,7 +104,7 @@ async def test_binary_output(client):
 WORKER = """
 import json, os, random, sys
 from pathlib import Path
-from agent_parallel.claims import ClaimLost, move_item
+from agent_parallel.queue.claims import ClaimLost, move_item
 queue_dir, runs, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 ids = list(range(1, 1001)); random.Random(me).shuffle(ids)
 won = []
@@ -189,7 +189,7 @@ async def test_thousand_blocking_waiters_do_not_stall_other_calls(client):
 async def test_ten_thousand_finished_tasks(workspace):
     runs = workspace / ".agent/runs"
     runs.mkdir(parents=True)
-    from agent_parallel.runner.records import TaskRecord, TaskStatus, save_record
+    from agent_parallel.tasks.records import TaskRecord, TaskStatus, save_record
 
     now = time.time()
     for i in range(10_000):

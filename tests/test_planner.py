@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from agent_parallel.conflicts import files_overlap, find_conflicts
+from agent_parallel.queue.conflicts import files_overlap, find_conflicts
 from agent_parallel.errors import PathOutsideWorkspace, QueueError, UsageError
-from agent_parallel.plan_view import format_seconds, plan_table, plan_workspace, to_dot
-from agent_parallel.planner import (DEFAULT_ESTIMATE_S, Scheduler, build_graph, make_plan, simulate,
+from agent_parallel.cli.render import format_seconds, plan_table, to_dot
+from agent_parallel.queue.plan import plan_workspace
+from agent_parallel.queue.planner import (DEFAULT_ESTIMATE_S, Scheduler, build_graph, make_plan, simulate,
                                     strongly_connected_components)
-from agent_parallel.queue import Diagnostic, QueueReader, WorkItem, format_id
+from agent_parallel.queue.items import Diagnostic, QueueReader, WorkItem, format_id
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ from itertools import combinations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_parallel.planner import build_graph, make_plan, simulate
-from agent_parallel.queue import PRIORITIES, WorkItem, format_id
+from agent_parallel.queue.planner import build_graph, make_plan, simulate
+from agent_parallel.queue.items import PRIORITIES, WorkItem, format_id
 
 FILE_POOL = ["src", "src/a.py", "src/b.py", "src/*.py", "src/c", "docs", "docs/x.md", "*.md", "lib/*.c",
              "lib/x.c", "README.md", "src/**/*.py", "[dl]*/x.*"]

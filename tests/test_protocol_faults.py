@@ -24,8 +24,8 @@ import anyio
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
-from agent_parallel import tasks_extension
-from agent_parallel.runner.executor import ExitInfo, LaunchSpec
+from agent_parallel.server import tasks_extension
+from agent_parallel.tasks.executor import ExitInfo, LaunchSpec
 from agent_parallel.server import ServerSettings, build_server
 from conftest import all_dead, alive, call
 from test_faults import free_port, wait_for_port

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from mcp import Client
 
-from agent_parallel.claims import (
+from agent_parallel.queue.claims import (
     HISTORY_FILE, OLD_HISTORY_FILE, BadTransition, ClaimLost, claimant, history, move_item, parse_item_id,
     release_claim, release_stale_claims)
 from agent_parallel.config import ConfigError, load_config, parse_duration, stops_on_first_failure
 from agent_parallel.errors import QueueError
-from agent_parallel.plan_view import plan_workspace
-from agent_parallel.planner import MAX_CONFLICTS_SHOWN, make_plan
-from agent_parallel.queue import QueueReader, WorkItem, format_id, parse_item
+from agent_parallel.queue.plan import plan_workspace
+from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, make_plan
+from agent_parallel.queue.items import QueueReader, WorkItem, format_id, parse_item
 from agent_parallel.server import ServerSettings, build_server
 from conftest import call, call_error
 from queue_helpers import statuses, write_item
@@ -390,7 +390,7 @@ def test_queue_lock_never_waits_forever(queue, monkeypatch):
                               text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        monkeypatch.setattr("agent_parallel.claims.LOCK_TIMEOUT_S", 0.5)
+        monkeypatch.setattr("agent_parallel.queue.claims.LOCK_TIMEOUT_S", 0.5)
         started = time.monotonic()
         with pytest.raises(QueueError) as caught:
             move_item(queue_dir, runs, 1, "in_progress", by="agent-a")

@@ -12,13 +12,13 @@ import anyio
 import pytest
 from mcp import Client
 
-from agent_parallel.claims import history
+from agent_parallel.queue.claims import history
 from agent_parallel.config import load_config
 from agent_parallel.paths import runs_dir
-from agent_parallel.queue import QueueReader
-from agent_parallel.queue_runner import QueueContext, QueueRun, start_run
-from agent_parallel.runner.records import TaskStatus
-from agent_parallel.runner.registry import RegistrySettings, open_registry
+from agent_parallel.queue.items import QueueReader
+from agent_parallel.queue.run import QueueContext, QueueRun, start_run
+from agent_parallel.tasks.records import TaskStatus
+from agent_parallel.tasks.registry import RegistrySettings, open_registry
 from agent_parallel.server import ServerSettings, build_server
 from conftest import RawServer, call, call_error
 from queue_helpers import statuses, write_config, write_item

@@ -103,8 +103,8 @@ async def test_list_tasks_bad_arguments(healthy):
 
 async def test_executor_reports_a_process_that_cannot_start(workspace):
     """A cwd removed between the tool's check and the start is a SpawnError with the cause, not a crash."""
-    from agent_parallel.runner.executor import LaunchSpec, LocalExecutor, SpawnError
-    from agent_parallel.runner.logs import LogWriter
+    from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
+    from agent_parallel.tasks.logs import LogWriter
 
     writer = LogWriter(workspace, "x", 1024)
     with pytest.raises(SpawnError, match=r"^could not start '/bin/sh' in .*gone: No such file or directory$"):

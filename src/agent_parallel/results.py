@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .runner.records import TaskRecord, TaskStatus
+from .tasks.records import TaskRecord, TaskStatus
 from .text import cut
 
 RetrievalStatus = Literal["success", "timeout", "not_ready"]

@@ -26,10 +26,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from .config import alias_problem, parse_duration, unknown_key_warning
-from .errors import QueueError
-from .text import describe, short_repr
-from .paths import resolve_inside
+from ..config import alias_problem, parse_duration, unknown_key_warning
+from ..errors import QueueError
+from ..text import describe, short_repr
+from ..paths import resolve_inside
 
 Status = Literal["pending", "in_progress", "completed", "blocked", "failed"]
 Priority = Literal["critical", "high", "medium", "low"]

@@ -1,85 +1,23 @@
-"""Planning a workspace's queue (config + reader + planner) and showing the plan to people.
+"""Showing plans, runs and tasks to people in a terminal (rich): the plan table and its Graphviz
+dot text, live progress, the final report, status and the Mermaid Gantt chart. (A plan's Mermaid
+graph is drawn by the planner: ``QueuePlan.mermaid``.)
 
-`plan_workspace` is what the `queue_plan` tool, the `queue://plan` resource and
-`agent-parallel plan` call; `plan_table` renders a plan with rich, `to_dot` as Graphviz.
-The Mermaid text is already in the plan (`QueuePlan.mermaid`).
+Text from items, commands and output is always a rich ``Text``, never markup: ``Fix [/x] parser``
+must print as written, and ``[link=...]`` must not become a terminal hyperlink.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .claims import stale_claims
-from .config import MAX_PARALLEL_RANGE, load_config
-from .errors import UsageError
-from .paths import CONFIG_FILE, RUNS_DIR, resolve_inside
-from .planner import QueuePlan, make_plan
-from .queue import Diagnostic, ItemName, QueueReader, WorkItem
-
-
-_PLANS_KEPT = 8
-"""Plans kept per unchanged queue snapshot (one per max_parallel/running/config combination)."""
-
-
-def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader,
-                   *, running: int = 0) -> QueuePlan:
-    """Plan the queue of the workspace at `root`; arguments left None come from the config.
-
-    Raises `PathOutsideWorkspace` for a queue_dir that resolves outside `root`, `QueueError`
-    for a missing queue directory or an unusable config, `UsageError` for a bad `max_parallel`.
-    Problems inside the queue are in the plan's `errors` and `warnings`, never raised.
-
-    While no queue file changes, the reader returns the same snapshot and the plan computed for it
-    is returned again (the same object: treat it as read-only).
-
-    Planning never changes a file. An in-progress item whose claiming server no longer runs is
-    reported as a ``stale_claim`` warning and left as it is; ``run_queue``, ``update_item`` and
-    ``agent-parallel run`` move such items to blocked (``claims.release_stale_claims``).
-    """
-    root = root.resolve()
-    config, config_warnings = load_config(root)
-    if max_parallel is not None:
-        low, high = MAX_PARALLEL_RANGE
-        if isinstance(max_parallel, bool) or not low <= max_parallel <= high:
-            raise UsageError(f"max_parallel must be between {low} and {high}, not {max_parallel!r}")
-    snapshot = reader.snapshot(root, queue_dir or config.queue_dir)
-    slots = max_parallel or config.max_parallel
-    key = ("plan", slots, running, tuple(config_warnings))
-    plan = snapshot.memo.get(key)
-    if plan is None:
-        diagnostics = list(snapshot.diagnostics)
-        diagnostics += [Diagnostic(kind="config", file=CONFIG_FILE, message=text) for text in config_warnings]
-        plan = make_plan(snapshot.items, diagnostics, slots, running=running)
-        if len(snapshot.memo) >= _PLANS_KEPT:
-            snapshot.memo.clear()
-        snapshot.memo[key] = plan
-    stale = _stale_claim_warnings(root, [item for item in snapshot.items if item.status == "in_progress"])
-    if stale:
-        plan = plan.model_copy(update={"warnings": stale + plan.warnings})
-    return plan
-
-
-def _stale_claim_warnings(root: Path, in_progress: list[WorkItem]) -> list[Diagnostic]:
-    """A warning per in-progress item claimed by a server that no longer runs (read-only)."""
-    if not in_progress:
-        return []
-    try:
-        runs = resolve_inside(root, RUNS_DIR, "the runs directory")
-    except UsageError:
-        return []  # a runs directory outside the workspace is not read (see paths.runs_dir)
-    names = {item.id_str: item for item in in_progress}
-    found = stale_claims(runs, [ItemName(item.id, item.id_str, item.status, item.slug) for item in in_progress])
-    return [Diagnostic(
-        kind="stale_claim", item=name.id_str, file=names[name.id_str].file,
-        message=(f"claimed by {claim.get('by', 'an unknown claimant')} of a server (pid {claim.get('pid')}) that "
-                 "no longer runs; planning leaves it in_progress. run_queue or update_item will move it to blocked; "
-                 "it is not re-run automatically (at-most-once): check whether its work was done"))
-        for name, claim in found]
+from ..queue.planner import QueuePlan
+from ..results import SHORT_TEXT_CHARS, RunProgress, iso
+from ..text import cut
+from ..tasks.records import TaskRecord
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -179,4 +117,76 @@ def to_dot(plan: QueuePlan) -> str:
     for conflict in plan.conflicts:
         lines.append(f'  "{conflict.a}" -> "{conflict.b}" [dir=none, style=dashed, color="#dc2626"];')
     lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+_OUTCOME_STYLE = {"completed": "green", "failed": "red", "skipped": "yellow", "not_started": "dim",
+                  "claimed_elsewhere": "magenta"}
+
+
+def progress_view(p: RunProgress) -> RenderableType:
+    """What a run is doing now: counts, the running items, and why starts are held (if they are)."""
+    head = Text(f"run {p.run_id}  {p.level}  max_parallel {p.max_parallel}  {format_seconds(p.elapsed_s)}  ", style="bold")
+    head.append(", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n))
+    table = Table(show_header=True, box=None)
+    for column in ("item", "title", "task", "running for"):
+        table.add_column(column)
+    for r in p.running:
+        table.add_row(Text(r.item), Text(r.title), Text(r.task_id), format_seconds(r.elapsed_s))
+    parts: list[RenderableType] = [head, table]
+    if p.held:
+        parts.append(Text(f"start held: {p.held}", style="yellow"))
+    if p.stop_reason:
+        parts.append(Text(f"stopping: {p.stop_reason}", style="red"))
+    return Group(*parts)
+
+
+def report_view(p: RunProgress) -> RenderableType:
+    """The end of a run: every item's outcome, the last lines of failures, makespan vs lower bound."""
+    table = Table(title=Text(f"Run {p.run_id}"), title_justify="left")
+    for column in ("item", "title", "outcome", "time", "details"):
+        table.add_column(column)
+    for o in p.outcomes:
+        details = o.reason or ""
+        if o.exit_code not in (None, 0):
+            details = f"exit {o.exit_code}" + (f"; {details}" if details and details != f"exit code {o.exit_code}" else "")
+        if o.last_lines:
+            details += "\n" + "\n".join(f"| {line}" for line in o.last_lines[-5:])
+        if o.notes:
+            details += "\n" + "; ".join(o.notes)
+        table.add_row(Text(o.item), Text(o.title), Text(o.outcome, style=_OUTCOME_STYLE.get(o.outcome, "")),
+                      format_seconds(o.duration_s), Text(details.strip()))
+    parts: list[RenderableType] = [table]
+    if p.makespan is not None:
+        ratio = f" = {p.makespan / p.lower_bound:.2f} x" if p.lower_bound else ""
+        parts.append(Text(f"makespan {format_seconds(p.makespan)} vs lower bound {format_seconds(p.lower_bound)}"
+                          f"{ratio} (the plan predicted {format_seconds(p.predicted_makespan)})"))
+    if p.stop_reason:
+        parts.append(Text(f"stopped: {p.stop_reason}", style="red"))
+    return Group(*parts)
+
+
+def status_view(records: list[TaskRecord]) -> RenderableType:
+    """Recent tasks and runs, newest first."""
+    table = Table(title="Recent tasks and runs", title_justify="left")
+    for column in ("id", "kind", "status", "exit", "started", "time", "what"):
+        table.add_column(column, no_wrap=column in ("id", "status"))
+    for r in records:
+        exit_text = str(r.exit_code) if r.exit_code is not None else (r.signal or "")
+        table.add_row(Text(r.task_id), Text(r.kind), Text(r.status.value), Text(exit_text), iso(r.started_at) or "",
+                      format_seconds(r.duration_s), Text(cut(r.description or r.command, SHORT_TEXT_CHARS)))
+    return table
+
+
+def gantt(p: RunProgress) -> str:
+    """A Mermaid Gantt chart of what ran when (failed items marked ``crit``)."""
+    lines = ["gantt", f"    title Run {p.run_id}: makespan {format_seconds(p.makespan)} "
+             f"(lower bound {format_seconds(p.lower_bound)})", "    dateFormat x", "    axisFormat %M:%S",
+             "    section items"]
+    for o in sorted(p.outcomes, key=lambda o: (o.started_at or 0, o.item)):
+        if o.started_at is None or o.ended_at is None:
+            continue
+        tag = "done" if o.outcome == "completed" else "crit"
+        label = f"{o.item} {o.title}".replace(":", " ").replace("#", " ")
+        lines.append(f"    {label} :{tag}, i{o.item}, {int(o.started_at * 1000)}, {max(int(o.ended_at * 1000), int(o.started_at * 1000) + 1)}")
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ import time
 
 import regex
 
-from .errors import UsageError
+from ..errors import UsageError
 
 FILTER_BUDGET_S = 2.0
 """Matching time one call may spend on its filter, over every line of every task it reads."""

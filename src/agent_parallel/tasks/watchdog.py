@@ -1,6 +1,6 @@
 """A guard process that stops a server's tasks if the server dies without cleaning up.
 
-The server starts one watchdog (``python -m agent_parallel.runner.watchdog``) and keeps a pipe to
+The server starts one watchdog (``python -m agent_parallel.tasks.watchdog``) and keeps a pipe to
 its stdin, writing ``+PGID TASK_ID`` when a task's process group starts and ``-PGID`` when it is
 gone. The watchdog sits in its own session and ignores the usual stop signals; when its stdin
 reaches end of file (the server exited, even by SIGKILL) it stops every task still listed: TERM
@@ -27,7 +27,7 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._proc = processes.spawn(lambda: subprocess.Popen(
-            [sys.executable, "-m", "agent_parallel.runner.watchdog"],
+            [sys.executable, "-m", "agent_parallel.tasks.watchdog"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         ))

@@ -26,10 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import QueueError
-from .queue import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
-from .text import short_repr
-from .runner.executor import process_start_time
+from ..errors import QueueError
+from .items import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
+from ..text import short_repr
+from ..tasks.executor import process_start_time
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"in_progress"}),

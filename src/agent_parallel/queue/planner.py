@@ -33,8 +33,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pydantic import BaseModel, Field
 
 from .conflicts import ConflictIndex, Mark
-from .errors import InternalError, UsageError
-from .queue import Diagnostic, WorkItem, format_id
+from ..errors import InternalError, UsageError
+from .items import Diagnostic, WorkItem, format_id
 
 DEFAULT_ESTIMATE_S = 60.0
 """What an item without an `estimate` counts as, for ranking and for the predicted schedule."""

@@ -26,7 +26,7 @@ from collections import defaultdict
 from fnmatch import fnmatchcase
 from collections.abc import Iterable, Iterator, Sequence
 
-from .queue import WorkItem
+from .items import WorkItem
 
 ConflictMap = dict[tuple[int, int], tuple[set[str], set[str]]]
 """(lower id, higher id) -> (the files entries involved, the shared components)."""

@@ -1,7 +1,7 @@
 """The ``agent-parallel`` command: ``serve`` the MCP server; ``plan``, ``run``, ``demo``, ``report``
 and ``status`` for the work queue from a terminal.
 
-Argument parsing and printing only; the work is done by the server, the planner and the runner.
+Argument parsing and printing only; the work is done by the server, the queue and the task registry.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import anyio
 
-from . import __version__
-from .errors import AgentParallelError, UsageError
+from .. import __version__
+from ..errors import AgentParallelError, UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _wait_cap(text: str) -> float:
     """``--wait-cap``: refused here, before the server starts, unless a finite number in (0, 3600]."""
-    from .server import check_wait_cap
+    from ..server.settings import check_wait_cap
 
     try:
         return check_wait_cap(float(text))
@@ -99,8 +99,9 @@ def _wait_cap(text: str) -> float:
 def _plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .plan_view import plan_table, plan_workspace, to_dot
-    from .queue import QueueReader
+    from ..queue.plan import plan_workspace
+    from .render import plan_table, to_dot
+    from ..queue.items import QueueReader
 
     plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader())  # changes no file
     if args.format == "json":
@@ -119,15 +120,15 @@ def _run(args: argparse.Namespace) -> int:
     from rich.live import Live
     from rich.text import Text
 
-    from .claims import release_stale_claims
-    from .config import load_config
-    from .paths import runs_dir
-    from .queue import QueueReader
-    from .queue_runner import QueueContext, QueueRun, start_run
-    from .run_view import progress_view, report_view
-    from .runner.records import TaskStatus
-    from .runner.registry import open_registry
-    from .server import ServerSettings
+    from ..queue.claims import release_stale_claims
+    from ..config import load_config
+    from ..paths import runs_dir
+    from ..queue.items import QueueReader
+    from ..queue.run import QueueContext, QueueRun, start_run
+    from .render import progress_view, report_view
+    from ..tasks.records import TaskStatus
+    from ..tasks.registry import open_registry
+    from ..server import ServerSettings
 
     root = args.root.resolve()
     config, config_warnings = load_config(root)
@@ -184,7 +185,7 @@ def _demo(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from .paths import AGENT_DIR, CONFIG_FILE, QUEUE_DIR
+    from ..paths import AGENT_DIR, CONFIG_FILE, QUEUE_DIR
 
     source = args.root.resolve()
     if not (source / QUEUE_DIR).is_dir():
@@ -204,9 +205,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .paths import RUNS_DIR
-    from .queue_runner import load_report
-    from .run_view import gantt, report_view
+    from ..paths import RUNS_DIR
+    from ..queue.run import load_report
+    from .render import gantt, report_view
 
     progress = load_report(args.root.resolve() / RUNS_DIR, args.run_id)
     if progress is None:
@@ -224,9 +225,9 @@ def _report(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .paths import RUNS_DIR
-    from .run_view import status_view
-    from .runner.records import load_records
+    from ..paths import RUNS_DIR
+    from .render import status_view
+    from ..tasks.records import load_records
 
     records = sorted(load_records(args.root.resolve() / RUNS_DIR), key=lambda r: r.created_at, reverse=True)
     Console().print(status_view(records[: args.limit]))
@@ -234,11 +235,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import ServerSettings, build_server
+    from ..server import ServerSettings, build_server
 
     settings = None
     if args.wait_cap is not None:
-        from .config import load_config
+        from ..config import load_config
 
         settings = ServerSettings.from_config(load_config(args.root.resolve())[0])
         settings.wait_cap_s = args.wait_cap

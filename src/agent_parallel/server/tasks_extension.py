@@ -56,12 +56,13 @@ from mcp.shared.inbound import MCP_NAME_HEADER, decode_header_value
 from mcp_types import HEADER_MISMATCH, INTERNAL_ERROR, INVALID_PARAMS, RequestParams
 from pydantic import Field, TypeAdapter, ValidationError
 
-from .errors import UnknownTask
-from .queue_runner import QueueRun
-from .results import LaunchResult, iso
-from .runner.records import TaskRecord, TaskStatus
-from .runner.registry import Task, TaskRegistry
-from .server import Workspace, view_task
+from ..errors import UnknownTask
+from ..queue.run import QueueRun
+from ..results import LaunchResult, iso
+from ..tasks.records import TaskRecord, TaskStatus
+from ..tasks.registry import Task, TaskRegistry
+from .settings import Workspace
+from .views import view_task
 
 log = logging.getLogger(__name__)
 

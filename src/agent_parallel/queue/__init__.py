@@ -1,0 +1,8 @@
+"""The work queue: the items in ``.agent/queue/`` and everything done with them.
+
+``items`` parses item files and reads a queue directory (``QueueReader``); ``claims`` is the one
+place that renames an item file (its status); ``conflicts`` finds items that must not run
+together; ``planner`` builds the graph, ranks ready items and predicts a schedule (pure, no I/O);
+``plan`` plans a workspace (config + reader + planner); ``run`` carries items out through the
+task registry (``launch_item``, ``QueueRun``). Nothing here knows about MCP or the terminal.
+"""

@@ -1,0 +1,199 @@
+"""The MCP server: ``build_server`` assembles it (settings, the registry's lifespan, signal handling,
+auth, the tools, resources, prompt and tasks extension), and ``AgentParallelServer`` translates
+errors at the one place every tool call and resource read passes.
+
+A thin layer: it checks arguments, calls the registry (or the planner) and translates the answer
+into the result models of ``results.py``; nothing here touches a process or a file directly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import (ResourceError, ResourceNotFoundError, ToolError, UnexpectedResourceError,
+                                             UnexpectedToolError)
+from pydantic import ValidationError
+
+from .. import __version__
+from ..errors import AgentParallelError, UnknownTask, UsageError
+from ..paths import runs_dir
+from ..config import load_config
+from .prompt import PARALLEL_EXECUTION
+from ..queue.items import QueueReader
+from ..tasks.executor import Executor
+from ..text import cut
+from ..tasks.registry import TaskRegistry, open_registry
+from .auth import StaticTokenVerifier
+from .resources import TaskUpdates, register_task_resources
+from .settings import ServerSettings, Workspace
+from .tasks_extension import TasksExtension
+from .tools import register_queue_tools, register_task_tools
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+Run shell commands and queue items in the background and wait on them without blocking yourself.
+launch_task starts work and answers at once with a task_id; task_output reads progress or blocks
+until one, any or all tasks finish; cancel_task stops a task and everything it started;
+list_tasks shows recent tasks. Launch independent work together, then wait with task_output
+(task_ids=[...], wait="all"); chain dependent steps with launch_task(after=[...]).
+For the work queue in .agent/queue/: queue_plan says what can run now and in what order,
+run_queue carries it out in the background, update_item records items you do yourself.
+The parallel-execution prompt explains the patterns."""
+
+
+class AgentParallelServer(MCPServer):
+    """The SDK's server with our error rules at the one place every tool call and resource read passes.
+
+    - Arguments that fail the input schema: one short line per argument (its name, what was given,
+      what is expected) instead of pydantic's text with URLs.
+    - Our own errors reaching a resource: the SDK's resource error with the same text a tool gives.
+    - Anything else escaping a tool or resource is a bug: the caller gets the exception's text and
+      is told it is a bug; the log gets the traceback. The server goes on serving.
+    """
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except UnexpectedToolError as exc:
+            cause = _original(exc)
+            log.error("tool %s failed with an unexpected exception (a bug)", name, exc_info=cause)
+            raise ToolError(f"Error executing tool {name}: {bug_message(cause)}") from cause
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                raise ToolError(f"Error executing tool {name}: {describe_arguments_error(exc.__cause__)}") from None
+            raise
+
+    async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
+        try:
+            return await super().read_resource(uri, context)
+        except UnexpectedResourceError as exc:
+            cause = _original(exc)
+            if isinstance(cause, UnknownTask):
+                raise ResourceNotFoundError(str(cause)) from cause
+            if isinstance(cause, AgentParallelError):
+                raise ResourceError(str(cause)) from cause
+            log.error("reading %s failed with an unexpected exception (a bug)", uri, exc_info=cause)
+            raise ResourceError(f"reading {uri} failed: {bug_message(cause)}") from cause
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The exception the SDK wrapped (through nested ``Unexpected...Error`` wrappers)."""
+    while isinstance(exc, UnexpectedToolError | UnexpectedResourceError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def bug_message(exc: BaseException) -> str:
+    return (f"unexpected {type(exc).__name__}: {cut(str(exc), 300)}. This is a bug in agent-parallel, "
+            "not a problem with your call: please report it (the server log has the traceback). "
+            "The server keeps running.")
+
+
+_EXPECTED = {"string_type": "must be a string", "int_type": "must be an integer", "int_parsing": "must be an integer",
+             "int_from_float": "must be a whole number", "float_type": "must be a number",
+             "float_parsing": "must be a number", "bool_type": "must be true or false",
+             "bool_parsing": "must be true or false", "list_type": "must be a list", "dict_type": "must be an object",
+             "finite_number": "must be a finite number", "missing": "is required"}
+_JSON_TYPE = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+              dict: "an object", type(None): "null"}
+
+
+def describe_arguments_error(exc: ValidationError) -> str:
+    """Tool arguments that fail the input schema, for a model to correct: name, given, expected."""
+    problems = []
+    errors = exc.errors(include_url=False)
+    for error in errors[:5]:
+        where = _argument_path(error["loc"])
+        expected = _EXPECTED.get(error["type"])
+        if expected is None:
+            message = error["msg"]
+            expected = ("must be " + message[len("Input should be "):] if message.startswith("Input should be ")
+                        else message[:1].lower() + message[1:])
+        if error["type"] == "missing":
+            problems.append(f"`{where}` {expected}")
+        else:
+            value = error.get("input")
+            kind = _JSON_TYPE.get(type(value), type(value).__name__)
+            problems.append(f"`{where}` {expected}, got {cut(repr(value), 60)} ({kind})")
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "invalid arguments: " + "; ".join(problems) + more + " (the tool's input schema lists every argument)"
+
+
+def _argument_path(loc: Iterable[Any]) -> str:
+    parts = list(loc)
+    text = str(parts[0]) if parts else "arguments"
+    for part in parts[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f"[{part!r}]"
+    return text
+
+
+def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
+                 executor: Executor | None = None, *, handle_signals: bool = False,
+                 bearer_token: str | None = None, public_url: str | None = None) -> MCPServer:
+    """Create the MCP server for the workspace at ``root``.
+
+    ``handle_signals`` (for the real process, not tests): on SIGTERM, SIGINT or SIGHUP stop every
+    task (TERM, grace, KILL) and exit at once, since the stdio reader cannot be interrupted.
+    ``bearer_token`` (HTTP only) makes every request carry ``Authorization: Bearer TOKEN``;
+    ``public_url`` is the URL clients reach the server at (used in the SDK's auth metadata).
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise UsageError(f"workspace root {root} is not a directory; pass --root DIR with an existing directory")
+    runs_dir(root)  # refuses a run directory that resolves outside the root, before serving
+    if settings is None:
+        try:
+            settings = ServerSettings.from_config(load_config(root)[0])
+        except AgentParallelError as exc:  # a broken queue config must not stop background tasks
+            log.warning("%s; using the default settings", exc)
+            settings = ServerSettings()
+    reader = QueueReader()
+    updates = TaskUpdates()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
+        async with open_registry(root, runs_dir(root), settings.registry_settings(), executor) as registry:
+            async with anyio.create_task_group() as tg:
+                if handle_signals:
+                    tg.start_soon(_exit_on_signal, registry)
+                tg.start_soon(updates.watch, registry)
+                yield Workspace(root, settings, registry, reader)
+                tg.cancel_scope.cancel()
+
+    auth: dict = {}
+    if bearer_token is not None:
+        url = public_url or "http://127.0.0.1"
+        auth = {"token_verifier": StaticTokenVerifier(bearer_token),
+                "auth": AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp", validate_token_resource=False)}
+
+    server = AgentParallelServer("agent-parallel", title="agent-parallel", version=__version__,
+                                 instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING",
+                                 extensions=[TasksExtension()], subscriptions=updates, **auth)
+    register_task_tools(server)
+    register_task_resources(server)
+    register_queue_tools(server, root, reader)
+
+    @server.prompt(name="parallel-execution", title="Parallel execution")
+    def parallel_execution() -> str:
+        """How to run independent work in parallel with these tools: independence checks, fork-join,
+        pipelines, the work queue and autonomy levels."""
+        return PARALLEL_EXECUTION
+
+    return server
+
+
+async def _exit_on_signal(registry: TaskRegistry) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            with anyio.CancelScope(shield=True):
+                await registry.shutdown(grace=0.5)
+            os._exit(128 + signum)

@@ -1,0 +1,370 @@
+"""The MCP tools: ``launch_task``, ``task_output``, ``cancel_task``, ``list_tasks`` (the task
+registry) and ``queue_plan`` (with the ``queue://plan`` resource), ``run_queue``, ``update_item`` (the
+queue). Each checks its arguments, calls the registry or the queue and answers with a model of
+``results.py``; every ``AgentParallelError`` becomes a tool error with its message."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Literal, ParamSpec, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from ..errors import AgentParallelError, UsageError
+from ..paths import resolve_inside
+from ..queue.claims import find_item, move_item, parse_item_id, release_stale_claims
+from .output_filter import OutputFilter
+from ..queue.plan import plan_workspace
+from ..queue.planner import QueuePlan
+from ..queue.items import QueueReader, format_id
+from ..queue.run import QueueRun, check_ready, launch_item, start_run
+from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
+                       TaskSummary, TaskView)
+from ..text import cut
+from ..tasks.records import TaskStatus
+from ..tasks.registry import Task
+from .settings import Workspace, workspace_of
+from .views import live_progress, view_task, wait_reporting_progress
+
+MAX_PAGE_BYTES = 65536
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_TASK_IDS = 256
+"""Ids in one task_output or cancel_task call (after removing repeats): keeps every answer bounded."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn our own errors into tool errors carrying their message."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except AgentParallelError as exc:
+            raise ToolError(str(exc)) from exc
+
+    return wrapper
+
+
+def register_task_tools(server: MCPServer) -> None:
+    @server.tool(title="Launch a background task",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
+                                             open_world_hint=True))
+    @_tool_errors
+    async def launch_task(
+        ctx: Context,
+        command: Annotated[str | None, Field(description="shell command, run with /bin/sh -c")] = None,
+        item: Annotated[str | None, Field(description="a queue item id (e.g. '007') to claim and run instead of a command")] = None,
+        description: Annotated[str | None, Field(description="a few words saying what the task is for")] = None,
+        cwd: Annotated[str | None, Field(description="working directory, relative to the workspace root (default: the root)")] = None,
+        env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
+        timeout_s: Annotated[float | None, Field(description="kill the task and everything it started after this many seconds")] = None,
+        after: Annotated[list[str] | None, Field(description="task ids that must complete successfully first; if one fails, this task ends as 'skipped'")] = None,
+        run_in_background: Annotated[bool, Field(description="false: wait for the end (up to the wait cap) and answer like task_output")] = True,
+    ) -> LaunchResult:
+        """Start a shell command (or a queue item) in the background and answer at once with its task_id.
+
+        Use it for anything that takes more than a few seconds (builds, test suites, servers,
+        long scripts) and to run independent steps in parallel: launch them all, then call
+        task_output(task_ids=[...], wait="all"). Chain dependent steps with `after`; each step gets
+        its predecessors' log paths in AGENT_UPSTREAM_LOGS. Output (stdout and stderr) goes to a
+        log; read it with task_output. stdin is /dev/null, so interactive commands will not wait for input.
+        """
+        ws = workspace_of(ctx)
+        if (command is None) == (item is None):
+            raise UsageError("give exactly one of `command` (a shell command) or `item` (a queue item id), "
+                             f"not {'both' if command is not None else 'neither'}")
+        if item is not None:
+            if cwd is not None or env or after or timeout_s is not None:
+                raise UsageError("`cwd`, `env`, `after` and `timeout_s` apply to commands only; an item runs in "
+                                 "the workspace root with its own `timeout` and waits on its `blocked_by` items")
+            task = await _launch_item(ws, item)
+            return await _launch_answer(ws, task, run_in_background)
+        # every argument is checked before anything starts: an error after the start invites a retry (a second run);
+        # strings bound for the process (command, env) are checked by registry.launch, before it registers anything
+        if not command.strip():
+            raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
+        timeout_s = _check_timeout(timeout_s, "timeout_s")
+        _check_text("cwd", cwd)
+        workdir = resolve_inside(ws.root, cwd or ".", "cwd")
+        if not workdir.is_dir():
+            raise UsageError(f"cwd {cwd!r} is not a directory inside the workspace; create it or pick another")
+        if after and len(after) > MAX_TASK_IDS:
+            raise UsageError(f"`after` names {len(after)} tasks; at most {MAX_TASK_IDS} are accepted")
+        for task_id in after or []:
+            ws.registry.get(task_id)
+        task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
+                                        timeout_s=timeout_s, after=after)
+        return await _launch_answer(ws, task, run_in_background)
+
+    @server.tool(title="Read task output / wait for tasks",
+                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    @_tool_errors
+    async def task_output(
+        ctx: Context,
+        task_id: Annotated[str | None, Field(description="one task id")] = None,
+        task_ids: Annotated[list[str] | None, Field(description="several task ids (see `wait`)")] = None,
+        block: Annotated[bool, Field(description="wait for the task(s) to finish (up to `timeout`)")] = True,
+        timeout: Annotated[float, Field(description="seconds to wait when blocking; clamped to the server's wait cap (default 50)")] = 30,
+        wait: Annotated[Literal["all", "any"], Field(description="with several ids: return when all, or any one, have finished")] = "all",
+        cursor: Annotated[int | None, Field(description="byte offset to read from (0 = start; pass back next_cursor); omit for the most recent output")] = None,
+        max_bytes: Annotated[int, Field(description="at most this many bytes of output per task (1 to 65536)")] = 16384,
+        tail_lines: Annotated[int | None, Field(description="only the last N lines of the selected output")] = None,
+        filter: Annotated[str | None, Field(description="a regular expression: only output lines that match")] = None,
+    ) -> TaskOutputResult:
+        """Get the status and output of one or several background tasks, optionally waiting for them.
+
+        With block=true (the default) it waits until the task finishes, or for several ids until
+        all (wait="all") or any (wait="any") have finished, at most `timeout` seconds. A timeout
+        is not an error: you get the current snapshot with retrieval_status="timeout"; call again
+        to keep waiting. With block=false it answers at once (retrieval_status="not_ready" while
+        running). By default you see the most recent output; page from the start with cursor=0
+        and then the returned next_cursor. With task_id the task's fields are at the top level;
+        with task_ids there is one entry per task in `tasks`.
+        """
+        ws = workspace_of(ctx)
+        if (task_id is None) == (not task_ids):
+            raise UsageError("give `task_id` (one task) or `task_ids` (several), not both or neither; "
+                             "call list_tasks to see task ids")
+        tasks = [ws.registry.get(i) for i in _task_ids(task_id, task_ids)]
+        if not 1 <= max_bytes <= MAX_PAGE_BYTES:
+            raise UsageError(f"max_bytes must be between 1 and {MAX_PAGE_BYTES} (got {max_bytes}); "
+                             "page through longer output with cursor and next_cursor")
+        if cursor is not None and cursor < 0:
+            raise UsageError(f"cursor must be a byte offset >= 0 (got {cursor}); omit it for the most recent output")
+        if tail_lines is not None and tail_lines < 0:
+            raise UsageError(f"tail_lines must be >= 0 (got {tail_lines})")
+        if math.isnan(timeout) or timeout < 0:
+            raise UsageError(f"timeout must be a number of seconds >= 0 (got {timeout})")
+        pattern = OutputFilter(filter) if filter is not None else None
+        timeout = min(timeout, ws.settings.wait_cap_s)
+        if block:
+            done = await wait_reporting_progress(ws, tasks, wait, timeout, ctx)
+            status = "success" if done else "timeout"
+        else:
+            finished = [t.done.is_set() for t in tasks]
+            status = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
+        several = task_id is None
+        live = live_progress(tasks)
+
+        def read_all() -> list[TaskView]:
+            return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
+                              short=several, live_run=live.get(t.record.task_id))
+                    for t in tasks]
+
+        # logs are read (and a filter matched, within its time budget) off the event loop: other calls go on
+        views = await anyio.to_thread.run_sync(read_all)
+        if not several:
+            return TaskOutputResult(**views[0].model_dump(), retrieval_status=status)
+        return TaskOutputResult(retrieval_status=status, tasks=views)
+
+    @server.tool(title="Cancel tasks",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
+                                             open_world_hint=False))
+    @_tool_errors
+    async def cancel_task(
+        ctx: Context,
+        task_id: Annotated[str | None, Field(description="the task to stop")] = None,
+        task_ids: Annotated[list[str] | None, Field(description="several tasks to stop")] = None,
+    ) -> CancelResult:
+        """Stop a background task and every process it started (TERM, a short grace, then KILL).
+
+        Answers once nothing of the task is left running, with its final status. Cancelling a
+        task that already finished changes nothing and says so. A task waiting in a pipeline
+        (`after`) is cancelled before it starts.
+        """
+        ws = workspace_of(ctx)
+        if (task_id is None) == (not task_ids):
+            raise UsageError("give `task_id` or `task_ids`, not both or neither; call list_tasks to see task ids")
+        tasks = [ws.registry.get(i) for i in _task_ids(task_id, task_ids)]
+        stopped: list[bool] = [False] * len(tasks)
+
+        async def stop(i: int) -> None:
+            stopped[i] = await ws.registry.cancel(tasks[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(tasks)):
+                tg.start_soon(stop, i)
+        parts = [f"{t.record.task_id}: {'cancelled' if s else f'already {t.record.status.value}, nothing to do'}"
+                 for t, s in zip(tasks, stopped)]
+        return CancelResult(tasks=[TaskView.of(t.record, short=len(tasks) > 1) for t in tasks], message="; ".join(parts))
+
+    @server.tool(title="List tasks",
+                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    @_tool_errors
+    async def list_tasks(
+        ctx: Context,
+        status: Annotated[list[str] | None, Field(description="only tasks in these states, e.g. ['running']")] = None,
+        limit: Annotated[int, Field(description="at most this many, newest first (1 to 1000)")] = 50,
+        offset: Annotated[int, Field(description="skip this many (the next page: offset + limit)")] = 0,
+    ) -> TaskList:
+        """List recent background tasks, newest first, with status, exit code, duration and last output line.
+
+        Use it to find task ids you lost track of, or to see what is still running; then read one
+        with task_output or stop it with cancel_task.
+        """
+        ws = workspace_of(ctx)
+        known = {s.value for s in TaskStatus}
+        wanted = set(status or [])
+        if wanted - known:
+            raise UsageError(f"unknown status {sorted(wanted - known)}; use some of: {', '.join(sorted(known))}")
+        if not 1 <= limit <= 1000:
+            raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
+        if offset < 0:
+            raise UsageError(f"offset must be >= 0 (got {offset})")
+        page, total = ws.registry.list(wanted or None, limit=limit, offset=offset)
+
+        def rows() -> list[TaskSummary]:  # last lines may come from the logs: read off the event loop
+            return [TaskSummary.of(t.record, last_line=ws.registry.last_line(t)) for t in page]
+
+        return TaskList(total=total, tasks=await anyio.to_thread.run_sync(rows))
+
+
+async def _launch_answer(ws: Workspace, task: Task, run_in_background: bool) -> LaunchResult:
+    if run_in_background:
+        return LaunchResult.of(task.record)
+    done = await ws.registry.wait([task], mode="all", timeout=ws.settings.wait_cap_s)
+    view = await anyio.to_thread.run_sync(
+        lambda: view_task(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None))
+    return LaunchResult(**view.model_dump(), retrieval_status="success" if done else "timeout")
+
+
+async def _launch_item(ws: Workspace, item: str) -> Task:
+    _check_text("item", item)
+    item_id = parse_item_id(item)
+    queue = await anyio.to_thread.run_sync(ws.queue)
+    graph = await anyio.to_thread.run_sync(queue.graph)
+    return await launch_item(queue, graph, check_ready(graph, item_id), by="launch_task")
+
+
+def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> None:
+    @server.tool(title="Plan the work queue",
+                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+    @_tool_errors
+    async def queue_plan(
+        ctx: Context,
+        queue_dir: Annotated[str | None, Field(description="queue directory inside the workspace (default .agent/queue)")] = None,
+        max_parallel: Annotated[int | None, Field(description="slots to plan for (default: autonomy.max_parallel, else 5)")] = None,
+    ) -> QueuePlan:
+        """Read the work queue (.agent/queue/NNN-STATUS-slug.md files) and say what can run now and in what order.
+
+        Checks every item: dependencies (blocked_by/blocks), cycles (printed as paths), references
+        to missing ids, duplicate ids, and which items conflict because they touch the same files
+        or components (those never run together). Returns `run_now` (ids to start now, best
+        first), the predicted `waves`, the `critical_path`, `conflicts`, fork-join and pipeline
+        `patterns`, `errors`/`warnings` naming file and field, the predicted makespan beside its
+        lower bound, and a Mermaid flowchart. Call it before run_queue, or to pick items to
+        launch yourself with launch_task(item=...).
+        """
+        _check_text("queue_dir", queue_dir)
+        return await anyio.to_thread.run_sync(lambda: plan_workspace(root, queue_dir, max_parallel, reader))
+
+    @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
+    async def queue_plan_resource() -> str:
+        """The current plan of the workspace's queue (what queue_plan returns with its defaults)."""
+        # our errors (e.g. no queue directory) reach the client as the SDK's resource error: see AgentParallelServer
+        return (await anyio.to_thread.run_sync(lambda: plan_workspace(root, None, None, reader))).model_dump_json()
+
+    @server.tool(title="Run the work queue",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
+                                             open_world_hint=True))
+    @_tool_errors
+    async def run_queue(
+        ctx: Context,
+        max_parallel: Annotated[int | None, Field(description="items at once (default from config; clamped to 1..64)")] = None,
+        level: Annotated[Literal["L1", "L2", "L3"] | None, Field(description="autonomy level: L1/L2 stop at the first failure; L3 may continue")] = None,
+        continue_on_error: Annotated[bool | None, Field(description="L3 only: keep going past failures, skipping what depends on them")] = None,
+        items: Annotated[list[str] | None, Field(description="run only these item ids (and the pending items they need)")] = None,
+    ) -> RunStarted:
+        """Carry out the work queue in the background: answer at once with a run_id.
+
+        Keeps up to max_parallel items running, starting the best-ranked ready item that
+        conflicts with nothing running the moment a slot frees, and moves each item's file
+        pending -> in_progress -> completed/failed. Items run their `command` (or the configured
+        runner). L1/L2: the first failure stops new starts; L3 with continue_on_error: only what
+        depends on a failure is skipped. Follow it with task_output(task_id=run_id): progress
+        (counts, running items) while it runs, and at the end the report (completed, failed with
+        exit code and last lines, skipped with the failed item they waited on, not started, and
+        the makespan achieved beside the plan's lower bound). Stop it with cancel_task(run_id).
+        """
+        ws = workspace_of(ctx)
+        for item in items or []:
+            _check_text("items", item)
+        queue = await anyio.to_thread.run_sync(ws.queue)
+        task, warnings = await start_run(queue, max_parallel=max_parallel, level=level,
+                                         continue_on_error=continue_on_error, items=items)
+        run = task.handle
+        assert isinstance(run, QueueRun)
+        planned = [format_id(i) for i in run.members]
+        return RunStarted(
+            run_id=task.record.task_id, status=task.record.status, level=run.options.level,
+            continue_on_error=run.options.continue_on_error, max_parallel=run.options.max_parallel, items=planned, predicted_makespan=run.predicted, lower_bound=run.lower_bound,
+            warnings=warnings,
+            message=(f"run {task.record.task_id} started with {len(planned)} item(s) to consider; "
+                     f"follow it with task_output(task_id=\"{task.record.task_id}\")") if planned else
+                    f"nothing to run: no pending item is ready or waiting (run {task.record.task_id} ends at once)")
+
+    @server.tool(title="Update a queue item's status",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                                             open_world_hint=False))
+    @_tool_errors
+    async def update_item(
+        ctx: Context,
+        item: Annotated[str, Field(description="item id, e.g. '007'")],
+        status: Annotated[Literal["pending", "in_progress", "completed", "failed", "blocked"], Field(description="the new status")],
+        reason: Annotated[str | None, Field(description="why (recorded in the run history)")] = None,
+    ) -> ItemMoved:
+        """Move a queue item you carry out yourself: claim it (in_progress), then mark it completed, failed or blocked.
+
+        Allowed moves: pending -> in_progress -> completed | failed | blocked, and blocked or
+        failed -> pending. Claiming is exclusive: if another agent or run claimed the item first,
+        you get an error naming the claimant; pick another item from queue_plan's run_now.
+        Renames the file in place; never overwrites a file.
+        """
+        ws = workspace_of(ctx)
+        _check_text("item", item)
+        item_id = parse_item_id(item)
+
+        def move() -> ItemMoved:  # the config, the queue directory and its lock: off the event loop
+            queue = ws.queue()
+            # claims of servers that no longer run are given back first (planning never moves files)
+            released = release_stale_claims(queue.queue_dir, queue.runs_dir)
+            _, name = find_item(queue.queue_dir, item_id)
+            new = move_item(queue.queue_dir, queue.runs_dir, item_id, status, by="an agent (update_item)", reason=reason)
+            return ItemMoved(item=name.id_str, previous_status=name.status, status=status, file=new.name,
+                             message=f"item {name.id_str} moved from {name.status} to {status} ({new.name})",
+                             warnings=[f"item {item} ({file}): {message}" for item, file, message in released])
+
+        return await anyio.to_thread.run_sync(move)
+
+
+def _check_timeout(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    if math.isnan(value) or value <= 0 or value > MAX_TIMEOUT_S:
+        raise UsageError(f"{name} must be a number of seconds between 0 and {MAX_TIMEOUT_S:g} (7 days), got {value}")
+    return value
+
+
+def _check_text(name: str, value: str | None) -> None:
+    """A NUL character cannot be in a path or a name: say so, naming the argument."""
+    if value is not None and "\0" in value:
+        raise UsageError(f"`{name}` {cut(repr(value), 60)} contains a NUL character; remove it")
+
+
+def _task_ids(task_id: str | None, task_ids: list[str] | None) -> list[str]:
+    """The ids of one call, repeats removed (first occurrence kept), at most MAX_TASK_IDS."""
+    ids = [task_id] if task_id is not None else list(dict.fromkeys(task_ids or []))
+    if len(ids) > MAX_TASK_IDS:
+        raise UsageError(f"task_ids names {len(ids):,} different tasks; at most {MAX_TASK_IDS} are accepted per "
+                         "call: split them over several calls")
+    return ids
