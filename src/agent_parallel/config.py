@@ -40,7 +40,7 @@ import math
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -346,7 +346,7 @@ def alias_problem(text: str, loader: type) -> str | None:
     return None
 
 
-def _section(data: dict, dotted: str) -> dict:
+def _section(data: dict[str, Any], dotted: str) -> dict[str, Any]:
     """The mapping at `dotted` (``autonomy.l3_settings``), empty when absent."""
     value: object = data
     for key in dotted.split("."):
@@ -355,7 +355,7 @@ def _section(data: dict, dotted: str) -> dict:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(dotted, f"must be a mapping of settings, not {describe(value)}")
-    return value  # type: ignore[return-value]
+    return cast(dict[str, Any], value)  # checked to be a mapping in the loop
 
 
 def _level(value: object) -> Level:
@@ -364,7 +364,7 @@ def _level(value: object) -> Level:
         text = "L" + text
     if text not in ("L1", "L2", "L3"):
         raise ConfigError("autonomy.level", f"must be L1, L2 or L3, not {short_repr(value)}")
-    return text  # type: ignore[return-value]
+    return cast(Level, text)  # one of the three, checked above
 
 
 def _whole_number(key: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -6,7 +6,7 @@ Times are ISO 8601 strings in UTC; ids and field names follow ``TOOLS.md``.
 from __future__ import annotations
 
 from datetime import datetime, UTC
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, Field
 
@@ -52,7 +52,7 @@ class TaskView(BaseModel):
     run: RunProgress | None = Field(None, description="for a run_queue run: progress, and the report once finished")
 
     @classmethod
-    def of(cls, rec: TaskRecord, *, short: bool = False, **extra: object) -> TaskView:
+    def of(cls, rec: TaskRecord, *, short: bool = False, **extra: object) -> Self:
         """``short``: one of several tasks, so the command and description are cut (task_output with
         the one task_id shows them whole)."""
         description, command = rec.description, rec.command

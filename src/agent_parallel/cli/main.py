@@ -11,11 +11,16 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .. import __version__
 from ..errors import AgentParallelError, UsageError
+
+if TYPE_CHECKING:  # imported where used, so `agent-parallel --help` stays quick
+    from mcp.server.transport_security import TransportSecuritySettings
+    from rich.text import Text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="agent-parallel: %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except AgentParallelError as exc:
         print(f"agent-parallel: error: {exc}", file=sys.stderr)
         return 2
@@ -174,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if status == "completed" else 1
 
 
-def _warning(text: str):  # type: ignore[no-untyped-def]
+def _warning(text: str) -> Text:
     """``warning: TEXT`` for rich, TEXT printed as text (a title like ``Fix [/x]`` is not markup)."""
     from rich.text import Text
 
@@ -263,8 +269,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_ENV = "AGENT_PARALLEL_TOKEN"
 
 
-def _http_security(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """Loopback: the SDK's automatic Host/Origin checks. Elsewhere: explicit opt-in, a token, our hosts only."""
+def _http_security(args: argparse.Namespace) -> tuple[TransportSecuritySettings | None, str | None, str]:
+    """(transport security, bearer token, public URL). Loopback: the SDK's automatic Host/Origin checks.
+    Elsewhere: explicit opt-in, a token, our hosts only."""
     import os
 
     from mcp.server.transport_security import TransportSecuritySettings

@@ -270,7 +270,7 @@ def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str
         os.close(fd)
 
 
-def _moves_newest_first(runs_dir: Path) -> Iterator[dict]:
+def _moves_newest_first(runs_dir: Path) -> Iterator[dict[str, Any]]:
     """The recorded moves from the newest back, reading the files from their end in blocks, so a
     lookup that finds its answer near the end reads only that far. At most `_READ_BACK_BYTES` of
     each file are read: rotation keeps them smaller, but a file written before rotation existed
@@ -297,7 +297,7 @@ def _moves_newest_first(runs_dir: Path) -> Iterator[dict]:
                 yield move  # the first line (a cut line at `stop` is not a whole move)
 
 
-def _parse_move(line: bytes) -> dict | None:
+def _parse_move(line: bytes) -> dict[str, Any] | None:
     try:
         move = json.loads(line)
     except ValueError:
@@ -305,17 +305,17 @@ def _parse_move(line: bytes) -> dict | None:
     return move if isinstance(move, dict) else None
 
 
-def history(runs_dir: Path, item: str | None = None) -> list[dict]:
+def history(runs_dir: Path, item: str | None = None) -> list[dict[str, Any]]:
     """The recorded moves still kept (both files), oldest first (of one item if given)."""
     moves = [move for move in _moves_newest_first(runs_dir) if item is None or move.get("item") == item]
     moves.reverse()
     return moves
 
 
-def last_moves(runs_dir: Path, items: set[str], *, to: str | None = None) -> dict[str, dict]:
+def last_moves(runs_dir: Path, items: set[str], *, to: str | None = None) -> dict[str, dict[str, Any]]:
     """Item -> its latest recorded move (only moves to `to` if given), reading from the end and
     stopping once every item of `items` is found."""
-    found: dict[str, dict] = {}
+    found: dict[str, dict[str, Any]] = {}
     if not items:
         return found
     for move in _moves_newest_first(runs_dir):
@@ -354,7 +354,7 @@ def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str
     return released
 
 
-def stale_claims(runs_dir: Path, in_progress: list[ItemName]) -> list[tuple[ItemName, dict]]:
+def stale_claims(runs_dir: Path, in_progress: list[ItemName]) -> list[tuple[ItemName, dict[str, Any]]]:
     """The in-progress items whose recorded claim was made by a process that no longer runs, with
     that claim. Read-only (the plan reports them; `release_stale_claims` moves them). Claims made
     with ``update_item`` (an agent doing the work itself) record no process and are never stale."""

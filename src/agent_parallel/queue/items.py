@@ -21,7 +21,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -128,7 +128,7 @@ def parse_file_name(file_name: str) -> ItemName | Diagnostic:
     if not _SLUG.fullmatch(slug):
         return _bad_name(file_name, id_str, f"file name slug {slug!r} must be lower-case words joined by - "
                          f"(letters and digits only)")
-    return ItemName(int(id_str), id_str, status, slug)  # type: ignore[arg-type]
+    return ItemName(int(id_str), id_str, cast(Status, status), slug)  # checked against STATUSES above
 
 
 def _bad_name(file_name: str, id_str: str | None, message: str) -> Diagnostic:
@@ -205,7 +205,7 @@ def _body_fields(body: str) -> tuple[dict[str, tuple[str, object]], str | None]:
     return fields, heading
 
 
-class _ItemLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+class _ItemLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # the C loader where libyaml is built in: a base chosen at import time
     """Safe YAML that reads ``010`` as ten (not YAML 1.1 octal eight) and ``1:30`` as text."""
 
 
@@ -225,7 +225,7 @@ _FRONT_START = re.compile(r"---[ \t]*\n")
 _FRONT_END = re.compile(r"^(?:---|\.\.\.)[ \t]*$", re.MULTILINE)
 
 
-def _front_matter(text: str) -> tuple[dict | None, str, str | None]:
+def _front_matter(text: str) -> tuple[dict[str, Any] | None, str, str | None]:
     """Split ``---`` front matter from the body: (mapping or None, body, problem or None)."""
     start = _FRONT_START.match(text)
     if not start:
@@ -384,7 +384,7 @@ def _priority(value: object, problems: list[str]) -> Priority:
     if text not in PRIORITIES:
         problems.append(f"priority: {short_repr(value)} is not one of {', '.join(PRIORITIES)}")
         return "medium"
-    return text  # type: ignore[return-value]
+    return cast(Priority, text)  # checked against PRIORITIES above
 
 
 def _seconds(field: str, value: object, problems: list[str], *, allow_zero: bool) -> float | None:
@@ -510,7 +510,7 @@ class QueueSnapshot:
     directory: Path
     items: tuple[WorkItem, ...]
     diagnostics: tuple[Diagnostic, ...]
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 class QueueReader:
@@ -577,7 +577,7 @@ class QueueReader:
             self._cache[directory] = (current, snapshot)
             return snapshot
 
-    def _read_one(self, root: Path, entry: os.DirEntry, relative_dir: str, cached: _Parsed | None
+    def _read_one(self, root: Path, entry: os.DirEntry[str], relative_dir: str, cached: _Parsed | None
                   ) -> _Parsed | None:
         """Parse one entry, or reuse the cached result if the file is unchanged; None skips it.
 

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from pydantic import BaseModel, Field
 
@@ -169,7 +170,7 @@ class QueueGraph:
     """Longest estimate-weighted path from the item to the end, its own estimate included."""
     unblocks_count: dict[int, int] = field(default_factory=dict)
     """How many schedulable items transitively wait on the item."""
-    rank: dict[int, tuple] = field(default_factory=dict)
+    rank: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     """Priority key of every schedulable item; smaller runs first."""
     position: dict[int, int] = field(default_factory=dict)
     """Schedulable and in-progress items -> index in one topological order (their bit in `reach`)."""
@@ -234,7 +235,7 @@ def _error(errors: list[Diagnostic], kind: str, item: WorkItem, message: str, pa
     errors.append(Diagnostic(kind=kind, item=item.id_str, file=item.file, message=message, path=path))
 
 
-def _diagnostic_order(diagnostic: Diagnostic) -> tuple:
+def _diagnostic_order(diagnostic: Diagnostic) -> tuple[Any, ...]:
     return (diagnostic.file is None, diagnostic.file or "", diagnostic.kind, diagnostic.message)
 
 
@@ -370,7 +371,7 @@ def show_path(labels: Sequence[str], limit: int = MAX_PATH_SHOWN) -> str:
 
 
 def _spread_trouble(by_id: dict[int, WorkItem], unblocks: dict[int, list[int]], causes: dict[int, str],
-                    waits_on_broken: dict[int, set[int]], skip: set[int] = frozenset()  # type: ignore[assignment]
+                    waits_on_broken: dict[int, set[int]], skip: AbstractSet[int] = frozenset()
                     ) -> dict[int, tuple[int, int]]:
     """Pending items behind a troubled item: item -> (the item it directly waits on, the root cause).
 
@@ -1024,7 +1025,7 @@ def _make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max
     })
 
 
-def _plan_item(graph: QueueGraph, item: WorkItem) -> dict:
+def _plan_item(graph: QueueGraph, item: WorkItem) -> dict[str, Any]:
     """One `PlanItem` as plain data."""
     labels = graph.labels
     node = item.id in graph.by_id

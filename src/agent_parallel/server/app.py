@@ -169,7 +169,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                 yield Workspace(root, settings, registry, reader)
                 tg.cancel_scope.cancel()
 
-    auth: dict = {}
+    auth: dict[str, Any] = {}
     if bearer_token is not None:
         url = public_url or "http://127.0.0.1"
         auth = {"token_verifier": StaticTokenVerifier(bearer_token),

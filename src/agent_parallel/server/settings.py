@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mcp.server.mcpserver import Context
 
-from ..errors import UsageError
+from ..errors import InternalError, UsageError
 from ..config import Config, load_config
 from ..queue.items import QueueReader
 from ..queue.run import QueueContext
@@ -72,4 +72,7 @@ class Workspace:
 
 
 def workspace_of(ctx: Context) -> Workspace:
-    return ctx.request_context.lifespan_context
+    ws = ctx.request_context.lifespan_context
+    if not isinstance(ws, Workspace):
+        raise InternalError("the server was built without its Workspace lifespan; build it with build_server()")
+    return ws

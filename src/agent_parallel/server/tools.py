@@ -91,7 +91,7 @@ def register_task_tools(server: MCPServer) -> None:
             return await _launch_answer(ws, task, run_in_background)
         # every argument is checked before anything starts: an error after the start invites a retry (a second run);
         # strings bound for the process (command, env) are checked by registry.launch, before it registers anything
-        if not command.strip():
+        if command is None or not command.strip():
             raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
         timeout_s = _check_timeout(timeout_s, "timeout_s")
         _check_text("cwd", cwd)
@@ -195,7 +195,7 @@ def register_task_tools(server: MCPServer) -> None:
             for i in range(len(tasks)):
                 tg.start_soon(stop, i)
         parts = [f"{t.record.task_id}: {'cancelled' if s else f'already {t.record.status.value}, nothing to do'}"
-                 for t, s in zip(tasks, stopped)]
+                 for t, s in zip(tasks, stopped, strict=True)]
         return CancelResult(tasks=[TaskView.of(t.record, short=len(tasks) > 1) for t in tasks], message="; ".join(parts))
 
     @server.tool(title="List tasks",

@@ -27,7 +27,7 @@ async def wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, t
     with anyio.move_on_after(timeout):
         while True:
             views = [run.progress() for run in runs]
-            finished = sum(_items_finished(run, p) for run, p in zip(runs, views))
+            finished = sum(_items_finished(run, p) for run, p in zip(runs, views, strict=True))
             if total and finished > sent:
                 sent = finished
                 message = "; ".join(f"run {p.run_id}: " + ", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n)
@@ -64,6 +64,7 @@ def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, 
     on the event loop). ``short`` cuts the command and description (one of several tasks).
     """
     chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
+    run: RunProgress | None
     if isinstance(task.handle, QueueRun):
         run = live_run if live_run is not None else task.handle.progress()
     else:  # a run of an earlier server, or not a run

@@ -266,7 +266,7 @@ def release_subreaper() -> None:
 def _prctl_subreaper(on: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) == 0
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
 
