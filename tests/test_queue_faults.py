@@ -399,9 +399,43 @@ def test_queue_lock_never_waits_forever(queue, monkeypatch):
         holder.kill()
         holder.wait()
     assert str(caught.value).startswith(f"the queue lock {runs / 'queue.lock'} has been held by another process for "
-                                        "over 0.5 s; nothing was moved.")
+                                        "over 0.5 s with no item moved meanwhile; nothing was moved.")
     assert [p.name for p in queue_dir.iterdir()] == ["001-pending-x.md"]
     assert move_item(queue_dir, runs, 1, "in_progress", by="agent-a").name == "001-in_progress-x.md"
+
+
+BUSY_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+history = sys.argv[2]
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with open(history, "a") as f:
+        f.write('{"item": "999", "to": "pending"}\\n')  # a move made: progress
+    time.sleep(0.2)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    time.sleep(0.0005)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.fault("fifty agents share one queue lock: a claimant that waits longer than LOCK_TIMEOUT_S while others keep "
+                   "moving items is busy, not stuck, and is never timed out (a 50-claimer race lost an item to it)")
+def test_queue_lock_wait_goes_on_while_others_make_progress(queue, monkeypatch):
+    queue_dir, runs = queue
+    (queue_dir / "001-pending-x.md").write_text("x")
+    monkeypatch.setattr("agent_parallel.queue.claims.LOCK_TIMEOUT_S", 0.5)
+    holder = subprocess.Popen([sys.executable, "-c", BUSY_HOLDER, str(runs / "queue.lock"), str(runs / "history.jsonl"),
+                               "1.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.1)  # the holder has the lock and keeps it nearly all the time, moving items
+        started = time.monotonic()
+        assert move_item(queue_dir, runs, 1, "in_progress", by="agent-a").name == "001-in_progress-x.md"
+        assert time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.fixture

@@ -68,9 +68,11 @@ class BadTransition(QueueError):
 def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]:
     """Hold the queue's exclusive lock: across threads, processes and servers.
 
-    Waits at most `timeout_s` (default `LOCK_TIMEOUT_S`), then raises `QueueError` naming the lock
-    file: a holder that never lets go (a stopped process, a hung file system) must not hang every
-    caller with it.
+    Gives up with a `QueueError` naming the lock file once `timeout_s` (default `LOCK_TIMEOUT_S`)
+    pass with the lock held and no item moved meanwhile: a holder that never lets go (a stopped
+    process, a hung file system) must not hang every caller with it. Busy is not stuck: while
+    other claimants keep moving items (the history grows), the wait goes on, so fifty agents
+    sharing one queue never time out each other.
     """
     timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     path = runs_dir / LOCK_FILE
@@ -81,22 +83,35 @@ def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]
                          "exists and is writable") from exc
     try:
         deadline = time.monotonic() + timeout_s
+        progress = _history_mark(runs_dir)
         pause = 0.001
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                now, mark = time.monotonic(), _history_mark(runs_dir)
+                if mark != progress:  # someone moved an item: contention, not a stuck holder
+                    progress, deadline = mark, now + timeout_s
+                elif now >= deadline:
                     raise QueueError(
-                        f"the queue lock {path} has been held by another process for over {timeout_s:g} s; "
-                        f"nothing was moved. Try again; if it persists, find the holder with `fuser {path}` "
-                        "(another agent-parallel server or run) and stop it") from None
+                        f"the queue lock {path} has been held by another process for over {timeout_s:g} s with "
+                        f"no item moved meanwhile; nothing was moved. Try again; if it persists, find the holder "
+                        f"with `fuser {path}` (another agent-parallel server or run) and stop it") from None
                 time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+                pause = min(pause * 2, 0.01)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _history_mark(runs_dir: Path) -> tuple[int, int] | None:
+    """Size and change time of the history: it grows with every move, so a change means progress."""
+    try:
+        st = os.stat(runs_dir / HISTORY_FILE)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
