@@ -255,7 +255,8 @@ async def test_an_item_ending_while_others_start_frees_its_slot_at_once(client, 
     out = await run_to_end(client, max_parallel=16)
     outcomes = by_item(out)
     waited = outcomes["015"]["started_at"] - outcomes["002"]["ended_at"]
-    assert waited < 0.2, f"015 waited {waited:.3f}s after 002 ended, with free slots"
+    # the missed wake-up waited for the wide items (about 1 s); a loaded 2-core machine adds a few 100 ms at most
+    assert waited < 0.6, f"015 waited {waited:.3f}s after 002 ended, with free slots"
 
 
 async def test_blocking_on_a_run_sends_progress_notifications(client, workspace):
