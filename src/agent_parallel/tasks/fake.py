@@ -1,14 +1,14 @@
 """``FakeExecutor``: an ``Executor`` that runs no process, for tests of what lies above it.
 
 Like httpx's ``MockTransport``, it stands where the real thing would and does what the test
-scripted: each task gets an ``Outcome`` (by its command, or from a function of its
+scripted: each task gets an ``FakeOutcome`` (by its command, or from a function of its
 ``LaunchSpec``): output written to the task's log, an exit code or a signal, a delay (seconds,
 or until an ``anyio.Event`` the test sets), or an exception raised at start. Everything the
 registry and the queue do around a task (records, waiting, cancelling, timeouts, follow-ups) is
 then tested in milliseconds. Tests of process behaviour (kills, escapes, floods of output) use
 ``LocalExecutor`` and real processes.
 
-    executor = FakeExecutor({"build": Outcome(output=b"ok\\n"), "test": Outcome(exit_code=1)})
+    executor = FakeExecutor({"build": FakeOutcome(output=b"ok\\n"), "test": FakeOutcome(exit_code=1)})
     async with open_registry(root, runs, settings, executor) as registry: ...
 """
 
@@ -25,7 +25,7 @@ from .logs import LogWriter
 
 
 @dataclass
-class Outcome:
+class FakeOutcome:
     """What a fake task does: writes ``output``, then after ``delay`` seconds (and once ``release``
     is set, when given) exits with ``exit_code``, or is killed by ``signal``. With ``start_error``
     the start fails instead (an ``Exception`` other than ``SpawnError`` plays an executor bug)."""
@@ -41,16 +41,16 @@ class Outcome:
 @dataclass
 class FakeExecutor:
     """An ``Executor`` without processes. ``outcomes`` maps a command (the shell line, or the argv
-    joined by spaces) to its ``Outcome``, or is a function of the ``LaunchSpec``; unknown commands
+    joined by spaces) to its ``FakeOutcome``, or is a function of the ``LaunchSpec``; unknown commands
     get ``default``. ``started`` lists every spec started, ``handles`` their handles, in order."""
 
-    outcomes: dict[str, Outcome] | Callable[[LaunchSpec], Outcome] = field(default_factory=dict)
-    default: Outcome = field(default_factory=Outcome)
+    outcomes: dict[str, FakeOutcome] | Callable[[LaunchSpec], FakeOutcome] = field(default_factory=dict)
+    default: FakeOutcome = field(default_factory=FakeOutcome)
     started: list[LaunchSpec] = field(default_factory=list)
     handles: list[FakeHandle] = field(default_factory=list)
     closed: bool = False
 
-    def outcome_for(self, spec: LaunchSpec) -> Outcome:
+    def outcome_for(self, spec: LaunchSpec) -> FakeOutcome:
         if callable(self.outcomes):
             return self.outcomes(spec)
         shown = spec.command if spec.command is not None else " ".join(spec.argv or [])
@@ -81,7 +81,7 @@ class FakeHandle:
     pid: int | None = None
     start_time: int | None = None
 
-    def __init__(self, spec: LaunchSpec, outcome: Outcome) -> None:
+    def __init__(self, spec: LaunchSpec, outcome: FakeOutcome) -> None:
         self.spec, self.outcome = spec, outcome
         self.survivors: list[int] = []
         self.terminated: list[float] = []  # the grace of each terminate() call
@@ -116,4 +116,4 @@ class FakeHandle:
         return self._exit is not None
 
 
-__all__ = ["FakeExecutor", "FakeHandle", "Outcome"]
+__all__ = ["FakeExecutor", "FakeHandle", "FakeOutcome"]
