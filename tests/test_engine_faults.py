@@ -20,6 +20,7 @@ import anyio
 import pytest
 from mcp import Client
 
+from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from agent_parallel.errors import QueueError, ResourceLimitError, UsageError
 from agent_parallel.tasks import registry as registry_module
 from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
@@ -72,19 +73,6 @@ async def still_works(registry) -> None:
 # ------------------------------------------------------------------ 1. supervision failures
 
 
-class BrokenExecutor:
-    """An execution engine whose start fails the way a queue run's or a remote one's can."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-    async def start(self, spec, log):
-        raise self.exc
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.fault("an executor's start raises something other than SpawnError (QueueError, OSError, a bug): "
                    "that task fails with the reason, the server goes on")
 @pytest.mark.parametrize("exc, reason", [
@@ -98,7 +86,7 @@ class BrokenExecutor:
 async def test_any_executor_failure_fails_only_that_task(workspace, exc, reason):
     async with open_registry(workspace, runs_of(workspace), GRACE) as registry:
         with anyio.fail_after(10):
-            task = await registry.launch(command="true", cwd=workspace, executor=BrokenExecutor(exc))
+            task = await registry.launch(command="true", cwd=workspace, executor=FakeExecutor(default=FakeOutcome(start_error=exc)))
             await task.done.wait()
         assert task.record.status == "failed" and task.record.reason == reason
         assert registry.has_room() and registry._active == 0

@@ -142,6 +142,7 @@ class _Unkillable:
 
     def __init__(self) -> None:
         self.released = anyio.Event()
+        self.survivors: list[int] = []  # (the TaskHandle protocol: none reported)
 
     async def wait(self) -> ExitInfo:
         await self.released.wait()

@@ -15,6 +15,7 @@ PUBLIC = [
     "Config", "load_config",
     "TaskRegistry", "RegistrySettings", "open_registry", "Task", "TaskRecord", "TaskStatus",
     "Executor", "LocalExecutor", "TaskHandle", "LaunchSpec", "ExitInfo", "SpawnError",
+    "ExecutorError", "Job", "FakeExecutor", "FakeOutcome",
     "QueueReader", "WorkItem", "Diagnostic", "make_plan", "QueuePlan", "plan_workspace",
 ]
 

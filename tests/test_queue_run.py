@@ -8,10 +8,42 @@ from pathlib import Path
 import anyio
 import pytest
 
+from mcp import Client
+
+from agent_parallel.server import build_server
+from agent_parallel.tasks.executor import LaunchSpec
+from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from conftest import call, call_error
 from queue_helpers import statuses, write_config, write_item
 
 pytestmark = pytest.mark.anyio
+
+
+def like_the_shell(spec: LaunchSpec) -> FakeOutcome:
+    """What the items' commands here would do, without a process: ``echo X [>&2]``, ``exit N``,
+    ``sleep S`` and ``true``, joined by ``;``."""
+    outcome = FakeOutcome()
+    for part in (spec.command or "").split(";"):
+        word, _, rest = part.strip().partition(" ")
+        if word == "echo":
+            outcome.output += rest.removesuffix(">&2").strip().encode() + b"\n"
+        elif word == "exit":
+            outcome.exit_code = int(rest)
+            break
+        elif word == "sleep":
+            outcome.delay += float(rest)
+        elif word != "true":
+            raise AssertionError(f"like_the_shell does not know {part!r}")
+    return outcome
+
+
+@pytest.fixture
+async def fake_client(workspace, settings):
+    """A client of a server whose item tasks run on a ``FakeExecutor``: for tests of scheduling and
+    reporting, where a real process adds nothing."""
+    async with Client(build_server(workspace, settings, executor=FakeExecutor(like_the_shell)),
+                      raise_exceptions=True) as c:
+        yield c
 
 
 async def run_to_end(client, **args) -> dict:
@@ -33,9 +65,9 @@ def fork_join(root: Path, *, middle: str = "echo b") -> None:
     write_item(root, 4, "join", command="echo d", blocked_by=[2, 3], files=["d"])
 
 
-async def test_successful_run_completes_everything_and_reports(client, workspace):
+async def test_successful_run_completes_everything_and_reports(fake_client, workspace):
     fork_join(workspace)
-    out = await run_to_end(client, level="L2")
+    out = await run_to_end(fake_client, level="L2")
     assert out["status"] == "completed" and out["exit_code"] == 0
     assert statuses(workspace) == {"001": "completed", "002": "completed", "003": "completed", "004": "completed"}
     report = out["run"]
@@ -45,9 +77,9 @@ async def test_successful_run_completes_everything_and_reports(client, workspace
 
 
 @pytest.mark.parametrize("level", ["L1", "L2"])
-async def test_l1_l2_stop_on_first_failure_and_let_running_items_finish(client, workspace, level):
+async def test_l1_l2_stop_on_first_failure_and_let_running_items_finish(fake_client, workspace, level):
     fork_join(workspace, middle="echo broken >&2; exit 4")
-    out = await run_to_end(client, level=level, continue_on_error=True)
+    out = await run_to_end(fake_client, level=level, continue_on_error=True)
     report = by_item(out)
     assert out["status"] == "failed"
     assert report["002"]["outcome"] == "failed" and report["002"]["exit_code"] == 4
@@ -58,20 +90,20 @@ async def test_l1_l2_stop_on_first_failure_and_let_running_items_finish(client, 
     assert statuses(workspace) == {"001": "completed", "002": "failed", "003": "completed", "004": "pending"}
 
 
-async def test_l2_failure_leaves_independent_items_not_started(client, workspace):
+async def test_l2_failure_leaves_independent_items_not_started(fake_client, workspace):
     write_item(workspace, 1, "fails", command="exit 1", files=["a"], priority="critical")
     write_item(workspace, 2, "later", command="sleep 0.2", files=["a"])
-    out = await run_to_end(client, level="L2", max_parallel=1)
+    out = await run_to_end(fake_client, level="L2", max_parallel=1)
     report = by_item(out)
     assert report["002"]["outcome"] == "not_started"
     assert report["002"]["reason"].startswith("item 001 failed and level L2 stops on the first failure")
     assert statuses(workspace)["002"] == "pending"
 
 
-async def test_l3_continue_on_error_skips_only_dependents(client, workspace):
+async def test_l3_continue_on_error_skips_only_dependents(fake_client, workspace):
     fork_join(workspace, middle="exit 2")
     write_item(workspace, 5, "independent", command="echo free", files=["e"])
-    out = await run_to_end(client, level="L3", continue_on_error=True)
+    out = await run_to_end(fake_client, level="L3", continue_on_error=True)
     report = by_item(out)
     assert [report[i]["outcome"] for i in ("001", "002", "003", "004", "005")] == [
         "completed", "failed", "completed", "skipped", "completed"]
@@ -79,9 +111,9 @@ async def test_l3_continue_on_error_skips_only_dependents(client, workspace):
     assert statuses(workspace)["004"] == "pending"
 
 
-async def test_l3_without_continue_on_error_stops(client, workspace):
+async def test_l3_without_continue_on_error_stops(fake_client, workspace):
     fork_join(workspace, middle="exit 2")
-    out = await run_to_end(client, level="L3", continue_on_error=False)
+    out = await run_to_end(fake_client, level="L3", continue_on_error=False)
     assert out["run"]["stop_reason"] == "item 002 failed and continue_on_error is off; running items were left to finish"
 
 
@@ -221,11 +253,11 @@ async def test_queue_errors_are_clear(client, workspace):
         "in the workspace root with its own `timeout` and waits on its `blocked_by` items")
 
 
-async def test_max_parallel_is_clamped_with_a_warning(client, workspace):
+async def test_max_parallel_is_clamped_with_a_warning(fake_client, workspace):
     write_item(workspace, 1, "a", command="true", files=["a"])
-    run = await call(client, "run_queue", max_parallel=500)
+    run = await call(fake_client, "run_queue", max_parallel=500)
     assert run["max_parallel"] == 64 and run["warnings"] == ["max_parallel 500 is outside 1..64; using 64"]
-    await call(client, "task_output", task_id=run["run_id"])
+    await call(fake_client, "task_output", task_id=run["run_id"])
 
 
 async def test_task_cap_reached_mid_run_holds_the_item_until_a_slot_frees(workspace):

@@ -16,7 +16,7 @@ from agent_parallel.queue.claims import history
 from agent_parallel.config import load_config
 from agent_parallel.paths import runs_dir
 from agent_parallel.queue.items import QueueReader
-from agent_parallel.queue.run import QueueContext, QueueRun, start_run
+from agent_parallel.queue.run import QueueContext, run_of, start_run
 from agent_parallel.tasks.records import TaskStatus
 from agent_parallel.tasks.registry import RegistrySettings, open_registry
 from agent_parallel.server import ServerSettings, build_server
@@ -278,8 +278,8 @@ async def test_task_cap_holds_a_start_and_resumes_on_an_event(workspace):
     async with open_registry(root, runs_dir(root), settings) as registry:
         other = await registry.launch(command="sleep 1", cwd=root)  # with the run: the cap
         task, _ = await start_run(QueueContext(root, registry.runs_dir, config, registry, QueueReader()))
-        run = task.handle
-        assert isinstance(run, QueueRun)
+        run = run_of(task)
+        assert run is not None
         await until(lambda: run.held is not None)
         assert run.held == ("the server already has 2 tasks queued or running (its limit); "
                             "the next item starts when one of them ends")

@@ -25,6 +25,8 @@ _HOMES = {
     "Task": "tasks.registry", "TaskRecord": "tasks.records", "TaskStatus": "tasks.records",
     "Executor": "tasks.executor", "LocalExecutor": "tasks.executor", "TaskHandle": "tasks.executor",
     "LaunchSpec": "tasks.executor", "ExitInfo": "tasks.executor", "SpawnError": "tasks.executor",
+    "ExecutorError": "tasks.executor", "Job": "tasks.registry",
+    "FakeExecutor": "tasks.fake", "FakeOutcome": "tasks.fake",
     # the work queue
     "QueueReader": "queue.items", "WorkItem": "queue.items", "Diagnostic": "queue.items",
     "make_plan": "queue.planner", "QueuePlan": "queue.planner", "plan_workspace": "queue.plan",
@@ -57,8 +59,10 @@ if TYPE_CHECKING:
     from .queue.plan import plan_workspace as plan_workspace
     from .queue.planner import QueuePlan as QueuePlan, make_plan as make_plan
     from .server import ServerSettings as ServerSettings, build_server as build_server
-    from .tasks.executor import (Executor as Executor, ExitInfo as ExitInfo, LaunchSpec as LaunchSpec,
-                                 LocalExecutor as LocalExecutor, SpawnError as SpawnError, TaskHandle as TaskHandle)
+    from .tasks.executor import (Executor as Executor, ExecutorError as ExecutorError, ExitInfo as ExitInfo,
+                                 LaunchSpec as LaunchSpec, LocalExecutor as LocalExecutor, SpawnError as SpawnError,
+                                 TaskHandle as TaskHandle)
+    from .tasks.fake import FakeExecutor as FakeExecutor, FakeOutcome as FakeOutcome
     from .tasks.records import TaskRecord as TaskRecord, TaskStatus as TaskStatus
-    from .tasks.registry import (RegistrySettings as RegistrySettings, Task as Task, TaskRegistry as TaskRegistry,
-                                 open_registry as open_registry)
+    from .tasks.registry import (Job as Job, RegistrySettings as RegistrySettings, Task as Task,
+                                 TaskRegistry as TaskRegistry, open_registry as open_registry)

@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..paths import runs_dir
     from ..queue.items import QueueReader
-    from ..queue.run import QueueContext, QueueRun, start_run
+    from ..queue.run import QueueContext, run_of, start_run
     from .render import progress_view, report_view
     from ..tasks.records import TaskStatus
     from ..tasks.registry import open_registry
@@ -154,8 +154,8 @@ def _run(args: argparse.Namespace) -> int:
                                              continue_on_error=args.continue_on_error, items=args.items)
             for warning in warnings:
                 console.print(_warning(warning))
-            run = task.handle
-            assert isinstance(run, QueueRun)
+            run = run_of(task)
+            assert run is not None
             async with anyio.create_task_group() as tg:
                 async def cancel_on_interrupt() -> None:
                     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -3,8 +3,9 @@
 ``launch_item`` runs one ready item (``launch_task(item=...)``). ``QueueRun`` is ``run_queue``: it
 keeps up to ``max_parallel`` items going, starting the best-ranked ready, non-conflicting item the
 moment a slot frees, until nothing is ready; the error policy follows the autonomy level. A run is
-itself a task in the registry (its "process" is this loop), so ``task_output``, ``cancel_task``
-and ``list_tasks`` work on it as on any task.
+itself a task in the registry, whose body is a ``Job`` (this loop) instead of a process, so
+``task_output``, ``cancel_task`` and ``list_tasks`` work on it as on any task; ``run_of(task)``
+gives a run task's ``QueueRun`` (its progress and report).
 
 Item fields never reach a shell line or an argv: an item's own ``command`` is run as written;
 for the configured runner, the item's markdown is its stdin and id, file and title are in
@@ -36,7 +37,7 @@ from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .items import QueueReader, WorkItem, format_id
 from ..results import ItemOutcome, RunningItem, RunProgress
-from ..tasks.executor import ExitInfo, LaunchSpec, SpawnError, process_start_time
+from ..tasks.executor import ExitInfo, process_start_time
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
 from ..tasks.registry import Task, TaskRegistry, wait_any
@@ -156,8 +157,9 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     if upstream_logs:
         env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(p) for p in upstream_logs)
 
-    async def finished(task: Task) -> None:
-        """Move the item to completed/failed, off the event loop; never raises, always tells ``on_end``."""
+    async def finished(task: Task) -> str | None:
+        """Move the item to completed/failed, off the event loop; always tells ``on_end``. What went
+        wrong with the move is returned: the registry adds it to the task's reason."""
         rec = task.record
         ok = rec.status == TaskStatus.COMPLETED
         notes = [f"{NOT_RECORDED}: the move was interrupted"]
@@ -165,11 +167,9 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             notes = await anyio.to_thread.run_sync(
                 lambda: _end_move(ctx, item.id, path, before, "completed" if ok else "failed", by=by, reason=rec.reason))
         finally:
-            if notes:
-                note = "; ".join(notes)
-                rec.reason = f"{rec.reason}; {note}" if rec.reason else note
             if on_end is not None:
                 on_end(task, notes)
+        return "; ".join(notes) or None
 
     with anyio.CancelScope(shield=True):  # claimed: start it, or give the claim back
         try:
@@ -304,7 +304,7 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
                     continue_on_error: bool | None = None, items: list[str] | None = None) -> tuple[Task, list[str]]:
     """Start a queue run in the registry; arguments left None come from the config.
 
-    Returns the run's task (its ``handle`` is the ``QueueRun``) and warnings for the caller.
+    Returns the run's task (``run_of(task)`` is its ``QueueRun``) and warnings for the caller.
     Fails at once with a clear ``QueueError`` when the queue directory does not exist.
     """
     config = ctx.config
@@ -330,33 +330,18 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
                          max_parallel=parallel, only=only)
     command = f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else "")
     task = await ctx.registry.launch(command=command, cwd=ctx.root, description="queue run", kind="run",
-                                     executor=QueueRunExecutor(ctx, options))
+                                     job=QueueRun(ctx, options))
     return task, warnings
 
 
-class QueueRunExecutor:
-    """Starts a ``QueueRun`` where the registry expects a process: the run is the task's body."""
-
-    def __init__(self, ctx: QueueContext, options: RunOptions) -> None:
-        self.ctx, self.options = ctx, options
-
-    async def start(self, spec: LaunchSpec, log: LogWriter) -> QueueRun:
-        """Read the queue and set the run up; any failure fails the run's task (a ``SpawnError``),
-        never the registry (the queue may vanish between ``start_run``'s check and here)."""
-        try:
-            graph = await anyio.to_thread.run_sync(lambda: self.ctx.graph(only=self.options.only))
-            return QueueRun(self.ctx, self.options, spec.task_id, log, graph)
-        except AgentParallelError as exc:
-            raise SpawnError(f"the run could not start: {exc}") from exc
-        except Exception as exc:
-            raise SpawnError(str(InternalError(f"the run could not start: {exc!r}"))) from exc
-
-    def close(self) -> None:
-        pass
+def run_of(task: Task) -> QueueRun | None:
+    """The queue run a task carries out (started by this server), or None (a process, or a run
+    of an earlier server: its report is in ``load_report``)."""
+    return task.job if isinstance(task.job, QueueRun) else None
 
 
 class QueueRun:
-    """One ``run_queue``: the scheduling loop, its progress and its report (a ``TaskHandle``).
+    """One ``run_queue``: the scheduling loop, its progress and its report (the ``Job`` of its task).
 
     Another run (or server, or ``launch_task``) may take an item first. The run then follows
     where the item went: completed elsewhere counts as done, failed or blocked as a failure of
@@ -364,13 +349,25 @@ class QueueRun:
     a worker thread). The same holds for in-progress items that this run's items wait on.
     """
 
-    pid: int | None = None  # a run is not a process (the TaskHandle protocol asks for these)
-    start_time: int | None = None
+    def __init__(self, ctx: QueueContext, options: RunOptions) -> None:
+        self.ctx, self.options = ctx, options
 
-    def __init__(self, ctx: QueueContext, options: RunOptions, run_id: str, log: LogWriter, graph: QueueGraph) -> None:
-        self.ctx, self.options, self.run_id, self.log = ctx, options, run_id, log
+    # -- Job
+    async def start(self, task_id: str, log: LogWriter) -> None:
+        """Read the queue and set the run up; a failure fails the run's task, never the registry
+        (the queue may vanish between ``start_run``'s check and here)."""
+        try:
+            graph = await anyio.to_thread.run_sync(lambda: self.ctx.graph(only=self.options.only))
+        except AgentParallelError as exc:
+            raise QueueError(f"the run could not start: {exc}") from exc
+        except Exception as exc:
+            raise InternalError(f"the run could not start: {exc!r}") from exc
+        self._set_up(task_id, log, graph)
+
+    def _set_up(self, run_id: str, log: LogWriter, graph: QueueGraph) -> None:
+        options = self.options
+        self.run_id, self.log = run_id, log
         self.by = f"run {run_id}"
-        self.survivors: list[int] = []  # TaskHandle: a run leaves no process of its own behind
         self.graph = graph
         self.scheduler = Scheduler(self.graph)
         self.members = self.scheduler.not_started()  # the pending items this run considers, best first
@@ -400,14 +397,13 @@ class QueueRun:
                     f"max_parallel {options.max_parallel}; predicted makespan {self.predicted:.1f}s, "
                     f"lower bound {self.lower_bound:.1f}s")
 
-    # -- TaskHandle
-    async def wait(self) -> ExitInfo:
+    async def run(self) -> ExitInfo:
         if self._exit is None:
             await self._loop()
         assert self._exit is not None
         return self._exit
 
-    async def terminate(self, grace: float) -> None:
+    async def stop(self, grace: float) -> None:
         """Stop the run: start nothing new and cancel the items that are running."""
         self._cancelled = True
         self._stop("the run was cancelled")

@@ -57,7 +57,7 @@ from mcp_types import HEADER_MISMATCH, INTERNAL_ERROR, INVALID_PARAMS, RequestPa
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ..errors import UnknownTask
-from ..queue.run import QueueRun
+from ..queue.run import run_of
 from ..results import LaunchResult, iso
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tasks.registry import Task, TaskRegistry
@@ -325,8 +325,8 @@ def _status_message(entry: _Entry, task: Task) -> str:
     """One line for people and models: our status, why, and how to look closer with our own tools."""
     rec = task.record
     what = f"queue run {rec.task_id}" if entry.tool == "run_queue" else f"task {rec.task_id}"
-    if isinstance(task.handle, QueueRun):
-        counts = task.handle.progress().counts
+    if (run := run_of(task)) is not None:
+        counts = run.progress().counts
         progress = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n) or "no items"
     else:
         progress = None

@@ -24,7 +24,7 @@ from .output_filter import OutputFilter
 from ..queue.plan import plan_workspace
 from ..queue.planner import QueuePlan
 from ..queue.items import QueueReader, format_id
-from ..queue.run import QueueRun, check_ready, launch_item, start_run
+from ..queue.run import check_ready, launch_item, run_of, start_run
 from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
                        TaskSummary, TaskView)
 from ..text import cut
@@ -302,8 +302,8 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
         queue = await anyio.to_thread.run_sync(ws.queue)
         task, warnings = await start_run(queue, max_parallel=max_parallel, level=level,
                                          continue_on_error=continue_on_error, items=items)
-        run = task.handle
-        assert isinstance(run, QueueRun)
+        run = run_of(task)
+        assert run is not None
         planned = [format_id(i) for i in run.members]
         return RunStarted(
             run_id=task.record.task_id, status=task.record.status, level=run.options.level,

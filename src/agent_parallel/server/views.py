@@ -8,7 +8,7 @@ import anyio
 from mcp.server.mcpserver import Context
 
 from .output_filter import OutputFilter
-from ..queue.run import QueueRun, load_report
+from ..queue.run import QueueRun, load_report, run_of
 from ..results import RunProgress, TaskView
 from ..tasks.registry import Task, wait_any
 from .settings import Workspace
@@ -19,7 +19,7 @@ async def wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, t
     Progress is the runs' items that have finished out of all their items (the total is fixed
     when a run starts), sent only when it grew: it strictly increases, as clients expect.
     """
-    runs = [t.handle for t in tasks if isinstance(t.handle, QueueRun)]
+    runs = [run for t in tasks if (run := run_of(t)) is not None]
     if not runs:
         return await ws.registry.wait(tasks, mode=mode, timeout=timeout)
     total = sum(len(run.members) for run in runs)
@@ -53,7 +53,7 @@ def _all_or_any_done(tasks: list[Task], mode: str) -> bool:
 
 def live_progress(tasks: list[Task]) -> dict[str, RunProgress]:
     """The progress of the live runs among ``tasks``, taken on the event loop (runs change there)."""
-    return {t.record.task_id: t.handle.progress() for t in tasks if isinstance(t.handle, QueueRun)}
+    return {t.record.task_id: run.progress() for t in tasks if (run := run_of(t)) is not None}
 
 
 def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
@@ -65,8 +65,8 @@ def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, 
     """
     chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
     run: RunProgress | None
-    if isinstance(task.handle, QueueRun):
-        run = live_run if live_run is not None else task.handle.progress()
+    if (queue_run := run_of(task)) is not None:
+        run = live_run if live_run is not None else queue_run.progress()
     else:  # a run of an earlier server, or not a run
         run = load_report(ws.registry.runs_dir, task.record.task_id) if task.record.kind == "run" else None
     return TaskView.of(task.record, short=short, output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,

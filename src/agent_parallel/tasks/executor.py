@@ -5,7 +5,10 @@ terminate); another execution engine (a container, a remote host) only has to pr
 ``LocalExecutor`` runs ``/bin/sh -c COMMAND`` (or an argv) in its own session and process group,
 stdin from /dev/null (or a file), stdout and stderr sharing one pipe that is drained into the
 task's log as it is produced. Every string bound for the process is checked first
-(``check_launch_strings``), and every way a start can fail is a ``SpawnError`` saying why.
+(``check_launch_strings``), and every way a start can fail is a ``SpawnError`` saying why. No
+``OSError`` leaves this interface: ``start``, ``wait`` and ``terminate`` translate each into an
+``ExecutorError`` (``SpawnError`` for a start) whose message says what failed. ``fake.py`` has a
+``FakeExecutor`` that runs no process, for tests of what lies above.
 
 Stopping a task stops all of its processes, also those that left its group (``setsid``, double
 fork): they are found by the ``AGENT_TASK_ID`` in their environment (see ``processes.py``).
@@ -45,7 +48,11 @@ DRAIN_AFTER_EXIT_S = 1.0  # how long to wait for an escaped process to release t
 MAX_ARG_BYTES = 128 * 1024  # MAX_ARG_STRLEN: the kernel refuses one argument or NAME=value this long (with its NUL)
 
 
-class SpawnError(Exception):
+class ExecutorError(Exception):
+    """The executor could not do what was asked; the message says why (it becomes the task's reason)."""
+
+
+class SpawnError(ExecutorError):
     """The process could not be started; the message says why (missing cwd, not executable...)."""
 
 
@@ -73,10 +80,12 @@ class TaskHandle(Protocol):
     survivors: list[int]  # pids of the task still alive after SIGKILL; empty once verified gone
 
     async def wait(self) -> ExitInfo:
-        """Return once the process has exited and its output is in the log. Safe to call again."""
+        """Return once the process has exited and its output is in the log. Safe to call again.
+        Raises ``ExecutorError`` (never a bare ``OSError``) when it cannot find out."""
 
     async def terminate(self, grace: float) -> None:
-        """Stop everything the task started (TERM, ``grace`` seconds, KILL) and confirm it is gone."""
+        """Stop everything the task started (TERM, ``grace`` seconds, KILL) and confirm it is gone.
+        Raises ``ExecutorError`` (never a bare ``OSError``) when it cannot."""
 
 
 class Executor(Protocol):
@@ -182,10 +191,18 @@ class LocalExecutor:
             for fd in (wfd, stdin):
                 if fd >= 0:
                     os.close(fd)
-        if self._watchdog is not None:
-            self._watchdog.watch(popen.pid, spec.task_id)
-        os.set_blocking(rfd, False)
-        return LocalHandle(popen, rfd, log, spec.task_id, self._watchdog)
+        try:
+            os.set_blocking(rfd, False)
+            if self._watchdog is not None:
+                self._watchdog.watch(popen.pid, spec.task_id)
+            return LocalHandle(popen, rfd, log, spec.task_id, self._watchdog)
+        except OSError as exc:  # started, but it cannot be followed: stop it rather than lose it
+            processes.signal_group(popen.pid, signal.SIGKILL)
+            popen.wait()
+            processes.forget_child(popen.pid)
+            os.close(rfd)
+            raise SpawnError(f"started {argv[0]!r} in {spec.cwd} but could not follow it: {os_error_text(exc)}; "
+                             "it was killed") from exc
 
 
 class LocalHandle:
@@ -213,6 +230,12 @@ class LocalHandle:
         self._stopped.set()
 
     async def wait(self) -> ExitInfo:
+        try:
+            return await self._wait()
+        except OSError as exc:
+            raise ExecutorError(f"could not wait for the task's process {self.pid}: {os_error_text(exc)}") from exc
+
+    async def _wait(self) -> ExitInfo:
         if not self._waited:  # (a wait cancelled half-way, e.g. by a timeout, resumes where it was)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drain)
@@ -235,7 +258,10 @@ class LocalHandle:
         return self._exit
 
     async def terminate(self, grace: float) -> None:
-        await self._stop(grace)
+        try:
+            await self._stop(grace)
+        except OSError as exc:
+            raise ExecutorError(f"could not stop the task's processes (group {self.pgid}): {os_error_text(exc)}") from exc
 
     async def _stop(self, grace: float) -> None:
         if self._stops == 0:

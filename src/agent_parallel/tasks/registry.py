@@ -2,7 +2,8 @@
 
 Only the registry changes a task's status. Each task has one supervising coroutine (in the
 registry's task group) that waits for its predecessors, starts it through the executor, enforces
-its timeout and records how it ended. Waiters block on an ``anyio.Event`` per task, so they wake
+its timeout and records how it ended. A task's body is a process (started by an ``Executor``)
+or a ``Job``: a coroutine of this server, such as a queue run, with the same lifecycle and record. Waiters block on an ``anyio.Event`` per task, so they wake
 the moment a task ends: no polling.
 
 A failure inside one task's supervision fails that task and nothing else: whatever goes wrong
@@ -23,13 +24,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
 from ..errors import (AgentParallelError, InternalError, ResourceLimitError, UnknownTask, UsageError, exception_reason,
                       os_error_text)
-from .executor import Executor, LaunchSpec, SpawnError, TaskHandle, check_launch_strings
+from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
                    upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time
@@ -57,18 +59,41 @@ class RegistrySettings:
     """Finished tasks kept (records and logs); the oldest beyond this are removed."""
 
 
+class Job(Protocol):
+    """A task's body when it is not a process: a coroutine of this server (a queue run).
+
+    The registry calls ``start`` once the task may start (``launch`` returns after it; raising
+    fails the task with the error as its reason), then ``run`` until it returns the task's exit,
+    and ``stop`` when the task is cancelled, times out or the server shuts down (``run`` must then
+    return soon). A finished job stays on its task (``Task.job``) and may still be read."""
+
+    async def start(self, task_id: str, log: LogWriter) -> None:
+        """Get ready to run as task ``task_id``, writing what it reports to ``log``."""
+
+    async def run(self) -> ExitInfo:
+        """Do the work; the exit code decides the task's status (0: completed)."""
+
+    async def stop(self, grace: float) -> None:
+        """Wind down: start nothing new and stop what it started, within about ``grace`` seconds."""
+
+
+FollowUp = Callable[["Task"], Awaitable[str | None]]
+"""A task's ``on_finish``: awaited once its final status is set, before waiters wake; what it
+returns is added to the task's reason (e.g. that a queue item's file could not be moved)."""
+
+
 @dataclass
 class Task:
     """A record plus what only exists while this server runs."""
 
     record: TaskRecord
     done: anyio.Event = field(default_factory=anyio.Event)
-    handle: TaskHandle | None = None
+    handle: TaskHandle | None = None  # the task's process, while it runs
+    job: Job | None = None  # the task's job once started (a finished job stays readable)
     log: LogWriter | None = None
     cancel_requested: bool = False
     waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
-    on_finish: Callable[[Task], Awaitable[None]] | None = None
-    """Awaited once the final status is set and before waiters wake (e.g. moves a queue item)."""
+    on_finish: FollowUp | None = None
     active: bool = False  # counted in the registry's queued-or-running tally
     finishing: bool = False  # _finish has begun: it runs once
 
@@ -155,9 +180,12 @@ class TaskRegistry:
                      description: str | None = None, env: dict[str, str] | None = None,
                      timeout_s: float | None = None, after: builtins.list[str] | None = None,
                      kind: str = "command", item_id: str | None = None, item_file: str | None = None,
-                     stdin_path: Path | None = None, executor: Executor | None = None,
-                     on_finish: Callable[[Task], Awaitable[None]] | None = None) -> Task:
+                     stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
+                     on_finish: FollowUp | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
+
+        The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
+        given a ``job``, runs that job (``command`` is then only what the record shows).
 
         Raises ``UsageError`` before registering anything when a string bound for the process
         cannot reach it (``check_launch_strings``), ``ResourceLimitError`` at the task cap or
@@ -198,7 +226,7 @@ class TaskRegistry:
             raise
         task = Task(record, on_finish=on_finish, active=True)
         self._tasks[task_id] = task
-        await self._tg.start(self._supervise, task, spec, predecessors, executor or self.executor)
+        await self._tg.start(self._supervise, task, spec, predecessors, executor or self.executor, job)
         await self._prune()
         return task
 
@@ -218,9 +246,7 @@ class TaskRegistry:
         if task.record.status.is_done:
             return False
         task.cancel_requested = True
-        if task.handle is not None:
-            await task.handle.terminate(self.settings.kill_grace_s)
-        else:
+        if not await self._stop_body(task, self.settings.kill_grace_s):
             self._wake_queued(task)
         await task.done.wait()
         return True
@@ -232,8 +258,8 @@ class TaskRegistry:
         async with anyio.create_task_group() as tg:
             for task in live:
                 task.cancel_requested = True
-                if task.handle is not None:
-                    tg.start_soon(task.handle.terminate, grace)
+                if task.handle is not None or task.job is not None:
+                    tg.start_soon(self._stop_body, task, grace)
                 else:
                     self._wake_queued(task)
         with anyio.move_on_after(1.0):
@@ -310,12 +336,22 @@ class TaskRegistry:
         return (record.server_pid, record.server_start) != self._server and \
             process_start_time(record.server_pid) == record.server_start
 
+    async def _stop_body(self, task: Task, grace: float) -> bool:
+        """Stop what the task runs (its process or its job); False when nothing runs yet."""
+        if task.handle is not None:
+            await task.handle.terminate(grace)
+        elif task.job is not None and not task.record.status.is_done:
+            await task.job.stop(grace)
+        else:
+            return False
+        return True
+
     def _wake_queued(self, task: Task) -> None:
         if task.waker is not None:
             task.waker.cancel()
 
     async def _supervise(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
-                         *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+                         job: Job | None, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run one task from start to end. ``launch`` returns once this calls ``answer()``: at once
         when the task must wait (predecessors, a held start), else when its process is running
         (or once it has failed). Nothing raised here leaves this coroutine: it ends the task."""
@@ -329,7 +365,7 @@ class TaskRegistry:
 
         try:
             try:
-                if await self._start(task, spec, predecessors, executor, answer):
+                if await self._start(task, spec, predecessors, executor, job, answer):
                     answer()
                     await self._watch(task)
             except Exception as exc:
@@ -342,10 +378,11 @@ class TaskRegistry:
             answer()
 
     async def _start(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
+                     job: Job | None,
                      answer: Callable[[], None]) -> bool:
         """Wait for predecessors and admission, start the process and record it running.
 
-        True when a process now runs (to be watched); False when the task already ended."""
+        True when a process or job now runs (to be watched); False when the task already ended."""
         rec = task.record
         if predecessors:
             answer()
@@ -383,14 +420,18 @@ class TaskRegistry:
             return False
         spawn_time = time.time()
         try:
-            task.handle = await executor.start(spec, task.log)
-        except SpawnError as exc:
+            if job is not None:
+                await job.start(rec.task_id, task.log)
+                task.job = job
+            else:
+                task.handle = await executor.start(spec, task.log)
+                rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
+        except Exception as exc:  # SpawnError, a job that cannot start, or a bug: this task fails
             await self._fail(task, exc)
             return False
-        if task.cancel_requested:  # cancel_task came during the start and found no process yet
-            self._tg.start_soon(task.handle.terminate, self.settings.kill_grace_s)
+        if task.cancel_requested:  # cancel_task came during the start and found nothing running yet
+            self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
         rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
-        rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
         try:
             await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir))
         except OSError as exc:
@@ -401,21 +442,29 @@ class TaskRegistry:
     async def _watch(self, task: Task) -> None:
         """Wait for a running task to end (enforcing its timeout) and record how it ended."""
         rec = task.record
-        assert task.handle is not None and task.log is not None
+        assert task.log is not None
         handle = task.handle
         timed_out = False
+        limit = rec.timeout_s if rec.timeout_s is not None else math.inf
         try:
             with anyio.CancelScope(shield=True):  # only this coroutine decides how the task ends
-                with anyio.move_on_after(rec.timeout_s if rec.timeout_s is not None else math.inf) as scope:
-                    info = await handle.wait()
-                if scope.cancelled_caught:
-                    timed_out = True
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(handle.terminate, self.settings.kill_grace_s)
+                if handle is None:
+                    assert task.job is not None
+                    info, timed_out = await self._run_job(task.job, limit)
+                else:
+                    with anyio.move_on_after(limit) as scope:
                         info = await handle.wait()
-        except Exception as exc:  # a bug in an executor must fail this task, not the server
-            log.exception("task %s: its executor failed", rec.task_id)
-            raise _TaskFailure(str(InternalError(f"the task's executor failed: {exc!r}"))) from exc
+                    if scope.cancelled_caught:
+                        timed_out = True
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(handle.terminate, self.settings.kill_grace_s)
+                            info = await handle.wait()
+        except ExecutorError as exc:  # the executor says what went wrong
+            raise _TaskFailure(str(exc)) from exc
+        except Exception as exc:  # a bug in an executor or a job must fail this task, not the server
+            what = "executor" if handle is not None else "job"
+            log.exception("task %s: its %s failed", rec.task_id, what)
+            raise _TaskFailure(str(InternalError(f"the task's {what} failed: {exc!r}"))) from exc
         rec.exit_code, rec.signal = info.exit_code, info.signal
         if self._closing:
             status, reason = TaskStatus.INTERRUPTED, "the server shut down while this task was running"
@@ -430,9 +479,26 @@ class TaskRegistry:
         else:
             status = TaskStatus.FAILED
             reason = f"exit code {info.exit_code}" if info.exit_code is not None else f"killed by {info.signal}"
-        if survivors := getattr(handle, "survivors", None):
+        if handle is not None and (survivors := handle.survivors):
             reason = f"{reason}; {describe_survivors(survivors)}" if reason else describe_survivors(survivors)
         await self._finish(task, status, reason=reason)
+
+    async def _run_job(self, job: Job, limit: float) -> tuple[ExitInfo, bool]:
+        """Run a job to its end; past ``limit`` seconds it is stopped (and True says it timed out)."""
+        timed_out = False
+
+        async def stop_at_limit() -> None:
+            nonlocal timed_out
+            await anyio.sleep(limit)
+            timed_out = True
+            await job.stop(self.settings.kill_grace_s)
+
+        async with anyio.create_task_group() as tg:
+            if limit != math.inf:
+                tg.start_soon(stop_at_limit)
+            info = await job.run()
+            tg.cancel_scope.cancel()
+        return info, timed_out
 
     async def _admit(self, task: Task, answer: Callable[[], None]) -> bool:
         """Hold the start while the admission check says so; False if cancelled meanwhile.
@@ -464,7 +530,7 @@ class TaskRegistry:
                 "the launch was abandoned while the task was starting"
         else:
             status, reason = TaskStatus.FAILED, _failure_text(exc)
-            if not isinstance(exc, (_TaskFailure, SpawnError, AgentParallelError, OSError)):
+            if not isinstance(exc, (_TaskFailure, ExecutorError, AgentParallelError, OSError)):
                 log.error("task %s: its supervision failed", task.record.task_id, exc_info=exc)
         with anyio.CancelScope(shield=True):
             handle = task.handle
@@ -482,6 +548,12 @@ class TaskRegistry:
                         await handle.wait()
                     except Exception:
                         log.exception("task %s: could not stop it", task.record.task_id)
+            elif task.job is not None:  # a job that failed or was cancelled: it starts nothing more
+                with anyio.move_on_after(STOP_BOUND_S):
+                    try:
+                        await task.job.stop(0.5 if exc is None else self.settings.kill_grace_s)
+                    except Exception:
+                        log.exception("task %s: could not stop its job", task.record.task_id)
             if task.log is not None and exc is not None:
                 try:
                     task.log.write(f"agent-parallel: {reason}\n".encode())
@@ -518,8 +590,7 @@ class TaskRegistry:
             if task.on_finish is not None:
                 await self._follow_up(task)
             task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
-            if rec.kind != "run":  # a run's handle still answers progress(); a process handle is spent
-                task.handle = None
+            task.handle = None  # a process handle is spent; a job stays readable (a run's report)
             task.done.set()
             if self._saving == 0:
                 self._saved = anyio.Event()
@@ -534,7 +605,7 @@ class TaskRegistry:
         problem = None
         with anyio.move_on_after(FOLLOW_UP_TIMEOUT_S) as scope:
             try:
-                await on_finish(task)
+                problem = await on_finish(task)
             except Exception as exc:  # a follow-up failing must never leave waiters hanging
                 log.exception("follow-up of task %s failed", rec.task_id)
                 problem = f"its follow-up failed: {exception_reason(exc)}"
@@ -561,7 +632,7 @@ class TaskRegistry:
 
 def _failure_text(exc: BaseException) -> str:
     """The reason a task gets when ``exc`` ended its supervision."""
-    if isinstance(exc, (_TaskFailure, SpawnError, AgentParallelError)):
+    if isinstance(exc, (_TaskFailure, ExecutorError, AgentParallelError)):
         return str(exc)
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
