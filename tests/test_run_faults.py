@@ -432,3 +432,26 @@ async def test_run_queue_releases_stale_claims(client, workspace):
     assert statuses(workspace) == {"001": "blocked"}
     await call(client, "task_output", task_id=run["run_id"])
 
+
+
+@pytest.mark.fault("memory below autonomy.min_free_memory when run_queue is called: the run starts and holds its items "
+                   "(held says why) instead of the call failing; they start once memory recovers")
+async def test_a_run_is_not_held_itself_only_its_items(workspace):
+    write_item(workspace, 1, "first", command="echo one", files=["a"])
+    held = {"why": "available memory 1 MiB is below autonomy.min_free_memory 1024 MiB; waiting for it to recover"}
+    settings = ServerSettings(kill_grace_s=0.5)
+    registry_settings = settings.registry_settings()
+    async with open_registry(workspace, runs_dir(workspace), RegistrySettings(
+            log_cap_bytes=registry_settings.log_cap_bytes, kill_grace_s=0.5, admission=lambda: held["why"],
+            admission_retry_s=0.05)) as registry:
+        config, _ = load_config(workspace)
+        ctx = QueueContext(workspace, registry.runs_dir, config, registry, QueueReader())
+        task, _ = await start_run(ctx)
+        run = run_of(task)
+        assert run is not None, "the run itself was held"
+        await anyio.sleep(0.2)
+        assert run.progress().held == held["why"] and status_of(workspace, "001") == "pending"
+        held["why"] = None
+        with anyio.fail_after(10):
+            await task.done.wait()
+        assert status_of(workspace, "001") == "completed"

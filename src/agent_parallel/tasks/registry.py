@@ -412,7 +412,8 @@ class TaskRegistry:
         except OSError as exc:
             raise _TaskFailure(f"could not open the task's log {log_paths(self.runs_dir, rec.task_id)[0]}: "
                                f"{os_error_text(exc)}") from exc
-        if not await self._admit(task, answer):
+        # a job (a queue run) is no process: memory and load hold each of its items, not the job itself
+        if job is None and not await self._admit(task, answer):
             await self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
             return False
         if task.cancel_requested:  # cancel_task came while this was preparing: nothing to start
