@@ -221,10 +221,24 @@ async def test_queue_errors_are_clear(client, workspace):
         "in the workspace root with its own `timeout` and waits on its `blocked_by` items")
 
 
-async def test_max_parallel_is_clamped_with_a_warning(client, workspace):
+@pytest.mark.parametrize("asked", [0, 65, 500])
+async def test_max_parallel_out_of_range_is_the_same_error_for_plan_and_run(client, workspace, asked):
+    """One rule (config.max_parallel_for): an explicit argument outside 1..64 is refused by both
+    tools with the same message (run_queue used to clamp it with a warning, queue_plan refused it)."""
     write_item(workspace, 1, "a", command="true", files=["a"])
-    run = await call(client, "run_queue", max_parallel=500)
-    assert run["max_parallel"] == 64 and run["warnings"] == ["max_parallel 500 is outside 1..64; using 64"]
+    expected = f"max_parallel must be between 1 and 64, not {asked}"
+    assert await call_error(client, "queue_plan", max_parallel=asked) == f"Error executing tool queue_plan: {expected}"
+    assert await call_error(client, "run_queue", max_parallel=asked) == f"Error executing tool run_queue: {expected}"
+
+
+async def test_the_config_max_parallel_is_clamped_with_a_warning_for_plan_and_run(client, workspace):
+    write_item(workspace, 1, "a", command="true", files=["a"])
+    write_config(workspace, autonomy={"max_parallel": 500})
+    plan = await call(client, "queue_plan")
+    assert plan["max_parallel"] == 64
+    assert [w["message"] for w in plan["warnings"]] == ["max_parallel 500 is outside 1..64; using 64"]
+    run = await call(client, "run_queue")
+    assert run["max_parallel"] == 64
     await call(client, "task_output", task_id=run["run_id"])
 
 

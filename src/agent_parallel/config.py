@@ -45,7 +45,7 @@ from typing import Any, Literal, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import QueueError
+from .errors import QueueError, UsageError
 from .text import describe, short_repr
 from .paths import CONFIG_FILE, QUEUE_DIR, resolve_inside
 
@@ -98,6 +98,25 @@ class Config(BaseModel):
     def stops_on_first_failure(self) -> bool:
         """Whether a run at this config's level stops at the first failure (see the function)."""
         return stops_on_first_failure(self.level, self.continue_on_error)
+
+
+def max_parallel_for(asked: int | None, config: Config) -> int:
+    """THE `max_parallel` rule, for `queue_plan` and `run_queue` alike: an explicit argument outside
+    `MAX_PARALLEL_RANGE` is a `UsageError` (an agent asked for it and should know); None takes the
+    config's value, which `load_config` already clamped into the range with a warning."""
+    if asked is None:
+        return config.max_parallel
+    low, high = MAX_PARALLEL_RANGE
+    if isinstance(asked, bool) or not isinstance(asked, int) or not low <= asked <= high:
+        raise UsageError(f"max_parallel must be between {low} and {high}, not {asked!r}")
+    return asked
+
+
+def clamp_max_parallel(written: int) -> tuple[int, str | None]:
+    """The config file's `max_parallel` moved into `MAX_PARALLEL_RANGE`, with a warning when it moved."""
+    low, high = MAX_PARALLEL_RANGE
+    used = min(max(written, low), high)
+    return used, None if used == written else f"max_parallel {written} is outside {low}..{high}; using {used}"
 
 
 def stops_on_first_failure(level: str, continue_on_error: bool | None) -> bool:
@@ -243,11 +262,8 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
         elif key in l3:
             values[key] = convert(f"autonomy.l3_settings.{key}", l3[key])
     if "max_parallel" in values:
-        low, high = MAX_PARALLEL_RANGE
-        asked = values["max_parallel"]
-        values["max_parallel"] = min(max(asked, low), high)
-        if values["max_parallel"] != asked:
-            warnings.append(f"max_parallel {asked} is outside {low}..{high}; using {values['max_parallel']}")
+        values["max_parallel"], clamped = clamp_max_parallel(values["max_parallel"])
+        warnings += [clamped] if clamped else []
     level = values.get("level", "L2")
     if values.get("continue_on_error") and level != "L3":
         warnings.append(

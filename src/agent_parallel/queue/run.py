@@ -30,7 +30,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import claims
 from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
-from ..config import MAX_PARALLEL_RANGE, Config, stops_on_first_failure
+from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
 from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
@@ -309,11 +309,7 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
     """
     config = ctx.config
     warnings: list[str] = []
-    parallel = config.max_parallel if max_parallel is None else max_parallel
-    low, high = MAX_PARALLEL_RANGE
-    if not low <= parallel <= high:
-        warnings.append(f"max_parallel {parallel} is outside {low}..{high}; using {min(max(parallel, low), high)}")
-        parallel = min(max(parallel, low), high)
+    parallel = max_parallel_for(max_parallel, config)
     chosen_level = level or config.level
     coe = config.continue_on_error if continue_on_error is None else continue_on_error
     if coe and chosen_level != "L3":
