@@ -285,3 +285,14 @@ async def test_blocking_on_a_run_sends_progress_notifications(client, workspace)
     assert seen and seen[-1][0] == seen[-1][1] == 4
     assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
     assert seen[-1][2] == f"run {run['run_id']}: 4 completed"
+
+
+def test_the_counts_text_is_written_in_one_place():
+    """RunProgress.counts_text: the run report, task_output's progress, the MCP task status and the
+    CLI all sum a run up with it (an empty run says "no items" everywhere, not an empty string)."""
+    from agent_parallel.results import RunProgress
+    progress = RunProgress(run_id="7", level="L2", continue_on_error=False, max_parallel=2, state="running",
+                           elapsed_s=1.0, counts={"running": 2, "completed": 1, "failed": 0, "waiting": 3},
+                           running=[], predicted_makespan=1.0, lower_bound=1.0)
+    assert progress.counts_text() == "1 completed, 2 running, 3 waiting"
+    assert progress.model_copy(update={"counts": {"running": 0}}).counts_text() == "no items"

@@ -674,7 +674,7 @@ class QueueRun:
 
     def report_text(self) -> str:
         p = self.progress()
-        lines = [f"run {self.run_id} finished: " + ", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n)]
+        lines = [f"run {self.run_id} finished: {p.counts_text()}"]
         for o in p.outcomes:
             extra = f" (exit {o.exit_code})" if o.exit_code not in (None, 0) else ""
             why = f": {o.reason}" if o.reason else ""
