@@ -32,7 +32,7 @@ from . import claims
 from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
 from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
-from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
+from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .items import QueueReader, WorkItem, format_id
 from ..results import ItemOutcome, RunningItem, RunProgress
@@ -698,11 +698,9 @@ def report_path(runs_dir: Path, run_id: str) -> Path:
 
 
 def save_report(runs_dir: Path, progress: RunProgress) -> None:
-    """Keep a finished run's report next to its record (for `agent-parallel report` and restarts)."""
-    path = report_path(runs_dir, progress.run_id)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(progress.model_dump_json())
-    os.replace(tmp, path)
+    """Keep a finished run's report next to its record (for `agent-parallel report` and restarts),
+    durably like a final task record: it is written once, when the run ends."""
+    write_atomic(report_path(runs_dir, progress.run_id), progress.model_dump_json().encode(), durable=True)
 
 
 def load_report(runs_dir: Path, run_id: str) -> RunProgress | None:
