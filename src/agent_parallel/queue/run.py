@@ -36,7 +36,8 @@ from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_a
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .items import QueueReader, WorkItem, format_id
 from ..results import ItemOutcome, RunningItem, RunProgress
-from ..tasks.executor import ExitInfo, LaunchSpec, SpawnError, process_start_time
+from ..tasks.executor import ExitInfo, LaunchSpec, SpawnError
+from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
 from ..tasks.registry import Task, TaskRegistry, wait_any
@@ -247,8 +248,7 @@ class _Where:
     def claimant_alive(self) -> bool:
         if self.claim is None:
             return False
-        pid, start = self.claim
-        return start is None or process_start_time(pid) == start
+        return same_process(*self.claim)
 
     def still_there(self) -> bool:
         """The cheap re-check while waiting (sync): the same in_progress file, its claimant alive."""
