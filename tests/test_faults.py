@@ -198,7 +198,7 @@ async def test_ten_thousand_finished_tasks(workspace):
                                exit_code=0), runs)
     from agent_parallel.server import ServerSettings, build_server
 
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         started = time.monotonic()
         listed = await call(c, "list_tasks", limit=50)
         assert time.monotonic() - started < 1.0
@@ -326,7 +326,7 @@ async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
         server.process.kill()
     from agent_parallel.server import ServerSettings, build_server
 
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         plan = await call(c, "queue_plan")
         stale = [w for w in plan["warnings"] if w["kind"] == "stale_claim"]
         assert [(w["item"], w["file"]) for w in stale] == [("001", "001-in_progress-long.md")]

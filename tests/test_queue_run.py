@@ -250,7 +250,7 @@ async def test_task_cap_reached_mid_run_holds_the_item_until_a_slot_frees(worksp
 
     write_item(workspace, 1, "first", command="sleep 0.3", files=["a"])
     write_item(workspace, 2, "second", command="sleep 0.3", files=["b"])
-    async with Client(build_server(workspace, ServerSettings(max_running=2))) as c:  # the run + one item
+    async with Client(build_server(workspace, ServerSettings(max_running=2, min_free_memory=0))) as c:  # the run + one item
         out = await run_to_end(c, level="L3", continue_on_error=True, max_parallel=2)
         outcomes = by_item(out)
         assert (outcomes["001"]["outcome"], outcomes["002"]["outcome"]) == ("completed", "completed")
