@@ -153,6 +153,7 @@ async def test_absurd_item_durations_are_diagnostics(workspace, front, message):
     ("tasks:\n  log_cap: 1\n", "tasks.log_cap must be at least 64KiB (65536 bytes), not 1: a smaller cap keeps almost "
                                "nothing of a task's output"),
     ("tasks:\n  wait_cap: 0\n", "tasks.wait_cap must be longer than 0, not 0"),
+    ("tasks:\n  wait_cap: 2h\n", "tasks.wait_cap must be at most 3600s (1h), not '2h'"),  # the server's limit, named
     ("tasks:\n  wait_cap: -5s\n", "tasks.wait_cap is not valid: '-5s' is not a duration (write 45s, 30m, 2h, 1h30m, 1:30, "
                                   "or a number of minutes)"),
     ("tasks:\n  wait_cap: .nan\n", "tasks.wait_cap is not valid: nan is not a duration: it must be a finite number, "

@@ -13,16 +13,13 @@ from typing import Any
 from mcp.server.mcpserver import Context
 
 from ..errors import AgentParallelError, InternalError, UsageError
-from ..config import Config, load_config
+from ..config import MAX_WAIT_CAP_S, Config, load_config
 from ..queue.items import QueueReader
 from ..queue.run import QueueContext
 from ..tasks.admission import admission_check
 from ..tasks.registry import RegistrySettings, TaskRegistry
 
 log = logging.getLogger(__name__)
-
-MAX_WAIT_CAP_S = 3600.0
-"""The longest a blocking call may wait: far above any client's tool-call timeout."""
 
 _CONFIG = Config()  # the one source of defaults for what the config file sets
 _REGISTRY = RegistrySettings()  # ... and for what only the engine knows (grace, running cap)
