@@ -76,7 +76,9 @@ def workspace(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings() -> ServerSettings:
-    return ServerSettings(kill_grace_s=0.5)
+    """What most tests run with, in the open: a short kill grace, and no start held for low memory
+    (the defaults are what users get: ServerSettings() == ServerSettings.from_config(Config()))."""
+    return ServerSettings(kill_grace_s=0.5, min_free_memory=0)
 
 
 @pytest.fixture

@@ -226,3 +226,16 @@ def test_parse_duration_rejects(value: object, message: str) -> None:
 ])
 def test_parse_size(text: object, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_server_settings_have_one_source_of_defaults(tmp_path: Path) -> None:
+    """ServerSettings() is what a user without a config file gets (it used to hold no start for low
+    memory while users got 256 MiB), and the server and the CLI both go through for_workspace."""
+    from agent_parallel.server import ServerSettings
+    assert ServerSettings() == ServerSettings.from_config(Config()) == ServerSettings.for_workspace(tmp_path)
+    assert ServerSettings().min_free_memory == 256 * MIB
+    write_config(tmp_path, "tasks:\n  wait_cap: 20s\n  max_tasks: 7\n")
+    settings = ServerSettings.for_workspace(tmp_path, wait_cap_s=5)
+    assert (settings.wait_cap_s, settings.max_records) == (5.0, 7)
+    write_config(tmp_path, "autonomy: [\n")  # unusable: the defaults, and the overrides still apply
+    assert ServerSettings.for_workspace(tmp_path, wait_cap_s=5) == ServerSettings(wait_cap_s=5)

@@ -420,7 +420,7 @@ async def test_startup_sweep_kills_escaped_leftovers(workspace):
             server.process.kill()
         time.sleep(0.2)
         assert alive(pids[0])  # nobody stopped it yet
-        async with Client(build_server(workspace, ServerSettings())) as c:
+        async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
             assert not alive(pids[0])
             out = await call(c, "task_output", task_id=tid, block=False)
             assert out["status"] == "interrupted" and out["reason"] == "the server stopped while this task was live"
@@ -531,7 +531,7 @@ async def test_forged_records_are_skipped(workspace, caplog, name, fields):
     record = {"task_id": name, "command": "true", "cwd": "/", "status": "completed", "created_at": time.time(),
               **fields}
     (runs / f"{name}.json").write_text(json.dumps(record))
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         listed = await call(c, "list_tasks")
         assert [t["task_id"] for t in listed["tasks"]] == ["good00000001"]
     assert any(f"skipped the task record {runs / (name + '.json')}" in r.getMessage() for r in caplog.records)
@@ -559,7 +559,7 @@ async def test_dot_dot_task_id_reads_nothing_outside(workspace, tmp_path):
     runs = runs_of(workspace)
     (tmp_path / "secret.log").write_text("TOPSECRET\n")
     write_record(runs, "../../../secret", file="evil", output_bytes=10, last_line=None)
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         listed = await c.call_tool("list_tasks", {})
         assert "TOPSECRET" not in json.dumps(listed.structured_content)
         text = await call_error(c, "task_output", task_id="../../../secret")
@@ -572,7 +572,7 @@ async def test_symlinked_log_is_not_followed(workspace, tmp_path):
     (tmp_path / "secret.txt").write_text("TOPSECRET\n")
     write_record(runs, "linked000001", output_bytes=10)
     os.symlink(tmp_path / "secret.txt", runs / "linked000001.log")
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         out = await call(c, "task_output", task_id="linked000001", block=False)
         assert out["status"] == "completed" and "TOPSECRET" not in out["output"]
 
@@ -586,7 +586,7 @@ async def test_forged_pid_is_never_killed(workspace):
         save_record(TaskRecord(task_id="forged000001", command="sleep 300", cwd=str(workspace),
                                status=TaskStatus.RUNNING, started_at=time.time(), pid=victim.pid,
                                pid_start=process_start_time(victim.pid)), runs)
-        async with Client(build_server(workspace, ServerSettings())) as c:
+        async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
             out = await call(c, "task_output", task_id="forged000001", block=False)
             assert out["status"] == "interrupted"
         assert victim.poll() is None and alive(victim.pid)
@@ -604,7 +604,7 @@ async def test_symlinked_runs_dir_is_refused(workspace, tmp_path, link):
     (workspace / link).parent.mkdir(parents=True, exist_ok=True)
     os.symlink(outside, workspace / link)
     with pytest.raises(UsageError) as caught:
-        build_server(workspace, ServerSettings())
+        build_server(workspace, ServerSettings(min_free_memory=0))
     assert str(caught.value).startswith(f".agent/runs resolves to {outside}")
     assert "outside the workspace root" in str(caught.value) and "remove the link" in str(caught.value)
     assert not any(outside.rglob("*"))  # no .gitignore, no directory: nothing written through the link
@@ -616,7 +616,7 @@ async def test_gitignore_is_never_written_through_a_symlink(workspace, tmp_path)
     target = tmp_path / "elsewhere" / "file"
     target.parent.mkdir()
     os.symlink(target, runs / ".gitignore")
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         await call(c, "list_tasks")
     assert not target.exists()
 

@@ -198,7 +198,7 @@ async def test_ten_thousand_finished_tasks(workspace):
                                exit_code=0), runs)
     from agent_parallel.server import ServerSettings, build_server
 
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         started = time.monotonic()
         listed = await call(c, "list_tasks", limit=50)
         assert time.monotonic() - started < 1.0
@@ -326,7 +326,7 @@ async def test_stale_claims_of_a_dead_server_become_blocked(workspace):
         server.process.kill()
     from agent_parallel.server import ServerSettings, build_server
 
-    async with Client(build_server(workspace, ServerSettings())) as c:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
         plan = await call(c, "queue_plan")
         stale = [w for w in plan["warnings"] if w["kind"] == "stale_claim"]
         assert [(w["item"], w["file"]) for w in stale] == [("001", "001-in_progress-long.md")]
@@ -363,3 +363,21 @@ async def test_second_server_leaves_the_first_servers_tasks_alone(workspace):
         assert out["status"] == "running"
         assert Path(f"/proc/{int(pids.read_text())}").exists()
         await call(first, "cancel_task", task_id=tid)
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """paths.write_atomic, the one tmp+rename writer (task records, run reports): durable writes
+    fsync the file and the directory; a failed write keeps the old file and removes its temporary."""
+    from agent_parallel import paths
+    target = tmp_path / "r.json"
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    paths.write_atomic(target, b"old")
+    assert target.read_bytes() == b"old" and synced == []
+    paths.write_atomic(target, b"new" * 100_000, durable=True)
+    assert target.read_bytes() == b"new" * 100_000 and len(synced) == 2
+    monkeypatch.setattr(paths.os, "replace", lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        paths.write_atomic(target, b"lost")
+    assert target.read_bytes() == b"new" * 100_000 and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -40,7 +40,7 @@ TERM_IGNORING_TREE = "trap '' TERM; sleep 60 & echo $! > {pids}; echo $$ >> {pid
 
 @pytest.fixture
 def server(workspace: Path):
-    return build_server(workspace, ServerSettings(kill_grace_s=0.5))
+    return build_server(workspace, ServerSettings(kill_grace_s=0.5, min_free_memory=0))
 
 
 # ----------------------------------------------------------------- which calls become tasks (in memory)
@@ -66,7 +66,7 @@ async def test_background_launch_answers_at_once_for_a_tasks_client(server):
                    "task whose result arrives complete (the tool no longer waits, so the cap cannot cut it short)")
 async def test_waiting_launch_is_a_task_not_cut_by_the_wait_cap(workspace):
     ext = TasksClient()
-    async with Client(build_server(workspace, ServerSettings(wait_cap_s=0.2)), extensions=[ext]) as client:
+    async with Client(build_server(workspace, ServerSettings(wait_cap_s=0.2, min_free_memory=0)), extensions=[ext]) as client:
         result = await client.call_tool("launch_task", {"command": "sleep 0.8; echo late", "run_in_background": False})
     out = result.structured_content
     assert not result.is_error and out["status"] == "completed" and out["output"] == "late\n"
@@ -172,7 +172,7 @@ class UnkillableExecutor:
 async def test_cancel_of_an_unkillable_task_answers_after_a_bounded_wait(workspace, monkeypatch):
     monkeypatch.setattr(tasks_extension, "CANCEL_WAIT_S", 0.5)
     executor = UnkillableExecutor()
-    server = build_server(workspace, ServerSettings(kill_grace_s=0.1), executor=executor)
+    server = build_server(workspace, ServerSettings(kill_grace_s=0.1, min_free_memory=0), executor=executor)
     async with Client(server, extensions=[TasksClient()]) as client:
         try:
             created = await start(client, "launch_task", command="stuck")

@@ -133,7 +133,7 @@ NINES = "9" * 400
 async def test_absurd_item_durations_are_diagnostics(workspace, front, message):
     write_text(workspace, f"{QUEUE}/001-pending-huge.md", f"---\n{front}\ncommand: 'true'\nfiles: [a]\n---\n")
     write_item(workspace, 2, "after", command="true", blocked_by=[1], files=["b"])
-    async with Client(build_server(workspace, ServerSettings())) as client:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
         plan = await call(client, "queue_plan")
         assert [(e["kind"], e["file"], e["message"]) for e in plan["errors"]] == [
             ("bad_field", "001-pending-huge.md", message)]
@@ -153,6 +153,7 @@ async def test_absurd_item_durations_are_diagnostics(workspace, front, message):
     ("tasks:\n  log_cap: 1\n", "tasks.log_cap must be at least 64KiB (65536 bytes), not 1: a smaller cap keeps almost "
                                "nothing of a task's output"),
     ("tasks:\n  wait_cap: 0\n", "tasks.wait_cap must be longer than 0, not 0"),
+    ("tasks:\n  wait_cap: 2h\n", "tasks.wait_cap must be at most 3600s (1h), not '2h'"),  # the server's limit, named
     ("tasks:\n  wait_cap: -5s\n", "tasks.wait_cap is not valid: '-5s' is not a duration (write 45s, 30m, 2h, 1h30m, 1:30, "
                                   "or a number of minutes)"),
     ("tasks:\n  wait_cap: .nan\n", "tasks.wait_cap is not valid: nan is not a duration: it must be a finite number, "
@@ -179,7 +180,7 @@ def test_absurd_config_values_are_config_errors(workspace, text, message):
 async def test_a_400_digit_size_is_a_clear_tool_error_and_the_server_lives(workspace):
     write_text(workspace, ".agent/config.yaml", f"tasks:\n  log_cap: {NINES}\n")
     write_item(workspace, 1, "a", command="true")
-    async with Client(build_server(workspace, ServerSettings())) as client:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
         text = await call_error(client, "queue_plan")
         assert "tasks.log_cap is not valid" in text and "at most 1 PiB" in text
         assert "Traceback" not in text and "OverflowError" not in text
@@ -203,7 +204,7 @@ async def test_a_thousand_items_sharing_a_component_give_a_bounded_plan(workspac
     for number in range(1, 1001):
         write_text(workspace, f"{QUEUE}/{number:04d}-pending-item-{number}.md",
                    f"---\ncomponents: [db]\nestimate: 1m\n---\n# item {number}\n")
-    async with Client(build_server(workspace, ServerSettings())) as client:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
         started = time.monotonic()
         result = await client.call_tool("queue_plan", {})
         elapsed = time.monotonic() - started
@@ -469,7 +470,7 @@ def full_runs_dir(workspace: Path):
 async def test_a_move_on_a_full_disk_changes_nothing(workspace, full_runs_dir):
     runs, fill = full_runs_dir
     write_item(workspace, 1, "x", command="true", files=["a"])
-    async with Client(build_server(workspace, ServerSettings())) as client:
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
         await call(client, "queue_plan")
         (runs / "queue.lock").touch()
         (runs / HISTORY_FILE).write_text("")

@@ -253,11 +253,25 @@ async def test_queue_errors_are_clear(client, workspace):
         "in the workspace root with its own `timeout` and waits on its `blocked_by` items")
 
 
-async def test_max_parallel_is_clamped_with_a_warning(fake_client, workspace):
+@pytest.mark.parametrize("asked", [0, 65, 500])
+async def test_max_parallel_out_of_range_is_the_same_error_for_plan_and_run(client, workspace, asked):
+    """One rule (config.max_parallel_for): an explicit argument outside 1..64 is refused by both
+    tools with the same message (run_queue used to clamp it with a warning, queue_plan refused it)."""
     write_item(workspace, 1, "a", command="true", files=["a"])
-    run = await call(fake_client, "run_queue", max_parallel=500)
-    assert run["max_parallel"] == 64 and run["warnings"] == ["max_parallel 500 is outside 1..64; using 64"]
-    await call(fake_client, "task_output", task_id=run["run_id"])
+    expected = f"max_parallel must be between 1 and 64, not {asked}"
+    assert await call_error(client, "queue_plan", max_parallel=asked) == f"Error executing tool queue_plan: {expected}"
+    assert await call_error(client, "run_queue", max_parallel=asked) == f"Error executing tool run_queue: {expected}"
+
+
+async def test_the_config_max_parallel_is_clamped_with_a_warning_for_plan_and_run(client, workspace):
+    write_item(workspace, 1, "a", command="true", files=["a"])
+    write_config(workspace, autonomy={"max_parallel": 500})
+    plan = await call(client, "queue_plan")
+    assert plan["max_parallel"] == 64
+    assert [w["message"] for w in plan["warnings"]] == ["max_parallel 500 is outside 1..64; using 64"]
+    run = await call(client, "run_queue")
+    assert run["max_parallel"] == 64
+    await call(client, "task_output", task_id=run["run_id"])
 
 
 async def test_task_cap_reached_mid_run_holds_the_item_until_a_slot_frees(workspace):
@@ -268,7 +282,7 @@ async def test_task_cap_reached_mid_run_holds_the_item_until_a_slot_frees(worksp
 
     write_item(workspace, 1, "first", command="sleep 0.3", files=["a"])
     write_item(workspace, 2, "second", command="sleep 0.3", files=["b"])
-    async with Client(build_server(workspace, ServerSettings(max_running=2))) as c:  # the run + one item
+    async with Client(build_server(workspace, ServerSettings(max_running=2, min_free_memory=0))) as c:  # the run + one item
         out = await run_to_end(c, level="L3", continue_on_error=True, max_parallel=2)
         outcomes = by_item(out)
         assert (outcomes["001"]["outcome"], outcomes["002"]["outcome"]) == ("completed", "completed")
@@ -304,3 +318,14 @@ async def test_blocking_on_a_run_sends_progress_notifications(client, workspace)
     assert seen and seen[-1][0] == seen[-1][1] == 4
     assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
     assert seen[-1][2] == f"run {run['run_id']}: 4 completed"
+
+
+def test_the_counts_text_is_written_in_one_place():
+    """RunProgress.counts_text: the run report, task_output's progress, the MCP task status and the
+    CLI all sum a run up with it (an empty run says "no items" everywhere, not an empty string)."""
+    from agent_parallel.results import RunProgress
+    progress = RunProgress(run_id="7", level="L2", continue_on_error=False, max_parallel=2, state="running",
+                           elapsed_s=1.0, counts={"running": 2, "completed": 1, "failed": 0, "waiting": 3},
+                           running=[], predicted_makespan=1.0, lower_bound=1.0)
+    assert progress.counts_text() == "1 completed, 2 running, 3 waiting"
+    assert progress.model_copy(update={"counts": {"running": 0}}).counts_text() == "no items"

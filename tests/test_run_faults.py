@@ -105,7 +105,7 @@ def tiny_runs_fs(workspace: Path):
 async def test_disk_full_at_an_items_end(workspace, tiny_runs_fs):
     # the item ends only once the disk is full (a fixed sleep raced the filling on a loaded machine)
     write_item(workspace, 1, "first", command="while [ ! -e go ]; do sleep 0.02; done", files=["a"])
-    async with Client(build_server(workspace, ServerSettings(kill_grace_s=0.5))) as client:
+    async with Client(build_server(workspace, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         run = await call(client, "run_queue")
         await until(lambda: status_of(workspace, "001") == "in_progress")
         history_file = tiny_runs_fs / "history.jsonl"
@@ -176,7 +176,7 @@ def layered_queue(root: Path, marks: Path) -> None:
 async def test_two_runs_at_once_run_every_item_exactly_once(workspace):
     marks = workspace / "ran.log"
     layered_queue(workspace, marks)
-    settings = ServerSettings(kill_grace_s=0.5)
+    settings = ServerSettings(kill_grace_s=0.5, min_free_memory=0)
     async with Client(build_server(workspace, settings)) as one, Client(build_server(workspace, settings)) as two:
         results: dict[str, dict] = {}
 
@@ -407,7 +407,7 @@ async def test_dependent_gets_the_whole_kept_upstream_output(workspace):
     write_item(workspace, 2, "consume", blocked_by=[1], files=["b"],
                command='grep -c "bytes dropped here]" "$AGENT_UPSTREAM_LOGS"; head -n 1 "$AGENT_UPSTREAM_LOGS"; '
                        'tail -n 1 "$AGENT_UPSTREAM_LOGS"')
-    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4 << 20, kill_grace_s=0.5))) as client:
+    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4 << 20, kill_grace_s=0.5, min_free_memory=0))) as client:
         out = await run_to_end(client)
         consumer = await call(client, "task_output", task_id=by_item(out)["002"]["task_id"])
     assert consumer["output"] == "1\n1\n1500000\n"

@@ -191,7 +191,7 @@ async def test_nul_in_env_value_is_blamed_on_the_value(client, workspace):
 @pytest.mark.fault("an unexpected exception escaping a tool or resource (a bug): a clear error saying it is a bug, with "
                    "the exception text; the traceback is logged; the server keeps serving")
 async def test_a_bug_in_a_tool_is_reported_as_a_bug_and_logged(workspace, caplog):
-    server = build_server(workspace, ServerSettings(kill_grace_s=0.5))
+    server = build_server(workspace, ServerSettings(kill_grace_s=0.5, min_free_memory=0))
 
     def broken_tool() -> str:
         """A tool with a bug (the code under test is the server's error boundary, not this tool)."""

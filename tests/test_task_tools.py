@@ -63,7 +63,7 @@ async def test_timeout_is_clamped_to_wait_cap(workspace):
 
     from agent_parallel.server import ServerSettings, build_server
 
-    async with Client(build_server(workspace, ServerSettings(wait_cap_s=0.3))) as c:
+    async with Client(build_server(workspace, ServerSettings(wait_cap_s=0.3, min_free_memory=0))) as c:
         tid = await launch(c, "sleep 5")
         started = time.monotonic()
         out = await call(c, "task_output", task_id=tid, timeout=1000)
@@ -234,7 +234,7 @@ async def test_log_cap_keeps_head_and_tail_and_reports_dropped(workspace):
 
     from agent_parallel.server import ServerSettings, build_server
 
-    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4096))) as c:
+    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4096, min_free_memory=0))) as c:
         tid = await launch(c, "seq 1 100000")
         out = await call(c, "task_output", task_id=tid, max_bytes=100)
         total = len("".join(f"{i}\n" for i in range(1, 100001)))
@@ -285,10 +285,10 @@ async def test_a_capped_log_reads_back_after_the_cap_setting_changes(workspace):
 
     from agent_parallel.server import ServerSettings, build_server
 
-    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4096))) as c:
+    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4096, min_free_memory=0))) as c:
         tid = await launch(c, "seq 1 100000")
         await call(c, "task_output", task_id=tid)
-    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=1 << 20))) as c:
+    async with Client(build_server(workspace, ServerSettings(log_cap_bytes=1 << 20, min_free_memory=0))) as c:
         head = await call(c, "task_output", task_id=tid, cursor=0, max_bytes=4096)
         assert head["output"].startswith("1\n2\n3\n") and head["next_cursor"] == 2048
         after_head = await call(c, "task_output", task_id=tid, cursor=head["next_cursor"], max_bytes=100)

@@ -152,7 +152,7 @@ async def wait_for_pids(path: Path, count: int) -> list[int]:
 
 @pytest.fixture
 def server(workspace: Path):
-    return build_server(workspace, ServerSettings(kill_grace_s=0.5))
+    return build_server(workspace, ServerSettings(kill_grace_s=0.5, min_free_memory=0))
 
 
 @asynccontextmanager

@@ -20,7 +20,7 @@ Layout (every key optional; a missing file means every default)::
       min_free_memory: 256MiB   # bytes, or a size with a unit (KiB, MiB, GiB, KB, MB, GB)
       max_load: 8               # load average above which no new item starts; default: no limit
     tasks:
-      wait_cap: 50s             # longest a blocking task_output call waits (above 0)
+      wait_cap: 50s             # longest a blocking task_output call waits (above 0, at most 1h)
       log_cap: 64MiB            # bytes of output kept per task (at least 64KiB)
       max_tasks: 10000          # finished task records (and logs) kept; the oldest go first
 
@@ -45,7 +45,7 @@ from typing import Any, Literal, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import QueueError
+from .errors import QueueError, UsageError
 from .text import describe, short_repr
 from .paths import CONFIG_FILE, QUEUE_DIR, resolve_inside
 
@@ -56,6 +56,8 @@ MAX_DURATION_S = 365 * 86400
 """Longest duration accepted anywhere (an estimate, a timeout, a wait cap): one year."""
 MAX_SIZE_BYTES = 1 << 50
 """Largest size accepted (1 PiB): beyond it a number is a typo, and it would overflow later."""
+MAX_WAIT_CAP_S = 3600.0
+"""Longest `tasks.wait_cap` (and `serve --wait-cap`): far above any client's tool-call timeout."""
 MIN_LOG_CAP_BYTES = 64 * 1024
 """Smallest `tasks.log_cap`: a task's log is split in head and tail segments; below this it keeps
 almost nothing and rotates a file every few bytes."""
@@ -90,7 +92,7 @@ class Config(BaseModel):
     runner_command: list[str] | None = None
     runner_timeout_s: float | None = Field(None, gt=0)
     queue_dir: str = QUEUE_DIR
-    wait_cap_s: float = Field(50, gt=0)
+    wait_cap_s: float = Field(50, gt=0, le=MAX_WAIT_CAP_S)
     log_cap_bytes: int = Field(64 * MIB, ge=MIN_LOG_CAP_BYTES)
     max_tasks: int = Field(10_000, gt=0, le=MAX_TASKS)
 
@@ -98,6 +100,25 @@ class Config(BaseModel):
     def stops_on_first_failure(self) -> bool:
         """Whether a run at this config's level stops at the first failure (see the function)."""
         return stops_on_first_failure(self.level, self.continue_on_error)
+
+
+def max_parallel_for(asked: int | None, config: Config) -> int:
+    """THE `max_parallel` rule, for `queue_plan` and `run_queue` alike: an explicit argument outside
+    `MAX_PARALLEL_RANGE` is a `UsageError` (an agent asked for it and should know); None takes the
+    config's value, which `load_config` already clamped into the range with a warning."""
+    if asked is None:
+        return config.max_parallel
+    low, high = MAX_PARALLEL_RANGE
+    if isinstance(asked, bool) or not isinstance(asked, int) or not low <= asked <= high:
+        raise UsageError(f"max_parallel must be between {low} and {high}, not {asked!r}")
+    return asked
+
+
+def clamp_max_parallel(written: int) -> tuple[int, str | None]:
+    """The config file's `max_parallel` moved into `MAX_PARALLEL_RANGE`, with a warning when it moved."""
+    low, high = MAX_PARALLEL_RANGE
+    used = min(max(written, low), high)
+    return used, None if used == written else f"max_parallel {written} is outside {low}..{high}; using {used}"
 
 
 def stops_on_first_failure(level: str, continue_on_error: bool | None) -> bool:
@@ -243,11 +264,8 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
         elif key in l3:
             values[key] = convert(f"autonomy.l3_settings.{key}", l3[key])
     if "max_parallel" in values:
-        low, high = MAX_PARALLEL_RANGE
-        asked = values["max_parallel"]
-        values["max_parallel"] = min(max(asked, low), high)
-        if values["max_parallel"] != asked:
-            warnings.append(f"max_parallel {asked} is outside {low}..{high}; using {values['max_parallel']}")
+        values["max_parallel"], clamped = clamp_max_parallel(values["max_parallel"])
+        warnings += [clamped] if clamped else []
     level = values.get("level", "L2")
     if values.get("continue_on_error") and level != "L3":
         warnings.append(
@@ -272,6 +290,8 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
     tasks = sections["tasks"]
     if "wait_cap" in tasks:
         values["wait_cap_s"] = _duration("tasks.wait_cap", tasks["wait_cap"])
+        if values["wait_cap_s"] > MAX_WAIT_CAP_S:  # refused here, naming the key, not when the server starts
+            raise ConfigError("tasks.wait_cap", f"must be at most {MAX_WAIT_CAP_S:g}s (1h), not {short_repr(tasks['wait_cap'])}")
     if "log_cap" in tasks:
         values["log_cap_bytes"] = _size("tasks.log_cap", tasks["log_cap"], minimum=MIN_LOG_CAP_BYTES)
     if "max_tasks" in tasks:

@@ -52,6 +52,37 @@ def runs_dir(root: Path) -> Path:
     return path
 
 
+def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """THE atomic write: ``data`` into ``.NAME.tmp`` next to ``path``, then renamed over it, so a
+    reader sees the old file or the new one, never half of one.
+
+    ``durable`` also fsyncs the file before the rename and the directory after it, so the new file
+    survives a crash (final states); without it the write may be lost, never torn. The temporary
+    file is removed when the write fails (a full disk).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
 def _check_inside(root: Path, path: Path) -> None:
     real = path.resolve()
     if not real.is_relative_to(root):

@@ -150,6 +150,11 @@ class RunProgress(BaseModel):
     makespan: float | None = Field(None, description="achieved: from the first start to the last end (s)")
     outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished)")
 
+    def counts_text(self) -> str:
+        """THE counts text, wherever a run is summed up: ``1 completed, 1 failed, 2 running`` (outcomes
+        in name order, zeros left out), or ``no items``."""
+        return ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()) if n) or "no items"
+
 
 class RunStarted(BaseModel):
     """``run_queue``'s answer: the run's id (a task id) and what it is about to do."""

@@ -243,12 +243,8 @@ def _status(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from ..server import ServerSettings, build_server
 
-    settings = None
-    if args.wait_cap is not None:
-        from ..config import load_config
-
-        settings = ServerSettings.from_config(load_config(args.root.resolve())[0])
-        settings.wait_cap_s = args.wait_cap
+    overrides = {} if args.wait_cap is None else {"wait_cap_s": args.wait_cap}
+    settings = ServerSettings.for_workspace(args.root.resolve(), **overrides)
     security, token, public_url = None, None, None
     if args.transport == "http":
         security, token, public_url = _http_security(args)

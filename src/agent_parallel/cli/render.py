@@ -127,7 +127,7 @@ _OUTCOME_STYLE = {"completed": "green", "failed": "red", "skipped": "yellow", "n
 def progress_view(p: RunProgress) -> RenderableType:
     """What a run is doing now: counts, the running items, and why starts are held (if they are)."""
     head = Text(f"run {p.run_id}  {p.level}  max_parallel {p.max_parallel}  {format_seconds(p.elapsed_s)}  ", style="bold")
-    head.append(", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n))
+    head.append(p.counts_text())
     table = Table(show_header=True, box=None)
     for column in ("item", "title", "task", "running for"):
         table.add_column(column)

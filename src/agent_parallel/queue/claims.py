@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import QueueError
 from .items import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
 from ..text import short_repr
-from ..tasks.executor import process_start_time
+from ..tasks.processes import process_start_time, same_process
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"in_progress"}),
@@ -377,14 +377,9 @@ def stale_claims(runs_dir: Path, in_progress: list[ItemName]) -> list[tuple[Item
     stale = []
     for name in in_progress:
         claim = claims.get(name.id_str)
-        if claim and isinstance(claim.get("pid"), int) and not _alive(claim["pid"], claim.get("pid_start")):
+        if claim and isinstance(claim.get("pid"), int) and not same_process(claim["pid"], claim.get("pid_start")):
             stale.append((name, claim))
     return stale
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    """Whether the claiming process still runs (unknown start time: assume it does)."""
-    return start is None or (pid > 0 and process_start_time(pid) == start)
 
 
 def claimant(runs_dir: Path, item: str) -> str:

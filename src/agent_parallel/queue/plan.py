@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .claims import stale_claims
-from ..config import MAX_PARALLEL_RANGE, load_config
+from ..config import load_config, max_parallel_for
 from ..errors import UsageError
 from ..paths import CONFIG_FILE, RUNS_DIR, resolve_inside
 from .planner import QueuePlan, make_plan
@@ -37,12 +37,8 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
     """
     root = root.resolve()
     config, config_warnings = load_config(root)
-    if max_parallel is not None:
-        low, high = MAX_PARALLEL_RANGE
-        if isinstance(max_parallel, bool) or not low <= max_parallel <= high:
-            raise UsageError(f"max_parallel must be between {low} and {high}, not {max_parallel!r}")
+    slots = max_parallel_for(max_parallel, config)
     snapshot = reader.snapshot(root, queue_dir or config.queue_dir)
-    slots = max_parallel or config.max_parallel
     key = ("plan", slots, running, tuple(config_warnings))
     plan = snapshot.memo.get(key)
     if plan is None:

@@ -31,13 +31,14 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import claims
 from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
-from ..config import MAX_PARALLEL_RANGE, Config, stops_on_first_failure
+from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
-from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir
+from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .items import QueueReader, WorkItem, format_id
 from ..results import ItemOutcome, RunningItem, RunProgress
-from ..tasks.executor import ExitInfo, process_start_time
+from ..tasks.executor import ExitInfo
+from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
 from ..tasks.registry import Task, TaskRegistry, wait_any
@@ -247,8 +248,7 @@ class _Where:
     def claimant_alive(self) -> bool:
         if self.claim is None:
             return False
-        pid, start = self.claim
-        return start is None or process_start_time(pid) == start
+        return same_process(*self.claim)
 
     def still_there(self) -> bool:
         """The cheap re-check while waiting (sync): the same in_progress file, its claimant alive."""
@@ -309,11 +309,7 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
     """
     config = ctx.config
     warnings: list[str] = []
-    parallel = config.max_parallel if max_parallel is None else max_parallel
-    low, high = MAX_PARALLEL_RANGE
-    if not low <= parallel <= high:
-        warnings.append(f"max_parallel {parallel} is outside {low}..{high}; using {min(max(parallel, low), high)}")
-        parallel = min(max(parallel, low), high)
+    parallel = max_parallel_for(max_parallel, config)
     chosen_level = level or config.level
     coe = config.continue_on_error if continue_on_error is None else continue_on_error
     if coe and chosen_level != "L3":
@@ -674,7 +670,7 @@ class QueueRun:
 
     def report_text(self) -> str:
         p = self.progress()
-        lines = [f"run {self.run_id} finished: " + ", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n)]
+        lines = [f"run {self.run_id} finished: {p.counts_text()}"]
         for o in p.outcomes:
             extra = f" (exit {o.exit_code})" if o.exit_code not in (None, 0) else ""
             why = f": {o.reason}" if o.reason else ""
@@ -698,11 +694,9 @@ def report_path(runs_dir: Path, run_id: str) -> Path:
 
 
 def save_report(runs_dir: Path, progress: RunProgress) -> None:
-    """Keep a finished run's report next to its record (for `agent-parallel report` and restarts)."""
-    path = report_path(runs_dir, progress.run_id)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(progress.model_dump_json())
-    os.replace(tmp, path)
+    """Keep a finished run's report next to its record (for `agent-parallel report` and restarts),
+    durably like a final task record: it is written once, when the run ends."""
+    write_atomic(report_path(runs_dir, progress.run_id), progress.model_dump_json().encode(), durable=True)
 
 
 def load_report(runs_dir: Path, run_id: str) -> RunProgress | None:

@@ -25,7 +25,6 @@ from pydantic import ValidationError
 from .. import __version__
 from ..errors import AgentParallelError, UnknownTask, UsageError
 from ..paths import runs_dir
-from ..config import load_config
 from .prompt import PARALLEL_EXECUTION
 from ..queue.items import QueueReader
 from ..tasks.executor import Executor
@@ -151,11 +150,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
         raise UsageError(f"workspace root {root} is not a directory; pass --root DIR with an existing directory")
     runs_dir(root)  # refuses a run directory that resolves outside the root, before serving
     if settings is None:
-        try:
-            settings = ServerSettings.from_config(load_config(root)[0])
-        except AgentParallelError as exc:  # a broken queue config must not stop background tasks
-            log.warning("%s; using the default settings", exc)
-            settings = ServerSettings()
+        settings = ServerSettings.for_workspace(root)
     reader = QueueReader()
     updates = TaskUpdates()
 

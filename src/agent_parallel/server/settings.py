@@ -3,34 +3,40 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mcp.server.mcpserver import Context
 
-from ..errors import InternalError, UsageError
-from ..config import Config, load_config
+from ..errors import AgentParallelError, InternalError, UsageError
+from ..config import MAX_WAIT_CAP_S, Config, load_config
 from ..queue.items import QueueReader
 from ..queue.run import QueueContext
 from ..tasks.admission import admission_check
 from ..tasks.registry import RegistrySettings, TaskRegistry
 
-MAX_WAIT_CAP_S = 3600.0
-"""The longest a blocking call may wait: far above any client's tool-call timeout."""
+log = logging.getLogger(__name__)
+
+_CONFIG = Config()  # the one source of defaults for what the config file sets
+_REGISTRY = RegistrySettings()  # ... and for what only the engine knows (grace, running cap)
 
 
 @dataclass
 class ServerSettings:
-    """Limits of one server; defaults are what a user gets without configuration."""
+    """Limits of one server. The defaults are exactly what a user gets without a config file (they
+    come from ``Config()``), so a test that wants laxer limits says so (``min_free_memory=0``)."""
 
-    wait_cap_s: float = 50.0  # below common client tool-call timeouts
-    log_cap_bytes: int = 64 << 20
-    kill_grace_s: float = 2.0
-    max_running: int = 256
-    max_records: int = 10_000
-    min_free_memory: int = 0  # bytes; 0: never hold a start for memory
-    max_load: float | None = None  # None: never hold a start for load
+    wait_cap_s: float = _CONFIG.wait_cap_s  # below common client tool-call timeouts
+    log_cap_bytes: int = _CONFIG.log_cap_bytes
+    kill_grace_s: float = _REGISTRY.kill_grace_s
+    max_running: int = _REGISTRY.max_running
+    max_records: int = _CONFIG.max_tasks
+    min_free_memory: int = _CONFIG.min_free_memory  # bytes; 0: never hold a start for memory
+    max_load: float | None = _CONFIG.max_load  # None: never hold a start for load
 
     def __post_init__(self) -> None:
         self.wait_cap_s = check_wait_cap(self.wait_cap_s)
@@ -41,9 +47,24 @@ class ServerSettings:
                                 admission=admission_check(self.min_free_memory, self.max_load))
 
     @classmethod
-    def from_config(cls, config: Config) -> ServerSettings:
-        return cls(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes, max_records=config.max_tasks,
-                   min_free_memory=config.min_free_memory, max_load=config.max_load)
+    def from_config(cls, config: Config, **overrides: Any) -> ServerSettings:
+        """The settings a config gives, with ``overrides`` (a command-line ``--wait-cap``) on top."""
+        values: dict[str, Any] = dict(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes,
+                                      max_records=config.max_tasks, min_free_memory=config.min_free_memory,
+                                      max_load=config.max_load)
+        return cls(**(values | overrides))
+
+    @classmethod
+    def for_workspace(cls, root: Path, **overrides: Any) -> ServerSettings:
+        """THE way the server and the CLI get their settings: from the workspace's config file, or
+        the defaults (with a logged warning) when it cannot be used: a broken queue config must not
+        stop background tasks."""
+        try:
+            config = load_config(root)[0]
+        except AgentParallelError as exc:
+            log.warning("%s; using the default settings", exc)
+            return dataclasses.replace(cls(), **overrides)
+        return cls.from_config(config, **overrides)
 
 
 def check_wait_cap(value: float) -> float:

@@ -326,8 +326,7 @@ def _status_message(entry: _Entry, task: Task) -> str:
     rec = task.record
     what = f"queue run {rec.task_id}" if entry.tool == "run_queue" else f"task {rec.task_id}"
     if (run := run_of(task)) is not None:
-        counts = run.progress().counts
-        progress = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n) or "no items"
+        progress = run.progress().counts_text()
     else:
         progress = None
     if rec.status == TaskStatus.QUEUED:

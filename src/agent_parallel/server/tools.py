@@ -280,7 +280,7 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
     @_tool_errors
     async def run_queue(
         ctx: Context,
-        max_parallel: Annotated[int | None, Field(description="items at once (default from config; clamped to 1..64)")] = None,
+        max_parallel: Annotated[int | None, Field(description="items at once, 1..64 (default from config)")] = None,
         level: Annotated[Literal["L1", "L2", "L3"] | None, Field(description="autonomy level: L1/L2 stop at the first failure; L3 may continue")] = None,
         continue_on_error: Annotated[bool | None, Field(description="L3 only: keep going past failures, skipping what depends on them")] = None,
         items: Annotated[list[str] | None, Field(description="run only these item ids (and the pending items they need)")] = None,

@@ -30,8 +30,7 @@ async def wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, t
             finished = sum(_items_finished(run, p) for run, p in zip(runs, views, strict=True))
             if total and finished > sent:
                 sent = finished
-                message = "; ".join(f"run {p.run_id}: " + ", ".join(f"{n} {k}" for k, n in sorted(p.counts.items()) if n)
-                                    for p in views)
+                message = "; ".join(f"run {p.run_id}: {p.counts_text()}" for p in views)
                 await ctx.report_progress(finished, total, message)
             if _all_or_any_done(tasks, mode):
                 return True

@@ -72,6 +72,12 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+def same_process(pid: int, start: int | None) -> bool:
+    """Whether ``pid`` is still the process that had start time ``start`` (not gone, its pid not
+    reused). An unknown start time (None) is assumed to be running: it cannot be told apart."""
+    return start is None or (pid > 0 and process_start_time(pid) == start)
+
+
 def _environ_task_id(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -302,4 +308,4 @@ def describe_survivors(pids: list[int]) -> str:
 
 __all__ = ["Proc", "Snapshot", "scan", "is_subreaper", "task_members", "signal_processes", "signal_group", "still_alive",
            "reap_orphans", "spawn", "forget_child", "become_subreaper", "release_subreaper", "kill_tasks_now",
-           "process_start_time", "describe_survivors", "TASK_ID_VAR"]
+           "process_start_time", "same_process", "describe_survivors", "TASK_ID_VAR"]

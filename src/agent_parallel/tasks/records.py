@@ -21,7 +21,6 @@ import base64
 import json
 import logging
 import math
-import os
 import re
 import secrets
 import stat
@@ -30,6 +29,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
+
+from ..paths import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -97,28 +98,12 @@ class TaskRecord(BaseModel):
 
 
 def save_record(record: TaskRecord, runs_dir: Path, *, durable: bool = False) -> None:
-    """Write the record atomically: temporary file, (fsync), rename over the old one.
+    """Write the record atomically (``paths.write_atomic``).
 
     ``durable`` also fsyncs the file and the directory: used for final states, which must
     survive a crash; intermediate states may be lost and are recomputed on restart.
     """
-    path = runs_dir / f"{record.task_id}.json"
-    tmp = runs_dir / f".{record.task_id}.json.tmp"
-    data = record.model_dump_json().encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        dfd = os.open(runs_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    write_atomic(runs_dir / f"{record.task_id}.json", record.model_dump_json().encode(), durable=durable)
 
 
 def is_task_id(text: str) -> bool:
