@@ -251,6 +251,11 @@ class TaskRegistry:
         await task.done.wait()
         return True
 
+    async def records_saved(self) -> None:
+        """Return once no final record is being written (they are saved in worker threads)."""
+        while not self._saved.is_set():
+            await self._saved.wait()
+
     async def shutdown(self, grace: float = 0.5) -> None:
         """Stop every running task (TERM, ``grace``, KILL) and record them as interrupted."""
         self._closing = True
