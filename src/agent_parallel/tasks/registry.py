@@ -34,7 +34,7 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Unk
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
                    upstream_log_path)
-from .processes import describe_survivors, kill_tasks_now, process_start_time
+from .processes import describe_survivors, kill_tasks_now, process_start_time, same_process
 from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class TaskRegistry:
         with anyio.move_on_after(1.0):
             for task in live:
                 await task.done.wait()
-            await self._saved.wait()  # the process may exit right after: final records first
+            await self.records_saved()  # the process may exit right after: final records first
 
     # ----------------------------------------------------------------- internals
     def _new_id(self) -> str:
@@ -339,7 +339,7 @@ class TaskRegistry:
         if record.server_pid is None or record.server_start is None:
             return False
         return (record.server_pid, record.server_start) != self._server and \
-            process_start_time(record.server_pid) == record.server_start
+            same_process(record.server_pid, record.server_start)
 
     async def _stop_body(self, task: Task, grace: float) -> bool:
         """Stop what the task runs (its process or its job); False when nothing runs yet."""
