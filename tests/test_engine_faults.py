@@ -26,7 +26,7 @@ from agent_parallel.tasks import registry as registry_module
 from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
 from agent_parallel.tasks.logs import LogWriter
 from agent_parallel.tasks.processes import process_start_time
-from agent_parallel.tasks.records import TaskRecord, TaskStatus, save_record
+from agent_parallel.tasks.records import ProcessRef, Running, TaskRecord, save_record
 from agent_parallel.tasks.registry import RegistrySettings, Task, open_registry
 from agent_parallel.server import ServerSettings, build_server
 from conftest import RawServer, alive, call, call_error, read_pids
@@ -584,8 +584,8 @@ async def test_forged_pid_is_never_killed(workspace):
     try:
         runs = runs_of(workspace)
         save_record(TaskRecord(task_id="forged000001", command="sleep 300", cwd=str(workspace),
-                               status=TaskStatus.RUNNING, started_at=time.time(), pid=victim.pid,
-                               pid_start=process_start_time(victim.pid)), runs)
+                               state=Running(started_at=time.time(), process=ProcessRef(
+                                   pid=victim.pid, start_time=process_start_time(victim.pid)))), runs)
         async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
             out = await call(c, "task_output", task_id="forged000001", block=False)
             assert out["status"] == "interrupted"

@@ -39,7 +39,7 @@ async def test_scripted_outcomes_are_recorded(workspace):
         assert build.status == TaskStatus.COMPLETED and build.last_line == "built" and build.output_bytes == 6
         assert test.status == TaskStatus.FAILED and test.exit_code == 3 and test.reason == "exit code 3"
         assert boom.status == TaskStatus.FAILED and boom.reason == "killed by SIGKILL"
-        assert other.status == TaskStatus.COMPLETED and other.pid is None
+        assert other.status == TaskStatus.COMPLETED and other.exit_code == 0 and other.reason is None
         assert [s.command for s in fake.started] == ["build", "test", "boom", "other"]
         assert all(s.env["AGENT_TASK_ID"] == t.record.task_id for s, t in zip(fake.started, tasks, strict=True))
     assert fake.closed
@@ -132,7 +132,7 @@ async def test_a_job_is_a_task_like_any_other(workspace):
         job = CountingJob()
         task = await registry.launch(command="a job", cwd=workspace, kind="run", job=job)
         assert task.record.status == TaskStatus.RUNNING and task.job is job and job.task_id == task.record.task_id
-        assert task.record.pid is None and task.handle is None
+        assert task.record.process is None and task.handle is None  # a job is no process
         job.release.set()
         with anyio.fail_after(5):
             await task.done.wait()

@@ -84,9 +84,9 @@ async def test_record_write_failure_is_a_clear_error(workspace):
     async with open_registry(workspace, runs, RegistrySettings()) as registry:
         registry._new_task_id = lambda: "fullrecord01"
         os.symlink("/dev/full", runs / ".fullrecord01.json.tmp")
-        from agent_parallel.errors import ResourceLimitError
+        from agent_parallel.errors import StorageError
 
-        with pytest.raises(ResourceLimitError, match=r"^cannot write the task record in .*: No space left on device; "
+        with pytest.raises(StorageError, match=r"^cannot write the task record in .*: No space left on device; "
                                                      r"free some disk space"):
             await registry.launch(command="touch started", cwd=workspace)
         assert not (workspace / "started").exists() and registry.list() == ([], 0)
@@ -189,13 +189,13 @@ async def test_thousand_blocking_waiters_do_not_stall_other_calls(client):
 async def test_ten_thousand_finished_tasks(workspace):
     runs = workspace / ".agent/runs"
     runs.mkdir(parents=True)
-    from agent_parallel.tasks.records import TaskRecord, TaskStatus, save_record
+    from agent_parallel.tasks.records import Ended, Succeeded, TaskRecord, save_record
 
     now = time.time()
     for i in range(10_000):
-        save_record(TaskRecord(task_id=f"old{i:09d}", command="true", cwd=str(workspace), status=TaskStatus.COMPLETED,
-                               created_at=now - 10_000 + i, started_at=now - 10_000 + i, ended_at=now - 10_000 + i,
-                               exit_code=0), runs)
+        at = now - 10_000 + i
+        save_record(TaskRecord(task_id=f"old{i:09d}", command="true", cwd=str(workspace), created_at=at,
+                               state=Ended(started_at=at, ended_at=at, outcome=Succeeded())), runs)
     from agent_parallel.server import ServerSettings, build_server
 
     async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:

@@ -11,9 +11,9 @@ PUBLIC = [
     "__version__",
     "build_server", "ServerSettings",
     "AgentParallelError", "UsageError", "PathOutsideWorkspace", "UnknownTask", "QueueError", "ResourceLimitError",
-    "InternalError", "ConfigError",
+    "InternalError", "ConfigError", "StorageError", "ShuttingDown",
     "Config", "load_config",
-    "TaskRegistry", "RegistrySettings", "open_registry", "Task", "TaskRecord", "TaskStatus",
+    "TaskRegistry", "RegistrySettings", "open_registry", "Task", "TaskRecord", "TaskStatus", "TaskState", "Outcome",
     "Executor", "LocalExecutor", "TaskHandle", "LaunchSpec", "ExitInfo", "SpawnError",
     "ExecutorError", "Job", "FakeExecutor", "FakeOutcome",
     "QueueReader", "WorkItem", "Diagnostic", "make_plan", "QueuePlan", "plan_workspace",
@@ -26,7 +26,7 @@ def test_public_name_is_importable_from_the_package(name: str) -> None:
     exec(f"from agent_parallel import {name}", namespace)
     value = namespace[name]
     assert value is getattr(agent_parallel, name)
-    if name != "__version__":
+    if name not in ("__version__", "TaskState", "Outcome"):  # the last two are type aliases (unions)
         assert value.__module__.startswith("agent_parallel.")
 
 
@@ -46,3 +46,28 @@ def test_importing_the_package_or_the_watchdog_stays_light() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'pydantic', 'anyio', 'rich')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_error_class_is_in_the_tree_errors_py_draws() -> None:
+    """Each exception class of the package derives from AgentParallelError and is drawn in errors.py's
+    docstring, so a reader of that one file knows every error the package raises."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from agent_parallel import errors
+
+    found = {}
+    for info in pkgutil.walk_packages(agent_parallel.__path__, "agent_parallel."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == info.name:
+                found[name] = value
+    public = {name: cls for name, cls in found.items() if not name.startswith("_")}
+    assert len(public) >= 14, sorted(public)
+    for name, cls in public.items():
+        assert issubclass(cls, errors.AgentParallelError), f"{name} ({cls.__module__}) is outside the error tree"
+        drawn = f"── {name} " in errors.__doc__ or f"\n    {name}\n" in errors.__doc__
+        assert drawn, f"{name} is not drawn in errors.py's docstring"

@@ -65,7 +65,7 @@ async def test_closing_stdin_stops_tasks_and_the_server(workspace):
         await anyio.sleep(0.05)
     assert all_dead(read_pids(pids))
     record = json.loads(next((workspace / ".agent/runs").glob("*.json")).read_text())
-    assert record["status"] == "interrupted"
+    assert record["state"]["state"] == "ended" and record["state"]["outcome"]["type"] == "interrupted"
 
 
 @pytest.mark.fault('SIGTERM to the server: its tasks are stopped and it exits within 2 s')
@@ -109,7 +109,7 @@ def test_inspector_lists_tools_and_launches(workspace):
     bad = subprocess.run([*base, str(workspace), "--method", "tools/call", "--tool-name", "launch_task"],
                          capture_output=True, text=True, timeout=180)
     assert bad.returncode == 5  # the Inspector's exit code for a tool error
-    assert "give exactly one of `command` (a shell command) or `item` (a queue item id), not neither" in bad.stdout
+    assert "give exactly one of `command` (a shell command), `commands` (several, as one group) or `item` (a queue item id), not none" in bad.stdout
 
 
 @pytest.mark.fault('the server is SIGKILLed mid-task: no orphan processes, the task shows as interrupted with its output after a restart')

@@ -25,8 +25,10 @@ async def runs_before(workspace: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("args, message", [
-    ({}, "give exactly one of `command` (a shell command) or `item` (a queue item id), not neither"),
-    ({"command": "true", "item": "001"}, "give exactly one of `command` (a shell command) or `item` (a queue item id), not both"),
+    ({}, "give exactly one of `command` (a shell command), `commands` (several, as one group) or `item` (a queue item "
+         "id), not none"),
+    ({"command": "true", "item": "001"}, "give exactly one of `command` (a shell command), `commands` (several, as one "
+                                         "group) or `item` (a queue item id), not command and item"),
     ({"command": "   "}, "`command` is empty; give the shell command to run, e.g. \"make test\""),
     ({"command": "true", "timeout_s": -1}, "timeout_s must be a number of seconds between 0 and 604800 (7 days), got -1.0"),
     ({"command": "true", "timeout_s": 1e12}, "timeout_s must be a number of seconds between 0 and 604800 (7 days), got 1000000000000.0"),

@@ -17,12 +17,13 @@ _HOMES = {
     # errors (see errors.py for the tree)
     "AgentParallelError": "errors", "UsageError": "errors", "PathOutsideWorkspace": "errors",
     "UnknownTask": "errors", "QueueError": "errors", "ResourceLimitError": "errors", "InternalError": "errors",
-    "ConfigError": "config",
+    "StorageError": "errors", "ShuttingDown": "errors", "ConfigError": "config",
     # configuration
     "Config": "config", "load_config": "config",
     # the task engine
     "TaskRegistry": "tasks.registry", "RegistrySettings": "tasks.registry", "open_registry": "tasks.registry",
-    "Task": "tasks.registry", "TaskRecord": "tasks.records", "TaskStatus": "tasks.records",
+    "Task": "tasks.registry", "TaskRecord": "tasks.records", "TaskStatus": "tasks.records", "TaskState": "tasks.records",
+    "Outcome": "tasks.records",
     "Executor": "tasks.executor", "LocalExecutor": "tasks.executor", "TaskHandle": "tasks.executor",
     "LaunchSpec": "tasks.executor", "ExitInfo": "tasks.executor", "SpawnError": "tasks.executor",
     "ExecutorError": "tasks.executor", "Job": "tasks.registry",
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
     from .config import Config as Config, ConfigError as ConfigError, load_config as load_config
     from .errors import (AgentParallelError as AgentParallelError, InternalError as InternalError,
                          PathOutsideWorkspace as PathOutsideWorkspace, QueueError as QueueError,
-                         ResourceLimitError as ResourceLimitError, UnknownTask as UnknownTask, UsageError as UsageError)
+                         ResourceLimitError as ResourceLimitError, ShuttingDown as ShuttingDown,
+                         StorageError as StorageError, UnknownTask as UnknownTask, UsageError as UsageError)
     from .queue.items import Diagnostic as Diagnostic, QueueReader as QueueReader, WorkItem as WorkItem
     from .queue.plan import plan_workspace as plan_workspace
     from .queue.planner import QueuePlan as QueuePlan, make_plan as make_plan
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
                                  LaunchSpec as LaunchSpec, LocalExecutor as LocalExecutor, SpawnError as SpawnError,
                                  TaskHandle as TaskHandle)
     from .tasks.fake import FakeExecutor as FakeExecutor, FakeOutcome as FakeOutcome
-    from .tasks.records import TaskRecord as TaskRecord, TaskStatus as TaskStatus
+    from .tasks.records import (Outcome as Outcome, TaskRecord as TaskRecord, TaskState as TaskState,
+                                TaskStatus as TaskStatus)
     from .tasks.registry import (Job as Job, RegistrySettings as RegistrySettings, Task as Task,
                                  TaskRegistry as TaskRegistry, open_registry as open_registry)

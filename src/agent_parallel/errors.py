@@ -5,11 +5,20 @@
     │   ├── PathOutsideWorkspace   a path resolves outside the workspace root
     │   ├── UnknownTask            no task has that id
     │   └── QueueError             the queue or an item cannot be used as asked
-    ├── ResourceLimitError    a cap (tasks, registry, log size) was reached
+    │       ├── ConfigError        .agent/config.yaml is invalid (config.py)
+    │       ├── ClaimLost          an item was moved by someone else (queue/claims.py)
+    │       ├── BadTransition      an item cannot move to that status (queue/claims.py)
+    │       └── NotStarted         a run was stopped while it claimed the item (queue/run.py)
+    ├── ResourceLimitError    a cap (tasks queued or running) was reached: wait, then try again
+    ├── StorageError          a file the server keeps could not be written: a full disk, permissions
+    ├── ShuttingDown          the server is stopping: try again once it runs again
+    ├── ExecutorError         a process could not be started, waited for or stopped (tasks/executor.py)
+    │   └── SpawnError             it could not be started: a missing cwd, no such program ...
     └── InternalError         a bug in agent-parallel: please report it
 
 The MCP layer turns every ``AgentParallelError`` into a tool error carrying its message; anything
-else is a bug and is reported as one.
+else is a bug and is reported as one. ``tests/test_public_api.py`` checks that every error class
+of the package is in this tree.
 """
 
 from __future__ import annotations
@@ -53,6 +62,15 @@ class QueueError(UsageError):
 
 class ResourceLimitError(AgentParallelError):
     """Raised when a configured cap would be exceeded; the message names the cap and how to raise it."""
+
+
+class StorageError(AgentParallelError):
+    """Raised when a file the server keeps (a task record, a log) cannot be written; the message
+    gives the operating system's reason (a full disk, permissions) and what to free or fix."""
+
+
+class ShuttingDown(AgentParallelError):
+    """Raised for work asked of a server that is stopping."""
 
 
 class InternalError(AgentParallelError):

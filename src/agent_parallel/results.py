@@ -5,8 +5,8 @@ Times are ISO 8601 strings in UTC; ids and field names follow ``TOOLS.md``.
 
 from __future__ import annotations
 
-from datetime import datetime, UTC
-from typing import Literal, Self
+from datetime import UTC, datetime
+from typing import Literal, Self, overload
 
 from pydantic import BaseModel, Field
 
@@ -20,24 +20,23 @@ SHORT_TEXT_CHARS = 300
 """A command or description shown among many (list_tasks rows, several tasks) is cut to this."""
 
 
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class TaskView(BaseModel):
-    """One task's state and (a page of) its output. Fields are None where they do not apply yet."""
+class _TaskDetails(BaseModel):
+    """A task's fields that may be absent (not started yet, not ended yet, no output asked for ...)."""
 
-    task_id: str | None = None
-    status: TaskStatus | None = None
     description: str | None = None
-    command: str | None = None
-    cwd: str | None = None
     item_id: str | None = None
     item_file: str | None = None
-    created_at: str | None = None
-    started_at: str | None = None
+    started_at: str | None = Field(None, description="absent until the task starts (a task that never ran has none)")
     ended_at: str | None = None
     duration_s: float | None = None
     exit_code: int | None = None
@@ -50,6 +49,16 @@ class TaskView(BaseModel):
     truncated: bool | None = Field(None, description="true when output exists that `output` does not show")
     dropped_bytes: int | None = Field(None, description="bytes no longer kept because the log cap was reached")
     run: RunProgress | None = Field(None, description="for a run_queue run: progress, and the report once finished")
+
+
+class TaskView(_TaskDetails):
+    """One task's state and (a page of) its output."""
+
+    task_id: str
+    status: TaskStatus
+    command: str
+    cwd: str
+    created_at: str
 
     @classmethod
     def of(cls, rec: TaskRecord, *, short: bool = False, **extra: object) -> Self:
@@ -66,17 +75,29 @@ class TaskView(BaseModel):
 
 
 class LaunchResult(TaskView):
-    """``launch_task``'s answer. With ``run_in_background=false`` it also carries what ``task_output`` would."""
+    """``launch_task``'s answer. With ``run_in_background=false`` it also carries what ``task_output`` would.
+
+    For a fan-out (``commands``), ``task_id`` is the group's id (``task_output``, ``cancel_task``
+    and ``list_tasks`` take it like a task id), ``status`` the group's, and ``task_ids`` its members."""
 
     retrieval_status: RetrievalStatus | None = None
+    group_id: str | None = Field(None, description="for `commands`: the group's id (also in task_id)")
+    task_ids: list[str] | None = Field(None, description="for `commands`: each command's task id, in the order given")
+    tasks: list[TaskView] | None = Field(None, description="for `commands` with run_in_background=false: each member")
 
 
-class TaskOutputResult(TaskView):
+class TaskOutputResult(_TaskDetails):
     """``task_output``'s answer: with ``task_id``, the task's fields at the top level; with
-    ``task_ids``, one entry per task in ``tasks``."""
+    ``task_ids``, one entry per task in ``tasks`` (and no task fields at the top level)."""
 
     retrieval_status: RetrievalStatus
-    tasks: list[TaskView] | None = None
+    task_id: str | None = Field(None, description="with `task_id`: the task")
+    status: TaskStatus | None = Field(None, description="with `task_id`: the task's status")
+    command: str | None = None
+    cwd: str | None = None
+    created_at: str | None = None
+    tasks: list[TaskView] | None = Field(None, description="with `task_ids`: one entry per task, in the order given")
+    group_id: str | None = Field(None, description="with a group_id as `task_id`: the group (its members in `tasks`)")
 
 
 class CancelResult(BaseModel):
@@ -182,5 +203,5 @@ class ItemMoved(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="claims of servers that no longer run, given back first")
 
 
-for _model in (TaskView, LaunchResult, TaskOutputResult, CancelResult):
+for _model in (_TaskDetails, TaskView, LaunchResult, TaskOutputResult, CancelResult):
     _model.model_rebuild()

@@ -100,7 +100,7 @@ def check_ready(graph: QueueGraph, item_id: int) -> WorkItem:
     return item
 
 
-class NotStarted(Exception):
+class NotStarted(QueueError):
     """``launch_item`` claimed the item but was told not to start it (its run was stopped); the
     claim was given back."""
 

@@ -27,6 +27,12 @@ If unsure, run them one after the other.
 2. Wait for all of them: `task_output(task_ids=[...], wait="all")` (or `wait="any"` to act on the first).
 3. Aggregate: check each task's `status` and `exit_code`, read failures' output, then continue.
 
+## Fan-out (many similar commands)
+`launch_task(commands=["pytest tests/shard1", ...], max_parallel=8)` starts them all in one call as a
+group, at most 8 at once, and answers with `group_id` and `task_ids`. Then `task_output(task_id=group_id)`
+waits for all (`wait="any"` for the first), `cancel_task(task_id=group_id)` stops every one, and
+`list_tasks(group_id=...)` lists them. The group's `status` is `completed` only if every member completed.
+
 ## Pipeline
 Item A produces output, item B consumes it: `launch_task(command=B, after=[A's task_id])`. B starts
 only if A completed; otherwise B ends as `skipped`. B finds A's log through `AGENT_UPSTREAM_LOGS`.

@@ -266,14 +266,19 @@ def _wants_task(params: CallToolRequestParams, ctx: ServerRequestContext[Any, An
 
     That is ``run_queue`` and ``launch_task(run_in_background=false)``. A background ``launch_task``
     answers at once with its task_id (the SEP lets the server choose): made a task, it would keep a
-    client that resolves tasks transparently waiting for the command's end.
+    client that resolves tasks transparently waiting for the command's end. A fan-out
+    (``launch_task(commands=...)``) is answered as a plain tool call: its answer names a group, not
+    one task, and ``task_output`` on the group id is how to wait for it.
     """
     if params.name not in TASK_TOOLS or ctx.protocol_version not in PROTOCOL_VERSIONS:
         return False
     capabilities = ctx.session.client_capabilities
     if capabilities is None or not capabilities.extensions or IDENTIFIER not in capabilities.extensions:
         return False
-    return params.name != "launch_task" or _false((params.arguments or {}).get("run_in_background", True))
+    if params.name != "launch_task":
+        return True
+    arguments = params.arguments or {}
+    return arguments.get("commands") is None and _false(arguments.get("run_in_background", True))
 
 
 def _check_mcp_name(ctx: ServerRequestContext[Any, Any], task_id: str) -> None:
@@ -333,7 +338,7 @@ def _status_message(entry: _Entry, task: Task) -> str:
         why = rec.reason or (f"waiting for {', '.join(rec.after)}" if rec.after else "starting")
         return f"{what} is queued: {why}"
     if rec.status == TaskStatus.RUNNING:
-        detail = f": {progress}" if progress else f" for {rec.duration_s or 0:.1f} s" + (f" (pid {rec.pid})" if rec.pid else "")
+        detail = f": {progress}" if progress else f" for {rec.duration_s or 0:.1f} s" + (f" (pid {rec.process.pid})" if rec.process else "")
         return f"{what} is running{detail}; its output so far: task_output(task_id=\"{rec.task_id}\")"
     if rec.status == TaskStatus.COMPLETED:
         return f"{what} completed" + (f": {progress}" if progress else f" (exit code 0) in {rec.duration_s or 0:.1f} s")

@@ -17,6 +17,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
+from ..config import load_config, max_parallel_for
 from ..errors import AgentParallelError, UsageError
 from ..paths import resolve_inside
 from ..queue.claims import find_item, move_item, parse_item_id, release_stale_claims
@@ -26,9 +27,9 @@ from ..queue.planner import QueuePlan
 from ..queue.items import QueueReader, format_id
 from ..queue.run import check_ready, launch_item, run_of, start_run
 from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
-                       TaskSummary, TaskView)
+                       TaskSummary, TaskView, iso)
 from ..text import cut
-from ..tasks.records import TaskStatus
+from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
 from .settings import Workspace, workspace_of
 from .views import live_progress, view_task, wait_reporting_progress
@@ -37,6 +38,10 @@ MAX_PAGE_BYTES = 65536
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_TASK_IDS = 256
 """Ids in one task_output or cancel_task call (after removing repeats): keeps every answer bounded."""
+MAX_GROUP_COMMANDS = 1000
+"""Commands in one fan-out (``launch_task(commands=...)``)."""
+GROUP_ANSWER_BYTES = 1 << 20
+"""A group's answer shows at most about this much output over all its members (each at least 1 KiB)."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -63,6 +68,8 @@ def register_task_tools(server: MCPServer) -> None:
     async def launch_task(
         ctx: Context,
         command: Annotated[str | None, Field(description="shell command, run with /bin/sh -c")] = None,
+        commands: Annotated[list[str] | None, Field(description="several shell commands started as one group (a fan-out), at most `max_parallel` at once; the answer's task_id is the group's id")] = None,
+        max_parallel: Annotated[int | None, Field(description="with `commands`: at most this many run at once (default: the config's max_parallel)")] = None,
         item: Annotated[str | None, Field(description="a queue item id (e.g. '007') to claim and run instead of a command")] = None,
         description: Annotated[str | None, Field(description="a few words saying what the task is for")] = None,
         cwd: Annotated[str | None, Field(description="working directory, relative to the workspace root (default: the root)")] = None,
@@ -75,14 +82,22 @@ def register_task_tools(server: MCPServer) -> None:
 
         Use it for anything that takes more than a few seconds (builds, test suites, servers,
         long scripts) and to run independent steps in parallel: launch them all, then call
-        task_output(task_ids=[...], wait="all"). Chain dependent steps with `after`; each step gets
+        task_output(task_ids=[...], wait="all"). Many similar commands (test shards, files to
+        process) go in one call: commands=[...] with max_parallel=N starts them as a group and
+        answers with its group_id and task_ids; task_output, cancel_task and list_tasks take the
+        group_id like a task id. Chain dependent steps with `after`; each step gets
         its predecessors' log paths in AGENT_UPSTREAM_LOGS. Output (stdout and stderr) goes to a
         log; read it with task_output. stdin is /dev/null, so interactive commands will not wait for input.
         """
         ws = workspace_of(ctx)
-        if (command is None) == (item is None):
-            raise UsageError("give exactly one of `command` (a shell command) or `item` (a queue item id), "
-                             f"not {'both' if command is not None else 'neither'}")
+        given = [name for name, value in (("command", command), ("commands", commands), ("item", item))
+                 if value is not None]
+        if len(given) != 1:
+            raise UsageError("give exactly one of `command` (a shell command), `commands` (several, as one group) "
+                             f"or `item` (a queue item id), not {' and '.join(given) if given else 'none'}")
+        if max_parallel is not None and commands is None:
+            raise UsageError("`max_parallel` applies to `commands` (a group) only; a queue run takes its own "
+                             "(run_queue(max_parallel=...))")
         if item is not None:
             if cwd is not None or env or after or timeout_s is not None:
                 raise UsageError("`cwd`, `env`, `after` and `timeout_s` apply to commands only; an item runs in "
@@ -91,7 +106,10 @@ def register_task_tools(server: MCPServer) -> None:
             return await _launch_answer(ws, task, run_in_background)
         # every argument is checked before anything starts: an error after the start invites a retry (a second run);
         # strings bound for the process (command, env) are checked by registry.launch, before it registers anything
-        if command is None or not command.strip():
+        if commands is not None:
+            _check_commands(commands)
+            slots = max_parallel_for(max_parallel, load_config(ws.root)[0])
+        elif command is None or not command.strip():
             raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
         timeout_s = _check_timeout(timeout_s, "timeout_s")
         _check_text("cwd", cwd)
@@ -102,6 +120,11 @@ def register_task_tools(server: MCPServer) -> None:
             raise UsageError(f"`after` names {len(after)} tasks; at most {MAX_TASK_IDS} are accepted")
         for task_id in after or []:
             ws.registry.get(task_id)
+        if commands is not None:
+            group_id, members = await ws.registry.launch_group(
+                commands, max_parallel=slots, cwd=workdir, description=description, env=env, timeout_s=timeout_s,
+                after=after)
+            return await _group_answer(ws, group_id, members, run_in_background)
         task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
                                         timeout_s=timeout_s, after=after)
         return await _launch_answer(ws, task, run_in_background)
@@ -111,7 +134,7 @@ def register_task_tools(server: MCPServer) -> None:
     @_tool_errors
     async def task_output(
         ctx: Context,
-        task_id: Annotated[str | None, Field(description="one task id")] = None,
+        task_id: Annotated[str | None, Field(description="one task id (or a group_id: its members, as with task_ids)")] = None,
         task_ids: Annotated[list[str] | None, Field(description="several task ids (see `wait`)")] = None,
         block: Annotated[bool, Field(description="wait for the task(s) to finish (up to `timeout`)")] = True,
         timeout: Annotated[float, Field(description="seconds to wait when blocking; clamped to the server's wait cap (default 50)")] = 30,
@@ -129,13 +152,13 @@ def register_task_tools(server: MCPServer) -> None:
         to keep waiting. With block=false it answers at once (retrieval_status="not_ready" while
         running). By default you see the most recent output; page from the start with cursor=0
         and then the returned next_cursor. With task_id the task's fields are at the top level;
-        with task_ids there is one entry per task in `tasks`.
+        with task_ids (or a group_id) there is one entry per task in `tasks`.
         """
         ws = workspace_of(ctx)
         if (task_id is None) == (not task_ids):
             raise UsageError("give `task_id` (one task) or `task_ids` (several), not both or neither; "
                              "call list_tasks to see task ids")
-        tasks = [ws.registry.get(i) for i in _task_ids(task_id, task_ids)]
+        tasks = ws.registry.resolve(_task_ids(task_id, task_ids))
         if not 1 <= max_bytes <= MAX_PAGE_BYTES:
             raise UsageError(f"max_bytes must be between 1 and {MAX_PAGE_BYTES} (got {max_bytes}); "
                              "page through longer output with cursor and next_cursor")
@@ -153,8 +176,11 @@ def register_task_tools(server: MCPServer) -> None:
         else:
             finished = [t.done.is_set() for t in tasks]
             status = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
-        several = task_id is None
+        group_id = task_id if task_id is not None and is_group_id(task_id) else None
+        several = task_id is None or group_id is not None
         live = live_progress(tasks)
+        if group_id is not None:  # a group may hold up to MAX_GROUP_COMMANDS tasks: the answer stays bounded
+            max_bytes = min(max_bytes, max(1024, GROUP_ANSWER_BYTES // len(tasks)))
 
         def read_all() -> list[TaskView]:
             return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
@@ -165,7 +191,8 @@ def register_task_tools(server: MCPServer) -> None:
         views = await anyio.to_thread.run_sync(read_all)
         if not several:
             return TaskOutputResult(**views[0].model_dump(), retrieval_status=status)
-        return TaskOutputResult(retrieval_status=status, tasks=views)
+        return TaskOutputResult(retrieval_status=status, tasks=views, group_id=group_id,
+                                status=group_status([t.record for t in tasks]) if group_id else None)
 
     @server.tool(title="Cancel tasks",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
@@ -173,7 +200,7 @@ def register_task_tools(server: MCPServer) -> None:
     @_tool_errors
     async def cancel_task(
         ctx: Context,
-        task_id: Annotated[str | None, Field(description="the task to stop")] = None,
+        task_id: Annotated[str | None, Field(description="the task to stop (or a group_id: all its members)")] = None,
         task_ids: Annotated[list[str] | None, Field(description="several tasks to stop")] = None,
     ) -> CancelResult:
         """Stop a background task and every process it started (TERM, a short grace, then KILL).
@@ -185,7 +212,7 @@ def register_task_tools(server: MCPServer) -> None:
         ws = workspace_of(ctx)
         if (task_id is None) == (not task_ids):
             raise UsageError("give `task_id` or `task_ids`, not both or neither; call list_tasks to see task ids")
-        tasks = [ws.registry.get(i) for i in _task_ids(task_id, task_ids)]
+        tasks = ws.registry.resolve(_task_ids(task_id, task_ids))
         stopped: list[bool] = [False] * len(tasks)
 
         async def stop(i: int) -> None:
@@ -206,6 +233,7 @@ def register_task_tools(server: MCPServer) -> None:
         status: Annotated[list[str] | None, Field(description="only tasks in these states, e.g. ['running']")] = None,
         limit: Annotated[int, Field(description="at most this many, newest first (1 to 1000)")] = 50,
         offset: Annotated[int, Field(description="skip this many (the next page: offset + limit)")] = 0,
+        group_id: Annotated[str | None, Field(description="only the members of this group (launch_task(commands=...))")] = None,
     ) -> TaskList:
         """List recent background tasks, newest first, with status, exit code, duration and last output line.
 
@@ -221,12 +249,43 @@ def register_task_tools(server: MCPServer) -> None:
             raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
         if offset < 0:
             raise UsageError(f"offset must be >= 0 (got {offset})")
-        page, total = ws.registry.list(wanted or None, limit=limit, offset=offset)
+        members = {t.record.task_id for t in ws.registry.group(group_id)} if group_id is not None else None
+        page, total = ws.registry.list(wanted or None, limit=limit, offset=offset, among=members)
 
         def rows() -> list[TaskSummary]:  # last lines may come from the logs: read off the event loop
             return [TaskSummary.of(t.record, last_line=ws.registry.last_line(t)) for t in page]
 
         return TaskList(total=total, tasks=await anyio.to_thread.run_sync(rows))
+
+
+def _check_commands(commands: list[str]) -> None:
+    if not commands:
+        raise UsageError("`commands` is empty; give the shell commands to run, e.g. [\"pytest shard1\", \"pytest shard2\"]")
+    if len(commands) > MAX_GROUP_COMMANDS:
+        raise UsageError(f"`commands` holds {len(commands):,} commands; at most {MAX_GROUP_COMMANDS} start as one "
+                         "group: split them over several calls")
+    for i, one in enumerate(commands):
+        if not one.strip():
+            raise UsageError(f"commands[{i}] is empty; every command must be a shell command to run")
+
+
+async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_in_background: bool) -> LaunchResult:
+    """A fan-out's answer: the group id (as ``task_id`` and ``group_id``), its members' ids, and,
+    having waited, every member's state and recent output (as ``task_output`` on the group)."""
+    first = members[0].record
+    done: bool | None = None
+    tasks: list[TaskView] | None = None
+    if not run_in_background:
+        done = await ws.registry.wait(members, mode="all", timeout=ws.settings.wait_cap_s)
+        max_bytes = min(16384, max(1024, GROUP_ANSWER_BYTES // len(members)))
+        tasks = await anyio.to_thread.run_sync(lambda: [
+            view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, short=True)
+            for t in members])
+    shown = cut(first.command, 200) + (f" (and {len(members) - 1} more)" if len(members) > 1 else "")
+    return LaunchResult(task_id=group_id, group_id=group_id, task_ids=[t.record.task_id for t in members],
+                        status=group_status([t.record for t in members]), command=shown, cwd=first.cwd,
+                        description=first.description, created_at=iso(first.created_at), tasks=tasks,
+                        retrieval_status=None if done is None else "success" if done else "timeout")
 
 
 async def _launch_answer(ws: Workspace, task: Task, run_in_background: bool) -> LaunchResult:

@@ -34,7 +34,7 @@ from typing import Protocol
 import anyio
 import anyio.lowlevel
 
-from ..errors import os_error_text
+from ..errors import AgentParallelError, os_error_text
 from . import processes
 from .logs import LogWriter
 from .processes import process_start_time
@@ -48,7 +48,7 @@ DRAIN_AFTER_EXIT_S = 1.0  # how long to wait for an escaped process to release t
 MAX_ARG_BYTES = 128 * 1024  # MAX_ARG_STRLEN: the kernel refuses one argument or NAME=value this long (with its NUL)
 
 
-class ExecutorError(Exception):
+class ExecutorError(AgentParallelError):
     """The executor could not do what was asked; the message says why (it becomes the task's reason)."""
 
 

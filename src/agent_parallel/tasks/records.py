@@ -1,10 +1,20 @@
 """The task record: what a task is, where it is in its life, and how it ended.
 
-Lifecycle (the only transitions the registry makes)::
+A record is two parts: what the task *is* (id, kind, command, cwd, ...: fixed at launch) and its
+``state``, where each state carries only its own data (as pueue's ``TaskStatus`` does)::
 
-    queued ──► running ──► completed | failed | cancelled | timed_out
-      │                    (interrupted: found running after a server restart)
-      └──► skipped | cancelled   (a predecessor in ``after`` did not complete, or cancelled while waiting)
+    Queued ──► Running(started_at, process) ──► Ended(started_at, ended_at, outcome)
+      │                                          outcome: Succeeded | Failed(exit_code, signal)
+      │                                                   | TimedOut | Cancelled | Interrupted
+      └──────────────────────────────────────► NotRun(ended_at, outcome)
+                                                 outcome: FailedToStart(reason) | Skipped(because)
+                                                          | Cancelled | Interrupted
+
+How a task ended (its ``outcome``) is apart from where it is in its life: a task that never
+started has no ``started_at`` and no exit code, by construction. Only the registry moves a record
+from state to state, through ``start`` and ``end``, which refuse any other transition. The
+``status`` the tools show (``TOOLS.md``: queued, running, completed, failed, ...) is derived from
+the state and the outcome, as are ``exit_code``, ``signal`` and ``reason``.
 
 Records are plain data, written to ``.agent/runs/<task_id>.json``; handles to processes live
 elsewhere (the executor), so a record can always be saved, loaded and shown.
@@ -12,7 +22,8 @@ elsewhere (the executor), so a record can always be saved, loaded and shown.
 A loaded record is untrusted (a cloned repository can ship a ``.agent/runs`` of its own):
 ``load_records`` keeps only records whose id is a plain token equal to the file's name and whose
 numbers are sane (``record_problem``), and skips the rest with a warning. Nothing else in a
-record is ever used as a path or as a process to signal without a check of its own.
+record is ever used as a path or as a process to signal without a check of its own. Records in
+the flat format of earlier versions are read too (``_from_flat``).
 """
 
 from __future__ import annotations
@@ -27,9 +38,11 @@ import stat
 import time
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import InternalError
 from ..paths import write_atomic
 
 log = logging.getLogger(__name__)
@@ -38,8 +51,13 @@ TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 MAX_RECORD_BYTES = 4 << 20  # a record is a few KB (its command at most 128 KiB); bigger files are not read
 FUTURE_SLACK_S = 366 * 86400  # times further ahead than this are not clock skew but nonsense
 
+TaskKind = Literal["command", "item", "run"]
+"""A shell command or argv (``launch_task(command=...)``), a queue item's work, or a queue run (a job)."""
+
 
 class TaskStatus(StrEnum):
+    """The status the tools show: the lifecycle and the outcome folded into one word (``TOOLS.md``)."""
+
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -54,16 +72,159 @@ class TaskStatus(StrEnum):
         return self not in (TaskStatus.QUEUED, TaskStatus.RUNNING)
 
 
+GROUP_PREFIX = "g-"
+"""Group ids are ``g-`` and a task id's token: never equal to a task id (task ids hold no ``-`` of their own)."""
+
+
+def new_group_id() -> str:
+    return GROUP_PREFIX + new_task_id()
+
+
+def is_group_id(text: str) -> bool:
+    return text.startswith(GROUP_PREFIX) and TASK_ID.fullmatch(text) is not None
+
+
+def group_status(members: list[TaskRecord]) -> TaskStatus:
+    """A fan-out's status, from its members': queued until one starts, running until all ended, then
+    completed when every member completed, else the first member's status that is not completed."""
+    statuses = [m.status for m in members]
+    if all(s == TaskStatus.QUEUED for s in statuses):
+        return TaskStatus.QUEUED
+    if not all(s.is_done for s in statuses):
+        return TaskStatus.RUNNING
+    return next((s for s in statuses if s != TaskStatus.COMPLETED), TaskStatus.COMPLETED)
+
+
 def new_task_id() -> str:
     """An unguessable short token: 60 random bits, lower-case base32 (12 characters)."""
     return base64.b32encode(secrets.token_bytes(8)).decode().lower()[:12]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- outcomes: how a task ended ----------------------------------------------------------------
+
+class Succeeded(_Data):
+    """It ran and exited 0."""
+
+    type: Literal["succeeded"] = "succeeded"
+    status: ClassVar[TaskStatus] = TaskStatus.COMPLETED
+
+
+class Failed(_Data):
+    """It ran and failed: a non-zero exit, a signal, or its supervision failed (``reason``)."""
+
+    type: Literal["failed"] = "failed"
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str
+    status: ClassVar[TaskStatus] = TaskStatus.FAILED
+
+
+class TimedOut(_Data):
+    """It ran past its ``timeout_s`` and its process tree was killed."""
+
+    type: Literal["timed_out"] = "timed_out"
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str
+    status: ClassVar[TaskStatus] = TaskStatus.TIMED_OUT
+
+
+class Cancelled(_Data):
+    """``cancel_task`` (or an abandoned launch) stopped it, running or not yet."""
+
+    type: Literal["cancelled"] = "cancelled"
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str
+    status: ClassVar[TaskStatus] = TaskStatus.CANCELLED
+
+
+class Interrupted(_Data):
+    """The server stopped while the task was live."""
+
+    type: Literal["interrupted"] = "interrupted"
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str
+    status: ClassVar[TaskStatus] = TaskStatus.INTERRUPTED
+
+
+class FailedToStart(_Data):
+    """Its process or job could not be started (or prepared: a log, a record, an upstream log)."""
+
+    type: Literal["failed_to_start"] = "failed_to_start"
+    reason: str
+    status: ClassVar[TaskStatus] = TaskStatus.FAILED
+
+
+class Skipped(_Data):
+    """It never ran because a predecessor in ``after`` did not complete."""
+
+    type: Literal["skipped"] = "skipped"
+    because: str
+    status: ClassVar[TaskStatus] = TaskStatus.SKIPPED
+
+
+RanOutcome = Annotated[Succeeded | Failed | TimedOut | Cancelled | Interrupted, Field(discriminator="type")]
+NotRunOutcome = Annotated[FailedToStart | Skipped | Cancelled | Interrupted, Field(discriminator="type")]
+Outcome = Succeeded | Failed | TimedOut | Cancelled | Interrupted | FailedToStart | Skipped
+
+
+# --- states: where a task is in its life -------------------------------------------------------
+
+class ProcessRef(_Data):
+    """The task's process: its pid and start time (clock ticks since boot), to recognise it after a crash."""
+
+    pid: int
+    start_time: int | None = None
+
+
+class Queued(_Data):
+    """Registered, not started: waiting for its predecessors or for room (``held``: why the start is held)."""
+
+    state: Literal["queued"] = "queued"
+    held: str | None = None
+
+
+class Running(_Data):
+    """Its process (``process``) or job (no process) runs."""
+
+    state: Literal["running"] = "running"
+    started_at: float
+    process: ProcessRef | None = None
+
+
+class Ended(_Data):
+    """It ran and is over. ``notes``: what else happened (processes left behind, a follow-up's problem)."""
+
+    state: Literal["ended"] = "ended"
+    started_at: float
+    ended_at: float
+    outcome: RanOutcome
+    notes: tuple[str, ...] = ()
+
+
+class NotRun(_Data):
+    """It is over without having started."""
+
+    state: Literal["not_run"] = "not_run"
+    ended_at: float
+    outcome: NotRunOutcome
+    notes: tuple[str, ...] = ()
+
+
+TaskState = Annotated[Queued | Running | Ended | NotRun, Field(discriminator="state")]
 
 
 class TaskRecord(BaseModel):
     """Everything worth keeping about one task. Environment values are never stored (secrets)."""
 
     task_id: str
-    kind: str = "command"  # "command" | "item" | "run"
+    kind: TaskKind = "command"
     command: str
     description: str | None = None
     cwd: str
@@ -72,29 +233,111 @@ class TaskRecord(BaseModel):
     after: list[str] = Field(default_factory=list)
     item_id: str | None = None
     item_file: str | None = None
-    status: TaskStatus = TaskStatus.QUEUED
+    group_id: str | None = None  # the fan-out (``launch_task(commands=...)``) this task is one of
     created_at: float = Field(default_factory=time.time)
-    started_at: float | None = None
-    ended_at: float | None = None
-    exit_code: int | None = None
-    signal: str | None = None
-    pid: int | None = None
-    pid_start: int | None = None  # start time of `pid` (clock ticks since boot), to recognise it after a crash
     server_pid: int | None = None  # the server process that owns the task, and its start time:
     server_start: int | None = None  # another live server's tasks are never touched
+    state: TaskState = Field(default_factory=Queued)
     output_bytes: int = 0
     log_cap_bytes: int | None = None  # the cap the log was written with (the config may change later)
     dropped_bytes: int = 0
     tail_segments: list[int] = Field(default_factory=list)
-    reason: str | None = None  # why it was skipped, failed to start, interrupted ...
     last_line: str | None = None  # the output's last line, kept at the end so listing never reads a finished log
+
+    # ------------------------------------------------------------- transitions (the registry's only)
+    def hold(self, why: str | None) -> None:
+        """Say why a queued task's start is held (None: it no longer is)."""
+        self._expect(Queued, "hold")
+        self.state = Queued(held=why)
+
+    def start(self, at: float, process: ProcessRef | None) -> None:
+        """Queued → Running."""
+        self._expect(Queued, "start")
+        self.state = Running(started_at=at, process=process)
+
+    def end(self, outcome: Outcome, at: float) -> None:
+        """Running → Ended, or Queued → NotRun. An outcome that needs a start (``Succeeded``,
+        ``Failed``, ``TimedOut``) for a task that never started is a bug."""
+        state = self.state
+        if isinstance(state, Running) and not isinstance(outcome, (FailedToStart, Skipped)):
+            self.state = Ended(started_at=state.started_at, ended_at=max(at, state.started_at), outcome=outcome)
+        elif isinstance(state, Queued) and isinstance(outcome, (FailedToStart, Skipped, Cancelled, Interrupted)):
+            self.state = NotRun(ended_at=at, outcome=outcome)
+        else:
+            raise InternalError(f"task {self.task_id}: cannot end {state.state} as {outcome.type}")
+
+    def note(self, text: str) -> None:
+        """Add what else happened to an ended task (shown after its reason)."""
+        state = self.state
+        if not isinstance(state, (Ended, NotRun)):
+            raise InternalError(f"task {self.task_id}: a note on a task that is {state.state}")
+        self.state = state.model_copy(update={"notes": (*state.notes, text)})
+
+    def _expect(self, state: type[_Data], action: str) -> None:
+        if not isinstance(self.state, state):
+            raise InternalError(f"task {self.task_id}: cannot {action} a task that is {self.state.state}")
+
+    # ------------------------------------------------------------- what the tools show
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.state.outcome if isinstance(self.state, (Ended, NotRun)) else None
+
+    @property
+    def status(self) -> TaskStatus:
+        state = self.state
+        if isinstance(state, Queued):
+            return TaskStatus.QUEUED
+        if isinstance(state, Running):
+            return TaskStatus.RUNNING
+        return state.outcome.status
+
+    @property
+    def is_done(self) -> bool:
+        return isinstance(self.state, (Ended, NotRun))
+
+    @property
+    def started_at(self) -> float | None:
+        return self.state.started_at if isinstance(self.state, (Running, Ended)) else None
+
+    @property
+    def ended_at(self) -> float | None:
+        return self.state.ended_at if isinstance(self.state, (Ended, NotRun)) else None
+
+    @property
+    def process(self) -> ProcessRef | None:
+        return self.state.process if isinstance(self.state, Running) else None
+
+    @property
+    def exit_code(self) -> int | None:
+        outcome = self.outcome
+        if isinstance(outcome, Succeeded):
+            return 0
+        return getattr(outcome, "exit_code", None)
+
+    @property
+    def signal(self) -> str | None:
+        return getattr(self.outcome, "signal", None)
+
+    @property
+    def reason(self) -> str | None:
+        """Why the task is where it is, when that is not plain success: a held start, how it failed,
+        what it was skipped for, and any notes."""
+        state = self.state
+        if isinstance(state, Queued):
+            return state.held
+        if isinstance(state, Running):
+            return None
+        outcome = state.outcome
+        first = outcome.because if isinstance(outcome, Skipped) else getattr(outcome, "reason", None)
+        return "; ".join(part for part in (first, *state.notes) if part) or None
 
     @property
     def duration_s(self) -> float | None:
-        if self.started_at is None:
+        started = self.started_at
+        if started is None:
             return None
         end = self.ended_at if self.ended_at is not None else time.time()
-        return round(end - self.started_at, 3)
+        return round(end - started, 3)
 
 
 def save_record(record: TaskRecord, runs_dir: Path, *, durable: bool = False) -> None:
@@ -116,20 +359,21 @@ def record_problem(record: TaskRecord, stem: str, now: float) -> str | None:
         return f"task_id {record.task_id[:80]!r} is not a plain id equal to the file name"
     if any(not is_task_id(a) for a in record.after):
         return "`after` holds something that is not a task id"
-    for name in ("created_at", "started_at", "ended_at"):
-        value = getattr(record, name)
+    if record.group_id is not None and not is_group_id(record.group_id):
+        return f"group_id {record.group_id[:80]!r} is not a group id"
+    for name, value in (("created_at", record.created_at), ("started_at", record.started_at),
+                        ("ended_at", record.ended_at)):
         if value is not None and not (math.isfinite(value) and 0 <= value <= now + FUTURE_SLACK_S):
             return f"{name} {value!r} is not a plausible time"
     if record.timeout_s is not None and not (math.isfinite(record.timeout_s) and record.timeout_s >= 0):
         return f"timeout_s {record.timeout_s!r} is not a number of seconds"
-    for name in ("pid", "server_pid"):
-        value = getattr(record, name)
-        if value is not None and not 1 < value <= 1 << 22:
-            return f"{name} {value!r} is not a process id"
-    for name in ("pid_start", "server_start"):
-        value = getattr(record, name)
-        if value is not None and not 0 <= value < 1 << 62:
-            return f"{name} {value!r} is not a start time"
+    process = record.process
+    for name, pid in (("pid", process.pid if process else None), ("server_pid", record.server_pid)):
+        if pid is not None and not 1 < pid <= 1 << 22:
+            return f"{name} {pid!r} is not a process id"
+    for name, start in (("pid_start", process.start_time if process else None), ("server_start", record.server_start)):
+        if start is not None and not 0 <= start < 1 << 62:
+            return f"{name} {start!r} is not a start time"
     if record.log_cap_bytes is not None and not 0 < record.log_cap_bytes < 1 << 50:
         return f"log_cap_bytes {record.log_cap_bytes!r} is not a size"
     if not 0 <= record.output_bytes < 1 << 62 or not 0 <= record.dropped_bytes <= record.output_bytes:
@@ -138,6 +382,34 @@ def record_problem(record: TaskRecord, stem: str, now: float) -> str | None:
     if len(segs) > 2 or any(not 0 < s <= record.output_bytes for s in segs) or segs != sorted(set(segs)):
         return "tail_segments are not offsets in the output"
     return None
+
+
+_FLAT_STATE_KEYS = ("status", "started_at", "ended_at", "exit_code", "signal", "pid", "pid_start", "reason")
+
+
+def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
+    """A record in the flat format of versions before the ``state`` field, in today's shape.
+
+    The flat format had one nullable field per fact (``status``, ``started_at``, ``exit_code`` ...);
+    a value that makes no sense for its status is dropped, as the state would not hold it."""
+    flat = {key: data.pop(key, None) for key in _FLAT_STATE_KEYS}
+    status, reason = flat["status"], flat["reason"]
+    started, ended = flat["started_at"], flat["ended_at"]
+    exits = {"exit_code": flat["exit_code"], "signal": flat["signal"]}
+    if status in (None, "queued"):
+        data["state"] = {"state": "queued", "held": reason}
+    elif status == "running":
+        process = {"pid": flat["pid"], "start_time": flat["pid_start"]} if flat["pid"] is not None else None
+        data["state"] = {"state": "running", "started_at": started, "process": process}
+    elif status == "skipped" or (started is None and status in ("failed", "cancelled", "interrupted")):
+        outcome = ({"type": "skipped", "because": reason or "a predecessor did not complete"} if status == "skipped"
+                   else {"type": "failed_to_start" if status == "failed" else status, "reason": reason or status})
+        data["state"] = {"state": "not_run", "ended_at": ended, "outcome": outcome}
+    else:
+        outcome = ({"type": "succeeded"} if status == "completed"
+                   else {"type": status, "reason": reason or status, **exits})
+        data["state"] = {"state": "ended", "started_at": started, "ended_at": ended, "outcome": outcome}
+    return data
 
 
 def load_records(runs_dir: Path) -> list[TaskRecord]:
@@ -153,7 +425,10 @@ def load_records(runs_dir: Path) -> list[TaskRecord]:
             st = path.lstat()
             if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
                 raise ValueError("not a regular file of a plausible size")
-            record = TaskRecord.model_validate(json.loads(path.read_bytes()))
+            data = json.loads(path.read_bytes())
+            if isinstance(data, dict) and "state" not in data:
+                data = _from_flat(data)
+            record = TaskRecord.model_validate(data)
             if problem := record_problem(record, stem, now):
                 raise ValueError(problem)
         except ValidationError as exc:

@@ -1,6 +1,6 @@
 """The task registry: every task of this server, its record, and the events waiters block on.
 
-Only the registry changes a task's status. Each task has one supervising coroutine (in the
+Only the registry changes a task's state (``TaskRecord.start``/``end``: the record's state machine). Each task has one supervising coroutine (in the
 registry's task group) that waits for its predecessors, starts it through the executor, enforces
 its timeout and records how it ended. A task's body is a process (started by an ``Executor``)
 or a ``Job``: a coroutine of this server, such as a queue run, with the same lifecycle and record. Waiters block on an ``anyio.Event`` per task, so they wake
@@ -29,13 +29,16 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus as StartStatus
 
-from ..errors import (AgentParallelError, InternalError, ResourceLimitError, UnknownTask, UsageError, exception_reason,
+from ..errors import (AgentParallelError, InternalError, ResourceLimitError, ShuttingDown, StorageError, UnknownTask,
+                      UsageError, exception_reason,
                       os_error_text)
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
                    upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time, same_process
-from .records import TaskRecord, TaskStatus, load_records, new_task_id, save_record
+from .records import (Cancelled, Failed, FailedToStart, Interrupted, Outcome, ProcessRef, Running, Skipped, Succeeded,
+                      TaskKind, TaskRecord, TaskStatus, TimedOut, is_group_id, load_records, new_group_id, new_task_id,
+                      save_record)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,14 @@ class Job(Protocol):
         """Wind down: start nothing new and stop what it started, within about ``grace`` seconds."""
 
 
+@dataclass
+class GroupSlots:
+    """A fan-out's members share this: at most ``limiter``'s tokens of them run at once."""
+
+    group_id: str
+    limiter: anyio.CapacityLimiter
+
+
 FollowUp = Callable[["Task"], Awaitable[str | None]]
 """A task's ``on_finish``: awaited once its final status is set, before waiters wake; what it
 returns is added to the task's reason (e.g. that a queue item's file could not be moved)."""
@@ -95,6 +106,8 @@ class Task:
     waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
     on_finish: FollowUp | None = None
     active: bool = False  # counted in the registry's queued-or-running tally
+    group: GroupSlots | None = None  # the fan-out it belongs to (it waits for one of the group's slots)
+    holds_slot: bool = False  # holds one of its group's slots
     finishing: bool = False  # _finish has begun: it runs once
 
     @property
@@ -110,6 +123,7 @@ class TaskRegistry:
         self._new_task_id = new_id
         self._server = (os.getpid(), process_start_time(os.getpid()))
         self._tasks: dict[str, Task] = {}
+        self._groups: dict[str, builtins.list[str]] = {}  # group id -> its members' task ids, in launch order
         self._closing = False
         self._active = 0  # tasks queued or running, plus launches under way (kept, not counted: O(1))
         self._saving = 0  # final records being written in worker threads
@@ -124,19 +138,37 @@ class TaskRegistry:
         except (KeyError, TypeError):
             raise UnknownTask(task_id) from None
 
+    def group(self, group_id: str) -> builtins.list[Task]:
+        """A fan-out's members, in the order they were given."""
+        members = self._groups.get(group_id) if isinstance(group_id, str) else None
+        if not members:
+            raise UsageError(f"unknown group_id {group_id!r}; launch_task(commands=[...]) answers with the group_id "
+                             "of the commands it started")
+        return [self._tasks[task_id] for task_id in members]
+
+    def resolve(self, ids: builtins.list[str]) -> builtins.list[Task]:
+        """The tasks ``ids`` name, a group id standing for all its members; each task once, in order."""
+        seen: dict[str, Task] = {}
+        for one in ids:
+            for task in self.group(one) if isinstance(one, str) and is_group_id(one) else [self.get(one)]:
+                seen.setdefault(task.record.task_id, task)
+        return list(seen.values())
+
     def has_room(self) -> bool:
         """False while ``max_running`` tasks are queued or running: a launch now would be refused."""
         return self._active < self.settings.max_running
 
-    def newest_first(self, statuses: set[str] | None = None) -> Iterator[Task]:
-        """Tasks from the newest, optionally only in ``statuses`` (insertion order is creation order)."""
+    def newest_first(self, statuses: set[str] | None = None, among: set[str] | None = None) -> Iterator[Task]:
+        """Tasks from the newest, optionally only in ``statuses`` and only those ``among`` these ids
+        (insertion order is creation order)."""
         for task in reversed(self._tasks.values()):
-            if not statuses or task.record.status in statuses:
+            if (not statuses or task.record.status in statuses) and (among is None or task.record.task_id in among):
                 yield task
 
-    def list(self, statuses: set[str] | None = None, limit: int = 50, offset: int = 0) -> tuple[builtins.list[Task], int]:
+    def list(self, statuses: set[str] | None = None, limit: int = 50, offset: int = 0,
+             among: set[str] | None = None) -> tuple[builtins.list[Task], int]:
         """A page of tasks, newest first, and how many match in all."""
-        matching = list(self.newest_first(statuses))
+        matching = list(self.newest_first(statuses, among))
         return matching[offset:offset + limit], len(matching)
 
     def reader(self, task: Task) -> LogReader:
@@ -164,7 +196,7 @@ class TaskRegistry:
 
     def last_line(self, task: Task) -> str | None:
         """The last line of output: from the record once the task is done (no log is read), else from its log."""
-        if task.record.status.is_done or task.log is None:
+        if task.record.is_done or task.log is None:
             return task.record.last_line
         return self._read_last_line(task)
 
@@ -179,21 +211,23 @@ class TaskRegistry:
     async def launch(self, *, command: str | None = None, argv: builtins.list[str] | None = None, cwd: Path,
                      description: str | None = None, env: dict[str, str] | None = None,
                      timeout_s: float | None = None, after: builtins.list[str] | None = None,
-                     kind: str = "command", item_id: str | None = None, item_file: str | None = None,
+                     kind: TaskKind = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
-                     on_finish: FollowUp | None = None) -> Task:
+                     on_finish: FollowUp | None = None, group: GroupSlots | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
         given a ``job``, runs that job (``command`` is then only what the record shows).
 
         Raises ``UsageError`` before registering anything when a string bound for the process
-        cannot reach it (``check_launch_strings``), ``ResourceLimitError`` at the task cap or
-        when the record cannot be written. Once registered, every failure ends the task instead.
+        cannot reach it (``check_launch_strings``), ``ResourceLimitError`` at the task cap,
+        ``StorageError`` when the record cannot be written, ``ShuttingDown`` once the server stops. Once registered, every failure ends the task instead.
+        A member of a ``group`` counts against the cap only once it has one of the group's slots
+        (``launch_group`` checked the room for its slots).
         """
         if self._closing:
-            raise UsageError("the server is shutting down; launch the task again after it restarts")
-        if not self.has_room():
+            raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
+        if group is None and not self.has_room():
             raise ResourceLimitError(
                 f"{self._active} tasks are already queued or running (the limit is {self.settings.max_running}); "
                 "wait for some with task_output or stop some with cancel_task"
@@ -208,27 +242,66 @@ class TaskRegistry:
         record = TaskRecord(task_id=task_id, kind=kind, command=shown, description=description,
                             cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
                             after=[p.record.task_id for p in predecessors], item_id=item_id, item_file=item_file,
+                            group_id=group.group_id if group is not None else None,
                             server_pid=self._server[0], server_start=self._server[1],
                             log_cap_bytes=self.settings.log_cap_bytes)
-        self._active += 1  # held from here, so launches saving their records at once cannot pass the cap
+        counted = group is None
+        self._active += counted  # held from here, so launches saving their records at once cannot pass the cap
         try:
             try:
                 await anyio.to_thread.run_sync(lambda: save_record(record, self.runs_dir))
             except OSError as exc:
-                raise ResourceLimitError(
+                raise StorageError(
                     f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
                     "free some disk space (or fix the directory's permissions) and launch again") from exc
             if self._closing:
                 await anyio.to_thread.run_sync(lambda: task_files(self.runs_dir, task_id, [])[0].unlink(missing_ok=True))
-                raise UsageError("the server is shutting down; launch the task again after it restarts")
+                raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
         except BaseException:
-            self._active -= 1
+            self._active -= counted
             raise
-        task = Task(record, on_finish=on_finish, active=True)
+        task = Task(record, on_finish=on_finish, active=counted, group=group)
         self._tasks[task_id] = task
+        if group is not None:
+            self._groups.setdefault(group.group_id, []).append(task_id)
         await self._tg.start(self._supervise, task, spec, predecessors, executor or self.executor, job)
         await self._prune()
         return task
+
+    async def launch_group(self, commands: builtins.list[str], *, max_parallel: int, cwd: Path,
+                           description: str | None = None, env: dict[str, str] | None = None,
+                           timeout_s: float | None = None, after: builtins.list[str] | None = None,
+                           ) -> tuple[str, builtins.list[Task]]:
+        """Start ``commands`` as one group (a fan-out), at most ``max_parallel`` of them at once.
+
+        Returns the group id and its members, in the order given, once the first ``max_parallel``
+        run (the rest wait for a slot). All or nothing: every command is checked before any starts,
+        and if one cannot be registered, those already started are cancelled."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down; launch the tasks again after it restarts")
+        slots = min(len(commands), max_parallel)
+        if self._active + slots > self.settings.max_running:
+            raise ResourceLimitError(
+                f"{self._active} tasks are already queued or running and this group would run {slots} more "
+                f"(the limit is {self.settings.max_running}); lower max_parallel, or wait for some tasks")
+        for i, command in enumerate(commands):
+            spec = LaunchSpec(task_id="check", cwd=cwd, command=command, env=dict(env or {}))
+            if problem := check_launch_strings(spec):
+                raise UsageError(f"cannot start commands[{i}]: {problem}")
+        for task_id in after or []:
+            self.get(task_id)
+        group = GroupSlots(new_group_id(), anyio.CapacityLimiter(max_parallel))
+        members: builtins.list[Task] = []
+        try:
+            for command in commands:
+                members.append(await self.launch(command=command, cwd=cwd, description=description, env=env,
+                                                 timeout_s=timeout_s, after=after, group=group))
+        except BaseException:  # those already launched are cancelled (in the registry's task group)
+            for task in members:
+                task.cancel_requested = True
+                self._tg.start_soon(self.cancel, task)
+            raise
+        return group.group_id, members
 
     async def wait(self, tasks: builtins.list[Task], *, mode: str, timeout: float) -> bool:
         """Block until all (or any) of ``tasks`` are done; False if ``timeout`` passed first."""
@@ -243,7 +316,7 @@ class TaskRegistry:
 
     async def cancel(self, task: Task) -> bool:
         """Stop a task and everything it started; False if it had already finished."""
-        if task.record.status.is_done:
+        if task.record.is_done:
             return False
         task.cancel_requested = True
         if not await self._stop_body(task, self.settings.kill_grace_s):
@@ -259,7 +332,7 @@ class TaskRegistry:
     async def shutdown(self, grace: float = 0.5) -> None:
         """Stop every running task (TERM, ``grace``, KILL) and record them as interrupted."""
         self._closing = True
-        live = [t for t in self._tasks.values() if not t.record.status.is_done]
+        live = [t for t in self._tasks.values() if not t.record.is_done]
         async with anyio.create_task_group() as tg:
             for task in live:
                 task.cancel_requested = True
@@ -283,13 +356,17 @@ class TaskRegistry:
         excess = len(self._tasks) - self.settings.max_records
         if excess <= 0:
             return []
-        return [t for t in self._tasks.values() if t.record.status.is_done][:excess]
+        return [t for t in self._tasks.values() if t.record.is_done][:excess]
 
     def _forget(self, tasks: builtins.list[Task]) -> builtins.list[Path]:
         """Drop ``tasks`` from the registry; the files to delete (exact names, never a pattern)."""
         paths = []
         for task in tasks:
             del self._tasks[task.record.task_id]
+            if (group_id := task.record.group_id) is not None and (members := self._groups.get(group_id)):
+                members.remove(task.record.task_id)
+                if not members:
+                    del self._groups[group_id]
             paths.extend(task_files(self.runs_dir, task.record.task_id, task.record.tail_segments))
         return paths
 
@@ -308,13 +385,15 @@ class TaskRegistry:
         ended.set()
         stale: builtins.list[TaskRecord] = []
         for record in sorted(load_records(self.runs_dir), key=lambda r: r.created_at):
-            if not record.status.is_done:
+            if not record.is_done:
                 if self._owned_by_live_server(record):
                     continue
                 stale.append(record)
             self._tasks[record.task_id] = Task(record, done=ended)
+            if record.group_id is not None:
+                self._groups.setdefault(record.group_id, []).append(record.task_id)
         if stale:
-            left = kill_tasks_now({r.task_id: r.pid_start for r in stale})
+            left = kill_tasks_now({r.task_id: r.process.start_time if r.process else None for r in stale})
             for record in stale:
                 self._interrupted(record, left.get(record.task_id, []))
         _unlink_all(self._forget(self._excess()))
@@ -322,12 +401,11 @@ class TaskRegistry:
     def _interrupted(self, record: TaskRecord, survivors: builtins.list[int]) -> None:
         record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
             self.runs_dir, record.task_id, self._head_cap(record))
-        record.status = TaskStatus.INTERRUPTED
-        record.ended_at = record.ended_at or time.time()
-        record.reason = "the server stopped while this task was live"
+        was_running = record.started_at is not None
+        record.end(Interrupted(reason="the server stopped while this task was live"), time.time())
         if survivors:
-            record.reason += "; " + describe_survivors(survivors)
-        elif record.started_at is not None:
+            record.note(describe_survivors(survivors))
+        elif was_running:
             log.warning("stopped what was left of task %s from an earlier server", record.task_id)
         record.last_line = self._read_last_line(Task(record))
         try:
@@ -345,7 +423,7 @@ class TaskRegistry:
         """Stop what the task runs (its process or its job); False when nothing runs yet."""
         if task.handle is not None:
             await task.handle.terminate(grace)
-        elif task.job is not None and not task.record.status.is_done:
+        elif task.job is not None and not task.record.is_done:
             await task.job.stop(grace)
         else:
             return False
@@ -395,13 +473,13 @@ class TaskRegistry:
                 for p in predecessors:
                     await p.done.wait()
             if task.cancel_requested:
-                await self._finish(task, TaskStatus.CANCELLED, reason="cancelled while waiting for its predecessors")
+                await self._finish(task, Cancelled(reason="cancelled while waiting for its predecessors"))
                 return False
             failed = [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]
             if failed:
                 first = failed[0].record
-                await self._finish(task, TaskStatus.SKIPPED,
-                                   reason=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
+                await self._finish(task, Skipped(
+                    because=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run"))
                 return False
             if "AGENT_UPSTREAM_LOGS" not in spec.env:
                 try:
@@ -410,6 +488,9 @@ class TaskRegistry:
                 except OSError as exc:
                     raise _TaskFailure(f"could not hand over its predecessors' output: {os_error_text(exc)}") from exc
                 spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
+        if task.group is not None and not await self._take_slot(task, answer):
+            await self._finish(task, Cancelled(reason="cancelled while waiting for a slot in its group"))
+            return False
         spec.env["AGENT_TASK_ID"] = rec.task_id
         try:
             task.log = await anyio.to_thread.run_sync(
@@ -419,25 +500,26 @@ class TaskRegistry:
                                f"{os_error_text(exc)}") from exc
         # a job (a queue run) is no process: memory and load hold each of its items, not the job itself
         if job is None and not await self._admit(task, answer):
-            await self._finish(task, TaskStatus.CANCELLED, reason="cancelled while its start was held")
+            await self._finish(task, Cancelled(reason="cancelled while its start was held"))
             return False
         if task.cancel_requested:  # cancel_task came while this was preparing: nothing to start
-            await self._finish(task, TaskStatus.CANCELLED, reason="cancelled before it started")
+            await self._finish(task, Cancelled(reason="cancelled before it started"))
             return False
         spawn_time = time.time()
         try:
             if job is not None:
                 await job.start(rec.task_id, task.log)
                 task.job = job
+                rec.start(spawn_time, None)
             else:
-                task.handle = await executor.start(spec, task.log)
-                rec.pid, rec.pid_start = task.handle.pid, task.handle.start_time
+                task.handle = handle = await executor.start(spec, task.log)
+                pid = handle.pid
+                rec.start(spawn_time, ProcessRef(pid=pid, start_time=handle.start_time) if pid is not None else None)
         except Exception as exc:  # SpawnError, a job that cannot start, or a bug: this task fails
             await self._fail(task, exc)
             return False
         if task.cancel_requested:  # cancel_task came during the start and found nothing running yet
             self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
-        rec.status, rec.started_at = TaskStatus.RUNNING, spawn_time
         try:
             await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir))
         except OSError as exc:
@@ -471,23 +553,23 @@ class TaskRegistry:
             what = "executor" if handle is not None else "job"
             log.exception("task %s: its %s failed", rec.task_id, what)
             raise _TaskFailure(str(InternalError(f"the task's {what} failed: {exc!r}"))) from exc
-        rec.exit_code, rec.signal = info.exit_code, info.signal
+        exits = {"exit_code": info.exit_code, "signal": info.signal}
+        outcome: Outcome
         if self._closing:
-            status, reason = TaskStatus.INTERRUPTED, "the server shut down while this task was running"
+            outcome = Interrupted(reason="the server shut down while this task was running", **exits)
         elif task.cancel_requested:
-            status, reason = TaskStatus.CANCELLED, "cancelled by cancel_task"
+            outcome = Cancelled(reason="cancelled by cancel_task", **exits)
         elif timed_out:
-            status, reason = TaskStatus.TIMED_OUT, f"killed after its timeout of {rec.timeout_s:g} s"
+            outcome = TimedOut(reason=f"killed after its timeout of {rec.timeout_s:g} s", **exits)
         elif task.log.error:
-            status, reason = TaskStatus.FAILED, task.log.error
+            outcome = Failed(reason=task.log.error, **exits)
         elif info.exit_code == 0:
-            status, reason = TaskStatus.COMPLETED, None
+            outcome = Succeeded()
         else:
-            status = TaskStatus.FAILED
-            reason = f"exit code {info.exit_code}" if info.exit_code is not None else f"killed by {info.signal}"
-        if handle is not None and (survivors := handle.survivors):
-            reason = f"{reason}; {describe_survivors(survivors)}" if reason else describe_survivors(survivors)
-        await self._finish(task, status, reason=reason)
+            outcome = Failed(reason=f"exit code {info.exit_code}" if info.exit_code is not None
+                             else f"killed by {info.signal}", **exits)
+        survivors = handle.survivors if handle is not None else []
+        await self._finish(task, outcome, notes=(describe_survivors(survivors),) if survivors else ())
 
     async def _run_job(self, job: Job, limit: float) -> tuple[ExitInfo, bool]:
         """Run a job to its end; past ``limit`` seconds it is stopped (and True says it timed out)."""
@@ -506,6 +588,29 @@ class TaskRegistry:
             tg.cancel_scope.cancel()
         return info, timed_out
 
+    async def _take_slot(self, task: Task, answer: Callable[[], None]) -> bool:
+        """Wait for one of the task's group's slots, then for room under ``max_running`` (counted from
+        then on); False if cancelled meanwhile. A member that must wait is answered at once."""
+        group = task.group
+        assert group is not None
+        limiter = group.limiter
+        if limiter.available_tokens < 1 or not self.has_room():
+            answer()
+        with anyio.CancelScope() as task.waker:
+            await limiter.acquire_on_behalf_of(task.record.task_id)
+            task.holds_slot = True
+            while not self.has_room() and not task.cancel_requested:
+                task.record.hold(f"start held: {self._active} tasks are queued or running (the limit is "
+                                 f"{self.settings.max_running})")
+                await anyio.sleep(self.settings.admission_retry_s)
+        if task.record.reason is not None:
+            task.record.hold(None)
+        if task.cancel_requested or not task.holds_slot:
+            return False
+        self._active += 1
+        task.active = True
+        return True
+
     async def _admit(self, task: Task, answer: Callable[[], None]) -> bool:
         """Hold the start while the admission check says so; False if cancelled meanwhile.
 
@@ -515,14 +620,14 @@ class TaskRegistry:
         check = self.settings.admission
         if check is None or not (why := check()):
             return True
-        task.record.reason = f"start held: {why}"
+        task.record.hold(f"start held: {why}")
         answer()
         with anyio.CancelScope() as task.waker:
             while why and not task.cancel_requested:
-                task.record.reason = f"start held: {why}"  # shown by task_output while queued
+                task.record.hold(f"start held: {why}")  # shown by task_output while queued
                 await anyio.sleep(self.settings.admission_retry_s)
                 why = check()
-        task.record.reason = None
+        task.record.hold(None)
         return not task.cancel_requested
 
     async def _fail(self, task: Task, exc: BaseException | None) -> None:
@@ -530,12 +635,14 @@ class TaskRegistry:
         processes, say why in its log and its reason. Never raises."""
         if task.finishing:
             return
+        outcome: Outcome
         if exc is None:
-            status = TaskStatus.INTERRUPTED if self._closing else TaskStatus.CANCELLED
             reason = "the server shut down while this task was starting" if self._closing else \
                 "the launch was abandoned while the task was starting"
+            outcome = Interrupted(reason=reason) if self._closing else Cancelled(reason=reason)
         else:
-            status, reason = TaskStatus.FAILED, _failure_text(exc)
+            reason = _failure_text(exc)
+            outcome = Failed(reason=reason) if isinstance(task.record.state, Running) else FailedToStart(reason=reason)
             if not isinstance(exc, (_TaskFailure, ExecutorError, AgentParallelError, OSError)):
                 log.error("task %s: its supervision failed", task.record.task_id, exc_info=exc)
         with anyio.CancelScope(shield=True):
@@ -565,10 +672,11 @@ class TaskRegistry:
                     task.log.write(f"agent-parallel: {reason}\n".encode())
                 except OSError:
                     pass  # the log itself is what fails: the reason says it
-            await self._finish(task, status, reason=reason)
+            await self._finish(task, outcome)
 
-    async def _finish(self, task: Task, status: TaskStatus, *, reason: str | None) -> None:
-        """Record how the task ended, run its follow-up, then wake its waiters. Runs once, whole."""
+    async def _finish(self, task: Task, outcome: Outcome, *, notes: tuple[str, ...] = ()) -> None:
+        """Record how the task ended (``outcome``, and ``notes`` on what else happened), run its
+        follow-up, then wake its waiters. Runs once, whole."""
         if task.finishing:
             return
         task.finishing = True
@@ -577,13 +685,17 @@ class TaskRegistry:
             if task.active:
                 task.active = False
                 self._active -= 1
+            if task.holds_slot and task.group is not None:
+                task.holds_slot = False
+                task.group.limiter.release_on_behalf_of(task.record.task_id)
             if task.log is not None:
                 try:
                     rec.last_line = await anyio.to_thread.run_sync(self._read_last_line, task)
                 except Exception:  # the log is unreadable: no last line
                     rec.last_line = None
-            now = time.time()
-            rec.status, rec.reason, rec.ended_at = status, reason, now
+            rec.end(outcome, time.time())
+            for note in notes:
+                rec.note(note)
             if task.log is not None:
                 try:
                     task.log.close()
@@ -591,8 +703,6 @@ class TaskRegistry:
                     pass
                 rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
                 rec.tail_segments = list(task.log.segments)
-                if rec.started_at is None and status == TaskStatus.FAILED:
-                    rec.started_at = now
             if task.on_finish is not None:
                 await self._follow_up(task)
             task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
@@ -619,7 +729,7 @@ class TaskRegistry:
             log.error("follow-up of task %s did not finish within %g s", rec.task_id, FOLLOW_UP_TIMEOUT_S)
             problem = f"its follow-up did not finish within {FOLLOW_UP_TIMEOUT_S:g} s"
         if problem:
-            rec.reason = f"{rec.reason}; {problem}" if rec.reason else problem
+            rec.note(problem)
 
     async def _save_final(self, rec: TaskRecord) -> None:
         """Save a final record durably (fsync) in a worker thread, even while shutting down.

@@ -1,0 +1,140 @@
+"""Fan-out in one call: launch_task(commands=[...], max_parallel=N) starts a group, at most N at once,
+answers at once with the group id and every task id; task_output, cancel_task and list_tasks take the
+group id; bad input is refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from conftest import all_dead, call, call_error, read_pids
+from agent_parallel.server import ServerSettings, build_server
+
+pytestmark = pytest.mark.anyio
+
+
+def records(workspace: Path) -> set[str]:
+    runs = workspace / ".agent/runs"
+    return {p.name for p in runs.glob("*.json")} if runs.exists() else set()
+
+
+def max_overlap(events: list[str]) -> int:
+    running = peak = 0
+    for event in events:
+        running += 1 if event.startswith("start") else -1
+        peak = max(peak, running)
+    return peak
+
+
+async def test_a_group_runs_at_most_max_parallel_at_once_and_answers_at_once(client, workspace):
+    trace = workspace / "trace"
+    commands = [f"echo start {i} >> {trace}; sleep 0.3; echo end {i} >> {trace}; echo out-{i}" for i in range(6)]
+    started = time.monotonic()
+    out = await call(client, "launch_task", commands=commands, max_parallel=2, description="shards")
+    assert time.monotonic() - started < 1.0  # answered before the group could finish (3 rounds of 0.3 s)
+    group_id, task_ids = out["task_id"], out["task_ids"]
+    assert group_id == out["group_id"] and group_id.startswith("g-") and len(task_ids) == 6
+    assert out["status"] in ("running", "queued") and out["command"].endswith("(and 5 more)")
+    done = await call(client, "task_output", task_id=group_id, timeout=30)
+    assert done["retrieval_status"] == "success" and done["group_id"] == group_id and done["status"] == "completed"
+    assert [t["task_id"] for t in done["tasks"]] == task_ids  # in the order given
+    assert [t["output"] for t in done["tasks"]] == [f"out-{i}\n" for i in range(6)]
+    assert [t["description"] for t in done["tasks"]] == ["shards"] * 6
+    assert max_overlap(trace.read_text().splitlines()) == 2
+
+
+async def test_wait_any_on_a_group_and_a_failed_member(client):
+    out = await call(client, "launch_task", commands=["exit 3", "sleep 5", "sleep 5"], max_parallel=3)
+    first = await call(client, "task_output", task_id=out["group_id"], wait="any", timeout=10)
+    assert first["retrieval_status"] == "success" and first["status"] == "running"
+    assert [t["status"] for t in first["tasks"]] == ["failed", "running", "running"]
+    assert first["tasks"][0]["exit_code"] == 3
+    stopped = await call(client, "cancel_task", task_id=out["group_id"])
+    assert [t["status"] for t in stopped["tasks"]] == ["failed", "cancelled", "cancelled"]
+    final = await call(client, "task_output", task_id=out["group_id"], block=False)
+    assert final["status"] == "failed"  # the first member that did not complete
+
+
+async def test_cancelling_a_group_stops_running_and_waiting_members(client, workspace):
+    pids = workspace / "pids"
+    commands = [f"sleep 60 & echo $! >> {pids}; wait"] * 5
+    out = await call(client, "launch_task", commands=commands, max_parallel=2)
+    with anyio.fail_after(5):
+        while len(read_pids(pids)) < 2:
+            await anyio.sleep(0.02)
+    stopped = await call(client, "cancel_task", task_id=out["task_id"])
+    assert [t["status"] for t in stopped["tasks"]] == ["cancelled"] * 5
+    assert [t.get("started_at") is not None for t in stopped["tasks"]] == [True, True, False, False, False]
+    assert len(read_pids(pids)) == 2 and all_dead(read_pids(pids))  # waiting members never started
+
+
+async def test_list_tasks_by_group_and_group_ids_mixed_with_task_ids(client):
+    other = await call(client, "launch_task", command="true")
+    out = await call(client, "launch_task", commands=["true", "true"], max_parallel=1)
+    listed = await call(client, "list_tasks", group_id=out["group_id"])
+    assert {t["task_id"] for t in listed["tasks"]} == set(out["task_ids"]) and listed["total"] == 2
+    both = await call(client, "task_output", task_ids=[out["group_id"], other["task_id"], out["task_ids"][0]])
+    assert [t["task_id"] for t in both["tasks"]] == [*out["task_ids"], other["task_id"]]  # each task once
+
+
+async def test_run_in_background_false_waits_for_every_member(client):
+    out = await call(client, "launch_task", commands=["echo a", "echo b"], run_in_background=False)
+    assert out["retrieval_status"] == "success" and out["status"] == "completed"
+    assert [t["output"] for t in out["tasks"]] == ["a\n", "b\n"]
+
+
+async def test_a_group_larger_than_the_task_cap_runs_whole(workspace):
+    """Members wait for a slot of their group without counting against max_running."""
+    settings = ServerSettings(kill_grace_s=0.5, min_free_memory=0, max_running=8)
+    async with Client(build_server(workspace, settings)) as client:
+        out = await call(client, "launch_task", commands=["true"] * 40, max_parallel=4)
+        done = await call(client, "task_output", task_id=out["group_id"], timeout=60)
+        assert done["status"] == "completed" and len(done["tasks"]) == 40
+        text = await call_error(client, "launch_task", commands=["true"] * 20, max_parallel=9)
+        assert "this group would run 9 more (the limit is 8); lower max_parallel" in text
+
+
+async def test_a_group_survives_a_restart(workspace, settings):
+    async with Client(build_server(workspace, settings)) as client:
+        out = await call(client, "launch_task", commands=["echo x", "echo y"], run_in_background=False)
+    async with Client(build_server(workspace, settings)) as client:
+        again = await call(client, "task_output", task_id=out["group_id"], block=False)
+        assert [t["task_id"] for t in again["tasks"]] == out["task_ids"] and again["status"] == "completed"
+
+
+@pytest.mark.fault("fan-out bad input (no commands, an empty command, 1,001 commands, max_parallel 0, max_parallel "
+                   "without commands, commands with command, a NUL in one command, an unknown group id): a clear "
+                   "error, and nothing started or recorded")
+@pytest.mark.parametrize("args, message", [
+    ({"commands": []}, "`commands` is empty; give the shell commands to run"),
+    ({"commands": ["true", "  "]}, "commands[1] is empty; every command must be a shell command to run"),
+    ({"commands": ["true"] * 1001}, "`commands` holds 1,001 commands; at most 1000 start as one group"),
+    ({"commands": ["true"], "max_parallel": 0}, "max_parallel must be between 1 and"),
+    ({"command": "true", "max_parallel": 2}, "`max_parallel` applies to `commands` (a group) only"),
+    ({"command": "true", "commands": ["true"]}, "not command and commands"),
+    ({"commands": ["true", "echo a\x00b"]}, "cannot start commands[1]: "),
+])
+async def test_bad_fan_out_is_refused_and_starts_nothing(client, workspace, args, message):
+    before = records(workspace)
+    text = await call_error(client, "launch_task", **args)
+    assert message in text
+    assert records(workspace) == before and (await call(client, "list_tasks"))["total"] == 0
+
+
+async def test_an_unknown_group_id_is_a_clear_error(client):
+    for tool, args in [("task_output", {"task_id": "g-nosuchgroup"}), ("cancel_task", {"task_id": "g-nosuchgroup"}),
+                       ("list_tasks", {"group_id": "g-nosuchgroup"})]:
+        text = await call_error(client, tool, **args)
+        assert "unknown group_id 'g-nosuchgroup'; launch_task(commands=[...]) answers with the group_id" in text
+
+
+async def test_the_launch_task_schema_offers_commands_and_max_parallel(client):
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    props = tools["launch_task"].input_schema["properties"]
+    assert "commands" in props and "max_parallel" in props
+    assert json.dumps(tools["list_tasks"].input_schema).count("group_id") >= 1
