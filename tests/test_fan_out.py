@@ -138,3 +138,13 @@ async def test_the_launch_task_schema_offers_commands_and_max_parallel(client):
     props = tools["launch_task"].input_schema["properties"]
     assert "commands" in props and "max_parallel" in props
     assert json.dumps(tools["list_tasks"].input_schema).count("group_id") >= 1
+
+
+async def test_ids_naming_more_than_1000_tasks_through_groups_are_refused(workspace):
+    settings = ServerSettings(kill_grace_s=0.5, min_free_memory=0)
+    async with Client(build_server(workspace, settings)) as client:
+        first = await call(client, "launch_task", commands=["sleep 30"] * 600, max_parallel=1)
+        second = await call(client, "launch_task", commands=["sleep 30"] * 600, max_parallel=1)
+        text = await call_error(client, "task_output", task_ids=[first["group_id"], second["group_id"]], block=False)
+        assert "these ids name 1,200 tasks (groups count all their members); at most 1000" in text
+        await call(client, "cancel_task", task_ids=[first["group_id"], second["group_id"]])

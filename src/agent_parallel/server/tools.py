@@ -159,6 +159,9 @@ def register_task_tools(server: MCPServer) -> None:
             raise UsageError("give `task_id` (one task) or `task_ids` (several), not both or neither; "
                              "call list_tasks to see task ids")
         tasks = ws.registry.resolve(_task_ids(task_id, task_ids))
+        if len(tasks) > MAX_GROUP_COMMANDS:
+            raise UsageError(f"these ids name {len(tasks):,} tasks (groups count all their members); at most "
+                             f"{MAX_GROUP_COMMANDS} are read per call: split them over several calls")
         if not 1 <= max_bytes <= MAX_PAGE_BYTES:
             raise UsageError(f"max_bytes must be between 1 and {MAX_PAGE_BYTES} (got {max_bytes}); "
                              "page through longer output with cursor and next_cursor")
