@@ -128,3 +128,6 @@ async def test_launch_task_publishes_its_always_present_fields_as_required_and_n
         assert name in schema["required"], name
         assert "anyOf" not in schema["properties"][name], (name, schema["properties"][name])
     assert "anyOf" in schema["properties"]["started_at"]  # absent until the task starts
+    row = tools["list_tasks"].output_schema["$defs"]["TaskSummary"]
+    for name in ("task_id", "status", "command", "created_at"):
+        assert name in row["required"] and "anyOf" not in row["properties"][name], name

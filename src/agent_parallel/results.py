@@ -112,7 +112,7 @@ class TaskSummary(BaseModel):
     command: str = Field(description=f"cut to {SHORT_TEXT_CHARS} characters (saying so); task_output shows it whole")
     exit_code: int | None
     signal: str | None
-    created_at: str | None
+    created_at: str
     duration_s: float | None
     last_line: str | None
 
