@@ -14,6 +14,7 @@ Layout (every key optional; a missing file means every default)::
     runner:
       command: ["claude", "-p"] # argv for items without `command` (a string is split like a shell would)
       timeout: 2h
+      isolation: worktree       # none (default) | worktree: each item in its own git worktree
     queue:
       dir: .agent/queue
     resources:
@@ -23,6 +24,17 @@ Layout (every key optional; a missing file means every default)::
       wait_cap: 50s             # longest a blocking task_output call waits (above 0, at most 1h)
       log_cap: 64MiB            # bytes of output kept per task (at least 64KiB)
       max_tasks: 10000          # finished task records (and logs) kept; the oldest go first
+    worktree:
+      copy: [".env*"]           # globs (from the root) of untracked/ignored files copied into each new worktree
+      link: ["node_modules"]    # directories (from the root) symlinked into it
+      setup: "npm ci"           # shell command run in the new worktree before the item
+      ports: "4100-4199"        # one port per live worktree, in AGENT_PORT
+    integration:
+      target: main              # default: the branch checked out in the workspace
+      strategy: rebase          # rebase | merge | squash
+      verify: "pytest -q"       # shell command that must pass on the combined result before the target moves
+      allow_overlap: false      # let isolated items with overlapping files run together
+      author: "Agent <agent@example.com>"  # author of the commit made of what an agent left uncommitted
 
 Durations (`runner.timeout`, `tasks.wait_cap`, and an item's `estimate` and `timeout`) are written
 ``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` (h:mm) or a bare number. A bare number means
@@ -67,6 +79,9 @@ ALIAS_BUDGET = 1_000_000
 """Characters YAML aliases may expand to in one file (see `alias_problem`)."""
 
 Level = Literal["L1", "L2", "L3"]
+Isolation = Literal["none", "worktree"]
+Strategy = Literal["rebase", "merge", "squash"]
+MAX_PORT = 65535
 
 
 class ConfigError(QueueError):
@@ -95,6 +110,19 @@ class Config(BaseModel):
     wait_cap_s: float = Field(50, gt=0, le=MAX_WAIT_CAP_S)
     log_cap_bytes: int = Field(64 * MIB, ge=MIN_LOG_CAP_BYTES)
     max_tasks: int = Field(10_000, gt=0, le=MAX_TASKS)
+    isolation: Isolation = "none"
+    worktree_copy: tuple[str, ...] = ()
+    worktree_link: tuple[str, ...] = ()
+    worktree_setup: str | None = None
+    worktree_ports: tuple[int, int] | None = None
+    """First and last port (both included) handed out in AGENT_PORT; None hands out none."""
+    integration_target: str | None = None
+    """The branch integrated into; None means the branch checked out in the workspace."""
+    integration_strategy: Strategy = "rebase"
+    integration_verify: str | None = None
+    integration_allow_overlap: bool = False
+    integration_author: str | None = None
+    """``Name <email>`` of the commit made of an agent's uncommitted work; None: git's configured user."""
 
     @property
     def stops_on_first_failure(self) -> bool:
@@ -219,13 +247,15 @@ def unknown_key_warning(where: str, key: object, known: list[str]) -> str:
 # --- reading the file ----------------------------------------------------------------------------
 
 _KNOWN = {
-    "": ["autonomy", "runner", "queue", "resources", "tasks"],
+    "": ["autonomy", "runner", "queue", "resources", "tasks", "worktree", "integration"],
     "autonomy": ["level", "max_parallel", "continue_on_error", "l3_settings", "min_free_memory", "max_load"],
     "autonomy.l3_settings": ["max_parallel", "continue_on_error"],
-    "runner": ["command", "timeout"],
+    "runner": ["command", "timeout", "isolation"],
     "queue": ["dir"],
     "resources": ["min_free_memory", "max_load"],
     "tasks": ["wait_cap", "log_cap", "max_tasks"],
+    "worktree": ["copy", "link", "setup", "ports"],
+    "integration": ["target", "strategy", "verify", "allow_overlap", "author"],
 }
 
 
@@ -296,7 +326,101 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
         values["log_cap_bytes"] = _size("tasks.log_cap", tasks["log_cap"], minimum=MIN_LOG_CAP_BYTES)
     if "max_tasks" in tasks:
         values["max_tasks"] = _whole_number("tasks.max_tasks", tasks["max_tasks"], minimum=1, maximum=MAX_TASKS)
+    values.update(_isolation_settings(runner, sections["worktree"], sections["integration"]))
     return Config(**values), warnings
+
+
+def _isolation_settings(runner: dict[str, Any], worktree: dict[str, Any], integration: dict[str, Any]) -> dict[str, Any]:
+    """The `runner.isolation`, `worktree.*` and `integration.*` keys, checked (a null value means the default)."""
+    values: dict[str, Any] = {}
+    if runner.get("isolation") is not None:
+        values["isolation"] = _choice("runner.isolation", runner["isolation"], ("none", "worktree"))
+    for key in ("copy", "link"):
+        if worktree.get(key) is not None:
+            values[f"worktree_{key}"] = _relative_paths(f"worktree.{key}", worktree[key])
+    if worktree.get("setup") is not None:
+        values["worktree_setup"] = _text("worktree.setup", worktree["setup"])
+    if worktree.get("ports") is not None:
+        values["worktree_ports"] = _port_range("worktree.ports", worktree["ports"])
+    if integration.get("target") is not None:
+        values["integration_target"] = _branch_name("integration.target", integration["target"])
+    if integration.get("strategy") is not None:
+        values["integration_strategy"] = _choice("integration.strategy", integration["strategy"],
+                                                 ("rebase", "merge", "squash"))
+    if integration.get("verify") is not None:
+        values["integration_verify"] = _text("integration.verify", integration["verify"])
+    if integration.get("allow_overlap") is not None:
+        values["integration_allow_overlap"] = _boolean("integration.allow_overlap", integration["allow_overlap"])
+    if integration.get("author") is not None:
+        values["integration_author"] = _author("integration.author", integration["author"])
+    return values
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        raise ConfigError(key, f"must be {listed}, not {short_repr(value)}")
+    return value.strip().lower()
+
+
+def _relative_paths(key: str, value: object) -> tuple[str, ...]:
+    """A glob or a list of globs, each relative to the workspace root and staying inside it."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(key, f"must be a list of paths or globs relative to the workspace root, not {describe(value)}")
+    paths = []
+    for item in items:
+        text = _text(key, item)
+        parts = Path(text).parts
+        if Path(text).is_absolute() or ".." in parts:
+            raise ConfigError(key, f"{short_repr(text)} must be relative to the workspace root and stay inside it "
+                                   f"(no leading / and no ..)")
+        if parts and parts[0] in (".git", ".agent"):
+            raise ConfigError(key, f"{short_repr(text)} names git's or agent-parallel's own files; "
+                                   f"list your project's files instead")
+        paths.append(text)
+    return tuple(paths)
+
+
+_PORTS = re.compile(r"([0-9]{1,5})\s*-\s*([0-9]{1,5})", re.ASCII)
+
+
+def _port_range(key: str, value: object) -> tuple[int, int]:
+    """``4100-4199`` (both included), or a single port."""
+    help_text = "write a range of ports such as \"4100-4199\""
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and (match := _PORTS.fullmatch(value.strip())):
+        low, high = int(match.group(1)), int(match.group(2))
+    else:
+        raise ConfigError(key, f"must be a range of ports, not {short_repr(value)} ({help_text})")
+    if not 1 <= low <= high <= MAX_PORT:
+        raise ConfigError(key, f"must be a range of ports between 1 and {MAX_PORT}, the first not above the last, "
+                               f"not {short_repr(value)} ({help_text})")
+    return low, high
+
+
+# What git refuses in a branch name (git check-ref-format), checked without running git.
+_BAD_REF = re.compile(r"(^[-/.])|([/.]$)|(\.\.)|(//)|(@\{)|(\.lock(/|$))|(/\.)|[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def _branch_name(key: str, value: object) -> str:
+    text = _text(key, value)
+    if text.startswith("refs/heads/"):
+        text = text[len("refs/heads/"):]
+    if text == "@" or _BAD_REF.search(text):
+        raise ConfigError(key, f"{short_repr(text)} is not a valid git branch name; write a branch name such as main")
+    return text
+
+
+_AUTHOR = re.compile(r"[^<>\n]+ <[^<>\n]*>")
+
+
+def _author(key: str, value: object) -> str:
+    text = _text(key, value)
+    if not _AUTHOR.fullmatch(text):
+        raise ConfigError(key, f"must be written Name <email>, not {short_repr(text)}")
+    return text
 
 
 def _read_yaml(path: Path) -> object:

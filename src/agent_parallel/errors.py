@@ -14,6 +14,8 @@
     ├── ShuttingDown          the server is stopping: try again once it runs again
     ├── ExecutorError         a process could not be started, waited for or stopped (tasks/executor.py)
     │   └── SpawnError             it could not be started: a missing cwd, no such program ...
+    ├── WorktreeError         git could not prepare, integrate or remove an item's worktree (worktrees/)
+    │   └── SetupFailed            worktree.setup exited non-zero; carries its output's tail
     └── InternalError         a bug in agent-parallel: please report it
 
 The MCP layer turns every ``AgentParallelError`` into a tool error carrying its message; anything
@@ -71,6 +73,20 @@ class StorageError(AgentParallelError):
 
 class ShuttingDown(AgentParallelError):
     """Raised for work asked of a server that is stopping."""
+
+
+class WorktreeError(AgentParallelError):
+    """Raised by `agent_parallel.worktrees` when git refuses a step (creating, integrating or removing
+    an item's worktree); the message names the step, git's own words and what to do."""
+
+
+class SetupFailed(WorktreeError):
+    """Raised when `worktree.setup` exits non-zero in a new worktree; `output_tail` holds the end of
+    its output, which the message repeats so the item's reason shows it."""
+
+    def __init__(self, message: str, output_tail: str, exit_code: int | None) -> None:
+        super().__init__(message)
+        self.output_tail, self.exit_code = output_tail, exit_code
 
 
 class InternalError(AgentParallelError):

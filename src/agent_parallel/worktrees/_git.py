@@ -1,0 +1,128 @@
+"""Running git and shell commands: one place that sets the environment, reads the output and turns
+every failure into a `WorktreeError` naming the step.
+
+git runs with a clean, predictable environment: no ``GIT_DIR``/``GIT_WORK_TREE``/``GIT_INDEX_FILE``
+inherited (a server started from a git hook would otherwise act on the wrong repository), the C
+locale (messages we parse), no editor and no terminal prompt (nothing ever waits for a person).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import WorktreeError
+from ..tasks import processes
+
+TAIL_BYTES = 4000
+"""How much of a setup or verify command's output an error or an `Integration` carries."""
+
+_DROPPED = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY",
+            "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_PREFIX", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES")
+FALLBACK_IDENTITY = ("agent-parallel", "agent-parallel@localhost")
+"""Who commits when git has no user configured (a fresh CI machine): commits must not fail for it."""
+
+
+def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in _DROPPED}
+    env.update(LC_ALL="C", LANGUAGE="C", GIT_TERMINAL_PROMPT="0", GIT_EDITOR="true", GIT_SEQUENCE_EDITOR="true",
+               GIT_MERGE_AUTOEDIT="no", GIT_LITERAL_PATHSPECS="1", GIT_OPTIONAL_LOCKS="0")
+    env.update(extra or {})
+    return env
+
+
+def run_git(cwd: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
+            ok: Sequence[int] = (0,), step: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    """``git ARGS`` in ``cwd``; a `WorktreeError` naming ``step`` (default: the command) when the exit
+    code is not in ``ok``. git missing from PATH is a `WorktreeError` too."""
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, env=git_env(env),
+                              stdin=None if stdin is not None else subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise WorktreeError("git is not installed (or not on PATH); install git, or set runner.isolation: none") \
+            from exc
+    if done.returncode not in ok:
+        raise WorktreeError(f"{step or 'git ' + ' '.join(args[:3])} failed in {cwd}: {git_message(done)}")
+    return done
+
+
+def git_out(cwd: Path, *args: str, step: str | None = None) -> str:
+    """The first line of ``git ARGS``'s output (a commit id, a ref name)."""
+    return run_git(cwd, *args, step=step).stdout.decode(errors="replace").strip()
+
+
+def git_message(done: subprocess.CompletedProcess[bytes]) -> str:
+    """What git said when it failed: the last lines of its error output (or of its output)."""
+    text = (done.stderr or done.stdout or b"").decode(errors="replace").strip()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("hint:")]
+    return " / ".join(lines[-4:]) or f"exit code {done.returncode}"
+
+
+def nul_list(data: bytes) -> list[str]:
+    """A ``-z`` list of paths."""
+    return [part.decode(errors="surrogateescape") for part in data.split(b"\0") if part]
+
+
+def identity_env(cwd: Path, author: str | None) -> dict[str, str]:
+    """Environment making commits work and carry ``author`` (``Name <email>``): the configured user
+    commits, or `FALLBACK_IDENTITY` where git has none."""
+    env: dict[str, str] = {}
+    if run_git(cwd, "var", "GIT_COMMITTER_IDENT", ok=(0, 128)).returncode != 0:
+        env.update(GIT_COMMITTER_NAME=FALLBACK_IDENTITY[0], GIT_COMMITTER_EMAIL=FALLBACK_IDENTITY[1])
+        env.update(GIT_AUTHOR_NAME=FALLBACK_IDENTITY[0], GIT_AUTHOR_EMAIL=FALLBACK_IDENTITY[1])
+    if author:
+        name, _, email = author.rpartition("<")
+        env.update(GIT_AUTHOR_NAME=name.strip(), GIT_AUTHOR_EMAIL=email.rstrip(">").strip())
+    return env
+
+
+class Tail:
+    """The last `TAIL_BYTES` of a stream, for error messages."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def add(self, chunk: bytes) -> None:
+        self.data = (self.data + chunk)[-TAIL_BYTES:]
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace").strip()
+
+
+def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None) -> tuple[int, str]:
+    """Run ``sh -c COMMAND`` in ``cwd`` (its own session), its output (stdout and stderr, in order)
+    streamed to ``log`` as it comes; return the exit code and the output's tail.
+
+    If the calling thread is interrupted (KeyboardInterrupt, a cancelled run), the command's whole
+    process group is killed and waited for before the exception goes on: nothing is orphaned.
+    """
+    full_env = {**os.environ, **env}
+    proc = processes.spawn(lambda: subprocess.Popen(
+        ["/bin/sh", "-c", command], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True))
+    tail = Tail()
+    try:
+        assert proc.stdout is not None
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            tail.add(chunk)
+            if log is not None:
+                log.write(chunk)
+        code = proc.wait()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+        processes.forget_child(proc.pid)
+        if log is not None:
+            log.flush()
+    return code, tail.text()

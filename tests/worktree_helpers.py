@@ -1,0 +1,53 @@
+"""Real git repositories for the worktree tests: made in tmp dirs, agents are shell commands."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from agent_parallel.config import Config
+from agent_parallel.worktrees import Lease
+
+LINES = "".join(f"line {n}\n" for n in range(1, 11))
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.rstrip("\n")
+
+
+def make_repo(root: Path, files: dict[str, str] | None = None) -> Path:
+    """A repository on branch main with one commit: a.txt and b.txt (ten lines each), a .gitignore
+    ignoring .env, and the queue's item file."""
+    root.mkdir(parents=True, exist_ok=True)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.name", "Test User")
+    git(root, "config", "user.email", "test@example.com")
+    content = {"a.txt": LINES, "b.txt": LINES, ".gitignore": ".env\n",
+               ".agent/queue/001-pending-first.md": "---\ntitle: First\n---\nDo it.\n", **(files or {})}
+    for name, text in content.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "start")
+    return root
+
+
+def config(**values: Any) -> Config:
+    return Config(isolation="worktree", **values)
+
+
+def agent(lease: Lease, script: str) -> None:
+    """A fake agent: a shell script run in the item's worktree."""
+    subprocess.run(["sh", "-c", script], cwd=lease.workdir, check=True, capture_output=True)
+
+
+def head(root: Path, ref: str = "main") -> str:
+    return git(root, "rev-parse", ref)
+
+
+def tracked_snapshot(root: Path) -> tuple[str, str, str]:
+    """Refs, status and worktrees of the repository: equal before and after means nothing changed."""
+    return (git(root, "for-each-ref", "--format=%(refname) %(objectname)"),
+            git(root, "status", "--porcelain", "--untracked-files=all", "--ignored"),
+            git(root, "worktree", "list", "--porcelain"))
