@@ -78,9 +78,11 @@ def commit_leftovers(worktree: Path, title: str, author: str | None) -> str | No
     """Commit everything the agent left in ``worktree`` (tracked changes and new files, not what prepare
     copied or linked there, never ignored files); the new commit, or None when nothing was left."""
     meta = read_meta(worktree)
-    excludes = [f":(exclude,top,literal){p}" for p in [*meta.get("copied", []), *meta.get("linked", [])]]
-    env = {"GIT_LITERAL_PATHSPECS": "0"}  # magic pathspecs for the excludes (each one literal)
-    run_git(worktree, "add", "-A", "--", ":/", *excludes, env=env, step="git add -A")
+    ours = [*meta.get("copied", []), *meta.get("linked", [])]
+    run_git(worktree, "add", "-A", "--", ":/", env={"GIT_LITERAL_PATHSPECS": "0"}, step="git add -A")
+    if ours:  # what prepare copied or linked is the workspace's, not the agent's work: unstaged again
+        run_git(worktree, "reset", "-q", "--", *[f":(top,literal){p}" for p in ours],
+                env={"GIT_LITERAL_PATHSPECS": "0"}, ok=(0, 1), step="git reset (copied and linked files)")
     if run_git(worktree, "diff", "--cached", "--quiet", ok=(0, 1)).returncode == 0:
         return None
     env = identity_env(worktree, author)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,9 +16,12 @@ from typing import Any, BinaryIO
 from ..config import Config
 from ..errors import SetupFailed, WorktreeError
 from . import leases
-from ._git import git_out, nul_list, run_git, run_shell
-from .repo import BRANCH_PREFIX, RepoInfo, check_repository, worktree_name, worktrees_dir
+from ._git import git_message, git_out, nul_list, run_git, run_shell
+from .repo import BRANCH_PREFIX, RepoInfo, check_repository, file_lock, worktree_name, worktrees_dir
 
+WORKTREES_LOCK = "agent-parallel-worktrees.lock"
+"""In the repository's common git directory: creating worktrees one at a time (``git worktree list``
+fails on a worktree another process is half-way through adding)."""
 META_FILE = "agent-parallel.json"
 """Kept in the worktree's own git directory (``.git/worktrees/<name>/``): what prepare copied and
 linked there, so it is never committed nor counted as the agent's work; removed with the worktree."""
@@ -65,8 +69,16 @@ class Registered:
 
 
 def registered_worktrees(cwd: Path) -> list[Registered]:
-    """Every worktree git knows of in the repository of ``cwd`` (the main one first)."""
-    out = run_git(cwd, "worktree", "list", "--porcelain", "-z").stdout
+    """Every worktree git knows of in the repository of ``cwd`` (the main one first). Tried again a few
+    times when it fails: git fails to list a worktree that another process is half-way through adding."""
+    for attempt in range(5):
+        done = run_git(cwd, "worktree", "list", "--porcelain", "-z", ok=range(0, 256))
+        if done.returncode == 0:
+            break
+        time.sleep(0.01 * 2 ** attempt)
+    else:
+        raise WorktreeError(f"git worktree list failed in {cwd}: {git_message(done)}")
+    out = done.stdout
     found: list[Registered] = []
     for block in out.split(b"\0\0"):
         fields: dict[str, str] = {}
@@ -112,7 +124,8 @@ def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: B
     meta = read_meta(path) if path.is_dir() else {}
     port = leases.take(info.root, name, config.worktree_ports, prefer=meta.get("port"))
     try:
-        reused = _checkout(info, path, branch)
+        with file_lock(info.common_dir / WORKTREES_LOCK, "worktree list"):  # git worktree add/list race otherwise
+            reused = _checkout(info, path, branch)
         workdir = path / info.prefix
         meta.update(item=str(item_id), slug=slug, target=info.target, port=port)
         notes = _copy_and_link(info, config, workdir, meta)
