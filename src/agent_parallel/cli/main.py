@@ -1,5 +1,5 @@
-"""The ``agent-parallel`` command: ``serve`` the MCP server; ``plan``, ``run``, ``demo``, ``report``
-and ``status`` for the work queue from a terminal.
+"""The ``agent-parallel`` command: ``serve`` the MCP server; ``plan``, ``run``, ``demo``, ``report``,
+``status`` and ``worktrees`` for the work queue from a terminal.
 
 Argument parsing and printing only; the work is done by the server, the queue and the task registry.
 """
@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--root", type=Path, default=Path("."), help="workspace root (default: the working directory)")
     status.add_argument("--limit", type=int, default=20)
     status.set_defaults(func=_status)
+
+    from .worktrees import add_parser as add_worktrees_parser
+    add_worktrees_parser(sub)
     return parser
 
 
