@@ -237,3 +237,13 @@ def test_a_worktree_switched_to_another_branch_is_not_reused_silently(repo: Path
                                             r"out agent/001-first there"):
         prepare(repo, config(), "001", "first")
     assert head(repo, "main") == lease.base and (repo / "a.txt").read_text() == LINES
+
+
+def test_a_worktree_left_detached_by_a_crash_during_verify_goes_back_to_its_branch(repo: Path) -> None:
+    lease = prepare(repo, config(), "001", "first")
+    agent(lease, "echo x >> a.txt && git commit -qam one")
+    tip = head(lease.path, "HEAD")
+    git(lease.path, "checkout", "-q", "--detach", "HEAD")  # where a merge's verify runs
+    again = prepare(repo, config(), "001", "first")
+    assert git(again.path, "symbolic-ref", "HEAD") == "refs/heads/agent/001-first"
+    assert head(again.path, "HEAD") == tip

@@ -221,7 +221,7 @@ def _advance(info: RepoInfo, config: Config, old: str, new: str) -> bool | list[
             _move_checkout(checkout, old, new, queue_dir)
         except WorktreeError as exc:  # a file changed since the check: put the ref back, report it
             run_git(info.root, "update-ref", "-m", "agent-parallel: undo", info.target_ref, old, new, ok=(0, 1, 128))
-            return [str(exc)]
+            return _blockers(checkout, old, new, queue_dir) or [f"(git: {exc})"]
     return True
 
 

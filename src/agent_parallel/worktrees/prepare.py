@@ -158,6 +158,9 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
         run_git(info.root, "worktree", "prune", step="git worktree prune")
         entry = None
     if entry is not None:
+        if entry.branch is None and _detached_by_us(path, branch):  # a crash while verifying a merge or squash
+            run_git(path, "checkout", "-q", branch, step=f"git checkout {branch} in {path}")
+            return True
         if entry.branch != f"refs/heads/{branch}":
             on = entry.branch[len("refs/heads/"):] if entry.branch else f"a detached HEAD at {(entry.head or '')[:12]}"
             raise WorktreeError(f"worktree {path} is on {on}, not on {branch}; check out {branch} there "
@@ -176,6 +179,16 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
         run_git(info.root, "worktree", "add", "--no-track", "-b", branch, str(path), info.target_commit,
                 step=f"git worktree add -b {branch} {path}")
     return has_branch
+
+
+def _detached_by_us(path: Path, branch: str) -> bool:
+    """Whether a detached worktree is as `integrate` leaves it while verifying a merge or squash: clean,
+    at a commit whose parents include the branch's tip or the target (so going back to the branch loses
+    nothing)."""
+    if run_git(path, "status", "--porcelain", "--untracked-files=all").stdout.strip():
+        return False
+    tip = run_git(path, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", ok=(0, 1)).stdout.decode().strip()
+    return bool(tip) and run_git(path, "merge-base", "--is-ancestor", tip, "HEAD", ok=(0, 1)).returncode == 0
 
 
 def _copy_and_link(info: RepoInfo, config: Config, workdir: Path, meta: dict[str, Any]) -> list[str]:
