@@ -1,0 +1,207 @@
+"""What the run-speed work (issue 11) must keep: the cheap paths give the answers the slow ones gave.
+
+* A task's end looks through /proc only when something may be left (``may_have_left_processes``):
+  it must say "maybe" whenever a process of the task is left (in its group, escaped with setsid,
+  double-forked, orphaned to us), also while many other tasks start and end at once, and every
+  such process is still stopped with its task.
+* A queue run skips thread hops it does not need; an item reported done has its file moved
+  (the move is on disk before ``run_queue`` reports the item), the history has both moves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agent_parallel.config import load_config
+from agent_parallel.paths import runs_dir
+from agent_parallel.queue import claims
+from agent_parallel.queue.items import QueueReader
+from agent_parallel.queue.run import QueueContext, run_of, start_run
+from agent_parallel.tasks import executor as executor_module, processes
+from agent_parallel.tasks.registry import RegistrySettings, open_registry, wait_any
+from conftest import alive, read_pids
+
+pytestmark = pytest.mark.anyio
+needs_setsid = pytest.mark.skipif(shutil.which("setsid") is None, reason="needs the setsid utility")
+
+
+def kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def wait_for_pid(path: Path) -> int:
+    with anyio.fail_after(10):
+        while not read_pids(path):
+            await anyio.sleep(0.02)
+    return read_pids(path)[0]
+
+
+def start_group(command: str, task_id: str = "t") -> subprocess.Popen[bytes]:
+    env = {**os.environ, processes.TASK_ID_VAR: task_id}
+    return processes.spawn(lambda: subprocess.Popen(["/bin/sh", "-c", command], start_new_session=True,
+                                                    stdin=subprocess.DEVNULL, env=env))
+
+
+@pytest.fixture
+def subreaper():
+    if not processes.become_subreaper():
+        pytest.skip("no child subreaper here")
+    yield
+    processes.reap_orphans(processes.scan(mine_only=True).orphans)
+    processes.release_subreaper()
+
+
+def test_not_the_subreaper_always_looks():
+    assert not processes.is_subreaper()
+    assert processes.may_have_left_processes(2**22 + 7, "t")
+
+
+def test_nothing_left_after_a_plain_command(subreaper):
+    popen = start_group("true")
+    popen.wait()  # reaped (the executor does this in wait_child)
+    processes.forget_child(popen.pid)
+    assert not processes.may_have_left_processes(popen.pid, "t")
+
+
+@needs_setsid
+@pytest.mark.parametrize("shape, left_in_group", [
+    ("setsid sh -c 'echo $$ > {p}; exec sleep 30' &", False),
+    ("( ( setsid sh -c 'echo $$ > {p}; exec sleep 30' & ) & )", False),
+    ("( ( sh -c 'echo $$ > {p}; exec sleep 30' & ) & )", True),
+    ("sh -c 'echo $$ > {p}; exec sleep 30' &", True),
+])
+async def test_a_left_process_is_always_seen(subreaper, tmp_path, shape, left_in_group):
+    pid_file = tmp_path / "left.pid"
+    popen = start_group(shape.format(p=pid_file) + f"\nwhile [ ! -s {pid_file} ]; do sleep 0.01; done")
+    pid = await wait_for_pid(pid_file)
+    try:
+        processes.wait_child(popen)
+        assert processes.may_have_left_processes(popen.pid, "t")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert (int(fields[2]) == popen.pid) == left_in_group
+        if not left_in_group:  # escaped: reparented to us (the subreaper) before the command's exit was seen
+            assert int(fields[1]) == os.getpid()
+            # what task "t" left running does not make another task's end look through /proc (once the
+            # zombies of the shells in between are reaped)
+            with anyio.fail_after(10):
+                while processes.may_have_left_processes(popen.pid, "another-task"):
+                    processes.reap_orphans(processes.scan(mine_only=True).orphans)
+                    await anyio.sleep(0.02)
+            assert processes.may_have_left_processes(popen.pid, "t")
+    finally:
+        kill([pid])
+    with anyio.fail_after(10):  # once it is gone and reaped, nothing is left
+        while processes.may_have_left_processes(popen.pid, "t"):
+            processes.reap_orphans(processes.scan(mine_only=True).orphans)
+            await anyio.sleep(0.02)
+
+
+async def test_a_zombie_orphan_is_seen_until_reaped(subreaper, tmp_path):
+    pid_file = tmp_path / "orphan.pid"
+    popen = start_group(f"( sh -c 'echo $$ > {pid_file}; exit 0' & ); while [ ! -s {pid_file} ]; do sleep 0.01; done")
+    pid = await wait_for_pid(pid_file)
+    processes.wait_child(popen)
+    with anyio.fail_after(10):
+        while processes.scan(mine_only=True).orphans != [pid]:
+            await anyio.sleep(0.02)
+    assert processes.may_have_left_processes(popen.pid, "t")  # the zombie is ours to reap: look
+    processes.reap_orphans([pid])
+    assert not processes.may_have_left_processes(popen.pid, "t")
+
+
+@needs_setsid
+async def test_escaped_processes_end_with_their_task_among_many_ending_at_once(workspace, monkeypatch):
+    """Three tasks that leave a process behind (setsid, double fork) among twenty plain ones, all
+    at once: each left process is stopped before its task is reported. Then, while another task's
+    escaped process runs, plain tasks' ends cost no /proc scan; that process ends with its task."""
+    scans: list[str] = []
+    real_stop = executor_module.stop_task
+
+    async def counting_stop(task_id, *args, **kwargs):
+        scans.append(task_id)
+        return await real_stop(task_id, *args, **kwargs)
+
+    monkeypatch.setattr(executor_module, "stop_task", counting_stop)
+    shapes = ["setsid sh -c 'echo $$ > {p}; exec sleep 300' &",
+              "( ( setsid sh -c 'echo $$ > {p}; exec sleep 300' & ) & )",
+              "( ( sh -c 'echo $$ > {p}; exec sleep 300' & ) & )"]
+    files = [workspace / f"left{i}.pid" for i in range(len(shapes))]
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    pids: list[int] = []
+    try:
+        async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+            leaving = [await registry.launch(command=shape.format(p=f) + f"\nwhile [ ! -s {f} ]; do sleep 0.01; done",
+                                             cwd=workspace) for shape, f in zip(shapes, files)]
+            plain = [await registry.launch(command="true", cwd=workspace) for _ in range(20)]
+            with anyio.fail_after(30):
+                for task in leaving + plain:
+                    await task.done.wait()
+            pids = [read_pids(f)[0] for f in files]
+            for task, pid in zip(leaving, pids):
+                assert task.record.status == "completed", task.record.reason
+                assert not alive(pid), f"{task.record.command!r} left {pid} running"
+                assert task.record.task_id in scans
+            assert all(t.record.status == "completed" for t in plain)
+
+            daemon_file = workspace / "daemon.pid"
+            running = await registry.launch(
+                command=shapes[1].format(p=daemon_file) + "\nexec sleep 300", cwd=workspace)
+            pids.append(await wait_for_pid(daemon_file))
+            with anyio.fail_after(10):  # the shells in between are zombies of ours until a scan reaps them
+                while processes.scan(mine_only=True).orphans:
+                    processes.reap_orphans(processes.scan(mine_only=True).orphans)
+                    await anyio.sleep(0.02)
+            scans.clear()
+            plain = [await registry.launch(command="true", cwd=workspace) for _ in range(20)]
+            with anyio.fail_after(30):
+                for task in plain:
+                    await task.done.wait()
+            assert scans == [], "a plain task's end scanned /proc because of another task's escaped process"
+            await registry.cancel(running)
+            assert not alive(pids[-1]), "the escaped process outlived its cancelled task"
+    finally:
+        kill(pids)
+
+
+async def test_items_reported_done_have_their_files_moved(workspace):
+    """A run of trivial items: every item reported completed is completed on disk (file renamed,
+    both moves in the history) by the time the run reports it; failures likewise."""
+    queue = workspace / ".agent/queue"
+    queue.mkdir(parents=True)
+    for i in range(1, 31):
+        command = "false" if i % 10 == 0 else "true"
+        (queue / f"{i:03d}-pending-item-{i}.md").write_text(f'---\ncommand: "{command}"\n---\n# Item {i}\n')
+    config, _ = load_config(workspace)
+    config = config.model_copy(update={"level": "L3", "continue_on_error": True})
+    async with open_registry(workspace, runs_dir(workspace), RegistrySettings()) as registry:
+        ctx = QueueContext(workspace, registry.runs_dir, config, registry, QueueReader())
+        task, _ = await start_run(ctx, max_parallel=5)
+        run = run_of(task)
+        assert run is not None
+        seen: set[str] = set()
+        with anyio.fail_after(60):
+            while not task.done.is_set():
+                for outcome in run.progress().outcomes:  # each outcome the moment it is reported
+                    if outcome.item not in seen:
+                        seen.add(outcome.item)
+                        n = int(outcome.item)
+                        assert (queue / f"{n:03d}-{outcome.outcome}-item-{n}.md").exists(), outcome
+                await wait_any([run.changed, task.done])
+        outcomes = {o.item: o.outcome for o in run.progress().outcomes}
+    assert outcomes == {f"{i:03d}": "failed" if i % 10 == 0 else "completed" for i in range(1, 31)}
+    moves = claims.history(runs_dir(workspace))
+    for i in range(1, 31):
+        mine = [(m["from"], m["to"]) for m in moves if m["item"] == f"{i:03d}"]
+        assert mine == [("pending", "in_progress"), ("in_progress", "failed" if i % 10 == 0 else "completed")]
