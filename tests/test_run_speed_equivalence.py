@@ -205,3 +205,39 @@ async def test_items_reported_done_have_their_files_moved(workspace):
     for i in range(1, 31):
         mine = [(m["from"], m["to"]) for m in moves if m["item"] == f"{i:03d}"]
         assert mine == [("pending", "in_progress"), ("in_progress", "failed" if i % 10 == 0 else "completed")]
+
+
+def test_last_move_and_claim_is_what_two_lookups_gave(tmp_path):
+    """``_locate`` reads the history once: the same answer as the two ``last_moves`` lookups."""
+    moves = [("001", "pending", "in_progress"), ("002", "pending", "in_progress"), ("001", "in_progress", "failed"),
+             ("001", "failed", "pending"), ("003", "pending", "in_progress"), ("001", "pending", "in_progress"),
+             ("001", "in_progress", "completed"), ("002", "in_progress", "blocked"), ("004", "blocked", "pending")]
+    for n, (item, old, new) in enumerate(moves):
+        claims.record_move(tmp_path, item, old, new, by=f"mover {n}", reason=None, owned=new == "in_progress")
+    for item in ("001", "002", "003", "004", "005"):
+        expected = (claims.last_moves(tmp_path, {item}).get(item),
+                    claims.last_moves(tmp_path, {item}, to="in_progress").get(item))
+        assert claims.last_move_and_claim(tmp_path, item) == expected
+
+
+def test_an_owned_claim_records_this_process(tmp_path):
+    claims.record_move(tmp_path, "001", "pending", "in_progress", by="me", reason=None, owned=True)
+    [move] = claims.history(tmp_path)
+    assert (move["pid"], move["pid_start"]) == (os.getpid(), processes.process_start_time(os.getpid()))
+
+
+def test_admission_reads_memory_and_load_at_most_once_per_fresh_period(monkeypatch):
+    from agent_parallel.tasks import admission
+
+    readings = iter([10 * 2**20, 10 * 2**20, 900 * 2**20])
+    monkeypatch.setattr(admission, "available_memory", lambda: next(readings))
+    now = [100.0]
+    check = admission.admission_check(256 * 2**20, None, clock=lambda: now[0])
+    held = check()
+    assert held is not None and "below autonomy.min_free_memory" in held
+    now[0] += admission.FRESH_S / 2
+    assert check() == held  # the same reading answers again
+    now[0] += 2 * admission.FRESH_S
+    assert check() is not None  # read again: still low
+    now[0] += 2 * admission.FRESH_S
+    assert check() is None  # read again: recovered
