@@ -33,10 +33,11 @@ PR_SET_CHILD_SUBREAPER = 36
 KILL_WAIT_S = 2.0  # how long processes get to vanish after SIGKILL before the check that counts survivors
 KILL_ROUNDS = 4  # KILL, wait, look again: catches processes forked while the others were being killed
 
-_spawn_lock = threading.Lock()  # held while starting a child and while reaping: no reap of a child not yet listed
+_spawn_lock = threading.Lock()  # held while starting a child and while reaping orphans: no reap of a child not yet listed
+_reap_lock = threading.Lock()  # held by every reap of a child, and while our children lists are read
 _spawned: set[int] = set()  # our own children (Popen): never reaped here
 _subreaper_users = 0
-_unlocked_waits = 0  # blocking waits for a child in progress outside _spawn_lock (see may_have_left_processes)
+_unlocked_waits = 0  # blocking waits for a child in progress outside _reap_lock (see may_have_left_processes)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def still_alive(victims: dict[int, int]) -> dict[int, int]:
 def reap_orphans(orphans: list[int]) -> None:
     """Reap zombie children that were reparented to us (never one this process started)."""
     me, my_session = os.getpid(), os.getsid(0)
-    with _spawn_lock:
+    with _spawn_lock, _reap_lock:
         for pid in orphans:
             fields = _stat_fields(pid)  # look again, under the lock: still a zombie orphan of ours?
             if pid in _spawned or not fields or fields[0] != b"Z" or int(fields[1]) != me \
@@ -253,9 +254,10 @@ def may_have_left_processes(pgid: int, task_id: str) -> bool:
     member or a zombie or one of ours left, /proc unreadable): the caller then looks properly
     (``stop_task``).
 
-    The children lists are read under ``_spawn_lock``, which every reap of our children holds
+    The children lists are read under ``_reap_lock``, which every reap of our children holds
     (``wait_child``, ``reap_orphans``): a child reaped while its parent's list is being read could
-    make the kernel skip the next one.
+    make the kernel skip the next one. A child being started meanwhile (not yet listed as ours)
+    only makes the answer True.
     """
     if not is_subreaper() or _unlocked_waits:
         return True
@@ -267,7 +269,7 @@ def may_have_left_processes(pgid: int, task_id: str) -> bool:
     except OSError:
         return True
     my_session = os.getsid(0)
-    with _spawn_lock:
+    with _reap_lock:
         children = _my_children()
         if children is None:
             return True
@@ -306,24 +308,24 @@ def _my_children() -> list[int] | None:
 
 def wait_child(popen: subprocess.Popen[bytes]) -> int:
     """Reap ``popen`` (started with ``spawn``; it has exited: its pidfd was readable) and forget it."""
-    with _spawn_lock:
+    with _reap_lock:
         code = popen.wait()
         _spawned.discard(popen.pid)
     return code
 
 
 class unlocked_wait:
-    """Around a blocking wait for a child that cannot hold ``_spawn_lock`` (no pidfd): meanwhile
+    """Around a blocking wait for a child that cannot hold ``_reap_lock`` (no pidfd): meanwhile
     ``may_have_left_processes`` answers True, as its reading of the children lists is not safe."""
 
     def __enter__(self) -> None:
         global _unlocked_waits
-        with _spawn_lock:
+        with _reap_lock:
             _unlocked_waits += 1
 
     def __exit__(self, *exc: object) -> None:
         global _unlocked_waits
-        with _spawn_lock:
+        with _reap_lock:
             _unlocked_waits -= 1
 
 
