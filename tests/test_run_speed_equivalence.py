@@ -199,7 +199,10 @@ async def test_items_reported_done_have_their_files_moved(workspace):
                         n = int(outcome.item)
                         assert (queue / f"{n:03d}-{outcome.outcome}-item-{n}.md").exists(), outcome
                 await wait_any([run.changed, task.done])
-        outcomes = {o.item: o.outcome for o in run.progress().outcomes}
+        shown = run.progress().outcomes
+        assert [o.item for o in shown] == sorted((o.item for o in shown), key=int)  # by id, as before the cache
+        assert shown is not run.progress().outcomes  # each answer its own list
+        outcomes = {o.item: o.outcome for o in shown}
     assert outcomes == {f"{i:03d}": "failed" if i % 10 == 0 else "completed" for i in range(1, 31)}
     moves = claims.history(runs_dir(workspace))
     for i in range(1, 31):

@@ -375,6 +375,7 @@ class QueueRun:
         self.last_end: float | None = None
         self.running: dict[int, _Slot] = {}
         self.outcomes: dict[int, ItemOutcome] = {}
+        self._by_id: list[ItemOutcome] | None = None  # the outcomes sorted by item id, until the next one
         self.changed = anyio.Event()  # set (and replaced) on every start and end: progress waiters use it
         self.state = "running"
         self.stop_reason: str | None = None
@@ -616,6 +617,7 @@ class QueueRun:
 
     def _record(self, item: WorkItem, outcome: str, **fields: object) -> None:
         self.outcomes[item.id] = ItemOutcome(item=item.id_str, title=item.title, outcome=outcome, **fields)
+        self._by_id = None
 
     def _changed(self) -> None:
         self.changed.set()
@@ -667,8 +669,14 @@ class QueueRun:
                      for s in self.running.values()],
             predicted_makespan=self.predicted, lower_bound=self.lower_bound,
             makespan=round(self.last_end - self.first_start, 3) if self.first_start and self.last_end else None,
-            outcomes=sorted(self.outcomes.values(), key=lambda o: int(o.item)),
+            outcomes=self._sorted_outcomes(),
         )
+
+    def _sorted_outcomes(self) -> list[ItemOutcome]:
+        """The outcomes by item id, sorted once per change (progress is asked far more often)."""
+        if self._by_id is None:
+            self._by_id = [outcome for _, outcome in sorted(self.outcomes.items())]
+        return list(self._by_id)
 
     def report_text(self) -> str:
         p = self.progress()
