@@ -244,3 +244,21 @@ def test_admission_reads_memory_and_load_at_most_once_per_fresh_period(monkeypat
     assert check() is not None  # read again: still low
     now[0] += 2 * admission.FRESH_S
     assert check() is None  # read again: recovered
+
+
+@pytest.mark.parametrize("own", [{}, {"PYTHONUNBUFFERED": "0", "X_ÿ": "välue with spaces"}])
+async def test_a_process_gets_the_servers_environment_and_its_own(tmp_path, monkeypatch, own):
+    """The environment is built from bytes now: the same entries as {**os.environ, PYTHONUNBUFFERED, **env}."""
+    from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor
+    from agent_parallel.tasks.logs import LogWriter
+
+    monkeypatch.setenv("SERVER_SIDE", "kept")
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    executor = LocalExecutor()
+    log = LogWriter(tmp_path, "envtask", 1 << 20)
+    handle = await executor.start(LaunchSpec(task_id="envtask", cwd=tmp_path, argv=["/usr/bin/env", "-0"], env=own), log)
+    assert (await handle.wait()).exit_code == 0
+    log.close()
+    seen = dict(entry.split(b"=", 1) for entry in (tmp_path / "envtask.log").read_bytes().split(b"\0") if entry)
+    expected = {os.fsencode(k): os.fsencode(v) for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **own}.items()}
+    assert seen == expected

@@ -170,7 +170,9 @@ class LocalExecutor:
         if problem := check_launch_strings(spec):
             raise SpawnError(f"cannot start the task: {problem}")
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
-        env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"), **spec.env}
+        # bytes throughout: os.environb is not decoded entry by entry, and Popen takes bytes as they are
+        env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
+        env.setdefault(b"PYTHONUNBUFFERED", b"1")
         rfd = wfd = stdin = -1
         try:
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
