@@ -288,12 +288,19 @@ def may_have_left_processes(pgid: int, task_id: str) -> bool:
 
 
 def _my_children() -> list[int] | None:
-    """This process's children (of all its threads), or None where the kernel cannot list them."""
+    """Our children that may be processes a task left: or None where the kernel cannot list them.
+
+    Orphans are reparented to the subreaper's first live thread, the main thread while it runs;
+    children another thread started itself are ours (``_spawned``) or of our own session. So while
+    the main thread runs its list is enough; otherwise every thread's is read."""
     found: list[int] = []
-    try:
-        threads = os.listdir("/proc/self/task")
-    except OSError:
-        return None
+    if threading.main_thread().is_alive():
+        threads = [str(os.getpid())]
+    else:
+        try:
+            threads = os.listdir("/proc/self/task")
+        except OSError:
+            return None
     for tid in threads:
         try:
             with open(f"/proc/self/task/{tid}/children", "rb") as f:
