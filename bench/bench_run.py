@@ -68,7 +68,7 @@ from typing import Any
 from collections.abc import AsyncIterator
 
 import anyio
-from bench_common import pct
+from bench_common import pct, server_env
 import yaml
 from mcp import Client, StdioServerParameters
 from rich.console import Console
@@ -246,7 +246,7 @@ async def wait_done(c: Client, args: dict[str, Any]) -> dict[str, Any]:
 
 @asynccontextmanager
 async def serve(root: Path) -> AsyncIterator[Client]:
-    params = StdioServerParameters(command=SERVER_CMD, args=["serve", "--root", str(root)])
+    params = StdioServerParameters(command=SERVER_CMD, args=["serve", "--root", str(root)], env=server_env())
     async with Client(params, read_timeout_seconds=120) as c:
         await c.list_tools()
         yield c

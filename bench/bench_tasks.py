@@ -40,7 +40,7 @@ from typing import Any
 from collections.abc import AsyncIterator
 
 import anyio
-from bench_common import pct
+from bench_common import pct, server_env
 from mcp import Client, StdioServerParameters
 from rich.console import Console
 from rich.markup import escape
@@ -176,7 +176,7 @@ def proc_cpu_s(pid: int) -> float | None:
 @asynccontextmanager
 async def server(root: Path) -> AsyncIterator[tuple[Client, int | None]]:
     root.mkdir(parents=True, exist_ok=True)
-    params = StdioServerParameters(command=SERVER_CMD, args=["serve", "--root", str(root)])
+    params = StdioServerParameters(command=SERVER_CMD, args=["serve", "--root", str(root)], env=server_env())
     async with Client(params, read_timeout_seconds=120) as c:
         await c.list_tools()
         pid = find_server_pid(root)

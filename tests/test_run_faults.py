@@ -54,10 +54,10 @@ def status_of(root: Path, item: str) -> str | None:
 @pytest.mark.fault("`.agent/runs` removed mid-run (git clean -fdX): recreated with its .gitignore, the item's end recorded, its dependent runs, the run ends")
 async def test_runs_dir_removed_mid_run_by_git_clean(client, workspace):
     subprocess.run(["git", "init", "-q", str(workspace)], check=True)
-    write_item(workspace, 1, "first", command="sleep 0.5", files=["a"])
+    write_item(workspace, 1, "first", command="touch started; sleep 0.5", files=["a"])
     write_item(workspace, 2, "second", command="echo after", blocked_by=[1], files=["b"])
     run = await call(client, "run_queue")
-    await until(lambda: status_of(workspace, "001") == "in_progress")
+    await until(lambda: (workspace / "started").exists())  # running, not only claimed (in_progress)
     subprocess.run(["git", "clean", "-fdXq"], cwd=workspace, check=True)
     assert not (workspace / ".agent/runs").exists()
     out = await call(client, "task_output", task_id=run["run_id"], timeout=20)
@@ -71,9 +71,9 @@ async def test_runs_dir_removed_mid_run_by_git_clean(client, workspace):
 
 @pytest.mark.fault("history.jsonl replaced by a directory mid-run (the end's history line cannot be written): the outcome says so, the run ends")
 async def test_history_unwritable_at_an_items_end(client, workspace):
-    write_item(workspace, 1, "first", command="sleep 0.5", files=["a"])
+    write_item(workspace, 1, "first", command="touch started; sleep 0.5", files=["a"])
     run = await call(client, "run_queue")
-    await until(lambda: status_of(workspace, "001") == "in_progress")
+    await until(lambda: (workspace / "started").exists())  # running, not only claimed (in_progress)
     history_file = workspace / ".agent/runs/history.jsonl"
     history_file.unlink()
     history_file.mkdir()
@@ -104,10 +104,10 @@ def tiny_runs_fs(workspace: Path):
 @pytest.mark.fault("the disk fills up while an item runs (ENOSPC on the history append at its end): the outcome says so, the run ends")
 async def test_disk_full_at_an_items_end(workspace, tiny_runs_fs):
     # the item ends only once the disk is full (a fixed sleep raced the filling on a loaded machine)
-    write_item(workspace, 1, "first", command="while [ ! -e go ]; do sleep 0.02; done", files=["a"])
+    write_item(workspace, 1, "first", command="touch started; while [ ! -e go ]; do sleep 0.02; done", files=["a"])
     async with Client(build_server(workspace, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         run = await call(client, "run_queue")
-        await until(lambda: status_of(workspace, "001") == "in_progress")
+        await until(lambda: (workspace / "started").exists())  # running, not only claimed (in_progress)
         history_file = tiny_runs_fs / "history.jsonl"
         with open(history_file, "ab") as f:  # end on a page boundary: the next line needs a new page
             f.write(b"\n" * (-history_file.stat().st_size % 4096))

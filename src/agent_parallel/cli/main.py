@@ -170,8 +170,8 @@ def _run(args: argparse.Namespace) -> int:
                 tg.start_soon(cancel_on_interrupt)
                 with Live(progress_view(run.progress()), console=console, refresh_per_second=4, transient=True) as live:
                     while not task.done.is_set():
-                        with anyio.move_on_after(0.25):  # also ticks the elapsed times
-                            await run.changed.wait()
+                        with anyio.move_on_after(0.25):  # the view refreshes 4 times a second: no rebuild per change
+                            await task.done.wait()
                         live.update(progress_view(run.progress()))
                 tg.cancel_scope.cancel()
             console.print(report_view(run.progress()))

@@ -83,13 +83,15 @@ def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]
                          "exists and is writable") from exc
     try:
         deadline = time.monotonic() + timeout_s
-        progress = _history_mark(runs_dir)
+        progress: tuple[int, int] | None | bool = False  # the history's mark, taken at the first refusal
         pause = 0.001
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if progress is False:
+                    progress = _history_mark(runs_dir)
                 now, mark = time.monotonic(), _history_mark(runs_dir)
                 if mark != progress:  # someone moved an item: contention, not a stuck holder
                     progress, deadline = mark, now + timeout_s
@@ -267,15 +269,14 @@ def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str
         reason = reason[:MAX_REASON_CHARS - 25] + f" … ({len(reason)} characters)"
     move = {"time": time.time(), "item": item, "from": old, "to": new, "by": by, "reason": reason}
     if owned:
-        move["pid"], move["pid_start"] = os.getpid(), process_start_time(os.getpid())
+        move["pid"], move["pid_start"] = _me()
     line = (json.dumps(move) + "\n").encode()
     path = runs_dir / HISTORY_FILE
-    try:
-        if os.stat(path).st_size + len(line) > HISTORY_ROTATE_BYTES:
-            os.replace(path, runs_dir / OLD_HISTORY_FILE)  # callers hold the queue lock: no writer races it
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if os.fstat(fd).st_size + len(line) > HISTORY_ROTATE_BYTES:
+        os.close(fd)  # callers hold the queue lock: no writer races the rotation
+        os.replace(path, runs_dir / OLD_HISTORY_FILE)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         written = os.write(fd, line)
         if written != len(line):  # a short write: the disk filled up mid-line; take it back
@@ -283,6 +284,17 @@ def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     finally:
         os.close(fd)
+
+
+_ME: tuple[int, int | None] | None = None
+
+
+def _me() -> tuple[int, int | None]:
+    """This process's pid and start time (read once per process: a fork gets its own)."""
+    global _ME
+    if _ME is None or _ME[0] != os.getpid():
+        _ME = (os.getpid(), process_start_time(os.getpid()))
+    return _ME
 
 
 def _moves_newest_first(runs_dir: Path) -> Iterator[dict[str, Any]]:
@@ -340,6 +352,21 @@ def last_moves(runs_dir: Path, items: set[str], *, to: str | None = None) -> dic
             if len(found) == len(items):
                 break
     return found
+
+
+def last_move_and_claim(runs_dir: Path, item: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The item's latest recorded move and its latest move to in_progress (its claim), in one
+    pass over the history from its end (what ``last_moves`` gives for each, read once)."""
+    last = claim = None
+    for move in _moves_newest_first(runs_dir):
+        if move.get("item") != item:
+            continue
+        if last is None:
+            last = move
+        if move.get("to") == "in_progress":
+            claim = move
+            break
+    return last, claim
 
 
 def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str, str]]:

@@ -121,7 +121,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
     upstream = [t.record for dep in waits_on if (t := _latest_item_task(ctx.registry, format_id(dep)))]
     try:
-        upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
+        upstream_logs = await anyio.to_thread.run_sync(
+            lambda: [upstream_log_path(runs_dir, r) for r in upstream]) if upstream else []
     except OSError as exc:
         raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
 
@@ -262,8 +263,7 @@ def _locate(queue_dir: Path, runs_dir: Path, item_id: int) -> _Where:
     except (QueueError, OSError) as exc:
         return _Where(None, exception_reason(exc))
     try:
-        last = claims.last_moves(runs_dir, {name.id_str}).get(name.id_str)
-        last_claim = claims.last_moves(runs_dir, {name.id_str}, to="in_progress").get(name.id_str)
+        last, last_claim = claims.last_move_and_claim(runs_dir, name.id_str)
     except OSError:
         last = last_claim = None
     if name.status != "in_progress":
@@ -375,6 +375,7 @@ class QueueRun:
         self.last_end: float | None = None
         self.running: dict[int, _Slot] = {}
         self.outcomes: dict[int, ItemOutcome] = {}
+        self._by_id: list[ItemOutcome] | None = None  # the outcomes sorted by item id, until the next one
         self.changed = anyio.Event()  # set (and replaced) on every start and end: progress waiters use it
         self.state = "running"
         self.stop_reason: str | None = None
@@ -568,7 +569,9 @@ class QueueRun:
         finished, self._finished = self._finished, []
         if not finished:
             return
-        tails = await anyio.to_thread.run_sync(lambda: [self._last_lines(task) for _, task, _ in finished])
+        tails: list[list[str]] = [[] for _ in finished]  # a completed item shows no lines: no thread needed
+        if any(task.record.status != TaskStatus.COMPLETED for _, task, _ in finished):
+            tails = await anyio.to_thread.run_sync(lambda: [self._last_lines(task) for _, task, _ in finished])
         for (item_id, task, notes), lines in zip(finished, tails, strict=True):
             slot = self.running.pop(item_id, None)
             item = slot.item if slot else self.graph.by_id[item_id]
@@ -614,6 +617,7 @@ class QueueRun:
 
     def _record(self, item: WorkItem, outcome: str, **fields: object) -> None:
         self.outcomes[item.id] = ItemOutcome(item=item.id_str, title=item.title, outcome=outcome, **fields)
+        self._by_id = None
 
     def _changed(self) -> None:
         self.changed.set()
@@ -665,8 +669,14 @@ class QueueRun:
                      for s in self.running.values()],
             predicted_makespan=self.predicted, lower_bound=self.lower_bound,
             makespan=round(self.last_end - self.first_start, 3) if self.first_start and self.last_end else None,
-            outcomes=sorted(self.outcomes.values(), key=lambda o: int(o.item)),
+            outcomes=self._sorted_outcomes(),
         )
+
+    def _sorted_outcomes(self) -> list[ItemOutcome]:
+        """The outcomes by item id, sorted once per change (progress is asked far more often)."""
+        if self._by_id is None:
+            self._by_id = [outcome for _, outcome in sorted(self.outcomes.items())]
+        return list(self._by_id)
 
     def report_text(self) -> str:
         p = self.progress()

@@ -14,8 +14,10 @@ Stopping a task stops all of its processes, also those that left its group (``se
 fork): they are found by the ``AGENT_TASK_ID`` in their environment (see ``processes.py``).
 TERM, a grace period, KILL, then a fresh look that confirms nothing is left; what survives KILL
 is reported (``survivors``), never hidden. When the command itself exits, whatever it left
-running is stopped the same way: a task's processes end with the task. Looking through /proc
-happens in a worker thread, never on the event loop.
+running is stopped the same way: a task's processes end with the task. Whether it left anything
+is first asked cheaply (``processes.may_have_left_processes``: its group, and our children, as
+the subreaper), so a task that left nothing costs no look through /proc; such looks happen in a
+worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -168,7 +170,9 @@ class LocalExecutor:
         if problem := check_launch_strings(spec):
             raise SpawnError(f"cannot start the task: {problem}")
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
-        env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"), **spec.env}
+        # bytes throughout: os.environb is not decoded entry by entry, and Popen takes bytes as they are
+        env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
+        env.setdefault(b"PYTHONUNBUFFERED", b"1")
         rfd = wfd = stdin = -1
         try:
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -242,7 +246,8 @@ class LocalHandle:
                 if self._exit is None:
                     self._leftovers = await self._wait_exit()
                 if self._leftovers:
-                    await self._stop(LEFTOVER_GRACE_S)
+                    if processes.may_have_left_processes(self.pgid, self.task_id):  # cheap: no /proc scan when none can be left
+                        await self._stop(LEFTOVER_GRACE_S)
                     self._leftovers = False
                 await self._stopped.wait()  # a terminate() still killing: its verdict counts too
                 if self.survivors:  # look once more: the last word is what is alive now
@@ -286,10 +291,11 @@ class LocalHandle:
             with anyio.CancelScope() as self._exit_wait:
                 if self._pidfd is not None:
                     await anyio.wait_readable(self._pidfd)
-                    code = self._popen.wait()
+                    code = processes.wait_child(self._popen)
                 else:  # kernels without pidfd (or no fd left for one): a worker thread waits instead
-                    code = await anyio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
-                processes.forget_child(self._popen.pid)
+                    with processes.unlocked_wait():
+                        code = await anyio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
+                    processes.forget_child(self._popen.pid)
                 self._exit = ExitInfo(code, None) if code >= 0 else ExitInfo(None, signal.Signals(-code).name)
         finally:
             self._exit_wait = None

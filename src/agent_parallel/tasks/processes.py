@@ -33,9 +33,11 @@ PR_SET_CHILD_SUBREAPER = 36
 KILL_WAIT_S = 2.0  # how long processes get to vanish after SIGKILL before the check that counts survivors
 KILL_ROUNDS = 4  # KILL, wait, look again: catches processes forked while the others were being killed
 
-_spawn_lock = threading.Lock()  # held while starting a child and while reaping: no reap of a child not yet listed
+_spawn_lock = threading.Lock()  # held while starting a child and while reaping orphans: no reap of a child not yet listed
+_reap_lock = threading.Lock()  # held by every reap of a child, and while our children lists are read
 _spawned: set[int] = set()  # our own children (Popen): never reaped here
 _subreaper_users = 0
+_unlocked_waits = 0  # blocking waits for a child in progress outside _reap_lock (see may_have_left_processes)
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ def still_alive(victims: dict[int, int]) -> dict[int, int]:
 def reap_orphans(orphans: list[int]) -> None:
     """Reap zombie children that were reparented to us (never one this process started)."""
     me, my_session = os.getpid(), os.getsid(0)
-    with _spawn_lock:
+    with _spawn_lock, _reap_lock:
         for pid in orphans:
             fields = _stat_fields(pid)  # look again, under the lock: still a zombie orphan of ours?
             if pid in _spawned or not fields or fields[0] != b"Z" or int(fields[1]) != me \
@@ -237,6 +239,101 @@ def reap_orphans(orphans: list[int]) -> None:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
+
+
+def may_have_left_processes(pgid: int, task_id: str) -> bool:
+    """Whether a task whose command has exited (and been waited for) may still have processes.
+
+    False only when none can be left, proved without scanning /proc: we are the subreaper, the
+    task's process group ``pgid`` is empty, and every child of ours is one we started, one of our
+    own session (not a task's), or a live process that carries another task's ``AGENT_TASK_ID``
+    (what another task left running: its descendants are that task's). Everything a task starts
+    descends from its command; once the command has exited, a process of the task that left the
+    group is either below a member of the group or (its parents gone) reparented to us, the
+    subreaper, before the command's exit was reported. True otherwise (not the subreaper, a
+    member or a zombie or one of ours left, /proc unreadable): the caller then looks properly
+    (``stop_task``).
+
+    The children lists are read under ``_reap_lock``, which every reap of our children holds
+    (``wait_child``, ``reap_orphans``): a child reaped while its parent's list is being read could
+    make the kernel skip the next one. A child being started meanwhile (not yet listed as ours)
+    only makes the answer True.
+    """
+    if not is_subreaper() or _unlocked_waits:
+        return True
+    try:
+        os.killpg(pgid, 0)
+        return True  # a member of the group is left (alive, or a zombie not yet reaped)
+    except ProcessLookupError:
+        pass
+    except OSError:
+        return True
+    my_session = os.getsid(0)
+    with _reap_lock:
+        children = _my_children()
+        if children is None:
+            return True
+        for pid in children:
+            if pid in _spawned:
+                continue  # another task's command (or the watchdog)
+            fields = _stat_fields(pid)
+            if fields is None or fields[0] == b"Z":
+                return True  # gone meanwhile, or an orphan to reap
+            if int(fields[3]) == my_session:
+                continue  # not a task's: every task process is in its task's session or one it made
+            owner = _environ_task_id(pid)
+            if owner is None or owner == task_id:
+                return True  # an escaped process of this task (or of no known task)
+    return False
+
+
+def _my_children() -> list[int] | None:
+    """Our children that may be processes a task left: or None where the kernel cannot list them.
+
+    Orphans are reparented to the subreaper's first live thread, the main thread while it runs;
+    children another thread started itself are ours (``_spawned``) or of our own session. So while
+    the main thread runs its list is enough; otherwise every thread's is read."""
+    found: list[int] = []
+    if threading.main_thread().is_alive():
+        threads = [str(os.getpid())]
+    else:
+        try:
+            threads = os.listdir("/proc/self/task")
+        except OSError:
+            return None
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                found.extend(int(pid) for pid in f.read().split())
+        except FileNotFoundError:
+            if os.path.isdir(f"/proc/self/task/{tid}"):
+                return None  # no children file (a kernel without CONFIG_PROC_CHILDREN)
+        except (OSError, ValueError):
+            return None
+    return found
+
+
+def wait_child(popen: subprocess.Popen[bytes]) -> int:
+    """Reap ``popen`` (started with ``spawn``; it has exited: its pidfd was readable) and forget it."""
+    with _reap_lock:
+        code = popen.wait()
+        _spawned.discard(popen.pid)
+    return code
+
+
+class unlocked_wait:
+    """Around a blocking wait for a child that cannot hold ``_reap_lock`` (no pidfd): meanwhile
+    ``may_have_left_processes`` answers True, as its reading of the children lists is not safe."""
+
+    def __enter__(self) -> None:
+        global _unlocked_waits
+        with _reap_lock:
+            _unlocked_waits += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _unlocked_waits
+        with _reap_lock:
+            _unlocked_waits -= 1
 
 
 def spawn(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
@@ -307,5 +404,6 @@ def describe_survivors(pids: list[int]) -> str:
 
 
 __all__ = ["Proc", "Snapshot", "scan", "is_subreaper", "task_members", "signal_processes", "signal_group", "still_alive",
-           "reap_orphans", "spawn", "forget_child", "become_subreaper", "release_subreaper", "kill_tasks_now",
+           "reap_orphans", "spawn", "forget_child", "may_have_left_processes", "wait_child", "unlocked_wait",
+           "become_subreaper", "release_subreaper", "kill_tasks_now",
            "process_start_time", "same_process", "describe_survivors", "TASK_ID_VAR"]

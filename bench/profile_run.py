@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Profile a queue run of N trivial items in this process (no MCP, no terminal UI).
+
+Run by hand:  python bench/profile_run.py [--items 300] [--slots 5] [--profile FILE] [--top 30]
+
+Writes N ``command: "true"`` items to a temporary workspace, opens the registry as the server
+does (``open_registry``: guarded executor, subreaper, watchdog) and runs ``start_run`` to its end.
+Prints the run's makespan, the wall time from the call to the report, and this process's CPU time
+(all threads, user+sys) per item; with ``--profile``, cProfile covers only the run (not imports or
+set-up) and the top functions by internal time are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from agent_parallel.config import load_config
+from agent_parallel.paths import runs_dir
+from agent_parallel.queue.items import QueueReader
+from agent_parallel.queue.run import QueueContext, run_of, start_run
+from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main_thread_cpu() -> float:
+    """User+sys of the event loop's thread (the main thread) alone."""
+    fields = Path(f"/proc/self/task/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write_queue(root: Path, n: int, slots: int) -> None:
+    queue = root / ".agent" / "queue"
+    queue.mkdir(parents=True)
+    (root / ".agent" / "config.yaml").write_text(f"autonomy:\n  max_parallel: {slots}\n")
+    for i in range(1, n + 1):
+        (queue / f"{i:03d}-pending-item-{i}.md").write_text(f'---\ncommand: "true"\n---\n# Item {i}\n')
+
+
+async def run(root: Path, slots: int, profiler: cProfile.Profile | None) -> tuple[float | None, float, float, float]:
+    config, _ = load_config(root)
+    async with open_registry(root, runs_dir(root), RegistrySettings()) as registry:
+        ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
+        c0, m0, t0 = cpu(), main_thread_cpu(), time.perf_counter()
+        if profiler:
+            profiler.enable()
+        task, _ = await start_run(ctx, max_parallel=slots)
+        await task.done.wait()
+        await registry.records_saved()
+        if profiler:
+            profiler.disable()
+        wall, used, loop = time.perf_counter() - t0, cpu() - c0, main_thread_cpu() - m0
+        run = run_of(task)
+        assert run is not None
+        progress = run.progress()
+        if progress.counts.get("completed") != len(progress.outcomes):
+            print("not all completed:", progress.counts, file=sys.stderr)
+        return progress.makespan, wall, used, loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=300)
+    parser.add_argument("--slots", type=int, default=5)
+    parser.add_argument("--profile", default=None, help="write cProfile stats of the run to this file")
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="profile-run-") as tmp:
+        root = Path(tmp)
+        write_queue(root, args.items, args.slots)
+        profiler = cProfile.Profile() if args.profile else None
+        makespan, wall, used, loop = anyio.run(run, root, args.slots, profiler)
+    print(f"{args.items} items, {args.slots} slots: makespan {makespan} s, wall {wall:.3f} s, "
+          f"CPU {used:.3f} s ({used / args.items * 1000:.2f} ms per item, all threads; "
+          f"{loop / args.items * 1000:.2f} ms on the event loop's thread)")
+    if profiler:
+        profiler.dump_stats(args.profile)
+        pstats.Stats(args.profile).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()

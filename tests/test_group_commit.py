@@ -1,0 +1,127 @@
+"""Group commit (tasks/group_commit.py): batched durable writes keep the durability of one write each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agent_parallel.tasks import group_commit
+from agent_parallel.tasks.group_commit import GroupCommit
+
+pytestmark = pytest.mark.anyio
+
+
+class SyncLog:
+    """Records, in order, every fsync the module makes (of a file or a directory) and every rename."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            real_fsync(fd)
+            self.events.append(("dir" if os.path.isdir(target) else "file", target))
+
+        def replace(src, dst) -> None:
+            real_replace(src, dst)
+            self.events.append(("rename", str(dst)))
+
+        monkeypatch.setattr(group_commit.os, "fsync", fsync)
+        monkeypatch.setattr(group_commit.os, "replace", replace)
+
+    def durable(self, path: Path) -> bool:
+        """Whether ``path`` was renamed into place after its data was synced, then its directory synced."""
+        try:
+            renamed = self.events.index(("rename", str(path)))
+        except ValueError:
+            return False
+        synced_file = any(kind == "file" for kind, _ in self.events[:renamed])
+        return synced_file and ("dir", str(path.parent)) in self.events[renamed:]
+
+
+async def test_one_write_is_atomic_and_durable(tmp_path, monkeypatch):
+    log = SyncLog(monkeypatch)
+    commit = GroupCommit()
+    target = tmp_path / "a.json"
+    await commit.save(target, b'{"a": 1}')
+    assert target.read_bytes() == b'{"a": 1}'
+    assert log.durable(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary file left
+
+
+async def test_concurrent_writes_share_batches_and_each_returns_only_once_on_disk(tmp_path, monkeypatch):
+    log = SyncLog(monkeypatch)
+    commit = GroupCommit()
+    targets = [tmp_path / f"r{i}.json" for i in range(40)]
+    unsafe: list[Path] = []
+
+    async def save(path: Path) -> None:
+        await commit.save(path, path.name.encode())
+        if not log.durable(path) or path.read_bytes() != path.name.encode():
+            unsafe.append(path)
+
+    async with anyio.create_task_group() as tg:
+        for path in targets:
+            tg.start_soon(save, path)
+    assert unsafe == []
+    assert commit.batches < len(targets)  # shared: fewer thread hops ...
+    assert sum(1 for kind, _ in log.events if kind == "dir") == commit.batches  # ... and one directory fsync each
+
+
+async def test_the_same_file_twice_keeps_the_last_write(tmp_path):
+    commit = GroupCommit()
+    target = tmp_path / "r.json"
+    async with anyio.create_task_group() as tg:
+        for i in range(10):
+            tg.start_soon(commit.save, target, f"v{i}".encode())
+            await anyio.lowlevel.checkpoint()
+    assert target.read_bytes() == b"v9"
+
+
+async def test_a_failed_write_fails_only_its_caller(tmp_path):
+    commit = GroupCommit()
+    good = [tmp_path / f"ok{i}.json" for i in range(5)]
+    bad = tmp_path / "missing-dir" / "r.json"
+    errors: list[BaseException] = []
+
+    async def save(path: Path) -> None:
+        try:
+            await commit.save(path, b"x")
+        except OSError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for path in good[:2] + [bad] + good[2:]:
+            tg.start_soon(save, path)
+    assert len(errors) == 1 and isinstance(errors[0], FileNotFoundError)
+    assert all(p.read_bytes() == b"x" for p in good)
+    assert not bad.parent.exists()
+
+
+async def test_small_batches_still_write_everything(tmp_path):
+    commit = GroupCommit(max_batch=3)
+    targets = [tmp_path / f"r{i}.json" for i in range(20)]
+    async with anyio.create_task_group() as tg:
+        for path in targets:
+            tg.start_soon(commit.save, path, b"y")
+    assert all(p.read_bytes() == b"y" for p in targets)
+    assert commit.batches >= 7
+
+
+async def test_a_cancelled_writer_leaves_the_others_written(tmp_path):
+    commit = GroupCommit()
+    first, cancelled, last = tmp_path / "1.json", tmp_path / "2.json", tmp_path / "3.json"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(commit.save, first, b"1")
+        await anyio.lowlevel.checkpoint()  # the first leads a batch; the next two queue behind it
+        with anyio.CancelScope() as scope:
+            tg.start_soon(commit.save, last, b"3")
+            scope.cancel()
+            await commit.save(cancelled, b"2")
+    assert first.read_bytes() == b"1" and last.read_bytes() == b"3"
+    assert not cancelled.exists()  # cancelled while queued behind the batch: taken back, never half-written
+    assert not list(tmp_path.glob(".*.tmp"))
