@@ -129,11 +129,19 @@ class TaskList(BaseModel):
     total: int = Field(description="tasks matching the filter, before `limit`")
 
 
+Phase = Literal["setup", "running", "integrating", "integrated", "conflict"]
+
+
 class RunningItem(BaseModel):
     item: str
     title: str
     task_id: str
     elapsed_s: float
+    phase: Phase | None = Field(None, description="an isolated item's phase (runner.isolation: worktree)")
+    branch: str | None = None
+    worktree: str | None = None
+    conflicts: list[str] | None = Field(None, description="files predicted to conflict with the target as it is now")
+    integration_s: float | None = None
 
 
 class ItemOutcome(BaseModel):
@@ -151,6 +159,11 @@ class ItemOutcome(BaseModel):
     ended_at: float | None = Field(None, description="Unix time the item's task ended")
     last_lines: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list, description="what happened to the item file during the run")
+    phase: Phase | None = Field(None, description="an isolated item's last phase: integrated, conflict ...")
+    branch: str | None = None
+    worktree: str | None = None
+    conflicts: list[str] | None = Field(None, description="files that conflicted when integrating it")
+    integration_s: float | None = Field(None, description="seconds its integration took")
 
 
 class RunProgress(BaseModel):

@@ -20,6 +20,8 @@ never stops the run.
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -35,13 +37,17 @@ from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
 from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
+from .isolation import Isolated, forecast, integrate_item, is_isolated, prepare_item
 from .items import QueueReader, WorkItem, format_id
 from ..results import ItemOutcome, RunningItem, RunProgress
 from ..tasks.executor import ExitInfo
 from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
-from ..tasks.registry import Task, TaskRegistry, wait_any
+from ..tasks.registry import FOLLOW_UP_TIMEOUT_S, Task, TaskRegistry, wait_any
+from ..worktrees import check_repository, release
+
+log = logging.getLogger(__name__)
 
 LAST_LINES = 10
 NOT_RECORDED = "its status could not be recorded in the queue"
@@ -100,15 +106,31 @@ def check_ready(graph: QueueGraph, item_id: int) -> WorkItem:
     return item
 
 
+@dataclass
+class ItemEnd:
+    """How a launched item ended, as ``launch_item`` tells ``on_end``: ``ok`` is the item's result (for
+    an isolated item: its process completed *and* it was integrated), ``reason`` why it failed when
+    its task did not say (an integration conflict), ``notes`` what else happened (its file, its worktree)."""
+
+    ok: bool
+    notes: list[str]
+    reason: str | None = None
+
+
 class NotStarted(QueueError):
     """``launch_item`` claimed the item but was told not to start it (its run was stopped); the
     claim was given back."""
 
 
 async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str,
-                      on_end: Callable[[Task, list[str]], None] | None = None,
-                      go_on: Callable[[], bool] | None = None) -> Task:
+                      on_end: Callable[[Task, ItemEnd], None] | None = None,
+                      go_on: Callable[[], bool] | None = None) -> tuple[Task, Isolated | None]:
     """Claim ``item`` (pending → in_progress) and start it; when it ends, move it to completed/failed.
+
+    An isolated item (``is_isolated``) first gets its worktree (``prepare_item``: a failed setup
+    fails the item with the setup's output), runs there, and once its process completed is
+    integrated before its file moves (``integrate_item``): completed only if integrated. Returns
+    the task and, for an isolated item, its ``Isolated`` (its phase, for progress).
 
     Claim and start are one step as far as cancellation goes: if the caller is cancelled while
     claiming, or ``go_on()`` (asked once the claim is made) says no, or the start fails, the
@@ -125,6 +147,9 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             lambda: [upstream_log_path(runs_dir, r) for r in upstream]) if upstream else []
     except OSError as exc:
         raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
+
+    if is_isolated(ctx.config, item):  # a workspace that cannot host worktrees is refused before the claim
+        await anyio.to_thread.run_sync(lambda: check_repository(ctx.root, ctx.config))
 
     def claim() -> tuple[Path, tuple[int, int] | None]:
         ctx.ensure_runs_dir()
@@ -153,7 +178,23 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             await give_back(path, f"not started: {by} was stopped while claiming it")
         raise NotStarted(f"{by} was stopped while claiming it; the claim was given back")
 
+    isolated: Isolated | None = None
+    prelude = b""
+    workdir = ctx.root
+    if is_isolated(ctx.config, item):
+        with anyio.CancelScope(shield=True):  # claimed: prepare it, or record why it could not be
+            try:
+                isolated, prelude = await prepare_item(ctx.root, ctx.config, item)
+                workdir = isolated.lease.workdir
+            except AgentParallelError as exc:  # not a git repository, setup failed, git refused a step
+                why = f"its worktree could not be prepared: {exc}"
+                notes = await anyio.to_thread.run_sync(
+                    lambda: _end_move(ctx, item.id, path, before, "failed", by=by, reason=why))
+                raise QueueError(why + "".join(f"; {n}" for n in notes)) from exc
+
     env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
+    if isolated is not None:
+        env.update(isolated.lease.env())
     if waits_on:
         env["AGENT_UPSTREAM_ITEMS"] = " ".join(format_id(dep) for dep in waits_on)
     if upstream_logs:
@@ -164,25 +205,35 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         wrong with the move is returned: the registry adds it to the task's reason."""
         rec = task.record
         ok = rec.status == TaskStatus.COMPLETED
-        notes = [f"{NOT_RECORDED}: the move was interrupted"]
+        end = ItemEnd(ok, [f"{NOT_RECORDED}: the move was interrupted"])
         try:
-            notes = await anyio.to_thread.run_sync(
-                lambda: _end_move(ctx, item.id, path, before, "completed" if ok else "failed", by=by, reason=rec.reason))
+            kept: list[str] = []
+            if isolated is not None:
+                ok, end.reason, kept = await integrate_item(ctx.root, ctx.config, isolated, item, succeeded=ok)
+                end.ok = ok
+            reason = end.reason or rec.reason
+            end.notes = await anyio.to_thread.run_sync(
+                lambda: _end_move(ctx, item.id, path, before, "completed" if ok else "failed", by=by, reason=reason))
+            end.notes += kept
         finally:
             if on_end is not None:
-                on_end(task, notes)
-        return "; ".join(notes) or None
+                on_end(task, end)
+        return "; ".join(([end.reason] if end.reason else []) + end.notes) or None
 
     with anyio.CancelScope(shield=True):  # claimed: start it, or give the claim back
         try:
             task = await ctx.registry.launch(
-                command=item.command, argv=argv, cwd=ctx.root, description=f"item {item.id_str}: {item.title}",
+                command=item.command, argv=argv, cwd=workdir, description=f"item {item.id_str}: {item.title}",
                 env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
-                stdin_path=path if argv else None, on_finish=finished)
+                stdin_path=path if argv else None, on_finish=finished, prelude=prelude,
+                follow_up_timeout=math.inf if isolated is not None else FOLLOW_UP_TIMEOUT_S)
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
+            if isolated is not None:
+                lease = isolated.lease
+                await anyio.to_thread.run_sync(lambda: release(ctx.root, lease))
             await give_back(path, f"not started: {exception_reason(exc)}")
             raise
-    return task
+    return task, isolated
 
 
 def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, int] | None, to_status: str, *,
@@ -294,10 +345,19 @@ class RunOptions:
         return not self.continue_on_error
 
 
+def _isolation_fields(isolated: Isolated | None) -> dict[str, object]:
+    """An isolated item's phase, branch, worktree and conflicts, for its row in progress and report."""
+    if isolated is None:
+        return {}
+    return {"phase": isolated.phase, "branch": isolated.lease.branch, "worktree": isolated.worktree,
+            "conflicts": list(isolated.conflicts), "integration_s": isolated.integration_s}
+
+
 @dataclass
 class _Slot:
     item: WorkItem
     task: Task
+    isolated: Isolated | None = None
 
 
 async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level: str | None = None,
@@ -386,7 +446,7 @@ class QueueRun:
         self.watching: dict[int, str] = {}  # items held by another claimant -> who
         self._elsewhere: dict[int, str] = {}  # items left in progress elsewhere -> why this run does not wait
         self._watched: list[tuple[int, _Where]] = []
-        self._finished: list[tuple[int, Task, list[str]]] = []
+        self._finished: list[tuple[int, Task, ItemEnd]] = []
         self._tg: anyio.abc.TaskGroup | None = None
         self._exit: ExitInfo | None = None
         policy = "continues past failures" if options.continue_on_error else "stops at the first failure"
@@ -477,8 +537,9 @@ class QueueRun:
     async def _start(self, item_id: int) -> bool:
         item = self.graph.by_id[item_id]
         try:
-            task = await launch_item(self.ctx, self.graph, item, by=self.by, go_on=lambda: self.state == "running",
-                                     on_end=functools.partial(self._on_end, item_id))
+            task, isolated = await launch_item(self.ctx, self.graph, item, by=self.by,
+                                               go_on=lambda: self.state == "running",
+                                               on_end=functools.partial(self._on_end, item_id))
         except ClaimLost as exc:
             self._follow(item_id, str(exc))
             return False
@@ -496,7 +557,7 @@ class QueueRun:
             return False
         if self.first_start is None:
             self.first_start = task.record.started_at or time.time()
-        self.running[item_id] = _Slot(item, task)
+        self.running[item_id] = _Slot(item, task, isolated)
         self._write(f"started {item.id_str} ({item.title}) as task {task.record.task_id}")
         if self._cancelled and self._tg is not None:  # cancelled while it was starting
             self._tg.start_soon(self.ctx.registry.cancel, task)
@@ -508,8 +569,8 @@ class QueueRun:
         self._write(f"FAILED {item.id_str} ({item.title}): could not start: {exception_reason(exc)}")
         self._failure(item.id)
 
-    def _on_end(self, item_id: int, task: Task, notes: list[str]) -> None:
-        self._finished.append((item_id, task, notes))
+    def _on_end(self, item_id: int, task: Task, end: ItemEnd) -> None:
+        self._finished.append((item_id, task, end))
         self._changed()
 
     # -- items another claimant holds
@@ -572,21 +633,39 @@ class QueueRun:
         tails: list[list[str]] = [[] for _ in finished]  # a completed item shows no lines: no thread needed
         if any(task.record.status != TaskStatus.COMPLETED for _, task, _ in finished):
             tails = await anyio.to_thread.run_sync(lambda: [self._last_lines(task) for _, task, _ in finished])
-        for (item_id, task, notes), lines in zip(finished, tails, strict=True):
+        integrated = False
+        for (item_id, task, end), lines in zip(finished, tails, strict=True):
             slot = self.running.pop(item_id, None)
             item = slot.item if slot else self.graph.by_id[item_id]
+            isolated = slot.isolated if slot else None
             rec = task.record
             self.last_end = max(self.last_end or 0.0, rec.ended_at or time.time())
-            ok = rec.status == TaskStatus.COMPLETED
+            ok = end.ok
+            reason = None if ok else (end.reason or rec.reason)
             self._record(item, "completed" if ok else "failed", task_id=rec.task_id, exit_code=rec.exit_code,
-                         reason=None if ok else rec.reason, duration_s=rec.duration_s, last_lines=lines,
-                         notes=notes, started_at=rec.started_at, ended_at=rec.ended_at)
+                         reason=reason, duration_s=rec.duration_s, last_lines=lines,
+                         notes=end.notes, started_at=rec.started_at, ended_at=rec.ended_at,
+                         **_isolation_fields(isolated))
             self._write(f"{'completed' if ok else 'FAILED'} {item.id_str} ({item.title})"
-                        + ("" if ok else f": {rec.reason}"))
+                        + ("" if ok else f": {reason}"))
+            integrated |= ok and isolated is not None
             if ok:
                 self.scheduler.finished(item_id, ok=True)
             else:
                 self._failure(item_id)
+        running = [s.isolated for s in self.running.values() if s.isolated is not None]
+        if integrated and running and self._tg is not None:  # the target moved: what would conflict now?
+            self._tg.start_soon(self._forecast, running)
+
+    async def _forecast(self, running: list[Isolated]) -> None:
+        """Predicted conflicts of the running isolated items with the target as it is now (shown in
+        progress); a forecast that fails only leaves the previous one in place."""
+        try:
+            await forecast(self.ctx.root, running[0].lease.target, running)
+        except Exception as exc:
+            log.warning("run %s: could not forecast conflicts: %s", self.run_id, exc)
+            return
+        self._changed()
 
     def _last_lines(self, task: Task) -> list[str]:
         """A failed item's last lines (sync: in a worker thread); none for a completed one."""
@@ -665,7 +744,8 @@ class QueueRun:
             max_parallel=self.options.max_parallel, state=self.state, elapsed_s=round(now - self.started, 3),
             counts=counts, held=self.held, stop_reason=self.stop_reason,
             running=[RunningItem(item=s.item.id_str, title=s.item.title, task_id=s.task.record.task_id,
-                                 elapsed_s=round(now - (s.task.record.started_at or now), 3))
+                                 elapsed_s=round(now - (s.task.record.started_at or now), 3),
+                                 **_isolation_fields(s.isolated))
                      for s in self.running.values()],
             predicted_makespan=self.predicted, lower_bound=self.lower_bound,
             makespan=round(self.last_end - self.first_start, 3) if self.first_start and self.last_end else None,

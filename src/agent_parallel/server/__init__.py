@@ -8,7 +8,20 @@ and errors; it owns no process and no queue file.
 ``filter``) and ``prompt`` are the rest.
 """
 
-from .app import build_server as build_server
+from typing import TYPE_CHECKING, Any
+
 from .settings import ServerSettings as ServerSettings, Workspace as Workspace
 
+if TYPE_CHECKING:
+    from .app import build_server as build_server
+
 __all__ = ["build_server", "ServerSettings", "Workspace"]
+
+
+def __getattr__(name: str) -> Any:
+    """``build_server`` is imported on first use: `agent-parallel run` needs the settings, not the MCP stack."""
+    if name == "build_server":
+        from .app import build_server
+
+        return build_server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

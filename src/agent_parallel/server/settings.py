@@ -8,9 +8,8 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mcp.server.mcpserver import Context
 
 from ..errors import AgentParallelError, InternalError, UsageError
 from ..config import MAX_WAIT_CAP_S, Config, load_config
@@ -18,6 +17,9 @@ from ..queue.items import QueueReader
 from ..queue.run import QueueContext
 from ..tasks.admission import admission_check
 from ..tasks.registry import RegistrySettings, TaskRegistry
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import Context
 
 log = logging.getLogger(__name__)
 

@@ -305,7 +305,8 @@ async def _launch_item(ws: Workspace, item: str) -> Task:
     item_id = parse_item_id(item)
     queue = await anyio.to_thread.run_sync(ws.queue)
     graph = await anyio.to_thread.run_sync(queue.graph)
-    return await launch_item(queue, graph, check_ready(graph, item_id), by="launch_task")
+    task, _ = await launch_item(queue, graph, check_ready(graph, item_id), by="launch_task")
+    return task
 
 
 def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> None:

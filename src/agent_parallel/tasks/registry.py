@@ -33,6 +33,7 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Shu
                       UsageError, exception_reason,
                       os_error_text)
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
+from .group_commit import GroupCommit
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
                    upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time, same_process
@@ -108,6 +109,8 @@ class Task:
     active: bool = False  # counted in the registry's queued-or-running tally
     group: GroupSlots | None = None  # the fan-out it belongs to (it waits for one of the group's slots)
     holds_slot: bool = False  # holds one of its group's slots
+    prelude: bytes = b""  # written at the head of its log when the log is opened
+    follow_up_timeout: float = FOLLOW_UP_TIMEOUT_S
     finishing: bool = False  # _finish has begun: it runs once
 
     @property
@@ -129,6 +132,7 @@ class TaskRegistry:
         self._saving = 0  # final records being written in worker threads
         self._saved = anyio.Event()  # set whenever no final record is being written
         self._saved.set()
+        self._commits = GroupCommit()  # final records of tasks ending together share one fsync
         self._load_history()
 
     # ----------------------------------------------------------------- queries
@@ -213,7 +217,8 @@ class TaskRegistry:
                      timeout_s: float | None = None, after: builtins.list[str] | None = None,
                      kind: TaskKind = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
-                     on_finish: FollowUp | None = None, group: GroupSlots | None = None) -> Task:
+                     on_finish: FollowUp | None = None, group: GroupSlots | None = None,
+                     prelude: bytes = b"", follow_up_timeout: float = FOLLOW_UP_TIMEOUT_S) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
@@ -223,7 +228,8 @@ class TaskRegistry:
         cannot reach it (``check_launch_strings``), ``ResourceLimitError`` at the task cap,
         ``StorageError`` when the record cannot be written, ``ShuttingDown`` once the server stops. Once registered, every failure ends the task instead.
         A member of a ``group`` counts against the cap only once it has one of the group's slots
-        (``launch_group`` checked the room for its slots).
+        (``launch_group`` checked the room for its slots). ``prelude`` opens the task's log (what was
+        done to prepare it); ``on_finish`` may take ``follow_up_timeout`` seconds (an integration).
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
@@ -260,7 +266,8 @@ class TaskRegistry:
         except BaseException:
             self._active -= counted
             raise
-        task = Task(record, on_finish=on_finish, active=counted, group=group)
+        task = Task(record, on_finish=on_finish, active=counted, group=group, prelude=prelude,
+                    follow_up_timeout=follow_up_timeout)
         self._tasks[task_id] = task
         if group is not None:
             self._groups.setdefault(group.group_id, []).append(task_id)
@@ -495,6 +502,9 @@ class TaskRegistry:
         try:
             task.log = await anyio.to_thread.run_sync(
                 lambda: LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes))
+            if task.prelude:
+                task.log.write(task.prelude)
+                task.prelude = b""
         except OSError as exc:
             raise _TaskFailure(f"could not open the task's log {log_paths(self.runs_dir, rec.task_id)[0]}: "
                                f"{os_error_text(exc)}") from exc
@@ -707,37 +717,39 @@ class TaskRegistry:
                 await self._follow_up(task)
             task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
             task.handle = None  # a process handle is spent; a job stays readable (a run's report)
-            task.done.set()
             if self._saving == 0:
                 self._saved = anyio.Event()
             self._saving += 1
-            self._tg.start_soon(self._save_final, rec)  # off the event loop: waiters resume at once
+            await self._save_final(rec)  # before waiters wake: a task reported finished is on disk
+            task.done.set()
 
     async def _follow_up(self, task: Task) -> None:
-        """Await the task's ``on_finish`` (at most FOLLOW_UP_TIMEOUT_S); a failure is added to its reason."""
+        """Await the task's ``on_finish`` (at most its ``follow_up_timeout``); a failure is added to its reason."""
         rec = task.record
         on_finish, task.on_finish = task.on_finish, None
         assert on_finish is not None
         problem = None
-        with anyio.move_on_after(FOLLOW_UP_TIMEOUT_S) as scope:
+        limit = task.follow_up_timeout
+        with anyio.move_on_after(limit) as scope:
             try:
                 problem = await on_finish(task)
             except Exception as exc:  # a follow-up failing must never leave waiters hanging
                 log.exception("follow-up of task %s failed", rec.task_id)
                 problem = f"its follow-up failed: {exception_reason(exc)}"
         if scope.cancelled_caught:
-            log.error("follow-up of task %s did not finish within %g s", rec.task_id, FOLLOW_UP_TIMEOUT_S)
-            problem = f"its follow-up did not finish within {FOLLOW_UP_TIMEOUT_S:g} s"
+            log.error("follow-up of task %s did not finish within %g s", rec.task_id, limit)
+            problem = f"its follow-up did not finish within {limit:g} s"
         if problem:
             rec.note(problem)
 
     async def _save_final(self, rec: TaskRecord) -> None:
-        """Save a final record durably (fsync) in a worker thread, even while shutting down.
+        """Save a final record durably (fsync), even while shutting down. Records of tasks ending
+        together share one worker thread and one directory fsync (``GroupCommit``).
 
         ``_finish`` counted it in ``_saving`` already, so ``shutdown`` can wait for it."""
         with anyio.CancelScope(shield=True):
             try:
-                await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir, durable=True))
+                await self._commits.save(self.runs_dir / f"{rec.task_id}.json", rec.model_dump_json().encode())
             except Exception as exc:
                 log.error("could not save the record of task %s: %s", rec.task_id, exc)
             finally:

@@ -1,0 +1,146 @@
+"""An isolated item (``runner.isolation: worktree``): its own git worktree before its process starts,
+its integration into the target after the process succeeds.
+
+The git work is ``agent_parallel.worktrees`` (synchronous: run here in worker threads); this module
+decides when, keeps the item's ``phase`` (setup → running → integrating → integrated | conflict)
+and words what happened for the item's log, reason and report. An item's dependents start only
+once its file is ``completed``, which for an isolated item means integrated: so a dependent's
+worktree, made from the target at its claim, starts from its predecessors' merged work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Literal, cast
+
+import anyio
+
+from ..config import Config
+from ..worktrees import Integration, Lease, integrate, is_safe_to_remove, list_worktrees, predict_conflicts, prepare, \
+    release, remove
+from .items import WorkItem
+
+Phase = Literal["setup", "running", "integrating", "integrated", "conflict"]
+
+SETUP_LOG_BYTES = 64 << 10
+"""What ``worktree.setup`` printed is kept up to this much (its end) for the head of the item's log."""
+
+
+def is_isolated(config: Config, item: WorkItem) -> bool:
+    """The item's own ``isolation`` field if it has one, else ``runner.isolation``."""
+    return (getattr(item, "isolation", None) or config.isolation) == "worktree"
+
+
+@dataclass
+class Isolated:
+    """An isolated item's worktree (its ``lease``) and where it is in its life."""
+
+    lease: Lease
+    phase: Phase = "setup"
+    conflicts: list[str] = field(default_factory=list)
+    """Files that conflict: predicted while it runs (``forecast``), real after a failed integration."""
+    integration_s: float | None = None
+
+    @property
+    def worktree(self) -> str:
+        return str(self.lease.path)
+
+
+class _Tail:
+    """A binary sink keeping only the last ``limit`` bytes written to it (setup output can be long);
+    ``prepare`` only writes to and flushes its ``log``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.data, self.dropped = limit, bytearray(), 0
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, b: bytes) -> int:
+        self.data += b
+        if len(self.data) > self.limit:
+            cut = len(self.data) - self.limit
+            del self.data[:cut]
+            self.dropped += cut
+        return len(b)
+
+
+async def prepare_item(root: Path, config: Config, item: WorkItem) -> tuple[Isolated, bytes]:
+    """Make (or reuse) the item's worktree and run ``worktree.setup`` in it (in a worker thread).
+
+    Returns it and the text that opens the item's log: where it runs and what setup printed.
+    Raises ``ConfigError`` (not a git repository ...), ``SetupFailed`` or ``WorktreeError``."""
+    tail = _Tail(SETUP_LOG_BYTES)
+    lease = await anyio.to_thread.run_sync(lambda: prepare(root, config, item.id_str, item.slug,
+                                                                   log=cast(BinaryIO, tail)))
+    lines = [f"agent-parallel: item {item.id_str} runs in the worktree {lease.path} on branch {lease.branch}"
+             + (f", port {lease.port}" if lease.port is not None else "")
+             + (" (reused: the work done so far is kept)" if lease.reused else "")]
+    lines += [f"agent-parallel: {note}" for note in lease.notes]
+    if tail.dropped:
+        lines.append(f"agent-parallel: the first {tail.dropped} bytes of the setup's output are not kept")
+    head = ("\n".join(lines) + "\n").encode() + bytes(tail.data)
+    if tail.data and not tail.data.endswith(b"\n"):
+        head += b"\n"
+    return Isolated(lease, phase="running"), head
+
+
+async def integrate_item(root: Path, config: Config, isolated: Isolated, item: WorkItem, *,
+                         succeeded: bool) -> tuple[bool, str | None, list[str]]:
+    """After the item's process: integrate it if it succeeded, then give the lease back.
+
+    Returns whether the item succeeded as a whole, the reason when integration failed it, and
+    notes (the worktree removed, or kept and why). A failed integration keeps branch and worktree."""
+    lease = isolated.lease
+    notes: list[str] = []
+    try:
+        if not succeeded:
+            notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept")
+            return False, None, notes
+        isolated.phase = "integrating"
+        result: Integration = await anyio.to_thread.run_sync(
+            lambda: integrate(root, config, lease, item.title or f"item {item.id_str}", config.integration_author))
+        isolated.integration_s = result.seconds
+        if not result.ok:
+            isolated.phase = "conflict"
+            isolated.conflicts = list(result.conflicts)
+            reason = f"integration failed: {result.message}"
+            if result.output_tail:
+                reason += f"\n{result.output_tail.rstrip()}"
+            notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: fix it there, then move "
+                         f"item {item.id_str} back to pending with update_item (its worktree is reused)")
+            return False, reason, notes
+        isolated.phase, isolated.conflicts = "integrated", []
+        notes.append(f"integrated into {lease.target} in {result.seconds:.2f} s ({result.message})")
+        await anyio.to_thread.run_sync(lambda: release(root, lease))  # a held worktree is never safe to remove
+        notes.append(await anyio.to_thread.run_sync(lambda: _remove_if_safe(root, config, lease)))
+        return True, None, notes
+    finally:
+        await anyio.to_thread.run_sync(lambda: release(root, lease))  # releasing twice is harmless
+
+
+def _remove_if_safe(root: Path, config: Config, lease: Lease) -> str:
+    """Remove an integrated item's worktree and branch when that provably loses nothing."""
+    for state in list_worktrees(root, config):
+        if state.path == lease.path:
+            safe, why = is_safe_to_remove(root, config, state)
+            if not safe:
+                return f"its worktree {lease.path} is kept: {why}"
+            try:
+                return remove(root, config, state)
+            except Exception as exc:  # removal is housekeeping: the item is integrated whatever happens here
+                return f"its worktree {lease.path} is kept: {exc}"
+    return f"its worktree {lease.path} was already gone"
+
+
+async def forecast(root: Path, target: str, running: list[Isolated]) -> None:
+    """Predict, with ``git merge-tree`` (no working tree touched), which files each running isolated
+    item's branch would conflict on with the target as it is now; stored in its ``conflicts``."""
+    branches = [i.lease.branch for i in running if i.phase == "running"]
+    if not branches:
+        return
+    found = await anyio.to_thread.run_sync(lambda: predict_conflicts(root, target, branches))
+    for isolated in running:
+        if isolated.phase == "running":
+            isolated.conflicts = found.get(isolated.lease.branch, [])

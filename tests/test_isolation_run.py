@@ -1,0 +1,117 @@
+"""Isolated queue items end to end (run_queue and launch_task(item=...) with runner.isolation:
+worktree), in real git repositories with fake agents: shell commands that edit files in their worktree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mcp import Client
+
+from agent_parallel.server import ServerSettings, build_server
+from conftest import call
+from queue_helpers import statuses, write_config, write_item
+from worktree_helpers import LINES, git, make_repo
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = make_repo(tmp_path / "repo", {".agent/queue/001-pending-first.md": "---\ntitle: First\n---\n"})
+    (root / ".agent/queue/001-pending-first.md").unlink()  # each test writes its own items
+    git(root, "commit", "-q", "-am", "no items yet")
+    return root
+
+
+async def run_to_end(root: Path, **args) -> dict:
+    async with Client(build_server(root, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        run = await call(client, "run_queue", **args)
+        out = await call(client, "task_output", task_id=run["run_id"], timeout=60)
+        assert out["retrieval_status"] == "success", out
+        return out
+
+
+def by_item(report: dict) -> dict[str, dict]:
+    return {o["item"]: o for o in report["run"]["outcomes"]}
+
+
+def edit_line(path: str, n: int, text: str) -> str:
+    return f"sed -i 's/^line {n}$/{text}/' {path}"
+
+
+async def test_items_run_in_their_own_worktrees_and_are_integrated(repo):
+    write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+    write_item(repo, 1, "edit-a", title="Edit a", command=edit_line("a.txt", 1, "A1") + ' && echo "$AGENT_BRANCH"')
+    write_item(repo, 2, "edit-b", title="Edit b", command=edit_line("b.txt", 2, "B2") + ' && pwd')
+    report = await run_to_end(repo)
+    rows = by_item(report)
+    assert report["status"] == "completed", rows
+    assert [rows[i]["phase"] for i in ("001", "002")] == ["integrated", "integrated"]
+    assert rows["001"]["branch"] == "agent/001-edit-a" and rows["001"]["worktree"].endswith(".agent/worktrees/001-edit-a")
+    assert (repo / "a.txt").read_text().startswith("A1\n") and "B2\n" in (repo / "b.txt").read_text()
+    assert git(repo, "log", "--format=%s", "main").splitlines()[:2] == ["Edit b", "Edit a"] or \
+        git(repo, "log", "--format=%s", "main").splitlines()[:2] == ["Edit a", "Edit b"]
+    assert statuses(repo) == {"001": "completed", "002": "completed"}
+    assert not (repo / ".agent/worktrees/001-edit-a").exists()  # integrated: provably safe, removed
+
+
+async def test_a_conflict_fails_the_item_keeps_its_branch_and_skips_its_dependents(repo):
+    write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+    write_item(repo, 1, "first", title="First", command=edit_line("a.txt", 3, "FIRST") + " && sleep 0.3")
+    write_item(repo, 2, "second", title="Second", command=edit_line("a.txt", 3, "SECOND") + " && sleep 1.5")
+    write_item(repo, 3, "after-second", title="After", command="true", blocked_by=[2])
+    report = await run_to_end(repo)
+    rows = by_item(report)
+    assert rows["001"]["outcome"] == "completed" and rows["001"]["phase"] == "integrated"
+    assert rows["002"]["outcome"] == "failed" and rows["002"]["phase"] == "conflict"
+    assert rows["002"]["conflicts"] == ["a.txt"] and "a.txt" in rows["002"]["reason"]
+    assert rows["003"]["outcome"] == "skipped"
+    assert "FIRST" in (repo / "a.txt").read_text() and "SECOND" not in (repo / "a.txt").read_text()
+    assert "SECOND" in git(repo, "show", "agent/002-second:a.txt")  # its work is kept on its branch
+    assert (repo / ".agent/worktrees/002-second").is_dir()
+    assert statuses(repo)["002"] == "failed"
+
+
+async def test_a_dependent_starts_from_its_predecessors_merged_work(repo):
+    write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3"})
+    write_item(repo, 1, "make-file", title="Make file", command="echo made > new.txt")
+    write_item(repo, 2, "use-file", title="Use file", command="cat new.txt && echo used >> new.txt", blocked_by=[1])
+    report = await run_to_end(repo)
+    assert report["status"] == "completed", by_item(report)
+    assert (repo / "new.txt").read_text() == "made\nused\n"
+
+
+async def test_setup_output_opens_the_log_and_a_failed_setup_fails_the_item(repo):
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": "echo setting up; test -f ok || exit 7"},
+                 autonomy={"level": "L3"})
+    write_item(repo, 1, "no-setup", title="No setup", command="true")
+    report = await run_to_end(repo)
+    row = by_item(report)["001"]
+    assert row["outcome"] == "failed" and "could not start" in row["reason"] and "setting up" in row["reason"]
+    assert statuses(repo)["001"] == "failed"
+
+
+async def test_not_a_git_repository_fails_the_item_with_the_setting_named(tmp_path):
+    root = tmp_path / "plain"
+    root.mkdir()
+    write_config(root, runner={"isolation": "worktree"})
+    write_item(root, 1, "x", command="true")
+    report = await run_to_end(root)
+    row = by_item(report)["001"]
+    assert row["outcome"] == "failed" and row["reason"] == (
+        f"could not start: .agent/config.yaml: runner.isolation is worktree, which needs the workspace {root} to "
+        "be a git repository with a working tree; run git init there (and commit once), or set runner.isolation: none")
+    assert statuses(root) == {"001": "pending"}  # a setting's problem, not the item's: it is not claimed
+
+
+async def test_launch_task_item_is_isolated_too(repo):
+    write_config(repo, runner={"isolation": "worktree"})
+    write_item(repo, 1, "solo", title="Solo", command=edit_line("b.txt", 5, "SOLO") + ' && echo "port=$AGENT_PORT"')
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        out = await call(client, "launch_task", item="001", run_in_background=False)
+    assert out["status"] == "completed", out
+    assert "runs in the worktree" in out["output"] and "agent/001-solo" in out["output"]
+    assert "integrated into main" in (out["reason"] or "")
+    assert "SOLO" in (repo / "b.txt").read_text() and statuses(repo)["001"] == "completed"
+    assert (repo / "b.txt").read_text() != LINES
