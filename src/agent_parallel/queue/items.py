@@ -19,6 +19,7 @@ import posixpath
 import re
 import stat
 import threading
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -151,6 +152,7 @@ _ALIASES = {
 }
 
 
+@lru_cache(maxsize=1024)
 def field_name(key: str) -> str | None:
     """The canonical field a front-matter key or bold label means, or None for an unknown one."""
     return _ALIASES.get(re.sub(r"[\s_\-]", "", key).lower())
@@ -170,6 +172,8 @@ def _body_fields(body: str) -> tuple[dict[str, tuple[str, object]], str | None]:
     """
     fields: dict[str, tuple[str, object]] = {}
     heading: str | None = None
+    if "**" not in body and "#" not in body:  # no label and no heading: nothing to find
+        return fields, heading
     lines = body.split("\n")
     in_fence = False
     index = 0
@@ -235,6 +239,9 @@ def _front_matter(text: str) -> tuple[dict[str, Any] | None, str, str | None]:
         return None, text, "front matter starts with --- on line 1 but has no closing --- line"
     source = text[start.end():end.start()]
     body = text[end.end() + 1:]
+    fast = _simple_front_matter(source)
+    if fast is not None:
+        return fast, body, None
     problem = alias_problem(source, _ItemLoader)
     if problem:
         return None, body, f"front matter {problem}"
@@ -253,11 +260,171 @@ def _front_matter(text: str) -> tuple[dict[str, Any] | None, str, str | None]:
     return data, body, None
 
 
+# The front matter agents write is a few ``key: value`` lines: plain words, quoted text, numbers and
+# ``[a, b]`` lists. `_simple_front_matter` reads exactly that subset by hand, giving the mapping
+# PyYAML (with `_ItemLoader`) gives, at a fraction of the cost: the C parser is fast, but PyYAML
+# resolves and constructs every node in Python. Whatever it is not sure of (block or nested
+# collections, comments after a value, anchors, tags, escapes, floats, dates, tabs, control or
+# line-break characters, ...) goes to the full loader, so results and error messages are the
+# loader's. `tests/test_plan_speed_equivalence.py` compares both on generated front matter.
+
+_SIMPLE_TEXT = re.compile("[\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
+"""Characters every YAML reader takes literally: printable, no tab, no line break (U+0085, U+2028,
+U+2029), no byte-order mark."""
+_PLAIN_START_BAD = frozenset("-?:,[]{}#&*!|>'\"%@` ")
+"""Indicators that may not (or not always) start a plain scalar."""
+_FLOW_PLAIN_BAD = re.compile(r"[,\[\]{}:#'\"]")
+_SINGLE_QUOTED = re.compile(r"'((?:[^']|'')*)'")
+_DOUBLE_QUOTED = re.compile(r'"([^"\\]*)"')
+_FLOW_ITEM = re.compile(r""" *(?:'((?:[^']|'')*)'|"([^"\\]*)"|([^,\[\]{}:#'" ](?:[^,\[\]{}:#'"]*[^,\[\]{}:#'" ])?)) *(,|$)""")
+_STR_TAG = "tag:yaml.org,2002:str"
+_NOT_SIMPLE = object()
+"""A value `_simple_scalar` leaves to the full loader."""
+
+
+def _simple_front_matter(source: str) -> dict[Any, Any] | None:
+    """The mapping of ``key: value`` lines as `_ItemLoader` reads it, or None to use the loader."""
+    data: dict[Any, Any] = {}
+    memo = _LINE_MEMO
+    for line in source.split("\n"):
+        parsed = memo.get(line)
+        if parsed is None:
+            parsed = _simple_line(line)
+            if len(line) <= 200:
+                if len(memo) >= 20_000:
+                    memo.clear()
+                memo[line] = parsed
+        if parsed is _NOT_SIMPLE:
+            return None
+        if parsed is not _BLANK:
+            key, value = cast(tuple[str, object], parsed)  # not a marker: a (key, value) pair
+            data[key] = list(value) if isinstance(value, tuple) else value
+    return data or None
+
+
+_BLANK = object()
+"""A line that holds no entry: empty, spaces only, or a comment."""
+_LINE_MEMO: dict[str, object] = {}
+"""Line -> what `_simple_line` made of it (lists as tuples): agents repeat lines across items."""
+
+
+def _simple_line(line: str) -> object:
+    """One line of simple front matter: (key, value), `_BLANK`, or `_NOT_SIMPLE`."""
+    if not line.strip(" ") or line[0] == "#":
+        return _BLANK
+    key, colon, rest = line.partition(":")
+    if (not colon or (rest and rest[0] != " ") or not key or key[0] in _PLAIN_START_BAD or key[-1] == " "
+            or "#" in key or len(key) > 128 or not _SIMPLE_TEXT.fullmatch(key) or _resolve(key) != _STR_TAG):
+        return _NOT_SIMPLE
+    value = rest.strip(" ")
+    if not value:
+        return key, None
+    first = value[0]
+    if first == "[":
+        parsed = _simple_flow_list(value[1:-1]) if value[-1] == "]" else None
+        return _NOT_SIMPLE if parsed is None else (key, tuple(parsed))
+    if first == "'":
+        quoted = _SINGLE_QUOTED.fullmatch(value)
+        if not quoted or not _SIMPLE_TEXT.fullmatch(value):
+            return _NOT_SIMPLE
+        return key, quoted.group(1).replace("''", "'")
+    if first == '"':
+        quoted = _DOUBLE_QUOTED.fullmatch(value)
+        if not quoted or not _SIMPLE_TEXT.fullmatch(value):
+            return _NOT_SIMPLE
+        return key, quoted.group(1)
+    if (first in _PLAIN_START_BAD or " #" in value or ": " in value or value[-1] == ":"
+            or not _SIMPLE_TEXT.fullmatch(value)):
+        return _NOT_SIMPLE
+    scalar = _simple_scalar(value)
+    return _NOT_SIMPLE if scalar is _NOT_SIMPLE else (key, scalar)
+
+
+def _simple_flow_list(inner: str) -> list[Any] | None:
+    """The items of ``[a, 'b', 3]`` (without its brackets), or None to use the loader."""
+    if not inner.strip(" "):
+        return []
+    if not _SIMPLE_TEXT.fullmatch(inner):
+        return None
+    values: list[Any] = []
+    position = 0
+    while position < len(inner):
+        match = _FLOW_ITEM.match(inner, position)
+        if not match or match.end() == position:
+            return None
+        single, double, plain, comma = match.groups()
+        if single is not None:
+            values.append(single.replace("''", "'"))
+        elif double is not None:
+            values.append(double)
+        else:
+            if plain[0] in _PLAIN_START_BAD or _FLOW_PLAIN_BAD.search(plain):
+                return None
+            scalar = _simple_scalar(plain)
+            if scalar is _NOT_SIMPLE:
+                return None
+            values.append(scalar)
+        position = match.end()
+        if not comma:
+            break
+        if position == len(inner):
+            return None  # a trailing comma: the loader decides
+    return values if position == len(inner) else None
+
+
+def _resolve(text: str) -> str:
+    """The tag YAML gives a plain scalar: `_ItemLoader`'s own implicit resolvers, in their order."""
+    for tag, pattern in _IMPLICIT.get(text[:1], ()):
+        if pattern.match(text):
+            return str(tag)
+    return _STR_TAG
+
+
+_IMPLICIT: dict[str, list[tuple[str, re.Pattern[str]]]] = {
+    first: list(resolvers) for first, resolvers in _ItemLoader.yaml_implicit_resolvers.items() if first is not None}
+if None in _ItemLoader.yaml_implicit_resolvers:  # pragma: no cover - PyYAML has no wildcard resolver
+    raise ImportError("PyYAML with a wildcard implicit resolver: update items._resolve")
+
+
+def _simple_scalar(text: str) -> object:
+    """A plain scalar's value as `_ItemLoader` constructs it, or `_NOT_SIMPLE` for the loader."""
+    found = _SCALAR_MEMO.get(text, _SCALAR_MEMO)
+    if found is _SCALAR_MEMO:
+        found = _simple_scalar_uncached(text)
+        if len(text) <= 100:
+            if len(_SCALAR_MEMO) >= 20_000:
+                _SCALAR_MEMO.clear()
+            _SCALAR_MEMO[text] = found
+    return found
+
+
+_SCALAR_MEMO: dict[str, object] = {}
+"""Plain scalar -> its value (immutable: text, int, bool or None): ids and paths repeat across items."""
+
+
+def _simple_scalar_uncached(text: str) -> object:
+    tag = _resolve(text)
+    if tag == _STR_TAG:
+        return text
+    if tag == "tag:yaml.org,2002:null":
+        return None
+    if tag == "tag:yaml.org,2002:bool":
+        return yaml.SafeLoader.bool_values[text.lower()]
+    if tag == "tag:yaml.org,2002:int":
+        digits = text.replace("_", "")
+        if _DECIMAL.fullmatch(digits):
+            return int(digits, 10) if len(digits) <= 100 else _NOT_SIMPLE  # the loader says why a huge one fails
+        if ":" in digits:
+            return digits
+    return _NOT_SIMPLE
+
+
 _NONE_WORDS = frozenset({"", "none", "-", "n/a", "na", "nothing", "[]"})
 _ASIDE = re.compile(r"(?:^|(?<=\s))\([^)]*\)")
 _ID_TOKEN = re.compile(r"#?([0-9]+)(?:-[\w.\-]*)?")
 _ID_SEPARATORS = re.compile(r"[,;\s&]+|\band\b")
 ID_HELP = "write ids like 007, 7 or #7"
+_MAX_ID = 10 ** MAX_ID_DIGITS
 
 
 def parse_item_ref(text: str) -> int:
@@ -288,6 +455,10 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
         return []
     ids: list[int] = []
     for part in parts:
+        if type(part) is int and 0 <= part < _MAX_ID:  # what parse_item_ref(str(part)) gives, without the text
+            if part not in ids:
+                ids.append(part)
+            continue
         if isinstance(part, bool) or not isinstance(part, (str, int)):
             problems.append(f"{field}: {short_repr(part)} is not an item id ({ID_HELP})")
             continue
@@ -336,6 +507,7 @@ def _names(field: str, value: object, problems: list[str], *, split_spaces: bool
     return names
 
 
+@lru_cache(maxsize=4096)
 def normalize_file_entry(entry: str) -> str | None:
     """A `files` entry as a clean workspace-relative path or glob, or None if it points outside."""
     if entry.startswith("/") or re.match(r"[A-Za-z]:[\\/]", entry):
@@ -390,15 +562,26 @@ def _priority(value: object, problems: list[str]) -> Priority:
 def _seconds(field: str, value: object, problems: list[str], *, allow_zero: bool) -> float | None:
     if value is None:
         return None
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        problems.append(f"{field}: {exc}")
+    seconds = _duration(value) if type(value) is str else _duration_uncached(value)
+    if isinstance(seconds, str):
+        problems.append(f"{field}: {seconds}")
         return None
     if seconds == 0 and not allow_zero:
         problems.append(f"{field} must be longer than 0")
         return None
     return seconds
+
+
+def _duration_uncached(value: object) -> float | str:
+    """`parse_duration`'s seconds, or the text of its ValueError."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        return str(exc)
+
+
+_duration = lru_cache(maxsize=1024)(_duration_uncached)
+"""`_duration_uncached` for text, kept: a queue spells its estimates a few ways (``5m``, ``1h``, ...)."""
 
 
 def _command(value: object, problems: list[str]) -> str | None:
@@ -443,46 +626,49 @@ def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[W
     def report(kind: str, message: str) -> None:
         diagnostics.append(Diagnostic(kind=kind, item=name.id_str, file=file_name, message=message))
 
-    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    if "\r\n" in text or text.startswith("\ufeff"):
+        text = text.lstrip("\ufeff").replace("\r\n", "\n")
     front, body, problem = _front_matter(text)
     if problem:
         report("bad_front_matter", problem)
     body_fields, heading = _body_fields(body)
     fields = {field: value for field, (_, value) in body_fields.items()}
-    labels = {field: f"**{label}** line" for field, (label, _) in body_fields.items()}
     from_front: dict[str, str] = {}
-    for key, value in (front or {}).items():
-        field = field_name(str(key))
-        if field is None:
-            report("unknown_field", unknown_key_warning("front matter field ", key, list(FIELDS)))
-        elif field in from_front:
-            report("bad_field", f"{field} is given twice in the front matter (as {from_front[field]} and {key}); "
-                                f"keep one")
-        else:
-            from_front[field] = str(key)
-            fields[field] = value
-            labels[field] = f"front matter field {key}"
+    if front:
+        for key, value in front.items():
+            field = field_name(key if type(key) is str else str(key))
+            if field is None:
+                report("unknown_field", unknown_key_warning("front matter field ", key, list(FIELDS)))
+            elif field in from_front:
+                report("bad_field", f"{field} is given twice in the front matter (as {from_front[field]} and {key}); "
+                                    f"keep one")
+            else:
+                from_front[field] = str(key)
+                fields[field] = value
 
     problems: list[str] = []
-    title = _text("title", fields.get("title"), problems) or heading or name.slug
+    get = fields.get
+    title = _text("title", get("title"), problems) or heading or name.slug
     item = WorkItem(
         id=name.id, id_str=name.id_str, file=file_name, path=path or file_name, slug=name.slug,
         status=name.status, title=title,
-        blocked_by=_ids("blocked_by", fields.get("blocked_by"), problems),
-        blocks=_ids("blocks", fields.get("blocks"), problems),
-        files=_files(fields.get("files"), problems),
-        components=_names("components", fields.get("components"), problems, split_spaces=False),
-        priority=_priority(fields.get("priority"), problems),
-        estimate_s=_seconds("estimate", fields.get("estimate"), problems, allow_zero=True),
-        command=_command(fields.get("command"), problems),
-        timeout_s=_seconds("timeout", fields.get("timeout"), problems, allow_zero=False),
+        blocked_by=_ids("blocked_by", get("blocked_by"), problems),
+        blocks=_ids("blocks", get("blocks"), problems),
+        files=_files(get("files"), problems),
+        components=_names("components", get("components"), problems, split_spaces=False),
+        priority=_priority(get("priority"), problems),
+        estimate_s=_seconds("estimate", get("estimate"), problems, allow_zero=True),
+        command=_command(get("command"), problems),
+        timeout_s=_seconds("timeout", get("timeout"), problems, allow_zero=False),
         body=body,
     )
     for message in problems:
         report("bad_field", message)
     if "status" in fields and _status_word(fields["status"]) != name.status:
+        label = (f"front matter field {from_front['status']}" if "status" in from_front
+                 else f"**{body_fields['status'][0]}** line")
         report("status_mismatch",
-               f"the {labels['status']} says {short_repr(fields['status'])} but the file name says "
+               f"the {label} says {short_repr(fields['status'])} but the file name says "
                f"{name.status!r}; the file name is what counts (rename the file to change the status)")
     return item, diagnostics
 
