@@ -19,6 +19,7 @@ import posixpath
 import re
 import stat
 import threading
+import time
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -621,6 +622,11 @@ def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[W
     name = parse_file_name(file_name)
     if isinstance(name, Diagnostic):
         return None, [name]
+    return _parse_named(name, file_name, text, path)
+
+
+def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) -> tuple[WorkItem, list[Diagnostic]]:
+    """`parse_item` for a file name already parsed."""
     diagnostics: list[Diagnostic] = []
 
     def report(kind: str, message: str) -> None:
@@ -675,14 +681,25 @@ def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[W
 
 # --- reading a directory -------------------------------------------------------------------------
 
+RACY_NS = 2_000_000_000
+"""A file changed this recently (ns, before a read started) may change again without its size or
+timestamps showing it: file timestamps come from a coarse clock (a kernel tick; a second or two on
+some file systems), so two writes within one tick leave the same mtime and ctime. Such a file's
+bytes are kept and compared on the next read instead of trusting its stat (as git does for
+"racily clean" files)."""
+
 
 @dataclass(frozen=True)
 class _Parsed:
-    """A cache entry: the file's identity when parsed, and what parsing gave."""
+    """A cache entry: the file's identity when parsed, and what parsing gave.
+
+    `raw` holds the file's bytes when its identity could not be trusted yet (see `RACY_NS`).
+    """
 
     identity: object
     item: WorkItem | None
     diagnostics: tuple[Diagnostic, ...]
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -691,20 +708,30 @@ class QueueSnapshot:
 
     The reader hands out the same snapshot for as long as no file in the directory changes, so
     what is computed from it can be kept in `memo` and reused (a re-plan of an unchanged queue).
+    A new snapshot names the snapshot it follows (`base`, its own `base` dropped) and the files
+    whose parse changed since (`changes`: file name -> (before, after), None where the file was
+    not there), so a planner can redo only what those changes touch.
     """
 
     directory: Path
     items: tuple[WorkItem, ...]
     diagnostics: tuple[Diagnostic, ...]
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    base: QueueSnapshot | None = field(default=None, repr=False, compare=False)
+    changes: dict[str, tuple[tuple[WorkItem | None, tuple[Diagnostic, ...]] | None,
+                             tuple[WorkItem | None, tuple[Diagnostic, ...]] | None]] | None = field(
+        default=None, repr=False, compare=False)
 
 
 class QueueReader:
-    """Reads queue directories, re-parsing only files whose name, size or mtime changed.
+    """Reads queue directories, re-parsing only files whose name, size, timestamps or inode changed.
 
     One reader per server: it keeps one cache per queue directory it has read, holding only the
-    files seen on the latest read. `parse_count` counts files actually parsed, for tests and
-    benchmarks. Reads are serialized by a lock, so the reader can be shared between threads.
+    files seen on the latest read. A file is known by its name (a status change is a rename) and
+    its ``(size, mtime_ns, ctime_ns, inode, target)``; one changed within `RACY_NS` of a read is
+    also compared byte for byte on the next, so the cache never serves a stale parse.
+    `parse_count` counts files actually parsed, for tests and benchmarks. Reads are serialized by
+    a lock, so the reader can be shared between threads.
     """
 
     def __init__(self, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
@@ -739,35 +766,57 @@ class QueueReader:
         with self._lock:
             previous, last_snapshot = self._cache.get(directory, ({}, None))
             current: dict[str, _Parsed] = {}
+            racy_after = time.time_ns() - RACY_NS
             try:
                 with os.scandir(directory) as listing:
-                    entries = sorted(listing, key=lambda entry: entry.name)
+                    entries = [entry for entry in listing if entry.name.endswith(".md") and entry.name[0] != "."]
             except OSError as exc:
                 raise QueueError(f"queue directory {str(queue_dir)!r} cannot be listed: {exc.strerror}") from exc
             changed = last_snapshot is None
+            changed_names: list[str] = []
             for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(".md"):
-                    continue
-                cached = previous.get(entry.name)
-                parsed = self._read_one(root, entry, relative_dir, cached)
+                name = entry.name
+                cached = previous.get(name)
+                if cached is not None and cached.raw is None and not entry.is_symlink():
+                    # the usual case, inline: a file known and trusted, unchanged if its stat says so
+                    try:
+                        info = os.stat(entry.path)
+                    except OSError:
+                        info = None
+                    if (info is not None and not stat.S_ISDIR(info.st_mode) and cached.identity == (
+                            info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, entry.path)):
+                        current[name] = cached
+                        continue
+                parsed = self._read_one(root, entry, relative_dir, cached, racy_after)
                 if parsed is not None:
-                    current[entry.name] = parsed
-                    changed = changed or parsed is not cached
+                    current[name] = parsed
+                    if not _same_parse(parsed, cached):
+                        changed = True
+                        changed_names.append(name)
             if not changed and len(current) == len(previous) and last_snapshot is not None:
+                self._cache[directory] = (current, last_snapshot)  # entries no longer racy are kept as such
                 return last_snapshot
+            ordered = sorted(current)
+            changes = None
+            if last_snapshot is not None:
+                changes = {name: (_parse_of(previous.get(name)), _parse_of(current.get(name)))
+                           for name in [*changed_names, *(previous.keys() - current.keys())]}
+                object.__setattr__(last_snapshot, "base", None)  # keep one step of history, not a chain
             snapshot = QueueSnapshot(
                 directory=directory,
-                items=tuple(parsed.item for parsed in current.values() if parsed.item is not None),
-                diagnostics=tuple(diagnostic for parsed in current.values() for diagnostic in parsed.diagnostics),
+                items=tuple(parsed.item for name in ordered if (parsed := current[name]).item is not None),
+                diagnostics=tuple(diagnostic for name in ordered for diagnostic in current[name].diagnostics),
+                base=last_snapshot, changes=changes,
             )
             self._cache[directory] = (current, snapshot)
             return snapshot
 
-    def _read_one(self, root: Path, entry: os.DirEntry[str], relative_dir: str, cached: _Parsed | None
-                  ) -> _Parsed | None:
+    def _read_one(self, root: Path, entry: os.DirEntry[str], relative_dir: str, cached: _Parsed | None,
+                  racy_after: int) -> _Parsed | None:
         """Parse one entry, or reuse the cached result if the file is unchanged; None skips it.
 
-        The cache is checked first, on a single stat, so an unchanged queue costs one stat per file.
+        The cache is checked first, on a single stat, so an unchanged queue costs one stat per file
+        (and one read for a file changed within `RACY_NS`).
         """
         file_name = entry.name
         target = entry.path
@@ -783,8 +832,10 @@ class QueueReader:
             info, problem = None, ("unreadable", f"cannot be read: {getattr(exc, 'strerror', None) or exc}")
         if info is not None and stat.S_ISDIR(info.st_mode):
             return None
-        identity = problem if info is None else (info.st_size, info.st_mtime_ns, info.st_ino, target)
-        if cached is not None and cached.identity == identity:
+        identity = problem if info is None else (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino,
+                                                 target)
+        racy = info is not None and max(info.st_mtime_ns, info.st_ctime_ns) >= racy_after
+        if cached is not None and cached.identity == identity and cached.raw is None:
             return cached
         name = parse_file_name(file_name)
         if isinstance(name, Diagnostic):
@@ -794,30 +845,48 @@ class QueueReader:
         elif info is not None and info.st_size > self.max_item_bytes:
             problem = ("too_large", self._too_large(info.st_size))
         relative = f"{relative_dir}/{file_name}"
+        raw = b""
         if problem is None:
-            text, problem = self._read_text(target)
+            raw, problem = self._read_bytes(target)
+        if problem is None and cached is not None and cached.raw == raw and cached.identity == identity:
+            return cached if racy else _Parsed(identity, cached.item, cached.diagnostics)  # the same bytes
+        text = ""
+        if problem is None:
+            text, problem = self._decode(raw)
         if problem is not None:
             diagnostic = Diagnostic(kind=problem[0], item=name.id_str, file=file_name, message=problem[1])
             return _Parsed(identity, stub_item(name, file_name, relative), (diagnostic,))
         self.parse_count += 1
-        item, diagnostics = parse_item(file_name, text, path=relative)
-        return _Parsed(identity, item, tuple(diagnostics))
+        item, diagnostics = _parse_named(name, file_name, text, relative)
+        return _Parsed(identity, item, tuple(diagnostics), raw if racy else None)
 
-    def _read_text(self, target: str) -> tuple[str, tuple[str, str] | None]:
-        """The file's text, or (kind, message) saying why it cannot be used."""
+    def _read_bytes(self, target: str) -> tuple[bytes, tuple[str, str] | None]:
+        """At most `max_item_bytes` + 1 bytes of the file, or (kind, message) saying why it cannot be read."""
         try:
             fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
-            return "", ("unreadable", f"cannot be read: {exc.strerror}")
+            return b"", ("unreadable", f"cannot be read: {exc.strerror}")
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return "", ("unreadable", "is not a regular file (a device, socket or pipe); refused")
-            with os.fdopen(fd, "rb", closefd=False) as stream:
-                raw = stream.read(self.max_item_bytes + 1)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return b"", ("unreadable", "is not a regular file (a device, socket or pipe); refused")
+            # Read what the file holds, not a buffer of the whole limit (allocating a megabyte per
+            # file cost more than parsing it); it may grow meanwhile, so read on to the end or the limit.
+            chunks, total, limit = [], 0, self.max_item_bytes + 1
+            while total < limit:
+                chunk = os.read(fd, min(limit - total, max(info.st_size + 1 - total, 65536)))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
         except OSError as exc:
-            return "", ("unreadable", f"cannot be read: {exc.strerror}")
+            return b"", ("unreadable", f"cannot be read: {exc.strerror}")
         finally:
             os.close(fd)
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), None
+
+    def _decode(self, raw: bytes) -> tuple[str, tuple[str, str] | None]:
+        """The file's text, or (kind, message) saying why it cannot be used."""
         if len(raw) > self.max_item_bytes:
             return "", ("too_large", self._too_large(len(raw)))
         if b"\x00" in raw:
@@ -831,3 +900,14 @@ class QueueReader:
     def _too_large(self, size: int) -> str:
         return (f"file is {size} bytes, over the {self.max_item_bytes}-byte limit for a queue item; "
                 f"keep long material in another file and link to it")
+
+
+def _same_parse(first: _Parsed | None, second: _Parsed | None) -> bool:
+    """Whether two cache entries hold the same parse (the same objects: a reused entry)."""
+    if first is None or second is None:
+        return first is second
+    return first.item is second.item and first.diagnostics is second.diagnostics
+
+
+def _parse_of(parsed: _Parsed | None) -> tuple[WorkItem | None, tuple[Diagnostic, ...]] | None:
+    return None if parsed is None else (parsed.item, parsed.diagnostics)

@@ -987,16 +987,20 @@ def make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max_
     (in-progress items take their slots themselves); it shrinks `run_now` only: `waves` plan the
     whole `max_parallel` budget from now on.
     """
+    check_slots(max_parallel, running)
+    return plan_graph(build_graph(items, diagnostics), max_parallel, running)
+
+
+def check_slots(max_parallel: int, running: int) -> None:
+    """Raise `UsageError` for slot counts `make_plan` refuses."""
     if max_parallel < 1:
         raise UsageError(f"max_parallel must be at least 1, not {max_parallel}")
     if running < 0:
         raise UsageError(f"running must not be negative, not {running}")
-    return _make_plan(items, diagnostics, max_parallel, running)
 
 
-def _make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max_parallel: int,
-               running: int) -> QueuePlan:
-    graph = build_graph(items, diagnostics)
+def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueuePlan:
+    """`make_plan` for a graph already built (arguments checked by `check_slots`)."""
     schedule = simulate(graph, max_parallel)
     run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
     labels, index = graph.labels, graph.conflict_index
