@@ -208,7 +208,7 @@ def bench_speed(sizes: list[int], repeats: int, seed: int, revision: str, use_mc
                 for name, src in sides if repeat % 2 == 0 else reversed(sides):
                     root = Path(tmp) / f"q{size}-{name.split()[0]}-{repeat}"
                     write_queue(root, size, seed)
-                    time.sleep(0.2)  # so no file is as new as the clock's granularity (see QueueReader)
+                    time.sleep(2.1)  # an agent's queue, not written in the last RACY_NS (see QueueReader)
                     runs[name].append(run_worker(src, "plan", str(root)))  # type: ignore[arg-type]
             for name, _ in sides:
                 row = best(runs[name])
@@ -230,7 +230,7 @@ def bench_speed(sizes: list[int], repeats: int, seed: int, revision: str, use_mc
                 for name, src in sides:
                     root = Path(tmp) / f"mcp{size}-{name.split()[0]}-{repeat}"
                     write_queue(root, size, seed)
-                    time.sleep(0.2)
+                    time.sleep(2.1)
                     mcp_runs[name].append(anyio.run(mcp_round_trips, src, root))  # type: ignore[arg-type]
             for name, _ in sides:
                 row = best(mcp_runs[name])

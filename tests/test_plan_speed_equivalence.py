@@ -192,3 +192,33 @@ def test_plans_of_items_as_before() -> None:
         new = make_plan([new_items.WorkItem(**row) for row in rows], [], max_parallel, running=running)
         old = legacy.make_plan([legacy.WorkItem(**row) for row in rows], [], max_parallel, running=running)
         assert new.model_dump() == old.model_dump()
+
+
+def test_plan_rows_built_without_validation_equal_validated_ones(tmp_path: Path) -> None:
+    """`planner._trusted` skips validating plan rows: each must equal its validated twin, down to the
+    fields set and the lists being its own (not the parsed item's)."""
+    from agent_parallel.queue.planner import PlanItem
+
+    random_queue(tmp_path, random.Random(3), 40, cycles=True)
+    reader = QueueReader()
+    plan = plan_workspace(tmp_path, None, 3, reader)
+    items = {item.file: item for item in reader.snapshot(tmp_path, ".agent/queue").items}
+    for row in plan.items:
+        twin = PlanItem.model_validate(row.model_dump())
+        assert row == twin and row.model_fields_set == twin.model_fields_set
+        assert row.model_dump_json() == twin.model_dump_json() and repr(row) == repr(twin)
+        assert row.files is not items[row.file].files and row.components is not items[row.file].components
+
+
+def test_cli_plan_loads_neither_the_mcp_sdk_nor_rich_for_json(tmp_path: Path) -> None:
+    """`agent-parallel plan --format json` stays quick: no MCP stack, no anyio, no rich."""
+    import subprocess
+    import sys
+
+    random_queue(tmp_path, random.Random(4), 10, cycles=False)
+    code = ("import contextlib, io, sys\nfrom agent_parallel.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    main(['plan', '--format', 'json', '--root', {str(tmp_path)!r}])\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mcp', 'anyio', 'rich', 'starlette', 'httpx'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stderr

@@ -314,8 +314,7 @@ def _simple_line(line: str) -> object:
     if not line.strip(" ") or line[0] == "#":
         return _BLANK
     key, colon, rest = line.partition(":")
-    if (not colon or (rest and rest[0] != " ") or not key or key[0] in _PLAIN_START_BAD or key[-1] == " "
-            or "#" in key or len(key) > 128 or not _SIMPLE_TEXT.fullmatch(key) or _resolve(key) != _STR_TAG):
+    if not colon or (rest and rest[0] != " ") or not _simple_key(key):
         return _NOT_SIMPLE
     value = rest.strip(" ")
     if not value:
@@ -339,6 +338,13 @@ def _simple_line(line: str) -> object:
         return _NOT_SIMPLE
     scalar = _simple_scalar(value)
     return _NOT_SIMPLE if scalar is _NOT_SIMPLE else (key, scalar)
+
+
+@lru_cache(maxsize=256)
+def _simple_key(key: str) -> bool:
+    """Whether `key` is a plain scalar YAML reads as this very text (not a bool, null, number, ...)."""
+    return bool(key and key[0] not in _PLAIN_START_BAD and key[-1] != " " and "#" not in key and len(key) <= 128
+                and _SIMPLE_TEXT.fullmatch(key) and _resolve(key) == _STR_TAG)
 
 
 def _simple_flow_list(inner: str) -> list[Any] | None:

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .claims import stale_claims
 from ..config import load_config, max_parallel_for
 from ..errors import UsageError
 from ..paths import CONFIG_FILE, RUNS_DIR, resolve_inside
-from .planner import QueueGraph, QueuePlan, build_graph, check_slots, plan_graph, to_mermaid
+from .diagrams import to_mermaid
+from .planner import QueueGraph, QueuePlan, build_graph, check_slots, plan_graph
 from .items import Diagnostic, ItemName, QueueReader, QueueSnapshot, WorkItem
 
 
@@ -132,6 +132,8 @@ def _stale_claim_warnings(root: Path, in_progress: list[WorkItem]) -> list[Diagn
         runs = resolve_inside(root, RUNS_DIR, "the runs directory")
     except UsageError:
         return []  # a runs directory outside the workspace is not read (see paths.runs_dir)
+    from .claims import stale_claims  # only with items in progress: it brings the process table reader
+
     names = {item.id_str: item for item in in_progress}
     found = stale_claims(runs, [ItemName(item.id, item.id_str, item.status, item.slug) for item in in_progress])
     return [Diagnostic(

@@ -11,7 +11,7 @@ Three layers, each usable alone:
   object, so the plan predicts what the run will do.
 * `make_plan(...) -> QueuePlan`: the `queue_plan` result: readiness and reasons per item, `run_now`,
   `waves` from an event-driven simulation, critical path, conflicts, patterns, makespan against a
-  lower bound, and a Mermaid flowchart.
+  lower bound, and a Mermaid flowchart (drawn by `diagrams.to_mermaid`).
 
 Priority (smaller key first, see `QueueGraph.rank`): the longest remaining estimate-weighted path
 through the item (its own estimate included), then how many items it transitively unblocks, then
@@ -27,13 +27,14 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 from pydantic import BaseModel, Field
 
 from .conflicts import ConflictIndex, Mark
+from .diagrams import to_mermaid
 from ..errors import InternalError, UsageError
 from .items import Diagnostic, WorkItem, format_id
 
@@ -634,8 +635,10 @@ class Scheduler:
                     self._unpark(source)  # its key is still free: the next item parked there may start
                 continue
             self.running.add(item_id)
+            self._holding.add(item_id)  # what _sync_taken would do for this one start, without comparing sets
+            for mark in self._graph.conflict_index.marks(item_id):
+                taken[mark] = taken.get(mark, 0) + 1
             started.append(item_id)
-            self._sync_taken()
             if source is not None and not taken.get(source):
                 self._unpark(source)  # it did not raise that counter: the next one parked there may start too
         return started
@@ -823,7 +826,11 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
 
     # Seeds first: the items with the heaviest conflicts, their own estimate plus their neighbours'
     # (when there are many pairs, weighed by key instead: an estimate, it only orders the seeds).
-    if index.pair_count() <= _EXACT_WEIGHT_PAIRS:
+    if all(len(keys) == 1 for keys in index.keys.values()):
+        # Each item holds one key, so the holders of distinct keys are disjoint, and an item's own
+        # estimate plus its neighbours' is exactly the weight of its key and the keys overlapping it.
+        with_conflicts.sort(key=lambda item_id: (-near_key(index.keys[item_id][0])[1], item_id))
+    elif index.pair_count() <= _EXACT_WEIGHT_PAIRS:
         with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
             estimate.get(other, 0) for other in index.neighbours(item_id))), item_id))
     else:
@@ -917,65 +924,6 @@ def find_patterns(graph: QueueGraph) -> Patterns:
     return Patterns(fork_join=fork_joins, pipelines=pipelines)
 
 
-# --- Mermaid ---------------------------------------------------------------------------------------------
-
-_MERMAID_CLASSES = (
-    "classDef pending fill:#f3f4f6,stroke:#6b7280,color:#111827",
-    "classDef in_progress fill:#dbeafe,stroke:#2563eb,color:#1e3a8a",
-    "classDef completed fill:#dcfce7,stroke:#16a34a,color:#14532d",
-    "classDef blocked fill:#fef3c7,stroke:#d97706,color:#78350f",
-    "classDef failed fill:#fee2e2,stroke:#dc2626,color:#7f1d1d",
-    "classDef error fill:#fee2e2,stroke:#dc2626,stroke-width:3px,stroke-dasharray:5 3,color:#7f1d1d",
-)
-
-
-def _mermaid_label(text: str) -> str:
-    text = " ".join(text.split())
-    text = text if len(text) <= 60 else text[:57] + "..."
-    for char, entity in (("&", "#amp;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
-        text = text.replace(char, entity)
-    return text
-
-
-MERMAID_MAX_NODES = 200
-MERMAID_MAX_EDGES = 500
-"""Mermaid refuses to render more than 500 edges by default; larger queues are drawn in part."""
-
-
-def to_mermaid(graph: QueueGraph) -> str:
-    """A flowchart: arrows from an item to what waits on it, dashed links between conflicting
-    items, nodes coloured by status (items with an error get the `error` class).
-
-    A queue larger than `MERMAID_MAX_NODES` items or `MERMAID_MAX_EDGES` links is drawn in part
-    (unfinished items first, by id) with a comment saying so; the plan's other fields are complete.
-    """
-    error_files = {d.file for d in graph.errors if d.file}
-    in_cycle = {node for component in graph.cycles for node in component}
-    nodes = list(graph.by_id)
-    if len(nodes) > MERMAID_MAX_NODES:
-        nodes.sort(key=lambda item_id: (graph.by_id[item_id].status == "completed", item_id))
-        nodes = sorted(nodes[:MERMAID_MAX_NODES])
-    shown = set(nodes)
-    names = {item_id: "n" + graph.by_id[item_id].id_str for item_id in nodes}
-    lines = ["flowchart LR", *("    " + line for line in _MERMAID_CLASSES)]
-    for item_id in nodes:
-        item = graph.by_id[item_id]
-        css = "error" if item.file in error_files or item_id in in_cycle else item.status
-        lines.append(f'    {names[item_id]}["{_mermaid_label(f"{item.id_str}: {item.title}")}"]:::{css}')
-    links = [f"    {names[item_id]} --> {names[successor]}"
-             for item_id in nodes for successor in graph.unblocks[item_id] if successor in shown]
-    index = graph.conflict_index
-    links += [f"    {names[first]} -.- {names[second]}"
-              for first in nodes if first in index.keys and index.has_conflict(first)
-              for second in sorted(index.neighbours(first) & shown) if second > first]
-    lines += links[:MERMAID_MAX_EDGES]
-    if len(nodes) < len(graph.by_id) or len(links) > MERMAID_MAX_EDGES:
-        lines.append(f"    %% drawn in part: {len(nodes)} of {len(graph.by_id)} items, "
-                     f"{min(len(links), MERMAID_MAX_EDGES)} of {len(links)} links among them "
-                     f"(Mermaid renders at most about {MERMAID_MAX_EDGES} links)")
-    return "\n".join(lines) + "\n"
-
-
 # --- the plan ------------------------------------------------------------------------------------------
 
 
@@ -1004,10 +952,10 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
     schedule = simulate(graph, max_parallel)
     run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
     labels, index = graph.labels, graph.conflict_index
-    # Built as plain data and validated in one call: per-row model construction costs more than
-    # the whole warm re-plan budget at 10,000 items.
+    # The rows are built by `_trusted` (their values have the declared types by construction: see
+    # `_plan_item`), the rest as plain data validated in one call.
     return QueuePlan.model_validate({
-        "items": [_plan_item(graph, item) for item in graph.items],
+        "items": [_trusted(PlanItem, _plan_item(graph, item)) for item in graph.items],
         "run_now": [labels[item_id] for item_id in run_now],
         "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
         "critical_path": [labels[item_id] for item_id in critical_path(graph)],
@@ -1029,8 +977,24 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
     })
 
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _trusted(model: type[_Model], values: dict[str, Any]) -> _Model:
+    """``model(**values)`` for `values` that have every field, each of its declared type, built
+    without validating them again: what `BaseModel.model_construct` does, without its Python loop
+    over the fields (validating 10,000 plan rows cost more than planning them).
+    `tests/test_plan_speed_equivalence.py` checks the rows equal validated ones."""
+    row = model.__new__(model)
+    object.__setattr__(row, "__dict__", values)
+    object.__setattr__(row, "__pydantic_fields_set__", set(values))
+    object.__setattr__(row, "__pydantic_extra__", None)
+    object.__setattr__(row, "__pydantic_private__", None)
+    return row
+
+
 def _plan_item(graph: QueueGraph, item: WorkItem) -> dict[str, Any]:
-    """One `PlanItem` as plain data."""
+    """One `PlanItem` as plain data of the declared types (lists its own, not the item's)."""
     labels = graph.labels
     node = item.id in graph.by_id
     blocked_by = graph.waits_on[item.id] if node else item.blocked_by
@@ -1040,7 +1004,7 @@ def _plan_item(graph: QueueGraph, item: WorkItem) -> dict[str, Any]:
         "id": item.id_str, "file": item.file, "title": item.title, "status": item.status,
         "blocked_by": [labels.get(i) or format_id(i) for i in blocked_by],
         "blocks": [labels.get(i) or format_id(i) for i in blocks],
-        "files": item.files, "components": item.components, "priority": item.priority,
+        "files": list(item.files), "components": list(item.components), "priority": item.priority,
         "estimate": item.estimate_s, "ready": item.status == "pending" and reason is None,
         "waiting_on": [labels[i] for i in graph.waiting_on.get(item.file, ())],
         "reason": reason,
