@@ -194,15 +194,19 @@ def test_plans_of_items_as_before() -> None:
         assert new.model_dump() == old.model_dump()
 
 
-def test_plan_rows_built_without_validation_equal_validated_ones(tmp_path: Path) -> None:
-    """`planner._trusted` skips validating plan rows: each must equal its validated twin, down to the
-    fields set and the lists being its own (not the parsed item's)."""
+def test_rows_built_without_validation_equal_validated_ones(tmp_path: Path) -> None:
+    """`items.trusted` skips validating parsed items and plan rows: each must equal its validated
+    twin, down to the fields set and the lists being its own (a plan row's not the item's)."""
+    from agent_parallel.queue.items import WorkItem
     from agent_parallel.queue.planner import PlanItem
 
-    random_queue(tmp_path, random.Random(3), 40, cycles=True)
+    random_queue(tmp_path, random.Random(3), 60, cycles=True)
     reader = QueueReader()
     plan = plan_workspace(tmp_path, None, 3, reader)
     items = {item.file: item for item in reader.snapshot(tmp_path, ".agent/queue").items}
+    for item in items.values():
+        twin = WorkItem.model_validate(item.model_dump(), strict=True)
+        assert item == twin and item.model_fields_set == twin.model_fields_set and repr(item) == repr(twin)
     for row in plan.items:
         twin = PlanItem.model_validate(row.model_dump())
         assert row == twin and row.model_fields_set == twin.model_fields_set
@@ -222,3 +226,17 @@ def test_cli_plan_loads_neither_the_mcp_sdk_nor_rich_for_json(tmp_path: Path) ->
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'mcp', 'anyio', 'rich', 'starlette', 'httpx'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_the_closing_front_matter_line_is_found_as_the_pattern_finds_it() -> None:
+    """`items._closing_line` (str.find) against the regex it replaces, on random text of dashes and dots."""
+    rng = random.Random(1)
+    alphabet = ["-", "-", "-", ".", ".", ".", "\n", "\n", " ", "\t", "a", "\r"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        begin = rng.randint(0, len(text))
+        if begin and text[begin - 1] != "\n":
+            text = text[:begin] + "\n" + text[begin:]
+            begin += 1
+        match = new_items._FRONT_END.search(text, begin)
+        assert new_items._closing_line(text, begin) == (match and (match.start(), match.end())), (text, begin)

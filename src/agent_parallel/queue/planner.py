@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from .conflicts import ConflictIndex, Mark
 from .diagrams import to_mermaid
 from ..errors import InternalError, UsageError
-from .items import Diagnostic, WorkItem, format_id
+from .items import Diagnostic, WorkItem, format_id, trusted
 
 DEFAULT_ESTIMATE_S = 60.0
 """What an item without an `estimate` counts as, for ranking and for the predicted schedule."""
@@ -952,10 +952,10 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
     schedule = simulate(graph, max_parallel)
     run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
     labels, index = graph.labels, graph.conflict_index
-    # The rows are built by `_trusted` (their values have the declared types by construction: see
+    # The rows are built by `trusted` (their values have the declared types by construction: see
     # `_plan_item`), the rest as plain data validated in one call.
     return QueuePlan.model_validate({
-        "items": [_trusted(PlanItem, _plan_item(graph, item)) for item in graph.items],
+        "items": [trusted(PlanItem, _plan_item(graph, item)) for item in graph.items],
         "run_now": [labels[item_id] for item_id in run_now],
         "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
         "critical_path": [labels[item_id] for item_id in critical_path(graph)],
@@ -975,22 +975,6 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
         "lower_bound": lower_bound_ms(graph, max_parallel) / 1000,
         "mermaid": to_mermaid(graph),
     })
-
-
-_Model = TypeVar("_Model", bound=BaseModel)
-
-
-def _trusted(model: type[_Model], values: dict[str, Any]) -> _Model:
-    """``model(**values)`` for `values` that have every field, each of its declared type, built
-    without validating them again: what `BaseModel.model_construct` does, without its Python loop
-    over the fields (validating 10,000 plan rows cost more than planning them).
-    `tests/test_plan_speed_equivalence.py` checks the rows equal validated ones."""
-    row = model.__new__(model)
-    object.__setattr__(row, "__dict__", values)
-    object.__setattr__(row, "__pydantic_fields_set__", set(values))
-    object.__setattr__(row, "__pydantic_extra__", None)
-    object.__setattr__(row, "__pydantic_private__", None)
-    return row
 
 
 def _plan_item(graph: QueueGraph, item: WorkItem) -> dict[str, Any]:
