@@ -227,16 +227,3 @@ def test_cli_plan_loads_neither_the_mcp_sdk_nor_rich_for_json(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stderr
 
-
-def test_the_closing_front_matter_line_is_found_as_the_pattern_finds_it() -> None:
-    """`items._closing_line` (str.find) against the regex it replaces, on random text of dashes and dots."""
-    rng = random.Random(1)
-    alphabet = ["-", "-", "-", ".", ".", ".", "\n", "\n", " ", "\t", "a", "\r"]
-    for _ in range(20_000):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
-        begin = rng.randint(0, len(text))
-        if begin and text[begin - 1] != "\n":
-            text = text[:begin] + "\n" + text[begin:]
-            begin += 1
-        match = new_items._FRONT_END.search(text, begin)
-        assert new_items._closing_line(text, begin) == (match and (match.start(), match.end())), (text, begin)

@@ -247,39 +247,16 @@ _FRONT_START = re.compile(r"---[ \t]*\n")
 _FRONT_END = re.compile(r"^(?:---|\.\.\.)[ \t]*$", re.MULTILINE)
 
 
-def _closing_line(text: str, begin: int) -> tuple[int, int] | None:
-    """Where `_FRONT_END` first matches from `begin` (a line start), as (start, end); found with
-    `str.find`, since the regex engine tries a ``^`` pattern at every character of a long body."""
-    best: tuple[int, int] | None = None
-    for marker in ("---", "..."):
-        at = begin if text.startswith(marker, begin) else _next_line_with(text, marker, begin)
-        while at >= 0 and (best is None or at < best[0]):
-            end = at + 3
-            while end < len(text) and text[end] in " \t":
-                end += 1
-            if end == len(text) or text[end] == "\n":
-                best = (at, end)
-                break
-            at = _next_line_with(text, marker, at)
-    return best
-
-
-def _next_line_with(text: str, marker: str, after: int) -> int:
-    """The start of the first line after position `after` that begins with `marker`, or -1."""
-    found = text.find("\n" + marker, after)
-    return found + 1 if found >= 0 else -1
-
-
 def _front_matter(text: str) -> tuple[dict[str, Any] | None, str, str | None]:
     """Split ``---`` front matter from the body: (mapping or None, body, problem or None)."""
     start = _FRONT_START.match(text)
     if not start:
         return None, text, None
-    end = _closing_line(text, start.end())
-    if end is None:
+    end = _FRONT_END.search(text, start.end())
+    if not end:
         return None, text, "front matter starts with --- on line 1 but has no closing --- line"
-    source = text[start.end():end[0]]
-    body = text[end[1] + 1:]
+    source = text[start.end():end.start()]
+    body = text[end.end() + 1:]
     fast = _simple_front_matter(source)
     if fast is not None:
         return fast, body, None
@@ -385,6 +362,16 @@ def _simple_flow_list(inner: str) -> list[Any] | None:
     if not _SIMPLE_TEXT.fullmatch(inner):
         return None
     values: list[Any] = []
+    if "'" not in inner and '"' not in inner:  # plain items only: split on the commas
+        for part in inner.split(","):
+            plain = part.strip(" ")
+            if not plain or plain[0] in _PLAIN_START_BAD or _FLOW_PLAIN_BAD.search(plain):
+                return None  # an empty item (a trailing comma), or one the loader must read
+            scalar = _simple_scalar(plain)
+            if scalar is _NOT_SIMPLE:
+                return None
+            values.append(scalar)
+        return values
     position = 0
     while position < len(inner):
         match = _FLOW_ITEM.match(inner, position)
