@@ -296,7 +296,7 @@ def _edges(items: list[WorkItem], by_id: dict[int, WorkItem], broken_ids: set[in
 
 def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
     """Cycle errors, then why each item is not ready, and which pending items can be scheduled."""
-    by_id, label, reasons = graph.by_id, graph.label, graph.reasons
+    by_id, label, labels, reasons = graph.by_id, graph.label, graph.labels, graph.reasons
     cycle_members: set[int] = set()
     for component in graph.cycles:
         path = cycle_path(component, graph.waits_on)
@@ -355,7 +355,7 @@ def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
             continue
         graph.schedulable.append(item_id)
         if open_preds:
-            reasons[item.file] = "waits on " + ", ".join(label(pred) for pred in open_preds)
+            reasons[item.file] = "waits on " + ", ".join([labels[pred] for pred in open_preds])
     for item_id in graph.schedulable + graph.in_progress:
         item = by_id[item_id]
         if not item.files and not item.components:
@@ -458,8 +458,14 @@ def topological_order(nodes: Iterable[int], successors: Mapping[int, Sequence[in
 def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequence[int]]) -> list[list[int]]:
     """Tarjan's algorithm with an explicit stack: components of two or more nodes, each sorted.
 
-    No recursion, so a 10,000-deep chain needs no raised recursion limit.
+    No recursion, so a 10,000-deep chain needs no raised recursion limit. Nodes that cannot be on
+    a cycle are peeled off first (Kahn: repeatedly drop nodes nothing left points to), so an
+    acyclic queue, the usual one, costs one linear pass.
     """
+    left = _on_cycles_or_after(nodes, edges)
+    if not left:
+        return []
+    nodes = [node for node in nodes if node in left]
     index: dict[int, int] = {}
     low: dict[int, int] = {}
     on_stack: set[int] = set()
@@ -473,7 +479,7 @@ def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequ
         counter += 1
         stack.append(root)
         on_stack.add(root)
-        work = [(root, iter(edges[root]))]
+        work = [(root, iter([other for other in edges[root] if other in left]))]
         while work:
             node, successors = work[-1]
             descended = False
@@ -483,7 +489,7 @@ def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequ
                     counter += 1
                     stack.append(successor)
                     on_stack.add(successor)
-                    work.append((successor, iter(edges[successor])))
+                    work.append((successor, iter([other for other in edges[successor] if other in left])))
                     descended = True
                     break
                 if successor in on_stack and index[successor] < low[node]:
@@ -507,6 +513,26 @@ def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequ
                     components.append(sorted(component))
     components.sort()
     return components
+
+
+def _on_cycles_or_after(nodes: Sequence[int], edges: Mapping[int, Sequence[int]]) -> Mapping[int, object]:
+    """`nodes` less those Kahn's algorithm peels off (no edge from a node left points to them):
+    what remains holds every cycle. Everything when an edge leaves `nodes` (then nothing is peeled)."""
+    indegree = dict.fromkeys(nodes, 0)
+    for node in nodes:
+        for successor in edges[node]:
+            if successor not in indegree:
+                return indegree
+            indegree[successor] += 1
+    free = [node for node, count in indegree.items() if count == 0]
+    while free:
+        node = free.pop()
+        del indegree[node]
+        for successor in edges[node]:
+            indegree[successor] -= 1
+            if indegree[successor] == 0:
+                free.append(successor)
+    return indegree
 
 
 def cycle_path(component: Sequence[int], edges: Mapping[int, Sequence[int]]) -> list[int]:
@@ -953,9 +979,9 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
     run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
     labels, index = graph.labels, graph.conflict_index
     # The rows are built by `trusted` (their values have the declared types by construction: see
-    # `_plan_item`), the rest as plain data validated in one call.
+    # `_plan_rows`), the rest as plain data validated in one call.
     return QueuePlan.model_validate({
-        "items": [trusted(PlanItem, _plan_item(graph, item)) for item in graph.items],
+        "items": _plan_rows(graph),
         "run_now": [labels[item_id] for item_id in run_now],
         "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
         "critical_path": [labels[item_id] for item_id in critical_path(graph)],
@@ -977,19 +1003,27 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
     })
 
 
-def _plan_item(graph: QueueGraph, item: WorkItem) -> dict[str, Any]:
-    """One `PlanItem` as plain data of the declared types (lists its own, not the item's)."""
-    labels = graph.labels
-    node = item.id in graph.by_id
-    blocked_by = graph.waits_on[item.id] if node else item.blocked_by
-    blocks = graph.unblocks[item.id] if node else item.blocks
-    reason = graph.reasons.get(item.file)
-    return {
-        "id": item.id_str, "file": item.file, "title": item.title, "status": item.status,
-        "blocked_by": [labels.get(i) or format_id(i) for i in blocked_by],
-        "blocks": [labels.get(i) or format_id(i) for i in blocks],
-        "files": list(item.files), "components": list(item.components), "priority": item.priority,
-        "estimate": item.estimate_s, "ready": item.status == "pending" and reason is None,
-        "waiting_on": [labels[i] for i in graph.waiting_on.get(item.file, ())],
-        "reason": reason,
-    }
+def _plan_rows(graph: QueueGraph) -> list[PlanItem]:
+    """A `PlanItem` per item, built by `trusted`: every value below has its declared type, and the
+    lists are the row's own (not the item's)."""
+    labels, by_id, waits_on, unblocks = graph.labels, graph.by_id, graph.waits_on, graph.unblocks
+    reasons, waiting_on = graph.reasons, graph.waiting_on
+    rows = []
+    for item in graph.items:
+        file = item.file
+        if item.id in by_id:  # a node: its edges from both sides, every id a node's (labels has them all)
+            blocked_by = [labels[i] for i in waits_on[item.id]]
+            blocks = [labels[i] for i in unblocks[item.id]]
+        else:  # a duplicate id: its own fields, which may name ids no file has
+            blocked_by = [labels.get(i) or format_id(i) for i in item.blocked_by]
+            blocks = [labels.get(i) or format_id(i) for i in item.blocks]
+        reason = reasons.get(file)
+        rows.append(trusted(PlanItem, {
+            "id": item.id_str, "file": file, "title": item.title, "status": item.status,
+            "blocked_by": blocked_by, "blocks": blocks,
+            "files": list(item.files), "components": list(item.components), "priority": item.priority,
+            "estimate": item.estimate_s, "ready": item.status == "pending" and reason is None,
+            "waiting_on": [labels[i] for i in waiting_on.get(file, ())],
+            "reason": reason,
+        }))
+    return rows
