@@ -610,22 +610,26 @@ class Scheduler:
         """Counter above zero -> heap of positions of ready items it blocks."""
         self._promoted: dict[int, Mark] = {}
         """Position in `_ready` -> the counter whose parked heap it came from."""
+        self._freed: list[Mark] = []
+        """Counters that fell to zero since the last `_sync_taken` (unparked there, as before a start)."""
 
     def _sync_taken(self) -> None:
-        """Count the keys of items that started running, uncount those that stopped, unpark what frees."""
-        if self._holding == self.running:
-            return
+        """Count the keys of items that started running, uncount those that stopped, unpark what frees.
+
+        `finished` uncounts its item at once (into `_freed`); here the rest: `running` changed from
+        outside, then the unparking."""
         marks, taken = self._graph.conflict_index.marks, self._taken
-        freed = []
-        for item_id in self._holding - self.running:
-            for mark in marks(item_id):
-                taken[mark] -= 1
-                if not taken[mark]:
-                    freed.append(mark)
-        for item_id in self.running - self._holding:
-            for mark in marks(item_id):
-                taken[mark] = taken.get(mark, 0) + 1
-        self._holding = set(self.running)
+        freed, self._freed = self._freed, []
+        if self._holding != self.running:
+            for item_id in self._holding - self.running:
+                for mark in marks(item_id):
+                    taken[mark] -= 1
+                    if not taken[mark]:
+                        freed.append(mark)
+            for item_id in self.running - self._holding:
+                for mark in marks(item_id):
+                    taken[mark] = taken.get(mark, 0) + 1
+            self._holding = set(self.running)
         for mark in freed:
             if not taken.get(mark):
                 self._unpark(mark)
@@ -677,6 +681,13 @@ class Scheduler:
         if item_id not in self.running:
             return []
         self.running.remove(item_id)
+        if item_id in self._holding:  # what _sync_taken would do for this one end, without comparing sets
+            self._holding.remove(item_id)
+            taken = self._taken
+            for mark in self._graph.conflict_index.marks(item_id):
+                taken[mark] -= 1
+                if not taken[mark]:
+                    self._freed.append(mark)
         if ok:
             self.done.add(item_id)
             for successor in self._graph.unblocks.get(item_id, ()):
