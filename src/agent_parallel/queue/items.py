@@ -2,8 +2,12 @@
 
 `parse_item` is pure (a file name and its text in, an item and diagnostics out); `QueueReader`
 does the I/O, refuses what must not be read (symlinks out of the workspace, huge, binary or
-non-UTF-8 files) and caches parsed items by file name, size and modification time, so
-re-planning an unchanged queue of thousands of items reads no file twice.
+non-UTF-8 files) and caches parsed items by file name, size, timestamps and inode (comparing
+the bytes of a file changed within a clock tick), so re-planning an unchanged queue of
+thousands of items reads no file twice and never serves a stale parse.
+
+Front matter of the usual shape (``key: value`` lines, ``[a, b]`` lists) is read by hand, exactly
+as PyYAML would read it; anything else goes to PyYAML (see `_simple_front_matter`).
 
 Both syntaxes are read: YAML front matter, and the origin project's bold label lines in the body
 (``**BlockedBy**: 001, 002 (after the UI)``). Field names are matched ignoring case, ``_``, ``-``
@@ -23,7 +27,7 @@ import time
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -715,9 +719,8 @@ bytes are kept and compared on the next read instead of trusting its stat (as gi
 "racily clean" files)."""
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    """A cache entry: the file's identity when parsed, and what parsing gave.
+class _Parsed(NamedTuple):
+    """A cache entry: the file's identity when parsed, and what parsing gave (a tuple: one per file).
 
     `raw` holds the file's bytes when its identity could not be trusted yet (see `RACY_NS`).
     """
@@ -900,11 +903,14 @@ class QueueReader:
             # file cost more than parsing it); it may grow meanwhile, so read on to the end or the limit.
             chunks, total, limit = [], 0, self.max_item_bytes + 1
             while total < limit:
-                chunk = os.read(fd, min(limit - total, max(info.st_size + 1 - total, 65536)))
+                wanted = min(limit - total, max(info.st_size + 1 - total, 65536))
+                chunk = os.read(fd, wanted)
                 if not chunk:
                     break
                 chunks.append(chunk)
                 total += len(chunk)
+                if total == info.st_size and len(chunk) < wanted:
+                    break  # the end, where fstat put it (had the file grown since, its stat shows it next time)
         except OSError as exc:
             return b"", ("unreadable", f"cannot be read: {exc.strerror}")
         finally:

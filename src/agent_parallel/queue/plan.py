@@ -1,7 +1,10 @@
 """Planning a workspace's queue (config + reader + planner).
 
 `plan_workspace` is what the `queue_plan` tool, the `queue://plan` resource and
-`agent-parallel plan` call. Showing a plan to people is in ``cli/render.py``.
+`agent-parallel plan` call. A plan is kept with the reader's snapshot it was made from: an
+unchanged queue gets the same plan back, and a queue whose changed files changed nothing the plan
+uses (a body, a command) or only a title gets the previous plan (with the new titles). Showing a
+plan to people is in ``cli/render.py``, its diagrams in ``diagrams.py``.
 """
 
 from __future__ import annotations
