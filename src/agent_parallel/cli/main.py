@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anyio
-
 from .. import __version__
 from ..errors import AgentParallelError, UsageError
 
-if TYPE_CHECKING:  # imported where used, so `agent-parallel --help` stays quick
+# Everything else is imported where used: `agent-parallel plan` loads the queue and pydantic,
+# not the MCP SDK, anyio or (for json, mermaid and dot) rich.
+if TYPE_CHECKING:
     from mcp.server.transport_security import TransportSecuritySettings
     from rich.text import Text
 
@@ -106,10 +106,7 @@ def _wait_cap(text: str) -> float:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from ..queue.plan import plan_workspace
-    from .render import plan_table, to_dot
     from ..queue.items import QueueReader
 
     plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader())  # changes no file
@@ -118,13 +115,20 @@ def _plan(args: argparse.Namespace) -> int:
     elif args.format == "mermaid":
         print(plan.mermaid, end="")
     elif args.format == "dot":
+        from ..queue.diagrams import to_dot
+
         print(to_dot(plan), end="")
     else:
+        from rich.console import Console
+
+        from .render import plan_table
+
         Console().print(plan_table(plan))
     return 1 if plan.errors else 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    import anyio
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -216,7 +220,8 @@ def _report(args: argparse.Namespace) -> int:
 
     from ..paths import RUNS_DIR
     from ..queue.run import load_report
-    from .render import gantt, report_view
+    from ..queue.diagrams import gantt
+    from .render import report_view
 
     progress = load_report(args.root.resolve() / RUNS_DIR, args.run_id)
     if progress is None:
@@ -244,6 +249,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import anyio
+
     from ..server import ServerSettings, build_server
 
     overrides = {} if args.wait_cap is None else {"wait_cap_s": args.wait_cap}

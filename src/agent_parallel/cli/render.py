@@ -1,6 +1,7 @@
-"""Showing plans, runs and tasks to people in a terminal (rich): the plan table and its Graphviz
-dot text, live progress, the final report, status and the Mermaid Gantt chart. (A plan's Mermaid
-graph is drawn by the planner: ``QueuePlan.mermaid``.)
+"""Showing plans, runs and tasks to people in a terminal (rich): the plan table, live progress,
+the final report and status. Diagrams (the plan's Mermaid flowchart and Graphviz dot, a run's
+Mermaid Gantt chart) are drawn in ``queue/diagrams.py``; `to_dot`, `gantt` and `format_seconds`
+are imported from there.
 
 Text from items, commands and output is always a rich ``Text``, never markup: ``Fix [/x] parser``
 must print as written, and ``[link=...]`` must not become a terminal hyperlink.
@@ -14,23 +15,11 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from ..queue.diagrams import format_seconds, gantt, to_dot
 from ..queue.planner import QueuePlan
 from ..results import SHORT_TEXT_CHARS, RunProgress, iso
 from ..text import cut
 from ..tasks.records import TaskRecord
-
-
-def format_seconds(seconds: float | None) -> str:
-    """``3725`` -> ``1h 2m 5s``; None -> ``-``."""
-    if seconds is None:
-        return "-"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{seconds:g}s" if seconds < 10 and seconds != whole else f"{whole}s"
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
-    return " ".join(part for part in parts if part)
 
 
 _STATUS_STYLE = {"pending": "white", "in_progress": "blue", "completed": "green", "blocked": "yellow",
@@ -98,28 +87,6 @@ def plan_table(plan: QueuePlan) -> RenderableType:
     return Group(*parts)
 
 
-def to_dot(plan: QueuePlan) -> str:
-    """The plan's graph in Graphviz dot: arrows from an item to what waits on it, dashed
-    undirected lines for conflicts, fill colour by status."""
-    colours = {"pending": "#f3f4f6", "in_progress": "#dbeafe", "completed": "#dcfce7", "blocked": "#fef3c7",
-               "failed": "#fee2e2"}
-    lines = ["digraph queue {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled"];']
-    seen: set[str] = set()
-    for item in plan.items:
-        if item.id in seen:
-            continue
-        seen.add(item.id)
-        label = f"{item.id}: {item.title}".replace("\\", "\\\\").replace('"', '\\"')
-        lines.append(f'  "{item.id}" [label="{label}", fillcolor="{colours.get(item.status, "white")}"];')
-    for item in plan.items:
-        for successor in item.blocks:
-            lines.append(f'  "{item.id}" -> "{successor}";')
-    for conflict in plan.conflicts:
-        lines.append(f'  "{conflict.a}" -> "{conflict.b}" [dir=none, style=dashed, color="#dc2626"];')
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
 _OUTCOME_STYLE = {"completed": "green", "failed": "red", "skipped": "yellow", "not_started": "dim",
                   "claimed_elsewhere": "magenta"}
 
@@ -178,15 +145,4 @@ def status_view(records: list[TaskRecord]) -> RenderableType:
     return table
 
 
-def gantt(p: RunProgress) -> str:
-    """A Mermaid Gantt chart of what ran when (failed items marked ``crit``)."""
-    lines = ["gantt", f"    title Run {p.run_id}: makespan {format_seconds(p.makespan)} "
-             f"(lower bound {format_seconds(p.lower_bound)})", "    dateFormat x", "    axisFormat %M:%S",
-             "    section items"]
-    for o in sorted(p.outcomes, key=lambda o: (o.started_at or 0, o.item)):
-        if o.started_at is None or o.ended_at is None:
-            continue
-        tag = "done" if o.outcome == "completed" else "crit"
-        label = f"{o.item} {o.title}".replace(":", " ").replace("#", " ")
-        lines.append(f"    {label} :{tag}, i{o.item}, {int(o.started_at * 1000)}, {max(int(o.ended_at * 1000), int(o.started_at * 1000) + 1)}")
-    return "\n".join(lines) + "\n"
+__all__ = ["format_seconds", "gantt", "plan_table", "progress_view", "report_view", "status_view", "to_dot"]

@@ -2,8 +2,12 @@
 
 `parse_item` is pure (a file name and its text in, an item and diagnostics out); `QueueReader`
 does the I/O, refuses what must not be read (symlinks out of the workspace, huge, binary or
-non-UTF-8 files) and caches parsed items by file name, size and modification time, so
-re-planning an unchanged queue of thousands of items reads no file twice.
+non-UTF-8 files) and caches parsed items by file name, size, timestamps and inode (comparing
+the bytes of a file changed within a clock tick), so re-planning an unchanged queue of
+thousands of items reads no file twice and never serves a stale parse.
+
+Front matter of the usual shape (``key: value`` lines, ``[a, b]`` lists) is read by hand, exactly
+as PyYAML would read it; anything else goes to PyYAML (see `_simple_front_matter`).
 
 Both syntaxes are read: YAML front matter, and the origin project's bold label lines in the body
 (``**BlockedBy**: 001, 002 (after the UI)``). Field names are matched ignoring case, ``_``, ``-``
@@ -19,9 +23,11 @@ import posixpath
 import re
 import stat
 import threading
+import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -83,6 +89,23 @@ class WorkItem(BaseModel):
     command: str | None = None
     timeout_s: float | None = None
     body: str = ""
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def trusted(model: type[_Model], values: dict[str, Any]) -> _Model:
+    """``model(**values)`` for `values` that hold every field, each of its declared type, built
+    without validating them again: what `BaseModel.model_construct` does, without its Python loop
+    over the fields. For the rows the planner makes by the ten thousand (items, plan rows), whose
+    values are typed by construction; `tests/test_plan_speed_equivalence.py` checks them against
+    validated twins. Not for a model with private attributes or a post-init hook."""
+    row = model.__new__(model)
+    object.__setattr__(row, "__dict__", values)
+    object.__setattr__(row, "__pydantic_fields_set__", set(values))
+    object.__setattr__(row, "__pydantic_extra__", None)
+    object.__setattr__(row, "__pydantic_private__", None)
+    return row
 
 
 def format_id(item_id: int) -> str:
@@ -151,6 +174,7 @@ _ALIASES = {
 }
 
 
+@lru_cache(maxsize=1024)
 def field_name(key: str) -> str | None:
     """The canonical field a front-matter key or bold label means, or None for an unknown one."""
     return _ALIASES.get(re.sub(r"[\s_\-]", "", key).lower())
@@ -170,6 +194,8 @@ def _body_fields(body: str) -> tuple[dict[str, tuple[str, object]], str | None]:
     """
     fields: dict[str, tuple[str, object]] = {}
     heading: str | None = None
+    if "**" not in body and "#" not in body:  # no label and no heading: nothing to find
+        return fields, heading
     lines = body.split("\n")
     in_fence = False
     index = 0
@@ -235,6 +261,9 @@ def _front_matter(text: str) -> tuple[dict[str, Any] | None, str, str | None]:
         return None, text, "front matter starts with --- on line 1 but has no closing --- line"
     source = text[start.end():end.start()]
     body = text[end.end() + 1:]
+    fast = _simple_front_matter(source)
+    if fast is not None:
+        return fast, body, None
     problem = alias_problem(source, _ItemLoader)
     if problem:
         return None, body, f"front matter {problem}"
@@ -253,11 +282,178 @@ def _front_matter(text: str) -> tuple[dict[str, Any] | None, str, str | None]:
     return data, body, None
 
 
+# The front matter agents write is a few ``key: value`` lines: plain words, quoted text, numbers and
+# ``[a, b]`` lists. `_simple_front_matter` reads exactly that subset by hand, giving the mapping
+# PyYAML (with `_ItemLoader`) gives, at a fraction of the cost: the C parser is fast, but PyYAML
+# resolves and constructs every node in Python. Whatever it is not sure of (block or nested
+# collections, comments after a value, anchors, tags, escapes, floats, dates, tabs, control or
+# line-break characters, ...) goes to the full loader, so results and error messages are the
+# loader's. `tests/test_plan_speed_equivalence.py` compares both on generated front matter.
+
+_SIMPLE_TEXT = re.compile("[\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
+"""Characters every YAML reader takes literally: printable, no tab, no line break (U+0085, U+2028,
+U+2029), no byte-order mark."""
+_PLAIN_START_BAD = frozenset("-?:,[]{}#&*!|>'\"%@` ")
+"""Indicators that may not (or not always) start a plain scalar."""
+_FLOW_PLAIN_BAD = re.compile(r"[,\[\]{}:#'\"]")
+_SINGLE_QUOTED = re.compile(r"'((?:[^']|'')*)'")
+_DOUBLE_QUOTED = re.compile(r'"([^"\\]*)"')
+_FLOW_ITEM = re.compile(r""" *(?:'((?:[^']|'')*)'|"([^"\\]*)"|([^,\[\]{}:#'" ](?:[^,\[\]{}:#'"]*[^,\[\]{}:#'" ])?)) *(,|$)""")
+_STR_TAG = "tag:yaml.org,2002:str"
+_NOT_SIMPLE = object()
+"""A value `_simple_scalar` leaves to the full loader."""
+
+
+def _simple_front_matter(source: str) -> dict[Any, Any] | None:
+    """The mapping of ``key: value`` lines as `_ItemLoader` reads it, or None to use the loader."""
+    data: dict[Any, Any] = {}
+    for line in source.split("\n"):
+        parsed = _simple_line(line)
+        if parsed is _NOT_SIMPLE:
+            return None
+        if parsed is not _BLANK:
+            key, value = cast(tuple[str, object], parsed)  # not a marker: a (key, value) pair
+            data[key] = list(value) if isinstance(value, tuple) else value
+    return data or None
+
+
+_BLANK = object()
+"""A line that holds no entry: empty, spaces only, or a comment."""
+
+
+def _simple_line(line: str) -> object:
+    """One line of simple front matter: (key, value), `_BLANK`, or `_NOT_SIMPLE`."""
+    if not line.strip(" ") or line[0] == "#":
+        return _BLANK
+    key, colon, rest = line.partition(":")
+    if not colon or (rest and rest[0] != " ") or not _simple_key(key):
+        return _NOT_SIMPLE
+    value = rest.strip(" ")
+    if not value:
+        return key, None
+    first = value[0]
+    if first == "[":
+        parsed = _simple_flow_list(value[1:-1]) if value[-1] == "]" else None
+        return _NOT_SIMPLE if parsed is None else (key, tuple(parsed))
+    if first == "'":
+        quoted = _SINGLE_QUOTED.fullmatch(value)
+        if not quoted or not _SIMPLE_TEXT.fullmatch(value):
+            return _NOT_SIMPLE
+        return key, quoted.group(1).replace("''", "'")
+    if first == '"':
+        quoted = _DOUBLE_QUOTED.fullmatch(value)
+        if not quoted or not _SIMPLE_TEXT.fullmatch(value):
+            return _NOT_SIMPLE
+        return key, quoted.group(1)
+    if (first in _PLAIN_START_BAD or " #" in value or ": " in value or value[-1] == ":"
+            or not _SIMPLE_TEXT.fullmatch(value)):
+        return _NOT_SIMPLE
+    scalar = _simple_scalar(value)
+    return _NOT_SIMPLE if scalar is _NOT_SIMPLE else (key, scalar)
+
+
+@lru_cache(maxsize=256)
+def _simple_key(key: str) -> bool:
+    """Whether `key` is a plain scalar YAML reads as this very text (not a bool, null, number, ...)."""
+    return bool(key and key[0] not in _PLAIN_START_BAD and key[-1] != " " and "#" not in key and len(key) <= 128
+                and _SIMPLE_TEXT.fullmatch(key) and _resolve(key) == _STR_TAG)
+
+
+def _simple_flow_list(inner: str) -> list[Any] | None:
+    """The items of ``[a, 'b', 3]`` (without its brackets), or None to use the loader."""
+    if not inner.strip(" "):
+        return []
+    if not _SIMPLE_TEXT.fullmatch(inner):
+        return None
+    values: list[Any] = []
+    if "'" not in inner and '"' not in inner:  # plain items only: split on the commas
+        for part in inner.split(","):
+            plain = part.strip(" ")
+            if not plain or plain[0] in _PLAIN_START_BAD or _FLOW_PLAIN_BAD.search(plain):
+                return None  # an empty item (a trailing comma), or one the loader must read
+            scalar = _simple_scalar(plain)
+            if scalar is _NOT_SIMPLE:
+                return None
+            values.append(scalar)
+        return values
+    position = 0
+    while position < len(inner):
+        match = _FLOW_ITEM.match(inner, position)
+        if not match or match.end() == position:
+            return None
+        single, double, plain, comma = match.groups()
+        if single is not None:
+            values.append(single.replace("''", "'"))
+        elif double is not None:
+            values.append(double)
+        else:
+            if plain[0] in _PLAIN_START_BAD or _FLOW_PLAIN_BAD.search(plain):
+                return None
+            scalar = _simple_scalar(plain)
+            if scalar is _NOT_SIMPLE:
+                return None
+            values.append(scalar)
+        position = match.end()
+        if not comma:
+            break
+        if position == len(inner):
+            return None  # a trailing comma: the loader decides
+    return values if position == len(inner) else None
+
+
+def _resolve(text: str) -> str:
+    """The tag YAML gives a plain scalar: `_ItemLoader`'s own implicit resolvers, in their order."""
+    for tag, pattern in _IMPLICIT.get(text[:1], ()):
+        if pattern.match(text):
+            return str(tag)
+    return _STR_TAG
+
+
+_IMPLICIT: dict[str, list[tuple[str, re.Pattern[str]]]] = {
+    first: list(resolvers) for first, resolvers in _ItemLoader.yaml_implicit_resolvers.items() if first is not None}
+if None in _ItemLoader.yaml_implicit_resolvers:  # pragma: no cover - PyYAML has no wildcard resolver
+    raise ImportError("PyYAML with a wildcard implicit resolver: update items._resolve")
+
+
+def _simple_scalar(text: str) -> object:
+    """A plain scalar's value as `_ItemLoader` constructs it, or `_NOT_SIMPLE` for the loader."""
+    found = _SCALAR_MEMO.get(text, _SCALAR_MEMO)
+    if found is _SCALAR_MEMO:
+        found = _simple_scalar_uncached(text)
+        if len(text) <= 100:
+            if len(_SCALAR_MEMO) >= 20_000:
+                _SCALAR_MEMO.clear()
+            _SCALAR_MEMO[text] = found
+    return found
+
+
+_SCALAR_MEMO: dict[str, object] = {}
+"""Plain scalar -> its value (immutable: text, int, bool or None): ids and paths repeat across items."""
+
+
+def _simple_scalar_uncached(text: str) -> object:
+    tag = _resolve(text)
+    if tag == _STR_TAG:
+        return text
+    if tag == "tag:yaml.org,2002:null":
+        return None
+    if tag == "tag:yaml.org,2002:bool":
+        return yaml.SafeLoader.bool_values[text.lower()]
+    if tag == "tag:yaml.org,2002:int":
+        digits = text.replace("_", "")
+        if _DECIMAL.fullmatch(digits):
+            return int(digits, 10) if len(digits) <= 100 else _NOT_SIMPLE  # the loader says why a huge one fails
+        if ":" in digits:
+            return digits
+    return _NOT_SIMPLE
+
+
 _NONE_WORDS = frozenset({"", "none", "-", "n/a", "na", "nothing", "[]"})
 _ASIDE = re.compile(r"(?:^|(?<=\s))\([^)]*\)")
 _ID_TOKEN = re.compile(r"#?([0-9]+)(?:-[\w.\-]*)?")
 _ID_SEPARATORS = re.compile(r"[,;\s&]+|\band\b")
 ID_HELP = "write ids like 007, 7 or #7"
+_MAX_ID = 10 ** MAX_ID_DIGITS
 
 
 def parse_item_ref(text: str) -> int:
@@ -288,6 +484,10 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
         return []
     ids: list[int] = []
     for part in parts:
+        if type(part) is int and 0 <= part < _MAX_ID:  # what parse_item_ref(str(part)) gives, without the text
+            if part not in ids:
+                ids.append(part)
+            continue
         if isinstance(part, bool) or not isinstance(part, (str, int)):
             problems.append(f"{field}: {short_repr(part)} is not an item id ({ID_HELP})")
             continue
@@ -336,6 +536,7 @@ def _names(field: str, value: object, problems: list[str], *, split_spaces: bool
     return names
 
 
+@lru_cache(maxsize=4096)
 def normalize_file_entry(entry: str) -> str | None:
     """A `files` entry as a clean workspace-relative path or glob, or None if it points outside."""
     if entry.startswith("/") or re.match(r"[A-Za-z]:[\\/]", entry):
@@ -390,15 +591,26 @@ def _priority(value: object, problems: list[str]) -> Priority:
 def _seconds(field: str, value: object, problems: list[str], *, allow_zero: bool) -> float | None:
     if value is None:
         return None
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        problems.append(f"{field}: {exc}")
+    seconds = _duration(value) if type(value) is str else _duration_uncached(value)
+    if isinstance(seconds, str):
+        problems.append(f"{field}: {seconds}")
         return None
     if seconds == 0 and not allow_zero:
         problems.append(f"{field} must be longer than 0")
         return None
     return seconds
+
+
+def _duration_uncached(value: object) -> float | str:
+    """`parse_duration`'s seconds, or the text of its ValueError."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        return str(exc)
+
+
+_duration = lru_cache(maxsize=1024)(_duration_uncached)
+"""`_duration_uncached` for text, kept: a queue spells its estimates a few ways (``5m``, ``1h``, ...)."""
 
 
 def _command(value: object, problems: list[str]) -> str | None:
@@ -438,65 +650,85 @@ def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[W
     name = parse_file_name(file_name)
     if isinstance(name, Diagnostic):
         return None, [name]
+    return _parse_named(name, file_name, text, path)
+
+
+def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) -> tuple[WorkItem, list[Diagnostic]]:
+    """`parse_item` for a file name already parsed."""
     diagnostics: list[Diagnostic] = []
 
     def report(kind: str, message: str) -> None:
         diagnostics.append(Diagnostic(kind=kind, item=name.id_str, file=file_name, message=message))
 
-    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    if "\r\n" in text or text.startswith("\ufeff"):
+        text = text.lstrip("\ufeff").replace("\r\n", "\n")
     front, body, problem = _front_matter(text)
     if problem:
         report("bad_front_matter", problem)
     body_fields, heading = _body_fields(body)
     fields = {field: value for field, (_, value) in body_fields.items()}
-    labels = {field: f"**{label}** line" for field, (label, _) in body_fields.items()}
     from_front: dict[str, str] = {}
-    for key, value in (front or {}).items():
-        field = field_name(str(key))
-        if field is None:
-            report("unknown_field", unknown_key_warning("front matter field ", key, list(FIELDS)))
-        elif field in from_front:
-            report("bad_field", f"{field} is given twice in the front matter (as {from_front[field]} and {key}); "
-                                f"keep one")
-        else:
-            from_front[field] = str(key)
-            fields[field] = value
-            labels[field] = f"front matter field {key}"
+    if front:
+        for key, value in front.items():
+            field = field_name(key if type(key) is str else str(key))
+            if field is None:
+                report("unknown_field", unknown_key_warning("front matter field ", key, list(FIELDS)))
+            elif field in from_front:
+                report("bad_field", f"{field} is given twice in the front matter (as {from_front[field]} and {key}); "
+                                    f"keep one")
+            else:
+                from_front[field] = str(key)
+                fields[field] = value
 
     problems: list[str] = []
-    title = _text("title", fields.get("title"), problems) or heading or name.slug
-    item = WorkItem(
-        id=name.id, id_str=name.id_str, file=file_name, path=path or file_name, slug=name.slug,
-        status=name.status, title=title,
-        blocked_by=_ids("blocked_by", fields.get("blocked_by"), problems),
-        blocks=_ids("blocks", fields.get("blocks"), problems),
-        files=_files(fields.get("files"), problems),
-        components=_names("components", fields.get("components"), problems, split_spaces=False),
-        priority=_priority(fields.get("priority"), problems),
-        estimate_s=_seconds("estimate", fields.get("estimate"), problems, allow_zero=True),
-        command=_command(fields.get("command"), problems),
-        timeout_s=_seconds("timeout", fields.get("timeout"), problems, allow_zero=False),
-        body=body,
-    )
+    get = fields.get
+    title = _text("title", get("title"), problems) or heading or name.slug
+    # Every value below has its field's declared type by construction (each converter returns
+    # exactly that, or reports a problem and returns the default), so the row is not validated again.
+    item = trusted(WorkItem, {
+        "id": name.id, "id_str": name.id_str, "file": file_name, "path": path or file_name, "slug": name.slug,
+        "status": name.status, "title": title,
+        "blocked_by": _ids("blocked_by", get("blocked_by"), problems),
+        "blocks": _ids("blocks", get("blocks"), problems),
+        "files": _files(get("files"), problems),
+        "components": _names("components", get("components"), problems, split_spaces=False),
+        "priority": _priority(get("priority"), problems),
+        "estimate_s": _seconds("estimate", get("estimate"), problems, allow_zero=True),
+        "command": _command(get("command"), problems),
+        "timeout_s": _seconds("timeout", get("timeout"), problems, allow_zero=False),
+        "body": body,
+    })
     for message in problems:
         report("bad_field", message)
     if "status" in fields and _status_word(fields["status"]) != name.status:
+        label = (f"front matter field {from_front['status']}" if "status" in from_front
+                 else f"**{body_fields['status'][0]}** line")
         report("status_mismatch",
-               f"the {labels['status']} says {short_repr(fields['status'])} but the file name says "
+               f"the {label} says {short_repr(fields['status'])} but the file name says "
                f"{name.status!r}; the file name is what counts (rename the file to change the status)")
     return item, diagnostics
 
 
 # --- reading a directory -------------------------------------------------------------------------
 
+RACY_NS = 2_000_000_000
+"""A file changed this recently (ns, before a read started) may change again without its size or
+timestamps showing it: file timestamps come from a coarse clock (a kernel tick; a second or two on
+some file systems), so two writes within one tick leave the same mtime and ctime. Such a file's
+bytes are kept and compared on the next read instead of trusting its stat (as git does for
+"racily clean" files)."""
 
-@dataclass(frozen=True)
-class _Parsed:
-    """A cache entry: the file's identity when parsed, and what parsing gave."""
+
+class _Parsed(NamedTuple):
+    """A cache entry: the file's identity when parsed, and what parsing gave (a tuple: one per file).
+
+    `raw` holds the file's bytes when its identity could not be trusted yet (see `RACY_NS`).
+    """
 
     identity: object
     item: WorkItem | None
     diagnostics: tuple[Diagnostic, ...]
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -505,20 +737,30 @@ class QueueSnapshot:
 
     The reader hands out the same snapshot for as long as no file in the directory changes, so
     what is computed from it can be kept in `memo` and reused (a re-plan of an unchanged queue).
+    A new snapshot names the snapshot it follows (`base`, its own `base` dropped) and the files
+    whose parse changed since (`changes`: file name -> (before, after), None where the file was
+    not there), so a planner can redo only what those changes touch.
     """
 
     directory: Path
     items: tuple[WorkItem, ...]
     diagnostics: tuple[Diagnostic, ...]
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    base: QueueSnapshot | None = field(default=None, repr=False, compare=False)
+    changes: dict[str, tuple[tuple[WorkItem | None, tuple[Diagnostic, ...]] | None,
+                             tuple[WorkItem | None, tuple[Diagnostic, ...]] | None]] | None = field(
+        default=None, repr=False, compare=False)
 
 
 class QueueReader:
-    """Reads queue directories, re-parsing only files whose name, size or mtime changed.
+    """Reads queue directories, re-parsing only files whose name, size, timestamps or inode changed.
 
     One reader per server: it keeps one cache per queue directory it has read, holding only the
-    files seen on the latest read. `parse_count` counts files actually parsed, for tests and
-    benchmarks. Reads are serialized by a lock, so the reader can be shared between threads.
+    files seen on the latest read. A file is known by its name (a status change is a rename) and
+    its ``(size, mtime_ns, ctime_ns, inode, target)``; one changed within `RACY_NS` of a read is
+    also compared byte for byte on the next, so the cache never serves a stale parse.
+    `parse_count` counts files actually parsed, for tests and benchmarks. Reads are serialized by
+    a lock, so the reader can be shared between threads.
     """
 
     def __init__(self, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
@@ -553,35 +795,57 @@ class QueueReader:
         with self._lock:
             previous, last_snapshot = self._cache.get(directory, ({}, None))
             current: dict[str, _Parsed] = {}
+            racy_after = time.time_ns() - RACY_NS
             try:
                 with os.scandir(directory) as listing:
-                    entries = sorted(listing, key=lambda entry: entry.name)
+                    entries = [entry for entry in listing if entry.name.endswith(".md") and entry.name[0] != "."]
             except OSError as exc:
                 raise QueueError(f"queue directory {str(queue_dir)!r} cannot be listed: {exc.strerror}") from exc
             changed = last_snapshot is None
+            changed_names: list[str] = []
             for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(".md"):
-                    continue
-                cached = previous.get(entry.name)
-                parsed = self._read_one(root, entry, relative_dir, cached)
+                name = entry.name
+                cached = previous.get(name)
+                if cached is not None and cached.raw is None and not entry.is_symlink():
+                    # the usual case, inline: a file known and trusted, unchanged if its stat says so
+                    try:
+                        info = os.stat(entry.path)
+                    except OSError:
+                        info = None
+                    if (info is not None and not stat.S_ISDIR(info.st_mode) and cached.identity == (
+                            info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, entry.path)):
+                        current[name] = cached
+                        continue
+                parsed = self._read_one(root, entry, relative_dir, cached, racy_after)
                 if parsed is not None:
-                    current[entry.name] = parsed
-                    changed = changed or parsed is not cached
+                    current[name] = parsed
+                    if not _same_parse(parsed, cached):
+                        changed = True
+                        changed_names.append(name)
             if not changed and len(current) == len(previous) and last_snapshot is not None:
+                self._cache[directory] = (current, last_snapshot)  # entries no longer racy are kept as such
                 return last_snapshot
+            ordered = sorted(current)
+            changes = None
+            if last_snapshot is not None:
+                changes = {name: (_parse_of(previous.get(name)), _parse_of(current.get(name)))
+                           for name in [*changed_names, *(previous.keys() - current.keys())]}
+                object.__setattr__(last_snapshot, "base", None)  # keep one step of history, not a chain
             snapshot = QueueSnapshot(
                 directory=directory,
-                items=tuple(parsed.item for parsed in current.values() if parsed.item is not None),
-                diagnostics=tuple(diagnostic for parsed in current.values() for diagnostic in parsed.diagnostics),
+                items=tuple(parsed.item for name in ordered if (parsed := current[name]).item is not None),
+                diagnostics=tuple(diagnostic for name in ordered for diagnostic in current[name].diagnostics),
+                base=last_snapshot, changes=changes,
             )
             self._cache[directory] = (current, snapshot)
             return snapshot
 
-    def _read_one(self, root: Path, entry: os.DirEntry[str], relative_dir: str, cached: _Parsed | None
-                  ) -> _Parsed | None:
+    def _read_one(self, root: Path, entry: os.DirEntry[str], relative_dir: str, cached: _Parsed | None,
+                  racy_after: int) -> _Parsed | None:
         """Parse one entry, or reuse the cached result if the file is unchanged; None skips it.
 
-        The cache is checked first, on a single stat, so an unchanged queue costs one stat per file.
+        The cache is checked first, on a single stat, so an unchanged queue costs one stat per file
+        (and one read for a file changed within `RACY_NS`).
         """
         file_name = entry.name
         target = entry.path
@@ -597,8 +861,10 @@ class QueueReader:
             info, problem = None, ("unreadable", f"cannot be read: {getattr(exc, 'strerror', None) or exc}")
         if info is not None and stat.S_ISDIR(info.st_mode):
             return None
-        identity = problem if info is None else (info.st_size, info.st_mtime_ns, info.st_ino, target)
-        if cached is not None and cached.identity == identity:
+        identity = problem if info is None else (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino,
+                                                 target)
+        racy = info is not None and max(info.st_mtime_ns, info.st_ctime_ns) >= racy_after
+        if cached is not None and cached.identity == identity and cached.raw is None:
             return cached
         name = parse_file_name(file_name)
         if isinstance(name, Diagnostic):
@@ -608,30 +874,51 @@ class QueueReader:
         elif info is not None and info.st_size > self.max_item_bytes:
             problem = ("too_large", self._too_large(info.st_size))
         relative = f"{relative_dir}/{file_name}"
+        raw = b""
         if problem is None:
-            text, problem = self._read_text(target)
+            raw, problem = self._read_bytes(target)
+        if problem is None and cached is not None and cached.raw == raw and cached.identity == identity:
+            return cached if racy else _Parsed(identity, cached.item, cached.diagnostics)  # the same bytes
+        text = ""
+        if problem is None:
+            text, problem = self._decode(raw)
         if problem is not None:
             diagnostic = Diagnostic(kind=problem[0], item=name.id_str, file=file_name, message=problem[1])
             return _Parsed(identity, stub_item(name, file_name, relative), (diagnostic,))
         self.parse_count += 1
-        item, diagnostics = parse_item(file_name, text, path=relative)
-        return _Parsed(identity, item, tuple(diagnostics))
+        item, diagnostics = _parse_named(name, file_name, text, relative)
+        return _Parsed(identity, item, tuple(diagnostics), raw if racy else None)
 
-    def _read_text(self, target: str) -> tuple[str, tuple[str, str] | None]:
-        """The file's text, or (kind, message) saying why it cannot be used."""
+    def _read_bytes(self, target: str) -> tuple[bytes, tuple[str, str] | None]:
+        """At most `max_item_bytes` + 1 bytes of the file, or (kind, message) saying why it cannot be read."""
         try:
             fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
-            return "", ("unreadable", f"cannot be read: {exc.strerror}")
+            return b"", ("unreadable", f"cannot be read: {exc.strerror}")
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return "", ("unreadable", "is not a regular file (a device, socket or pipe); refused")
-            with os.fdopen(fd, "rb", closefd=False) as stream:
-                raw = stream.read(self.max_item_bytes + 1)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return b"", ("unreadable", "is not a regular file (a device, socket or pipe); refused")
+            # Read what the file holds, not a buffer of the whole limit (allocating a megabyte per
+            # file cost more than parsing it); it may grow meanwhile, so read on to the end or the limit.
+            chunks, total, limit = [], 0, self.max_item_bytes + 1
+            while total < limit:
+                wanted = min(limit - total, max(info.st_size + 1 - total, 65536))
+                chunk = os.read(fd, wanted)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total == info.st_size and len(chunk) < wanted:
+                    break  # the end, where fstat put it (had the file grown since, its stat shows it next time)
         except OSError as exc:
-            return "", ("unreadable", f"cannot be read: {exc.strerror}")
+            return b"", ("unreadable", f"cannot be read: {exc.strerror}")
         finally:
             os.close(fd)
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), None
+
+    def _decode(self, raw: bytes) -> tuple[str, tuple[str, str] | None]:
+        """The file's text, or (kind, message) saying why it cannot be used."""
         if len(raw) > self.max_item_bytes:
             return "", ("too_large", self._too_large(len(raw)))
         if b"\x00" in raw:
@@ -645,3 +932,14 @@ class QueueReader:
     def _too_large(self, size: int) -> str:
         return (f"file is {size} bytes, over the {self.max_item_bytes}-byte limit for a queue item; "
                 f"keep long material in another file and link to it")
+
+
+def _same_parse(first: _Parsed | None, second: _Parsed | None) -> bool:
+    """Whether two cache entries hold the same parse (the same objects: a reused entry)."""
+    if first is None or second is None:
+        return first is second
+    return first.item is second.item and first.diagnostics is second.diagnostics
+
+
+def _parse_of(parsed: _Parsed | None) -> tuple[WorkItem | None, tuple[Diagnostic, ...]] | None:
+    return None if parsed is None else (parsed.item, parsed.diagnostics)

@@ -11,7 +11,7 @@ Three layers, each usable alone:
   object, so the plan predicts what the run will do.
 * `make_plan(...) -> QueuePlan`: the `queue_plan` result: readiness and reasons per item, `run_now`,
   `waves` from an event-driven simulation, critical path, conflicts, patterns, makespan against a
-  lower bound, and a Mermaid flowchart.
+  lower bound, and a Mermaid flowchart (drawn by `diagrams.to_mermaid`).
 
 Priority (smaller key first, see `QueueGraph.rank`): the longest remaining estimate-weighted path
 through the item (its own estimate included), then how many items it transitively unblocks, then
@@ -34,8 +34,9 @@ from collections.abc import Set as AbstractSet
 from pydantic import BaseModel, Field
 
 from .conflicts import ConflictIndex, Mark
+from .diagrams import to_mermaid
 from ..errors import InternalError, UsageError
-from .items import Diagnostic, WorkItem, format_id
+from .items import Diagnostic, WorkItem, format_id, trusted
 
 DEFAULT_ESTIMATE_S = 60.0
 """What an item without an `estimate` counts as, for ranking and for the predicted schedule."""
@@ -295,7 +296,7 @@ def _edges(items: list[WorkItem], by_id: dict[int, WorkItem], broken_ids: set[in
 
 def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
     """Cycle errors, then why each item is not ready, and which pending items can be scheduled."""
-    by_id, label, reasons = graph.by_id, graph.label, graph.reasons
+    by_id, label, labels, reasons = graph.by_id, graph.label, graph.labels, graph.reasons
     cycle_members: set[int] = set()
     for component in graph.cycles:
         path = cycle_path(component, graph.waits_on)
@@ -354,7 +355,7 @@ def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
             continue
         graph.schedulable.append(item_id)
         if open_preds:
-            reasons[item.file] = "waits on " + ", ".join(label(pred) for pred in open_preds)
+            reasons[item.file] = "waits on " + ", ".join([labels[pred] for pred in open_preds])
     for item_id in graph.schedulable + graph.in_progress:
         item = by_id[item_id]
         if not item.files and not item.components:
@@ -457,8 +458,14 @@ def topological_order(nodes: Iterable[int], successors: Mapping[int, Sequence[in
 def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequence[int]]) -> list[list[int]]:
     """Tarjan's algorithm with an explicit stack: components of two or more nodes, each sorted.
 
-    No recursion, so a 10,000-deep chain needs no raised recursion limit.
+    No recursion, so a 10,000-deep chain needs no raised recursion limit. Nodes that cannot be on
+    a cycle are peeled off first (Kahn: repeatedly drop nodes nothing left points to), so an
+    acyclic queue, the usual one, costs one linear pass.
     """
+    left = _on_cycles_or_after(nodes, edges)
+    if not left:
+        return []
+    nodes = [node for node in nodes if node in left]
     index: dict[int, int] = {}
     low: dict[int, int] = {}
     on_stack: set[int] = set()
@@ -472,7 +479,7 @@ def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequ
         counter += 1
         stack.append(root)
         on_stack.add(root)
-        work = [(root, iter(edges[root]))]
+        work = [(root, iter([other for other in edges[root] if other in left]))]
         while work:
             node, successors = work[-1]
             descended = False
@@ -482,7 +489,7 @@ def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequ
                     counter += 1
                     stack.append(successor)
                     on_stack.add(successor)
-                    work.append((successor, iter(edges[successor])))
+                    work.append((successor, iter([other for other in edges[successor] if other in left])))
                     descended = True
                     break
                 if successor in on_stack and index[successor] < low[node]:
@@ -506,6 +513,26 @@ def strongly_connected_components(nodes: Sequence[int], edges: Mapping[int, Sequ
                     components.append(sorted(component))
     components.sort()
     return components
+
+
+def _on_cycles_or_after(nodes: Sequence[int], edges: Mapping[int, Sequence[int]]) -> Mapping[int, object]:
+    """`nodes` less those Kahn's algorithm peels off (no edge from a node left points to them):
+    what remains holds every cycle. Everything when an edge leaves `nodes` (then nothing is peeled)."""
+    indegree = dict.fromkeys(nodes, 0)
+    for node in nodes:
+        for successor in edges[node]:
+            if successor not in indegree:
+                return indegree
+            indegree[successor] += 1
+    free = [node for node, count in indegree.items() if count == 0]
+    while free:
+        node = free.pop()
+        del indegree[node]
+        for successor in edges[node]:
+            indegree[successor] -= 1
+            if indegree[successor] == 0:
+                free.append(successor)
+    return indegree
 
 
 def cycle_path(component: Sequence[int], edges: Mapping[int, Sequence[int]]) -> list[int]:
@@ -583,22 +610,26 @@ class Scheduler:
         """Counter above zero -> heap of positions of ready items it blocks."""
         self._promoted: dict[int, Mark] = {}
         """Position in `_ready` -> the counter whose parked heap it came from."""
+        self._freed: list[Mark] = []
+        """Counters that fell to zero since the last `_sync_taken` (unparked there, as before a start)."""
 
     def _sync_taken(self) -> None:
-        """Count the keys of items that started running, uncount those that stopped, unpark what frees."""
-        if self._holding == self.running:
-            return
+        """Count the keys of items that started running, uncount those that stopped, unpark what frees.
+
+        `finished` uncounts its item at once (into `_freed`); here the rest: `running` changed from
+        outside, then the unparking."""
         marks, taken = self._graph.conflict_index.marks, self._taken
-        freed = []
-        for item_id in self._holding - self.running:
-            for mark in marks(item_id):
-                taken[mark] -= 1
-                if not taken[mark]:
-                    freed.append(mark)
-        for item_id in self.running - self._holding:
-            for mark in marks(item_id):
-                taken[mark] = taken.get(mark, 0) + 1
-        self._holding = set(self.running)
+        freed, self._freed = self._freed, []
+        if self._holding != self.running:
+            for item_id in self._holding - self.running:
+                for mark in marks(item_id):
+                    taken[mark] -= 1
+                    if not taken[mark]:
+                        freed.append(mark)
+            for item_id in self.running - self._holding:
+                for mark in marks(item_id):
+                    taken[mark] = taken.get(mark, 0) + 1
+            self._holding = set(self.running)
         for mark in freed:
             if not taken.get(mark):
                 self._unpark(mark)
@@ -634,8 +665,10 @@ class Scheduler:
                     self._unpark(source)  # its key is still free: the next item parked there may start
                 continue
             self.running.add(item_id)
+            self._holding.add(item_id)  # what _sync_taken would do for this one start, without comparing sets
+            for mark in self._graph.conflict_index.marks(item_id):
+                taken[mark] = taken.get(mark, 0) + 1
             started.append(item_id)
-            self._sync_taken()
             if source is not None and not taken.get(source):
                 self._unpark(source)  # it did not raise that counter: the next one parked there may start too
         return started
@@ -648,6 +681,13 @@ class Scheduler:
         if item_id not in self.running:
             return []
         self.running.remove(item_id)
+        if item_id in self._holding:  # what _sync_taken would do for this one end, without comparing sets
+            self._holding.remove(item_id)
+            taken = self._taken
+            for mark in self._graph.conflict_index.marks(item_id):
+                taken[mark] -= 1
+                if not taken[mark]:
+                    self._freed.append(mark)
         if ok:
             self.done.add(item_id)
             for successor in self._graph.unblocks.get(item_id, ()):
@@ -823,7 +863,11 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
 
     # Seeds first: the items with the heaviest conflicts, their own estimate plus their neighbours'
     # (when there are many pairs, weighed by key instead: an estimate, it only orders the seeds).
-    if index.pair_count() <= _EXACT_WEIGHT_PAIRS:
+    if all(len(keys) == 1 for keys in index.keys.values()):
+        # Each item holds one key, so the holders of distinct keys are disjoint, and an item's own
+        # estimate plus its neighbours' is exactly the weight of its key and the keys overlapping it.
+        with_conflicts.sort(key=lambda item_id: (-near_key(index.keys[item_id][0])[1], item_id))
+    elif index.pair_count() <= _EXACT_WEIGHT_PAIRS:
         with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
             estimate.get(other, 0) for other in index.neighbours(item_id))), item_id))
     else:
@@ -917,65 +961,6 @@ def find_patterns(graph: QueueGraph) -> Patterns:
     return Patterns(fork_join=fork_joins, pipelines=pipelines)
 
 
-# --- Mermaid ---------------------------------------------------------------------------------------------
-
-_MERMAID_CLASSES = (
-    "classDef pending fill:#f3f4f6,stroke:#6b7280,color:#111827",
-    "classDef in_progress fill:#dbeafe,stroke:#2563eb,color:#1e3a8a",
-    "classDef completed fill:#dcfce7,stroke:#16a34a,color:#14532d",
-    "classDef blocked fill:#fef3c7,stroke:#d97706,color:#78350f",
-    "classDef failed fill:#fee2e2,stroke:#dc2626,color:#7f1d1d",
-    "classDef error fill:#fee2e2,stroke:#dc2626,stroke-width:3px,stroke-dasharray:5 3,color:#7f1d1d",
-)
-
-
-def _mermaid_label(text: str) -> str:
-    text = " ".join(text.split())
-    text = text if len(text) <= 60 else text[:57] + "..."
-    for char, entity in (("&", "#amp;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
-        text = text.replace(char, entity)
-    return text
-
-
-MERMAID_MAX_NODES = 200
-MERMAID_MAX_EDGES = 500
-"""Mermaid refuses to render more than 500 edges by default; larger queues are drawn in part."""
-
-
-def to_mermaid(graph: QueueGraph) -> str:
-    """A flowchart: arrows from an item to what waits on it, dashed links between conflicting
-    items, nodes coloured by status (items with an error get the `error` class).
-
-    A queue larger than `MERMAID_MAX_NODES` items or `MERMAID_MAX_EDGES` links is drawn in part
-    (unfinished items first, by id) with a comment saying so; the plan's other fields are complete.
-    """
-    error_files = {d.file for d in graph.errors if d.file}
-    in_cycle = {node for component in graph.cycles for node in component}
-    nodes = list(graph.by_id)
-    if len(nodes) > MERMAID_MAX_NODES:
-        nodes.sort(key=lambda item_id: (graph.by_id[item_id].status == "completed", item_id))
-        nodes = sorted(nodes[:MERMAID_MAX_NODES])
-    shown = set(nodes)
-    names = {item_id: "n" + graph.by_id[item_id].id_str for item_id in nodes}
-    lines = ["flowchart LR", *("    " + line for line in _MERMAID_CLASSES)]
-    for item_id in nodes:
-        item = graph.by_id[item_id]
-        css = "error" if item.file in error_files or item_id in in_cycle else item.status
-        lines.append(f'    {names[item_id]}["{_mermaid_label(f"{item.id_str}: {item.title}")}"]:::{css}')
-    links = [f"    {names[item_id]} --> {names[successor]}"
-             for item_id in nodes for successor in graph.unblocks[item_id] if successor in shown]
-    index = graph.conflict_index
-    links += [f"    {names[first]} -.- {names[second]}"
-              for first in nodes if first in index.keys and index.has_conflict(first)
-              for second in sorted(index.neighbours(first) & shown) if second > first]
-    lines += links[:MERMAID_MAX_EDGES]
-    if len(nodes) < len(graph.by_id) or len(links) > MERMAID_MAX_EDGES:
-        lines.append(f"    %% drawn in part: {len(nodes)} of {len(graph.by_id)} items, "
-                     f"{min(len(links), MERMAID_MAX_EDGES)} of {len(links)} links among them "
-                     f"(Mermaid renders at most about {MERMAID_MAX_EDGES} links)")
-    return "\n".join(lines) + "\n"
-
-
 # --- the plan ------------------------------------------------------------------------------------------
 
 
@@ -987,23 +972,27 @@ def make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max_
     (in-progress items take their slots themselves); it shrinks `run_now` only: `waves` plan the
     whole `max_parallel` budget from now on.
     """
+    check_slots(max_parallel, running)
+    return plan_graph(build_graph(items, diagnostics), max_parallel, running)
+
+
+def check_slots(max_parallel: int, running: int) -> None:
+    """Raise `UsageError` for slot counts `make_plan` refuses."""
     if max_parallel < 1:
         raise UsageError(f"max_parallel must be at least 1, not {max_parallel}")
     if running < 0:
         raise UsageError(f"running must not be negative, not {running}")
-    return _make_plan(items, diagnostics, max_parallel, running)
 
 
-def _make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max_parallel: int,
-               running: int) -> QueuePlan:
-    graph = build_graph(items, diagnostics)
+def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueuePlan:
+    """`make_plan` for a graph already built (arguments checked by `check_slots`)."""
     schedule = simulate(graph, max_parallel)
     run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
     labels, index = graph.labels, graph.conflict_index
-    # Built as plain data and validated in one call: per-row model construction costs more than
-    # the whole warm re-plan budget at 10,000 items.
+    # The rows are built by `trusted` (their values have the declared types by construction: see
+    # `_plan_rows`), the rest as plain data validated in one call.
     return QueuePlan.model_validate({
-        "items": [_plan_item(graph, item) for item in graph.items],
+        "items": _plan_rows(graph),
         "run_now": [labels[item_id] for item_id in run_now],
         "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
         "critical_path": [labels[item_id] for item_id in critical_path(graph)],
@@ -1025,19 +1014,27 @@ def _make_plan(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic], max
     })
 
 
-def _plan_item(graph: QueueGraph, item: WorkItem) -> dict[str, Any]:
-    """One `PlanItem` as plain data."""
-    labels = graph.labels
-    node = item.id in graph.by_id
-    blocked_by = graph.waits_on[item.id] if node else item.blocked_by
-    blocks = graph.unblocks[item.id] if node else item.blocks
-    reason = graph.reasons.get(item.file)
-    return {
-        "id": item.id_str, "file": item.file, "title": item.title, "status": item.status,
-        "blocked_by": [labels.get(i) or format_id(i) for i in blocked_by],
-        "blocks": [labels.get(i) or format_id(i) for i in blocks],
-        "files": item.files, "components": item.components, "priority": item.priority,
-        "estimate": item.estimate_s, "ready": item.status == "pending" and reason is None,
-        "waiting_on": [labels[i] for i in graph.waiting_on.get(item.file, ())],
-        "reason": reason,
-    }
+def _plan_rows(graph: QueueGraph) -> list[PlanItem]:
+    """A `PlanItem` per item, built by `trusted`: every value below has its declared type, and the
+    lists are the row's own (not the item's)."""
+    labels, by_id, waits_on, unblocks = graph.labels, graph.by_id, graph.waits_on, graph.unblocks
+    reasons, waiting_on = graph.reasons, graph.waiting_on
+    rows = []
+    for item in graph.items:
+        file = item.file
+        if item.id in by_id:  # a node: its edges from both sides, every id a node's (labels has them all)
+            blocked_by = [labels[i] for i in waits_on[item.id]]
+            blocks = [labels[i] for i in unblocks[item.id]]
+        else:  # a duplicate id: its own fields, which may name ids no file has
+            blocked_by = [labels.get(i) or format_id(i) for i in item.blocked_by]
+            blocks = [labels.get(i) or format_id(i) for i in item.blocks]
+        reason = reasons.get(file)
+        rows.append(trusted(PlanItem, {
+            "id": item.id_str, "file": file, "title": item.title, "status": item.status,
+            "blocked_by": blocked_by, "blocks": blocks,
+            "files": list(item.files), "components": list(item.components), "priority": item.priority,
+            "estimate": item.estimate_s, "ready": item.status == "pending" and reason is None,
+            "waiting_on": [labels[i] for i in waiting_on.get(file, ())],
+            "reason": reason,
+        }))
+    return rows
