@@ -115,3 +115,43 @@ async def test_launch_task_item_is_isolated_too(repo):
     assert "integrated into main" in (out["reason"] or "")
     assert "SOLO" in (repo / "b.txt").read_text() and statuses(repo)["001"] == "completed"
     assert (repo / "b.txt").read_text() != LINES
+
+
+async def test_an_items_own_isolation_field_overrides_the_config(repo):
+    write_config(repo, autonomy={"level": "L3"})  # runner.isolation defaults to none
+    write_item(repo, 1, "isolated", title="Isolated", isolation="worktree", command='echo "branch=$AGENT_BRANCH"')
+    write_item(repo, 2, "in-place", title="In place", command='echo "branch=${AGENT_BRANCH:-none}"; pwd')
+    report = await run_to_end(repo)
+    rows = by_item(report)
+    assert rows["001"]["phase"] == "integrated" and rows["001"]["branch"] == "agent/001-isolated"
+    assert rows["002"]["phase"] is None and rows["002"]["branch"] is None
+
+
+@pytest.mark.fault("an item whose isolation is neither none nor worktree: a plan error naming the field, the item "
+                   "not run")
+async def test_a_bad_isolation_value_is_a_plan_error(repo):
+    write_item(repo, 1, "odd", isolation="container", command="true")
+    async with Client(build_server(repo, ServerSettings(min_free_memory=0))) as client:
+        plan = await call(client, "queue_plan")
+    assert any(e["message"] == "isolation: 'container' is not none or worktree" for e in plan["errors"]), plan["errors"]
+    assert plan["run_now"] == []
+
+
+async def trace_overlap(repo: Path, allow_overlap: bool) -> bool:
+    write_config(repo, runner={"isolation": "worktree"}, integration={"allow_overlap": allow_overlap},
+                 autonomy={"level": "L3", "max_parallel": 2})
+    trace = repo.parent / f"trace-{repo.name}"
+    for n in (1, 2):
+        write_item(repo, n, f"shared-{n}", title=f"Shared {n}", files=["a.txt"],
+                   command=f"echo start >> {trace}; sleep 0.4; echo end >> {trace}; echo {n} > own-{n}.txt")
+    report = await run_to_end(repo)
+    assert report["status"] == "completed", by_item(report)
+    return trace.read_text().split() == ["start", "start", "end", "end"]
+
+
+async def test_declared_overlaps_serialize_isolated_items_unless_allowed(repo, tmp_path):
+    assert not await trace_overlap(repo, allow_overlap=False)
+    other = make_repo(tmp_path / "other")
+    (other / ".agent/queue/001-pending-first.md").unlink()
+    git(other, "commit", "-q", "-am", "no items yet")
+    assert await trace_overlap(other, allow_overlap=True)

@@ -64,11 +64,23 @@ def front_lines(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
+def as_before(value: object) -> object:
+    """A dump without what was added since the legacy copy: the `isolation` field (None when not
+    written) and its name in the list of known fields of an unknown-field warning."""
+    if isinstance(value, dict):
+        return {k: as_before(v) for k, v in value.items() if not (k == "isolation" and v is None)}
+    if isinstance(value, list):
+        return [as_before(v) for v in value]
+    if isinstance(value, str):
+        return value.replace(", timeout, isolation)", ", timeout)")
+    return value
+
+
 def same_parse(file_name: str, text: str) -> None:
     item, diagnostics = parse_item(file_name, text, path=f".agent/queue/{file_name}")
     old_item, old_diagnostics = legacy.parse_item(file_name, text, path=f".agent/queue/{file_name}")
-    assert (item and item.model_dump()) == (old_item and old_item.model_dump())
-    assert [d.model_dump() for d in diagnostics] == [d.model_dump() for d in old_diagnostics]
+    assert as_before(item and item.model_dump()) == (old_item and old_item.model_dump())
+    assert [as_before(d.model_dump()) for d in diagnostics] == [d.model_dump() for d in old_diagnostics]
 
 
 @SETTINGS
@@ -155,8 +167,7 @@ def random_queue(root: Path, rng: random.Random, size: int, *, cycles: bool) -> 
 def same_plan(root: Path, max_parallel: int) -> None:
     new = plan_workspace(root, None, max_parallel, QueueReader())
     old = legacy.plan_workspace(root, None, max_parallel, legacy.QueueReader())
-    assert new.model_dump() == old.model_dump()
-    assert new.model_dump_json() == old.model_dump_json()
+    assert as_before(new.model_dump()) == old.model_dump()
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -191,7 +202,7 @@ def test_plans_of_items_as_before() -> None:
         max_parallel, running = rng.randint(1, 5), rng.randint(0, 2)
         new = make_plan([new_items.WorkItem(**row) for row in rows], [], max_parallel, running=running)
         old = legacy.make_plan([legacy.WorkItem(**row) for row in rows], [], max_parallel, running=running)
-        assert new.model_dump() == old.model_dump()
+        assert as_before(new.model_dump()) == old.model_dump()
 
 
 def test_rows_built_without_validation_equal_validated_ones(tmp_path: Path) -> None:

@@ -29,7 +29,16 @@ SETUP_LOG_BYTES = 64 << 10
 
 def is_isolated(config: Config, item: WorkItem) -> bool:
     """The item's own ``isolation`` field if it has one, else ``runner.isolation``."""
-    return (getattr(item, "isolation", None) or config.isolation) == "worktree"
+    return (item.isolation or config.isolation) == "worktree"
+
+
+def overlaps_allowed(config: Config, items: list[WorkItem]) -> list[WorkItem]:
+    """``items`` as the run schedules them: with ``integration.allow_overlap``, an isolated item's
+    declared ``files``/``components`` no longer keep it apart from others (the integration queue
+    catches real conflicts); everything else unchanged."""
+    if not config.integration_allow_overlap:
+        return items
+    return [i.model_copy(update={"files": [], "components": []}) if is_isolated(config, i) else i for i in items]
 
 
 @dataclass

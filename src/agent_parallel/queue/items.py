@@ -88,6 +88,8 @@ class WorkItem(BaseModel):
     estimate_s: float | None = None
     command: str | None = None
     timeout_s: float | None = None
+    isolation: Literal["none", "worktree"] | None = None
+    """The item's own ``isolation`` (None: ``runner.isolation`` in the config decides)."""
     body: str = ""
 
 
@@ -165,12 +167,12 @@ def _status_list() -> str:
 # --- fields --------------------------------------------------------------------------------------
 
 FIELDS: tuple[str, ...] = ("title", "status", "blocked_by", "blocks", "files", "components",
-                           "priority", "estimate", "command", "timeout")
+                           "priority", "estimate", "command", "timeout", "isolation")
 _ALIASES = {
     "title": "title", "status": "status",
     "blockedby": "blocked_by", "dependson": "blocked_by", "dependencies": "blocked_by",
     "blocks": "blocks", "files": "files", "components": "components", "priority": "priority",
-    "estimate": "estimate", "command": "command", "timeout": "timeout",
+    "estimate": "estimate", "command": "command", "timeout": "timeout", "isolation": "isolation",
 }
 
 
@@ -588,6 +590,16 @@ def _priority(value: object, problems: list[str]) -> Priority:
     return cast(Priority, text)  # checked against PRIORITIES above
 
 
+def _isolation(value: object, problems: list[str]) -> Literal["none", "worktree"] | None:
+    if value is None:
+        return None
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text not in ("none", "worktree"):
+        problems.append(f"isolation: {short_repr(value)} is not none or worktree")
+        return None
+    return "worktree" if text == "worktree" else "none"
+
+
 def _seconds(field: str, value: object, problems: list[str], *, allow_zero: bool) -> float | None:
     if value is None:
         return None
@@ -696,6 +708,7 @@ def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) ->
         "estimate_s": _seconds("estimate", get("estimate"), problems, allow_zero=True),
         "command": _command(get("command"), problems),
         "timeout_s": _seconds("timeout", get("timeout"), problems, allow_zero=False),
+        "isolation": _isolation(get("isolation"), problems),
         "body": body,
     })
     for message in problems:

@@ -76,6 +76,8 @@ class PlanItem(BaseModel):
     priority: str
     estimate: float | None
     """Seconds, as written in the item; None when it has no `estimate`."""
+    isolation: str | None = None
+    """The item's own `isolation` (none | worktree); None when `runner.isolation` decides."""
     ready: bool
     waiting_on: list[str]
     reason: str | None
@@ -1033,7 +1035,8 @@ def _plan_rows(graph: QueueGraph) -> list[PlanItem]:
             "id": item.id_str, "file": file, "title": item.title, "status": item.status,
             "blocked_by": blocked_by, "blocks": blocks,
             "files": list(item.files), "components": list(item.components), "priority": item.priority,
-            "estimate": item.estimate_s, "ready": item.status == "pending" and reason is None,
+            "estimate": item.estimate_s, "isolation": item.isolation,
+            "ready": item.status == "pending" and reason is None,
             "waiting_on": [labels[i] for i in waiting_on.get(file, ())],
             "reason": reason,
         }))

@@ -37,14 +37,14 @@ from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
 from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
-from .isolation import Isolated, forecast, integrate_item, is_isolated, prepare_item
+from .isolation import Isolated, forecast, integrate_item, is_isolated, overlaps_allowed, prepare_item
 from .items import QueueReader, WorkItem, format_id
 from ..results import ItemOutcome, RunningItem, RunProgress
 from ..tasks.executor import ExitInfo
 from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
-from ..tasks.registry import FOLLOW_UP_TIMEOUT_S, Task, TaskRegistry, wait_any
+from ..tasks.registry import Task, TaskRegistry, wait_any
 from ..worktrees import check_repository, release
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class QueueContext:
         Raises the reader's clear ``QueueError`` when the queue directory does not exist."""
         self.queue_dir  # noqa: B018 -- a queue.dir outside the workspace is refused naming the setting
         items, diagnostics = self.reader.read(self.root, self.config.queue_dir)
+        items = overlaps_allowed(self.config, items)
         graph = build_graph(items, diagnostics)
         if only is None:
             return graph
@@ -226,7 +227,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                 command=item.command, argv=argv, cwd=workdir, description=f"item {item.id_str}: {item.title}",
                 env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
                 stdin_path=path if argv else None, on_finish=finished, prelude=prelude,
-                follow_up_timeout=math.inf if isolated is not None else FOLLOW_UP_TIMEOUT_S)
+                follow_up_timeout=math.inf if isolated is not None else None)
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             if isolated is not None:
                 lease = isolated.lease

@@ -49,6 +49,15 @@ only if A completed; otherwise B ends as `skipped`. B finds A's log through `AGE
 Prioritise items on the critical path and items that unblock the most others; leave items with
 the most blockers for last. Never run more than `max_parallel` at once.
 
+## Isolation (`runner.isolation: worktree`, or `isolation: worktree` in an item)
+Each item then runs in its own git worktree (`.agent/worktrees/<id>-<slug>`, branch `agent/<id>-<slug>`;
+`AGENT_WORKTREE`, `AGENT_BRANCH` and `AGENT_PORT` are set), so parallel agents never edit one checkout.
+Work and commit there (what is left uncommitted is committed for you). When the item succeeds it is
+integrated into the target branch, one item at a time, and only if `integration.verify` passes; items
+that wait on it start from the merged result. A conflict fails the item and keeps its branch and
+worktree: fix it there, then `update_item(item, "pending")` to run it again in the same worktree. A
+run's progress shows each item's `phase` and predicted `conflicts`.
+
 ## Autonomy levels and failures
 - L1/L2: stop at the first failure: start nothing new, let running work finish, report what
   failed and what was not started, and ask the user how to proceed.

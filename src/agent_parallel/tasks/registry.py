@@ -218,7 +218,7 @@ class TaskRegistry:
                      kind: TaskKind = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
                      on_finish: FollowUp | None = None, group: GroupSlots | None = None,
-                     prelude: bytes = b"", follow_up_timeout: float = FOLLOW_UP_TIMEOUT_S) -> Task:
+                     prelude: bytes = b"", follow_up_timeout: float | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
@@ -229,7 +229,8 @@ class TaskRegistry:
         ``StorageError`` when the record cannot be written, ``ShuttingDown`` once the server stops. Once registered, every failure ends the task instead.
         A member of a ``group`` counts against the cap only once it has one of the group's slots
         (``launch_group`` checked the room for its slots). ``prelude`` opens the task's log (what was
-        done to prepare it); ``on_finish`` may take ``follow_up_timeout`` seconds (an integration).
+        done to prepare it); ``on_finish`` may take ``follow_up_timeout`` seconds (default
+        ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs).
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
@@ -267,7 +268,7 @@ class TaskRegistry:
             self._active -= counted
             raise
         task = Task(record, on_finish=on_finish, active=counted, group=group, prelude=prelude,
-                    follow_up_timeout=follow_up_timeout)
+                    follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
         self._tasks[task_id] = task
         if group is not None:
             self._groups.setdefault(group.group_id, []).append(task_id)
