@@ -96,7 +96,7 @@ def add_ratio(rep: Report, section: str, metric: str, value: float | None, limit
 def bench_plan_rows(rep: Report, tmp: Path, quick: bool) -> None:
     async def plans() -> None:
         root = tmp / "plan-10k"
-        bench_plan.write_queue(root, PLAN_ITEMS, random.Random(7))
+        bench_plan.write_queue(root, PLAN_ITEMS, 7)
         async with server(root) as (c, _):
             t0 = time.perf_counter()
             first = await call(c, "queue_plan", {})
