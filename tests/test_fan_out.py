@@ -5,6 +5,7 @@ group id; bad input is refused before anything starts."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -148,3 +149,21 @@ async def test_ids_naming_more_than_1000_tasks_through_groups_are_refused(worksp
         text = await call_error(client, "task_output", task_ids=[first["group_id"], second["group_id"]], block=False)
         assert "these ids name 1,200 tasks (groups count all their members); at most 1000" in text
         await call(client, "cancel_task", task_ids=[first["group_id"], second["group_id"]])
+
+
+@pytest.mark.fault("the disk fills while a fan-out writes its members' records: a clear error, no member started "
+                   "and no record of any member left")
+async def test_a_record_that_cannot_be_written_starts_no_member(workspace):
+    from agent_parallel.errors import StorageError
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    async with open_registry(workspace, runs, RegistrySettings()) as registry:
+        ids = iter(f"member{n:06d}" for n in range(100))
+        registry._new_task_id = lambda: next(ids)
+        os.symlink("/dev/full", runs / ".member000002.json.tmp")
+        with pytest.raises(StorageError, match=r"^cannot write the task record in .*: No space left on device"):
+            await registry.launch_group([f"touch started{n}" for n in range(4)], max_parallel=2, cwd=workspace)
+        assert not list(workspace.glob("started*")) and registry.list() == ([], 0)
+        assert sorted(p.name for p in runs.glob("*.json")) == []

@@ -239,6 +239,27 @@ class TaskRegistry:
                 f"{self._active} tasks are already queued or running (the limit is {self.settings.max_running}); "
                 "wait for some with task_output or stop some with cancel_task"
             )
+        record, spec, predecessors = self._new_record(
+            command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
+            kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=group)
+        counted = group is None
+        self._active += counted  # held from here, so launches saving their records at once cannot pass the cap
+        try:
+            await self._save_new([record])
+        except BaseException:
+            self._active -= counted
+            raise
+        task = Task(record, on_finish=on_finish, active=counted, group=group, prelude=prelude,
+                    follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
+        await self._register(task, spec, predecessors, executor or self.executor, job)
+        await self._prune()
+        return task
+
+    def _new_record(self, *, command: str | None, argv: builtins.list[str] | None, cwd: Path, description: str | None,
+                    env: dict[str, str] | None, timeout_s: float | None, after: builtins.list[str] | None,
+                    kind: TaskKind, item_id: str | None, item_file: str | None, stdin_path: Path | None,
+                    group: GroupSlots | None) -> tuple[TaskRecord, LaunchSpec, builtins.list[Task]]:
+        """A new task's record and launch spec, checked (``UsageError``, ``UnknownTask``); nothing registered."""
         predecessors = [self.get(p) for p in (after or [])]
         task_id = self._new_id()
         spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
@@ -252,29 +273,44 @@ class TaskRegistry:
                             group_id=group.group_id if group is not None else None,
                             server_pid=self._server[0], server_start=self._server[1],
                             log_cap_bytes=self.settings.log_cap_bytes)
-        counted = group is None
-        self._active += counted  # held from here, so launches saving their records at once cannot pass the cap
-        try:
+        return record, spec, predecessors
+
+    async def _save_new(self, records: builtins.list[TaskRecord]) -> None:
+        """Write new tasks' first records (one worker thread for all); ``StorageError`` if one cannot be
+        written (none of them is kept then), ``ShuttingDown`` if the server began to stop meanwhile."""
+        def save_all() -> None:
             try:
-                await anyio.to_thread.run_sync(lambda: save_record(record, self.runs_dir))
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
-                    "free some disk space (or fix the directory's permissions) and launch again") from exc
-            if self._closing:
-                await anyio.to_thread.run_sync(lambda: task_files(self.runs_dir, task_id, [])[0].unlink(missing_ok=True))
-                raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
-        except BaseException:
-            self._active -= counted
-            raise
-        task = Task(record, on_finish=on_finish, active=counted, group=group, prelude=prelude,
-                    follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
-        self._tasks[task_id] = task
-        if group is not None:
-            self._groups.setdefault(group.group_id, []).append(task_id)
-        await self._tg.start(self._supervise, task, spec, predecessors, executor or self.executor, job)
-        await self._prune()
-        return task
+                for record in records:
+                    save_record(record, self.runs_dir)
+            except OSError:
+                self._unlink_records(records)
+                raise
+
+        try:
+            await anyio.to_thread.run_sync(save_all)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
+                "free some disk space (or fix the directory's permissions) and launch again") from exc
+        if self._closing:
+            await anyio.to_thread.run_sync(self._unlink_records, records)
+            raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
+
+    def _unlink_records(self, records: builtins.list[TaskRecord]) -> None:
+        for record in records:
+            try:
+                task_files(self.runs_dir, record.task_id, [])[0].unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    async def _register(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
+                        job: Job | None) -> None:
+        """Add a task whose record is written and start supervising it; returns once it is running,
+        or at once when it must wait (predecessors, a slot of its group, a held start)."""
+        self._tasks[task.record.task_id] = task
+        if task.group is not None:
+            self._groups.setdefault(task.group.group_id, []).append(task.record.task_id)
+        await self._tg.start(self._supervise, task, spec, predecessors, executor, job)
 
     async def launch_group(self, commands: builtins.list[str], *, max_parallel: int, cwd: Path,
                            description: str | None = None, env: dict[str, str] | None = None,
@@ -299,16 +335,25 @@ class TaskRegistry:
         for task_id in after or []:
             self.get(task_id)
         group = GroupSlots(new_group_id(), anyio.CapacityLimiter(max_parallel))
+        made = [self._new_record(command=command, argv=None, cwd=cwd, description=description, env=env,
+                                 timeout_s=timeout_s, after=after, kind="command", item_id=None, item_file=None,
+                                 stdin_path=None, group=group) for command in commands]
+        await self._save_new([record for record, _, _ in made])  # all first records in one worker thread
         members: builtins.list[Task] = []
         try:
-            for command in commands:
-                members.append(await self.launch(command=command, cwd=cwd, description=description, env=env,
-                                                 timeout_s=timeout_s, after=after, group=group))
-        except BaseException:  # those already launched are cancelled (in the registry's task group)
+            for record, spec, predecessors in made:
+                task = Task(record, group=group)
+                members.append(task)
+                await self._register(task, spec, predecessors, self.executor, None)
+        except BaseException:  # those already started are cancelled (in the registry's task group)
             for task in members:
                 task.cancel_requested = True
                 self._tg.start_soon(self.cancel, task)
+            unstarted = [record for record, _, _ in made[len(members):]]
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._unlink_records, unstarted)
             raise
+        await self._prune()
         return group.group_id, members
 
     async def wait(self, tasks: builtins.list[Task], *, mode: str, timeout: float) -> bool:
