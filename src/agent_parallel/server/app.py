@@ -32,6 +32,7 @@ from ..text import cut
 from ..tasks.registry import TaskRegistry, open_registry
 from .auth import StaticTokenVerifier
 from .resources import TaskUpdates, register_task_resources
+from .schemas import simplify_output_schemas
 from .settings import ServerSettings, Workspace
 from .tasks_extension import TasksExtension
 from .tools import register_queue_tools, register_task_tools
@@ -176,6 +177,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     register_task_tools(server)
     register_task_resources(server)
     register_queue_tools(server, root, reader)
+    simplify_output_schemas(server)
 
     @server.prompt(name="parallel-execution", title="Parallel execution")
     def parallel_execution() -> str:

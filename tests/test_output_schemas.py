@@ -1,0 +1,63 @@
+"""The published output schemas are simplified (server/schemas.py) without changing what they accept."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import jsonschema
+import pytest
+from mcp import Client
+
+from agent_parallel.results import LaunchResult, TaskList, TaskOutputResult
+from agent_parallel.server import ServerSettings, build_server
+from agent_parallel.server.schemas import simplify
+
+pytestmark = pytest.mark.anyio
+
+VALUES = [None, 0, 1.5, -3, "", "text", "running", "completed", True, [], ["a"], [1], {}, {"x": 1}]
+
+
+def mutations(document: dict, rng: random.Random) -> list[dict]:
+    """The document, and copies with one top-level field set to a value of another type, or removed."""
+    found = [document]
+    for _ in range(60):
+        changed = copy.deepcopy(document)
+        key = rng.choice(sorted(changed))
+        if rng.random() < 0.2:
+            del changed[key]
+        else:
+            changed[key] = rng.choice(VALUES)
+        found.append(changed)
+    return found
+
+
+@pytest.mark.parametrize("model, document", [
+    (LaunchResult, {"task_id": "abc", "status": "running", "command": "true", "cwd": "/w",
+                    "created_at": "2026-01-01T00:00:00Z", "exit_code": None, "run": None, "tasks": None}),
+    (TaskOutputResult, {"retrieval_status": "success", "tasks": [{"task_id": "a", "status": "failed",
+                        "command": "x", "cwd": "/", "created_at": "t", "exit_code": 2}], "group_id": "g-x"}),
+    (TaskList, {"tasks": [{"task_id": "a", "status": "queued", "description": None, "command": "c",
+                           "exit_code": None, "signal": None, "created_at": "t", "duration_s": None,
+                           "last_line": None}], "total": 1}),
+])
+def test_simplified_schemas_accept_exactly_what_the_originals_accept(model, document):
+    original = model.model_json_schema()
+    simple = copy.deepcopy(original)
+    simplify(simple)
+    assert simple != original and '"anyOf": [{"type": "integer"}, {"type": "null"}]' not in json.dumps(simple)
+    rng = random.Random(7)
+    for doc in mutations(document, rng):
+        assert jsonschema.Draft202012Validator(original).is_valid(doc) == \
+            jsonschema.Draft202012Validator(simple).is_valid(doc), doc
+
+
+async def test_every_published_output_schema_is_simplified_and_still_valid(tmp_path):
+    async with Client(build_server(tmp_path, ServerSettings(min_free_memory=0))) as client:
+        tools = (await client.list_tools()).tools
+    for tool in tools:
+        assert tool.output_schema is not None, tool.name
+        jsonschema.Draft202012Validator.check_schema(tool.output_schema)
+        text = json.dumps(tool.output_schema)
+        assert '{"type": "string"}, {"type": "null"}' not in text, tool.name
