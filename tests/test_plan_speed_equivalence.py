@@ -64,11 +64,19 @@ def front_lines(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
+ADDED_SINCE = {"isolation": [None, "none"], "allow_overlap": [False], "integration_estimate": [None],
+               "integration_samples": [0], "predicted_conflicts": [[]], "predicted_conflicts_total": [0],
+               "forecast": [None]}
+"""Fields added since the legacy copy, with their values in a queue without isolation."""
+
+
 def as_before(value: object) -> object:
-    """A dump without what was added since the legacy copy: the `isolation` field (None when not
-    written) and its name in the list of known fields of an unknown-field warning."""
+    """A dump without what was added since the legacy copy: the isolation fields (`ADDED_SINCE`, at
+    their values without isolation) and `isolation`'s name in the list of known fields of an
+    unknown-field warning."""
     if isinstance(value, dict):
-        return {k: as_before(v) for k, v in value.items() if not (k == "isolation" and v is None)}
+        return {k: as_before(v) for k, v in value.items()
+                if v not in ADDED_SINCE.get(k, [])}
     if isinstance(value, list):
         return [as_before(v) for v in value]
     if isinstance(value, str):

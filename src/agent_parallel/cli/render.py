@@ -38,6 +38,12 @@ def plan_table(plan: QueuePlan) -> RenderableType:
     summary.append(" (" + ", ".join(f"{counts[s]} {s}" for s in _STATUS_STYLE if counts[s]) + ")")
     summary.append(f"   max_parallel {plan.max_parallel}   predicted {format_seconds(plan.predicted_makespan)}")
     summary.append(f" (lower bound {format_seconds(plan.lower_bound)})")
+    isolation = None
+    if plan.integration_estimate is not None:
+        measured = (f"median of {plan.integration_samples} measured" if plan.integration_samples
+                    else "none measured yet")
+        isolation = Text(f"isolation {plan.isolation}: integration {format_seconds(plan.integration_estimate)} "
+                         f"per isolated item ({measured})" + (", overlaps allowed" if plan.allow_overlap else ""))
     run_now = Text("run now: ", style="bold")
     run_now.append(", ".join(plan.run_now) or "nothing", style="green" if plan.run_now else "dim")
 
@@ -51,11 +57,15 @@ def plan_table(plan: QueuePlan) -> RenderableType:
         else:
             state = Text(item.reason or "", style="red" if "error" in (item.reason or "") or "cycle" in (
                 item.reason or "") else "dim")
+        estimate = format_seconds(item.estimate)
+        if item.integration_estimate is not None:  # isolated: its worktree, then its integration
+            estimate += f" + {format_seconds(item.integration_estimate)} integration"
+        if item.forecast:
+            state.append(f" (would conflict on {', '.join(item.forecast)})", style="yellow")
         items.add_row(Text(item.id), Text(item.status, style=_STATUS_STYLE.get(item.status, "")), Text(item.title),
-                      Text(", ".join(item.waiting_on)), Text(format_seconds(item.estimate)), Text(str(item.priority)),
-                      state)
+                      Text(", ".join(item.waiting_on)), Text(estimate), Text(str(item.priority)), state)
 
-    parts: list[RenderableType] = [summary, run_now, items]
+    parts: list[RenderableType] = [summary, *([isolation] if isolation else []), run_now, items]
     if plan.waves:
         waves = Table(title="Predicted schedule (waves)", title_justify="left")
         waves.add_column("#", justify="right")
@@ -76,6 +86,16 @@ def plan_table(plan: QueuePlan) -> RenderableType:
         for conflict in plan.conflicts:
             conflicts.add_row(Text(conflict.a), Text(conflict.b), Text(", ".join(conflict.files + conflict.components)))
         parts.append(conflicts)
+    if plan.predicted_conflicts:
+        predicted = Table(title=f"Predicted conflicts ({plan.predicted_conflicts_total} declared overlaps "
+                                "run together)", title_justify="left")
+        for column in ("a", "b", "declared", "git forecast"):
+            predicted.add_column(column)
+        for pair in plan.predicted_conflicts:
+            forecast = "-" if pair.forecast is None else (", ".join(pair.forecast) or "no conflict")
+            predicted.add_row(Text(pair.a), Text(pair.b), Text(", ".join(pair.files + pair.components)),
+                              Text(forecast))
+        parts.append(predicted)
     for title, diagnostics, style in (("Errors", plan.errors, "red"), ("Warnings", plan.warnings, "yellow")):
         if diagnostics:
             table = Table(title=title, title_justify="left", title_style=f"bold {style}")

@@ -55,7 +55,9 @@ MERMAID_MAX_EDGES = 500
 
 def to_mermaid(graph: QueueGraph) -> str:
     """A flowchart: arrows from an item to what waits on it, dashed links between conflicting
-    items, nodes coloured by status (items with an error get the `error` class).
+    items, nodes coloured by status (items with an error get the `error` class). Isolated items are
+    drawn as subroutines (``[[...]]``: their own worktree); declared overlaps allowed to run together
+    (`QueueGraph.declared_index`) are dotted links labelled ``may conflict``.
 
     A queue larger than `MERMAID_MAX_NODES` items or `MERMAID_MAX_EDGES` links is drawn in part
     (unfinished items first, by id) with a comment saying so; the plan's other fields are complete.
@@ -72,13 +74,22 @@ def to_mermaid(graph: QueueGraph) -> str:
     for item_id in nodes:
         item = graph.by_id[item_id]
         css = "error" if item.file in error_files or item_id in in_cycle else item.status
-        lines.append(f'    {names[item_id]}["{_mermaid_label(f"{item.id_str}: {item.title}")}"]:::{css}')
+        label = _mermaid_label(f"{item.id_str}: {item.title}")
+        shape = f'[["{label}"]]' if item_id in graph.isolated else f'["{label}"]'
+        lines.append(f"    {names[item_id]}{shape}:::{css}")
     links = [f"    {names[item_id]} --> {names[successor]}"
              for item_id in nodes for successor in graph.unblocks[item_id] if successor in shown]
     index = graph.conflict_index
     links += [f"    {names[first]} -.- {names[second]}"
               for first in nodes if first in index.keys and index.has_conflict(first)
               for second in sorted(index.neighbours(first) & shown) if second > first]
+    declared = graph.declared_index
+    if declared is not None:
+        isolated = graph.isolated
+        links += [f"    {names[first]} -. may conflict .- {names[second]}"
+                  for first in nodes if first in declared.keys and declared.has_conflict(first)
+                  for second in sorted(declared.neighbours(first) & shown)
+                  if second > first and (first in isolated or second in isolated)]
     lines += links[:MERMAID_MAX_EDGES]
     if len(nodes) < len(graph.by_id) or len(links) > MERMAID_MAX_EDGES:
         lines.append(f"    %% drawn in part: {len(nodes)} of {len(graph.by_id)} items, "

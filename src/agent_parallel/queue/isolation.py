@@ -10,6 +10,7 @@ worktree, made from the target at its claim, starts from its predecessors' merge
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, cast
@@ -20,6 +21,9 @@ from ..config import Config
 from ..worktrees import Integration, Lease, integrate, is_safe_to_remove, list_worktrees, predict_conflicts, prepare, \
     release, remove
 from .items import WorkItem
+from .timings import record_integration
+
+log = logging.getLogger(__name__)
 
 Phase = Literal["setup", "running", "integrating", "integrated", "conflict"]
 
@@ -105,12 +109,21 @@ async def integrate_item(root: Path, config: Config, isolated: Isolated, item: W
     notes: list[str] = []
     try:
         if not succeeded:
-            notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept")
+            notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: move item {item.id_str} "
+                         "back to pending with update_item to go on from the work done so far (they are reused)")
             return False, None, notes
         isolated.phase = "integrating"
-        result: Integration = await anyio.to_thread.run_sync(
-            lambda: integrate(root, config, lease, item.title or f"item {item.id_str}", config.integration_author))
+        try:
+            result: Integration = await anyio.to_thread.run_sync(
+                lambda: integrate(root, config, lease, item.title or f"item {item.id_str}", config.integration_author))
+        except Exception as exc:  # git itself failed: the item fails (its file must still move), its work is kept
+            isolated.phase = "conflict"
+            notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: fix the cause, then move "
+                         f"item {item.id_str} back to pending with update_item (they are reused)")
+            return False, f"integration could not run: {exc}", notes
         isolated.integration_s = result.seconds
+        if result.ok:  # what the planner expects the next ones to take (a failed one ends early: not counted)
+            await anyio.to_thread.run_sync(lambda: _record(root, item.id_str, result.seconds))
         if not result.ok:
             isolated.phase = "conflict"
             isolated.conflicts = list(result.conflicts)
@@ -122,24 +135,45 @@ async def integrate_item(root: Path, config: Config, isolated: Isolated, item: W
             return False, reason, notes
         isolated.phase, isolated.conflicts = "integrated", []
         notes.append(f"integrated into {lease.target} in {result.seconds:.2f} s ({result.message})")
-        await anyio.to_thread.run_sync(lambda: release(root, lease))  # a held worktree is never safe to remove
-        notes.append(await anyio.to_thread.run_sync(lambda: _remove_if_safe(root, config, lease)))
+        notes.append(await anyio.to_thread.run_sync(lambda: _release_and_remove(root, config, lease)))
         return True, None, notes
     finally:
-        await anyio.to_thread.run_sync(lambda: release(root, lease))  # releasing twice is harmless
+        try:
+            await anyio.to_thread.run_sync(lambda: release(root, lease))  # releasing twice is harmless
+        except Exception as exc:  # the lease of a process that ends is dropped anyway: never fail the item here
+            log.warning("could not release the worktree lease of item %s: %s", item.id_str, exc)
+
+
+def _record(root: Path, item_id: str, seconds: float) -> None:
+    """Keep the measured integration time for the planner; a failure to keep it only loses a sample."""
+    try:
+        record_integration(root, item_id, seconds)
+    except Exception as exc:
+        log.warning("could not record the integration time of item %s: %s", item_id, exc)
+
+
+def _release_and_remove(root: Path, config: Config, lease: Lease) -> str:
+    """Give the lease back (a held worktree is never safe to remove), then `_remove_if_safe`."""
+    try:
+        release(root, lease)
+    except Exception as exc:
+        return f"its worktree {lease.path} is kept: {exc}; `agent-parallel worktrees clean` removes it once safe"
+    return _remove_if_safe(root, config, lease)
 
 
 def _remove_if_safe(root: Path, config: Config, lease: Lease) -> str:
-    """Remove an integrated item's worktree and branch when that provably loses nothing."""
-    for state in list_worktrees(root, config):
-        if state.path == lease.path:
-            safe, why = is_safe_to_remove(root, config, state)
-            if not safe:
-                return f"its worktree {lease.path} is kept: {why}"
-            try:
+    """Remove an integrated item's worktree and branch when that provably loses nothing. Housekeeping:
+    the item is integrated whatever happens here, so nothing is raised (another item's worktree
+    removed at the same moment makes the listing fail, for one)."""
+    try:
+        for state in list_worktrees(root, config):
+            if state.path == lease.path:
+                safe, why = is_safe_to_remove(root, config, state)
+                if not safe:
+                    return f"its worktree {lease.path} is kept: {why}"
                 return remove(root, config, state)
-            except Exception as exc:  # removal is housekeeping: the item is integrated whatever happens here
-                return f"its worktree {lease.path} is kept: {exc}"
+    except Exception as exc:
+        return f"its worktree {lease.path} is kept: {exc}; `agent-parallel worktrees clean` removes it once safe"
     return f"its worktree {lease.path} was already gone"
 
 

@@ -5,6 +5,11 @@
 unchanged queue gets the same plan back, and a queue whose changed files changed nothing the plan
 uses (a body, a command) or only a title gets the previous plan (with the new titles). Showing a
 plan to people is in ``cli/render.py``, its diagrams in ``diagrams.py``.
+
+Isolated items are planned as the run schedules them (`isolation_policy`): with their measured
+integration time (``timings``) and, with ``integration.allow_overlap``, their declared overlaps shown as
+predicted conflicts; items in progress in their worktrees get git's forecast (`_forecast`, never cached:
+branches move without a queue file changing).
 """
 
 from __future__ import annotations
@@ -15,16 +20,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import load_config, max_parallel_for
-from ..errors import UsageError
+from ..config import Config, load_config, max_parallel_for
+from ..errors import AgentParallelError, UsageError
 from ..paths import CONFIG_FILE, RUNS_DIR, resolve_inside
 from .diagrams import to_mermaid
-from .planner import QueueGraph, QueuePlan, build_graph, check_slots, plan_graph
+from .planner import IsolationPolicy, QueueGraph, QueuePlan, build_graph, check_slots, plan_graph
 from .items import Diagnostic, ItemName, QueueReader, QueueSnapshot, WorkItem
+from .timings import integration_estimate
 
 
 _PLANS_KEPT = 8
 """Plans kept per unchanged queue snapshot (one per max_parallel/running/config combination)."""
+MAX_FORECASTS = 20
+"""In-progress isolated items (and pairs of them) whose branches git is asked about, per plan."""
+
+
+def isolation_policy(root: Path, config: Config, items: list[WorkItem]) -> IsolationPolicy:
+    """What the planner needs to know about isolation for these items: the config's default and
+    ``allow_overlap``, and (only when an item is isolated) the measured integration time."""
+    return _policy_for(root, config, any(item.isolation == "worktree" for item in items))
+
+
+def _policy_for(root: Path, config: Config, own_isolation: bool) -> IsolationPolicy:
+    policy = IsolationPolicy(default=config.isolation, allow_overlap=config.integration_allow_overlap)
+    if config.isolation != "worktree" and not own_isolation:
+        return policy  # nothing isolated: the stats file is not read
+    seconds, samples = integration_estimate(root.resolve())
+    return replace(policy, integration_s=seconds, integration_samples=samples)
 
 
 def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader,
@@ -68,7 +90,8 @@ def _plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None,
     config, config_warnings = load_config(root)
     slots = max_parallel_for(max_parallel, config)
     snapshot = reader.snapshot(root, queue_dir or config.queue_dir)
-    key = ("plan", slots, running, tuple(config_warnings))
+    isolation = _policy(root, config, snapshot)
+    key = ("plan", slots, running, tuple(config_warnings), isolation)
     planned = snapshot.memo.get(key)
     if planned is None:
         check_slots(slots, running)
@@ -76,7 +99,7 @@ def _plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None,
         if planned is None:
             diagnostics = list(snapshot.diagnostics)
             diagnostics += [Diagnostic(kind="config", file=CONFIG_FILE, message=text) for text in config_warnings]
-            graph = build_graph(snapshot.items, diagnostics)
+            graph = build_graph(snapshot.items, diagnostics, isolation)
             planned = (plan_graph(graph, slots, running), graph)
         if len(snapshot.memo) >= _PLANS_KEPT:
             snapshot.memo.clear()  # in_progress too: it is recomputed
@@ -85,10 +108,59 @@ def _plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None,
     in_progress = snapshot.memo.get("in_progress")
     if in_progress is None:
         in_progress = snapshot.memo["in_progress"] = [item for item in snapshot.items if item.status == "in_progress"]
-    stale = _stale_claim_warnings(root, in_progress)
+    stale = _stale_claim_warnings(root, in_progress, planned[1])
     if stale:
         plan = plan.model_copy(update={"warnings": stale + plan.warnings})
+    if in_progress and planned[1].isolated:
+        plan = _forecast(root, config, plan, planned[1], in_progress)
     return plan
+
+
+def _policy(root: Path, config: Config, snapshot: QueueSnapshot) -> IsolationPolicy:
+    """`isolation_policy` for a snapshot: whether any item has its own isolation is looked at once per snapshot."""
+    own = snapshot.memo.get("own_isolation")
+    if own is None:
+        own = snapshot.memo["own_isolation"] = any(item.isolation == "worktree" for item in snapshot.items)
+    return _policy_for(root, config, bool(own))
+
+
+def _forecast(root: Path, config: Config, plan: QueuePlan, graph: QueueGraph, in_progress: list[WorkItem]) -> QueuePlan:
+    """Git's forecast for the in-progress isolated items whose branches exist: each branch against the
+    target (the row's ``forecast``) and, for predicted conflicts between two of them, against each other.
+    Read-only (``git merge-tree``); a workspace git cannot answer for gets a warning, not an error."""
+    from ..worktrees import check_repository, predict_conflicts  # only here: planning stays free of git
+    from ..worktrees.repo import BRANCH_PREFIX, worktree_name
+
+    branches: dict[str, str] = {}
+    for item in in_progress:
+        if item.id in graph.isolated and len(branches) < MAX_FORECASTS:
+            try:
+                branches[item.id_str] = BRANCH_PREFIX + worktree_name(item.id_str, item.slug)
+            except UsageError:
+                continue  # a slug that cannot name a branch: it never had one
+    if not branches:
+        return plan
+    try:
+        target = check_repository(root, config).target
+        against_target: dict[str, list[str]] = {}
+        for item_id, branch in branches.items():
+            try:
+                against_target[item_id] = predict_conflicts(root, target, [branch])[branch]
+            except UsageError:
+                continue  # no such branch (yet, or any more)
+        between: dict[tuple[str, str], list[str]] = {}
+        for pair in plan.predicted_conflicts:
+            if len(between) < MAX_FORECASTS and pair.a in against_target and pair.b in against_target:
+                between[(pair.a, pair.b)] = predict_conflicts(root, branches[pair.a], [branches[pair.b]])[branches[pair.b]]
+    except (AgentParallelError, OSError) as exc:
+        warning = Diagnostic(kind="forecast", message=f"no conflict forecast for the items in progress in their "
+                                                      f"worktrees: {exc}")
+        return plan.model_copy(update={"warnings": [*plan.warnings, warning]})
+    rows = [row.model_copy(update={"forecast": against_target[row.id]}) if row.id in against_target
+            and row.status == "in_progress" else row for row in plan.items]
+    pairs = [pair.model_copy(update={"forecast": between[(pair.a, pair.b)]}) if (pair.a, pair.b) in between else pair
+             for pair in plan.predicted_conflicts]
+    return plan.model_copy(update={"items": rows, "predicted_conflicts": pairs})
 
 
 _UNPLANNED_FIELDS: set[str] = {"title", "body", "command", "timeout_s", "path"}
@@ -127,8 +199,9 @@ def _replanned(snapshot: QueueSnapshot, key: tuple[object, ...]) -> tuple[QueueP
     return plan.model_copy(update={"items": rows, "mermaid": to_mermaid(graph)}), graph
 
 
-def _stale_claim_warnings(root: Path, in_progress: list[WorkItem]) -> list[Diagnostic]:
-    """A warning per in-progress item claimed by a server that no longer runs (read-only)."""
+def _stale_claim_warnings(root: Path, in_progress: list[WorkItem], graph: QueueGraph) -> list[Diagnostic]:
+    """A warning per in-progress item claimed by a server that no longer runs (read-only); for an
+    isolated one, where its work so far is kept."""
     if not in_progress:
         return []
     try:
@@ -143,5 +216,15 @@ def _stale_claim_warnings(root: Path, in_progress: list[WorkItem]) -> list[Diagn
         kind="stale_claim", item=name.id_str, file=names[name.id_str].file,
         message=(f"claimed by {claim.get('by', 'an unknown claimant')} of a server (pid {claim.get('pid')}) that "
                  "no longer runs; planning leaves it in_progress. run_queue or update_item will move it to blocked; "
-                 "it is not re-run automatically (at-most-once): check whether its work was done"))
+                 "it is not re-run automatically (at-most-once): check whether its work was done"
+                 + _kept_worktree(names[name.id_str], graph)))
         for name, claim in found]
+
+
+def _kept_worktree(item: WorkItem, graph: QueueGraph) -> str:
+    """For an isolated item: where its work so far is, and that it is not lost (said without asking git)."""
+    if item.id not in graph.isolated:
+        return ""
+    return (f". Its worktree .agent/worktrees/{item.id_str}-{item.slug} and branch agent/{item.id_str}-{item.slug} "
+            "are kept (`agent-parallel worktrees` shows them); moving it back to pending reuses both, so the work "
+            "done so far goes on from where it was")

@@ -18,6 +18,11 @@ through the item (its own estimate included), then how many items it transitivel
 the `priority` field, then fewest blockers, then id. An item without `estimate` counts as
 `DEFAULT_ESTIMATE_S`. Times are kept in integer milliseconds so sums are exact.
 
+Isolated items (`IsolationPolicy`: an item's own ``isolation``, else ``runner.isolation``) also take
+their expected integration time after their estimate, in their slot, one integration at a time (the
+integration lock); with ``allow_overlap`` their declared files and components no longer keep them
+apart (the run does the same), and those overlaps become `predicted_conflicts` instead.
+
 Cycle paths read in the ``blocked_by`` direction: ``003 -> 007 -> 005 -> 003`` means 003 waits on
 007, which waits on 005, which waits on 003.
 """
@@ -78,6 +83,11 @@ class PlanItem(BaseModel):
     """Seconds, as written in the item; None when it has no `estimate`."""
     isolation: str | None = None
     """The item's own `isolation` (none | worktree); None when `runner.isolation` decides."""
+    integration_estimate: float | None = None
+    """Seconds its integration is expected to take (part of its predicted time); None: not isolated."""
+    forecast: list[str] | None = None
+    """An in-progress isolated item: the files its branch would conflict on if integrated into the
+    target now (``git merge-tree``; empty: none). None when it has no branch to ask about."""
     ready: bool
     waiting_on: list[str]
     reason: str | None
@@ -90,6 +100,19 @@ class Conflict(BaseModel):
     b: str
     files: list[str]
     components: list[str]
+
+
+class PredictedConflict(BaseModel):
+    """Two items whose declared files or components overlap but which may run together (isolated,
+    with ``integration.allow_overlap``): the integration queue decides whether they really conflict."""
+
+    a: str
+    b: str
+    files: list[str]
+    components: list[str]
+    forecast: list[str] | None = Field(default=None, description=(
+        "when both have a branch (in progress): the files git predicts would conflict between them "
+        "(`git merge-tree`; empty: none); None when it cannot be asked yet"))
 
 
 class ConflictGroup(BaseModel):
@@ -137,9 +160,40 @@ class QueuePlan(BaseModel):
     predicted_makespan: float
     lower_bound: float
     mermaid: str
+    isolation: str = Field(default="none", description="runner.isolation: how items without their own "
+                                                       "`isolation` run (none | worktree)")
+    allow_overlap: bool = Field(default=False, description="integration.allow_overlap: isolated items with "
+                                                           "overlapping files may run together")
+    integration_estimate: float | None = Field(default=None, description=(
+        "seconds each isolated item's integration is expected to take (the median of the last measured ones, "
+        "else a default), included in the prediction; None when no item is isolated"))
+    integration_samples: int = Field(default=0, description="measured integrations the estimate comes from "
+                                                            "(0: the default)")
+    predicted_conflicts: list[PredictedConflict] = Field(default_factory=list, description=(
+        f"declared overlaps allowed to run together (isolated items, allow_overlap), at most "
+        f"{MAX_CONFLICTS_SHOWN}: possible integration conflicts"))
+    predicted_conflicts_total: int = 0
 
 
 # --- the graph ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IsolationPolicy:
+    """What the planner needs to know about isolation (plain data, passed in: the planner reads nothing):
+    the default (``runner.isolation``), ``integration.allow_overlap`` and the expected integration time."""
+
+    default: str = "none"
+    allow_overlap: bool = False
+    integration_s: float = 0.0
+    integration_samples: int = 0
+
+    def isolated(self, item: WorkItem) -> bool:
+        """The item's own ``isolation`` if it has one, else the default."""
+        return (item.isolation or self.default) == "worktree"
+
+
+NO_ISOLATION = IsolationPolicy()
 
 
 @dataclass
@@ -183,13 +237,22 @@ class QueueGraph:
     """Which pending or in-progress nodes must not run together, by the files and components they hold."""
     conflicts: Mapping[int, frozenset[int]] = field(default_factory=dict)
     """Pending or in-progress node with a conflict -> the nodes it must not run beside (built on demand)."""
+    isolation: IsolationPolicy = NO_ISOLATION
+    integration_ms: dict[int, int] = field(default_factory=dict)
+    """Schedulable and in-progress isolated items -> their expected integration (part of `estimate_ms`)."""
+    isolated: frozenset[int] = frozenset()
+    """Nodes that run isolated."""
+    declared_index: ConflictIndex | None = None
+    """With ``allow_overlap`` and isolated items: the conflicts as declared, isolated items included
+    (`conflict_index` leaves them out); its pairs with an isolated item are the predicted conflicts."""
 
     def label(self, item_id: int) -> str:
         """How results spell an id: as in its file name, else zero-padded to three digits."""
         return self.labels.get(item_id) or format_id(item_id)
 
 
-def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = ()) -> QueueGraph:
+def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (),
+                isolation: IsolationPolicy = NO_ISOLATION) -> QueueGraph:
     """Validate the queue and compute readiness, ranks and conflicts. Never raises for bad input."""
     items = sorted(items, key=lambda item: (item.id, item.file))
     errors = [d for d in diagnostics if d.is_error]
@@ -202,11 +265,16 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
             unblocks[pred].append(item_id)
     graph = QueueGraph(items=items, by_id=by_id, labels=labels, waits_on=waits_on, unblocks=unblocks,
                        errors=errors, warnings=warnings,
-                       cycles=strongly_connected_components(list(by_id), waits_on))
+                       cycles=strongly_connected_components(list(by_id), waits_on), isolation=isolation)
+    if isolation != NO_ISOLATION:
+        graph.isolated = frozenset(item_id for item_id, item in by_id.items() if isolation.isolated(item))
     _readiness(graph, waits_on_broken)
     _weigh(graph)
-    graph.conflict_index = ConflictIndex(
-        item for item in by_id.values() if item.status in ("pending", "in_progress"))
+    active = [item for item in by_id.values() if item.status in ("pending", "in_progress")]
+    if isolation.allow_overlap and any(item.id in graph.isolated for item in active):
+        graph.declared_index = ConflictIndex(active)
+        active = [item for item in active if item.id not in graph.isolated]
+    graph.conflict_index = ConflictIndex(active)
     graph.conflicts = _Neighbours(graph.conflict_index)
     graph.errors.sort(key=_diagnostic_order)
     graph.warnings.sort(key=_diagnostic_order)
@@ -408,6 +476,11 @@ def _weigh(graph: QueueGraph) -> None:
     pending = set(graph.schedulable)
     by_id = graph.by_id
     estimate = graph.estimate_ms = {item_id: round(1000 * _estimate_s(by_id[item_id])) for item_id in active}
+    integration_ms = round(1000 * graph.isolation.integration_s)
+    if integration_ms > 0 and graph.isolated:
+        graph.integration_ms = {item_id: integration_ms for item_id in active if item_id in graph.isolated}
+        for item_id in graph.integration_ms:
+            estimate[item_id] += integration_ms
     successors = {item_id: [s for s in graph.unblocks[item_id] if s in pending] for item_id in active}
     order = topological_order(active, successors)
     position = graph.position = {item_id: index for index, item_id in enumerate(order)}
@@ -752,18 +825,22 @@ class Schedule:
 def simulate(graph: QueueGraph, max_parallel: int, *, rank: Mapping[int, object] | None = None) -> Schedule:
     """List scheduling driven by estimates: whenever a slot frees, start the best ready items.
 
-    In-progress items are taken to run from time 0 for their whole estimate.
+    In-progress items are taken to run from time 0 for their whole estimate. An isolated item's
+    work is followed by its integration, in its slot, once no other integration holds the lock
+    (first come, first served): its end is when its integration ends.
     """
     scheduler = Scheduler(graph, rank=rank)
+    integration = graph.integration_ms
     start: dict[int, int] = {}
     end: dict[int, int] = {}
-    events: list[tuple[int, int]] = []
+    events: list[tuple[int, int, int]] = []
+    """(time, 1 once integrated else 0, item): the item's work (or its integration) ends then."""
     for item_id in graph.in_progress:
         start[item_id] = 0
-        end[item_id] = graph.estimate_ms[item_id]
-        heapq.heappush(events, (end[item_id], item_id))
+        heapq.heappush(events, (graph.estimate_ms[item_id] - integration.get(item_id, 0), 0, item_id))
     waves: list[list[int]] = []
     wave_start: list[int] = []
+    lock_free = 0
 
     def launch(now: int) -> None:
         started = scheduler.start_next(max_parallel - len(scheduler.running))
@@ -773,15 +850,20 @@ def simulate(graph: QueueGraph, max_parallel: int, *, rank: Mapping[int, object]
         wave_start.append(now)
         for item_id in started:
             start[item_id] = now
-            end[item_id] = now + graph.estimate_ms[item_id]
-            heapq.heappush(events, (end[item_id], item_id))
+            heapq.heappush(events, (now + graph.estimate_ms[item_id] - integration.get(item_id, 0), 0, item_id))
 
     launch(0)
     now = 0
     while events:
         now = events[0][0]
         while events and events[0][0] == now:
-            scheduler.finished(heapq.heappop(events)[1], ok=True)
+            _, integrated, item_id = heapq.heappop(events)
+            if not integrated and integration.get(item_id):
+                lock_free = max(now, lock_free) + integration[item_id]
+                heapq.heappush(events, (lock_free, 1, item_id))
+                continue
+            end[item_id] = now
+            scheduler.finished(item_id, ok=True)
         launch(now)
     if scheduler.not_started():
         raise InternalError(f"the simulation left items unstarted: {scheduler.not_started()[:10]}")
@@ -792,7 +874,8 @@ def simulate(graph: QueueGraph, max_parallel: int, *, rank: Mapping[int, object]
 
 
 def lower_bound_ms(graph: QueueGraph, max_parallel: int) -> float:
-    """``max(critical path, total work / slots, longest serial set)``: no schedule can beat it.
+    """``max(critical path, total work / slots, longest serial set, total integration)``: no schedule
+    can beat it (integrations take turns, and an item holds its slot while integrated).
 
     The serial set is a greedy clique of items that pairwise conflict or wait on one another
     (with at most one in-progress item, since those already overlap): they can only run one after
@@ -804,7 +887,7 @@ def lower_bound_ms(graph: QueueGraph, max_parallel: int) -> float:
     estimate = graph.estimate_ms
     critical = max(graph.remaining_ms.values())
     work = sum(estimate[item_id] for item_id in active) / max(max_parallel, len(graph.in_progress))
-    return max(critical, work, _serial_bound(graph, active))
+    return max(critical, work, _serial_bound(graph, active), sum(graph.integration_ms.values()))
 
 
 _SERIAL_SEEDS = 16
@@ -1013,7 +1096,41 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
         "predicted_makespan": schedule.makespan_ms / 1000,
         "lower_bound": lower_bound_ms(graph, max_parallel) / 1000,
         "mermaid": to_mermaid(graph),
+        **_isolation_fields(graph),
     })
+
+
+def _isolation_fields(graph: QueueGraph) -> dict[str, Any]:
+    """The plan's top-level isolation fields; none when nothing is isolated (the defaults say so)."""
+    policy = graph.isolation
+    fields: dict[str, Any] = {"isolation": policy.default, "allow_overlap": policy.allow_overlap}
+    active = set(graph.schedulable) | set(graph.in_progress)
+    if not active & graph.isolated:
+        return fields
+    fields["integration_estimate"] = policy.integration_s
+    fields["integration_samples"] = policy.integration_samples
+    declared = graph.declared_index
+    if declared is not None:
+        labels, isolated = graph.labels, graph.isolated
+        pairs = _allowed_pairs(declared, isolated, MAX_CONFLICTS_SHOWN)
+        fields["predicted_conflicts"] = [
+            {"a": labels[a], "b": labels[b], "files": files, "components": components}
+            for a, b in pairs for files, components in [declared.shared(a, b)]]
+        fields["predicted_conflicts_total"] = declared.pair_count() - graph.conflict_index.pair_count()
+    return fields
+
+
+def _allowed_pairs(declared: ConflictIndex, isolated: AbstractSet[int], limit: int) -> list[tuple[int, int]]:
+    """Declared conflicting pairs with an isolated item (those allow_overlap lets run together), in
+    id order, at most `limit`."""
+    found: list[tuple[int, int]] = []
+    for first in sorted(declared.keys):
+        if len(found) >= limit:
+            break
+        if declared.has_conflict(first):
+            found.extend((first, second) for second in sorted(declared.neighbours(first))
+                         if second > first and (first in isolated or second in isolated))
+    return found[:limit]
 
 
 def _plan_rows(graph: QueueGraph) -> list[PlanItem]:
@@ -1021,6 +1138,7 @@ def _plan_rows(graph: QueueGraph) -> list[PlanItem]:
     lists are the row's own (not the item's)."""
     labels, by_id, waits_on, unblocks = graph.labels, graph.by_id, graph.waits_on, graph.unblocks
     reasons, waiting_on = graph.reasons, graph.waiting_on
+    isolated, integration_s = graph.isolation.isolated, graph.isolation.integration_s
     rows = []
     for item in graph.items:
         file = item.file
@@ -1036,6 +1154,7 @@ def _plan_rows(graph: QueueGraph) -> list[PlanItem]:
             "blocked_by": blocked_by, "blocks": blocks,
             "files": list(item.files), "components": list(item.components), "priority": item.priority,
             "estimate": item.estimate_s, "isolation": item.isolation,
+            "integration_estimate": integration_s if isolated(item) else None, "forecast": None,
             "ready": item.status == "pending" and reason is None,
             "waiting_on": [labels[i] for i in waiting_on.get(file, ())],
             "reason": reason,

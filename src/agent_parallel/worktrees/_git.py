@@ -43,6 +43,8 @@ def run_git(cwd: Path, *args: str, stdin: bytes | None = None, env: dict[str, st
         done = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, env=git_env(env),
                               stdin=None if stdin is not None else subprocess.DEVNULL)
     except FileNotFoundError as exc:
+        if not cwd.is_dir():  # removed meanwhile (another item's worktree being cleaned up), not git missing
+            raise WorktreeError(f"{step or 'git ' + ' '.join(args[:3])} failed: {cwd} does not exist") from exc
         raise WorktreeError("git is not installed (or not on PATH); install git, or set runner.isolation: none") \
             from exc
     if done.returncode not in ok:

@@ -126,7 +126,12 @@ def _state(info: RepoInfo, path: Path, branch_ref: str | None, head: str | None,
         state = "missing"
         safe, reason = contained, ("its directory is gone; " + why)
     else:
-        state, problem = _worktree_problem(info, path)
+        try:
+            state, problem = _worktree_problem(info, path)
+        except WorktreeError:
+            if path.is_dir():
+                raise
+            state, problem = "missing", "its directory is gone (removed while it was being listed)"
         if lease is not None:
             state, problem = "in-use", f"a live item uses it (pid {lease.get('pid')})"
         safe = contained and problem is None

@@ -158,6 +158,10 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
         run_git(info.root, "worktree", "prune", step="git worktree prune")
         entry = None
     if entry is not None:
+        if entry.branch is None and _rebasing(path):  # a crash mid-integration, or the agent's own rebase
+            raise WorktreeError(f"a rebase is in progress in worktree {path} (its work is kept; git -C {path} status "
+                                f"shows it): finish it (git -C {path} rebase --continue) or undo it (git -C {path} "
+                                "rebase --abort, which puts the branch back as it was), then retry the item")
         if entry.branch is None and _detached_by_us(path, branch):  # a crash while verifying a merge or squash
             run_git(path, "checkout", "-q", branch, step=f"git checkout {branch} in {path}")
             return True
@@ -179,6 +183,12 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
         run_git(info.root, "worktree", "add", "--no-track", "-b", branch, str(path), info.target_commit,
                 step=f"git worktree add -b {branch} {path}")
     return has_branch
+
+
+def _rebasing(path: Path) -> bool:
+    """Whether a rebase stopped half-way in the worktree."""
+    gitdir = Path(git_out(path, "rev-parse", "--absolute-git-dir"))
+    return (gitdir / "rebase-merge").exists() or (gitdir / "rebase-apply").exists()
 
 
 def _detached_by_us(path: Path, branch: str) -> bool:
