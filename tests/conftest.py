@@ -75,6 +75,26 @@ def workspace(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root); skipped where it cannot be mounted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(disk: Path, pages_left: int = 0) -> None:
+    """Fill the tmpfs ``disk`` (``tiny_disk``) until only ``pages_left`` pages are free."""
+    import os
+
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"x" * ((st.f_bavail - pages_left) * st.f_bsize))
+
+
+@pytest.fixture
 def settings() -> ServerSettings:
     """What most tests run with, in the open: a short kill grace, and no start held for low memory
     (the defaults are what users get: ServerSettings() == ServerSettings.from_config(Config()))."""

@@ -144,18 +144,6 @@ async def test_log_path_that_is_a_directory_fails_the_task(workspace):
         await still_works(registry)
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 256 KiB tmpfs (needs root); skipped where it cannot be mounted."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.fault("a disk with one free page: the first record write fits, the second (running) does not: "
                    "the task fails with the reason and its process is stopped, the server goes on")
 async def test_second_record_write_failing_fails_the_task(workspace, tiny_disk):

@@ -5,7 +5,6 @@ group id; bad input is refused before anything starts."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from conftest import all_dead, call, call_error, read_pids
+from conftest import all_dead, call, call_error, fill_disk, read_pids
 from agent_parallel.server import ServerSettings, build_server
 
 pytestmark = pytest.mark.anyio
@@ -153,16 +152,14 @@ async def test_ids_naming_more_than_1000_tasks_through_groups_are_refused(worksp
 
 @pytest.mark.fault("the disk fills while a fan-out writes its members' records: a clear error, no member started "
                    "and no record of any member left")
-async def test_a_record_that_cannot_be_written_starts_no_member(workspace):
+async def test_a_record_that_cannot_be_written_starts_no_member(workspace, tiny_disk):
     from agent_parallel.errors import StorageError
     from agent_parallel.tasks.registry import RegistrySettings, open_registry
 
-    runs = workspace / ".agent/runs"
+    runs = tiny_disk / "runs"
     runs.mkdir(parents=True)
     async with open_registry(workspace, runs, RegistrySettings()) as registry:
-        ids = iter(f"member{n:06d}" for n in range(100))
-        registry._new_task_id = lambda: next(ids)
-        os.symlink("/dev/full", runs / ".member000002.json.tmp")
+        fill_disk(tiny_disk, pages_left=2)  # room for two members' records, not the third
         with pytest.raises(StorageError, match=r"^cannot write the task record in .*: No space left on device"):
             await registry.launch_group([f"touch started{n}" for n in range(4)], max_parallel=2, cwd=workspace)
         assert not list(workspace.glob("started*")) and registry.list() == ([], 0)

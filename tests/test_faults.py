@@ -23,7 +23,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from agent_parallel.tasks.registry import RegistrySettings, open_registry
-from conftest import RawServer, call, call_error
+from conftest import RawServer, call, call_error, fill_disk
 from queue_helpers import write_item
 
 SCRIPT = Path(sys.executable).parent / "agent-parallel"
@@ -78,12 +78,11 @@ async def test_log_write_enospc_fails_the_task_visibly(workspace, tmp_path):
 
 @pytest.mark.anyio
 @pytest.mark.fault("disk full or unwritable run directory when a task's record is written: a clear error, nothing started")
-async def test_record_write_failure_is_a_clear_error(workspace):
-    runs = workspace / ".agent/runs"
+async def test_record_write_failure_is_a_clear_error(workspace, tiny_disk):
+    runs = tiny_disk / "runs"
     runs.mkdir(parents=True)
     async with open_registry(workspace, runs, RegistrySettings()) as registry:
-        registry._new_task_id = lambda: "fullrecord01"
-        os.symlink("/dev/full", runs / ".fullrecord01.json.tmp")
+        fill_disk(tiny_disk)
         from agent_parallel.errors import StorageError
 
         with pytest.raises(StorageError, match=r"^cannot write the task record in .*: No space left on device; "
@@ -381,3 +380,18 @@ def test_write_atomic_replaces_whole_files_and_leaves_no_temporary_file(tmp_path
     with pytest.raises(OSError):
         paths.write_atomic(target, b"lost")
     assert target.read_bytes() == b"new" * 100_000 and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+@pytest.mark.fault("a cloned repository plants a symlink where an atomic write puts its temporary file "
+                   "(.agent/worktrees/..leases.json.tmp -> a file of the user's): the write never goes through it")
+def test_an_atomic_write_never_follows_a_planted_temporary_file(tmp_path):
+    from agent_parallel.paths import write_atomic
+
+    victim = tmp_path / "bashrc"
+    victim.write_text("the user's file\n")
+    folder = tmp_path / "ws/.agent/worktrees"
+    folder.mkdir(parents=True)
+    os.symlink(victim, folder / "..leases.json.tmp")
+    write_atomic(folder / ".leases.json", b"{}", durable=True)
+    assert victim.read_text() == "the user's file\n"
+    assert (folder / ".leases.json").read_bytes() == b"{}" and not (folder / "..leases.json.tmp").exists()

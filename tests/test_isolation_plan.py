@@ -95,7 +95,7 @@ def test_declared_overlaps_serialize_isolated_items_unless_overlap_is_allowed():
 
 
 def test_plan_and_run_see_the_same_conflicts_with_allow_overlap(tmp_path: Path):
-    """The run builds its graph through QueueContext.graph (overlaps_allowed): the plan agrees on what
+    """The run builds its graph through QueueContext.graph (isolation_policy): the plan agrees on what
     is kept apart."""
     write_config(tmp_path, runner={"isolation": "worktree"}, integration={"allow_overlap": True})
     write_item(tmp_path, 1, "iso-a", files=["src"], command="true")

@@ -52,16 +52,25 @@ def runs_dir(root: Path) -> Path:
     return path
 
 
-def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
+def write_atomic(path: Path, data: bytes, *, durable: bool = False, sync_dir: bool = True) -> None:
     """THE atomic write: ``data`` into ``.NAME.tmp`` next to ``path``, then renamed over it, so a
     reader sees the old file or the new one, never half of one.
 
     ``durable`` also fsyncs the file before the rename and the directory after it, so the new file
-    survives a crash (final states); without it the write may be lost, never torn. The temporary
+    survives a crash (final states); without it the write may be lost, never torn. ``sync_dir=False``
+    leaves the directory's fsync to the caller (``GroupCommit`` does it once for a batch). The temporary
     file is removed when the write fails (a full disk).
+
+    Whatever already has the temporary file's name (a leftover of a crash, or a symlink a cloned
+    repository planted there to have us write through it) is removed first, and the file is then
+    created new (``O_EXCL | O_NOFOLLOW``): a write never goes anywhere but into this directory.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
             view = memoryview(data)
@@ -75,7 +84,7 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if durable:
+    if durable and sync_dir:
         dfd = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)

@@ -36,15 +36,6 @@ def is_isolated(config: Config, item: WorkItem) -> bool:
     return (item.isolation or config.isolation) == "worktree"
 
 
-def overlaps_allowed(config: Config, items: list[WorkItem]) -> list[WorkItem]:
-    """``items`` as the run schedules them: with ``integration.allow_overlap``, an isolated item's
-    declared ``files``/``components`` no longer keep it apart from others (the integration queue
-    catches real conflicts); everything else unchanged."""
-    if not config.integration_allow_overlap:
-        return items
-    return [i.model_copy(update={"files": [], "components": []}) if is_isolated(config, i) else i for i in items]
-
-
 @dataclass
 class Isolated:
     """An isolated item's worktree (its ``lease``) and where it is in its life."""

@@ -37,7 +37,8 @@ from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
 from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
-from .isolation import Isolated, forecast, integrate_item, is_isolated, overlaps_allowed, prepare_item
+from .isolation import Isolated, forecast, integrate_item, is_isolated, prepare_item
+from .plan import isolation_policy
 from .items import QueueReader, WorkItem, format_id
 from ..results import ItemOutcome, RunningItem, RunProgress
 from ..tasks.executor import ExitInfo
@@ -73,12 +74,12 @@ class QueueContext:
         Raises the reader's clear ``QueueError`` when the queue directory does not exist."""
         self.queue_dir  # noqa: B018 -- a queue.dir outside the workspace is refused naming the setting
         items, diagnostics = self.reader.read(self.root, self.config.queue_dir)
-        items = overlaps_allowed(self.config, items)
-        graph = build_graph(items, diagnostics)
+        policy = isolation_policy(self.root, self.config, items)  # as queue_plan plans: integration time, overlaps
+        graph = build_graph(items, diagnostics, policy)
         if only is None:
             return graph
         members = set(Scheduler(graph, only=only).not_started())
-        return build_graph([i for i in items if i.status != "pending" or i.id in members], diagnostics)
+        return build_graph([i for i in items if i.status != "pending" or i.id in members], diagnostics, policy)
 
     def ensure_runs_dir(self) -> None:
         """Recreate the runs directory if it vanished mid-run (``git clean -fdX`` removes it):
@@ -210,7 +211,11 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         try:
             kept: list[str] = []
             if isolated is not None:
-                ok, end.reason, kept = await integrate_item(ctx.root, ctx.config, isolated, item, succeeded=ok)
+                try:
+                    ok, end.reason, kept = await integrate_item(ctx.root, ctx.config, isolated, item, succeeded=ok)
+                except Exception as exc:  # whatever happens, the item's file moves (never left in_progress)
+                    log.exception("item %s: its integration failed", item.id_str)
+                    ok, end.reason = False, f"its integration failed: {exception_reason(exc)}"
                 end.ok = ok
             reason = end.reason or rec.reason
             end.notes = await anyio.to_thread.run_sync(

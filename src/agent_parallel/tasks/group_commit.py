@@ -20,6 +20,8 @@ from pathlib import Path
 
 import anyio
 
+from ..paths import write_atomic
+
 MAX_BATCH = 256  # files per batch: one batch never keeps a worker thread for long
 
 
@@ -97,20 +99,7 @@ def write_batch(batch: list[_Write]) -> None:
 
 def _write_file(path: Path, data: bytes) -> None:
     """``paths.write_atomic(durable=True)`` without its directory fsync (the batch does that once)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, durable=True, sync_dir=False)
 
 
 __all__ = ["GroupCommit", "write_batch", "MAX_BATCH"]
