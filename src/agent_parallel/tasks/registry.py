@@ -218,7 +218,8 @@ class TaskRegistry:
                      kind: TaskKind = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
                      on_finish: FollowUp | None = None, group: GroupSlots | None = None,
-                     prelude: bytes = b"", follow_up_timeout: float | None = None) -> Task:
+                     prelude: bytes = b"", follow_up_timeout: float | None = None,
+                     resources: dict[str, float] | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
@@ -230,7 +231,8 @@ class TaskRegistry:
         A member of a ``group`` counts against the cap only once it has one of the group's slots
         (``launch_group`` checked the room for its slots). ``prelude`` opens the task's log (what was
         done to prepare it); ``on_finish`` may take ``follow_up_timeout`` seconds (default
-        ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs).
+        ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs). ``resources`` go to the
+        executor as they are (``LaunchSpec.resources``).
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
@@ -242,7 +244,7 @@ class TaskRegistry:
         predecessors = [self.get(p) for p in (after or [])]
         task_id = self._new_id()
         spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
-                          stdin_path=stdin_path)
+                          stdin_path=stdin_path, resources=dict(resources or {}))
         if problem := check_launch_strings(spec):
             raise UsageError(f"cannot start the task: {problem}")
         shown = command if command is not None else " ".join(argv or [])
