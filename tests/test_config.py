@@ -120,7 +120,7 @@ def test_unknown_keys_are_ignored_with_a_suggestion(tmp_path: Path) -> None:
     config, warnings = load_config(tmp_path)
     assert config.max_parallel == 5
     assert warnings == [
-        "unknown key colour ignored (known: autonomy, runner, queue, resources, tasks, worktree, integration)",
+        "unknown key colour ignored (known: autonomy, runner, queue, resources, tasks, worktree, integration, executor, ray)",
         "unknown key autonomy.max_paralel ignored; did you mean max_parallel?",
     ]
 

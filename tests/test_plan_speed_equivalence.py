@@ -66,13 +66,13 @@ def front_lines(draw: st.DrawFn) -> str:
 
 ADDED_SINCE = {"isolation": [None, "none"], "allow_overlap": [False], "integration_estimate": [None],
                "integration_samples": [0], "predicted_conflicts": [[]], "predicted_conflicts_total": [0],
-               "forecast": [None]}
+               "forecast": [None], "resources": [{}]}
 """Fields added since the legacy copy, with their values in a queue without isolation."""
 
 
 def as_before(value: object) -> object:
-    """A dump without what was added since the legacy copy: the isolation fields (`ADDED_SINCE`, at
-    their values without isolation) and `isolation`'s name in the list of known fields of an
+    """A dump without what was added since the legacy copy: the isolation fields and `resources`
+    (`ADDED_SINCE`, at their values when not used) and their names in the list of known fields of an
     unknown-field warning."""
     if isinstance(value, dict):
         return {k: as_before(v) for k, v in value.items()
@@ -80,7 +80,7 @@ def as_before(value: object) -> object:
     if isinstance(value, list):
         return [as_before(v) for v in value]
     if isinstance(value, str):
-        return value.replace(", timeout, isolation)", ", timeout)")
+        return value.replace(", timeout, isolation, resources)", ", timeout)")
     return value
 
 

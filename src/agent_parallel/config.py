@@ -35,6 +35,9 @@ Layout (every key optional; a missing file means every default)::
       verify: "pytest -q"       # shell command that must pass on the combined result before the target moves
       allow_overlap: false      # let isolated items with overlapping files run together
       author: "Agent <agent@example.com>"  # author of the commit made of what an agent left uncommitted
+    executor: local             # local (default) | ray: tasks and items run on a Ray cluster (agent-parallel[ray])
+    ray:
+      address: HOST:6379        # join this cluster; without it `executor: ray` starts a local Ray instance
 
 Durations (`runner.timeout`, `tasks.wait_cap`, and an item's `estimate` and `timeout`) are written
 ``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` (h:mm) or a bare number. A bare number means
@@ -81,6 +84,7 @@ ALIAS_BUDGET = 1_000_000
 Level = Literal["L1", "L2", "L3"]
 Isolation = Literal["none", "worktree"]
 Strategy = Literal["rebase", "merge", "squash"]
+ExecutorName = Literal["local", "ray"]
 MAX_PORT = 65535
 
 
@@ -123,6 +127,9 @@ class Config(BaseModel):
     integration_allow_overlap: bool = False
     integration_author: str | None = None
     """``Name <email>`` of the commit made of an agent's uncommitted work; None: git's configured user."""
+    executor: ExecutorName = "local"
+    ray_address: str | None = None
+    """The Ray cluster to join with ``executor: ray``; None starts a local Ray instance."""
 
     @property
     def stops_on_first_failure(self) -> bool:
@@ -247,7 +254,7 @@ def unknown_key_warning(where: str, key: object, known: list[str]) -> str:
 # --- reading the file ----------------------------------------------------------------------------
 
 _KNOWN = {
-    "": ["autonomy", "runner", "queue", "resources", "tasks", "worktree", "integration"],
+    "": ["autonomy", "runner", "queue", "resources", "tasks", "worktree", "integration", "executor", "ray"],
     "autonomy": ["level", "max_parallel", "continue_on_error", "l3_settings", "min_free_memory", "max_load"],
     "autonomy.l3_settings": ["max_parallel", "continue_on_error"],
     "runner": ["command", "timeout", "isolation"],
@@ -256,6 +263,7 @@ _KNOWN = {
     "tasks": ["wait_cap", "log_cap", "max_tasks"],
     "worktree": ["copy", "link", "setup", "ports"],
     "integration": ["target", "strategy", "verify", "allow_overlap", "author"],
+    "ray": ["address"],
 }
 
 
@@ -327,6 +335,10 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
     if "max_tasks" in tasks:
         values["max_tasks"] = _whole_number("tasks.max_tasks", tasks["max_tasks"], minimum=1, maximum=MAX_TASKS)
     values.update(_isolation_settings(runner, sections["worktree"], sections["integration"]))
+    if data.get("executor") is not None:
+        values["executor"] = _choice("executor", data["executor"], ("local", "ray"))
+    if sections["ray"].get("address") is not None:
+        values["ray_address"] = _text("ray.address", sections["ray"]["address"])
     return Config(**values), warnings
 
 

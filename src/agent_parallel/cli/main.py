@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                             f"${TOKEN_ENV} (clients send 'Authorization: Bearer TOKEN')")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
                        help="with --allow-remote: another Host header value clients use (repeatable)")
+    _executor_options(serve)
     serve.set_defaults(func=_serve)
 
     plan = sub.add_parser("plan", help="show the queue's plan: what can run now, in what order")
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--continue-on-error", action=argparse.BooleanOptionalAction, default=None,
                      help="L3 only: keep going past failures")
     run.add_argument("--items", nargs="+", default=None, metavar="ID", help="only these items and what they need")
+    _executor_options(run)
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="copy the example queue to a temporary workspace, plan it and run it")
@@ -92,6 +94,32 @@ def _parser() -> argparse.ArgumentParser:
     from .worktrees import add_parser as add_worktrees_parser
     add_worktrees_parser(sub)
     return parser
+
+
+def _executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=["local", "ray"], default=None,
+                        help="where tasks run: this machine (local, the default) or a Ray cluster (ray; needs "
+                             "agent-parallel[ray]); default from .agent/config.yaml's `executor`")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="with --executor ray: join this cluster (default: start a local Ray instance)")
+
+
+def _executor_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """``--executor`` / ``--ray-address`` as settings; Ray missing is refused here, before anything starts."""
+    overrides: dict[str, object] = {}
+    if args.executor is not None:
+        overrides["executor"] = args.executor
+    if args.ray_address is not None:
+        overrides["ray_address"] = args.ray_address
+        overrides.setdefault("executor", "ray")
+    return overrides
+
+
+def _check_executor(executor: str) -> None:
+    if executor == "ray":
+        from ..tasks.ray_executor import require_ray
+
+        require_ray()
 
 
 def _wait_cap(text: str) -> float:
@@ -149,9 +177,16 @@ def _run(args: argparse.Namespace) -> int:
     for warning in config_warnings:
         console.print(_warning(warning))
 
+    overrides = _executor_overrides(args)
+    if args.max_parallel is not None:
+        overrides["ray_slots"] = args.max_parallel
+    server_settings = ServerSettings.from_config(config, **overrides)
+    _check_executor(server_settings.executor)
+
     async def main() -> TaskStatus:
-        settings = ServerSettings.from_config(config).registry_settings()
-        async with open_registry(root, runs_dir(root), settings) as registry:
+        settings = server_settings.registry_settings()
+        executor = server_settings.make_executor()
+        async with open_registry(root, runs_dir(root), settings, executor) as registry:
             ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
             # a run starts: claims of servers that no longer run are given back first (planning moves no file)
             for item, file, message in await anyio.to_thread.run_sync(
@@ -210,7 +245,8 @@ def _demo(args: argparse.Namespace) -> int:
         shutil.copy(source / CONFIG_FILE, workspace / CONFIG_FILE)
     print(f"demo workspace: {workspace} (a copy of {source / AGENT_DIR})\n")
     _plan(argparse.Namespace(root=workspace, queue_dir=None, max_parallel=None, format="table"))
-    code = _run(argparse.Namespace(root=workspace, level=None, max_parallel=None, continue_on_error=None, items=None))
+    code = _run(argparse.Namespace(root=workspace, level=None, max_parallel=None, continue_on_error=None, items=None,
+                                   executor=None, ray_address=None))
     print(f"\nthe queue files now carry their final status: ls {workspace / QUEUE_DIR}")
     return code
 
@@ -254,7 +290,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ..server import ServerSettings, build_server
 
     overrides = {} if args.wait_cap is None else {"wait_cap_s": args.wait_cap}
+    overrides |= _executor_overrides(args)
     settings = ServerSettings.for_workspace(args.root.resolve(), **overrides)
+    _check_executor(settings.executor)
     security, token, public_url = None, None, None
     if args.transport == "http":
         security, token, public_url = _http_security(args)

@@ -32,7 +32,7 @@ from typing import Any, Literal, NamedTuple, TypeVar, cast
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from ..config import alias_problem, parse_duration, unknown_key_warning
+from ..config import alias_problem, parse_duration, parse_size, unknown_key_warning
 from ..errors import QueueError
 from ..text import describe, short_repr
 from ..paths import resolve_inside
@@ -90,6 +90,9 @@ class WorkItem(BaseModel):
     timeout_s: float | None = None
     isolation: Literal["none", "worktree"] | None = None
     """The item's own ``isolation`` (None: ``runner.isolation`` in the config decides)."""
+    resources: dict[str, float] = {}
+    """What it needs of a cluster node, in Ray's names (``CPU``, ``GPU``, ``memory`` in bytes, custom
+    ones): used by ``--executor ray`` only."""
     body: str = ""
 
 
@@ -167,12 +170,13 @@ def _status_list() -> str:
 # --- fields --------------------------------------------------------------------------------------
 
 FIELDS: tuple[str, ...] = ("title", "status", "blocked_by", "blocks", "files", "components",
-                           "priority", "estimate", "command", "timeout", "isolation")
+                           "priority", "estimate", "command", "timeout", "isolation", "resources")
 _ALIASES = {
     "title": "title", "status": "status",
     "blockedby": "blocked_by", "dependson": "blocked_by", "dependencies": "blocked_by",
     "blocks": "blocks", "files": "files", "components": "components", "priority": "priority",
     "estimate": "estimate", "command": "command", "timeout": "timeout", "isolation": "isolation",
+    "resources": "resources",
 }
 
 
@@ -600,6 +604,50 @@ def _isolation(value: object, problems: list[str]) -> Literal["none", "worktree"
     return "worktree" if text == "worktree" else "none"
 
 
+_RESOURCE_NAMES = {"cpu": "CPU", "cpus": "CPU", "numcpus": "CPU", "gpu": "GPU", "gpus": "GPU", "numgpus": "GPU",
+                   "memory": "memory", "mem": "memory"}
+_CUSTOM_RESOURCE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,63}", re.ASCII)
+MAX_RESOURCE_AMOUNT = 1e6
+
+
+def _resources(value: object, problems: list[str]) -> dict[str, float]:
+    """``{num_cpus: 2, GPU: 1, memory: 4GiB, my_res: 1}`` (a bold label line may write it as
+    ``num_cpus: 2, GPU: 1``), in Ray's names: CPU, GPU, memory (bytes) and custom resources."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = yaml.safe_load(text if text.startswith("{") else "{" + text + "}")
+        except yaml.YAMLError:
+            value = text
+    if not isinstance(value, dict):
+        problems.append(f"resources must be a mapping such as {{num_cpus: 2, GPU: 1}}, not {describe(value)}")
+        return {}
+    found: dict[str, float] = {}
+    for key, amount in value.items():
+        spelled = re.sub(r"[\s_\-]", "", str(key)).lower()
+        name = _RESOURCE_NAMES.get(spelled, str(key))
+        if name not in _RESOURCE_NAMES.values() and (not _CUSTOM_RESOURCE.fullmatch(name) or spelled == "agentslot"
+                                                    or name.startswith("node:")):
+            problems.append(f"resources: {short_repr(key)} is not a resource name (num_cpus, GPU, memory, or a custom "
+                            f"resource of the cluster; agent_slot is set by agent-parallel)")
+            continue
+        if name == "memory" and isinstance(amount, str):
+            try:
+                amount = parse_size(amount)
+            except ValueError as exc:
+                problems.append(f"resources: memory: {exc}")
+                continue
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 <= amount <= (
+                MAX_RESOURCE_AMOUNT if name != "memory" else 1 << 50):
+            problems.append(f"resources: {name} must be a number from 0 to {MAX_RESOURCE_AMOUNT:g}"
+                            f"{' (or a size such as 4GiB)' if name == 'memory' else ''}, not {short_repr(amount)}")
+            continue
+        found[name] = float(amount)
+    return found
+
+
 def _seconds(field: str, value: object, problems: list[str], *, allow_zero: bool) -> float | None:
     if value is None:
         return None
@@ -709,6 +757,7 @@ def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) ->
         "command": _command(get("command"), problems),
         "timeout_s": _seconds("timeout", get("timeout"), problems, allow_zero=False),
         "isolation": _isolation(get("isolation"), problems),
+        "resources": _resources(get("resources"), problems),
         "body": body,
     })
     for message in problems:

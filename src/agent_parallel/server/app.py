@@ -145,6 +145,8 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     task (TERM, grace, KILL) and exit at once, since the stdio reader cannot be interrupted.
     ``bearer_token`` (HTTP only) makes every request carry ``Authorization: Bearer TOKEN``;
     ``public_url`` is the URL clients reach the server at (used in the SDK's auth metadata).
+    Without an ``executor``, the settings choose it (``executor: ray`` starts or joins Ray when the
+    server starts, and refuses at once when Ray is not installed).
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -152,12 +154,17 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     runs_dir(root)  # refuses a run directory that resolves outside the root, before serving
     if settings is None:
         settings = ServerSettings.for_workspace(root)
+    if executor is None and settings.executor == "ray":
+        from ..tasks.ray_executor import require_ray
+
+        require_ray()
     reader = QueueReader()
     updates = TaskUpdates()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
-        async with open_registry(root, runs_dir(root), settings.registry_settings(), executor) as registry:
+        runner = executor if executor is not None else settings.make_executor()  # Ray starts here (or fails)
+        async with open_registry(root, runs_dir(root), settings.registry_settings(), runner) as registry:
             async with anyio.create_task_group() as tg:
                 if handle_signals:
                     tg.start_soon(_exit_on_signal, registry)

@@ -16,6 +16,7 @@ from ..config import MAX_WAIT_CAP_S, Config, load_config
 from ..queue.items import QueueReader
 from ..queue.run import QueueContext
 from ..tasks.admission import admission_check
+from ..tasks.executor import Executor
 from ..tasks.registry import RegistrySettings, TaskRegistry
 
 if TYPE_CHECKING:
@@ -39,21 +40,37 @@ class ServerSettings:
     max_records: int = _CONFIG.max_tasks
     min_free_memory: int = _CONFIG.min_free_memory  # bytes; 0: never hold a start for memory
     max_load: float | None = _CONFIG.max_load  # None: never hold a start for load
+    executor: str = _CONFIG.executor  # "local" or "ray"
+    ray_address: str | None = _CONFIG.ray_address  # None: a local Ray instance (executor "ray")
+    ray_slots: int = _CONFIG.max_parallel  # agent slots of a local Ray instance: tasks it runs at once
 
     def __post_init__(self) -> None:
         self.wait_cap_s = check_wait_cap(self.wait_cap_s)
+        if self.executor not in ("local", "ray"):
+            raise UsageError(f"the executor must be local or ray, not {self.executor!r}")
 
     def registry_settings(self) -> RegistrySettings:
+        # on Ray, memory and load are the nodes' business: Ray's scheduler places each task where it fits
+        admission = None if self.executor == "ray" else admission_check(self.min_free_memory, self.max_load)
         return RegistrySettings(log_cap_bytes=self.log_cap_bytes, kill_grace_s=self.kill_grace_s,
-                                max_running=self.max_running, max_records=self.max_records,
-                                admission=admission_check(self.min_free_memory, self.max_load))
+                                max_running=self.max_running, max_records=self.max_records, admission=admission)
+
+    def make_executor(self) -> Executor | None:
+        """The executor these settings ask for: a ``RayExecutor`` (joining ``ray_address``, or starting a
+        local Ray instance), or None for the registry's own ``LocalExecutor``. Blocking (Ray starts)."""
+        if self.executor != "ray":
+            return None
+        from ..tasks.ray_executor import RayExecutor
+
+        return RayExecutor(address=self.ray_address, slots=self.ray_slots)
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> ServerSettings:
         """The settings a config gives, with ``overrides`` (a command-line ``--wait-cap``) on top."""
         values: dict[str, Any] = dict(wait_cap_s=config.wait_cap_s, log_cap_bytes=config.log_cap_bytes,
                                       max_records=config.max_tasks, min_free_memory=config.min_free_memory,
-                                      max_load=config.max_load)
+                                      max_load=config.max_load, executor=config.executor,
+                                      ray_address=config.ray_address, ray_slots=config.max_parallel)
         return cls(**(values | overrides))
 
     @classmethod

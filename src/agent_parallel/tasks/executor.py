@@ -68,6 +68,9 @@ class LaunchSpec:
     argv: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
     stdin_path: Path | None = None  # fed to the process as stdin; /dev/null when None
+    resources: dict[str, float] = field(default_factory=dict)
+    """What the task needs of a cluster node (``CPU``, ``GPU``, ``memory`` in bytes, custom names): only
+    ``RayExecutor`` uses it; ``LocalExecutor`` runs on this machine whatever it asks."""
 
 
 @dataclass

@@ -218,7 +218,8 @@ class TaskRegistry:
                      kind: TaskKind = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
                      on_finish: FollowUp | None = None, group: GroupSlots | None = None,
-                     prelude: bytes = b"", follow_up_timeout: float | None = None) -> Task:
+                     prelude: bytes = b"", follow_up_timeout: float | None = None,
+                     resources: dict[str, float] | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
@@ -230,7 +231,8 @@ class TaskRegistry:
         A member of a ``group`` counts against the cap only once it has one of the group's slots
         (``launch_group`` checked the room for its slots). ``prelude`` opens the task's log (what was
         done to prepare it); ``on_finish`` may take ``follow_up_timeout`` seconds (default
-        ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs).
+        ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs). ``resources`` go to the
+        executor as they are (``LaunchSpec.resources``).
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
@@ -241,7 +243,7 @@ class TaskRegistry:
             )
         record, spec, predecessors = self._new_record(
             command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
-            kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=group)
+            kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=group, resources=resources)
         counted = group is None
         self._active += counted  # held from here, so launches saving their records at once cannot pass the cap
         try:
@@ -258,12 +260,13 @@ class TaskRegistry:
     def _new_record(self, *, command: str | None, argv: builtins.list[str] | None, cwd: Path, description: str | None,
                     env: dict[str, str] | None, timeout_s: float | None, after: builtins.list[str] | None,
                     kind: TaskKind, item_id: str | None, item_file: str | None, stdin_path: Path | None,
-                    group: GroupSlots | None) -> tuple[TaskRecord, LaunchSpec, builtins.list[Task]]:
+                    group: GroupSlots | None, resources: dict[str, float] | None = None,
+                    ) -> tuple[TaskRecord, LaunchSpec, builtins.list[Task]]:
         """A new task's record and launch spec, checked (``UsageError``, ``UnknownTask``); nothing registered."""
         predecessors = [self.get(p) for p in (after or [])]
         task_id = self._new_id()
         spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
-                          stdin_path=stdin_path)
+                          stdin_path=stdin_path, resources=dict(resources or {}))
         if problem := check_launch_strings(spec):
             raise UsageError(f"cannot start the task: {problem}")
         shown = command if command is not None else " ".join(argv or [])
