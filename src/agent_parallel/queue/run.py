@@ -232,6 +232,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                 command=item.command, argv=argv, cwd=workdir, description=f"item {item.id_str}: {item.title}",
                 env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
                 stdin_path=path if argv else None, on_finish=finished, prelude=prelude,
+                branch=isolated.lease.branch if isolated else None,
+                worktree=str(isolated.lease.path) if isolated else None,
                 follow_up_timeout=math.inf if isolated is not None else None, resources=item.resources)
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             if isolated is not None:

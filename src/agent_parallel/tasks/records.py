@@ -234,6 +234,8 @@ class TaskRecord(BaseModel):
     item_id: str | None = None
     item_file: str | None = None
     group_id: str | None = None  # the fan-out (``launch_task(commands=...)``) this task is one of
+    branch: str | None = None  # an isolated item's branch and worktree (runner.isolation: worktree)
+    worktree: str | None = None
     created_at: float = Field(default_factory=time.time)
     server_pid: int | None = None  # the server process that owns the task, and its start time:
     server_start: int | None = None  # another live server's tasks are never touched

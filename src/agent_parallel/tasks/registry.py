@@ -219,7 +219,8 @@ class TaskRegistry:
                      stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
                      on_finish: FollowUp | None = None, group: GroupSlots | None = None,
                      prelude: bytes = b"", follow_up_timeout: float | None = None,
-                     resources: dict[str, float] | None = None) -> Task:
+                     resources: dict[str, float] | None = None, branch: str | None = None,
+                     worktree: str | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
@@ -244,6 +245,7 @@ class TaskRegistry:
         record, spec, predecessors = self._new_record(
             command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
             kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=group, resources=resources)
+        record.branch, record.worktree = branch, worktree
         counted = group is None
         self._active += counted  # held from here, so launches saving their records at once cannot pass the cap
         try:
