@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from collections.abc import Iterable
-from typing import Any, Literal, Self, overload
+from typing import Literal, Self, overload
 
 from pydantic import BaseModel, Field
 
@@ -137,10 +137,6 @@ class TaskView(_TaskDetails):
                    cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, created_at=iso(rec.created_at),
                    started_at=iso(rec.started_at), ended_at=iso(rec.ended_at), duration_s=rec.duration_s,
                    exit_code=rec.exit_code, signal=rec.signal, reason=rec.reason, **extra)
-
-    @classmethod
-    def with_usage(cls, rec: TaskRecord, usage: AgentUsage | None, **extra: Any) -> Self:
-        return cls.of(rec, usage=usage if usage is not None else usage_from(rec.usage), **extra)
 
 
 class LaunchResult(TaskView):

@@ -564,6 +564,7 @@ class QueueRun:
         registry = self.ctx.registry
         check = registry.settings.admission
         started = False
+        previous = self.held
         while len(self.running) < self.options.max_parallel and self.state == "running":
             if not registry.has_room():
                 self._hold(f"the server already has {registry.settings.max_running} tasks queued or running (its "
@@ -589,7 +590,11 @@ class QueueRun:
             started = await self._start(item_id) or started
         if self.state == "running" and self._agent_wait and self.held is None and self.budget is None:
             if block := self._agents_blocked():
-                self._hold(f"agent items: {block}")
+                why = f"agent items: {block}"
+                if previous == why:
+                    self.held = why  # unchanged: no wake-up (it would spin the loop)
+                else:
+                    self._hold(why)
         return started
 
     def _agents_blocked(self) -> str | None:
