@@ -42,11 +42,10 @@ from ..results import AgentError, AgentUsage, iso
 MAX_LINE = 4 << 20
 """The longest event line parsed (a tool result can hold a whole file); longer lines are skipped."""
 MAX_RESULT_CHARS = 4000
-_CHEAP_SKIP = 64 * 1024
-"""A line longer than this whose head names an event type that carries nothing we read is not
-parsed at all (Claude's ``user`` lines hold tool results: most of a stream's bytes)."""
-_SKIPPED_TYPES = (b'"type":"user"', b'"type":"stream_event"', b'"type":"tool_result"', b'"type":"tool_use"',
-                  b'"type":"item.started"', b'"type":"item.updated"')
+_SKIPPED_TYPES = tuple(f'"type":{space}"{kind}"'.encode() for space in ("", " ")
+                       for kind in ("user", "stream_event", "item.started", "item.updated"))
+"""A line whose head names one of these event types carries nothing we read and is not parsed at all
+(Claude's ``user`` lines hold tool results: most of a stream's bytes)."""
 
 
 def classify(text: str, status: object = None) -> AgentError:
@@ -140,7 +139,7 @@ class StreamParser:
                     self._partial += data[start:end]
                     self._line(bytes(self._partial))
                 self._partial.clear()
-            else:
+            elif not self._skip(data, start):  # most bytes are in lines we skip: never copied
                 self._line(data[start:end])
             start = end + 1
 
@@ -149,13 +148,19 @@ class StreamParser:
         self._partial.clear()
         self._skipping = True
 
+    @staticmethod
+    def _skip(data: bytes, start: int) -> bool:
+        """Whether the line at ``start`` is an event that carries nothing we read (by its head)."""
+        head = data[start:start + 40]
+        return head.startswith(b'{"type"') and any(t in head for t in _SKIPPED_TYPES)
+
     def _line(self, line: bytes) -> None:
+        if self._skip(line, 0):
+            return
         line = line.strip()
         if not line.startswith(b"{"):
             if line:
                 self.garbage_lines += 1
-            return
-        if len(line) > _CHEAP_SKIP and any(t in line[:200] for t in _SKIPPED_TYPES):
             return
         try:
             event = json.loads(line)
