@@ -66,13 +66,13 @@ def front_lines(draw: st.DrawFn) -> str:
 
 def as_before(value: object) -> object:
     """A dump without what was added since the legacy copy: the `isolation` field (None when not
-    written) and its name in the list of known fields of an unknown-field warning."""
+    written) and its name in the list of known fields of an unknown-field warning; the same for `retries`."""
     if isinstance(value, dict):
-        return {k: as_before(v) for k, v in value.items() if not (k == "isolation" and v is None)}
+        return {k: as_before(v) for k, v in value.items() if not (k in ("isolation", "retries") and v is None)}
     if isinstance(value, list):
         return [as_before(v) for v in value]
     if isinstance(value, str):
-        return value.replace(", timeout, isolation)", ", timeout)")
+        return value.replace(", timeout, isolation, retries)", ", timeout)")
     return value
 
 
