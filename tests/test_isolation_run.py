@@ -111,6 +111,7 @@ async def test_launch_task_item_is_isolated_too(repo):
     async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         out = await call(client, "launch_task", item="001", run_in_background=False)
     assert out["status"] == "completed", out
+    assert out["branch"] == "agent/001-solo" and out["worktree"].endswith(".agent/worktrees/001-solo")
     assert "runs in the worktree" in out["output"] and "agent/001-solo" in out["output"]
     assert "integrated into main" in (out["reason"] or "")
     assert "SOLO" in (repo / "b.txt").read_text() and statuses(repo)["001"] == "completed"

@@ -66,12 +66,12 @@ def front_lines(draw: st.DrawFn) -> str:
 
 ADDED_SINCE = {"isolation": [None, "none"], "allow_overlap": [False], "integration_estimate": [None],
                "integration_samples": [0], "predicted_conflicts": [[]], "predicted_conflicts_total": [0],
-               "forecast": [None], "resources": [{}]}
+               "forecast": [None], "resources": [{}], "retries": [None]}
 """Fields added since the legacy copy, with their values in a queue without isolation."""
 
 
 def as_before(value: object) -> object:
-    """A dump without what was added since the legacy copy: the isolation fields and `resources`
+    """A dump without what was added since the legacy copy: the isolation fields, `resources` and `retries`
     (`ADDED_SINCE`, at their values when not used) and their names in the list of known fields of an
     unknown-field warning."""
     if isinstance(value, dict):
@@ -80,7 +80,7 @@ def as_before(value: object) -> object:
     if isinstance(value, list):
         return [as_before(v) for v in value]
     if isinstance(value, str):
-        return value.replace(", timeout, isolation, resources)", ", timeout)")
+        return value.replace(", timeout, isolation, resources, retries)", ", timeout)")
     return value
 
 

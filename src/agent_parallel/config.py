@@ -15,6 +15,14 @@ Layout (every key optional; a missing file means every default)::
       command: ["claude", "-p"] # argv for items without `command` (a string is split like a shell would)
       timeout: 2h
       isolation: worktree       # none (default) | worktree: each item in its own git worktree
+      agent: claude             # claude | codex | gemini: a headless profile with structured output
+      args: ["--model", "sonnet"]  # extra arguments for the agent profile (model, permission mode ...)
+      auto_resume: true         # resume a rate-limited agent's same session when the limit resets
+      max_cost_usd: 20          # per run: no new agent item starts once this much is spent
+      max_tokens: 5000000       # per run: the same for tokens (input + output)
+      max_parallel: 2           # agents at once (below autonomy.max_parallel; commands run beside them)
+      retries: 2                # run a failed item again up to N times (an item's `retries` wins)
+      retry_delay: 10s          # first wait before a retry (doubles each time, with jitter)
     queue:
       dir: .agent/queue
     resources:
@@ -83,6 +91,9 @@ ALIAS_BUDGET = 1_000_000
 
 Level = Literal["L1", "L2", "L3"]
 Isolation = Literal["none", "worktree"]
+AgentName = Literal["claude", "codex", "gemini"]
+AGENTS: tuple[str, ...] = ("claude", "codex", "gemini")
+MAX_RETRIES = 100
 Strategy = Literal["rebase", "merge", "squash"]
 ExecutorName = Literal["local", "ray"]
 MAX_PORT = 65535
@@ -115,6 +126,15 @@ class Config(BaseModel):
     log_cap_bytes: int = Field(64 * MIB, ge=MIN_LOG_CAP_BYTES)
     max_tasks: int = Field(10_000, gt=0, le=MAX_TASKS)
     isolation: Isolation = "none"
+    agent: AgentName | None = None
+    """The agent profile for items without `command` (None: `runner_command` as an opaque argv)."""
+    agent_args: tuple[str, ...] = ()
+    auto_resume: bool = True
+    max_cost_usd: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    agent_max_parallel: int | None = Field(None, ge=1)
+    retries: int = Field(0, ge=0, le=MAX_RETRIES)
+    retry_delay_s: float = Field(10.0, ge=0)
     worktree_copy: tuple[str, ...] = ()
     worktree_link: tuple[str, ...] = ()
     worktree_setup: str | None = None
@@ -257,7 +277,8 @@ _KNOWN = {
     "": ["autonomy", "runner", "queue", "resources", "tasks", "worktree", "integration", "executor", "ray"],
     "autonomy": ["level", "max_parallel", "continue_on_error", "l3_settings", "min_free_memory", "max_load"],
     "autonomy.l3_settings": ["max_parallel", "continue_on_error"],
-    "runner": ["command", "timeout", "isolation"],
+    "runner": ["command", "timeout", "isolation", "agent", "args", "auto_resume", "max_cost_usd", "max_tokens",
+               "max_parallel", "retries", "retry_delay"],
     "queue": ["dir"],
     "resources": ["min_free_memory", "max_load"],
     "tasks": ["wait_cap", "log_cap", "max_tasks"],
@@ -339,7 +360,34 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
         values["executor"] = _choice("executor", data["executor"], ("local", "ray"))
     if sections["ray"].get("address") is not None:
         values["ray_address"] = _text("ray.address", sections["ray"]["address"])
+    values.update(_agent_settings(runner))
     return Config(**values), warnings
+
+
+def _agent_settings(runner: dict[str, Any]) -> dict[str, Any]:
+    """The agent profile, its budgets and caps, and retries (`runner.*`; a null value means the default)."""
+    values: dict[str, Any] = {}
+    if runner.get("agent") is not None:
+        values["agent"] = _choice("runner.agent", runner["agent"], AGENTS)
+    if runner.get("args") is not None:
+        values["agent_args"] = tuple(_argv("runner.args", runner["args"]))
+    if runner.get("auto_resume") is not None:
+        values["auto_resume"] = _boolean("runner.auto_resume", runner["auto_resume"])
+    if runner.get("max_cost_usd") is not None:
+        values["max_cost_usd"] = _positive_number("runner.max_cost_usd", runner["max_cost_usd"])
+    if runner.get("max_tokens") is not None:
+        values["max_tokens"] = _whole_number("runner.max_tokens", runner["max_tokens"], minimum=1)
+    if runner.get("max_parallel") is not None:
+        values["agent_max_parallel"] = _whole_number("runner.max_parallel", runner["max_parallel"], minimum=1,
+                                                     maximum=MAX_PARALLEL_RANGE[1])
+    if runner.get("retries") is not None:
+        values["retries"] = _whole_number("runner.retries", runner["retries"], minimum=0, maximum=MAX_RETRIES)
+    if runner.get("retry_delay") is not None:
+        try:
+            values["retry_delay_s"] = parse_duration(runner["retry_delay"])
+        except ValueError as exc:
+            raise ConfigError("runner.retry_delay", f"is not valid: {exc}") from exc
+    return values
 
 
 def _isolation_settings(runner: dict[str, Any], worktree: dict[str, Any], integration: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Times are ISO 8601 strings in UTC; ids and field names follow ``TOOLS.md``.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from collections.abc import Iterable
 from typing import Literal, Self, overload
 
 from pydantic import BaseModel, Field
@@ -30,12 +31,77 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+AgentError = Literal["rate_limited", "overloaded", "auth", "max_turns", "other"]
+
+
+class AgentUsage(BaseModel):
+    """What an agent item's CLI reported in its event stream (``agents/stream.py`` reads it): its
+    session, turns, tokens and cost, its final text and, when it failed, an error class. Summed over
+    an item's attempts and resumes, and over a run's items (``total``)."""
+
+    agent: str | None = None
+    session_id: str | None = Field(None, description="the CLI's session (thread) id: what a resume continues")
+    turns: int = 0
+    input_tokens: int = Field(0, description="input tokens not read from a cache")
+    output_tokens: int = 0
+    cached_tokens: int = Field(0, description="input tokens read from the prompt cache")
+    cost_usd: float | None = Field(None, description="as the CLI reports it (Claude Code does; Codex and Gemini do not)")
+    result: str | None = Field(None, description="the agent's final text (its last 4000 characters)")
+    error: AgentError | None = None
+    error_message: str | None = None
+    resets_at: str | None = Field(None, description="for rate_limited: when the CLI said the limit resets")
+    attempts: int | None = Field(None, description="runs of the item (retries) when more than one was allowed")
+    resumes: int = Field(0, description="times a rate-limited session was resumed")
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cached_tokens
+
+    @classmethod
+    def total(cls, parts: Iterable[AgentUsage | None]) -> AgentUsage | None:
+        """The sum of ``parts`` (turns, tokens, cost; the rest is per item), None when there are none."""
+        kept = [p for p in parts if p is not None]
+        if not kept:
+            return None
+        costs = [p.cost_usd for p in kept if p.cost_usd is not None]
+        return cls(turns=sum(p.turns for p in kept), input_tokens=sum(p.input_tokens for p in kept),
+                   output_tokens=sum(p.output_tokens for p in kept), cached_tokens=sum(p.cached_tokens for p in kept),
+                   cost_usd=round(sum(costs), 6) if costs else None, resumes=sum(p.resumes for p in kept))
+
+    def short(self) -> str:
+        """``$0.42, 7 turns, 12.3k tokens``: one line for tables and reports."""
+        parts = [f"${self.cost_usd:.2f}"] if self.cost_usd is not None else []
+        parts.append(f"{self.turns} turn{'s' if self.turns != 1 else ''}")
+        parts.append(f"{_count(self.input_tokens)} in, {_count(self.output_tokens)} out, {_count(self.cached_tokens)} cached")
+        if self.attempts and self.attempts > 1:
+            parts.append(f"{self.attempts} attempts")
+        if self.resumes:
+            parts.append(f"resumed {self.resumes}x")
+        return ", ".join(parts)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k" if n >= 1000 else str(n)
+
+
+def usage_from(data: object) -> AgentUsage | None:
+    """A record's stored usage (untrusted: a loaded record may hold anything), or None."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        return AgentUsage.model_validate(data)
+    except ValueError:
+        return None
+
+
 class _TaskDetails(BaseModel):
     """A task's fields that may be absent (not started yet, not ended yet, no output asked for ...)."""
 
     description: str | None = None
     item_id: str | None = None
     item_file: str | None = None
+    branch: str | None = Field(None, description="an isolated item's branch (runner.isolation: worktree)")
+    worktree: str | None = Field(None, description="an isolated item's worktree, where it runs")
     started_at: str | None = Field(None, description="absent until the task starts (a task that never ran has none)")
     ended_at: str | None = None
     duration_s: float | None = None
@@ -49,6 +115,7 @@ class _TaskDetails(BaseModel):
     truncated: bool | None = Field(None, description="true when output exists that `output` does not show")
     dropped_bytes: int | None = Field(None, description="bytes no longer kept because the log cap was reached")
     run: RunProgress | None = Field(None, description="for a run_queue run: progress, and the report once finished")
+    usage: AgentUsage | None = Field(None, description="an agent item's session, turns, tokens, cost and error class")
 
 
 class TaskView(_TaskDetails):
@@ -69,7 +136,8 @@ class TaskView(_TaskDetails):
             description = cut(description, SHORT_TEXT_CHARS) if description is not None else None
             command = cut(command, SHORT_TEXT_CHARS)
         return cls(task_id=rec.task_id, status=rec.status, description=description, command=command,
-                   cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, created_at=iso(rec.created_at),
+                   cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, branch=rec.branch,
+                   worktree=rec.worktree, created_at=iso(rec.created_at),
                    started_at=iso(rec.started_at), ended_at=iso(rec.ended_at), duration_s=rec.duration_s,
                    exit_code=rec.exit_code, signal=rec.signal, reason=rec.reason, **extra)
 
@@ -115,13 +183,17 @@ class TaskSummary(BaseModel):
     created_at: str
     duration_s: float | None
     last_line: str | None
+    cost_usd: float | None = Field(None, description="an agent item's cost so far, as its CLI reports it")
+    turns: int | None = Field(None, description="an agent item's turns so far")
 
     @classmethod
-    def of(cls, rec: TaskRecord, *, last_line: str | None) -> TaskSummary:
+    def of(cls, rec: TaskRecord, *, last_line: str | None, usage: AgentUsage | None = None) -> TaskSummary:
+        usage = usage if usage is not None else usage_from(rec.usage)
         return cls(task_id=rec.task_id, status=rec.status,
                    description=cut(rec.description, SHORT_TEXT_CHARS) if rec.description is not None else None,
                    command=cut(rec.command, SHORT_TEXT_CHARS), exit_code=rec.exit_code, signal=rec.signal,
-                   created_at=iso(rec.created_at), duration_s=rec.duration_s, last_line=last_line)
+                   created_at=iso(rec.created_at), duration_s=rec.duration_s, last_line=last_line,
+                   cost_usd=usage.cost_usd if usage else None, turns=usage.turns if usage else None)
 
 
 class TaskList(BaseModel):
@@ -142,6 +214,8 @@ class RunningItem(BaseModel):
     worktree: str | None = None
     conflicts: list[str] | None = Field(None, description="files predicted to conflict with the target as it is now")
     integration_s: float | None = None
+    usage: AgentUsage | None = Field(None, description="an agent item's usage so far")
+    waiting: str | None = Field(None, description="why it is not running right now (a rate limit, a retry's backoff)")
 
 
 class ItemOutcome(BaseModel):
@@ -164,6 +238,8 @@ class ItemOutcome(BaseModel):
     worktree: str | None = None
     conflicts: list[str] | None = Field(None, description="files that conflicted when integrating it")
     integration_s: float | None = Field(None, description="seconds its integration took")
+    usage: AgentUsage | None = Field(None, description="an agent item's session, turns, tokens, cost and error class")
+    attempts: int | None = Field(None, description="how often it ran, when retries were allowed")
 
 
 class RunProgress(BaseModel):
@@ -183,6 +259,7 @@ class RunProgress(BaseModel):
     lower_bound: float = Field(description="the plan's lower bound (s): no schedule can finish faster")
     makespan: float | None = Field(None, description="achieved: from the first start to the last end (s)")
     outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished)")
+    usage: AgentUsage | None = Field(None, description="the agent items' usage summed (finished and running)")
 
     def counts_text(self) -> str:
         """THE counts text, wherever a run is summed up: ``1 completed, 1 failed, 2 running`` (outcomes

@@ -116,10 +116,11 @@ def progress_view(p: RunProgress) -> RenderableType:
     head = Text(f"run {p.run_id}  {p.level}  max_parallel {p.max_parallel}  {format_seconds(p.elapsed_s)}  ", style="bold")
     head.append(p.counts_text())
     table = Table(show_header=True, box=None)
-    for column in ("item", "title", "task", "running for"):
+    for column in ("item", "title", "task", "running for", "agent"):
         table.add_column(column)
     for r in p.running:
-        table.add_row(Text(r.item), Text(r.title), Text(r.task_id), format_seconds(r.elapsed_s))
+        extra = r.waiting or (r.usage.short() if r.usage is not None else "")
+        table.add_row(Text(r.item), Text(r.title), Text(r.task_id), format_seconds(r.elapsed_s), Text(extra))
     parts: list[RenderableType] = [head, table]
     if p.held:
         parts.append(Text(f"start held: {p.held}", style="yellow"))
@@ -139,11 +140,19 @@ def report_view(p: RunProgress) -> RenderableType:
             details = f"exit {o.exit_code}" + (f"; {details}" if details and details != f"exit code {o.exit_code}" else "")
         if o.last_lines:
             details += "\n" + "\n".join(f"| {line}" for line in o.last_lines[-5:])
+        if o.usage is not None:
+            details += f"\n{o.usage.agent or 'agent'}: {o.usage.short()}" + (
+                f"; session {o.usage.session_id}" if o.usage.session_id else "") + (
+                f"; {o.usage.error}" if o.usage.error else "")
+        elif o.attempts and o.attempts > 1:
+            details += f"\n{o.attempts} attempts"
         if o.notes:
             details += "\n" + "; ".join(o.notes)
         table.add_row(Text(o.item), Text(o.title), Text(o.outcome, style=_OUTCOME_STYLE.get(o.outcome, "")),
                       format_seconds(o.duration_s), Text(details.strip()))
     parts: list[RenderableType] = [table]
+    if p.usage is not None:
+        parts.append(Text(f"agents in all: {p.usage.short()}"))
     if p.makespan is not None:
         ratio = f" = {p.makespan / p.lower_bound:.2f} x" if p.lower_bound else ""
         parts.append(Text(f"makespan {format_seconds(p.makespan)} vs lower bound {format_seconds(p.lower_bound)}"

@@ -93,6 +93,8 @@ class WorkItem(BaseModel):
     resources: dict[str, float] = {}
     """What it needs of a cluster node, in Ray's names (``CPU``, ``GPU``, ``memory`` in bytes, custom
     ones): used by ``--executor ray`` only."""
+    retries: int | None = None
+    """How often to run the item again after a failure (None: ``runner.retries`` decides)."""
     body: str = ""
 
 
@@ -170,13 +172,14 @@ def _status_list() -> str:
 # --- fields --------------------------------------------------------------------------------------
 
 FIELDS: tuple[str, ...] = ("title", "status", "blocked_by", "blocks", "files", "components",
-                           "priority", "estimate", "command", "timeout", "isolation", "resources")
+                           "priority", "estimate", "command", "timeout", "isolation", "resources", "retries")
 _ALIASES = {
     "title": "title", "status": "status",
     "blockedby": "blocked_by", "dependson": "blocked_by", "dependencies": "blocked_by",
     "blocks": "blocks", "files": "files", "components": "components", "priority": "priority",
     "estimate": "estimate", "command": "command", "timeout": "timeout", "isolation": "isolation",
     "resources": "resources",
+    "retries": "retries",
 }
 
 
@@ -648,6 +651,22 @@ def _resources(value: object, problems: list[str]) -> dict[str, float]:
     return found
 
 
+MAX_RETRIES = 100
+
+
+def _retries(value: object, problems: list[str]) -> int | None:
+    """``retries: N``, 0..``MAX_RETRIES`` (a bare number in a bold line arrives as text)."""
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else None
+    number = value if isinstance(value, int) and not isinstance(value, bool) else (
+        int(text) if text is not None and text.isascii() and text.isdigit() else None)
+    if number is None or not 0 <= number <= MAX_RETRIES:
+        problems.append(f"retries: {short_repr(value)} is not a whole number from 0 to {MAX_RETRIES}")
+        return None
+    return number
+
+
 def _seconds(field: str, value: object, problems: list[str], *, allow_zero: bool) -> float | None:
     if value is None:
         return None
@@ -758,6 +777,7 @@ def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) ->
         "timeout_s": _seconds("timeout", get("timeout"), problems, allow_zero=False),
         "isolation": _isolation(get("isolation"), problems),
         "resources": _resources(get("resources"), problems),
+        "retries": _retries(get("retries"), problems),
         "body": body,
     })
     for message in problems:

@@ -33,6 +33,8 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import claims
 from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
+from ..agents import profiles
+from ..agents.job import AttemptPlan, ItemJob, gate_for
 from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
 from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
@@ -40,7 +42,7 @@ from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulat
 from .isolation import Isolated, forecast, integrate_item, is_isolated, prepare_item
 from .plan import isolation_policy
 from .items import QueueReader, WorkItem, format_id
-from ..results import ItemOutcome, RunningItem, RunProgress
+from ..results import AgentUsage, ItemOutcome, RunningItem, RunProgress
 from ..tasks.executor import ExitInfo
 from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
@@ -117,6 +119,8 @@ class ItemEnd:
     ok: bool
     notes: list[str]
     reason: str | None = None
+    usage: AgentUsage | None = None
+    attempts: int | None = None
 
 
 class NotStarted(QueueError):
@@ -202,12 +206,20 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     if upstream_logs:
         env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(p) for p in upstream_logs)
 
+    job = _item_job(ctx, item, argv, workdir, env, path, timeout_s)
+
     async def finished(task: Task) -> str | None:
         """Move the item to completed/failed, off the event loop; always tells ``on_end``. What went
         wrong with the move is returned: the registry adds it to the task's reason."""
         rec = task.record
         ok = rec.status == TaskStatus.COMPLETED
         end = ItemEnd(ok, [f"{NOT_RECORDED}: the move was interrupted"])
+        said: list[str] = []
+        if job is not None:  # its usage is kept in the record; what its attempts did goes in the reason
+            end.usage = job.usage()
+            rec.usage = end.usage.model_dump(exclude_none=True) if end.usage is not None else None
+            end.attempts = job.attempts if job.plan.retries else None
+            said = list(job.plan.notes)
         try:
             kept: list[str] = []
             if isolated is not None:
@@ -224,17 +236,28 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         finally:
             if on_end is not None:
                 on_end(task, end)
-        return "; ".join(([end.reason] if end.reason else []) + end.notes) or None
+        return "; ".join(said + ([end.reason] if end.reason else []) + end.notes) or None
 
     with anyio.CancelScope(shield=True):  # claimed: start it, or give the claim back
         try:
-            task = await ctx.registry.launch(
-                command=item.command, argv=argv, cwd=workdir, description=f"item {item.id_str}: {item.title}",
-                env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
-                stdin_path=path if argv else None, on_finish=finished, prelude=prelude,
-                branch=isolated.lease.branch if isolated else None,
-                worktree=str(isolated.lease.path) if isolated else None,
-                follow_up_timeout=math.inf if isolated is not None else None, resources=item.resources)
+            if job is not None:  # its attempts run the process; the record shows the first argv
+                shown = item.command if item.command is not None else " ".join(
+                    profiles.first_run(job.plan.agent, job.plan.agent_args, job.plan.agent_command).argv
+                    if job.plan.agent is not None else argv or [])
+                task = await ctx.registry.launch(
+                    command=shown, cwd=workdir, description=f"item {item.id_str}: {item.title}", env=env,
+                    kind="item", item_id=item.id_str, item_file=path.name, job=job, on_finish=finished,
+                    prelude=prelude, follow_up_timeout=math.inf if isolated is not None else None,
+                    branch=isolated.lease.branch if isolated else None,
+                    worktree=str(isolated.lease.path) if isolated else None)
+            else:
+                task = await ctx.registry.launch(
+                    command=item.command, argv=argv, cwd=workdir, description=f"item {item.id_str}: {item.title}",
+                    env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
+                    stdin_path=path if argv else None, on_finish=finished, prelude=prelude,
+                    follow_up_timeout=math.inf if isolated is not None else None, resources=item.resources,
+                    branch=isolated.lease.branch if isolated else None,
+                    worktree=str(isolated.lease.path) if isolated else None)
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             if isolated is not None:
                 lease = isolated.lease
@@ -260,9 +283,37 @@ def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, in
     return notes
 
 
+def is_agent_item(config: Config, item: WorkItem) -> bool:
+    """An item the configured agent profile (``runner.agent``) carries out."""
+    return item.command is None and config.agent is not None
+
+
+def retries_of(config: Config, item: WorkItem) -> int:
+    return item.retries if item.retries is not None else config.retries
+
+
+def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir: Path, env: dict[str, str],
+              path: Path, timeout_s: float | None) -> ItemJob | None:
+    """The body of an item that retries or is run by an agent profile (``agents/job.py``); None for an
+    item run once as a plain process (the registry runs it, as any task)."""
+    config, agent = ctx.config, is_agent_item(ctx.config, item)
+    retries = retries_of(config, item)
+    if not agent and not retries:
+        return None
+    return ItemJob(AttemptPlan(
+        executor=ctx.registry.executor, runs_dir=ctx.runs_dir, cwd=workdir, env=dict(env), command=item.command,
+        argv=argv, stdin_path=path if item.command is None else None, timeout_s=timeout_s, retries=retries,
+        retry_delay_s=config.retry_delay_s, agent=config.agent if agent else None, agent_args=config.agent_args,
+        agent_command=config.runner_command, auto_resume=config.auto_resume,
+        gate=gate_for(ctx.registry, config.agent) if agent and config.agent else None,
+        grace_s=ctx.registry.settings.kill_grace_s, resources=dict(item.resources)))
+
+
 def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float | None]:
     if item.command is not None:
         return None, item.timeout_s
+    if config.agent is not None:  # the profile builds the argv (agents/profiles.py)
+        return None, item.timeout_s or config.runner_timeout_s
     if config.runner_command:
         return list(config.runner_command), item.timeout_s or config.runner_timeout_s
     raise QueueError(f"item {item.id_str} has no `command` and no runner is configured; set runner.command in "
@@ -366,6 +417,10 @@ class _Slot:
     item: WorkItem
     task: Task
     isolated: Isolated | None = None
+    agent: bool = False
+
+    def job(self) -> ItemJob | None:
+        return self.task.job if isinstance(self.task.job, ItemJob) else None
 
 
 async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level: str | None = None,
@@ -451,6 +506,8 @@ class QueueRun:
         self._held_for_room = False  # held at the registry's task cap: woken by any task ending
         self._cancelled = False
         self._retry: list[int] = []  # items to (re)claim before asking the scheduler (held at the cap, given back)
+        self._agent_wait: list[int] = []  # agent items taken from the scheduler while agents may not start
+        self.budget: str | None = None  # why no agent item starts any more (runner.max_cost_usd / max_tokens)
         self.watching: dict[int, str] = {}  # items held by another claimant -> who
         self._elsewhere: dict[int, str] = {}  # items left in progress elsewhere -> why this run does not wait
         self._watched: list[tuple[int, _Where]] = []
@@ -516,6 +573,7 @@ class QueueRun:
         registry = self.ctx.registry
         check = registry.settings.admission
         started = False
+        previous = self.held
         while len(self.running) < self.options.max_parallel and self.state == "running":
             if not registry.has_room():
                 self._hold(f"the server already has {registry.settings.max_running} tasks queued or running (its "
@@ -525,15 +583,57 @@ class QueueRun:
                 self._hold(why)
                 return started
             self.held, self._held_for_room = None, False
+            block = self._agents_blocked()
             if self._retry:
                 item_id = self._retry.pop(0)
+            elif self._agent_wait and block is None:
+                item_id = self._agent_wait.pop(0)
             else:
                 batch = self.scheduler.start_next(1)
                 if not batch:
                     break
                 item_id = batch[0]
+            if block is not None and is_agent_item(self.ctx.config, self.graph.by_id[item_id]):
+                self._agent_wait.append(item_id)  # commands keep starting beside the held agents
+                continue
             started = await self._start(item_id) or started
+        if self.state == "running" and self._agent_wait and self.held is None and self.budget is None:
+            if block := self._agents_blocked():
+                why = f"agent items: {block}"
+                if previous == why:
+                    self.held = why  # unchanged: no wake-up (it would spin the loop)
+                else:
+                    self._hold(why)
         return started
+
+    def _agents_blocked(self) -> str | None:
+        """Why no agent item may start now: the run's budget, a rate limit, the per-profile cap; or None."""
+        config = self.ctx.config
+        if config.agent is None:
+            return None
+        if self.budget is None and (config.max_cost_usd is not None or config.max_tokens is not None):
+            spent = self.usage()
+            if spent is not None and config.max_cost_usd is not None and (spent.cost_usd or 0) >= config.max_cost_usd:
+                self.budget = f"runner.max_cost_usd ${config.max_cost_usd:g} was reached (${spent.cost_usd or 0:.2f} spent)"
+            elif spent is not None and config.max_tokens is not None and spent.tokens >= config.max_tokens:
+                self.budget = f"runner.max_tokens {config.max_tokens} was reached ({spent.tokens} tokens used)"
+            if self.budget is not None:
+                self.stop_reason = f"the budget stopped the run: {self.budget}; no new agent item started, " \
+                                   "running ones were left to finish"
+                self._write(f"stopping agent items: {self.stop_reason}")
+        if self.budget is not None:
+            return self.budget
+        if why := gate_for(self.ctx.registry, config.agent).holding():
+            return why
+        cap = config.agent_max_parallel
+        if cap is not None and sum(1 for s in self.running.values() if s.agent) >= cap:
+            return f"runner.max_parallel: {cap} agent item(s) already running"
+        return None
+
+    def usage(self) -> AgentUsage | None:
+        """The run's agent usage: finished items' and running items' so far."""
+        live = [job.usage() for s in self.running.values() if (job := s.job()) is not None]
+        return AgentUsage.total([o.usage for o in self.outcomes.values()] + live)
 
     def _hold(self, why: str, *, for_room: bool = False) -> None:
         if self.held != why:
@@ -565,7 +665,7 @@ class QueueRun:
             return False
         if self.first_start is None:
             self.first_start = task.record.started_at or time.time()
-        self.running[item_id] = _Slot(item, task, isolated)
+        self.running[item_id] = _Slot(item, task, isolated, is_agent_item(self.ctx.config, item))
         self._write(f"started {item.id_str} ({item.title}) as task {task.record.task_id}")
         if self._cancelled and self._tg is not None:  # cancelled while it was starting
             self._tg.start_soon(self.ctx.registry.cancel, task)
@@ -653,7 +753,7 @@ class QueueRun:
             self._record(item, "completed" if ok else "failed", task_id=rec.task_id, exit_code=rec.exit_code,
                          reason=reason, duration_s=rec.duration_s, last_lines=lines,
                          notes=end.notes, started_at=rec.started_at, ended_at=rec.ended_at,
-                         **_isolation_fields(isolated))
+                         usage=end.usage, attempts=end.attempts, **_isolation_fields(isolated))
             self._write(f"{'completed' if ok else 'FAILED'} {item.id_str} ({item.title})"
                         + ("" if ok else f": {reason}"))
             integrated |= ok and isolated is not None
@@ -717,7 +817,7 @@ class QueueRun:
             if item_id in self._member_set and item_id not in self.outcomes:
                 self._record(self.graph.by_id[item_id], "claimed_elsewhere",
                              reason=f"{who}; still in progress there when this run ended")
-        for item_id in self._retry:
+        for item_id in self._retry + self._agent_wait:
             if item_id not in self.outcomes:
                 self._record(self.graph.by_id[item_id], "not_started",
                              reason=self.stop_reason or "its start was held when the run ended")
@@ -745,7 +845,7 @@ class QueueRun:
             counts[outcome.outcome] = counts.get(outcome.outcome, 0) + 1
         if self.state != "finished":
             elsewhere = sum(1 for i in self.watching if i in self._member_set and i not in self.outcomes)
-            counts["waiting"] = len(self.scheduler.not_started()) + len(self._retry) + elsewhere
+            counts["waiting"] = len(self.scheduler.not_started()) + len(self._retry) + len(self._agent_wait) + elsewhere
         now = time.time()
         return RunProgress(
             run_id=self.run_id, level=self.options.level, continue_on_error=self.options.continue_on_error,
@@ -753,11 +853,12 @@ class QueueRun:
             counts=counts, held=self.held, stop_reason=self.stop_reason,
             running=[RunningItem(item=s.item.id_str, title=s.item.title, task_id=s.task.record.task_id,
                                  elapsed_s=round(now - (s.task.record.started_at or now), 3),
-                                 **_isolation_fields(s.isolated))
+                                 usage=job.usage() if (job := s.job()) else None,
+                                 waiting=job.waiting if job else None, **_isolation_fields(s.isolated))
                      for s in self.running.values()],
             predicted_makespan=self.predicted, lower_bound=self.lower_bound,
             makespan=round(self.last_end - self.first_start, 3) if self.first_start and self.last_end else None,
-            outcomes=self._sorted_outcomes(),
+            outcomes=self._sorted_outcomes(), usage=self.usage(),
         )
 
     def _sorted_outcomes(self) -> list[ItemOutcome]:
@@ -773,7 +874,16 @@ class QueueRun:
             extra = f" (exit {o.exit_code})" if o.exit_code not in (None, 0) else ""
             why = f": {o.reason}" if o.reason else ""
             lines.append(f"  {o.outcome:<17} {o.item} {o.title}{extra}{why}")
+            if o.usage is not None:
+                lines.append(f"      {o.usage.agent or 'agent'}: {o.usage.short()}"
+                             + (f", session {o.usage.session_id}" if o.usage.session_id else ""))
+            elif o.attempts and o.attempts > 1:
+                lines.append(f"      {o.attempts} attempts")
             lines.extend(f"      | {line}" for line in o.last_lines)
+        if p.usage is not None:
+            lines.append(f"agents in all: {p.usage.short()}")
+        if p.stop_reason:
+            lines.append(f"stopped: {p.stop_reason}")
         if p.makespan is not None:
             ratio = f" ({p.makespan / p.lower_bound:.2f}x)" if p.lower_bound else ""
             lines.append(f"makespan {p.makespan:.1f}s vs lower bound {p.lower_bound:.1f}s{ratio}")

@@ -32,7 +32,7 @@ from ..text import cut
 from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
 from .settings import Workspace, workspace_of
-from .views import live_progress, view_task, wait_reporting_progress
+from .views import live_progress, usage_of, view_task, wait_reporting_progress
 
 MAX_PAGE_BYTES = 65536
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -256,7 +256,7 @@ def register_task_tools(server: MCPServer) -> None:
         page, total = ws.registry.list(wanted or None, limit=limit, offset=offset, among=members)
 
         def rows() -> list[TaskSummary]:  # last lines may come from the logs: read off the event loop
-            return [TaskSummary.of(t.record, last_line=ws.registry.last_line(t)) for t in page]
+            return [TaskSummary.of(t.record, last_line=ws.registry.last_line(t), usage=usage_of(t)) for t in page]
 
         return TaskList(total=total, tasks=await anyio.to_thread.run_sync(rows))
 

@@ -9,7 +9,8 @@ from mcp.server.mcpserver import Context
 
 from .output_filter import OutputFilter
 from ..queue.run import QueueRun, load_report, run_of
-from ..results import RunProgress, TaskView
+from ..agents.job import ItemJob
+from ..results import AgentUsage, RunProgress, TaskView, usage_from
 from ..tasks.registry import Task, wait_any
 from .settings import Workspace
 
@@ -68,6 +69,13 @@ def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, 
         run = live_run if live_run is not None else queue_run.progress()
     else:  # a run of an earlier server, or not a run
         run = load_report(ws.registry.runs_dir, task.record.task_id) if task.record.kind == "run" else None
-    return TaskView.of(task.record, short=short, output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
+    return TaskView.of(task.record, short=short, usage=usage_of(task), output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
                        output_bytes=task.output_bytes, truncated=chunk.truncated,
                        dropped_bytes=ws.registry.dropped_bytes(task), run=run)
+
+
+def usage_of(task: Task) -> AgentUsage | None:
+    """An agent item's usage: live from its job while it runs, else as its record kept it."""
+    if isinstance(task.job, ItemJob) and not task.record.is_done:
+        return task.job.usage()
+    return usage_from(task.record.usage)

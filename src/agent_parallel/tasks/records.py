@@ -245,6 +245,7 @@ class TaskRecord(BaseModel):
     dropped_bytes: int = 0
     tail_segments: list[int] = Field(default_factory=list)
     last_line: str | None = None  # the output's last line, kept at the end so listing never reads a finished log
+    usage: dict[str, Any] | None = None  # an agent item's usage (results.AgentUsage), set by its follow-up
 
     # ------------------------------------------------------------- transitions (the registry's only)
     def hold(self, why: str | None) -> None:
