@@ -248,3 +248,29 @@ def test_agent_parallel_run_and_report_show_usage(workspace, tmp_path, monkeypat
     report = subprocess.run([sys.executable, "-m", "agent_parallel.cli.main", "report", run_id, "--root", str(workspace)],
                             capture_output=True, text=True, env=env, timeout=60)
     assert "$1.50" in report.stdout and "agents in all" in report.stdout
+
+
+async def test_an_item_whose_attempts_time_out_ends_timed_out(workspace, settings):
+    write_config(workspace, runner={"retry_delay": "0.1s"})
+    write_item(workspace, 1, "slow", command="echo attempt; sleep 30", timeout="1s", retries=1)
+    async with Client(build_server(workspace, settings)) as client:
+        out = await call(client, "launch_task", item="001", run_in_background=False)
+    assert out["status"] == "timed_out", out
+    assert out["reason"].startswith("its last attempt was killed after its timeout")
+    assert out["output"].count("attempt\n") == 2 and statuses(workspace)["001"] == "failed"
+
+
+async def test_the_per_profile_cap_holds_for_launch_task_items_too(workspace, tmp_path, monkeypatch, settings):
+    step = claude_success()
+    step["sleep"] = 0.5
+    scenario = install(tmp_path, monkeypatch, [step])
+    write_config(workspace, runner={"agent": "claude", "max_parallel": 1})
+    for n in (1, 2):
+        write_item(workspace, n, f"agent-{n}", title=f"Agent {n}")
+    async with Client(build_server(workspace, settings)) as client:
+        first = await call(client, "launch_task", item="001")
+        second = await call(client, "launch_task", item="002")
+        done = await call(client, "task_output", task_ids=[first["task_id"], second["task_id"]], timeout=30)
+    assert [t["status"] for t in done["tasks"]] == ["completed", "completed"], done
+    starts = sorted(c["at"] for c in calls(scenario))
+    assert len(starts) == 2 and starts[1] - starts[0] >= 0.45  # the second agent waited for the first

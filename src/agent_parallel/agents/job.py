@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -41,11 +41,22 @@ MAX_BACKOFF_S = 3600.0
 
 
 class Gate:
-    """One agent profile's rate-limit hold, shared by every item of a server (runs and launch_task)."""
+    """One agent profile's rate-limit hold and its ``runner.max_parallel`` cap, shared by every item
+    of a server (runs and launch_task): ``running`` counts its attempts running now."""
 
     def __init__(self) -> None:
         self.until: float | None = None
         self.why: str | None = None
+        self.cap: int | None = None
+        self.running = 0
+
+    def full(self) -> bool:
+        return self.cap is not None and self.running >= self.cap
+
+    async def wait_for_slot(self) -> None:
+        """Return once fewer than ``cap`` attempts of this profile run (the caller then counts itself)."""
+        while self.full():  # noqa: ASYNC110 -- polled: the cap may change with the config
+            await anyio.sleep(0.1)
 
     def hold(self, until: float, why: str) -> None:
         if self.until is None or until > self.until:
@@ -187,9 +198,23 @@ class ItemJob:
         if plan.gate is not None:
             self.waiting = plan.gate.holding()
             await self._wait_gate(plan.gate)
+            if not self._stopped and plan.gate.full():
+                self.waiting = f"runner.max_parallel: {plan.gate.cap} agent(s) already running"
+                with anyio.CancelScope() as self._sleep:
+                    await plan.gate.wait_for_slot()
+                self._sleep, self.waiting = None, None
             if self._stopped:
                 self.attempts -= 1
                 return ExitInfo(None, "not started"), None
+            plan.gate.running += 1
+            try:
+                return await self._run_attempt(resume)
+            finally:
+                plan.gate.running -= 1
+        return await self._run_attempt(resume)
+
+    async def _run_attempt(self, resume: str | None) -> tuple[ExitInfo, AgentUsage | None]:
+        plan = self.plan
         if plan.retries or self.attempts > 1:
             what = f"resuming session {resume}" if resume else f"attempt {self.attempts} of {plan.retries + 1 + self.resumes}"
             self.log.write(f"\n=== agent-parallel: {what} at {iso(time.time())} ===\n".encode())
@@ -213,6 +238,7 @@ class ItemJob:
                     await handle.terminate(plan.grace_s)
                     info = await handle.wait()
                     plan.notes.append(f"attempt {self.attempts} was killed after its timeout of {plan.timeout_s:g} s")
+                    info = replace(info, timed_out=True)
                 tg.cancel_scope.cancel()
             if handle.survivors:
                 plan.notes.append(f"attempt {self.attempts} left processes that survived SIGKILL: {handle.survivors}")

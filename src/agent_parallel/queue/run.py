@@ -34,7 +34,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from . import claims
 from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
 from ..agents import profiles
-from ..agents.job import AttemptPlan, ItemJob, gate_for
+from ..agents.job import AttemptPlan, Gate, ItemJob, gate_for
 from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
 from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
@@ -292,6 +292,14 @@ def retries_of(config: Config, item: WorkItem) -> int:
     return item.retries if item.retries is not None else config.retries
 
 
+def _gate(ctx: QueueContext, config: Config) -> Gate:
+    """The server's gate of the configured agent profile, with the cap the config sets now."""
+    assert config.agent is not None
+    gate = gate_for(ctx.registry, config.agent)
+    gate.cap = config.agent_max_parallel
+    return gate
+
+
 def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir: Path, env: dict[str, str],
               path: Path, timeout_s: float | None) -> ItemJob | None:
     """The body of an item that retries or is run by an agent profile (``agents/job.py``); None for an
@@ -305,7 +313,7 @@ def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir
         argv=argv, stdin_path=path if item.command is None else None, timeout_s=timeout_s, retries=retries,
         retry_delay_s=config.retry_delay_s, agent=config.agent if agent else None, agent_args=config.agent_args,
         agent_command=config.runner_command, auto_resume=config.auto_resume,
-        gate=gate_for(ctx.registry, config.agent) if agent and config.agent else None,
+        gate=_gate(ctx, config) if agent and config.agent else None,
         grace_s=ctx.registry.settings.kill_grace_s, resources=dict(item.resources)))
 
 
@@ -626,7 +634,8 @@ class QueueRun:
         if why := gate_for(self.ctx.registry, config.agent).holding():
             return why
         cap = config.agent_max_parallel
-        if cap is not None and sum(1 for s in self.running.values() if s.agent) >= cap:
+        gate = gate_for(self.ctx.registry, config.agent)
+        if cap is not None and max(sum(1 for s in self.running.values() if s.agent), gate.running) >= cap:
             return f"runner.max_parallel: {cap} agent item(s) already running"
         return None
 

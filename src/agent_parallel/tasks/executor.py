@@ -77,6 +77,7 @@ class LaunchSpec:
 class ExitInfo:
     exit_code: int | None  # None when killed by a signal
     signal: str | None  # e.g. "SIGKILL"
+    timed_out: bool = False  # a job's own timeout stopped it (an item attempt's `timeout`)
 
 
 class TaskHandle(Protocol):

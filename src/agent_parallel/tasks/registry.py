@@ -620,8 +620,9 @@ class TaskRegistry:
             outcome = Interrupted(reason="the server shut down while this task was running", **exits)
         elif task.cancel_requested:
             outcome = Cancelled(reason="cancelled by cancel_task", **exits)
-        elif timed_out:
-            outcome = TimedOut(reason=f"killed after its timeout of {rec.timeout_s:g} s", **exits)
+        elif timed_out or info.timed_out:
+            outcome = TimedOut(reason=f"killed after its timeout of {rec.timeout_s:g} s" if timed_out
+                               else "its last attempt was killed after its timeout", **exits)
         elif task.log.error:
             outcome = Failed(reason=task.log.error, **exits)
         elif info.exit_code == 0:
