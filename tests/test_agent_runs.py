@@ -274,3 +274,30 @@ async def test_the_per_profile_cap_holds_for_launch_task_items_too(workspace, tm
     assert [t["status"] for t in done["tasks"]] == ["completed", "completed"], done
     starts = sorted(c["at"] for c in calls(scenario))
     assert len(starts) == 2 and starts[1] - starts[0] >= 0.45  # the second agent waited for the first
+
+
+@pytest.mark.fault("the executor loses an item's attempt (a Ray node lost): with retries it runs again and "
+                   "completes; without, the item fails with the executor's reason")
+@pytest.mark.parametrize("retries", [1, 0])
+async def test_an_attempt_the_executor_lost_is_retried(workspace, settings, retries):
+    from agent_parallel.tasks.executor import ExecutorError, LaunchSpec
+    from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
+
+    starts: list[str] = []
+
+    def outcome(spec: LaunchSpec) -> FakeOutcome:
+        starts.append(spec.command or "")
+        if len(starts) == 1:
+            return FakeOutcome(wait_error=ExecutorError("node lost: Ray node n1 left the cluster while the task ran"))
+        return FakeOutcome(output=b"ran\n")
+
+    write_config(workspace, runner={"retry_delay": "0.05s"})
+    write_item(workspace, 1, "lost", command="work", retries=retries)
+    async with Client(build_server(workspace, settings, executor=FakeExecutor(outcome))) as client:
+        out = await call(client, "launch_task", item="001", run_in_background=False)
+    if retries:
+        assert out["status"] == "completed" and len(starts) == 2 and "node lost" in out["output"], out
+        assert statuses(workspace)["001"] == "completed"
+    else:
+        assert out["status"] == "failed" and out["reason"].startswith("node lost: Ray node n1"), out
+        assert len(starts) == 1 and statuses(workspace)["001"] == "failed"

@@ -28,7 +28,7 @@ from pathlib import Path
 import anyio
 
 from ..results import AgentUsage, iso
-from ..tasks.executor import Executor, ExitInfo, LaunchSpec, TaskHandle
+from ..tasks.executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle
 from ..tasks.logs import LogReader, LogWriter
 from . import profiles
 from .stream import StreamParser
@@ -127,6 +127,7 @@ class ItemJob:
         self._stopped = False
         self._sleep: anyio.CancelScope | None = None
         self.last: AgentUsage | None = None
+        self.lost: ExecutorError | None = None  # the executor lost the last attempt (a lost node)
 
     # -- Job
     async def start(self, task_id: str, log: LogWriter) -> None:
@@ -155,6 +156,8 @@ class ItemJob:
                     self.resumes += 1
                     continue
             if failures >= plan.retries:
+                if self.lost is not None:
+                    raise self.lost
                 break
             delay = backoff(plan.retry_delay_s, failures)
             failures += 1
@@ -214,7 +217,10 @@ class ItemJob:
         return await self._run_attempt(resume)
 
     async def _run_attempt(self, resume: str | None) -> tuple[ExitInfo, AgentUsage | None]:
+        """One attempt. An executor that loses it (a lost Ray node) makes it a failed attempt, to be
+        retried like any other; if it is the last, ``run`` raises that error (the task's reason)."""
         plan = self.plan
+        self.lost = None
         if plan.retries or self.attempts > 1:
             what = f"resuming session {resume}" if resume else f"attempt {self.attempts} of {plan.retries + 1 + self.resumes}"
             self.log.write(f"\n=== agent-parallel: {what} at {iso(time.time())} ===\n".encode())
@@ -233,7 +239,11 @@ class ItemJob:
                 if self._parser is not None:
                     tg.start_soon(self._follow, start, self._parser)
                 with anyio.move_on_after(plan.timeout_s if plan.timeout_s is not None else float("inf")) as scope:
-                    info = await handle.wait()
+                    try:
+                        info = await handle.wait()
+                    except ExecutorError as exc:
+                        self.lost, info = exc, ExitInfo(None, None)
+                        self.log.write(f"agent-parallel: attempt {self.attempts} failed: {exc}\n".encode())
                 if scope.cancelled_caught:
                     await handle.terminate(plan.grace_s)
                     info = await handle.wait()

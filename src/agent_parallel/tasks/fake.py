@@ -28,7 +28,8 @@ from .logs import LogWriter
 class FakeOutcome:
     """What a fake task does: writes ``output``, then after ``delay`` seconds (and once ``release``
     is set, when given) exits with ``exit_code``, or is killed by ``signal``. With ``start_error``
-    the start fails instead (an ``Exception`` other than ``SpawnError`` plays an executor bug)."""
+    the start fails instead (an ``Exception`` other than ``SpawnError`` plays an executor bug); with
+    ``wait_error`` waiting for its end raises that (an executor losing the task: a lost node)."""
 
     exit_code: int | None = 0
     signal: str | None = None
@@ -36,6 +37,7 @@ class FakeOutcome:
     delay: float = 0.0
     release: anyio.Event | None = None
     start_error: Exception | None = None
+    wait_error: Exception | None = None
 
 
 @dataclass
@@ -96,6 +98,8 @@ class FakeHandle:
                 if self.outcome.release is not None:
                     await self.outcome.release.wait()
                 tg.cancel_scope.cancel()
+            if self.outcome.wait_error is not None and not self._stopped.is_set():
+                raise self.outcome.wait_error
             if self._exit is None:
                 self._exit = (ExitInfo(None, "SIGTERM") if self._stopped.is_set()
                               else ExitInfo(self.outcome.exit_code, self.outcome.signal))
