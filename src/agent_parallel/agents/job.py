@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -111,6 +112,10 @@ class AttemptPlan:
     notes: list[str] = field(default_factory=list)
     resources: dict[str, float] = field(default_factory=dict)
     """What each attempt needs of a cluster node (``--executor ray``; ``LaunchSpec.resources``)."""
+    admission: Callable[[], str | None] | None = None
+    """The registry's check before a process starts (low memory, high load): None to go ahead, or why
+    to hold the attempt's start (the registry does not check a job's body itself)."""
+    admission_retry_s: float = 0.5
 
 
 class ItemJob:
@@ -206,6 +211,7 @@ class ItemJob:
                 with anyio.CancelScope() as self._sleep:
                     await plan.gate.wait_for_slot()
                 self._sleep, self.waiting = None, None
+            await self._admit()
             if self._stopped:
                 self.attempts -= 1
                 return ExitInfo(None, "not started"), None
@@ -214,7 +220,20 @@ class ItemJob:
                 return await self._run_attempt(resume)
             finally:
                 plan.gate.running -= 1
+        await self._admit()
+        if self._stopped:
+            self.attempts -= 1
+            return ExitInfo(None, "not started"), None
         return await self._run_attempt(resume)
+
+    async def _admit(self) -> None:
+        """Hold the attempt's start while the registry's admission check says so (memory, load)."""
+        check = self.plan.admission
+        with anyio.CancelScope() as self._sleep:
+            while check is not None and not self._stopped and (why := check()):
+                self.waiting = f"start held: {why}"
+                await anyio.sleep(self.plan.admission_retry_s)
+        self._sleep, self.waiting = None, None
 
     async def _run_attempt(self, resume: str | None) -> tuple[ExitInfo, AgentUsage | None]:
         """One attempt. An executor that loses it (a lost Ray node) makes it a failed attempt, to be

@@ -314,7 +314,8 @@ def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir
         retry_delay_s=config.retry_delay_s, agent=config.agent if agent else None, agent_args=config.agent_args,
         agent_command=config.runner_command, auto_resume=config.auto_resume,
         gate=_gate(ctx, config) if agent and config.agent else None,
-        grace_s=ctx.registry.settings.kill_grace_s, resources=dict(item.resources)))
+        grace_s=ctx.registry.settings.kill_grace_s, resources=dict(item.resources),
+        admission=ctx.registry.settings.admission, admission_retry_s=ctx.registry.settings.admission_retry_s))
 
 
 def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float | None]:
