@@ -22,12 +22,10 @@ worker thread, never on the event loop.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 import signal
-import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +183,7 @@ class LocalExecutor:
             except OSError:
                 pass  # a bigger pipe only means fewer wake-ups
             if spec.stdin_path is not None:
-                stdin = _open_stdin(spec.stdin_path)
+                stdin = processes.open_stdin(spec.stdin_path)
             popen = processes.spawn(lambda: subprocess.Popen(
                 argv, cwd=spec.cwd, env=env, stdin=stdin if stdin >= 0 else subprocess.DEVNULL,
                 stdout=wfd, stderr=wfd, start_new_session=True, close_fds=True,
@@ -340,16 +338,6 @@ class LocalHandle:
             self._rfd = -1
 
 
-def _open_stdin(path: Path) -> int:
-    """Open a task's stdin file without ever blocking (a FIFO would): only a regular file will do."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"its stdin file {path} is not a regular file")
-    os.set_blocking(fd, True)
-    return fd
-
-
 def _pidfd_open(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
@@ -369,13 +357,7 @@ async def stop_task(task_id: str, pgid: int | None, grace: float, *, since: int 
     mine_only = processes.is_subreaper()  # then every process of the task descends from us
 
     def signal_round(sig: signal.Signals) -> dict[int, int]:
-        snap = processes.scan(mine_only=mine_only)
-        processes.reap_orphans(snap.orphans)
-        victims = processes.task_members(snap, task_id, pgid, since=since)
-        if pgid is not None:
-            processes.signal_group(pgid, sig)
-        processes.signal_processes(victims, sig)
-        return victims
+        return processes.signal_task(task_id, pgid, since, sig, mine_only=mine_only)
 
     run = anyio.to_thread.run_sync
     victims = await run(signal_round, signal.SIGTERM)

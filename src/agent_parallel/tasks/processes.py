@@ -19,8 +19,10 @@ This module only uses the standard library: the watchdog process imports it too.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -226,6 +228,42 @@ def still_alive(victims: dict[int, int]) -> dict[int, int]:
     return left
 
 
+def signal_task(task_id: str, pgid: int | None, since: int | None, sig: signal.Signals, *,
+                mine_only: bool) -> dict[int, int]:
+    """One round of stopping a task: a fresh look (``scan``, reaping orphans), then ``sig`` to the
+    task's process group and to every process carrying its ``AGENT_TASK_ID`` (none older than
+    ``since``). Returns the processes signalled; the local executor and the Ray worker both use it."""
+    snap = scan(mine_only=mine_only)
+    reap_orphans(snap.orphans)
+    victims = task_members(snap, task_id, pgid, since=since)
+    if pgid is not None and victims:
+        signal_group(pgid, sig)
+    signal_processes(victims, sig)
+    return victims
+
+
+def wait_gone(victims: dict[int, int], timeout: float) -> bool:
+    """Block (polling with back-off) until none of ``victims`` is alive; False after ``timeout``.
+    There is no event for the death of processes that are not our children."""
+    deadline, delay = time.monotonic() + timeout, 0.005
+    while still_alive(victims):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+def open_stdin(path: str | os.PathLike[str]) -> int:
+    """Open a task's stdin file without ever blocking (a FIFO would): only a regular file will do."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"its stdin file {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def reap_orphans(orphans: list[int]) -> None:
     """Reap zombie children that were reparented to us (never one this process started)."""
     me, my_session = os.getpid(), os.getsid(0)
@@ -404,6 +442,7 @@ def describe_survivors(pids: list[int]) -> str:
 
 
 __all__ = ["Proc", "Snapshot", "scan", "is_subreaper", "task_members", "signal_processes", "signal_group", "still_alive",
+           "signal_task", "wait_gone", "open_stdin",
            "reap_orphans", "spawn", "forget_child", "may_have_left_processes", "wait_child", "unlocked_wait",
            "become_subreaper", "release_subreaper", "kill_tasks_now",
            "process_start_time", "same_process", "describe_survivors", "TASK_ID_VAR"]

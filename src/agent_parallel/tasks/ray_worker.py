@@ -21,13 +21,11 @@ grace, KILL, verify): it reaches descendants that left the group too.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import selectors
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -85,7 +83,7 @@ def run_command(spec: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         if spec.get("stdin_path") is not None:
-            stdin = _open_stdin(spec["stdin_path"])
+            stdin = processes.open_stdin(spec["stdin_path"])
         popen = processes.spawn(lambda: subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=stdin if stdin >= 0 else subprocess.DEVNULL, stdout=wfd, stderr=wfd,
             start_new_session=True, close_fds=True))
@@ -157,46 +155,20 @@ def stop_task_now(task_id: str, pgid: int | None, since: int | None, grace: floa
     mine_only = processes.is_subreaper()
 
     def signal_round(sig: signal.Signals) -> dict[int, int]:
-        snap = processes.scan(mine_only=mine_only)
-        processes.reap_orphans(snap.orphans)
-        victims = processes.task_members(snap, task_id, pgid, since=since)
-        if pgid is not None and victims:
-            processes.signal_group(pgid, sig)
-        processes.signal_processes(victims, sig)
-        return victims
+        return processes.signal_task(task_id, pgid, since, sig, mine_only=mine_only)
 
     victims = signal_round(signal.SIGTERM)
-    if victims and not _wait_gone(victims, grace):
+    if victims and not processes.wait_gone(victims, grace):
         killed: dict[int, int] = {}
         for _ in range(processes.KILL_ROUNDS):
             victims = signal_round(signal.SIGKILL)
             if not victims or victims.keys() <= killed.keys():
                 break
             killed.update(victims)
-            _wait_gone(victims, processes.KILL_WAIT_S)
+            processes.wait_gone(victims, processes.KILL_WAIT_S)
     snap = processes.scan(mine_only=mine_only)
     processes.reap_orphans(snap.orphans)
     return sorted(processes.task_members(snap, task_id, pgid, since=since))
-
-
-def _wait_gone(victims: dict[int, int], timeout: float) -> bool:
-    deadline, delay = time.monotonic() + timeout, 0.005
-    while processes.still_alive(victims):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-    return True
-
-
-def _open_stdin(path: str) -> int:
-    """A regular file only (a FIFO would block the start), opened without blocking."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"its stdin file {path} is not a regular file")
-    os.set_blocking(fd, True)
-    return fd
 
 
 def _fork_guard() -> None:
