@@ -262,15 +262,16 @@ class TaskRegistry:
     def _new_record(self, *, command: str | None, argv: builtins.list[str] | None, cwd: Path, description: str | None,
                     env: dict[str, str] | None, timeout_s: float | None, after: builtins.list[str] | None,
                     kind: TaskKind, item_id: str | None, item_file: str | None, stdin_path: Path | None,
-                    group: GroupSlots | None, resources: dict[str, float] | None = None,
+                    group: GroupSlots | None, resources: dict[str, float] | None = None, what: str = "the task",
                     ) -> tuple[TaskRecord, LaunchSpec, builtins.list[Task]]:
-        """A new task's record and launch spec, checked (``UsageError``, ``UnknownTask``); nothing registered."""
+        """A new task's record and launch spec, checked (``UsageError`` naming ``what``, ``UnknownTask``);
+        nothing registered."""
         predecessors = [self.get(p) for p in (after or [])]
         task_id = self._new_id()
         spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
                           stdin_path=stdin_path, resources=dict(resources or {}))
         if problem := check_launch_strings(spec):
-            raise UsageError(f"cannot start the task: {problem}")
+            raise UsageError(f"cannot start {what}: {problem}")
         shown = command if command is not None else " ".join(argv or [])
         record = TaskRecord(task_id=task_id, kind=kind, command=shown, description=description,
                             cwd=str(cwd), env_keys=sorted(env or {}), timeout_s=timeout_s,
@@ -333,16 +334,11 @@ class TaskRegistry:
             raise ResourceLimitError(
                 f"{self._active} tasks are already queued or running and this group would run {slots} more "
                 f"(the limit is {self.settings.max_running}); lower max_parallel, or wait for some tasks")
-        for i, command in enumerate(commands):
-            spec = LaunchSpec(task_id="check", cwd=cwd, command=command, env=dict(env or {}))
-            if problem := check_launch_strings(spec):
-                raise UsageError(f"cannot start commands[{i}]: {problem}")
-        for task_id in after or []:
-            self.get(task_id)
         group = GroupSlots(new_group_id(), anyio.CapacityLimiter(max_parallel))
         made = [self._new_record(command=command, argv=None, cwd=cwd, description=description, env=env,
                                  timeout_s=timeout_s, after=after, kind="command", item_id=None, item_file=None,
-                                 stdin_path=None, group=group) for command in commands]
+                                 stdin_path=None, group=group, what=f"commands[{i}]")
+                for i, command in enumerate(commands)]  # every command checked before anything is written
         await self._save_new([record for record, _, _ in made])  # all first records in one worker thread
         members: builtins.list[Task] = []
         try:
