@@ -25,7 +25,7 @@ from agent_parallel.server import ServerSettings, build_server
 from agent_parallel.worktrees import prepare
 from conftest import call
 from queue_helpers import write_config, write_item
-from worktree_helpers import agent, config as wt_config, git, make_repo
+from worktree_helpers import agent, config as wt_config, git, make_empty_queue_repo
 
 WORKTREE = IsolationPolicy(default="worktree", integration_s=5.0, integration_samples=3)
 
@@ -228,10 +228,7 @@ def test_a_runs_directory_pointing_outside_is_neither_read_nor_written(tmp_path:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = make_repo(tmp_path / "repo")
-    (root / ".agent/queue/001-pending-first.md").unlink()
-    git(root, "commit", "-q", "-am", "no items yet")
-    return root
+    return make_empty_queue_repo(tmp_path / "repo")
 
 
 @pytest.mark.anyio

@@ -20,7 +20,7 @@ from agent_parallel.server import ServerSettings, build_server
 from agent_parallel.worktrees import prepare, release
 from conftest import RawServer, call
 from queue_helpers import statuses, write_config, write_item
-from worktree_helpers import agent, config, git, make_repo
+from worktree_helpers import agent, config, git, make_empty_queue_repo
 
 pytestmark = pytest.mark.anyio
 
@@ -29,10 +29,7 @@ WORKTREE = ".agent/worktrees/001-resumable"
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = make_repo(tmp_path / "repo")
-    (root / ".agent/queue/001-pending-first.md").unlink()
-    git(root, "commit", "-q", "-am", "no items yet")
-    return root
+    return make_empty_queue_repo(tmp_path / "repo")
 
 
 def resumable_item(root: Path, marker: Path) -> None:

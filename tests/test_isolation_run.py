@@ -11,17 +11,14 @@ from mcp import Client
 from agent_parallel.server import ServerSettings, build_server
 from conftest import call
 from queue_helpers import statuses, write_config, write_item
-from worktree_helpers import LINES, git, make_repo
+from worktree_helpers import LINES, git, make_empty_queue_repo
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = make_repo(tmp_path / "repo", {".agent/queue/001-pending-first.md": "---\ntitle: First\n---\n"})
-    (root / ".agent/queue/001-pending-first.md").unlink()  # each test writes its own items
-    git(root, "commit", "-q", "-am", "no items yet")
-    return root
+    return make_empty_queue_repo(tmp_path / "repo")
 
 
 async def run_to_end(root: Path, **args) -> dict:
@@ -152,7 +149,5 @@ async def trace_overlap(repo: Path, allow_overlap: bool) -> bool:
 
 async def test_declared_overlaps_serialize_isolated_items_unless_allowed(repo, tmp_path):
     assert not await trace_overlap(repo, allow_overlap=False)
-    other = make_repo(tmp_path / "other")
-    (other / ".agent/queue/001-pending-first.md").unlink()
-    git(other, "commit", "-q", "-am", "no items yet")
+    other = make_empty_queue_repo(tmp_path / "other")
     assert await trace_overlap(other, allow_overlap=True)

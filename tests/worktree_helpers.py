@@ -33,6 +33,14 @@ def make_repo(root: Path, files: dict[str, str] | None = None) -> Path:
     return root
 
 
+def make_empty_queue_repo(root: Path) -> Path:
+    """`make_repo` whose queue holds no item (each test writes its own), committed."""
+    make_repo(root)
+    (root / ".agent/queue/001-pending-first.md").unlink()
+    git(root, "commit", "-q", "-am", "no items yet")
+    return root
+
+
 def config(**values: Any) -> Config:
     return Config(isolation="worktree", **values)
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, cast
+from typing import BinaryIO, cast
 
 import anyio
 
 from ..config import Config
+from ..results import Phase
 from ..worktrees import Integration, Lease, integrate, is_safe_to_remove, list_worktrees, predict_conflicts, prepare, \
     release, remove
 from .items import WorkItem
@@ -25,15 +26,12 @@ from .timings import record_integration
 
 log = logging.getLogger(__name__)
 
-Phase = Literal["setup", "running", "integrating", "integrated", "conflict"]
-
 SETUP_LOG_BYTES = 64 << 10
 """What ``worktree.setup`` printed is kept up to this much (its end) for the head of the item's log."""
 
 
 def is_isolated(config: Config, item: WorkItem) -> bool:
-    """The item's own ``isolation`` field if it has one, else ``runner.isolation``."""
-    return (item.isolation or config.isolation) == "worktree"
+    return item.runs_isolated(config.isolation)
 
 
 @dataclass

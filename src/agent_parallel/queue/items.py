@@ -97,6 +97,10 @@ class WorkItem(BaseModel):
     """How often to run the item again after a failure (None: ``runner.retries`` decides)."""
     body: str = ""
 
+    def runs_isolated(self, default: str) -> bool:
+        """THE isolation rule: its own ``isolation`` if it has one, else ``default`` (``runner.isolation``)."""
+        return (self.isolation or default) == "worktree"
+
 
 _Model = TypeVar("_Model", bound=BaseModel)
 

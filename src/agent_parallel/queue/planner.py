@@ -189,8 +189,7 @@ class IsolationPolicy:
     integration_samples: int = 0
 
     def isolated(self, item: WorkItem) -> bool:
-        """The item's own ``isolation`` if it has one, else the default."""
-        return (item.isolation or self.default) == "worktree"
+        return item.runs_isolated(self.default)
 
 
 NO_ISOLATION = IsolationPolicy()
