@@ -43,6 +43,11 @@ MAX_GROUP_COMMANDS = 1000
 GROUP_ANSWER_BYTES = 1 << 20
 """A group's answer shows at most about this much output over all its members (each at least 1 KiB)."""
 
+
+def group_page_bytes(asked: int, members: int) -> int:
+    """Output per member in a group's answer: what was asked, within the group's share of GROUP_ANSWER_BYTES."""
+    return min(asked, max(1024, GROUP_ANSWER_BYTES // members))
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -183,7 +188,7 @@ def register_task_tools(server: MCPServer) -> None:
         several = task_id is None or group_id is not None
         live = live_progress(tasks)
         if group_id is not None:  # a group may hold up to MAX_GROUP_COMMANDS tasks: the answer stays bounded
-            max_bytes = min(max_bytes, max(1024, GROUP_ANSWER_BYTES // len(tasks)))
+            max_bytes = group_page_bytes(max_bytes, len(tasks))
 
         def read_all() -> list[TaskView]:
             return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
@@ -280,7 +285,7 @@ async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_i
     tasks: list[TaskView] | None = None
     if not run_in_background:
         done = await ws.registry.wait(members, mode="all", timeout=ws.settings.wait_cap_s)
-        max_bytes = min(16384, max(1024, GROUP_ANSWER_BYTES // len(members)))
+        max_bytes = group_page_bytes(16384, len(members))
         tasks = await anyio.to_thread.run_sync(lambda: [
             view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, short=True)
             for t in members])
