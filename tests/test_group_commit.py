@@ -125,3 +125,54 @@ async def test_a_cancelled_writer_leaves_the_others_written(tmp_path):
     assert first.read_bytes() == b"1" and last.read_bytes() == b"3"
     assert not cancelled.exists()  # cancelled while queued behind the batch: taken back, never half-written
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+async def test_save_soon_is_written_in_the_background_without_fsync(tmp_path, monkeypatch):
+    log = SyncLog(monkeypatch)
+    errors: list[OSError] = []
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg)
+        target = tmp_path / "running.json"
+        commit.save_soon(target, b'{"state": "running"}', errors.append)
+        assert not target.exists()  # queued, not yet written
+        with anyio.fail_after(5):
+            while not target.exists():
+                await anyio.sleep(0.005)
+    assert target.read_bytes() == b'{"state": "running"}'
+    assert not errors
+    assert not any(kind in ("file", "dir") for kind, _ in log.events)  # may be lost in a crash, never torn
+
+
+async def test_a_later_write_of_the_same_file_supersedes_a_queued_save_soon(tmp_path, monkeypatch):
+    log = SyncLog(monkeypatch)
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg)
+        target = tmp_path / "task.json"
+        commit.save_soon(target, b"running", lambda exc: None)
+        await commit.save(target, b"final")  # before the background batch took the running record
+        await anyio.sleep(group_commit.SOON_DELAY_S * 3)  # the background batch has nothing left to write
+    assert target.read_bytes() == b"final"
+    assert [dst for kind, dst in log.events if kind == "rename"] == [str(target)]  # written once: the final
+    assert log.durable(target)
+
+
+async def test_save_soon_writes_of_one_file_land_in_order(tmp_path):
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg)
+        target = tmp_path / "task.json"
+        commit.save_soon(target, b"first", lambda exc: None)
+        await anyio.sleep(group_commit.SOON_DELAY_S * 3)
+        commit.save_soon(target, b"second", lambda exc: None)
+        await commit.save(tmp_path / "other.json", b"x")  # takes the queued write along, in order
+    assert target.read_bytes() == b"second"
+
+
+async def test_a_failed_save_soon_calls_its_on_error_and_others_are_written(tmp_path):
+    errors: list[OSError] = []
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg)
+        commit.save_soon(tmp_path / "gone" / "a.json", b"a", errors.append)  # its directory does not exist
+        commit.save_soon(tmp_path / "b.json", b"b", errors.append)
+        await anyio.sleep(group_commit.SOON_DELAY_S * 3)
+    assert [type(e) for e in errors] == [FileNotFoundError]
+    assert (tmp_path / "b.json").read_bytes() == b"b"

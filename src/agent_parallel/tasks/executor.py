@@ -171,6 +171,14 @@ class LocalExecutor:
     async def start(self, spec: LaunchSpec, log: LogWriter) -> LocalHandle:
         if problem := check_launch_strings(spec):
             raise SpawnError(f"cannot start the task: {problem}")
+        # in a worker thread: the caller of fork/exec waits until the child has exec'd (vfork), which
+        # would hold the event loop for a good part of a millisecond per task. Shielded: a process
+        # once started is always handed back (a cancelled caller then stops it through its handle).
+        with anyio.CancelScope(shield=True):
+            started = await anyio.to_thread.run_sync(self._start_sync, spec)
+        return LocalHandle(started, log, spec.task_id, self._watchdog)
+
+    def _start_sync(self, spec: LaunchSpec) -> _Started:
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
         # bytes throughout: os.environb is not decoded entry by entry, and Popen takes bytes as they are
         env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
@@ -201,7 +209,7 @@ class LocalExecutor:
             os.set_blocking(rfd, False)
             if self._watchdog is not None:
                 self._watchdog.watch(popen.pid, spec.task_id)
-            return LocalHandle(popen, rfd, log, spec.task_id, self._watchdog)
+            return _Started(popen, rfd, process_start_time(popen.pid), _pidfd_open(popen.pid))
         except OSError as exc:  # started, but it cannot be followed: stop it rather than lose it
             processes.signal_group(popen.pid, signal.SIGKILL)
             popen.wait()
@@ -211,23 +219,33 @@ class LocalExecutor:
                              "it was killed") from exc
 
 
+@dataclass
+class _Started:
+    """What ``LocalExecutor._start_sync`` hands back from its worker thread."""
+
+    popen: subprocess.Popen[bytes]
+    read_fd: int  # the read end of the output pipe (non-blocking)
+    start_time: int | None
+    pidfd: int | None
+
+
 class LocalHandle:
     """A running local process group and the pipe its output arrives on."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], read_fd: int, log: LogWriter, task_id: str,
-                 watchdog: Watchdog | None = None) -> None:
+    def __init__(self, started: _Started, log: LogWriter, task_id: str, watchdog: Watchdog | None = None) -> None:
+        popen = started.popen
         self.pid: int | None = popen.pid
         self.pgid = popen.pid  # start_new_session: the leader's pid is the group id
         self.task_id = task_id
-        self.start_time = process_start_time(popen.pid)
+        self.start_time = started.start_time
         self.survivors: list[int] = []
         self._watchdog = watchdog
         self._popen = popen
-        self._rfd = read_fd
+        self._rfd = started.read_fd
         self._log = log
         self._eof = anyio.Event()
         self._exit: ExitInfo | None = None
-        self._pidfd = _pidfd_open(popen.pid)
+        self._pidfd = started.pidfd
         self._exit_wait: anyio.CancelScope | None = None
         self._leftovers = False  # the command exited: what it left running is still to be stopped
         self._waited = False
@@ -255,7 +273,7 @@ class LocalHandle:
                 if self.survivors:  # look once more: the last word is what is alive now
                     self.survivors = await anyio.to_thread.run_sync(self._find_left)
                 if self._watchdog is not None and not self.survivors:
-                    self._watchdog.forget(self.pgid)
+                    self._watchdog.forget(self.pgid, self.task_id)
                 with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
                     await self._eof.wait()
                 tg.cancel_scope.cancel()

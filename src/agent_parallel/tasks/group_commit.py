@@ -10,46 +10,98 @@ later callers queue up for the next batch. Durability is unchanged: ``save`` ret
 its own file and its directory entry are on disk, and raises the ``OSError`` of its own write
 (a failed write fails only its caller). A batch, once begun, is finished even if its callers are
 cancelled; a caller cancelled while its write still waits for a batch takes it back (not written).
+
+``save_soon`` queues a write nobody waits for (a running task's record: it may be lost in a crash,
+never torn): it goes with the next batch, or with one begun in the background shortly after, and
+a later write of the same file queued before it is written replaces it (a task that ends at once
+has its running record never written: its final record supersedes it). Writes of one file are
+always written in the order queued. A failed ``save_soon`` write calls its ``on_error``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskGroup
 
 from ..paths import write_atomic
 
+log = logging.getLogger(__name__)
+
 MAX_BATCH = 256  # files per batch: one batch never keeps a worker thread for long
+SOON_DELAY_S = 0.02  # how long a ``save_soon`` write may wait for company (and to be superseded)
 
 
 @dataclass
 class _Write:
     path: Path
     data: bytes
+    durable: bool = True
+    on_error: Callable[[OSError], None] | None = None  # a save_soon write's: nobody waits for it
     done: bool = False
     error: OSError | None = None
 
 
 class GroupCommit:
-    """Durable atomic writes, batched (see the module docstring). One per event loop."""
+    """Atomic writes, batched (see the module docstring). One per event loop; ``save_soon``
+    needs ``tg``, where the background batches run."""
 
-    def __init__(self, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, *, max_batch: int = MAX_BATCH, tg: TaskGroup | None = None) -> None:
         self._queued: list[_Write] = []
+        self._soon: dict[Path, _Write] = {}  # queued save_soon writes, by file
         self._busy = False  # a batch is being written
+        self._flushing = False  # a background batch is on its way
         self._written = anyio.Event()  # set (and replaced) when a batch is finished
         self._max_batch = max_batch
+        self._tg = tg
         self.batches = 0  # batches written (for tests and benchmarks)
+
+    def save_soon(self, path: Path, data: bytes, on_error: Callable[[OSError], None]) -> None:
+        """Queue an atomic write of ``data`` to ``path`` that nobody waits for (not fsynced);
+        ``on_error`` is called (on the event loop) if it fails. See the module docstring."""
+        assert self._tg is not None, "save_soon needs the task group GroupCommit was given"
+        self._supersede(path)
+        write = _Write(path, data, durable=False, on_error=on_error)
+        self._queued.append(write)
+        self._soon[path] = write
+        if not self._flushing:
+            self._flushing = True
+            self._tg.start_soon(self._flush_soon)
+
+    async def _flush_soon(self) -> None:
+        try:
+            await anyio.sleep(SOON_DELAY_S)
+        finally:
+            self._flushing = False
+        if self._soon:
+            with anyio.CancelScope(shield=True):  # the server's shutdown still writes what is queued
+                await self._write_queued(None)
+
+    def _supersede(self, path: Path) -> None:
+        """A new write of ``path`` replaces its ``save_soon`` write still waiting in the queue."""
+        if (earlier := self._soon.pop(path, None)) is not None:
+            self._queued.remove(earlier)
 
     async def save(self, path: Path, data: bytes) -> None:
         """Write ``data`` to ``path`` atomically and durably; return once it is on disk.
 
         Raises the ``OSError`` of this write (disk full, directory gone...)."""
+        if self._soon:
+            self._supersede(path)
         write = _Write(path, data)
         self._queued.append(write)
-        while not write.done:
+        await self._write_queued(write)
+        if write.error is not None:
+            raise write.error
+
+    async def _write_queued(self, write: _Write | None) -> None:
+        """Write batches until ``write`` is written (None: until the queue is empty)."""
+        while not write.done if write is not None else self._queued:
             if self._busy:
                 try:
                     await self._written.wait()
@@ -59,6 +111,9 @@ class GroupCommit:
                     raise
                 continue
             batch, self._queued = self._queued[:self._max_batch], self._queued[self._max_batch:]
+            for taken in batch:
+                if not taken.durable and self._soon.get(taken.path) is taken:
+                    del self._soon[taken.path]
             self._busy = True
             try:
                 with anyio.CancelScope(shield=True):  # a batch begun is finished: its other writers wait on it
@@ -68,19 +123,25 @@ class GroupCommit:
                 self._busy = False
                 written, self._written = self._written, anyio.Event()
                 written.set()
-        if write.error is not None:
-            raise write.error
+            for taken in batch:
+                if taken.error is not None and taken.on_error is not None:
+                    try:
+                        taken.on_error(taken.error)
+                    except Exception:
+                        log.exception("handling the failed write of %s failed", taken.path)
 
 
 def write_batch(batch: list[_Write]) -> None:
-    """Write, fsync and rename each file in order, then fsync each directory once (sync: in a worker thread).
+    """Write (durable ones fsynced) and rename each file in order, then fsync each directory of a
+    durable write once (sync: in a worker thread).
 
     Every write ends ``done``, with its own ``error`` when it failed (its directory's fsync included)."""
     by_dir: dict[Path, list[_Write]] = {}
     for write in batch:
         try:
-            _write_file(write.path, write.data)
-            by_dir.setdefault(write.path.parent, []).append(write)
+            write_atomic(write.path, write.data, durable=write.durable, sync_dir=False)
+            if write.durable:
+                by_dir.setdefault(write.path.parent, []).append(write)
         except OSError as exc:
             write.error = exc
     for directory, writes in by_dir.items():
@@ -95,11 +156,6 @@ def write_batch(batch: list[_Write]) -> None:
                 write.error = exc
     for write in batch:
         write.done = True
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """``paths.write_atomic(durable=True)`` without its directory fsync (the batch does that once)."""
-    write_atomic(path, data, durable=True, sync_dir=False)
 
 
 __all__ = ["GroupCommit", "write_batch", "MAX_BATCH"]

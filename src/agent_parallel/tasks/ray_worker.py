@@ -110,7 +110,7 @@ def run_command(spec: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
     finally:
         os.close(rfd)
         if not survivors:
-            watchdog.forget(pgid)
+            watchdog.forget(pgid, task_id)
     code = popen.returncode
     yield ("exit", code if code >= 0 else None, signal.Signals(-code).name if code < 0 else None, survivors)
 

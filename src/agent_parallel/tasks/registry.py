@@ -112,6 +112,7 @@ class Task:
     prelude: bytes = b""  # written at the head of its log when the log is opened
     follow_up_timeout: float = FOLLOW_UP_TIMEOUT_S
     finishing: bool = False  # _finish has begun: it runs once
+    storage_error: str | None = None  # its running record could not be written: it was stopped, and fails
 
     @property
     def output_bytes(self) -> int:
@@ -132,7 +133,7 @@ class TaskRegistry:
         self._saving = 0  # final records being written in worker threads
         self._saved = anyio.Event()  # set whenever no final record is being written
         self._saved.set()
-        self._commits = GroupCommit()  # final records of tasks ending together share one fsync
+        self._commits = GroupCommit(tg=tg)  # final records of tasks ending together share one fsync
         self._load_history()
 
     # ----------------------------------------------------------------- queries
@@ -283,7 +284,11 @@ class TaskRegistry:
 
     async def _save_new(self, records: builtins.list[TaskRecord]) -> None:
         """Write new tasks' first records (one worker thread for all); ``StorageError`` if one cannot be
-        written (none of them is kept then), ``ShuttingDown`` if the server began to stop meanwhile."""
+        written (none of them is kept then), ``ShuttingDown`` if the server began to stop meanwhile.
+
+        Their (empty) logs are created in the same worker thread: creating a file is the costly part of
+        opening a log, which ``_start`` then does on the event loop (a failure here is left for it to
+        report, as the task's own)."""
         def save_all() -> None:
             try:
                 for record in records:
@@ -291,6 +296,12 @@ class TaskRegistry:
             except OSError:
                 self._unlink_records(records)
                 raise
+            for record in records:
+                try:
+                    os.close(os.open(log_paths(self.runs_dir, record.task_id)[0],
+                                     os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                except OSError:
+                    pass
 
         try:
             await anyio.to_thread.run_sync(save_all)
@@ -546,9 +557,8 @@ class TaskRegistry:
             await self._finish(task, Cancelled(reason="cancelled while waiting for a slot in its group"))
             return False
         spec.env["AGENT_TASK_ID"] = rec.task_id
-        try:
-            task.log = await anyio.to_thread.run_sync(
-                lambda: LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes))
+        try:  # on the event loop: the file exists already (``_save_new``), so this costs little
+            task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
             if task.prelude:
                 task.log.write(task.prelude)
                 task.prelude = b""
@@ -577,12 +587,19 @@ class TaskRegistry:
             return False
         if task.cancel_requested:  # cancel_task came during the start and found nothing running yet
             self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
-        try:
-            await anyio.to_thread.run_sync(lambda: save_record(rec, self.runs_dir))
-        except OSError as exc:
-            raise _TaskFailure(f"could not write the task record in {self.runs_dir}: {os_error_text(exc)}; "
-                               "free some disk space (or fix the directory's permissions) and launch again") from exc
+        # written in the background (a task that ends at once never has it written: its final record
+        # supersedes it); if it cannot be written, the task is stopped and fails saying why
+        self._commits.save_soon(self.runs_dir / f"{rec.task_id}.json", rec.model_dump_json().encode(),
+                                lambda exc: self._record_failed(task, exc))
         return True
+
+    def _record_failed(self, task: Task, exc: OSError) -> None:
+        """A running task's record could not be written: stop the task, which then fails saying why."""
+        if task.finishing:
+            return
+        task.storage_error = (f"could not write the task record in {self.runs_dir}: {os_error_text(exc)}; "
+                              "free some disk space (or fix the directory's permissions) and launch again")
+        self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
 
     async def _watch(self, task: Task) -> None:
         """Wait for a running task to end (enforcing its timeout) and record how it ended."""
@@ -619,6 +636,8 @@ class TaskRegistry:
         elif timed_out or info.timed_out:
             outcome = TimedOut(reason=f"killed after its timeout of {rec.timeout_s:g} s" if timed_out
                                else "its last attempt was killed after its timeout", **exits)
+        elif task.storage_error:
+            outcome = Failed(reason=task.storage_error, **exits)
         elif task.log.error:
             outcome = Failed(reason=task.log.error, **exits)
         elif info.exit_code == 0:
@@ -746,7 +765,7 @@ class TaskRegistry:
             if task.holds_slot and task.group is not None:
                 task.holds_slot = False
                 task.group.limiter.release_on_behalf_of(task.record.task_id)
-            if task.log is not None:
+            if task.log is not None and task.log.total:  # (no output: nothing to read)
                 try:
                     rec.last_line = await anyio.to_thread.run_sync(self._read_last_line, task)
                 except Exception:  # the log is unreadable: no last line

@@ -1,8 +1,8 @@
 """A guard process that stops a server's tasks if the server dies without cleaning up.
 
 The server starts one watchdog (``python -m agent_parallel.tasks.watchdog``) and keeps a pipe to
-its stdin, writing ``+PGID TASK_ID`` when a task's process group starts and ``-PGID`` when it is
-gone. The watchdog sits in its own session and ignores the usual stop signals; when its stdin
+its stdin, writing ``+PGID TASK_ID`` when a task's process group starts and ``-PGID TASK_ID`` when
+it is gone. The watchdog sits in its own session and ignores the usual stop signals; when its stdin
 reaches end of file (the server exited, even by SIGKILL) it stops every task still listed: TERM
 to its group and to every process carrying its ``AGENT_TASK_ID`` (those that left the group),
 a short grace, then KILL until none is left (``processes.py``), and exits. A listed group is only
@@ -33,19 +33,24 @@ class Watchdog:
         ))
         self.pid = self._proc.pid
 
-    def _send(self, line: str) -> None:
+    def _send(self, line: str, *, now: bool) -> None:
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.write(line.encode())
-            self._proc.stdin.flush()
+            if now:
+                self._proc.stdin.flush()
         except (OSError, ValueError):  # the guard is gone; the start-up sweep remains
             pass
 
     def watch(self, pgid: int, task_id: str) -> None:
-        self._send(f"+{pgid} {task_id}\n")
+        """List a task's group at once (it may need stopping from now on); carries any forget queued."""
+        self._send(f"+{pgid} {task_id}\n", now=True)
 
-    def forget(self, pgid: int) -> None:
-        self._send(f"-{pgid}\n")
+    def forget(self, pgid: int, task_id: str) -> None:
+        """Unlist a group; sent with the next ``watch`` (or at close): a group listed a little longer is
+        harmless (the guard only signals a group while a member still carries the task's id), and a
+        task's end then costs no write and no wake-up of the guard."""
+        self._send(f"-{pgid} {task_id}\n", now=False)
 
     def close(self) -> None:
         """Let the guard exit (it stops whatever is still listed)."""
@@ -72,8 +77,10 @@ def _guard() -> None:
             if line[:1] == b"+":
                 pgid, task_id = line[1:].split(b" ", 1)
                 tasks[int(pgid)] = task_id.decode("ascii")
-            elif line[:1] == b"-":
-                tasks.pop(int(line[1:]), None)
+            elif line[:1] == b"-":  # only the task named: the group id may be another task's by now
+                pgid, task_id = line[1:].split(b" ", 1)
+                if tasks.get(int(pgid)) == task_id.decode("ascii"):
+                    del tasks[int(pgid)]
         except ValueError:
             continue
     if tasks:
