@@ -83,7 +83,8 @@ def register_task_tools(server: MCPServer) -> None:
         after: Annotated[list[str] | None, Field(description="task ids that must complete successfully first; if one fails, this task ends as 'skipped'")] = None,
         run_in_background: Annotated[bool, Field(description="false: wait for the end (up to the wait cap) and answer like task_output")] = True,
     ) -> LaunchResult:
-        """Start a shell command (or a queue item) in the background and answer at once with its task_id.
+        """Start a shell command (or a queue item) in the background and answer at once with its task_id
+        (status `queued` while its process starts, `running` a moment later).
 
         Use it for anything that takes more than a few seconds (builds, test suites, servers,
         long scripts) and to run independent steps in parallel: launch them all, then call
@@ -130,8 +131,10 @@ def register_task_tools(server: MCPServer) -> None:
                 commands, max_parallel=slots, cwd=workdir, description=description, env=env, timeout_s=timeout_s,
                 after=after)
             return await _group_answer(ws, group_id, members, run_in_background)
+        # answered once the task's record is written, its start under way (status `queued` for a moment):
+        # the answer does not wait for the fork and exec, which cost more than the rest of the call
         task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
-                                        timeout_s=timeout_s, after=after)
+                                        timeout_s=timeout_s, after=after, wait_start=False)
         return await _launch_answer(ws, task, run_in_background)
 
     @server.tool(title="Read task output / wait for tasks",

@@ -221,8 +221,9 @@ class TaskRegistry:
                      on_finish: FollowUp | None = None, group: GroupSlots | None = None,
                      prelude: bytes = b"", follow_up_timeout: float | None = None,
                      resources: dict[str, float] | None = None, branch: str | None = None,
-                     worktree: str | None = None) -> Task:
-        """Register a task and start it (or queue it behind ``after``); returns once it is running.
+                     worktree: str | None = None, wait_start: bool = True) -> Task:
+        """Register a task and start it (or queue it behind ``after``); returns once it is running
+        (``wait_start=False``: once it is registered, still ``queued``, its start under way).
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
         given a ``job``, runs that job (``command`` is then only what the record shows).
@@ -256,7 +257,10 @@ class TaskRegistry:
             raise
         task = Task(record, on_finish=on_finish, active=counted, group=group, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
-        await self._register(task, spec, predecessors, executor or self.executor, job)
+        if not wait_start and job is None and not predecessors and group is None \
+                and self.settings.admission is not None and (why := self.settings.admission()):
+            record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
+        await self._register(task, spec, predecessors, executor or self.executor, job, wait_start=wait_start)
         await self._prune()
         return task
 
@@ -321,13 +325,17 @@ class TaskRegistry:
                 pass
 
     async def _register(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
-                        job: Job | None) -> None:
+                        job: Job | None, *, wait_start: bool = True) -> None:
         """Add a task whose record is written and start supervising it; returns once it is running,
-        or at once when it must wait (predecessors, a slot of its group, a held start)."""
+        or at once when it must wait (predecessors, a slot of its group, a held start) or when not
+        ``wait_start``."""
         self._tasks[task.record.task_id] = task
         if task.group is not None:
             self._groups.setdefault(task.group.group_id, []).append(task.record.task_id)
-        await self._tg.start(self._supervise, task, spec, predecessors, executor, job)
+        if wait_start:
+            await self._tg.start(self._supervise, task, spec, predecessors, executor, job)
+        else:
+            self._tg.start_soon(self._supervise, task, spec, predecessors, executor, job)
 
     async def launch_group(self, commands: builtins.list[str], *, max_parallel: int, cwd: Path,
                            description: str | None = None, env: dict[str, str] | None = None,
