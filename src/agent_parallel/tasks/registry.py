@@ -343,9 +343,10 @@ class TaskRegistry:
                            ) -> tuple[str, builtins.list[Task]]:
         """Start ``commands`` as one group (a fan-out), at most ``max_parallel`` of them at once.
 
-        Returns the group id and its members, in the order given, once the first ``max_parallel``
-        run (the rest wait for a slot). All or nothing: every command is checked before any starts,
-        and if one cannot be registered, those already started are cancelled."""
+        Returns the group id and its members, in the order given, once their records are written
+        (the first ``max_parallel`` are then starting, the rest wait for a slot). All or nothing: every
+        command is checked before any starts, and if one cannot be registered, those already started
+        are cancelled."""
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the tasks again after it restarts")
         slots = min(len(commands), max_parallel)
@@ -364,7 +365,7 @@ class TaskRegistry:
             for record, spec, predecessors in made:
                 task = Task(record, group=group)
                 members.append(task)
-                await self._register(task, spec, predecessors, self.executor, None)
+                await self._register(task, spec, predecessors, self.executor, None, wait_start=False)
         except BaseException:  # those already started are cancelled (in the registry's task group)
             for task in members:
                 task.cancel_requested = True
