@@ -165,6 +165,33 @@ async def test_second_record_write_failing_fails_the_task(workspace, tiny_disk):
         await still_works(registry)
 
 
+@pytest.mark.fault("the runs directory removed (git clean -fdX) as a task starts, before its running record is "
+                   "written: the task goes on to its end, the server goes on")
+async def test_runs_dir_gone_before_the_running_record_does_not_stop_the_task(workspace, caplog):
+    runs = runs_of(workspace)
+
+    class CleanedAway:
+        def __init__(self) -> None:
+            self.inner = LocalExecutor()
+
+        async def start(self, spec, log):
+            handle = await self.inner.start(spec, log)
+            shutil.rmtree(runs)  # after the first record and the log, before the running record
+            return handle
+
+        def close(self) -> None:
+            self.inner.close()
+
+    async with open_registry(workspace, runs, GRACE) as registry:
+        with anyio.fail_after(10):
+            task = await registry.launch(command="sleep 0.2; echo done", cwd=workspace, executor=CleanedAway())
+            await task.done.wait()
+        assert task.record.status == "completed", task.record.reason
+        assert "its running record could not be written" in caplog.text and "it goes on" in caplog.text
+        runs.mkdir()
+        await still_works(registry)
+
+
 @pytest.mark.fault("a launch abandoned while the task is starting (the caller cancelled): the task ends cancelled, "
                    "its slot is given back")
 async def test_abandoned_launch_gives_its_slot_back(workspace):

@@ -12,7 +12,7 @@ its own file and its directory entry are on disk, and raises the ``OSError`` of 
 cancelled; a caller cancelled while its write still waits for a batch takes it back (not written).
 
 ``save_soon`` queues a write nobody waits for (a running task's record: it may be lost in a crash,
-never torn): it goes with the next batch, or with one begun in the background shortly after, and
+never torn): it goes with the next batch, begun in the background at the event loop's next turn, and
 a later write of the same file queued before it is written replaces it (a task that ends at once
 has its running record never written: its final record supersedes it). Writes of one file are
 always written in the order queued. A failed ``save_soon`` write calls its ``on_error``.
@@ -34,7 +34,7 @@ from ..paths import write_atomic
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # files per batch: one batch never keeps a worker thread for long
-SOON_DELAY_S = 0.02  # how long a ``save_soon`` write may wait for company (and to be superseded)
+SOON_DELAY_S = 0.0  # a save_soon write waits only for the writes queued in the same turn of the event loop
 
 
 @dataclass

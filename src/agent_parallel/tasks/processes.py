@@ -35,7 +35,9 @@ PR_SET_CHILD_SUBREAPER = 36
 KILL_WAIT_S = 2.0  # how long processes get to vanish after SIGKILL before the check that counts survivors
 KILL_ROUNDS = 4  # KILL, wait, look again: catches processes forked while the others were being killed
 
-_spawn_lock = threading.Lock()  # held while starting a child and while reaping orphans: no reap of a child not yet listed
+_spawns = threading.Condition()  # guards _spawning; held while reaping orphans: no reap of a child not yet listed
+_spawning = 0  # children being started (several threads may start children at once)
+ORPHAN_REAP_WAIT_S = 1.0  # how long reaping orphans waits for starts in progress before leaving it for later
 _reap_lock = threading.Lock()  # held by every reap of a child, and while our children lists are read
 _spawned: set[int] = set()  # our own children (Popen): never reaped here
 _subreaper_users = 0
@@ -267,16 +269,19 @@ def open_stdin(path: str | os.PathLike[str]) -> int:
 def reap_orphans(orphans: list[int]) -> None:
     """Reap zombie children that were reparented to us (never one this process started)."""
     me, my_session = os.getpid(), os.getsid(0)
-    with _spawn_lock, _reap_lock:
-        for pid in orphans:
-            fields = _stat_fields(pid)  # look again, under the lock: still a zombie orphan of ours?
-            if pid in _spawned or not fields or fields[0] != b"Z" or int(fields[1]) != me \
-                    or int(fields[3]) == my_session:
-                continue
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+    with _spawns:
+        if not _spawns.wait_for(lambda: _spawning == 0, ORPHAN_REAP_WAIT_S):
+            return  # children keep being started: their zombies are reaped by a later look
+        with _reap_lock:
+            for pid in orphans:
+                fields = _stat_fields(pid)  # look again, under the lock: still a zombie orphan of ours?
+                if pid in _spawned or not fields or fields[0] != b"Z" or int(fields[1]) != me \
+                        or int(fields[3]) == my_session:
+                    continue
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
 
 
 def may_have_left_processes(pgid: int, task_id: str) -> bool:
@@ -375,17 +380,27 @@ class unlocked_wait:
 
 
 def spawn(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """Start a child with ``start`` and list it as ours, so the orphan reaper never takes its exit code."""
-    with _spawn_lock:
+    """Start a child with ``start`` and list it as ours, so the orphan reaper never takes its exit code.
+
+    Several threads may start children at once (a fork and exec takes a good part of a millisecond);
+    the orphan reaper waits until none is being started."""
+    global _spawning
+    with _spawns:
+        _spawning += 1
+    try:
         popen = start()
         _spawned.add(popen.pid)
+    finally:
+        with _spawns:
+            _spawning -= 1
+            if not _spawning:
+                _spawns.notify_all()
     return popen
 
 
 def forget_child(pid: int) -> None:
     """``pid`` (started with ``spawn``) has been waited for."""
-    with _spawn_lock:
-        _spawned.discard(pid)
+    _spawned.discard(pid)
 
 
 def become_subreaper() -> bool:

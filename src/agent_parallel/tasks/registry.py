@@ -596,15 +596,23 @@ class TaskRegistry:
             return False
         if task.cancel_requested:  # cancel_task came during the start and found nothing running yet
             self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
-        # written in the background (a task that ends at once never has it written: its final record
-        # supersedes it); if it cannot be written, the task is stopped and fails saying why
+        # written in the background, batched with other tasks' (a task that ends before the batch takes
+        # it never has it written: its final record supersedes it); if it cannot be written, the task is
+        # stopped and fails saying why
         self._commits.save_soon(self.runs_dir / f"{rec.task_id}.json", rec.model_dump_json().encode(),
                                 lambda exc: self._record_failed(task, exc))
         return True
 
     def _record_failed(self, task: Task, exc: OSError) -> None:
-        """A running task's record could not be written: stop the task, which then fails saying why."""
+        """A running task's record could not be written: stop the task, which then fails saying why.
+
+        Not when the runs directory is gone (``git clean -fdX`` removes it): the task goes on, and
+        its final record is written once the directory is back (a queue run recreates it)."""
         if task.finishing:
+            return
+        if isinstance(exc, FileNotFoundError):
+            log.warning("task %s: its running record could not be written (%s); it goes on",
+                        task.record.task_id, os_error_text(exc))
             return
         task.storage_error = (f"could not write the task record in {self.runs_dir}: {os_error_text(exc)}; "
                               "free some disk space (or fix the directory's permissions) and launch again")
