@@ -119,7 +119,7 @@ def register_task_tools(server: MCPServer) -> None:
             raise UsageError("`command` is empty; give the shell command to run, e.g. \"make test\"")
         timeout_s = _check_timeout(timeout_s, "timeout_s")
         _check_text("cwd", cwd)
-        workdir = resolve_inside(ws.root, cwd or ".", "cwd")
+        workdir = resolve_inside(ws.root, cwd, "cwd") if cwd else ws.root  # (the root is resolved already)
         if not workdir.is_dir():
             raise UsageError(f"cwd {cwd!r} is not a directory inside the workspace; create it or pick another")
         if after and len(after) > MAX_TASK_IDS:
@@ -134,7 +134,7 @@ def register_task_tools(server: MCPServer) -> None:
         # answered once the task's record is written, its start under way (status `queued` for a moment):
         # the answer does not wait for the fork and exec, which cost more than the rest of the call
         task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
-                                        timeout_s=timeout_s, after=after, wait_start=False)
+                                        timeout_s=timeout_s, after=after, answer_at_once=True)
         return await _launch_answer(ws, task, run_in_background)
 
     @server.tool(title="Read task output / wait for tasks",

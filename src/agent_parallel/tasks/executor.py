@@ -269,13 +269,15 @@ class LocalHandle:
                     if processes.may_have_left_processes(self.pgid, self.task_id):  # cheap: no /proc scan when none can be left
                         await self._stop(LEFTOVER_GRACE_S)
                     self._leftovers = False
-                await self._stopped.wait()  # a terminate() still killing: its verdict counts too
+                if not self._stopped.is_set():
+                    await self._stopped.wait()  # a terminate() still killing: its verdict counts too
                 if self.survivors:  # look once more: the last word is what is alive now
                     self.survivors = await anyio.to_thread.run_sync(self._find_left)
                 if self._watchdog is not None and not self.survivors:
                     self._watchdog.forget(self.pgid, self.task_id)
-                with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
-                    await self._eof.wait()
+                if not self._eof.is_set():
+                    with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
+                        await self._eof.wait()
                 tg.cancel_scope.cancel()
             self._finish_drain()
             self._waited = True

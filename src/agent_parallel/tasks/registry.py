@@ -221,9 +221,12 @@ class TaskRegistry:
                      on_finish: FollowUp | None = None, group: GroupSlots | None = None,
                      prelude: bytes = b"", follow_up_timeout: float | None = None,
                      resources: dict[str, float] | None = None, branch: str | None = None,
-                     worktree: str | None = None, wait_start: bool = True) -> Task:
-        """Register a task and start it (or queue it behind ``after``); returns once it is running
-        (``wait_start=False``: once it is registered, still ``queued``, its start under way).
+                     worktree: str | None = None, answer_at_once: bool = False) -> Task:
+        """Register a task and start it (or queue it behind ``after``); returns once it is running.
+
+        ``answer_at_once`` (a background ``launch_task``): return as soon as the task is registered,
+        still ``queued`` while its start is under way, its first record written on the event loop
+        (one small file: a worker thread's wake-up would cost more than the write).
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
         given a ``job``, runs that job (``command`` is then only what the record shows).
@@ -251,16 +254,16 @@ class TaskRegistry:
         counted = group is None
         self._active += counted  # held from here, so launches saving their records at once cannot pass the cap
         try:
-            await self._save_new([record])
+            await self._save_new([record], inline=answer_at_once)
         except BaseException:
             self._active -= counted
             raise
         task = Task(record, on_finish=on_finish, active=counted, group=group, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
-        if not wait_start and job is None and not predecessors and group is None \
+        if answer_at_once and job is None and not predecessors and group is None \
                 and self.settings.admission is not None and (why := self.settings.admission()):
             record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
-        await self._register(task, spec, predecessors, executor or self.executor, job, wait_start=wait_start)
+        await self._register(task, spec, predecessors, executor or self.executor, job, wait_start=not answer_at_once)
         await self._prune()
         return task
 
@@ -286,9 +289,10 @@ class TaskRegistry:
                             log_cap_bytes=self.settings.log_cap_bytes)
         return record, spec, predecessors
 
-    async def _save_new(self, records: builtins.list[TaskRecord]) -> None:
-        """Write new tasks' first records (one worker thread for all); ``StorageError`` if one cannot be
-        written (none of them is kept then), ``ShuttingDown`` if the server began to stop meanwhile.
+    async def _save_new(self, records: builtins.list[TaskRecord], *, inline: bool = False) -> None:
+        """Write new tasks' first records (one worker thread for all, or on the event loop when
+        ``inline``); ``StorageError`` if one cannot be written (none of them is kept then),
+        ``ShuttingDown`` if the server began to stop meanwhile.
 
         Their (empty) logs are created in the same worker thread: creating a file is the costly part of
         opening a log, which ``_start`` then does on the event loop (a failure here is left for it to
@@ -300,7 +304,7 @@ class TaskRegistry:
             except OSError:
                 self._unlink_records(records)
                 raise
-            for record in records:
+            for record in records if not inline else ():  # (inline: _start creates it, after the answer)
                 try:
                     os.close(os.open(log_paths(self.runs_dir, record.task_id)[0],
                                      os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
@@ -308,7 +312,10 @@ class TaskRegistry:
                     pass
 
         try:
-            await anyio.to_thread.run_sync(save_all)
+            if inline:
+                save_all()
+            else:
+                await anyio.to_thread.run_sync(save_all)
         except OSError as exc:
             raise StorageError(
                 f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
@@ -566,7 +573,7 @@ class TaskRegistry:
             await self._finish(task, Cancelled(reason="cancelled while waiting for a slot in its group"))
             return False
         spec.env["AGENT_TASK_ID"] = rec.task_id
-        try:  # on the event loop: the file exists already (``_save_new``), so this costs little
+        try:  # on the event loop: the file exists already (``_save_new``, unless inline), so this costs little
             task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
             if task.prelude:
                 task.log.write(task.prelude)
@@ -630,6 +637,8 @@ class TaskRegistry:
                 if handle is None:
                     assert task.job is not None
                     info, timed_out = await self._run_job(task.job, limit)
+                elif limit == math.inf:
+                    info = await handle.wait()
                 else:
                     with anyio.move_on_after(limit) as scope:
                         info = await handle.wait()
