@@ -164,3 +164,44 @@ async def test_a_record_that_cannot_be_written_starts_no_member(workspace, tiny_
             await registry.launch_group([f"touch started{n}" for n in range(4)], max_parallel=2, cwd=workspace)
         assert not list(workspace.glob("started*")) and registry.list() == ([], 0)
         assert sorted(p.name for p in runs.glob("*.json")) == []
+
+
+async def test_cancelling_one_waiting_member_ends_it_at_once_and_the_rest_run(client, workspace):
+    out = await call(client, "launch_task", commands=["sleep 0.3", "echo second", "echo third"], max_parallel=1)
+    waiting = out["task_ids"][1]
+    with anyio.fail_after(2):  # the running member takes 0.3 s: the waiting one ends long before
+        stopped = await call(client, "cancel_task", task_id=waiting)
+    assert stopped["tasks"][0]["status"] == "cancelled"
+    assert stopped["tasks"][0]["reason"] == "cancelled while waiting for a slot in its group"
+    done = await call(client, "task_output", task_id=out["group_id"], timeout=20)
+    assert [t["status"] for t in done["tasks"]] == ["completed", "cancelled", "completed"]
+    assert done["tasks"][2]["output"] == "third\n"
+
+
+async def test_a_group_after_a_failed_task_is_skipped_whole_and_starts_nothing(client, workspace):
+    first = await call(client, "launch_task", command="exit 3")
+    out = await call(client, "launch_task", commands=[f"touch {workspace}/ran{i}" for i in range(4)], max_parallel=2,
+                     after=[first["task_id"]])
+    done = await call(client, "task_output", task_id=out["group_id"], timeout=20)
+    assert [t["status"] for t in done["tasks"]] == ["skipped"] * 4
+    assert all(t["reason"] == f"predecessor {first['task_id']} ended failed, so this task did not run"
+               for t in done["tasks"])
+    assert not list(workspace.glob("ran*"))
+
+
+async def test_members_still_waiting_at_shutdown_end_interrupted_on_disk(workspace):
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+        _, members = await registry.launch_group(["sleep 30"] * 3, max_parallel=1, cwd=workspace)
+        with anyio.fail_after(5):
+            while members[0].record.status != "running":
+                await anyio.sleep(0.01)
+    assert [m.record.status for m in members] == ["interrupted"] * 3
+    assert members[1].record.reason == "the server shut down before this task could start"
+    from agent_parallel.tasks.records import load_records
+
+    saved = {r.task_id: r for r in load_records(runs)}
+    assert [saved[m.record.task_id].status for m in members] == ["interrupted"] * 3  # on disk as well

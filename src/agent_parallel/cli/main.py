@@ -305,8 +305,18 @@ def _serve(args: argparse.Namespace) -> int:
             await server.run_streamable_http_async(host=args.host, port=args.port, streamable_http_path="/mcp",
                                                    transport_security=security)
 
+    freeze_startup_objects()
     anyio.run(run)
     return 0
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up built (modules, the SDK's models and schemas) out of the garbage collector's
+    reach (``gc.freeze``): it lives as long as the process, and a full collection walking it took
+    55-75 ms with the MCP stack loaded, about once per few hundred tasks."""
+    import gc
+
+    gc.freeze()
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -83,10 +83,15 @@ class Job(Protocol):
 
 @dataclass
 class GroupSlots:
-    """A fan-out's members share this: at most ``limiter``'s tokens of them run at once."""
+    """A fan-out's members share this: at most ``max_parallel`` of them run at once.
+
+    One coroutine per group (``TaskRegistry._dispatch_group``) starts the members in order as slots
+    free up; a member waiting for its turn has no coroutine of its own, only its record."""
 
     group_id: str
-    limiter: anyio.CapacityLimiter
+    max_parallel: int
+    running: int = 0  # members holding a slot (started, not yet finished)
+    freed: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) when a slot is given back
 
 
 FollowUp = Callable[["Task"], Awaitable[str | None]]
@@ -109,6 +114,7 @@ class Task:
     active: bool = False  # counted in the registry's queued-or-running tally
     group: GroupSlots | None = None  # the fan-out it belongs to (it waits for one of the group's slots)
     holds_slot: bool = False  # holds one of its group's slots
+    dispatched: bool = True  # False for a group member its group has not started yet
     prelude: bytes = b""  # written at the head of its log when the log is opened
     follow_up_timeout: float = FOLLOW_UP_TIMEOUT_S
     finishing: bool = False  # _finish has begun: it runs once
@@ -128,6 +134,7 @@ class TaskRegistry:
         self._server = (os.getpid(), process_start_time(os.getpid()))
         self._tasks: dict[str, Task] = {}
         self._groups: dict[str, builtins.list[str]] = {}  # group id -> its members' task ids, in launch order
+        self._group_wakers: dict[str, anyio.CancelScope] = {}  # groups waiting for their predecessors
         self._closing = False
         self._active = 0  # tasks queued or running, plus launches under way (kept, not counted: O(1))
         self._saving = 0  # final records being written in worker threads
@@ -218,7 +225,7 @@ class TaskRegistry:
                      timeout_s: float | None = None, after: builtins.list[str] | None = None,
                      kind: TaskKind = "command", item_id: str | None = None, item_file: str | None = None,
                      stdin_path: Path | None = None, executor: Executor | None = None, job: Job | None = None,
-                     on_finish: FollowUp | None = None, group: GroupSlots | None = None,
+                     on_finish: FollowUp | None = None,
                      prelude: bytes = b"", follow_up_timeout: float | None = None,
                      resources: dict[str, float] | None = None, branch: str | None = None,
                      worktree: str | None = None, answer_at_once: bool = False) -> Task:
@@ -234,33 +241,31 @@ class TaskRegistry:
         Raises ``UsageError`` before registering anything when a string bound for the process
         cannot reach it (``check_launch_strings``), ``ResourceLimitError`` at the task cap,
         ``StorageError`` when the record cannot be written, ``ShuttingDown`` once the server stops. Once registered, every failure ends the task instead.
-        A member of a ``group`` counts against the cap only once it has one of the group's slots
-        (``launch_group`` checked the room for its slots). ``prelude`` opens the task's log (what was
+        ``prelude`` opens the task's log (what was
         done to prepare it); ``on_finish`` may take ``follow_up_timeout`` seconds (default
         ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs). ``resources`` go to the
         executor as they are (``LaunchSpec.resources``).
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
-        if group is None and not self.has_room():
+        if not self.has_room():
             raise ResourceLimitError(
                 f"{self._active} tasks are already queued or running (the limit is {self.settings.max_running}); "
                 "wait for some with task_output or stop some with cancel_task"
             )
         record, spec, predecessors = self._new_record(
             command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
-            kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=group, resources=resources)
+            kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=None, resources=resources)
         record.branch, record.worktree = branch, worktree
-        counted = group is None
-        self._active += counted  # held from here, so launches saving their records at once cannot pass the cap
+        self._active += 1  # held from here, so launches saving their records at once cannot pass the cap
         try:
             await self._save_new([record], inline=answer_at_once)
         except BaseException:
-            self._active -= counted
+            self._active -= 1
             raise
-        task = Task(record, on_finish=on_finish, active=counted, group=group, prelude=prelude,
+        task = Task(record, on_finish=on_finish, active=True, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
-        if answer_at_once and job is None and not predecessors and group is None \
+        if answer_at_once and job is None and not predecessors \
                 and self.settings.admission is not None and (why := self.settings.admission()):
             record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
         await self._register(task, spec, predecessors, executor or self.executor, job, wait_start=not answer_at_once)
@@ -337,8 +342,6 @@ class TaskRegistry:
         or at once when it must wait (predecessors, a slot of its group, a held start) or when not
         ``wait_start``."""
         self._tasks[task.record.task_id] = task
-        if task.group is not None:
-            self._groups.setdefault(task.group.group_id, []).append(task.record.task_id)
         if wait_start:
             await self._tg.start(self._supervise, task, spec, predecessors, executor, job)
         else:
@@ -350,10 +353,9 @@ class TaskRegistry:
                            ) -> tuple[str, builtins.list[Task]]:
         """Start ``commands`` as one group (a fan-out), at most ``max_parallel`` of them at once.
 
-        Returns the group id and its members, in the order given, once their records are written
-        (the first ``max_parallel`` are then starting, the rest wait for a slot). All or nothing: every
-        command is checked before any starts, and if one cannot be registered, those already started
-        are cancelled."""
+        Returns the group id and its members, in the order given, once their records are written;
+        one coroutine (``_dispatch_group``) then starts them in order, at most ``max_parallel`` at a
+        time. All or nothing: every command is checked, and every record written, before any starts."""
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the tasks again after it restarts")
         slots = min(len(commands), max_parallel)
@@ -361,28 +363,70 @@ class TaskRegistry:
             raise ResourceLimitError(
                 f"{self._active} tasks are already queued or running and this group would run {slots} more "
                 f"(the limit is {self.settings.max_running}); lower max_parallel, or wait for some tasks")
-        group = GroupSlots(new_group_id(), anyio.CapacityLimiter(max_parallel))
+        group = GroupSlots(new_group_id(), max_parallel)
         made = [self._new_record(command=command, argv=None, cwd=cwd, description=description, env=env,
                                  timeout_s=timeout_s, after=after, kind="command", item_id=None, item_file=None,
                                  stdin_path=None, group=group, what=f"commands[{i}]")
                 for i, command in enumerate(commands)]  # every command checked before anything is written
         await self._save_new([record for record, _, _ in made])  # all first records in one worker thread
-        members: builtins.list[Task] = []
-        try:
-            for record, spec, predecessors in made:
-                task = Task(record, group=group)
-                members.append(task)
-                await self._register(task, spec, predecessors, self.executor, None, wait_start=False)
-        except BaseException:  # those already started are cancelled (in the registry's task group)
-            for task in members:
-                task.cancel_requested = True
-                self._tg.start_soon(self.cancel, task)
-            unstarted = [record for record, _, _ in made[len(members):]]
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._unlink_records, unstarted)
-            raise
+        members: builtins.list[tuple[Task, LaunchSpec]] = []
+        for record, spec, _ in made:
+            task = Task(record, group=group, dispatched=False)
+            self._tasks[record.task_id] = task
+            self._groups.setdefault(group.group_id, []).append(record.task_id)
+            members.append((task, spec))
+        predecessors = made[0][2] if made else []
+        self._tg.start_soon(self._dispatch_group, group, members, predecessors)
         await self._prune()
-        return group.group_id, members
+        return group.group_id, [task for task, _ in members]
+
+    async def _dispatch_group(self, group: GroupSlots, members: builtins.list[tuple[Task, LaunchSpec]],
+                              predecessors: builtins.list[Task]) -> None:
+        """Start a group's members in order, each once one of the group's slots is free and the task
+        cap has room; members cancelled meanwhile are passed over (``cancel`` ended them)."""
+        try:
+            with anyio.CancelScope() as waiting:  # the members' shared predecessors come first
+                self._group_wakers[group.group_id] = waiting
+                for p in predecessors:
+                    await p.done.wait()
+            if failed := [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]:
+                first = failed[0].record
+                skipped = Skipped(because=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
+                for task, _ in members:
+                    task.dispatched = True
+                    await self._finish(task, skipped)
+                return
+            for task, spec in members:
+                while not task.finishing and group.running >= group.max_parallel:
+                    await group.freed.wait()
+                while not task.finishing and not self.has_room():
+                    task.record.hold(f"start held: {self._active} tasks are queued or running (the limit is "
+                                     f"{self.settings.max_running})")
+                    with anyio.move_on_after(self.settings.admission_retry_s):
+                        await group.freed.wait()
+                if task.finishing:
+                    continue
+                if task.record.reason is not None:
+                    task.record.hold(None)
+                group.running += 1
+                task.holds_slot = task.active = task.dispatched = True
+                self._active += 1
+                self._tg.start_soon(self._supervise, task, spec, predecessors, self.executor, None)
+        finally:
+            self._group_wakers.pop(group.group_id, None)
+            with anyio.CancelScope(shield=True):  # the registry closing: members never started end here
+                for task, _ in members:
+                    if not task.dispatched and not task.finishing:
+                        await self._end_undispatched(task)
+
+    async def _end_undispatched(self, task: Task) -> None:
+        """End a group member that never started (cancelled, or the server shutting down)."""
+        outcome: Outcome
+        if self._closing:
+            outcome = Interrupted(reason="the server shut down before this task could start")
+        else:
+            outcome = Cancelled(reason="cancelled while waiting for a slot in its group")
+        await self._finish(task, outcome)
 
     async def wait(self, tasks: builtins.list[Task], *, mode: str, timeout: float) -> bool:
         """Block until all (or any) of ``tasks`` are done; False if ``timeout`` passed first."""
@@ -400,7 +444,9 @@ class TaskRegistry:
         if task.record.is_done:
             return False
         task.cancel_requested = True
-        if not await self._stop_body(task, self.settings.kill_grace_s):
+        if not task.dispatched:  # a group member waiting for its turn: no coroutine of its own
+            await self._end_undispatched(task)
+        elif not await self._stop_body(task, self.settings.kill_grace_s):
             self._wake_queued(task)
         await task.done.wait()
         return True
@@ -417,10 +463,14 @@ class TaskRegistry:
         async with anyio.create_task_group() as tg:
             for task in live:
                 task.cancel_requested = True
-                if task.handle is not None or task.job is not None:
+                if not task.dispatched:
+                    tg.start_soon(self._end_undispatched, task)
+                elif task.handle is not None or task.job is not None:
                     tg.start_soon(self._stop_body, task, grace)
                 else:
                     self._wake_queued(task)
+            for waker in list(self._group_wakers.values()):  # groups still waiting for their predecessors
+                waker.cancel()
         with anyio.move_on_after(1.0):
             for task in live:
                 await task.done.wait()
@@ -569,9 +619,6 @@ class TaskRegistry:
                 except OSError as exc:
                     raise _TaskFailure(f"could not hand over its predecessors' output: {os_error_text(exc)}") from exc
                 spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
-        if task.group is not None and not await self._take_slot(task, answer):
-            await self._finish(task, Cancelled(reason="cancelled while waiting for a slot in its group"))
-            return False
         spec.env["AGENT_TASK_ID"] = rec.task_id
         try:  # on the event loop: the file exists already (``_save_new``, unless inline), so this costs little
             task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
@@ -691,29 +738,6 @@ class TaskRegistry:
             tg.cancel_scope.cancel()
         return info, timed_out
 
-    async def _take_slot(self, task: Task, answer: Callable[[], None]) -> bool:
-        """Wait for one of the task's group's slots, then for room under ``max_running`` (counted from
-        then on); False if cancelled meanwhile. A member that must wait is answered at once."""
-        group = task.group
-        assert group is not None
-        limiter = group.limiter
-        if limiter.available_tokens < 1 or not self.has_room():
-            answer()
-        with anyio.CancelScope() as task.waker:
-            await limiter.acquire_on_behalf_of(task.record.task_id)
-            task.holds_slot = True
-            while not self.has_room() and not task.cancel_requested:
-                task.record.hold(f"start held: {self._active} tasks are queued or running (the limit is "
-                                 f"{self.settings.max_running})")
-                await anyio.sleep(self.settings.admission_retry_s)
-        if task.record.reason is not None:
-            task.record.hold(None)
-        if task.cancel_requested or not task.holds_slot:
-            return False
-        self._active += 1
-        task.active = True
-        return True
-
     async def _admit(self, task: Task, answer: Callable[[], None]) -> bool:
         """Hold the start while the admission check says so; False if cancelled meanwhile.
 
@@ -790,7 +814,9 @@ class TaskRegistry:
                 self._active -= 1
             if task.holds_slot and task.group is not None:
                 task.holds_slot = False
-                task.group.limiter.release_on_behalf_of(task.record.task_id)
+                task.group.running -= 1
+                freed, task.group.freed = task.group.freed, anyio.Event()
+                freed.set()
             if task.log is not None and task.log.total:  # (no output: nothing to read)
                 try:
                     rec.last_line = await anyio.to_thread.run_sync(self._read_last_line, task)
