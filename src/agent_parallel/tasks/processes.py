@@ -338,6 +338,8 @@ def _my_children() -> list[int] | None:
     the main thread runs its list is enough; otherwise every thread's is read."""
     found: list[int] = []
     if threading.main_thread().is_alive():
+        if (listed := _main_children()) is not None:
+            return listed
         threads = [str(os.getpid())]
     else:
         try:
@@ -354,6 +356,33 @@ def _my_children() -> list[int] | None:
         except (OSError, ValueError):
             return None
     return found
+
+
+_children_file: tuple[int, int] | None = None  # (our pid, an open fd on the main thread's children list)
+CHILDREN_READ = 1 << 16
+
+
+def _main_children() -> list[int] | None:
+    """The main thread's children, read with one ``pread`` of a file kept open (asked once per task
+    end: opening and closing it each time cost as much as the rest of the check); None when that
+    cannot be done (the caller then reads it the usual way)."""
+    global _children_file
+    pid = os.getpid()
+    if _children_file is None or _children_file[0] != pid:  # (a forked copy of us opens its own)
+        try:
+            _children_file = (pid, os.open(f"/proc/self/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return None
+    try:
+        data = os.pread(_children_file[1], CHILDREN_READ, 0)
+    except OSError:
+        return None
+    if len(data) >= CHILDREN_READ:
+        return None  # more than one read holds
+    try:
+        return [int(child) for child in data.split()]
+    except ValueError:
+        return None
 
 
 def wait_child(popen: subprocess.Popen[bytes]) -> int:
