@@ -132,6 +132,32 @@ def test_every_page_comes_from_the_one_cached_plan(workspace: Path) -> None:
                for row, cached in zip(page.items, plan.items[offset:offset + 50], strict=True))
 
 
+def test_pages_of_a_plan_made_without_its_rows_match_the_whole_plan(workspace: Path) -> None:
+    """queue_plan plans without the 10,000 rows it does not show: each page builds its own rows from
+    the graph; asking for the whole plan later builds them once. Edits in between (a title: the plan
+    is patched; a body: reused; an estimate: planned again) show on the pages as in the whole plan."""
+    write_queue(workspace, 90)
+    reader = QueueReader()
+
+    def check() -> None:
+        expected = whole(workspace)["items"]
+        pages = [plan_page(workspace, None, None, reader, offset=offset, limit=40) for offset in (0, 40, 80)]
+        assert [row.model_dump(mode="json") for page in pages for row in page.items] == expected
+
+    check()
+    queue = sorted((workspace / ".agent/queue").iterdir())
+    queue[49].write_text(queue[49].read_text().replace("title: Item 50", "title: Renamed 50"))
+    check()
+    queue[60].write_text(queue[60].read_text() + "More notes.\n")
+    check()
+    queue[70].write_text(queue[70].read_text().replace("estimate: ", "estimate: 2"))
+    check()
+    full = plan_workspace(workspace, None, None, reader)
+    assert full.model_dump(mode="json")["items"] == whole(workspace)["items"]
+    assert plan_workspace(workspace, None, None, reader) is full  # built once, then cached
+    check()
+
+
 async def test_a_large_queue_is_answered_in_a_bounded_page(workspace: Path) -> None:
     write_queue(workspace, 1500, pool=8)  # about 170 pending items per file: some 100,000 conflicting pairs
     async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:

@@ -24,8 +24,8 @@ from ..config import Config, load_config, max_parallel_for
 from ..errors import AgentParallelError, UsageError
 from ..paths import CONFIG_FILE, RUNS_DIR, resolve_inside
 from .diagrams import to_mermaid
-from .planner import (IsolationPolicy, QueueGraph, QueuePlan, QueuePlanPage, build_graph, check_slots, page_plan,
-                      plan_graph)
+from .planner import (IsolationPolicy, QueueGraph, QueuePlan, QueuePlanPage, build_graph, check_slots, has_rows,
+                      page_plan, plan_graph, plan_rows)
 from .items import Diagnostic, ItemName, QueueReader, QueueSnapshot, WorkItem
 from .timings import integration_estimate
 
@@ -70,7 +70,7 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
     ``agent-parallel run`` move such items to blocked (``claims.release_stale_claims``).
     """
     with paused_gc():
-        return _plan_workspace(root, queue_dir, max_parallel, reader, running)[0]
+        return _plan_workspace(root, queue_dir, max_parallel, reader, running, rows=True)[0]
 
 
 def plan_page(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader, *,
@@ -86,7 +86,7 @@ def plan_page(root: Path, queue_dir: str | None, max_parallel: int | None, reade
         raise UsageError(f"limit must be between 1 and {MAX_PAGE_ITEMS} items per page (got {limit}); page "
                          "through a larger queue with offset and next_offset")
     with paused_gc():
-        plan, graph = _plan_workspace(root, queue_dir, max_parallel, reader, 0)
+        plan, graph = _plan_workspace(root, queue_dir, max_parallel, reader, 0, rows=False)
         return page_plan(plan, graph, offset, limit)
 
 
@@ -128,7 +128,10 @@ def keep_out_of_collections() -> None:
 
 
 def _plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader,
-                    running: int) -> tuple[QueuePlan, QueueGraph]:
+                    running: int, *, rows: bool) -> tuple[QueuePlan, QueueGraph]:
+    """The plan and its graph. With ``rows=False`` the plan may come without its `items` (a page's
+    rows are built from the graph): a new plan is made without them, and a cached plan gets them
+    (once, kept in the cache) only when asked for, or when a forecast has to be written into them."""
     root = root.resolve()
     config, config_warnings = load_config(root)
     slots = max_parallel_for(max_parallel, config)
@@ -143,19 +146,23 @@ def _plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None,
             diagnostics = list(snapshot.diagnostics)
             diagnostics += [Diagnostic(kind="config", file=CONFIG_FILE, message=text) for text in config_warnings]
             graph = build_graph(snapshot.items, diagnostics, isolation)
-            planned = (plan_graph(graph, slots, running), graph)
+            planned = (plan_graph(graph, slots, running, rows=rows), graph)
         if len(snapshot.memo) >= _PLANS_KEPT:
             snapshot.memo.clear()  # in_progress too: it is recomputed
         snapshot.memo[key] = planned
         keep_out_of_collections()
-    plan = planned[0]
     in_progress = snapshot.memo.get("in_progress")
     if in_progress is None:
         in_progress = snapshot.memo["in_progress"] = [item for item in snapshot.items if item.status == "in_progress"]
+    forecast = bool(in_progress) and bool(planned[1].isolated)
+    if (rows or forecast) and not has_rows(*planned):
+        planned = snapshot.memo[key] = (planned[0].model_copy(update={"items": plan_rows(planned[1])}), planned[1])
+        keep_out_of_collections()
+    plan = planned[0]
     stale = _stale_claim_warnings(root, in_progress, planned[1])
     if stale:
         plan = plan.model_copy(update={"warnings": stale + plan.warnings})
-    if in_progress and planned[1].isolated:
+    if forecast:
         plan = _forecast(root, config, plan, planned[1], in_progress)
     return plan, planned[1]
 
