@@ -25,6 +25,7 @@ from mcp.types import CallToolResult, TextContent
 from mcp_types import Request, RequestParams, Result
 
 from agent_parallel.server import ServerSettings, build_server
+from agent_parallel.server.app import summary
 from conftest import all_dead, alive, call, read_pids
 from queue_helpers import write_item
 
@@ -180,7 +181,7 @@ async def test_launch_task_result_arrives_transparently(server):
     out = result.structured_content
     assert out["status"] == "completed" and out["exit_code"] == 0 and out["output"] == "hello\n"
     assert out["retrieval_status"] == "success"
-    assert result.content[0].text.startswith("{")  # the same text rendering as the tool's own answers
+    assert result.content[0].text == summary("launch_task", out)  # the same short text as the tool's own answers
     [created] = ext.created
     assert created.status == "working" and created.task_id.startswith(out["task_id"] + ".")
     assert created.poll_interval_ms == 250 and created.ttl_ms >= 3600 * 1000

@@ -175,6 +175,21 @@ class QueuePlan(BaseModel):
     predicted_conflicts_total: int = 0
 
 
+class QueuePlanPage(QueuePlan):
+    """The `queue_plan` tool's answer: the plan with one page of `items` (`page_plan`).
+
+    A queue of 10,000 items makes a plan of about 4 MB that no agent reads whole and no client
+    parses quickly; the page keeps the answer bounded. The fields about the page's items are cut to
+    the page: `conflicts` (the pairs with an item of the page) and `conflict_groups` (the entries an
+    item of the page declares). The rest stays whole: `run_now`, `waves`, `critical_path`,
+    `patterns`, `errors`, `warnings` and the totals; `mermaid` is drawn in part beyond
+    ``MERMAID_MAX_NODES`` items (a comment says so). A queue that fits in one page is answered
+    exactly as the whole plan, plus the two fields below."""
+
+    total_items: int = Field(description="how many items the queue has (rows of the whole plan)")
+    next_offset: int | None = Field(description="the `offset` of the next page of items; None on the last page")
+
+
 # --- the graph ---------------------------------------------------------------------------------------
 
 
@@ -1068,15 +1083,18 @@ def check_slots(max_parallel: int, running: int) -> None:
         raise UsageError(f"running must not be negative, not {running}")
 
 
-def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueuePlan:
-    """`make_plan` for a graph already built (arguments checked by `check_slots`)."""
+def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0, *, rows: bool = True) -> QueuePlan:
+    """`make_plan` for a graph already built (arguments checked by `check_slots`).
+
+    ``rows=False`` leaves `items` empty (`has_rows` is then False): for a caller that shows a page
+    of them, built by `page_plan` from the graph (10,000 rows cost a tenth of a 10,000-item plan)."""
     schedule = simulate(graph, max_parallel)
     run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
     labels, index = graph.labels, graph.conflict_index
     # The rows are built by `trusted` (their values have the declared types by construction: see
-    # `_plan_rows`), the rest as plain data validated in one call.
+    # `plan_rows`), the rest as plain data validated in one call.
     return QueuePlan.model_validate({
-        "items": _plan_rows(graph),
+        "items": plan_rows(graph) if rows else [],
         "run_now": [labels[item_id] for item_id in run_now],
         "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
         "critical_path": [labels[item_id] for item_id in critical_path(graph)],
@@ -1097,6 +1115,44 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0) -> QueueP
         "mermaid": to_mermaid(graph),
         **_isolation_fields(graph),
     })
+
+
+def page_plan(plan: QueuePlan, graph: QueueGraph, offset: int, limit: int) -> QueuePlanPage:
+    """`plan` (the plan of `graph`) with the rows ``offset:offset + limit`` of `items` (see `QueuePlanPage`),
+    taken from the plan, or built from the graph when the plan was made without them.
+
+    An offset past the end gives an empty page. Nothing is planned again and the plan is not copied:
+    the page shares its lists (treat both as read-only)."""
+    rows = plan.items[offset:offset + limit] if has_rows(plan, graph) else plan_rows(graph, offset, offset + limit)
+    total = len(graph.items)
+    fields = dict(plan.__dict__)
+    if offset > 0 or offset + limit < total:  # part of the queue: what concerns the page's items only
+        index, labels = graph.conflict_index, graph.labels
+        on_page = sorted({item.id for item in graph.items[offset:offset + limit] if item.id in index.keys})
+        fields["conflicts"] = [trusted(Conflict, {"a": labels[a], "b": labels[b], "files": files,
+                                                  "components": components})
+                               for a, b in _page_pairs(index, on_page, MAX_CONFLICTS_SHOWN)
+                               for files, components in [index.shared(a, b)]]
+        shown = {row.id for row in rows}
+        fields["conflict_groups"] = [group for group in plan.conflict_groups
+                                     if any(item in shown for item in group.items)]
+    fields.update(items=rows, total_items=total, next_offset=offset + limit if offset + limit < total else None)
+    return trusted(QueuePlanPage, fields)  # the plan's own values, already validated, and two ints
+
+
+def _page_pairs(index: ConflictIndex, on_page: list[int], limit: int) -> list[tuple[int, int]]:
+    """Conflicting pairs ``(lower id, higher id)`` with an item of `on_page` (sorted ids), going
+    through the page's items in order, at most `limit`, sorted. With every item on the page: the
+    first `limit` of `ConflictIndex.pairs`."""
+    page = set(on_page)
+    found: list[tuple[int, int]] = []
+    for first in on_page:
+        if len(found) >= limit:
+            break
+        if index.has_conflict(first):
+            found.extend((min(first, second), max(first, second)) for second in sorted(index.neighbours(first))
+                         if second > first or second not in page)  # a pair of two page items: once
+    return sorted(found[:limit])
 
 
 def _isolation_fields(graph: QueueGraph) -> dict[str, Any]:
@@ -1132,14 +1188,19 @@ def _allowed_pairs(declared: ConflictIndex, isolated: AbstractSet[int], limit: i
     return found[:limit]
 
 
-def _plan_rows(graph: QueueGraph) -> list[PlanItem]:
-    """A `PlanItem` per item, built by `trusted`: every value below has its declared type, and the
-    lists are the row's own (not the item's)."""
+def has_rows(plan: QueuePlan, graph: QueueGraph) -> bool:
+    """Whether `plan` (of `graph`) holds its `items` (see `plan_graph`'s ``rows``)."""
+    return len(plan.items) == len(graph.items)
+
+
+def plan_rows(graph: QueueGraph, start: int = 0, stop: int | None = None) -> list[PlanItem]:
+    """A `PlanItem` per item (of ``graph.items[start:stop]``), built by `trusted`: every value below
+    has its declared type, and the lists are the row's own (not the item's)."""
     labels, by_id, waits_on, unblocks = graph.labels, graph.by_id, graph.waits_on, graph.unblocks
     reasons, waiting_on = graph.reasons, graph.waiting_on
     isolated, integration_s = graph.isolation.isolated, graph.isolation.integration_s
     rows = []
-    for item in graph.items:
+    for item in graph.items[start:stop]:
         file = item.file
         if item.id in by_id:  # a node: its edges from both sides, every id a node's (labels has them all)
             blocked_by = [labels[i] for i in waits_on[item.id]]

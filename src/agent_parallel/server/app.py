@@ -20,7 +20,8 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import (ResourceError, ResourceNotFoundError, ToolError, UnexpectedResourceError,
                                              UnexpectedToolError)
-from pydantic import ValidationError
+from mcp.types import CallToolResult, TextContent
+from pydantic import BaseModel, ValidationError
 
 from .. import __version__
 from ..errors import AgentParallelError, UnknownTask, UsageError
@@ -61,8 +62,14 @@ class AgentParallelServer(MCPServer):
     """
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
+        if context is None:
+            context = Context(mcp_server=self, subscriptions=self._subscriptions)
         try:
-            return await super().call_tool(name, arguments, context)
+            result = await self._tool_manager.call_tool(name, arguments, context, convert_result=False)
+            try:
+                return self._answer(name, result)
+            except Exception as exc:  # what the SDK's conversion raises as a crash (a bug of the tool)
+                raise UnexpectedToolError(f"Error executing tool {name}") from exc
         except UnexpectedToolError as exc:
             cause = _original(exc)
             log.error("tool %s failed with an unexpected exception (a bug)", name, exc_info=cause)
@@ -71,6 +78,26 @@ class AgentParallelServer(MCPServer):
             if isinstance(exc.__cause__, ValidationError):
                 raise ToolError(f"Error executing tool {name}: {describe_arguments_error(exc.__cause__)}") from None
             raise
+
+    def _answer(self, name: str, result: Any) -> Any:
+        """The tool's result as the SDK converts it (the same `structured_content`, checked against the
+        same output model), with a short text (`summary`) instead of the SDK's indented JSON dump of it.
+
+        That dump doubled every answer on the wire (a 500-row plan page: about 250 KB more) and cost
+        as much again to make as the structured content itself, for a text TOOLS.md says is short."""
+        tool = self._tool_manager.get_tool(name)
+        meta = tool.fn_metadata if tool is not None else None
+        if meta is None or meta.output_schema is None or meta.wrap_output:
+            return result if meta is None else meta.convert_result(result)
+        if isinstance(result, BaseModel) and isinstance(meta.output_model, type) and isinstance(result, meta.output_model):
+            structured = result.model_dump(mode="json", by_alias=True)  # what convert_result does for a model
+        else:
+            converted = meta.convert_result(result)
+            if not isinstance(converted, CallToolResult) or converted.is_error or converted.structured_content is None:
+                return converted
+            structured = converted.structured_content
+        return CallToolResult(content=[TextContent(type="text", text=summary(name, structured))],
+                              structured_content=structured)
 
     async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
         try:
@@ -96,6 +123,42 @@ def bug_message(exc: BaseException) -> str:
     return (f"unexpected {type(exc).__name__}: {cut(str(exc), 300)}. This is a bug in agent-parallel, "
             "not a problem with your call: please report it (the server log has the traceback). "
             "The server keeps running.")
+
+
+SUMMARY_CHARS = 800
+"""A tool answer's text block is at most about this long (`summary`); the answer is its structured content."""
+
+
+def summary(tool: str, data: dict[str, Any]) -> str:
+    """A short text for a tool's structured answer: its `message` if it has one, then each field on one
+    line (scalars as they are, long text and lists by their size, short lists of ids in full).
+
+    For people reading the text block; clients and agents read the structured content, which holds
+    the whole answer (Claude Code, for one, shows the model only that)."""
+    lines = [f"{tool}: {cut(' '.join(data['message'].split()), 300)}" if isinstance(data.get("message"), str)
+             else f"{tool}:"]
+    for key, value in data.items():
+        if key == "message" or value is None:
+            continue
+        lines.append(f"  {key}: {_brief(value)}")
+    text = "\n".join(lines)
+    if len(text) > SUMMARY_CHARS:
+        text = text[:SUMMARY_CHARS].rsplit("\n", 1)[0] + "\n  ..."
+    return text + "\n(the complete answer is the structured content)"
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, str):
+        flat = " ".join(value.split())
+        return repr(flat) if len(flat) <= 80 and "\n" not in value.strip() else f"{len(value):,} characters"
+    if isinstance(value, list):
+        if value and len(value) <= 8 and all(isinstance(v, str | int | float) and len(str(v)) <= 20 for v in value):
+            return ", ".join(str(v) for v in value)
+        return f"{len(value):,} entries" if value else "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {len(inner):,}" if isinstance(inner, list | dict) else f"{key} {_brief(inner)}"
+                         for key, inner in value.items())
+    return "true" if value is True else "false" if value is False else str(value)
 
 
 _EXPECTED = {"string_type": "must be a string", "int_type": "must be an integer", "int_parsing": "must be an integer",

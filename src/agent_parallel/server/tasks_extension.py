@@ -45,7 +45,6 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import anyio
-import pydantic_core
 from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, MethodBinding
@@ -255,8 +254,10 @@ class TasksExtension(Extension):
             structured = {**entry.started, **view.model_dump(mode="json"), "retrieval_status": "success",
                           "message": _status_message(entry, task)}
         failed = task.record.status != TaskStatus.COMPLETED
-        text = pydantic_core.to_json(structured, indent=2).decode()
-        result = CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured,
+        from .app import summary  # the short text every tool answers with (app imports this module)
+
+        result = CallToolResult(content=[TextContent(type="text", text=summary(entry.tool, structured))],
+                                structured_content=structured,
                                 is_error=failed)
         return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 

@@ -22,8 +22,8 @@ from ..errors import AgentParallelError, UsageError
 from ..paths import resolve_inside
 from ..queue.claims import find_item, move_item, parse_item_id, release_stale_claims
 from .output_filter import OutputFilter
-from ..queue.plan import plan_workspace
-from ..queue.planner import QueuePlan
+from ..queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page
+from ..queue.planner import QueuePlanPage
 from ..queue.items import QueueReader, format_id
 from ..queue.run import check_ready, launch_item, run_of, start_run
 from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
@@ -325,7 +325,9 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
         ctx: Context,
         queue_dir: Annotated[str | None, Field(description="queue directory inside the workspace (default .agent/queue)")] = None,
         max_parallel: Annotated[int | None, Field(description="slots to plan for (default: autonomy.max_parallel, else 5)")] = None,
-    ) -> QueuePlan:
+        offset: Annotated[int, Field(description="first row of `items` to return (0 = the first; pass back next_offset for the next page)")] = 0,
+        limit: Annotated[int, Field(description=f"at most this many rows of `items` (1 to {MAX_PAGE_ITEMS})")] = PAGE_ITEMS,
+    ) -> QueuePlanPage:
         """Read the work queue (.agent/queue/NNN-STATUS-slug.md files) and say what can run now and in what order.
 
         Checks every item: dependencies (blocked_by/blocks), cycles (printed as paths), references
@@ -335,15 +337,20 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
         `patterns`, `errors`/`warnings` naming file and field, the predicted makespan beside its
         lower bound, and a Mermaid flowchart. Call it before run_queue, or to pick items to
         launch yourself with launch_task(item=...).
+
+        `items` comes in pages of `limit` rows (default 500): `total_items` counts them all and
+        `next_offset` (null on the last page) is the `offset` of the next page; `conflicts` and
+        `conflict_groups` then cover the page's items, everything else the whole queue.
         """
         _check_text("queue_dir", queue_dir)
-        return await anyio.to_thread.run_sync(lambda: plan_workspace(root, queue_dir, max_parallel, reader))
+        return await anyio.to_thread.run_sync(
+            lambda: plan_page(root, queue_dir, max_parallel, reader, offset=offset, limit=limit))
 
     @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
     async def queue_plan_resource() -> str:
-        """The current plan of the workspace's queue (what queue_plan returns with its defaults)."""
+        """The current plan of the workspace's queue (what queue_plan returns with its defaults: the first page of items)."""
         # our errors (e.g. no queue directory) reach the client as the SDK's resource error: see AgentParallelServer
-        return (await anyio.to_thread.run_sync(lambda: plan_workspace(root, None, None, reader))).model_dump_json()
+        return (await anyio.to_thread.run_sync(lambda: plan_page(root, None, None, reader))).model_dump_json()
 
     @server.tool(title="Run the work queue",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
