@@ -205,3 +205,17 @@ async def test_members_still_waiting_at_shutdown_end_interrupted_on_disk(workspa
 
     saved = {r.task_id: r for r in load_records(runs)}
     assert [saved[m.record.task_id].status for m in members] == ["interrupted"] * 3  # on disk as well
+
+
+async def test_a_group_waiting_for_its_predecessor_at_shutdown_ends_interrupted(workspace):
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+        first = await registry.launch(command="sleep 30", cwd=workspace)
+        _, members = await registry.launch_group(["true"] * 3, max_parallel=2, cwd=workspace,
+                                                 after=[first.record.task_id])
+    assert first.record.status == "interrupted"
+    assert [m.record.status for m in members] == ["interrupted"] * 3  # not skipped: the server stopped them
+    assert members[0].record.reason == "the server shut down before this task could start"

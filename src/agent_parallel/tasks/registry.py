@@ -389,6 +389,8 @@ class TaskRegistry:
                 self._group_wakers[group.group_id] = waiting
                 for p in predecessors:
                     await p.done.wait()
+            if self._closing:
+                return  # shutting down while the predecessors ran: the members end below, interrupted
             if failed := [p for p in predecessors if p.record.status != TaskStatus.COMPLETED]:
                 first = failed[0].record
                 skipped = Skipped(because=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run")
