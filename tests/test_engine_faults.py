@@ -742,3 +742,28 @@ async def test_no_file_descriptor_leaks(workspace):
                 steady = steady + 1 if open_fds() == before else 0
                 await anyio.sleep(0.05)
         assert open_fds() == before
+
+
+@pytest.mark.fault("a FIFO or a symlink where the task's log goes: the task fails saying so at once, the event "
+                   "loop never waits on it, nothing is written through the link")
+@pytest.mark.parametrize("plant, error", [
+    ("fifo", "No such device or address"),
+    ("symlink", "Too many levels of symbolic links"),
+])
+async def test_a_planted_log_file_fails_the_task_without_blocking(workspace, tmp_path, plant, error):
+    runs = runs_of(workspace)
+    log = runs / "plant0000001.log"
+    target = tmp_path / "elsewhere"
+    if plant == "fifo":
+        os.mkfifo(log)
+    else:
+        log.symlink_to(target)
+    async with open_registry(workspace, runs, GRACE) as registry:
+        registry._new_task_id = fixed_ids("plant0000001", "healthy00001")
+        with anyio.fail_after(5):
+            task = await registry.launch(command="echo through", cwd=workspace)
+            await task.done.wait()
+        assert task.record.status == "failed"
+        assert task.record.reason == f"could not open the task's log {runs}/plant0000001.log: {error}"
+        assert not target.exists()
+        await still_works(registry)

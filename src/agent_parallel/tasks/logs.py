@@ -175,6 +175,11 @@ class LineMatcher(Protocol):
     def search(self, line: str, /) -> object: ...
 
 
+LOG_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""How a log file is opened (on the event loop): never through a link planted at its name, never
+waiting for a reader of a FIFO planted there (both fail at once, and the task with them)."""
+
+
 class LogWriter:
     """Appends a task's output to its log files, keeping the head and the most recent tail."""
 
@@ -185,7 +190,7 @@ class LogWriter:
         self.total = 0
         self.dropped = 0
         self.segments: list[int] = []  # start offsets of the kept tail segments, oldest first
-        self._fd = os.open(log_paths(runs_dir, task_id)[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(log_paths(runs_dir, task_id)[0], LOG_OPEN_FLAGS, 0o644)
         self._room = self.head_cap  # bytes left in the current file
         self._splice = hasattr(os, "splice")
         self.error: str | None = None  # set when the log could not be written (e.g. disk full)
@@ -238,7 +243,7 @@ class LogWriter:
             tail_segment_path(self.runs_dir, self.task_id, oldest).unlink(missing_ok=True)
             self.dropped = self.segments[0] - self.head_cap  # all between the head and the first kept segment
         self.segments.append(self.total)
-        self._fd = os.open(tail_segment_path(self.runs_dir, self.task_id, self.total), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(tail_segment_path(self.runs_dir, self.task_id, self.total), LOG_OPEN_FLAGS, 0o644)
         self._room = self.segment_cap
 
     def close(self) -> None:

@@ -312,7 +312,7 @@ class TaskRegistry:
             for record in records if not inline else ():  # (inline: _start creates it, after the answer)
                 try:
                     os.close(os.open(log_paths(self.runs_dir, record.task_id)[0],
-                                     os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                                     os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644))
                 except OSError:
                     pass
 
