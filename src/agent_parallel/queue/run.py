@@ -66,8 +66,11 @@ class QueueContext:
     registry: TaskRegistry
     reader: QueueReader
 
-    @property
+    @functools.cached_property
     def queue_dir(self) -> Path:
+        """The queue directory, checked to be inside the root once per context (a context lives for
+        one call or one run, with the config of its start): resolving it per move was a dozen
+        ``lstat`` calls per item on the event loop, each giving up the GIL to the worker threads."""
         return resolve_inside(self.root, self.config.queue_dir, "queue.dir in .agent/config.yaml")
 
     def graph(self, *, only: list[int] | None = None) -> QueueGraph:
