@@ -207,11 +207,16 @@ def _run(args: argparse.Namespace) -> int:
                             return
 
                 tg.start_soon(cancel_on_interrupt)
-                with Live(progress_view(run.progress()), console=console, refresh_per_second=4, transient=True) as live:
+                # Drawn from here 4 times a second, not by rich's refresh thread (a thread waking to take
+                # the GIL from the run), and only on a terminal: nothing is shown elsewhere (transient).
+                live_view = console.is_terminal
+                with Live(progress_view(run.progress()) if live_view else Text(""), console=console,
+                          auto_refresh=False, transient=True) as live:
                     while not task.done.is_set():
-                        with anyio.move_on_after(0.25):  # the view refreshes 4 times a second: no rebuild per change
+                        with anyio.move_on_after(0.25):  # no rebuild per change: a run of 300 trivial items has 600
                             await task.done.wait()
-                        live.update(progress_view(run.progress()))
+                        if live_view:
+                            live.update(progress_view(run.progress()), refresh=True)
                 tg.cancel_scope.cancel()
             console.print(report_view(run.progress()))
             console.print(Text(f"Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt",
