@@ -46,6 +46,21 @@ def main_thread_cpu() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+HOPS = [0]
+
+
+def count_hops() -> None:
+    """Count calls of ``anyio.to_thread.run_sync`` (looked up at each call by the code measured): each
+    wakes a worker thread and takes the GIL back, a CPU cost the noisy timings here hide."""
+    real = anyio.to_thread.run_sync
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        HOPS[0] += 1
+        return await real(*args, **kwargs)
+
+    anyio.to_thread.run_sync = counted  # type: ignore[assignment]
+
+
 def write_queue(root: Path, n: int, slots: int) -> None:
     queue = root / ".agent" / "queue"
     queue.mkdir(parents=True)
@@ -60,6 +75,7 @@ async def run(root: Path, slots: int, profiler: cProfile.Profile | None,
     async with open_registry(root, runs_dir(root), RegistrySettings()) as registry:
         ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
         c0, m0, t0 = cpu(), main_thread_cpu(), time.perf_counter()
+        HOPS[0] = 0
         if profiler:
             profiler.enable()
         task, _ = await start_run(ctx, max_parallel=slots)
@@ -97,12 +113,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="profile-run-") as tmp:
         root = Path(tmp)
         write_queue(root, args.items, args.slots)
+        count_hops()
         profiler = cProfile.Profile() if args.profile else None
         reports: list[float] | None = [] if args.progress else None
         makespan, wall, used, loop = anyio.run(run, root, args.slots, profiler, reports)
     print(f"{args.items} items, {args.slots} slots: makespan {makespan} s, wall {wall:.3f} s, "
           f"CPU {used:.3f} s ({used / args.items * 1000:.2f} ms per item, all threads; "
           f"{loop / args.items * 1000:.2f} ms on the event loop's thread)"
+          + f"; {HOPS[0] / args.items:.2f} thread hops per item"
           + (f"; {len(reports)} progress reports" if reports is not None else ""))
     if profiler:
         profiler.dump_stats(args.profile)

@@ -10,6 +10,7 @@ import pytest
 
 from mcp import Client
 
+from agent_parallel.queue import claims
 from agent_parallel.server import build_server, views
 from agent_parallel.tasks.executor import LaunchSpec
 from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
@@ -318,6 +319,24 @@ async def test_blocking_on_a_run_sends_progress_notifications(client, workspace)
     assert seen and seen[-1][0] == seen[-1][1] == 4
     assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
     assert seen[-1][2] == f"run {run['run_id']}: 4 completed"
+
+
+async def test_what_waits_on_an_item_is_claimed_only_after_its_file_moved(client, workspace):
+    """A completed item's end move rides the thread hop of the run's next claim (``Mover``), and its
+    slot is freed before the move: in the history, every item still reaches completed before
+    anything waiting on it is claimed, and every item ends completed with its own outcome."""
+    edges = [(1, 2), (1, 3), (1, 4), (2, 5), (3, 5), (4, 5), (5, 6)]
+    for number in range(1, 13):
+        waits = [a for a, b in edges if b == number]
+        write_item(workspace, number, f"item-{number}", command="true", files=[f"f{number}"],
+                   **({"blocked_by": waits} if waits else {}))
+    out = await run_to_end(client, max_parallel=3)
+    assert out["run"]["counts"].get("completed") == 12, out["run"]["counts"]
+    assert set(statuses(workspace).values()) == {"completed"}
+    order = [(move["item"], move["to"]) for move in claims.history(workspace / ".agent/runs")]
+    for before, after in edges:
+        assert order.index((f"{before:03d}", "completed")) < order.index((f"{after:03d}", "in_progress")), order
+    assert all(o["outcome"] == "completed" and o["task_id"] for o in out["run"]["outcomes"])
 
 
 async def test_progress_is_throttled_yet_ends_at_the_total(fake_client, workspace, monkeypatch):
