@@ -161,7 +161,6 @@ def _run(args: argparse.Namespace) -> int:
     from rich.live import Live
     from rich.text import Text
 
-    from ..queue.claims import release_stale_claims
     from ..config import load_config
     from ..paths import runs_dir
     from ..queue.items import QueueReader
@@ -188,10 +187,8 @@ def _run(args: argparse.Namespace) -> int:
         executor = server_settings.make_executor()
         async with open_registry(root, runs_dir(root), settings, executor) as registry:
             ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
-            # a run starts: claims of servers that no longer run are given back first (planning moves no file)
-            for item, file, message in await anyio.to_thread.run_sync(
-                    lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir)):
-                console.print(_warning(f"item {item} ({file}): {message}"))
+            # start_run first moves claims of servers that no longer run to blocked (planning moves no
+            # file) and says so in its warnings
             task, warnings = await start_run(ctx, max_parallel=args.max_parallel, level=args.level,
                                              continue_on_error=args.continue_on_error, items=args.items)
             for warning in warnings:
