@@ -72,6 +72,8 @@ def write_queue(root: Path, n: int, slots: int) -> None:
 async def run(root: Path, slots: int, profiler: cProfile.Profile | None,
               progress: list[float] | None) -> tuple[float | None, float, float, float]:
     config, _ = load_config(root)
+    if progress is not None:  # imported before the clock starts (it loads the MCP SDK)
+        from agent_parallel.server.views import wait_reporting_progress
     async with open_registry(root, runs_dir(root), RegistrySettings()) as registry:
         ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
         c0, m0, t0 = cpu(), main_thread_cpu(), time.perf_counter()
@@ -82,8 +84,6 @@ async def run(root: Path, slots: int, profiler: cProfile.Profile | None,
         if progress is None:
             await task.done.wait()
         else:  # as the server's task_output waits, for a client that asked for progress
-            from agent_parallel.server.views import wait_reporting_progress
-
             async def report(done: float, total: float | None = None, message: str | None = None) -> None:
                 progress.append(done)
 
