@@ -145,7 +145,11 @@ class Mover:
     taking the GIL back) costs about as much CPU as the moves it carries, and a run of trivial items
     made two per item: the claim, then the end move. Here a completed item's end move waits (``end``)
     for the run's next claim and rides its hop (``run``), before the claim: what waits on the item
-    is claimed after its file moved. The run flushes the moves no claim carried before it sleeps."""
+    is claimed after its file moved. The run flushes the moves no claim carried before it sleeps;
+    a move no hop took within ``PATIENCE_S`` (the loop busy preparing a worktree, say) takes its own,
+    so an item's end is never held up long by the run's other work."""
+
+    PATIENCE_S = 0.05
 
     def __init__(self) -> None:
         self._pending: list[_EndMove] = []
@@ -162,7 +166,12 @@ class Mover:
             return await anyio.to_thread.run_sync(move)
         request = _EndMove(move)
         self._pending.append(request)
-        await request.done.wait()
+        with anyio.move_on_after(self.PATIENCE_S):
+            await request.done.wait()
+        if request in self._pending:  # no hop took it in time
+            self._pending.remove(request)
+            return await anyio.to_thread.run_sync(move)
+        await request.done.wait()  # taken by a hop under way
         assert request.notes is not None
         return request.notes
 
