@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Profile a queue run of N trivial items in this process (no MCP, no terminal UI).
 
-Run by hand:  python bench/profile_run.py [--items 300] [--slots 5] [--profile FILE] [--top 30]
+Run by hand:  python bench/profile_run.py [--items 300] [--slots 5] [--progress] [--profile FILE] [--top 30]
 
 Writes N ``command: "true"`` items to a temporary workspace, opens the registry as the server
 does (``open_registry``: guarded executor, subreaper, watchdog) and runs ``start_run`` to its end.
 Prints the run's makespan, the wall time from the call to the report, and this process's CPU time
 (all threads, user+sys) per item; with ``--profile``, cProfile covers only the run (not imports or
-set-up) and the top functions by internal time are printed.
+set-up) and the top functions by internal time are printed. ``--progress`` waits for the run as
+``task_output`` does for a client that asked for progress (``views.wait_reporting_progress``, the
+notifications counted instead of sent), instead of waiting on the task alone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import anyio
 
@@ -42,6 +46,21 @@ def main_thread_cpu() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+HOPS = [0]
+
+
+def count_hops() -> None:
+    """Count calls of ``anyio.to_thread.run_sync`` (looked up at each call by the code measured): each
+    wakes a worker thread and takes the GIL back, a CPU cost the noisy timings here hide."""
+    real = anyio.to_thread.run_sync
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        HOPS[0] += 1
+        return await real(*args, **kwargs)
+
+    anyio.to_thread.run_sync = counted  # type: ignore[assignment]
+
+
 def write_queue(root: Path, n: int, slots: int) -> None:
     queue = root / ".agent" / "queue"
     queue.mkdir(parents=True)
@@ -50,15 +69,27 @@ def write_queue(root: Path, n: int, slots: int) -> None:
         (queue / f"{i:03d}-pending-item-{i}.md").write_text(f'---\ncommand: "true"\n---\n# Item {i}\n')
 
 
-async def run(root: Path, slots: int, profiler: cProfile.Profile | None) -> tuple[float | None, float, float, float]:
+async def run(root: Path, slots: int, profiler: cProfile.Profile | None,
+              progress: list[float] | None) -> tuple[float | None, float, float, float]:
     config, _ = load_config(root)
+    if progress is not None:  # imported before the clock starts (it loads the MCP SDK)
+        from agent_parallel.server.views import wait_reporting_progress
     async with open_registry(root, runs_dir(root), RegistrySettings()) as registry:
         ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
         c0, m0, t0 = cpu(), main_thread_cpu(), time.perf_counter()
+        HOPS[0] = 0
         if profiler:
             profiler.enable()
         task, _ = await start_run(ctx, max_parallel=slots)
-        await task.done.wait()
+        if progress is None:
+            await task.done.wait()
+        else:  # as the server's task_output waits, for a client that asked for progress
+            async def report(done: float, total: float | None = None, message: str | None = None) -> None:
+                progress.append(done)
+
+            ws: Any = SimpleNamespace(registry=registry)  # what the wait uses of a workspace and a request context
+            ctx: Any = SimpleNamespace(report_progress=report)
+            await wait_reporting_progress(ws, [task], "all", 600, ctx)
         await registry.records_saved()
         if profiler:
             profiler.disable()
@@ -77,15 +108,20 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=5)
     parser.add_argument("--profile", default=None, help="write cProfile stats of the run to this file")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--progress", action="store_true", help="wait as task_output does with progress requested")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="profile-run-") as tmp:
         root = Path(tmp)
         write_queue(root, args.items, args.slots)
+        count_hops()
         profiler = cProfile.Profile() if args.profile else None
-        makespan, wall, used, loop = anyio.run(run, root, args.slots, profiler)
+        reports: list[float] | None = [] if args.progress else None
+        makespan, wall, used, loop = anyio.run(run, root, args.slots, profiler, reports)
     print(f"{args.items} items, {args.slots} slots: makespan {makespan} s, wall {wall:.3f} s, "
           f"CPU {used:.3f} s ({used / args.items * 1000:.2f} ms per item, all threads; "
-          f"{loop / args.items * 1000:.2f} ms on the event loop's thread)")
+          f"{loop / args.items * 1000:.2f} ms on the event loop's thread)"
+          + f"; {HOPS[0] / args.items:.2f} thread hops per item"
+          + (f"; {len(reports)} progress reports" if reports is not None else ""))
     if profiler:
         profiler.dump_stats(args.profile)
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(args.top)

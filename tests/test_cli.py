@@ -63,6 +63,22 @@ def test_run_exit_codes_and_summary(workspace):
     assert missing.returncode == 2 and "no finished run 'nosuchrun'" in missing.stderr
 
 
+def test_run_warns_once_about_a_claim_of_a_server_that_no_longer_runs(workspace):
+    """`run` moves a dead server's claim to blocked and says so once (start_run does both; the
+    command used to scan the queue for stale claims a second time before it)."""
+    write_item(workspace, 1, "orphan", status="in_progress", command="true", files=["a"])
+    write_item(workspace, 2, "fresh", command="true", files=["b"])
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    claim = {"time": 1.0, "item": "001", "from": "pending", "to": "in_progress", "by": "run gone", "reason": None,
+             "pid": 999_999_999, "pid_start": 1}  # no such process
+    (runs / "history.jsonl").write_text(json.dumps(claim) + "\n")
+    result = cli("run", "--root", str(workspace))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("item 001 (001-blocked-orphan.md) was claimed by run gone") == 1, result.stdout
+    assert statuses(workspace) == {"001": "blocked", "002": "completed"}
+
+
 def test_demo_runs_a_copy_of_the_example_queue():
     before = sorted(p.name for p in (TOP / ".agent/queue").iterdir())
     result = cli("demo", cwd=TOP, timeout=120)

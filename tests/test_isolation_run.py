@@ -151,3 +151,18 @@ async def test_declared_overlaps_serialize_isolated_items_unless_allowed(repo, t
     assert not await trace_overlap(repo, allow_overlap=False)
     other = make_empty_queue_repo(tmp_path / "other")
     assert await trace_overlap(other, allow_overlap=True)
+
+
+async def test_an_item_ending_while_the_run_prepares_a_worktree_is_moved_meanwhile(repo):
+    """A completed item's end move waits for the run's next claim (``Mover``) at most
+    ``Mover.PATIENCE_S``: while the run's loop is busy preparing another item's worktree (its setup
+    sleeps 1.5 s), the item that ended meanwhile still moves to completed."""
+    listing = repo.parent / "queue-during-setup.txt"
+    write_config(repo, worktree={"setup": f"sleep 1.5; ls {repo / '.agent/queue'} > {listing}"},
+                 autonomy={"level": "L3", "max_parallel": 2})
+    write_item(repo, 1, "quick", title="Quick", command="sleep 0.3", files=["a.txt"], estimate="1h")  # ranked first
+    write_item(repo, 2, "isolated", title="Isolated", command="true", files=["b.txt"], isolation="worktree")
+    report = await run_to_end(repo)
+    assert report["status"] == "completed", by_item(report)
+    assert "001-completed-quick.md" in listing.read_text().split(), listing.read_text()
+    assert statuses(repo) == {"001": "completed", "002": "completed"}

@@ -10,7 +10,8 @@ import pytest
 
 from mcp import Client
 
-from agent_parallel.server import build_server
+from agent_parallel.queue import claims
+from agent_parallel.server import build_server, views
 from agent_parallel.tasks.executor import LaunchSpec
 from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from conftest import call, call_error
@@ -318,6 +319,65 @@ async def test_blocking_on_a_run_sends_progress_notifications(client, workspace)
     assert seen and seen[-1][0] == seen[-1][1] == 4
     assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
     assert seen[-1][2] == f"run {run['run_id']}: 4 completed"
+
+
+async def test_what_waits_on_an_item_is_claimed_only_after_its_file_moved(client, workspace):
+    """A completed item's end move rides the thread hop of the run's next claim (``Mover``), and its
+    slot is freed before the move: in the history, every item still reaches completed before
+    anything waiting on it is claimed, and every item ends completed with its own outcome."""
+    edges = [(1, 2), (1, 3), (1, 4), (2, 5), (3, 5), (4, 5), (5, 6)]
+    for number in range(1, 13):
+        waits = [a for a, b in edges if b == number]
+        write_item(workspace, number, f"item-{number}", command="true", files=[f"f{number}"],
+                   **({"blocked_by": waits} if waits else {}))
+    out = await run_to_end(client, max_parallel=3)
+    assert out["run"]["counts"].get("completed") == 12, out["run"]["counts"]
+    assert set(statuses(workspace).values()) == {"completed"}
+    order = [(move["item"], move["to"]) for move in claims.history(workspace / ".agent/runs")]
+    for before, after in edges:
+        assert order.index((f"{before:03d}", "completed")) < order.index((f"{after:03d}", "in_progress")), order
+    assert all(o["outcome"] == "completed" and o["task_id"] for o in out["run"]["outcomes"])
+
+
+async def test_progress_is_throttled_yet_ends_at_the_total(fake_client, workspace, monkeypatch):
+    """At most one notification per PROGRESS_INTERVAL_S (a run of trivial items sent one per item,
+    costing more than the items): with an interval longer than the run, only the first count and
+    the last (sent when the run ends, the interval cut short) reach the client."""
+    monkeypatch.setattr(views, "PROGRESS_INTERVAL_S", 3600.0)
+    for number in range(1, 31):
+        write_item(workspace, number, f"item-{number}", command="true", files=[f"f{number}"])
+    run = await call(fake_client, "run_queue", max_parallel=4)
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    result = await fake_client.call_tool("task_output", {"task_id": run["run_id"], "timeout": 30},
+                                         progress_callback=on_progress)
+    assert result.structured_content["status"] == "completed"
+    progress = [p for p, _, _ in seen]
+    assert progress == sorted(set(progress)) and 1 <= len(progress) <= 2, seen  # strictly increasing, throttled
+    assert seen[-1][:2] == (30, 30) and seen[-1][2] == f"run {run['run_id']}: 30 completed", seen
+
+
+async def test_a_wait_that_times_out_still_reports_the_latest_progress(fake_client, workspace, monkeypatch):
+    """Progress held back by the throttle is sent when the wait times out: the client's last
+    notification matches the answer."""
+    monkeypatch.setattr(views, "PROGRESS_INTERVAL_S", 3600.0)
+    write_item(workspace, 1, "quick", command="true", files=["a"])
+    write_item(workspace, 2, "slow", command="sleep 60", files=["b"])
+    run = await call(fake_client, "run_queue", max_parallel=2)
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        assert total == 2
+        seen.append(progress)
+
+    result = await fake_client.call_tool("task_output", {"task_id": run["run_id"], "timeout": 2},
+                                         progress_callback=on_progress)
+    assert result.structured_content["retrieval_status"] == "timeout"
+    assert seen[-1] == 1 and seen == sorted(set(seen)), seen
+    await call(fake_client, "cancel_task", task_id=run["run_id"])
 
 
 def test_the_counts_text_is_written_in_one_place():

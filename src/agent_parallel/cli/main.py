@@ -161,7 +161,6 @@ def _run(args: argparse.Namespace) -> int:
     from rich.live import Live
     from rich.text import Text
 
-    from ..queue.claims import release_stale_claims
     from ..config import load_config
     from ..paths import runs_dir
     from ..queue.items import QueueReader
@@ -188,10 +187,8 @@ def _run(args: argparse.Namespace) -> int:
         executor = server_settings.make_executor()
         async with open_registry(root, runs_dir(root), settings, executor) as registry:
             ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
-            # a run starts: claims of servers that no longer run are given back first (planning moves no file)
-            for item, file, message in await anyio.to_thread.run_sync(
-                    lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir)):
-                console.print(_warning(f"item {item} ({file}): {message}"))
+            # start_run first moves claims of servers that no longer run to blocked (planning moves no
+            # file) and says so in its warnings
             task, warnings = await start_run(ctx, max_parallel=args.max_parallel, level=args.level,
                                              continue_on_error=args.continue_on_error, items=args.items)
             for warning in warnings:
@@ -207,11 +204,16 @@ def _run(args: argparse.Namespace) -> int:
                             return
 
                 tg.start_soon(cancel_on_interrupt)
-                with Live(progress_view(run.progress()), console=console, refresh_per_second=4, transient=True) as live:
+                # Drawn from here 4 times a second, not by rich's refresh thread (a thread waking to take
+                # the GIL from the run), and only on a terminal: nothing is shown elsewhere (transient).
+                live_view = console.is_terminal
+                with Live(progress_view(run.progress()) if live_view else Text(""), console=console,
+                          auto_refresh=False, transient=True) as live:
                     while not task.done.is_set():
-                        with anyio.move_on_after(0.25):  # the view refreshes 4 times a second: no rebuild per change
+                        with anyio.move_on_after(0.25):  # no rebuild per change: a run of 300 trivial items has 600
                             await task.done.wait()
-                        live.update(progress_view(run.progress()))
+                        if live_view:
+                            live.update(progress_view(run.progress()), refresh=True)
                 tg.cancel_scope.cancel()
             console.print(report_view(run.progress()))
             console.print(Text(f"Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt",

@@ -25,7 +25,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 from pathlib import Path
 
 import anyio
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 LAST_LINES = 10
 NOT_RECORDED = "its status could not be recorded in the queue"
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -66,8 +68,11 @@ class QueueContext:
     registry: TaskRegistry
     reader: QueueReader
 
-    @property
+    @functools.cached_property
     def queue_dir(self) -> Path:
+        """The queue directory, checked to be inside the root once per context (a context lives for
+        one call or one run, with the config of its start): resolving it per move was a dozen
+        ``lstat`` calls per item on the event loop, each giving up the GIL to the worker threads."""
         return resolve_inside(self.root, self.config.queue_dir, "queue.dir in .agent/config.yaml")
 
     def graph(self, *, only: list[int] | None = None) -> QueueGraph:
@@ -128,9 +133,79 @@ class NotStarted(QueueError):
     claim was given back."""
 
 
+@dataclass
+class _EndMove:
+    move: Callable[[], list[str]]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    notes: list[str] | None = None
+
+
+class Mover:
+    """A run's item file moves, several per worker-thread hop. A hop (waking a worker thread, then
+    taking the GIL back) costs about as much CPU as the moves it carries, and a run of trivial items
+    made two per item: the claim, then the end move. Here a completed item's end move waits (``end``)
+    for the run's next claim and rides its hop (``run``), before the claim: what waits on the item
+    is claimed after its file moved. The run flushes the moves no claim carried before it sleeps;
+    a move no hop took within ``PATIENCE_S`` (the loop busy preparing a worktree, say) takes its own,
+    so an item's end is never held up long by the run's other work."""
+
+    PATIENCE_S = 0.05
+
+    def __init__(self) -> None:
+        self._pending: list[_EndMove] = []
+        self.closed = False
+        """Set when the run's loop ended: an end move then takes its own hop at once."""
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    async def end(self, move: Callable[[], list[str]]) -> list[str]:
+        """Queue an end move (``_end_move``, which never raises) and wait until a hop carried it."""
+        if self.closed:
+            return await anyio.to_thread.run_sync(move)
+        request = _EndMove(move)
+        self._pending.append(request)
+        with anyio.move_on_after(self.PATIENCE_S):
+            await request.done.wait()
+        if request in self._pending:  # no hop took it in time
+            self._pending.remove(request)
+            return await anyio.to_thread.run_sync(move)
+        await request.done.wait()  # taken by a hop under way
+        assert request.notes is not None
+        return request.notes
+
+    async def run(self, fn: Callable[[], _T]) -> _T:
+        """``fn`` in a worker thread, after the end moves queued so far."""
+        taken, self._pending = self._pending, []
+
+        def moves_then_fn() -> _T:
+            for request in taken:
+                try:
+                    request.notes = request.move()
+                except Exception as exc:  # _end_move returns its problems as notes; this is a last guard
+                    request.notes = [f"{NOT_RECORDED}: {exception_reason(exc)}"]
+            return fn()
+
+        try:
+            return await anyio.to_thread.run_sync(moves_then_fn)
+        finally:
+            for request in taken:
+                if request.notes is None:
+                    request.notes = [f"{NOT_RECORDED}: the move was interrupted"]
+                request.done.set()
+
+    async def flush(self) -> None:
+        """Carry out the end moves still waiting, in one hop."""
+        if self._pending:
+            with anyio.CancelScope(shield=True):
+                await self.run(lambda: None)
+
+
 async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str,
                       on_end: Callable[[Task, ItemEnd], None] | None = None,
-                      go_on: Callable[[], bool] | None = None) -> tuple[Task, Isolated | None]:
+                      go_on: Callable[[], bool] | None = None, mover: Mover | None = None,
+                      on_completed: Callable[[], None] | None = None) -> tuple[Task, Isolated | None]:
     """Claim ``item`` (pending → in_progress) and start it; when it ends, move it to completed/failed.
 
     An isolated item (``is_isolated``) first gets its worktree (``prepare_item``: a failed setup
@@ -143,14 +218,20 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     claim is given back (pending, with the reason in the history), so an item is never left
     in_progress with nothing running. Raises ``ClaimLost`` when another claimant was first, and
     ``NotStarted`` when ``go_on`` said no.
+
+    A run passes its ``mover``: the claim and the end move go through it, and an item that
+    completed (not isolated: nothing is left to decide) calls ``on_completed`` before its file
+    moves, so the run can free its slot and start the next item, whose claim carries this move.
     """
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
     upstream = [t.record for dep in waits_on if (t := _latest_item_task(ctx.registry, format_id(dep)))]
     try:
-        upstream_logs = await anyio.to_thread.run_sync(
-            lambda: [upstream_log_path(runs_dir, r) for r in upstream]) if upstream else []
+        if any(r.tail_segments for r in upstream):  # cut output is assembled in a file: off the loop
+            upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
+        else:  # each one's whole output is its head log: no file is touched
+            upstream_logs = [upstream_log_path(runs_dir, r) for r in upstream]
     except OSError as exc:
         raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
 
@@ -172,7 +253,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                              f"move item {item.id_str} back with update_item") from exc
 
     with anyio.CancelScope(shield=True):  # a claim made is never dropped by a cancellation
-        path, before = await anyio.to_thread.run_sync(claim)
+        path, before = await (mover.run(claim) if mover is not None else anyio.to_thread.run_sync(claim))
     try:
         await checkpoint_if_cancelled()
     except BaseException:
@@ -230,8 +311,18 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                     ok, end.reason = False, f"its integration failed: {exception_reason(exc)}"
                 end.ok = ok
             reason = end.reason or rec.reason
-            end.notes = await anyio.to_thread.run_sync(
-                lambda: _end_move(ctx, item.id, path, before, "completed" if ok else "failed", by=by, reason=reason))
+
+            def move() -> list[str]:
+                return _end_move(ctx, item.id, path, before, "completed" if ok else "failed", by=by, reason=reason)
+
+            if mover is None:
+                end.notes = await anyio.to_thread.run_sync(move)
+            elif ok and isolated is None:  # the run may start the next item now; its claim carries this move
+                if on_completed is not None:
+                    on_completed()
+                end.notes = await mover.end(move)
+            else:
+                end.notes = await mover.run(move)
             end.notes += kept
         finally:
             if on_end is not None:
@@ -521,6 +612,9 @@ class QueueRun:
         self._elsewhere: dict[int, str] = {}  # items left in progress elsewhere -> why this run does not wait
         self._watched: list[tuple[int, _Where]] = []
         self._finished: list[tuple[int, Task, ItemEnd]] = []
+        self.mover = Mover()  # the claims and end moves of its items, several per thread hop
+        self._completed: list[int] = []  # items whose process completed, their file not moved yet
+        self._released: dict[int, _Slot | None] = {}  # ... their slot freed, their outcome still to come
         self._tg: anyio.abc.TaskGroup | None = None
         self._exit: ExitInfo | None = None
         policy = "continues past failures" if options.continue_on_error else "stops at the first failure"
@@ -544,6 +638,15 @@ class QueueRun:
 
     # -- the loop
     async def _loop(self) -> None:
+        try:
+            await self._turns()
+        finally:  # whatever ended the loop, no item's end move is left waiting for a claim
+            self.mover.closed = True
+            await self.mover.flush()
+        self.state = "finished"
+        await self._finalize()
+
+    async def _turns(self) -> None:
         async with anyio.create_task_group() as self._tg:
             needed = {p for m in self.members for p in self.graph.waits_on.get(m, ())}
             for item_id in sorted(needed & set(self.graph.in_progress)):
@@ -554,15 +657,14 @@ class QueueRun:
                 wake = self.changed
                 await self._collect()
                 started = await self._start_what_fits() if self.state == "running" else False
-                busy = bool(self.running) or started
+                busy = bool(self.running) or bool(self._released) or started
                 if self.state == "running":
                     busy = busy or bool(self.watching) or self.held is not None
                 if not busy:
                     break  # nothing running, and nothing can start: either all done, or stuck behind others' work
+                await self.mover.flush()  # end moves no claim carried this turn
                 await self._sleep(wake)
             self._tg.cancel_scope.cancel()  # stop following others' items
-        self.state = "finished"
-        await self._finalize()
 
     async def _sleep(self, wake: anyio.Event) -> None:
         """Until something changes; while held, also re-check every ``admission_retry_s`` (memory
@@ -641,8 +743,10 @@ class QueueRun:
         return None
 
     def usage(self) -> AgentUsage | None:
-        """The run's agent usage: finished items' and running items' so far."""
-        live = [job.usage() for s in self.running.values() if (job := s.job()) is not None]
+        """The run's agent usage: finished items' and running items' so far (and those released, whose
+        outcome is still to come: the budget must count them)."""
+        slots = [*self.running.values(), *(s for s in self._released.values() if s is not None)]
+        live = [job.usage() for s in slots if (job := s.job()) is not None]
         return AgentUsage.total([o.usage for o in self.outcomes.values()] + live)
 
     def _hold(self, why: str, *, for_room: bool = False) -> None:
@@ -657,7 +761,8 @@ class QueueRun:
         try:
             task, isolated = await launch_item(self.ctx, self.graph, item, by=self.by,
                                                go_on=lambda: self.state == "running",
-                                               on_end=functools.partial(self._on_end, item_id))
+                                               on_end=functools.partial(self._on_end, item_id), mover=self.mover,
+                                               on_completed=functools.partial(self._on_completed, item_id))
         except ClaimLost as exc:
             self._follow(item_id, str(exc))
             return False
@@ -689,6 +794,11 @@ class QueueRun:
 
     def _on_end(self, item_id: int, task: Task, end: ItemEnd) -> None:
         self._finished.append((item_id, task, end))
+        self._changed()
+
+    def _on_completed(self, item_id: int) -> None:
+        """Its process completed and its file is about to move: free the slot now (``_collect``)."""
+        self._completed.append(item_id)
         self._changed()
 
     # -- items another claimant holds
@@ -745,6 +855,10 @@ class QueueRun:
         watched, self._watched = self._watched, []
         for item_id, where in watched:
             self._settle(item_id, where)
+        completed, self._completed = self._completed, []
+        for item_id in completed:  # what waits on it may start; its outcome comes with its end (below)
+            self._released[item_id] = self.running.pop(item_id, None)
+            self.scheduler.finished(item_id, ok=True)
         finished, self._finished = self._finished, []
         if not finished:
             return
@@ -753,7 +867,8 @@ class QueueRun:
             tails = await anyio.to_thread.run_sync(lambda: [self._last_lines(task) for _, task, _ in finished])
         integrated = False
         for (item_id, task, end), lines in zip(finished, tails, strict=True):
-            slot = self.running.pop(item_id, None)
+            released = item_id in self._released
+            slot = self._released.pop(item_id) if released else self.running.pop(item_id, None)
             item = slot.item if slot else self.graph.by_id[item_id]
             isolated = slot.isolated if slot else None
             rec = task.record
@@ -767,7 +882,9 @@ class QueueRun:
             self._write(f"{'completed' if ok else 'FAILED'} {item.id_str} ({item.title})"
                         + ("" if ok else f": {reason}"))
             integrated |= ok and isolated is not None
-            if ok:
+            if released:
+                pass  # the scheduler heard of it when it completed
+            elif ok:
                 self.scheduler.finished(item_id, ok=True)
             else:
                 self._failure(item_id)
@@ -849,8 +966,15 @@ class QueueRun:
         self._changed()
 
     # -- views
+    def finished_count(self) -> int:
+        """How many of the run's items have an outcome (all of them once it finished): O(1), for
+        progress notifications, which need the count far more often than the whole ``progress()``."""
+        if self.state == "finished":
+            return len(self.members)
+        return min(len(self.outcomes), len(self.members))
+
     def progress(self) -> RunProgress:
-        counts: dict[str, int] = {"running": len(self.running)}
+        counts: dict[str, int] = {"running": len(self.running) + len(self._released)}  # released: moving its file
         for outcome in self.outcomes.values():
             counts[outcome.outcome] = counts.get(outcome.outcome, 0) + 1
         if self.state != "finished":

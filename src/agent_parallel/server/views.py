@@ -3,47 +3,78 @@ the progress notifications sent while ``task_output`` waits on queue runs."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 
 import anyio
 from mcp.server.mcpserver import Context
 
 from .output_filter import OutputFilter
-from ..queue.run import QueueRun, load_report, run_of
+from ..queue.run import load_report, run_of
 from ..agents.job import ItemJob
 from ..results import AgentUsage, RunProgress, TaskView, usage_from
-from ..tasks.registry import Task, wait_any
+from ..tasks.registry import Task, TaskRegistry, wait_any
 from .settings import Workspace
 
+PROGRESS_INTERVAL_S = 0.15
+"""Least time between two progress notifications of one wait: a run of 300 trivial items ends one
+every few milliseconds, and a notification per item (each a JSON message the client must read)
+cost more than the items. The latest progress is always sent, at the end or when the wait times out."""
+
+Report = Callable[[float, float | None, str | None], Awaitable[None]]
+
+
 async def wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, timeout: float, ctx: Context) -> bool:
-    """Wait like ``registry.wait``; while queue runs are among the tasks, report their progress.
+    """Wait like ``registry.wait``; while queue runs are among the tasks, report their progress
+    as MCP progress notifications (``wait_with_progress``)."""
+    return await wait_with_progress(ws.registry, tasks, mode, timeout, ctx.report_progress)
+
+
+async def wait_with_progress(registry: TaskRegistry, tasks: list[Task], mode: str, timeout: float, report: Report,
+                             *, interval: float | None = None) -> bool:
+    """Wait like ``registry.wait``; while queue runs are among the tasks, ``report`` their progress.
 
     Progress is the runs' items that have finished out of all their items (the total is fixed
-    when a run starts), sent only when it grew: it strictly increases, as clients expect.
+    when a run starts), sent only when it grew: it strictly increases, as clients expect. At most
+    one report per ``interval`` (default ``PROGRESS_INTERVAL_S``): between two, the wait sleeps
+    through the runs' changes (only a task ending wakes it) and counts nothing; the latest count is
+    always reported before returning.
     """
+    interval = PROGRESS_INTERVAL_S if interval is None else interval
     runs = [run for t in tasks if (run := run_of(t)) is not None]
     if not runs:
-        return await ws.registry.wait(tasks, mode=mode, timeout=timeout)
+        return await registry.wait(tasks, mode=mode, timeout=timeout)
     total = sum(len(run.members) for run in runs)
     sent = -1
+
+    async def send(finished: int) -> None:
+        nonlocal sent
+        message = "; ".join(f"run {run.run_id}: {run.progress().counts_text()}" for run in runs)
+        await report(finished, total, message)
+        sent = finished
+
     with anyio.move_on_after(timeout):
         while True:
-            views = [run.progress() for run in runs]
-            finished = sum(_items_finished(run, p) for run, p in zip(runs, views, strict=True))
+            done = _all_or_any_done(tasks, mode)
+            finished = sum(run.finished_count() for run in runs)
             if total and finished > sent:
-                sent = finished
-                message = "; ".join(f"run {p.run_id}: {p.counts_text()}" for p in views)
-                await ctx.report_progress(finished, total, message)
-            if _all_or_any_done(tasks, mode):
+                await send(finished)
+                if not done:  # the next report waits out the interval; a task ending cuts it short
+                    with anyio.move_on_after(interval):
+                        await wait_any(_unset([t.done for t in tasks]))
+                    continue
+            if done:
                 return True
-            await wait_any([run.changed for run in runs] + [t.done for t in tasks])
+            await wait_any([run.changed for run in runs] + _unset([t.done for t in tasks]))
+    if total and (finished := sum(run.finished_count() for run in runs)) > sent:
+        with anyio.CancelScope(shield=True):  # timed out with progress unsent: the client still gets the latest
+            await send(finished)
     return False
 
 
-def _items_finished(run: QueueRun, progress: RunProgress) -> int:
-    if progress.state == "finished":
-        return len(run.members)
-    done = sum(n for k, n in progress.counts.items() if k not in ("running", "waiting"))
-    return min(done, len(run.members))
+def _unset(events: list[anyio.Event]) -> list[anyio.Event]:
+    """The events not set yet: waiting on a set one returns at once (with ``wait="all"``, a task
+    that ended first made the wait spin until the others ended)."""
+    return [e for e in events if not e.is_set()]
 
 
 def _all_or_any_done(tasks: list[Task], mode: str) -> bool:
