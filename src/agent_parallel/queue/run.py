@@ -348,7 +348,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                     stdin_path=path if argv else None, on_finish=finished, prelude=prelude,
                     follow_up_timeout=math.inf if isolated is not None else None, resources=item.resources,
                     branch=isolated.lease.branch if isolated else None,
-                    worktree=str(isolated.lease.path) if isolated else None)
+                    worktree=str(isolated.lease.path) if isolated else None,
+                    answer_at_once=True)  # the run goes on to its next start while this one's process starts
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             if isolated is not None:
                 lease = isolated.lease

@@ -231,9 +231,9 @@ class TaskRegistry:
                      worktree: str | None = None, answer_at_once: bool = False) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
-        ``answer_at_once`` (a background ``launch_task``): return as soon as the task is registered,
-        still ``queued`` while its start is under way, its first record written on the event loop
-        (one small file: a worker thread's wake-up would cost more than the write).
+        ``answer_at_once`` (a background ``launch_task``, a queue run's command item): return as soon as
+        the task is registered, still ``queued`` while its start is under way, its first record written
+        on the event loop (one small file: a worker thread's wake-up would cost more than the write).
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
         given a ``job``, runs that job (``command`` is then only what the record shows).
