@@ -85,3 +85,27 @@ def test_demo_runs_a_copy_of_the_example_queue():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fork-join" in result.stdout and "pipeline" in result.stdout and "makespan" in result.stdout
     assert sorted(p.name for p in (TOP / ".agent/queue").iterdir()) == before  # the example itself is untouched
+
+
+def test_run_folds_plain_completions_of_a_big_run_and_report_lists_every_item(workspace):
+    for i in range(1, 31):
+        write_item(workspace, i, f"item-{i}", title=f"item {i}", command="true" if i != 7 else "echo broke; exit 2",
+                   files=[f"f{i}"])
+    done = cli("run", "--root", str(workspace), "--level", "L3", "--continue-on-error")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "29 more items completed (agent-parallel report " in done.stdout
+    assert "| broke" in done.stdout and "exit 2" in done.stdout  # the failure keeps its row
+    assert "item 12" not in done.stdout
+    [report] = (workspace / ".agent/runs").glob("*.report.json")
+    listed = cli("report", json.loads(report.read_text())["run_id"], "--root", str(workspace))
+    assert listed.returncode == 0 and all(f"item {i}" in listed.stdout for i in range(1, 31))
+
+
+def test_run_says_when_queue_errors_keep_items_from_running(workspace):
+    write_item(workspace, 1, "good", command="true", files=["a"])
+    (workspace / ".agent/queue/002-pending-Bad Name.md").write_text("---\ncommand: \"true\"\n---\n# Bad\n")
+    done = cli("run", "--root", str(workspace))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the queue has 1 error(s), and the items they concern do not run: 002-pending-Bad Name.md: " \
+        "file name slug" in " ".join((done.stdout + done.stderr).split())
+    assert statuses(workspace) == {"001": "completed", "002": "pending"}  # the bad file is left as it was

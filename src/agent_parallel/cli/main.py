@@ -215,11 +215,12 @@ def _run(args: argparse.Namespace) -> int:
                         if live_view:
                             live.update(progress_view(run.progress()), refresh=True)
                 tg.cancel_scope.cancel()
-            console.print(report_view(run.progress()))
+            console.print(report_view(run.progress(), fold=True))
             console.print(Text(f"Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt",
                                style="dim"))
             return task.record.status
 
+    freeze_startup_objects()
     status = anyio.run(main)
     return 0 if status == "completed" else 1
 

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from ..queue.diagrams import format_seconds, gantt, to_dot
 from ..queue.planner import QueuePlan
-from ..results import SHORT_TEXT_CHARS, RunProgress, iso
+from ..results import SHORT_TEXT_CHARS, ItemOutcome, RunProgress, iso
 from ..text import cut
 from ..tasks.records import TaskRecord
 
@@ -129,12 +129,30 @@ def progress_view(p: RunProgress) -> RenderableType:
     return Group(*parts)
 
 
-def report_view(p: RunProgress) -> RenderableType:
-    """The end of a run: every item's outcome, the last lines of failures, makespan vs lower bound."""
+FOLD_COMPLETED_OVER = 20
+"""``report_view(fold=True)`` shows plain completions (nothing else to say) only up to this many."""
+
+
+def _plain_completion(o: ItemOutcome) -> bool:
+    return o.outcome == "completed" and not (o.reason or o.notes or o.usage is not None or (o.attempts or 0) > 1)
+
+
+def report_view(p: RunProgress, *, fold: bool = False) -> RenderableType:
+    """The end of a run: every item's outcome, the last lines of failures, makespan vs lower bound.
+
+    ``fold`` (the end of ``agent-parallel run``): beyond ``FOLD_COMPLETED_OVER`` plain completions,
+    those are counted in one line instead of a row each (``agent-parallel report`` lists them all);
+    every other outcome keeps its row."""
     table = Table(title=Text(f"Run {p.run_id}"), title_justify="left")
     for column in ("item", "title", "outcome", "time", "details"):
         table.add_column(column)
-    for o in p.outcomes:
+    outcomes = p.outcomes
+    folded = 0
+    if fold and sum(map(_plain_completion, outcomes)) > FOLD_COMPLETED_OVER:
+        shown = [o for o in outcomes if not _plain_completion(o)]
+        folded = len(outcomes) - len(shown)
+        outcomes = shown
+    for o in outcomes:
         details = o.reason or ""
         if o.exit_code not in (None, 0):
             details = f"exit {o.exit_code}" + (f"; {details}" if details and details != f"exit code {o.exit_code}" else "")
@@ -150,7 +168,11 @@ def report_view(p: RunProgress) -> RenderableType:
             details += "\n" + "; ".join(o.notes)
         table.add_row(Text(o.item), Text(o.title), Text(o.outcome, style=_OUTCOME_STYLE.get(o.outcome, "")),
                       format_seconds(o.duration_s), Text(details.strip()))
-    parts: list[RenderableType] = [table]
+    parts: list[RenderableType] = [table] if outcomes else []
+    if folded:
+        parts.append(Text(f"{folded} {'more ' if outcomes else ''}items completed "
+                          f"(agent-parallel report {p.run_id} lists every item)",
+                          style=_OUTCOME_STYLE.get("completed", "")))
     if p.usage is not None:
         parts.append(Text(f"agents in all: {p.usage.short()}"))
     if p.makespan is not None:

@@ -544,6 +544,11 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
         missing = [format_id(i) for i in only if i not in graph.by_id]
         if missing:
             raise QueueError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
+    if graph.errors:  # the items they concern cannot run: say so, rather than run the rest in silence
+        shown = "; ".join(f"{d.file or d.item or d.kind}: {d.message}" for d in graph.errors[:3])
+        more = f" (and {len(graph.errors) - 3} more)" if len(graph.errors) > 3 else ""
+        warnings.append(f"the queue has {len(graph.errors)} error(s), and the items they concern do not run: "
+                        f"{shown}{more}; queue_plan lists them")
     released = await anyio.to_thread.run_sync(lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir))
     warnings += [f"item {item} ({file}) was {message}" for item, file, message in released]
     options = RunOptions(level=chosen_level, continue_on_error=not stops_on_first_failure(chosen_level, coe),
