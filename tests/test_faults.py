@@ -59,18 +59,18 @@ async def test_gigabyte_flood_keeps_server_memory_flat(workspace, stream):
 
 @pytest.mark.anyio
 @pytest.mark.fault("disk full (ENOSPC) while writing a task's log: the task fails visibly, the server stays up")
-async def test_log_write_enospc_fails_the_task_visibly(workspace, tmp_path):
-    runs = workspace / ".agent/runs"
-    runs.mkdir(parents=True)
+async def test_log_write_enospc_fails_the_task_visibly(workspace, tiny_disk):
+    runs = tiny_disk / "runs"
+    runs.mkdir()
     ids = iter(["fulldisk0001", "healthy00001"])
-    os.symlink("/dev/full", runs / "fulldisk0001.log")
     async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
-        registry._new_task_id = lambda: next(ids)  # choose the id whose log is /dev/full
-        task = await registry.launch(command="yes", cwd=workspace)
+        registry._new_task_id = lambda: next(ids)
+        task = await registry.launch(command="yes", cwd=workspace)  # fills the 256 KiB disk with its log
         with anyio.fail_after(10):
             await task.done.wait()
         assert task.record.status == "failed"
         assert task.record.reason == "could not write the task's log: No space left on device"
+        (runs / "fulldisk0001.log").unlink()  # room again
         healthy = await registry.launch(command="echo fine", cwd=workspace)
         await healthy.done.wait()
         assert healthy.record.status == "completed"

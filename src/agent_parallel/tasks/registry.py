@@ -297,11 +297,7 @@ class TaskRegistry:
     async def _save_new(self, records: builtins.list[TaskRecord], *, inline: bool = False) -> None:
         """Write new tasks' first records (one worker thread for all, or on the event loop when
         ``inline``); ``StorageError`` if one cannot be written (none of them is kept then),
-        ``ShuttingDown`` if the server began to stop meanwhile.
-
-        Their (empty) logs are created in the same worker thread: creating a file is the costly part of
-        opening a log, which ``_start`` then does on the event loop (a failure here is left for it to
-        report, as the task's own)."""
+        ``ShuttingDown`` if the server began to stop meanwhile. (A task's log is created when it starts.)"""
         def save_all() -> None:
             try:
                 for record in records:
@@ -309,12 +305,6 @@ class TaskRegistry:
             except OSError:
                 self._unlink_records(records)
                 raise
-            for record in records if not inline else ():  # (inline: _start creates it, after the answer)
-                try:
-                    os.close(os.open(log_paths(self.runs_dir, record.task_id)[0],
-                                     os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644))
-                except OSError:
-                    pass
 
         try:
             if inline:
@@ -622,7 +612,7 @@ class TaskRegistry:
                     raise _TaskFailure(f"could not hand over its predecessors' output: {os_error_text(exc)}") from exc
                 spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
         spec.env["AGENT_TASK_ID"] = rec.task_id
-        try:  # on the event loop: the file exists already (``_save_new``, unless inline), so this costs little
+        try:  # on the event loop: one small file, created as the task starts
             task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
             if task.prelude:
                 task.log.write(task.prelude)
