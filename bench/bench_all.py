@@ -211,6 +211,18 @@ async def fan_out_once(c: Client, rep: Report) -> float | None:
     return time.perf_counter() - t0
 
 
+def file_create_us(folder: Path, n: int = 200) -> float:
+    """CPU time to create (and close) one new file in ``folder``, in µs (the files are removed)."""
+    probe = folder / ".agent" / "runs" / "create-probe"
+    probe.mkdir(parents=True, exist_ok=True)
+    t0 = time.thread_time()
+    for i in range(n):
+        os.close(os.open(probe / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    spent = (time.thread_time() - t0) / n * 1e6
+    shutil.rmtree(probe)
+    return spent
+
+
 def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     have_parallel = shutil.which("parallel") is not None
     xargs: list[float] = []
@@ -248,6 +260,10 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     cpu = median([r.cpu_per_item for r in rq if r.cpu_per_item is not None])
     rep.add("run", "server CPU per trivial item (user+sys of the run_queue server / items)", ms(cpu), "≤ 1 ms",
             None if cpu is None else cpu <= 0.001, note="issue: ~3.5 ms; /proc/<pid>/stat before the call and after the report")
+    create = [file_create_us(tmp / f"rq-{k}") for k in range(repeats)]
+    rep.add("run", "  diag: creating a file in the runs' workspaces (median; µs)", f"{statistics.median(create):.0f} µs",
+            note="varies 15-400 µs from one new directory to the next on these machines (where ext4 puts it); "
+                 "every task creates 3 files (record, log, final record)")
     if fan_state["present"]:
         add_ratio(rep, "run", f"{N} commands through one fan-out call, wall / xargs", ratio(median(fan), x), 1.5,
                   today="7.9× (one call each)", note=f"wall {s(median(fan))}")
