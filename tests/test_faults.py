@@ -65,8 +65,12 @@ async def test_log_write_enospc_fails_the_task_visibly(workspace, tiny_disk):
     ids = iter(["fulldisk0001", "healthy00001"])
     async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
         registry._new_task_id = lambda: next(ids)
-        task = await registry.launch(command="yes", cwd=workspace)  # fills the 256 KiB disk with its log
+        go = workspace / "go"  # its output starts once its running record is on disk: the log is what fills it
+        task = await registry.launch(command=f"while [ ! -e {go} ]; do sleep 0.01; done; yes", cwd=workspace)
         with anyio.fail_after(10):
+            while '"running"' not in (runs / "fulldisk0001.json").read_text():
+                await anyio.sleep(0.01)
+            go.touch()  # `yes` now fills the 256 KiB disk with its log
             await task.done.wait()
         assert task.record.status == "failed"
         assert task.record.reason == "could not write the task's log: No space left on device"
