@@ -312,22 +312,25 @@ async def test_finished_tasks_last_line_comes_from_the_record(client, workspace)
     assert listed["tasks"][0]["task_id"] == tid and listed["tasks"][0]["last_line"] == "two"
 
 
-@pytest.mark.fault("the task record write in launch blocks (a FIFO, a hung disk): other calls go on meanwhile")
-async def test_record_save_in_launch_does_not_block_the_loop(workspace):
+@pytest.mark.fault("the task record write in launch blocks (a hung disk): other calls go on meanwhile")
+async def test_record_save_in_launch_does_not_block_the_loop(workspace, monkeypatch):
     runs = runs_of(workspace)
-    os.mkfifo(runs / ".fifo00000001.json.tmp")  # opening it for writing blocks until a reader comes
+    real_save = registry_module.save_record
+    hung = threading.Event()
 
-    def reader() -> None:
-        time.sleep(2)
-        with open(runs / ".fifo00000001.json.tmp", "rb") as f:
-            f.read()
+    def hung_disk(record, runs_dir, **kw):  # the first write hangs until released
+        if not hung.is_set():
+            hung.set()
+            time.sleep(1.5)
+        real_save(record, runs_dir, **kw)
 
+    monkeypatch.setattr(registry_module, "save_record", hung_disk)
     async with open_registry(workspace, runs, GRACE) as registry:
-        registry._new_task_id = fixed_ids("fifo00000001", "healthy00001")
-        threading.Thread(target=reader, daemon=True).start()
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: registry.launch(command="true", cwd=workspace))
             started = time.monotonic()
+            while not hung.is_set():  # the launch runs meanwhile: its record write hangs for 1.5 s
+                await anyio.sleep(0.01)
             await anyio.sleep(0.1)
             assert time.monotonic() - started < 1.0, "the event loop was blocked by the record write"
         await still_works(registry)
