@@ -96,6 +96,7 @@ def test_run_folds_plain_completions_of_a_big_run_and_report_lists_every_item(wo
     assert "29 more items completed (agent-parallel report " in done.stdout
     assert "| broke" in done.stdout and "exit 2" in done.stdout  # the failure keeps its row
     assert "item 12" not in done.stdout
+    assert "(no item has an estimate: nothing to compare it with)" in done.stdout  # no plan figures of 60 s guesses
     [report] = (workspace / ".agent/runs").glob("*.report.json")
     listed = cli("report", json.loads(report.read_text())["run_id"], "--root", str(workspace))
     assert listed.returncode == 0 and all(f"item {i}" in listed.stdout for i in range(1, 31))
@@ -109,3 +110,12 @@ def test_run_says_when_queue_errors_keep_items_from_running(workspace):
     assert "the queue has 1 error(s), and the items they concern do not run: 002-pending-Bad Name.md: " \
         "file name slug" in " ".join((done.stdout + done.stderr).split())
     assert statuses(workspace) == {"001": "completed", "002": "pending"}  # the bad file is left as it was
+
+
+def test_run_report_says_which_items_had_no_estimate(workspace):
+    write_item(workspace, 1, "timed", command="true", files=["a"], estimate="2s")
+    write_item(workspace, 2, "untimed", command="true", files=["b"])
+    done = cli("run", "--root", str(workspace))
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = " ".join(done.stdout.split())
+    assert "vs lower bound" in text and "1 items without an estimate counted at 60 s)" in text

@@ -6,7 +6,7 @@ Times are ISO 8601 strings in UTC; ids and field names follow ``TOOLS.md``.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal, Self, overload
 
 from pydantic import BaseModel, Field
@@ -258,6 +258,8 @@ class RunProgress(BaseModel):
     predicted_makespan: float = Field(description="the plan's predicted makespan (s) at the start of the run")
     lower_bound: float = Field(description="the plan's lower bound (s): no schedule can finish faster")
     makespan: float | None = Field(None, description="achieved: from the first start to the last end (s)")
+    unestimated: int = Field(0, description="the run's items without an `estimate`: the prediction and the lower "
+                                            "bound count each at the default of 60 s")
     outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished)")
     usage: AgentUsage | None = Field(None, description="the agent items' usage summed (finished and running)")
 
@@ -265,6 +267,19 @@ class RunProgress(BaseModel):
         """THE counts text, wherever a run is summed up: ``1 completed, 1 failed, 2 running`` (outcomes
         in name order, zeros left out), or ``no items``."""
         return ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()) if n) or "no items"
+
+    def makespan_text(self, seconds: Callable[[float], str]) -> str | None:
+        """THE makespan line of a finished run (times written by ``seconds``): achieved against the plan's
+        lower bound and prediction, or achieved alone when no item had an estimate (the plan's figures
+        then only count default estimates)."""
+        if self.makespan is None:
+            return None
+        if self.outcomes and self.unestimated >= len(self.outcomes):
+            return f"makespan {seconds(self.makespan)} (no item has an estimate: nothing to compare it with)"
+        ratio = f" = {self.makespan / self.lower_bound:.2f} x" if self.lower_bound else ""
+        guessed = f"; {self.unestimated} items without an estimate counted at 60 s" if self.unestimated else ""
+        return (f"makespan {seconds(self.makespan)} vs lower bound {seconds(self.lower_bound)}{ratio} "
+                f"(the plan predicted {seconds(self.predicted_makespan)}{guessed})")
 
 
 class RunStarted(BaseModel):

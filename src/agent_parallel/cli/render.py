@@ -175,10 +175,8 @@ def report_view(p: RunProgress, *, fold: bool = False) -> RenderableType:
                           style=_OUTCOME_STYLE.get("completed", "")))
     if p.usage is not None:
         parts.append(Text(f"agents in all: {p.usage.short()}"))
-    if p.makespan is not None:
-        ratio = f" = {p.makespan / p.lower_bound:.2f} x" if p.lower_bound else ""
-        parts.append(Text(f"makespan {format_seconds(p.makespan)} vs lower bound {format_seconds(p.lower_bound)}"
-                          f"{ratio} (the plan predicted {format_seconds(p.predicted_makespan)})"))
+    if (makespan := p.makespan_text(format_seconds)) is not None:
+        parts.append(Text(makespan))
     if p.stop_reason:
         parts.append(Text(f"stopped: {p.stop_reason}", style="red"))
     return Group(*parts)

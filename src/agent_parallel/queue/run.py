@@ -599,6 +599,7 @@ class QueueRun:
         self._member_set = set(self.members)
         self.predicted = simulate(self.graph, options.max_parallel).makespan_ms / 1000
         self.lower_bound = lower_bound_ms(self.graph, options.max_parallel) / 1000
+        self.unestimated = sum(1 for m in self.members if self.graph.by_id[m].estimate_s is None)
         self.started = time.time()
         self.first_start: float | None = None
         self.last_end: float | None = None
@@ -996,7 +997,7 @@ class QueueRun:
                                  usage=job.usage() if (job := s.job()) else None,
                                  waiting=job.waiting if job else None, **_isolation_fields(s.isolated))
                      for s in self.running.values()],
-            predicted_makespan=self.predicted, lower_bound=self.lower_bound,
+            predicted_makespan=self.predicted, lower_bound=self.lower_bound, unestimated=self.unestimated,
             makespan=round(self.last_end - self.first_start, 3) if self.first_start and self.last_end else None,
             outcomes=self._sorted_outcomes(), usage=self.usage(),
         )
@@ -1024,9 +1025,8 @@ class QueueRun:
             lines.append(f"agents in all: {p.usage.short()}")
         if p.stop_reason:
             lines.append(f"stopped: {p.stop_reason}")
-        if p.makespan is not None:
-            ratio = f" ({p.makespan / p.lower_bound:.2f}x)" if p.lower_bound else ""
-            lines.append(f"makespan {p.makespan:.1f}s vs lower bound {p.lower_bound:.1f}s{ratio}")
+        if (makespan := p.makespan_text(lambda s: f"{s:.1f}s")) is not None:
+            lines.append(makespan)
         return "\n".join(lines)
 
     def _write(self, line: str) -> None:
