@@ -389,13 +389,15 @@ class TaskRegistry:
                     await self._finish(task, skipped)
                 return
             for task, spec in members:
-                while not task.finishing and group.running >= group.max_parallel:
+                while not task.finishing and not self._closing and group.running >= group.max_parallel:
                     await group.freed.wait()
-                while not task.finishing and not self.has_room():
+                while not task.finishing and not self._closing and not self.has_room():
                     task.record.hold(f"start held: {self._active} tasks are queued or running (the limit is "
                                      f"{self.settings.max_running})")
                     with anyio.move_on_after(self.settings.admission_retry_s):
                         await group.freed.wait()
+                if self._closing:
+                    break  # nothing starts once the server stops: the members left end below, interrupted
                 if task.finishing:
                     continue
                 if task.record.reason is not None:
