@@ -129,21 +129,6 @@ async def test_open_file_limit_fails_the_task_not_the_server(client, workspace):
     assert again["status"] == "completed" and again["output"] == "fine\n"
 
 
-@pytest.mark.fault("a directory where the task's log goes: the task fails saying so, the server goes on")
-async def test_log_path_that_is_a_directory_fails_the_task(workspace):
-    runs = runs_of(workspace)
-    (runs / "dirlog000001.log").mkdir()
-    async with open_registry(workspace, runs, GRACE) as registry:
-        registry._new_task_id = fixed_ids("dirlog000001", "healthy00001")
-        with anyio.fail_after(10):
-            task = await registry.launch(command="touch started", cwd=workspace)
-            await task.done.wait()
-        assert task.record.status == "failed"
-        assert task.record.reason == f"could not open the task's log {runs}/dirlog000001.log: Is a directory"
-        assert not (workspace / "started").exists()
-        await still_works(registry)
-
-
 @pytest.mark.fault("a disk with one free page: the first record write fits, the second (running) does not: "
                    "the task fails with the reason and its process is stopped, the server goes on")
 async def test_second_record_write_failing_fails_the_task(workspace, tiny_disk):
@@ -747,9 +732,11 @@ async def test_no_file_descriptor_leaks(workspace):
         assert open_fds() == before
 
 
-@pytest.mark.fault("a FIFO or a symlink where the task's log goes: the task fails saying so at once, the event "
-                   "loop never waits on it, nothing is written through the link")
+@pytest.mark.fault("a directory, a FIFO or a symlink where the task's log goes: the task fails saying so at once, "
+                   "before its command runs; the event loop never waits on it, nothing is written through the link, "
+                   "the server goes on")
 @pytest.mark.parametrize("plant, error", [
+    ("directory", "Is a directory"),
     ("fifo", "No such device or address"),
     ("symlink", "Too many levels of symbolic links"),
 ])
@@ -757,16 +744,19 @@ async def test_a_planted_log_file_fails_the_task_without_blocking(workspace, tmp
     runs = runs_of(workspace)
     log = runs / "plant0000001.log"
     target = tmp_path / "elsewhere"
-    if plant == "fifo":
+    if plant == "directory":
+        log.mkdir()
+    elif plant == "fifo":
         os.mkfifo(log)
     else:
         log.symlink_to(target)
     async with open_registry(workspace, runs, GRACE) as registry:
         registry._new_task_id = fixed_ids("plant0000001", "healthy00001")
-        with anyio.fail_after(5):
-            task = await registry.launch(command="echo through", cwd=workspace)
+        with anyio.fail_after(10):
+            task = await registry.launch(command="touch started", cwd=workspace)
             await task.done.wait()
         assert task.record.status == "failed"
         assert task.record.reason == f"could not open the task's log {runs}/plant0000001.log: {error}"
+        assert not (workspace / "started").exists()
         assert not target.exists()
         await still_works(registry)
