@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from mcp import Client
+
+from agent_parallel.server import ServerSettings, build_server
+from conftest import call
 
 
 def write_item(root: Path, item_id: int, slug: str, *, status: str = "pending", title: str | None = None,
@@ -27,3 +31,22 @@ def write_config(root: Path, **sections: dict) -> None:
 def statuses(root: Path) -> dict[str, str]:
     """Item id -> status, from the file names."""
     return {p.name.split("-")[0]: p.name.split("-")[1] for p in (root / ".agent/queue").glob("*.md")}
+
+
+async def run_queue_to_end(client: Client, timeout: float = 30, **args: object) -> dict:
+    """run_queue through ``client``, then its task_output: the run's report (it must have ended)."""
+    run = await call(client, "run_queue", **args)
+    out = await call(client, "task_output", task_id=run["run_id"], timeout=timeout)
+    assert out["retrieval_status"] == "success", f"the run did not end: {out.get('run')}"
+    return out
+
+
+async def run_to_end(root: Path, **args: object) -> dict:
+    """``run_queue_to_end`` through a server of its own on ``root`` (a short kill grace, no memory floor)."""
+    async with Client(build_server(root, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        return await run_queue_to_end(client, timeout=60, **args)
+
+
+def by_item(report: dict) -> dict[str, dict]:
+    """A run report's outcomes by item id."""
+    return {o["item"]: o for o in report["run"]["outcomes"]}

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mcp import Client
@@ -18,7 +17,7 @@ from agent_fakes import (SID, TID, calls, claude_rate_limited, claude_success, c
                          gemini_success, install)
 from agent_parallel.server import ServerSettings, build_server
 from conftest import call
-from queue_helpers import statuses, write_config, write_item
+from queue_helpers import by_item, run_to_end, statuses, write_config, write_item
 
 pytestmark = pytest.mark.anyio
 
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.anyio
 def settings() -> ServerSettings:
     return ServerSettings(kill_grace_s=0.5, min_free_memory=0)
 
-
-async def run_to_end(root: Path, **args) -> dict:
-    async with Client(build_server(root, settings())) as client:
-        run = await call(client, "run_queue", **args)
-        out = await call(client, "task_output", task_id=run["run_id"], timeout=60)
-        assert out["retrieval_status"] == "success", out
-        return out
-
-
-def rows(report: dict) -> dict[str, dict]:
-    return {o["item"]: o for o in report["run"]["outcomes"]}
 
 
 async def test_claude_success_reports_session_turns_tokens_cost_and_result(workspace, tmp_path, monkeypatch):
@@ -46,7 +34,7 @@ async def test_claude_success_reports_session_turns_tokens_cost_and_result(works
     async with Client(build_server(workspace, settings())) as client:
         run = await call(client, "run_queue")
         out = await call(client, "task_output", task_id=run["run_id"], timeout=60)
-        row = rows(out)["001"]
+        row = by_item(out)["001"]
         item_task = await call(client, "task_output", task_id=row["task_id"], timeout=5)
         listed = await call(client, "list_tasks")
     assert out["status"] == "completed" and row["outcome"] == "completed"
@@ -82,9 +70,9 @@ async def test_a_rate_limit_holds_agents_then_resumes_the_same_session(workspace
             await anyio_sleep(0.05)
         out = await call(client, "task_output", task_id=run["run_id"], timeout=60)
     assert held is not None and "rate limited" in held and "resuming it at" in held
-    row = rows(out)["001"]
+    row = by_item(out)["001"]
     assert out["status"] == "completed" and row["outcome"] == "completed", row
-    assert rows(out)["002"]["outcome"] == "completed"  # commands ran beside the held agent
+    assert by_item(out)["002"]["outcome"] == "completed"  # commands ran beside the held agent
     first, second = calls(scenario)
     assert "--resume" not in first["argv"] and first["stdin"].startswith("# Agent work")
     assert second["argv"][second["argv"].index("--resume") + 1] == SID and second["stdin"] == ""
@@ -106,7 +94,7 @@ async def test_codex_overload_backs_off_then_resumes_the_thread(workspace, tmp_p
     write_config(workspace, runner={"agent": "codex", "args": ["--model", "gpt-x"], "retry_delay": "50ms"})
     write_item(workspace, 1, "work", title="Work")
     out = await run_to_end(workspace)
-    row = rows(out)["001"]
+    row = by_item(out)["001"]
     assert row["outcome"] == "completed", row
     first, second = calls(scenario)
     assert first["argv"][1:] == ["exec", "--json", "--model", "gpt-x", "-"]
@@ -125,8 +113,8 @@ async def test_gemini_garbage_and_truncated_lines_are_ignored(workspace, tmp_pat
     write_config(workspace, runner={"agent": "gemini"})
     write_item(workspace, 1, "work", title="Work")
     out = await run_to_end(workspace)
-    usage = rows(out)["001"]["usage"]
-    assert rows(out)["001"]["outcome"] == "completed"
+    usage = by_item(out)["001"]["usage"]
+    assert by_item(out)["001"]["outcome"] == "completed"
     assert usage["session_id"] == SID and usage["result"] == "finished" and usage["turns"] == 2
     assert (usage["input_tokens"], usage["output_tokens"], usage["cached_tokens"]) == (60, 60, 40)
     (made,) = calls(scenario)
@@ -140,7 +128,7 @@ async def test_the_budget_stops_new_agent_items_mid_run(workspace, tmp_path, mon
     for n in (1, 2, 3):
         write_item(workspace, n, f"agent-{n}", title=f"Agent {n}")
     out = await run_to_end(workspace)
-    by = rows(out)
+    by = by_item(out)
     assert [by[i]["outcome"] for i in ("001", "002", "003")] == ["completed", "completed", "not_started"]
     assert "budget" in out["run"]["stop_reason"] and "max_cost_usd" in by["003"]["reason"]
     assert out["run"]["usage"]["cost_usd"] == pytest.approx(0.8)
@@ -162,7 +150,7 @@ async def test_the_per_profile_cap_limits_agents_while_commands_run_beside_them(
     agent_rows = sorted((o for o in out["run"]["outcomes"] if o["item"] != "004"), key=lambda o: o["started_at"])
     for a, b in zip(agent_rows, agent_rows[1:]):
         assert b["started_at"] >= a["ended_at"] - 0.01, (a, b)  # one agent at a time
-    cmd = rows(out)["004"]
+    cmd = by_item(out)["004"]
     assert cmd["started_at"] < agent_rows[-1]["started_at"]  # the command did not wait for the agents
     assert len(calls(scenario)) == 3
 
@@ -173,7 +161,7 @@ async def test_retries_run_a_failing_command_again_with_headers_and_attempts(wor
     script = f'n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}; echo "try $n"; [ $n -ge 3 ]'
     write_item(workspace, 1, "flaky", title="Flaky", command=script, retries=2)
     out = await run_to_end(workspace)
-    row = rows(out)["001"]
+    row = by_item(out)["001"]
     assert row["outcome"] == "completed" and row["attempts"] == 3, row
     log = (workspace / ".agent/runs" / f"{row['task_id']}.log").read_text()
     assert [line.split(" at ")[0] for line in log.splitlines() if line.startswith("=== ")] == [
@@ -186,7 +174,7 @@ async def test_retries_that_run_out_fail_the_item(workspace):
     write_config(workspace, runner={"retries": 1, "retry_delay": "10ms"})
     write_item(workspace, 1, "bad", title="Bad", command="echo nope; exit 3")
     out = await run_to_end(workspace)
-    row = rows(out)["001"]
+    row = by_item(out)["001"]
     assert row["outcome"] == "failed" and row["exit_code"] == 3 and row["attempts"] == 2
     assert "2 attempts" in row["reason"]
 
@@ -217,7 +205,7 @@ async def test_auto_resume_off_fails_the_item_with_how_to_resume(workspace, tmp_
     write_config(workspace, runner={"agent": "claude", "auto_resume": False})
     write_item(workspace, 1, "work", title="Work")
     out = await run_to_end(workspace)
-    row = rows(out)["001"]
+    row = by_item(out)["001"]
     assert row["outcome"] == "failed" and row["usage"]["error"] == "rate_limited"
     assert "rate_limited until 20" in row["reason"] and f"claude --resume {SID}" in row["reason"]
     assert len(calls(scenario)) == 1 and statuses(workspace) == {"001": "failed"}

@@ -10,7 +10,7 @@ from mcp import Client
 
 from agent_parallel.server import ServerSettings, build_server
 from conftest import call
-from queue_helpers import statuses, write_config, write_item
+from queue_helpers import by_item, run_to_end, statuses, write_config, write_item
 from worktree_helpers import LINES, git, make_empty_queue_repo
 
 pytestmark = pytest.mark.anyio
@@ -20,17 +20,6 @@ pytestmark = pytest.mark.anyio
 def repo(tmp_path: Path) -> Path:
     return make_empty_queue_repo(tmp_path / "repo")
 
-
-async def run_to_end(root: Path, **args) -> dict:
-    async with Client(build_server(root, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
-        run = await call(client, "run_queue", **args)
-        out = await call(client, "task_output", task_id=run["run_id"], timeout=60)
-        assert out["retrieval_status"] == "success", out
-        return out
-
-
-def by_item(report: dict) -> dict[str, dict]:
-    return {o["item"]: o for o in report["run"]["outcomes"]}
 
 
 def edit_line(path: str, n: int, text: str) -> str:

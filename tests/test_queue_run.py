@@ -15,7 +15,7 @@ from agent_parallel.server import build_server, views
 from agent_parallel.tasks.executor import LaunchSpec
 from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from conftest import call, call_error
-from queue_helpers import statuses, write_config, write_item
+from queue_helpers import by_item, run_queue_to_end, statuses, write_config, write_item
 
 pytestmark = pytest.mark.anyio
 
@@ -47,16 +47,6 @@ async def fake_client(workspace, settings):
         yield c
 
 
-async def run_to_end(client, **args) -> dict:
-    run = await call(client, "run_queue", **args)
-    out = await call(client, "task_output", task_id=run["run_id"], timeout=30)
-    assert out["retrieval_status"] == "success", out
-    return out
-
-
-def by_item(report: dict) -> dict[str, dict]:
-    return {o["item"]: o for o in report["run"]["outcomes"]}
-
 
 def fork_join(root: Path, *, middle: str = "echo b") -> None:
     """001 -> (002, 003) -> 004; 002's command is ``middle``."""
@@ -68,7 +58,7 @@ def fork_join(root: Path, *, middle: str = "echo b") -> None:
 
 async def test_successful_run_completes_everything_and_reports(fake_client, workspace):
     fork_join(workspace)
-    out = await run_to_end(fake_client, level="L2")
+    out = await run_queue_to_end(fake_client, level="L2")
     assert out["status"] == "completed" and out["exit_code"] == 0
     assert statuses(workspace) == {"001": "completed", "002": "completed", "003": "completed", "004": "completed"}
     report = out["run"]
@@ -80,7 +70,7 @@ async def test_successful_run_completes_everything_and_reports(fake_client, work
 @pytest.mark.parametrize("level", ["L1", "L2"])
 async def test_l1_l2_stop_on_first_failure_and_let_running_items_finish(fake_client, workspace, level):
     fork_join(workspace, middle="echo broken >&2; exit 4")
-    out = await run_to_end(fake_client, level=level, continue_on_error=True)
+    out = await run_queue_to_end(fake_client, level=level, continue_on_error=True)
     report = by_item(out)
     assert out["status"] == "failed"
     assert report["002"]["outcome"] == "failed" and report["002"]["exit_code"] == 4
@@ -94,7 +84,7 @@ async def test_l1_l2_stop_on_first_failure_and_let_running_items_finish(fake_cli
 async def test_l2_failure_leaves_independent_items_not_started(fake_client, workspace):
     write_item(workspace, 1, "fails", command="exit 1", files=["a"], priority="critical")
     write_item(workspace, 2, "later", command="sleep 0.2", files=["a"])
-    out = await run_to_end(fake_client, level="L2", max_parallel=1)
+    out = await run_queue_to_end(fake_client, level="L2", max_parallel=1)
     report = by_item(out)
     assert report["002"]["outcome"] == "not_started"
     assert report["002"]["reason"].startswith("item 001 failed and level L2 stops on the first failure")
@@ -104,7 +94,7 @@ async def test_l2_failure_leaves_independent_items_not_started(fake_client, work
 async def test_l3_continue_on_error_skips_only_dependents(fake_client, workspace):
     fork_join(workspace, middle="exit 2")
     write_item(workspace, 5, "independent", command="echo free", files=["e"])
-    out = await run_to_end(fake_client, level="L3", continue_on_error=True)
+    out = await run_queue_to_end(fake_client, level="L3", continue_on_error=True)
     report = by_item(out)
     assert [report[i]["outcome"] for i in ("001", "002", "003", "004", "005")] == [
         "completed", "failed", "completed", "skipped", "completed"]
@@ -114,14 +104,14 @@ async def test_l3_continue_on_error_skips_only_dependents(fake_client, workspace
 
 async def test_l3_without_continue_on_error_stops(fake_client, workspace):
     fork_join(workspace, middle="exit 2")
-    out = await run_to_end(fake_client, level="L3", continue_on_error=False)
+    out = await run_queue_to_end(fake_client, level="L3", continue_on_error=False)
     assert out["run"]["stop_reason"] == "item 002 failed and continue_on_error is off; running items were left to finish"
 
 
 async def test_item_timeout_fails_the_item(client, workspace):
     write_item(workspace, 1, "slow", command="sleep 30", timeout="1s", files=["a"])
     started = time.monotonic()
-    out = await run_to_end(client, level="L3", continue_on_error=True)
+    out = await run_queue_to_end(client, level="L3", continue_on_error=True)
     assert time.monotonic() - started < 10
     assert by_item(out)["001"]["outcome"] == "failed" and by_item(out)["001"]["reason"] == "killed after its timeout of 1 s"
     assert statuses(workspace)["001"] == "failed"
@@ -129,7 +119,7 @@ async def test_item_timeout_fails_the_item(client, workspace):
 
 async def test_killed_item_fails(client, workspace):
     write_item(workspace, 1, "killed", command="kill -9 $$", files=["a"])
-    out = await run_to_end(client, level="L3", continue_on_error=True)
+    out = await run_queue_to_end(client, level="L3", continue_on_error=True)
     assert by_item(out)["001"]["outcome"] == "failed" and by_item(out)["001"]["reason"] == "killed by SIGKILL"
 
 
@@ -148,7 +138,7 @@ async def test_slots_are_refilled_as_soon_as_one_frees(client, workspace):
     write_item(workspace, 1, "long", command="sleep 1.2", files=["a"], estimate="2m")
     write_item(workspace, 2, "short", command="sleep 0.2", files=["b"], estimate="1m")
     write_item(workspace, 3, "next", command="sleep 0.2", files=["c"], estimate="1m")
-    out = await run_to_end(client, max_parallel=2)
+    out = await run_queue_to_end(client, max_parallel=2)
     assert out["run"]["makespan"] < 1.6  # wave by wave would take 1.2 + 0.2
 
 
@@ -157,7 +147,7 @@ async def test_conflicting_items_never_overlap(client, workspace):
     cmd = f"echo start >> {log}; sleep 0.2; echo end >> {log}"
     write_item(workspace, 1, "one", command=cmd, files=["src/app.py"])
     write_item(workspace, 2, "two", command=cmd, files=["src/*.py"])
-    out = await run_to_end(client, max_parallel=5)
+    out = await run_queue_to_end(client, max_parallel=5)
     assert out["status"] == "completed"
     assert log.read_text().split() == ["start", "end", "start", "end"]
 
@@ -166,14 +156,14 @@ async def test_pipeline_items_get_upstream_logs_and_ids(client, workspace):
     write_item(workspace, 1, "produce", command="echo artefact-42", files=["a"])
     write_item(workspace, 2, "consume", command='echo "$AGENT_UPSTREAM_ITEMS"; cat "$AGENT_UPSTREAM_LOGS"',
                blocked_by=[1], files=["b"])
-    out = await run_to_end(client)
+    out = await run_queue_to_end(client)
     consumer = await call(client, "task_output", task_id=by_item(out)["002"]["task_id"])
     assert consumer["output"] == "001\nartefact-42\n"
 
 
 async def test_run_only_selected_items_and_what_they_need(client, workspace):
     fork_join(workspace)
-    out = await run_to_end(client, items=["002"])
+    out = await run_queue_to_end(client, items=["002"])
     assert statuses(workspace) == {"001": "completed", "002": "completed", "003": "pending", "004": "pending"}
     assert sorted(by_item(out)) == ["001", "002"]
 
@@ -187,7 +177,7 @@ async def test_runner_gets_item_on_stdin_and_fields_only_in_env(client, workspac
     write_config(workspace, runner={"command": [str(runner)]})
     evil = '"; touch pwned; " $(touch pwned2) `touch pwned3`'
     write_item(workspace, 1, "evil", title=evil, body=f"do it {evil}\n", files=["x"])
-    out = await run_to_end(client)
+    out = await run_queue_to_end(client)
     item_task = await call(client, "task_output", task_id=by_item(out)["001"]["task_id"])
     assert item_task["status"] == "completed"
     assert item_task["output"].startswith(f"id=001 title={evil}\n---\nfiles:\n- x\n---\n# {evil}")
@@ -284,7 +274,7 @@ async def test_task_cap_reached_mid_run_holds_the_item_until_a_slot_frees(worksp
     write_item(workspace, 1, "first", command="sleep 0.3", files=["a"])
     write_item(workspace, 2, "second", command="sleep 0.3", files=["b"])
     async with Client(build_server(workspace, ServerSettings(max_running=2, min_free_memory=0))) as c:  # the run + one item
-        out = await run_to_end(c, level="L3", continue_on_error=True, max_parallel=2)
+        out = await run_queue_to_end(c, level="L3", continue_on_error=True, max_parallel=2)
         outcomes = by_item(out)
         assert (outcomes["001"]["outcome"], outcomes["002"]["outcome"]) == ("completed", "completed")
         assert statuses(workspace) == {"001": "completed", "002": "completed"}
@@ -299,7 +289,7 @@ async def test_an_item_ending_while_others_start_frees_its_slot_at_once(client, 
     for i in range(3, 15):
         write_item(workspace, i, f"wide-{i}", command="sleep 1", blocked_by=[1], files=[f"w{i}"], estimate="1s")
     write_item(workspace, 15, "quick", command="sleep 0.1", blocked_by=[2], files=["q"], estimate="0.1s")
-    out = await run_to_end(client, max_parallel=16)
+    out = await run_queue_to_end(client, max_parallel=16)
     outcomes = by_item(out)
     waited = outcomes["015"]["started_at"] - outcomes["002"]["ended_at"]
     # the missed wake-up waited for the wide items (about 1 s); a loaded 2-core machine adds a few 100 ms at most
@@ -330,7 +320,7 @@ async def test_what_waits_on_an_item_is_claimed_only_after_its_file_moved(client
         waits = [a for a, b in edges if b == number]
         write_item(workspace, number, f"item-{number}", command="true", files=[f"f{number}"],
                    **({"blocked_by": waits} if waits else {}))
-    out = await run_to_end(client, max_parallel=3)
+    out = await run_queue_to_end(client, max_parallel=3)
     assert out["run"]["counts"].get("completed") == 12, out["run"]["counts"]
     assert set(statuses(workspace).values()) == {"completed"}
     order = [(move["item"], move["to"]) for move in claims.history(workspace / ".agent/runs")]

@@ -21,20 +21,10 @@ from agent_parallel.tasks.records import TaskStatus
 from agent_parallel.tasks.registry import RegistrySettings, open_registry
 from agent_parallel.server import ServerSettings, build_server
 from conftest import RawServer, call, call_error
-from queue_helpers import statuses, write_config, write_item
+from queue_helpers import by_item, run_queue_to_end, statuses, write_config, write_item
 
 pytestmark = pytest.mark.anyio
 
-
-async def run_to_end(client: Client, timeout: float = 30, **args) -> dict:
-    run = await call(client, "run_queue", **args)
-    out = await call(client, "task_output", task_id=run["run_id"], timeout=timeout)
-    assert out["retrieval_status"] == "success", f"the run did not end: {out.get('run')}"
-    return out
-
-
-def by_item(out: dict) -> dict[str, dict]:
-    return {o["item"]: o for o in out["run"]["outcomes"]}
 
 
 async def until(predicate, timeout: float = 10.0) -> None:
@@ -181,7 +171,7 @@ async def test_two_runs_at_once_run_every_item_exactly_once(workspace):
         results: dict[str, dict] = {}
 
         async def run(name: str, client: Client) -> None:
-            results[name] = await run_to_end(client, max_parallel=4, level="L3")
+            results[name] = await run_queue_to_end(client, max_parallel=4, level="L3")
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, "one", one)
@@ -209,7 +199,7 @@ async def test_a_run_waits_for_an_item_another_run_holds(client, workspace):
     write_item(workspace, 1, "elsewhere", command="sleep 0.8", files=["a"])
     write_item(workspace, 2, "after", command="echo after", blocked_by=[1], files=["b"])
     await call(client, "launch_task", item="001")
-    out = await run_to_end(client)
+    out = await run_queue_to_end(client)
     assert out["status"] == "completed"
     assert by_item(out)["002"]["outcome"] == "completed"
     assert statuses(workspace) == {"001": "completed", "002": "completed"}
@@ -219,7 +209,7 @@ async def test_an_item_failed_elsewhere_is_a_failure_of_that_dependency(client, 
     write_item(workspace, 1, "elsewhere", command="sleep 0.5; exit 3", files=["a"])
     write_item(workspace, 2, "after", command="echo never", blocked_by=[1], files=["b"])
     await call(client, "launch_task", item="001")
-    out = await run_to_end(client, level="L3")
+    out = await run_queue_to_end(client, level="L3")
     assert out["status"] == "failed"  # an item of the run never ran
     assert by_item(out)["002"] == by_item(out)["002"] | {
         "outcome": "skipped", "waited_on": "001",
@@ -232,7 +222,7 @@ async def test_a_run_never_reports_success_with_items_that_never_ran(client, wor
     write_item(workspace, 1, "by-hand", files=["a"])
     write_item(workspace, 2, "after", command="echo never", blocked_by=[1], files=["b"])
     await call(client, "update_item", item="001", status="in_progress")
-    out = await run_to_end(client)
+    out = await run_queue_to_end(client)
     assert out["status"] == "failed"
     assert by_item(out)["002"]["outcome"] == "not_started"
     assert by_item(out)["002"]["reason"].startswith("waits on 001 (in_progress (an agent (update_item)); this run does not wait for it")
@@ -306,7 +296,7 @@ async def test_l3_continues_past_a_failure_by_default(client, workspace, where):
     failing_then_independent(workspace)
     if where == "config":
         write_config(workspace, autonomy={"level": "L3"})
-    out = await run_to_end(client, max_parallel=1, **({"level": "L3"} if where == "argument" else {}))
+    out = await run_queue_to_end(client, max_parallel=1, **({"level": "L3"} if where == "argument" else {}))
     assert [by_item(out)[i]["outcome"] for i in ("001", "002")] == ["failed", "completed"]
     assert out["run"]["stop_reason"] is None and out["run"]["continue_on_error"] is True
 
@@ -314,7 +304,7 @@ async def test_l3_continues_past_a_failure_by_default(client, workspace, where):
 async def test_l3_with_continue_on_error_false_in_the_config_stops(client, workspace):
     failing_then_independent(workspace)
     write_config(workspace, autonomy={"level": "L3", "continue_on_error": False})
-    out = await run_to_end(client, max_parallel=1)
+    out = await run_queue_to_end(client, max_parallel=1)
     assert by_item(out)["002"]["outcome"] == "not_started"
     assert out["run"]["stop_reason"] == "item 001 failed and continue_on_error is off; running items were left to finish"
 
@@ -379,7 +369,7 @@ async def test_nul_in_item_strings_fails_the_item_not_the_server(client, workspa
     errors = {e["item"]: e["message"] for e in plan["errors"]}
     assert "NUL" in errors["001"] and "title" in errors["001"]
     assert "NUL" in errors["002"] and "command" in errors["002"]
-    out = await run_to_end(client, level="L3")
+    out = await run_queue_to_end(client, level="L3")
     outcomes = by_item(out)
     assert outcomes["003"]["outcome"] == "completed"
     assert "001" not in outcomes and "002" not in outcomes  # never considered: they have errors
@@ -408,7 +398,7 @@ async def test_dependent_gets_the_whole_kept_upstream_output(workspace):
                command='grep -c "bytes dropped here]" "$AGENT_UPSTREAM_LOGS"; head -n 1 "$AGENT_UPSTREAM_LOGS"; '
                        'tail -n 1 "$AGENT_UPSTREAM_LOGS"')
     async with Client(build_server(workspace, ServerSettings(log_cap_bytes=4 << 20, kill_grace_s=0.5, min_free_memory=0))) as client:
-        out = await run_to_end(client)
+        out = await run_queue_to_end(client)
         consumer = await call(client, "task_output", task_id=by_item(out)["002"]["task_id"])
     assert consumer["output"] == "1\n1\n1500000\n"
 
