@@ -8,7 +8,10 @@ symlink to somewhere else, and nothing is ever written through it.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import PathOutsideWorkspace, UsageError
@@ -99,3 +102,20 @@ def _check_inside(root: Path, path: Path) -> None:
             f"{RUNS_DIR} resolves to {real}, outside the workspace root {root} (a symbolic link in {AGENT_DIR}?); "
             "task records and logs are only written inside the workspace: remove the link "
             f"(or point it inside {root}) and start again")
+
+
+def take_flock(fd: int, still_waiting: Callable[[], None], *, max_pause: float) -> None:
+    """Take an exclusive ``flock`` on ``fd`` (shared with every thread, process and server on this
+    machine), trying again after 1 ms, then twice as long each time up to ``max_pause``.
+
+    ``still_waiting`` is called after each refusal; it raises to give up (the caller's timeout and
+    message: a queue lock waits as long as items move, a worktree lock for a fixed time)."""
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            still_waiting()
+            time.sleep(pause)
+            pause = min(pause * 2, max_pause)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QueueError
+from ..paths import take_flock
 from .items import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
 from ..text import short_repr
 from ..tasks.processes import process_start_time, same_process
@@ -84,24 +84,21 @@ def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]
     try:
         deadline = time.monotonic() + timeout_s
         progress: tuple[int, int] | None | bool = False  # the history's mark, taken at the first refusal
-        pause = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if progress is False:
-                    progress = _history_mark(runs_dir)
-                now, mark = time.monotonic(), _history_mark(runs_dir)
-                if mark != progress:  # someone moved an item: contention, not a stuck holder
-                    progress, deadline = mark, now + timeout_s
-                elif now >= deadline:
-                    raise QueueError(
-                        f"the queue lock {path} has been held by another process for over {timeout_s:g} s with "
-                        f"no item moved meanwhile; nothing was moved. Try again; if it persists, find the holder "
-                        f"with `fuser {path}` (another agent-parallel server or run) and stop it") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.01)
+
+        def still_waiting() -> None:
+            nonlocal progress, deadline
+            if progress is False:
+                progress = _history_mark(runs_dir)
+            now, mark = time.monotonic(), _history_mark(runs_dir)
+            if mark != progress:  # someone moved an item: contention, not a stuck holder
+                progress, deadline = mark, now + timeout_s
+            elif now >= deadline:
+                raise QueueError(
+                    f"the queue lock {path} has been held by another process for over {timeout_s:g} s with "
+                    f"no item moved meanwhile; nothing was moved. Try again; if it persists, find the holder "
+                    f"with `fuser {path}` (another agent-parallel server or run) and stop it") from None
+
+        take_flock(fd, still_waiting, max_pause=0.01)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -4,7 +4,6 @@ setting to change; the `.agent/worktrees/` directory; file locks shared by every
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 from ..errors import UsageError, WorktreeError
-from ..paths import AGENT_DIR
+from ..paths import AGENT_DIR, take_flock
 from ._git import run_git
 
 WORKTREES_DIR = ".agent/worktrees"
@@ -120,17 +119,13 @@ def file_lock(path: Path, what: str, timeout_s: float | None = None) -> Iterator
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        pause = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise WorktreeError(f"the {what} lock {path} is held by another process after {timeout_s:g} s; "
-                                        f"try again, or find the holder with `fuser {path}`") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+
+        def still_waiting() -> None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WorktreeError(f"the {what} lock {path} is held by another process after {timeout_s:g} s; "
+                                    f"try again, or find the holder with `fuser {path}`") from None
+
+        take_flock(fd, still_waiting, max_pause=0.05)
         yield
     finally:
         os.close(fd)
