@@ -471,9 +471,7 @@ def kill_tasks_now(task_ids: dict[str, int | None], rounds: int = KILL_ROUNDS) -
         if everyone.keys() <= killed.keys():
             break  # nothing new since the last KILL: these do not die
         killed.update(everyone)
-        deadline = time.monotonic() + KILL_WAIT_S
-        while still_alive(everyone) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_gone(everyone, KILL_WAIT_S)
     snap = scan()
     reap_orphans(snap.orphans)
     return {t: sorted(found) for t, since in task_ids.items() if (found := task_members(snap, t, since=since))}
