@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 F_SETPIPE_SZ = 1031
 LEFTOVER_GRACE_S = 0.5  # leftovers of a finished command get this long to exit after TERM
 DRAIN_AFTER_EXIT_S = 1.0  # how long to wait for an escaped process to release the output pipe
+FINAL_CHUNKS = 4  # chunks of output taken at once after the command exits (a pipe holds at most one)
 MAX_ARG_BYTES = 128 * 1024  # MAX_ARG_STRLEN: the kernel refuses one argument or NAME=value this long (with its NUL)
 
 
@@ -261,14 +263,26 @@ class LocalHandle:
 
     async def _wait(self) -> ExitInfo:
         if not self._waited:  # (a wait cancelled half-way, e.g. by a timeout, resumes where it was)
+            if self._exit is None and self._pidfd is not None and self._stops == 0 \
+                    and (exited := await self._follow()) is not None:
+                self._leftovers = exited
+            if self._leftovers and not processes.may_have_left_processes(self.pgid, self.task_id):
+                self._leftovers = False  # cheap: no /proc scan when none can be left
+            if self._exit is not None and not self._leftovers and self._eof.is_set() and self._stopped.is_set() \
+                    and not self.survivors:  # the usual end: nothing left running, no output still to come
+                if self._watchdog is not None:
+                    self._watchdog.forget(self.pgid, self.task_id)
+                self._finish_drain()
+                self._waited = True
+                return self._exit
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drain)
                 if self._exit is None:
                     self._leftovers = await self._wait_exit()
                 if self._leftovers:
-                    if processes.may_have_left_processes(self.pgid, self.task_id):  # cheap: no /proc scan when none can be left
-                        await self._stop(LEFTOVER_GRACE_S)
                     self._leftovers = False
+                    if processes.may_have_left_processes(self.pgid, self.task_id):
+                        await self._stop(LEFTOVER_GRACE_S)
                 if not self._stopped.is_set():
                     await self._stopped.wait()  # a terminate() still killing: its verdict counts too
                 if self.survivors:  # look once more: the last word is what is alive now
@@ -307,8 +321,55 @@ class LocalHandle:
         snap = processes.scan(mine_only=processes.is_subreaper())
         return sorted(processes.task_members(snap, self.task_id, self.pgid, since=self.start_time))
 
+    async def _follow(self) -> bool | None:
+        """Wait for the command to exit while moving its output into the log: one coroutine on one
+        epoll over the pidfd and the pipe, instead of ``_wait``'s task group of two (a task whose
+        output ends as it exits, the usual case, then needs nothing more). Returns as ``_wait_exit``,
+        or None when no epoll could be made (no fd left): ``_wait``'s own way then waits."""
+        assert self._pidfd is not None
+        try:
+            poller = select.epoll(2)
+        except OSError:
+            return None
+        try:
+            poller.register(self._pidfd, select.EPOLLIN)
+            if not self._eof.is_set():
+                poller.register(self._rfd, select.EPOLLIN)
+            with anyio.CancelScope() as self._exit_wait:
+                while True:
+                    if not self._eof.is_set() and await self._absorb_some(1):
+                        poller.unregister(self._rfd)
+                    if any(fd == self._pidfd for fd, _ in poller.poll(0)):
+                        break
+                    await anyio.wait_readable(poller.fileno())
+            exited = not self._exit_wait.cancelled_caught  # else a stop gave up on it: it outlives SIGKILL
+            if exited and not self._eof.is_set():  # what it wrote just before exiting (at most a pipe's worth)
+                await self._absorb_some(FINAL_CHUNKS)
+        finally:
+            self._exit_wait = None
+            poller.close()
+        return self._exited(processes.wait_child(self._popen) if exited else None)
+
+    async def _absorb_some(self, chunks: int) -> bool:
+        """Move up to ``chunks`` chunks of the pipe into the log; True at the end of the output
+        (or once the log failed: the task is then stopped, and its reason says why)."""
+        try:
+            for _ in range(chunks):
+                if not self._log.absorb(self._rfd):
+                    break
+            else:
+                return False
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # the log cannot be written (disk full...): stop the task visibly
+            self._log.error = f"could not write the task's log: {exc.strerror or exc}"
+            await self._stop(LEFTOVER_GRACE_S)
+        self._eof.set()
+        return True
+
     async def _wait_exit(self) -> bool:
         """Wait for the command to exit; False when a stop gave up on it (it survived SIGKILL)."""
+        code = None
         try:
             with anyio.CancelScope() as self._exit_wait:
                 if self._pidfd is not None:
@@ -318,15 +379,20 @@ class LocalHandle:
                     with processes.unlocked_wait():
                         code = await anyio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
                     processes.forget_child(self._popen.pid)
-                self._exit = ExitInfo(code, None) if code >= 0 else ExitInfo(None, signal.Signals(-code).name)
         finally:
             self._exit_wait = None
+        return self._exited(code)
+
+    def _exited(self, code: int | None) -> bool:
+        """Note the command's exit ``code`` (None: it is still running, unkillable: ``survivors`` says
+        so); False then."""
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-        if self._exit is None:
-            self._exit = ExitInfo(None, None)  # still running, unkillable: ``survivors`` says so
+        if code is None:
+            self._exit = ExitInfo(None, None)
             return False
+        self._exit = ExitInfo(code, None) if code >= 0 else ExitInfo(None, signal.Signals(-code).name)
         return True
 
     async def _drain(self) -> None:
