@@ -1,8 +1,8 @@
 """`queue_plan` answers one page of `items` and every tool answers a short text beside its structured content.
 
 A queue that fits in a page is answered exactly as the whole plan (plus `total_items` and
-`next_offset`); a larger one is paged, with `conflicts` and `conflict_groups` cut to the page's
-items and the rest whole; every page comes from the one cached plan. Through the SDK's in-memory
+`next_offset`); a larger one is paged, with `conflicts`, `conflict_groups` and `patterns` cut to
+the page's items, `waves` to the first `MAX_WAVES_SHOWN`, and the rest whole; every page comes from the one cached plan. Through the SDK's in-memory
 client (the server's real tool path: argument checks, conversion, output schema).
 """
 
@@ -19,7 +19,7 @@ from mcp import Client
 from agent_parallel.queue.conflicts import find_conflicts
 from agent_parallel.queue.items import QueueReader
 from agent_parallel.queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page, plan_workspace
-from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN
+from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, MAX_WAVES_SHOWN
 from agent_parallel.results import CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult
 from agent_parallel.queue.planner import QueuePlanPage
 from agent_parallel.server import ServerSettings, build_server
@@ -69,10 +69,17 @@ async def test_pages_cover_the_items_once_and_keep_the_rest_whole(workspace: Pat
     assert [row for page in pages for row in page["items"]] == plan["items"]
     for page in pages:
         assert page["total_items"] == 250
-        for field in ("run_now", "waves", "critical_path", "conflicts_total", "patterns", "errors", "warnings",
+        for field in ("run_now", "waves_total", "critical_path", "conflicts_total", "errors", "warnings",
                       "predicted_makespan", "lower_bound", "mermaid", "max_parallel"):
             assert page[field] == plan[field], field
+        # waves: the first MAX_WAVES_SHOWN of the whole schedule
+        assert plan["waves_total"] == len(plan["waves"]) > MAX_WAVES_SHOWN
+        assert page["waves"] == plan["waves"][:MAX_WAVES_SHOWN]
         shown = {row["id"] for row in page["items"]}
+        # patterns: those of the whole plan with an item of the page, whole and in order
+        assert page["patterns"]["pipelines"] == [chain for chain in plan["patterns"]["pipelines"] if set(chain) & shown]
+        assert page["patterns"]["fork_join"] == [
+            fj for fj in plan["patterns"]["fork_join"] if {fj["fork"], fj["join"], *fj["branches"]} & shown]
         # conflicts: pairs of the whole plan, each with an item of the page, sorted, at most the cap
         found = [(c["a"], c["b"]) for c in page["conflicts"]]
         assert found == sorted(found) and len(found) <= MAX_CONFLICTS_SHOWN
@@ -83,6 +90,7 @@ async def test_pages_cover_the_items_once_and_keep_the_rest_whole(workspace: Pat
         assert page["conflict_groups"] == [group for group in plan["conflict_groups"]
                                            if set(group["items"]) & shown]
     assert pages[0]["conflict_groups"] != plan["conflict_groups"]
+    assert pages[0]["patterns"] != plan["patterns"] and any(page["patterns"]["pipelines"] for page in pages)
 
 
 def _all_pairs(root: Path) -> list[tuple[str, str]]:
@@ -127,7 +135,8 @@ def test_every_page_comes_from_the_one_cached_plan(workspace: Path) -> None:
     parsed = reader.parse_count
     pages = [plan_page(workspace, None, None, reader, offset=offset, limit=50) for offset in (0, 50, 100, 0)]
     assert reader.parse_count == parsed  # nothing read again
-    assert all(page.waves is plan.waves and page.patterns is plan.patterns for page in pages)  # nor planned
+    assert len(plan.waves) <= MAX_WAVES_SHOWN
+    assert all(page.waves is plan.waves and page.critical_path is plan.critical_path for page in pages)  # nor planned
     assert all(row is cached for page, offset in zip(pages, (0, 50, 100, 0), strict=True)
                for row, cached in zip(page.items, plan.items[offset:offset + 50], strict=True))
 
@@ -161,10 +170,11 @@ def test_pages_of_a_plan_made_without_its_rows_match_the_whole_plan(workspace: P
 async def test_a_large_queue_is_answered_in_a_bounded_page(workspace: Path) -> None:
     write_queue(workspace, 1500, pool=8)  # about 170 pending items per file: some 100,000 conflicting pairs
     async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
-        result = await client.call_tool("queue_plan", {})
+        result = await client.call_tool("queue_plan", {"offset": 150})  # past the 150 completed items
     assert not result.is_error
     answer = result.structured_content
-    assert len(answer["items"]) == PAGE_ITEMS and answer["total_items"] == 1500 and answer["next_offset"] == PAGE_ITEMS
+    assert len(answer["items"]) == PAGE_ITEMS and answer["total_items"] == 1500
+    assert answer["next_offset"] == 150 + PAGE_ITEMS
     assert answer["conflicts_total"] > 50_000 and len(answer["conflicts"]) == MAX_CONFLICTS_SHOWN
     shown = {row["id"] for row in answer["items"]}
     assert all(c["a"] in shown or c["b"] in shown for c in answer["conflicts"])

@@ -72,8 +72,11 @@ ADDED_SINCE = {"isolation": [None, "none"], "allow_overlap": [False], "integrati
 
 def as_before(value: object) -> object:
     """A dump without what was added since the legacy copy: the isolation fields, `resources` and `retries`
-    (`ADDED_SINCE`, at their values when not used) and their names in the list of known fields of an
-    unknown-field warning."""
+    (`ADDED_SINCE`, at their values when not used), a plan's `waves_total` (checked: the number of its waves)
+    and their names in the list of known fields of an unknown-field warning."""
+    if isinstance(value, dict) and "waves_total" in value:
+        assert value["waves_total"] == len(value["waves"])
+        value = {k: v for k, v in value.items() if k != "waves_total"}
     if isinstance(value, dict):
         return {k: as_before(v) for k, v in value.items()
                 if v not in ADDED_SINCE.get(k, [])}

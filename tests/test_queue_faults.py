@@ -24,7 +24,7 @@ from agent_parallel.queue.claims import (
 from agent_parallel.config import ConfigError, load_config, parse_duration, stops_on_first_failure
 from agent_parallel.errors import QueueError
 from agent_parallel.queue.plan import plan_workspace
-from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, make_plan
+from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, MAX_WAVES_SHOWN, make_plan
 from agent_parallel.queue.items import QueueReader, WorkItem, format_id, parse_item
 from agent_parallel.server import ServerSettings, build_server
 from conftest import call, call_error
@@ -218,7 +218,8 @@ async def test_a_thousand_items_sharing_a_component_give_a_bounded_plan(workspac
     assert plan["conflict_groups"] == [{"kind": "component", "name": "db",
                                         "items": [f"{n:04d}" for n in range(1, 1001)], "overlaps": [],
                                         "overlaps_total": 0}]
-    assert plan["waves"] == [[f"{n:04d}"] for n in range(1, 1001)]  # one at a time: they all conflict
+    assert plan["waves"] == [[f"{n:04d}"] for n in range(1, MAX_WAVES_SHOWN + 1)]  # one at a time: they all conflict
+    assert plan["waves_total"] == 1000
     assert plan["predicted_makespan"] == plan["lower_bound"] == 60_000
 
 

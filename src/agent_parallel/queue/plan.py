@@ -32,8 +32,8 @@ from .timings import integration_estimate
 
 _PLANS_KEPT = 8
 """Plans kept per unchanged queue snapshot (one per max_parallel/running/config combination)."""
-PAGE_ITEMS = 500
-"""Items per `queue_plan` answer by default (`plan_page`)."""
+PAGE_ITEMS = 100
+"""Items per `queue_plan` answer by default (`plan_page`): about 40 KB of JSON, what an agent reads at once."""
 MAX_PAGE_ITEMS = 1000
 """Items per `queue_plan` answer at most: about 400 KB of JSON."""
 MAX_FORECASTS = 20

@@ -48,6 +48,8 @@ DEFAULT_ESTIMATE_S = 60.0
 
 MAX_CONFLICTS_SHOWN = 200
 """Conflicting pairs listed in a plan; `conflicts_total` counts them all, `conflict_groups` explains them."""
+MAX_WAVES_SHOWN = 100
+"""Waves a `queue_plan` answer lists (the first: what starts soonest); `waves_total` counts them all."""
 MAX_OVERLAPS_SHOWN = 20
 """Overlapping entries listed per conflict group; `overlaps_total` counts them all."""
 MAX_PATH_SHOWN = 10
@@ -146,7 +148,9 @@ class QueuePlan(BaseModel):
 
     items: list[PlanItem]
     run_now: list[str]
-    waves: list[list[str]]
+    waves: list[list[str]] = Field(description=f"the predicted schedule: each wave the ids that start together, in "
+                                               f"order; a `queue_plan` answer lists the first {MAX_WAVES_SHOWN}")
+    waves_total: int = Field(default=0, description="how many waves the predicted schedule has in all")
     critical_path: list[str]
     conflicts: list[Conflict] = Field(description=f"pairs of items that never run together, in id order; at most "
                                                   f"{MAX_CONFLICTS_SHOWN} (see conflicts_total and conflict_groups)")
@@ -181,10 +185,12 @@ class QueuePlanPage(QueuePlan):
     A queue of 10,000 items makes a plan of about 4 MB that no agent reads whole and no client
     parses quickly; the page keeps the answer bounded. The fields about the page's items are cut to
     the page: `conflicts` (the pairs with an item of the page) and `conflict_groups` (the entries an
-    item of the page declares). The rest stays whole: `run_now`, `waves`, `critical_path`,
-    `patterns`, `errors`, `warnings` and the totals; `mermaid` is drawn in part beyond
-    ``MERMAID_MAX_NODES`` items (a comment says so). A queue that fits in one page is answered
-    exactly as the whole plan, plus the two fields below."""
+    item of the page declares) and `patterns` (the fork-joins and pipelines with an item of the page).
+    `waves` lists the first ``MAX_WAVES_SHOWN`` (10,000 items make some 9,000 waves, a third of the
+    answer). The rest stays whole: `run_now`, `critical_path`, `errors`, `warnings` and the totals;
+    `mermaid` is drawn in part beyond ``MERMAID_MAX_NODES`` items (a comment says so). A queue that
+    fits in one page, with at most ``MAX_WAVES_SHOWN`` waves, is answered exactly as the whole plan,
+    plus the two fields below."""
 
     total_items: int = Field(description="how many items the queue has (rows of the whole plan)")
     next_offset: int | None = Field(description="the `offset` of the next page of items; None on the last page")
@@ -1097,6 +1103,7 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0, *, rows: 
         "items": plan_rows(graph) if rows else [],
         "run_now": [labels[item_id] for item_id in run_now],
         "waves": [[labels[item_id] for item_id in wave] for wave in schedule.waves],
+        "waves_total": len(schedule.waves),
         "critical_path": [labels[item_id] for item_id in critical_path(graph)],
         "conflicts": [{"a": labels[a], "b": labels[b], "files": files, "components": components}
                       for a, b in index.pairs(MAX_CONFLICTS_SHOWN) for files, components in [index.shared(a, b)]],
@@ -1136,6 +1143,13 @@ def page_plan(plan: QueuePlan, graph: QueueGraph, offset: int, limit: int) -> Qu
         shown = {row.id for row in rows}
         fields["conflict_groups"] = [group for group in plan.conflict_groups
                                      if any(item in shown for item in group.items)]
+        patterns = plan.patterns
+        fields["patterns"] = trusted(Patterns, {
+            "fork_join": [pattern for pattern in patterns.fork_join if pattern.fork in shown or pattern.join in shown
+                          or any(branch in shown for branch in pattern.branches)],
+            "pipelines": [chain for chain in patterns.pipelines if any(item in shown for item in chain)]})
+    if len(plan.waves) > MAX_WAVES_SHOWN:
+        fields["waves"] = plan.waves[:MAX_WAVES_SHOWN]
     fields.update(items=rows, total_items=total, next_offset=offset + limit if offset + limit < total else None)
     return trusted(QueuePlanPage, fields)  # the plan's own values, already validated, and two ints
 

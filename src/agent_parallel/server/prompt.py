@@ -40,7 +40,7 @@ only if A completed; otherwise B ends as `skipped`. B finds A's log through `AGE
 ## The work queue (`.agent/queue/NNN-STATUS-slug.md`)
 1. `queue_plan()` first: fix every entry in `errors` (cycles, missing ids, duplicates); read
    `run_now`, `waves`, `conflicts` and `critical_path`. A large queue's `items` come in pages of
-   500: `total_items` counts them, `queue_plan(offset=next_offset)` gives the next page.
+   100: `total_items` counts them, `queue_plan(offset=next_offset)` gives the next page.
 2. Either `run_queue(level=...)` and follow it with `task_output(task_id=run_id)`, or carry items out
    yourself: `update_item(item, "in_progress")` to claim (if the claim is refused, someone else has
    it: take another `run_now` item), do the work, then `update_item(item, "completed")`,

@@ -338,9 +338,10 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
         lower bound, and a Mermaid flowchart. Call it before run_queue, or to pick items to
         launch yourself with launch_task(item=...).
 
-        `items` comes in pages of `limit` rows (default 500): `total_items` counts them all and
-        `next_offset` (null on the last page) is the `offset` of the next page; `conflicts` and
-        `conflict_groups` then cover the page's items, everything else the whole queue.
+        `items` comes in pages of `limit` rows (default 100): `total_items` counts them all and
+        `next_offset` (null on the last page) is the `offset` of the next page; `conflicts`,
+        `conflict_groups` and `patterns` then cover the page's items, everything else the whole
+        queue. `waves` lists the first 100 waves (`waves_total` counts them all).
         """
         _check_text("queue_dir", queue_dir)
         return await anyio.to_thread.run_sync(
