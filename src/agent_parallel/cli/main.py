@@ -137,7 +137,7 @@ def _plan(args: argparse.Namespace) -> int:
     from ..queue.plan import plan_workspace
     from ..queue.items import QueueReader
 
-    plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader())  # changes no file
+    plan = plan_workspace(args.root.resolve(), args.queue_dir, args.max_parallel, QueueReader(watch=False))  # changes no file
     if args.format == "json":
         print(plan.model_dump_json(indent=2))
     elif args.format == "mermaid":

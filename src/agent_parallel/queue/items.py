@@ -36,6 +36,7 @@ from ..config import alias_problem, parse_duration, parse_size, unknown_key_warn
 from ..errors import QueueError
 from ..text import describe, short_repr
 from ..paths import resolve_inside
+from .watch import DirectoryWatch
 
 Status = Literal["pending", "in_progress", "completed", "blocked", "failed"]
 Priority = Literal["critical", "high", "medium", "low"]
@@ -838,21 +839,46 @@ class QueueSnapshot:
         default=None, repr=False, compare=False)
 
 
+class _NamedEntry:
+    """What `QueueReader._read_one` needs of an `os.DirEntry`, for a name a watch reported changed."""
+
+    __slots__ = ("name", "path", "_mode")
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name, self.path = name, path
+        try:
+            self._mode: int | None = os.lstat(path).st_mode
+        except OSError:
+            self._mode = None
+
+    @property
+    def missing(self) -> bool:
+        return self._mode is None
+
+    def is_symlink(self) -> bool:
+        return self._mode is not None and stat.S_ISLNK(self._mode)
+
+
 class QueueReader:
     """Reads queue directories, re-parsing only files whose name, size, timestamps or inode changed.
 
     One reader per server: it keeps one cache per queue directory it has read, holding only the
     files seen on the latest read. A file is known by its name (a status change is a rename) and
     its ``(size, mtime_ns, ctime_ns, inode, target)``; one changed within `RACY_NS` of a read is
-    also compared byte for byte on the next, so the cache never serves a stale parse.
+    also compared byte for byte on the next, so the cache never serves a stale parse. Where the
+    kernel can say which files changed (`watch.DirectoryWatch`), only those are looked at: an
+    unchanged queue costs no stat at all. ``close`` stops the watches.
     `parse_count` counts files actually parsed, for tests and benchmarks. Reads are serialized by
     a lock, so the reader can be shared between threads.
     """
 
-    def __init__(self, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
+    def __init__(self, max_item_bytes: int = MAX_ITEM_BYTES, *, watch: bool = True) -> None:
         self.max_item_bytes = max_item_bytes
+        self.watch = watch  # False: never watch a directory (a reader used once, like the CLI's plan)
         self.parse_count = 0
         self._cache: dict[Path, tuple[dict[str, _Parsed], QueueSnapshot]] = {}
+        self._watches: dict[Path, DirectoryWatch] = {}  # directories whose changes the kernel reports
+        self._links: dict[Path, set[str]] = {}  # names reached through a symlink, per directory: always looked at
         self._lock = threading.Lock()
 
     def read(self, root: Path, queue_dir: Path | str) -> tuple[list[WorkItem], list[Diagnostic]]:
@@ -880,6 +906,17 @@ class QueueReader:
         relative_dir = directory.relative_to(root).as_posix()
         with self._lock:
             previous, last_snapshot = self._cache.get(directory, ({}, None))
+            watch = self._watches.get(directory)
+            names = watch.changed() if watch is not None and last_snapshot is not None else None
+            if watch is not None and names is not None and last_snapshot is not None:
+                snapshot = self._update(root, directory, relative_dir, names, previous, last_snapshot)
+                watch.settle(names)
+                return snapshot
+            if watch is not None:  # it can no longer tell: read everything, under a new watch
+                watch.close()
+                del self._watches[directory]
+            if self.watch and (watch := DirectoryWatch.start(directory)) is not None:  # before the read: it sees every later change
+                self._watches[directory] = watch
             current: dict[str, _Parsed] = {}
             racy_after = time.time_ns() - RACY_NS
             try:
@@ -889,10 +926,13 @@ class QueueReader:
                 raise QueueError(f"queue directory {str(queue_dir)!r} cannot be listed: {exc.strerror}") from exc
             changed = last_snapshot is None
             changed_names: list[str] = []
+            links: set[str] = set()
             for entry in entries:
                 name = entry.name
                 cached = previous.get(name)
-                if cached is not None and cached.raw is None and not entry.is_symlink():
+                if entry.is_symlink():
+                    links.add(name)
+                elif cached is not None and cached.raw is None:
                     # the usual case, inline: a file known and trusted, unchanged if its stat says so
                     try:
                         info = os.stat(entry.path)
@@ -908,25 +948,72 @@ class QueueReader:
                     if not _same_parse(parsed, cached):
                         changed = True
                         changed_names.append(name)
+            self._links[directory] = links
             if not changed and len(current) == len(previous) and last_snapshot is not None:
                 self._cache[directory] = (current, last_snapshot)  # entries no longer racy are kept as such
                 return last_snapshot
-            ordered = sorted(current)
-            changes = None
-            if last_snapshot is not None:
-                changes = {name: (_parse_of(previous.get(name)), _parse_of(current.get(name)))
-                           for name in [*changed_names, *(previous.keys() - current.keys())]}
-                object.__setattr__(last_snapshot, "base", None)  # keep one step of history, not a chain
-            snapshot = QueueSnapshot(
-                directory=directory,
-                items=tuple(parsed.item for name in ordered if (parsed := current[name]).item is not None),
-                diagnostics=tuple(diagnostic for name in ordered for diagnostic in current[name].diagnostics),
-                base=last_snapshot, changes=changes,
-            )
-            self._cache[directory] = (current, snapshot)
-            return snapshot
+            return self._new_snapshot(directory, current, previous, last_snapshot, changed_names)
 
-    def _read_one(self, root: Path, entry: os.DirEntry[str], relative_dir: str, cached: _Parsed | None,
+    def _update(self, root: Path, directory: Path, relative_dir: str, names: set[str],
+                previous: dict[str, _Parsed], last_snapshot: QueueSnapshot) -> QueueSnapshot:
+        """The snapshot after the changes a watch reported: only ``names`` (and the files reached through
+        a symlink, whose edits a watch does not see) are looked at; the rest is known unchanged."""
+        links = self._links.setdefault(directory, set())
+        current: dict[str, _Parsed] | None = None
+        changed_names: list[str] = []
+        racy_after = time.time_ns() - RACY_NS
+        for name in sorted(names | links):
+            if not name.endswith(".md") or name[0] == ".":
+                continue
+            cached = previous.get(name)
+            entry = _NamedEntry(name, os.path.join(directory, name))
+            parsed = None if entry.missing else self._read_one(root, entry, relative_dir, cached, racy_after)
+            if entry.is_symlink():
+                links.add(name)
+            else:
+                links.discard(name)
+            if parsed is cached:
+                continue
+            if current is None:
+                current = dict(previous)
+            if parsed is None:
+                del current[name]  # (it was there: parsed is not cached)
+            else:
+                current[name] = parsed
+            if not _same_parse(parsed, cached):
+                changed_names.append(name)
+        if current is None:
+            return last_snapshot
+        if not changed_names and len(current) == len(previous):
+            self._cache[directory] = (current, last_snapshot)  # the same parses (e.g. a file touched)
+            return last_snapshot
+        return self._new_snapshot(directory, current, previous, last_snapshot, changed_names)
+
+    def _new_snapshot(self, directory: Path, current: dict[str, _Parsed], previous: dict[str, _Parsed],
+                      last_snapshot: QueueSnapshot | None, changed_names: list[str]) -> QueueSnapshot:
+        ordered = sorted(current)
+        changes = None
+        if last_snapshot is not None:
+            changes = {name: (_parse_of(previous.get(name)), _parse_of(current.get(name)))
+                       for name in [*changed_names, *(previous.keys() - current.keys())]}
+            object.__setattr__(last_snapshot, "base", None)  # keep one step of history, not a chain
+        snapshot = QueueSnapshot(
+            directory=directory,
+            items=tuple(parsed.item for name in ordered if (parsed := current[name]).item is not None),
+            diagnostics=tuple(diagnostic for name in ordered for diagnostic in current[name].diagnostics),
+            base=last_snapshot, changes=changes,
+        )
+        self._cache[directory] = (current, snapshot)
+        return snapshot
+
+    def close(self) -> None:
+        """Stop the directory watches (their inotify descriptors); the reader still works, stat'ing every file."""
+        with self._lock:
+            for watch in self._watches.values():
+                watch.close()
+            self._watches.clear()
+
+    def _read_one(self, root: Path, entry: os.DirEntry[str] | _NamedEntry, relative_dir: str, cached: _Parsed | None,
                   racy_after: int) -> _Parsed | None:
         """Parse one entry, or reuse the cached result if the file is unchanged; None skips it.
 

@@ -227,13 +227,16 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
         runner = executor if executor is not None else settings.make_executor()  # Ray starts here (or fails)
-        async with open_registry(root, runs_dir(root), settings.registry_settings(), runner) as registry:
-            async with anyio.create_task_group() as tg:
-                if handle_signals:
-                    tg.start_soon(_exit_on_signal, registry)
-                tg.start_soon(updates.watch, registry)
-                yield Workspace(root, settings, registry, reader)
-                tg.cancel_scope.cancel()
+        try:
+            async with open_registry(root, runs_dir(root), settings.registry_settings(), runner) as registry:
+                async with anyio.create_task_group() as tg:
+                    if handle_signals:
+                        tg.start_soon(_exit_on_signal, registry)
+                    tg.start_soon(updates.watch, registry)
+                    yield Workspace(root, settings, registry, reader)
+                    tg.cancel_scope.cancel()
+        finally:
+            reader.close()  # its directory watches (made again if the server is started again)
 
     auth: dict[str, Any] = {}
     if bearer_token is not None:
