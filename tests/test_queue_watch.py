@@ -110,6 +110,8 @@ def test_an_unchanged_queue_gives_the_same_snapshot_and_a_change_only_reads_that
         reader.close()
 
 
+@pytest.mark.fault("the queue directory, or an ancestor of it, replaced by another while a server watches it: "
+                   "the new directory's items are planned (the watched path's inode is checked on every read)")
 @pytest.mark.parametrize("replace", ["queue directory", "ancestor"])
 def test_a_replaced_directory_is_read_again(workspace: Path, replace: str) -> None:
     """The watch follows the old directory's inode: a new directory at the same path is not what it
@@ -144,6 +146,8 @@ def test_an_edit_through_a_symlinked_item_is_seen(workspace: Path) -> None:
         reader.close()
 
 
+@pytest.mark.fault("the kernel's inotify event queue overflows (16,384 events between two plans): the reader "
+                   "reads the whole directory again, and an edit among the dropped events is planned")
 def test_an_overflowing_event_queue_makes_the_reader_read_everything(workspace: Path) -> None:
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     for number in range(1, 4):
@@ -163,6 +167,8 @@ def test_an_overflowing_event_queue_makes_the_reader_read_everything(workspace: 
         reader.close()
 
 
+@pytest.mark.fault("no inotify instance left (fs.inotify.max_user_instances used up): no watch, each queue "
+                   "file is stat'ed as before and edits are still planned")
 def test_without_an_inotify_instance_left_the_reader_stats_every_file(workspace: Path) -> None:
     """fs.inotify.max_user_instances used up (by other programs): no watch, the same answers."""
     write_item(workspace, 1, "one")

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +66,18 @@ class BadTransition(QueueError):
     """Raised for a status move the item's current status does not allow."""
 
 
+_holding = threading.local()
+"""Per thread: the runs directories whose queue lock this thread holds (``queue_lock_now``), so
+that the moves made under it do not take it again (a second ``flock`` would wait for the first)."""
+
+
+def _held_here() -> set[Path]:
+    held: set[Path] | None = getattr(_holding, "dirs", None)
+    if held is None:
+        held = _holding.dirs = set()
+    return held
+
+
 @contextmanager
 def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]:
     """Hold the queue's exclusive lock: across threads, processes and servers.
@@ -72,8 +86,12 @@ def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]
     pass with the lock held and no item moved meanwhile: a holder that never lets go (a stopped
     process, a hung file system) must not hang every caller with it. Busy is not stuck: while
     other claimants keep moving items (the history grows), the wait goes on, so fifty agents
-    sharing one queue never time out each other.
+    sharing one queue never time out each other. Inside ``queue_lock_now`` (this thread holds the
+    lock already) it is held as it is.
     """
+    if runs_dir in _held_here():
+        yield
+        return
     timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     path = runs_dir / LOCK_FILE
     try:
@@ -100,6 +118,32 @@ def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]
 
         take_flock(fd, still_waiting, max_pause=0.01)
         yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def queue_lock_now(runs_dir: Path) -> Iterator[bool]:
+    """The queue's lock if it can be had without waiting: True, held until the block ends (the moves
+    made inside in this thread use it as it is); False when someone else holds it (nothing held: the
+    caller moves another way, e.g. in a worker thread that may wait) or the lock file cannot be opened."""
+    try:
+        fd = os.open(runs_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield False
+        return
+    held = _held_here()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        held.add(runs_dir)
+        try:
+            yield True
+        finally:
+            held.discard(runs_dir)
     finally:
         os.close(fd)  # closing releases the lock
 

@@ -33,7 +33,8 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import claims
-from .claims import ClaimLost, find_item, move_item, parse_item_id, release_claim, release_stale_claims
+from .claims import (ClaimLost, find_item, move_item, parse_item_id, queue_lock_now, release_claim,
+                     release_stale_claims)
 from ..agents import profiles
 from ..agents.job import AttemptPlan, Gate, ItemJob, gate_for
 from ..config import Config, max_parallel_for, stops_on_first_failure
@@ -141,17 +142,23 @@ class _EndMove:
 
 
 class Mover:
-    """A run's item file moves, several per worker-thread hop. A hop (waking a worker thread, then
+    """A run's item file moves, several at a time. A worker-thread hop (waking a worker thread, then
     taking the GIL back) costs about as much CPU as the moves it carries, and a run of trivial items
     made two per item: the claim, then the end move. Here a completed item's end move waits (``end``)
-    for the run's next claim and rides its hop (``run``), before the claim: what waits on the item
+    for the run's next claim and goes with it (``run``), before the claim: what waits on the item
     is claimed after its file moved. The run flushes the moves no claim carried before it sleeps;
-    a move no hop took within ``PATIENCE_S`` (the loop busy preparing a worktree, say) takes its own,
-    so an item's end is never held up long by the run's other work."""
+    a move no claim took within ``PATIENCE_S`` (the loop busy preparing a worktree, say) takes its own
+    hop, so an item's end is never held up long by the run's other work.
+
+    The moves of ``run`` are made on the event loop when the queue's lock is free at once
+    (``claims.queue_lock_now``): a few renames and history lines, where the hop they would ride cost
+    2.5 ms of a busy run's start path (the claim comes first: a run starts its items one at a time).
+    Only when another claimant holds the lock do they go to a worker thread, which may wait for it."""
 
     PATIENCE_S = 0.05
 
-    def __init__(self) -> None:
+    def __init__(self, runs_dir: Path | None = None) -> None:
+        self.runs_dir = runs_dir  # None: every move in a worker thread
         self._pending: list[_EndMove] = []
         self.closed = False
         """Set when the run's loop ended: an end move then takes its own hop at once."""
@@ -176,7 +183,8 @@ class Mover:
         return request.notes
 
     async def run(self, fn: Callable[[], _T]) -> _T:
-        """``fn`` in a worker thread, after the end moves queued so far."""
+        """``fn`` after the end moves queued so far: on the event loop when the queue's lock is free,
+        else in a worker thread."""
         taken, self._pending = self._pending, []
 
         def moves_then_fn() -> _T:
@@ -188,6 +196,10 @@ class Mover:
             return fn()
 
         try:
+            if self.runs_dir is not None:
+                with queue_lock_now(self.runs_dir) as held:
+                    if held:
+                        return moves_then_fn()
             return await anyio.to_thread.run_sync(moves_then_fn)
         finally:
             for request in taken:
@@ -349,7 +361,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                     follow_up_timeout=math.inf if isolated is not None else None, resources=item.resources,
                     branch=isolated.lease.branch if isolated else None,
                     worktree=str(isolated.lease.path) if isolated else None,
-                    answer_at_once=True)  # the run goes on to its next start while this one's process starts
+                    answer_at_once=True,  # the run goes on to its next start while this one's process starts
+                    record_soon=True)  # its claim is in the history: its first record goes with the next batch
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             if isolated is not None:
                 lease = isolated.lease
@@ -619,7 +632,7 @@ class QueueRun:
         self._elsewhere: dict[int, str] = {}  # items left in progress elsewhere -> why this run does not wait
         self._watched: list[tuple[int, _Where]] = []
         self._finished: list[tuple[int, Task, ItemEnd]] = []
-        self.mover = Mover()  # the claims and end moves of its items, several per thread hop
+        self.mover = Mover(self.ctx.runs_dir)  # the claims and end moves of its items, several at a time
         self._completed: list[int] = []  # items whose process completed, their file not moved yet
         self._released: dict[int, _Slot | None] = {}  # ... their slot freed, their outcome still to come
         self._tg: anyio.abc.TaskGroup | None = None

@@ -14,7 +14,9 @@ made on a file system whose changes all pass through this kernel (`LOCAL_FILE_SY
 SMB or FUSE another machine's edit makes no event, so such a queue is stat'ed file by file as
 before. Without inotify (not Linux, no instance left: ``fs.inotify.max_user_instances``) the
 reader works as before too. Files the queue reaches through a symlink are always looked at again
-(an edit of the target makes no event in this directory).
+(an edit of the target makes no event in this directory). Not seen: a write through a hard link
+made in another directory, or through a shared memory mapping; neither is how agents, editors or
+git change a queue file.
 """
 
 from __future__ import annotations

@@ -228,12 +228,16 @@ class TaskRegistry:
                      on_finish: FollowUp | None = None,
                      prelude: bytes = b"", follow_up_timeout: float | None = None,
                      resources: dict[str, float] | None = None, branch: str | None = None,
-                     worktree: str | None = None, answer_at_once: bool = False) -> Task:
+                     worktree: str | None = None, answer_at_once: bool = False, record_soon: bool = False) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         ``answer_at_once`` (a background ``launch_task``, a queue run's command item): return as soon as
         the task is registered, still ``queued`` while its start is under way, its first record written
         on the event loop (one small file: a worker thread's wake-up would cost more than the write).
+        ``record_soon`` (a queue run's command item, whose claim is in the queue's history already and
+        whose task id nobody was given yet): the first record goes with the next background batch of
+        records instead (``GroupCommit.save_soon``), where the running record usually replaces it, so
+        the item costs one file write less, and none on the event loop. A write that fails fails the task.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
         given a ``job``, runs that job (``command`` is then only what the record shows).
@@ -258,13 +262,16 @@ class TaskRegistry:
             kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=None, resources=resources)
         record.branch, record.worktree = branch, worktree
         self._active += 1  # held from here, so launches saving their records at once cannot pass the cap
-        try:
-            await self._save_new([record], inline=answer_at_once)
-        except BaseException:
-            self._active -= 1
-            raise
+        if not record_soon:
+            try:
+                await self._save_new([record], inline=answer_at_once)
+            except BaseException:
+                self._active -= 1
+                raise
         task = Task(record, on_finish=on_finish, active=True, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
+        if record_soon:
+            self._save_soon(task)
         if answer_at_once and job is None and not predecessors \
                 and self.settings.admission is not None and (why := self.settings.admission()):
             record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
@@ -629,6 +636,8 @@ class TaskRegistry:
         if task.cancel_requested:  # cancel_task came while this was preparing: nothing to start
             await self._finish(task, Cancelled(reason="cancelled before it started"))
             return False
+        if task.storage_error:  # its first record could not be written (``record_soon``): nothing to start
+            raise _TaskFailure(task.storage_error)
         spawn_time = time.time()
         try:
             if job is not None:
@@ -644,12 +653,16 @@ class TaskRegistry:
             return False
         if task.cancel_requested:  # cancel_task came during the start and found nothing running yet
             self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
-        # written in the background, batched with other tasks' (a task that ends before the batch takes
-        # it never has it written: its final record supersedes it); if it cannot be written, the task is
-        # stopped and fails saying why
+        self._save_soon(task)
+        return True
+
+    def _save_soon(self, task: Task) -> None:
+        """Write the task's record in the background, batched with other tasks' (a later record of the
+        task queued before the batch takes this one replaces it: a task that ends at once never has its
+        running record written); if it cannot be written, the task is stopped and fails saying why."""
+        rec = task.record
         self._commits.save_soon(self.runs_dir / f"{rec.task_id}.json", rec.model_dump_json().encode(),
                                 lambda exc: self._record_failed(task, exc))
-        return True
 
     def _record_failed(self, task: Task, exc: OSError) -> None:
         """A running task's record could not be written: stop the task, which then fails saying why.
