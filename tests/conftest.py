@@ -29,15 +29,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marker = item.get_closest_marker("fault")
         if marker:
             _faults[item.nodeid] = marker.args[0]
+            item.user_properties.append(("fault", marker.args[0]))  # for pytest-xdist's controller (below)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Under pytest-xdist the workers collect and run the tests, and the controller, which writes the
+    # document, learns of them from their reports only.
+    for name, value in report.user_properties:
+        if name == "fault":
+            _faults.setdefault(report.nodeid, str(value))
     if report.nodeid in _faults and (report.when == "call" or report.outcome != "passed"):
         _outcomes.setdefault(report.nodeid, report.outcome)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Write docs/reliability.md from this run, when it ran the whole fault suite."""
+    """Write docs/reliability.md from this run, when it ran the whole fault suite (under pytest-xdist,
+    in the controller: a worker saw only its own share of the outcomes)."""
+    if hasattr(session.config, "workerinput"):
+        return
     tests_dir = Path(__file__).parent.resolve()
     whole_suite = all(Path(arg.split("::")[0]).resolve() == tests_dir for arg in session.config.args)
     if not whole_suite or session.config.option.keyword or not _faults or set(_outcomes) != set(_faults):
