@@ -4,7 +4,9 @@ task cap, the L3 rule, a missing queue, NUL characters bound for a process, and 
 
 from __future__ import annotations
 
+import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -114,6 +116,41 @@ async def test_disk_full_at_an_items_end(workspace, tiny_runs_fs):
         assert status_of(workspace, "001") in ("completed", "in_progress")
         (tiny_runs_fs / "filler").unlink()
         assert (await call(client, "launch_task", command="echo alive", run_in_background=False))["output"] == "alive\n"
+
+
+@pytest.mark.fault("a FIFO (no reader) or a symlink planted at .agent/runs/history.jsonl: claims are made on the event loop, yet the server never blocks; each claim fails saying why, every item stays pending")
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+async def test_a_planted_history_never_blocks_the_server(workspace, planted):
+    write_item(workspace, 1, "first", command="touch ran", files=["a"])
+    runs = workspace / ".agent/runs"
+    runs.mkdir(parents=True)
+    done = threading.Event()
+    if planted == "fifo":
+        os.mkfifo(runs / "history.jsonl")
+
+        def unblock() -> None:  # were the open to block the event loop, no timeout could end the test
+            if not done.wait(10):
+                os.close(os.open(runs / "history.jsonl", os.O_RDONLY | os.O_NONBLOCK))
+
+        threading.Thread(target=unblock, daemon=True).start()
+    else:
+        (workspace / "elsewhere.txt").write_text("")
+        (runs / "history.jsonl").symlink_to(workspace / "elsewhere.txt")
+    try:
+        async with Client(build_server(workspace, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+            with anyio.fail_after(8):
+                out = await run_queue_to_end(client)
+                assert (await call(client, "list_tasks"))["tasks"]  # and the server still answers
+    finally:
+        done.set()
+    outcome = by_item(out)["001"]
+    assert outcome["outcome"] == "failed"
+    why = {"fifo": "No such device or address", "symlink": "Too many levels of symbolic links"}[planted]
+    assert outcome["reason"].startswith("could not start: cannot move item 001 to in_progress: the run history ")
+    assert why in outcome["reason"] and "nothing was changed" in outcome["reason"]
+    assert statuses(workspace) == {"001": "pending"} and not (workspace / "ran").exists()
+    if planted == "symlink":
+        assert (workspace / "elsewhere.txt").read_text() == ""  # nothing written through it
 
 
 # ---------------------------------------------------------------- 2. the queue lock held elsewhere

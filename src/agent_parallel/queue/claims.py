@@ -66,6 +66,9 @@ class BadTransition(QueueError):
     """Raised for a status move the item's current status does not allow."""
 
 
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+"""The queue lock file is ours: never a symlink followed, never an open that waits."""
+
 _holding = threading.local()
 """Per thread: the runs directories whose queue lock this thread holds (``queue_lock_now``), so
 that the moves made under it do not take it again (a second ``flock`` would wait for the first)."""
@@ -95,7 +98,7 @@ def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]
     timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     path = runs_dir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, _LOCK_FLAGS, 0o644)
     except OSError as exc:
         raise QueueError(f"cannot open the queue lock {path}: {exc.strerror}; check that {runs_dir} "
                          "exists and is writable") from exc
@@ -128,7 +131,7 @@ def queue_lock_now(runs_dir: Path) -> Iterator[bool]:
     made inside in this thread use it as it is); False when someone else holds it (nothing held: the
     caller moves another way, e.g. in a worker thread that may wait) or the lock file cannot be opened."""
     try:
-        fd = os.open(runs_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(runs_dir / LOCK_FILE, _LOCK_FLAGS, 0o644)
     except OSError:
         yield False
         return
@@ -299,6 +302,11 @@ def _load_renameat2() -> Any:
 _renameat2 = _load_renameat2()
 
 
+_HISTORY_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+"""Moves are made on the event loop too (``queue_lock_now``): a FIFO planted at the history's name
+fails the open (ENXIO) instead of blocking it, and a symlink is refused instead of followed."""
+
+
 def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str, reason: str | None,
                 owned: bool = False) -> None:
     """Append one line to the run history (a single small O_APPEND write: lines never interleave).
@@ -313,11 +321,11 @@ def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str
         move["pid"], move["pid_start"] = _me()
     line = (json.dumps(move) + "\n").encode()
     path = runs_dir / HISTORY_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, _HISTORY_FLAGS, 0o644)
     if os.fstat(fd).st_size + len(line) > HISTORY_ROTATE_BYTES:
         os.close(fd)  # callers hold the queue lock: no writer races the rotation
         os.replace(path, runs_dir / OLD_HISTORY_FILE)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, _HISTORY_FLAGS, 0o644)
     try:
         written = os.write(fd, line)
         if written != len(line):  # a short write: the disk filled up mid-line; take it back
