@@ -153,6 +153,22 @@ async def test_a_planted_history_never_blocks_the_server(workspace, planted):
         assert (workspace / "elsewhere.txt").read_text() == ""  # nothing written through it
 
 
+@pytest.mark.fault("a FIFO planted at .agent/runs/history.jsonl: a lookup of who moved an item (made on the event loop when a claim is lost) answers at once, knowing no move, instead of waiting for a writer")
+def test_history_lookups_never_wait_on_a_fifo(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.mkfifo(runs / "history.jsonl")
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.append(history(runs)), daemon=True)
+    reader.start()
+    reader.join(5)
+    blocked = reader.is_alive()
+    if blocked:  # waiting in open() for a writer: let it go, then fail
+        os.close(os.open(runs / "history.jsonl", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+    assert not blocked and found == [[]]
+
+
 # ---------------------------------------------------------------- 2. the queue lock held elsewhere
 
 

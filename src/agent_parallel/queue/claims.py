@@ -20,12 +20,13 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import QueueError
 from ..paths import take_flock
@@ -352,9 +353,7 @@ def _moves_newest_first(runs_dir: Path) -> Iterator[dict[str, Any]]:
     each file are read: rotation keeps them smaller, but a file written before rotation existed
     (or by hand) may be of any size."""
     for name in (HISTORY_FILE, OLD_HISTORY_FILE):
-        try:
-            stream = open(runs_dir / name, "rb")
-        except OSError:
+        if (stream := _open_history(runs_dir / name)) is None:
             continue
         with stream:
             position = stream.seek(0, os.SEEK_END)
@@ -371,6 +370,22 @@ def _moves_newest_first(runs_dir: Path) -> Iterator[dict[str, Any]]:
                         yield move
             if stop == 0 and (move := _parse_move(rest)):
                 yield move  # the first line (a cut line at `stop` is not a whole move)
+
+
+def _open_history(path: Path) -> BinaryIO | None:
+    """The history file for reading, or None when there is none we can read: never a symlink
+    followed, never an open that waits (a FIFO planted there, on the event loop), only a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return os.fdopen(fd, "rb")
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _parse_move(line: bytes) -> dict[str, Any] | None:
