@@ -49,7 +49,10 @@ async def test_a_group_runs_at_most_max_parallel_at_once_and_answers_at_once(cli
 
 
 async def test_wait_any_on_a_group_and_a_failed_member(client):
-    out = await call(client, "launch_task", commands=["exit 3", "sleep 5", "sleep 5"], max_parallel=3)
+    # the first fails once the other two run (under load a start can take a while)
+    out = await call(client, "launch_task", commands=[
+        "until [ -e s2 ] && [ -e s3 ]; do sleep 0.01; done; exit 3", "touch s2; sleep 5", "touch s3; sleep 5"],
+        max_parallel=3)
     first = await call(client, "task_output", task_id=out["group_id"], wait="any", timeout=10)
     assert first["retrieval_status"] == "success" and first["status"] == "running"
     assert [t["status"] for t in first["tasks"]] == ["failed", "running", "running"]
