@@ -67,6 +67,18 @@ async def test_successful_run_completes_everything_and_reports(fake_client, work
     assert "run " + out["task_id"] + " finished: 4 completed" in out["output"]
 
 
+async def test_the_makespan_runs_from_the_first_start_to_the_last_end(client, workspace):
+    """Measured from the starts the items recorded, not from their launches (answered while the
+    process was still starting)."""
+    for number in range(1, 7):
+        write_item(workspace, number, f"item-{number}", command="true", files=[f"f{number}"])
+    report = (await run_queue_to_end(client, max_parallel=2))["run"]
+    outcomes = report["outcomes"]
+    assert len(outcomes) == 6 and all(o["outcome"] == "completed" for o in outcomes)
+    first, last = min(o["started_at"] for o in outcomes), max(o["ended_at"] for o in outcomes)
+    assert report["makespan"] == round(last - first, 3)
+
+
 @pytest.mark.parametrize("level", ["L1", "L2"])
 async def test_l1_l2_stop_on_first_failure_and_let_running_items_finish(fake_client, workspace, level):
     fork_join(workspace, middle="echo broken >&2; exit 4")

@@ -614,7 +614,8 @@ class QueueRun:
         self.lower_bound = lower_bound_ms(self.graph, options.max_parallel) / 1000
         self.unestimated = sum(1 for m in self.members if self.graph.by_id[m].estimate_s is None)
         self.started = time.time()
-        self.first_start: float | None = None
+        self.first_start: float | None = None  # when the first item was launched (its start may still be under way)
+        self._first_started: float | None = None  # the earliest start its ended items recorded
         self.last_end: float | None = None
         self.running: dict[int, _Slot] = {}
         self.outcomes: dict[int, ItemOutcome] = {}
@@ -893,6 +894,8 @@ class QueueRun:
             isolated = slot.isolated if slot else None
             rec = task.record
             self.last_end = max(self.last_end or 0.0, rec.ended_at or time.time())
+            if rec.started_at is not None:
+                self._first_started = min(self._first_started or rec.started_at, rec.started_at)
             ok = end.ok
             reason = None if ok else (end.reason or rec.reason)
             self._record(item, "completed" if ok else "failed", task_id=rec.task_id, exit_code=rec.exit_code,
@@ -1011,7 +1014,8 @@ class QueueRun:
                                  waiting=job.waiting if job else None, **_isolation_fields(s.isolated))
                      for s in self.running.values()],
             predicted_makespan=self.predicted, lower_bound=self.lower_bound, unestimated=self.unestimated,
-            makespan=round(self.last_end - self.first_start, 3) if self.first_start and self.last_end else None,
+            makespan=round(self.last_end - first, 3) if (first := self._first_started or self.first_start)
+            and self.last_end else None,
             outcomes=self._sorted_outcomes(), usage=self.usage(),
         )
 
