@@ -8,7 +8,10 @@ is copied into, a record file per task (written when it starts, replaced when it
 directory fsync per batch of ends). No event loop, no coroutine, no thread, no MCP, no claims.
 
 If this bare loop cannot reach 1.5x xargs, nothing built on it can: the figure says how much of the
-gap is Python and the kernel, and how much is ours. Run: `python bench/bench_floor.py [--repeats 5]`.
+gap is Python and the kernel, and how much is ours. Its files go where `tempfile` puts them (TMPDIR):
+on these VMs that decides most of its cost (tmpfs about 1.0x xargs; ext4 1.3x in one new directory,
+2.4x in another), so run it with the TMPDIR the compared bench used, and with TMPDIR=/dev/shm for
+the cost without the disk. Run: `python bench/bench_floor.py [--repeats 5]`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from agent_parallel.queue.watch import file_system_type
 
 N, SLOTS = 300, 5
 
@@ -113,7 +118,8 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     wall, base_wall = statistics.median(walls), statistics.median(baselines)
-    print(f"{N} `/bin/sh -c true`, {SLOTS} at once, median of {args.repeats} (load {os.getloadavg()[0]:.2f}):")
+    print(f"{N} `/bin/sh -c true`, {SLOTS} at once, median of {args.repeats} (load {os.getloadavg()[0]:.2f}; "
+          f"files in {base.parent}, {file_system_type(base.parent) or 'unknown file system'}):")
     print(f"  xargs -P{SLOTS}                      {base_wall:.3f} s")
     print(f"  bare one-thread epoll supervisor    {wall:.3f} s = {wall / base_wall:.2f}x xargs, "
           f"{statistics.median(cpus):.2f} ms CPU per task")
