@@ -130,7 +130,9 @@ def queue_lock(runs_dir: Path, timeout_s: float | None = None) -> Iterator[None]
 def queue_lock_now(runs_dir: Path) -> Iterator[bool]:
     """The queue's lock if it can be had without waiting: True, held until the block ends (the moves
     made inside in this thread use it as it is); False when someone else holds it (nothing held: the
-    caller moves another way, e.g. in a worker thread that may wait) or the lock file cannot be opened."""
+    caller moves another way, e.g. in a worker thread that may wait) or the lock file cannot be opened.
+    On an event loop the block must not await: another coroutine of the thread would find the lock
+    "held" too."""
     try:
         fd = os.open(runs_dir / LOCK_FILE, _LOCK_FLAGS, 0o644)
     except OSError:
