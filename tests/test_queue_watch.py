@@ -8,8 +8,11 @@ instance left), a long-lived reader must read what a new reader reads. Real file
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,19 @@ def fresh_titles(root: Path) -> dict[str, str]:
         return titles(reader, root)
     finally:
         reader.close()
+
+
+TAKES_EVERY_INSTANCE = {"test_without_an_inotify_instance_left_the_reader_stats_every_file"}
+
+
+@pytest.fixture(autouse=True)
+def inotify_lock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test that takes every inotify instance of this user runs alone, across pytest-xdist's
+    workers (the limit is per user, not per process): the others here count on getting a watch."""
+    exclusive = request.function.__name__ in TAKES_EVERY_INSTANCE
+    with open(Path(tempfile.gettempdir()) / "agent-parallel-tests-inotify.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 def inotify_fds() -> int:
