@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-import anyio.lowlevel
 
 from ..errors import AgentParallelError, os_error_text
 from . import processes
@@ -249,7 +248,7 @@ class LocalHandle:
         self._exit: ExitInfo | None = None
         self._pidfd = started.pidfd
         self._exit_wait: anyio.CancelScope | None = None
-        self._leftovers = False  # the command exited: what it left running is still to be stopped
+        self._leftovers = False  # the command exited and may have left processes: they are still to be stopped
         self._waited = False
         self._stops = 0  # stops in progress
         self._stopped = anyio.Event()  # set while no stop is in progress
@@ -265,38 +264,38 @@ class LocalHandle:
         if not self._waited:  # (a wait cancelled half-way, e.g. by a timeout, resumes where it was)
             if self._exit is None and self._pidfd is not None and self._stops == 0 \
                     and (exited := await self._follow()) is not None:
-                self._leftovers = exited
-            if self._leftovers and not processes.may_have_left_processes(self.pgid, self.task_id):
-                self._leftovers = False  # cheap: no /proc scan when none can be left
+                self._leftovers = exited and self._may_have_left()
             if self._exit is not None and not self._leftovers and self._eof.is_set() and self._stopped.is_set() \
                     and not self.survivors:  # the usual end: nothing left running, no output still to come
                 if self._watchdog is not None:
                     self._watchdog.forget(self.pgid, self.task_id)
-                self._finish_drain()
-                self._waited = True
-                return self._exit
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._drain)
-                if self._exit is None:
-                    self._leftovers = await self._wait_exit()
-                if self._leftovers:
-                    self._leftovers = False
-                    if processes.may_have_left_processes(self.pgid, self.task_id):
+            else:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._drain)
+                    if self._exit is None:
+                        self._leftovers = await self._wait_exit() and self._may_have_left()
+                    if self._leftovers:
+                        self._leftovers = False
                         await self._stop(LEFTOVER_GRACE_S)
-                if not self._stopped.is_set():
-                    await self._stopped.wait()  # a terminate() still killing: its verdict counts too
-                if self.survivors:  # look once more: the last word is what is alive now
-                    self.survivors = await anyio.to_thread.run_sync(self._find_left)
-                if self._watchdog is not None and not self.survivors:
-                    self._watchdog.forget(self.pgid, self.task_id)
-                if not self._eof.is_set():
-                    with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
-                        await self._eof.wait()
-                tg.cancel_scope.cancel()
+                    if not self._stopped.is_set():
+                        await self._stopped.wait()  # a terminate() still killing: its verdict counts too
+                    if self.survivors:  # look once more: the last word is what is alive now
+                        self.survivors = await anyio.to_thread.run_sync(self._find_left)
+                    if self._watchdog is not None and not self.survivors:
+                        self._watchdog.forget(self.pgid, self.task_id)
+                    if not self._eof.is_set():
+                        with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
+                            await self._eof.wait()
+                    tg.cancel_scope.cancel()
             self._finish_drain()
             self._waited = True
         assert self._exit is not None
         return self._exit
+
+    def _may_have_left(self) -> bool:
+        """Whether the exited command may have left processes running (cheap: no /proc scan when
+        none can be left)."""
+        return processes.may_have_left_processes(self.pgid, self.task_id)
 
     async def terminate(self, grace: float) -> None:
         try:
@@ -396,19 +395,9 @@ class LocalHandle:
         return True
 
     async def _drain(self) -> None:
-        while True:
-            try:
-                while self._log.absorb(self._rfd):
-                    await anyio.lowlevel.checkpoint()
-                self._eof.set()
-                return
-            except BlockingIOError:
-                await anyio.wait_readable(self._rfd)
-            except OSError as exc:  # the log cannot be written (disk full...): stop the task visibly
-                self._log.error = f"could not write the task's log: {exc.strerror or exc}"
-                await self._stop(LEFTOVER_GRACE_S)
-                self._eof.set()
-                return
+        """Move output into the log until its end (or until the log fails), a chunk per turn."""
+        while not await self._absorb_some(1):
+            await anyio.wait_readable(self._rfd)
 
     def _finish_drain(self) -> None:
         """Take what is still in the pipe without waiting, then close it."""
