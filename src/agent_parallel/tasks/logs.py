@@ -47,9 +47,14 @@ def upstream_path(runs_dir: Path, task_id: str) -> Path:
     return runs_dir / f"{task_id}.upstream.log"
 
 
+def record_path(runs_dir: Path, task_id: str) -> Path:
+    """The task's record (``records.save_record``, the registry's batched saves)."""
+    return runs_dir / f"{task_id}.json"
+
+
 def task_files(runs_dir: Path, task_id: str, segments: list[int]) -> list[Path]:
     """Every file a task may have in ``runs_dir``, by exact name (for pruning: never a pattern)."""
-    return [runs_dir / f"{task_id}.json", runs_dir / f".{task_id}.json.tmp", log_paths(runs_dir, task_id)[0],
+    return [record_path(runs_dir, task_id), runs_dir / f".{task_id}.json.tmp", log_paths(runs_dir, task_id)[0],
             upstream_path(runs_dir, task_id), runs_dir / f"{task_id}.report.json",
             *(tail_segment_path(runs_dir, task_id, s) for s in segments)]
 

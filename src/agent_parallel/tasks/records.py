@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InternalError
 from ..paths import write_atomic
+from .logs import record_path
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,7 @@ def save_record(record: TaskRecord, runs_dir: Path, *, durable: bool = False) ->
     ``durable`` also fsyncs the file and the directory: used for final states, which must
     survive a crash; intermediate states may be lost and are recomputed on restart.
     """
-    write_atomic(runs_dir / f"{record.task_id}.json", record.model_dump_json().encode(), durable=durable)
+    write_atomic(record_path(runs_dir, record.task_id), record.model_dump_json().encode(), durable=durable)
 
 
 def is_task_id(text: str) -> bool:

@@ -34,8 +34,8 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Shu
                       os_error_text)
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .group_commit import GroupCommit
-from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, recover_log_extent, task_files,
-                   upstream_log_path)
+from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path, recover_log_extent,
+                   task_files, upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time, same_process
 from .records import (Cancelled, Failed, FailedToStart, Interrupted, Outcome, ProcessRef, Running, Skipped, Succeeded,
                       TaskKind, TaskRecord, TaskStatus, TimedOut, is_group_id, load_records, new_group_id, new_task_id,
@@ -329,7 +329,7 @@ class TaskRegistry:
     def _unlink_records(self, records: builtins.list[TaskRecord]) -> None:
         for record in records:
             try:
-                task_files(self.runs_dir, record.task_id, [])[0].unlink(missing_ok=True)
+                record_path(self.runs_dir, record.task_id).unlink(missing_ok=True)
             except OSError:
                 pass
 
@@ -661,7 +661,7 @@ class TaskRegistry:
         task queued before the batch takes this one replaces it: a task that ends at once never has its
         running record written); if it cannot be written, the task is stopped and fails saying why."""
         rec = task.record
-        self._commits.save_soon(self.runs_dir / f"{rec.task_id}.json", rec.model_dump_json().encode(),
+        self._commits.save_soon(record_path(self.runs_dir, rec.task_id), rec.model_dump_json().encode(),
                                 lambda exc: self._record_failed(task, exc))
 
     def _record_failed(self, task: Task, exc: OSError) -> None:
@@ -875,7 +875,7 @@ class TaskRegistry:
         ``_finish`` counted it in ``_saving`` already, so ``shutdown`` can wait for it."""
         with anyio.CancelScope(shield=True):
             try:
-                await self._commits.save(self.runs_dir / f"{rec.task_id}.json", rec.model_dump_json().encode())
+                await self._commits.save(record_path(self.runs_dir, rec.task_id), rec.model_dump_json().encode())
             except Exception as exc:
                 log.error("could not save the record of task %s: %s", rec.task_id, exc)
             finally:
