@@ -147,8 +147,8 @@ class Mover:
     made two per item: the claim, then the end move. Here a completed item's end move waits (``end``)
     for the run's next claim and goes with it (``run``), before the claim: what waits on the item
     is claimed after its file moved. The run flushes the moves no claim carried before it sleeps;
-    a move no claim took within ``PATIENCE_S`` (the loop busy preparing a worktree, say) takes its own
-    hop, so an item's end is never held up long by the run's other work.
+    a move no claim took within ``PATIENCE_S`` (the loop busy preparing a worktree, say) is made on its
+    own, so an item's end is never held up long by the run's other work.
 
     The moves of ``run`` are made on the event loop when the queue's lock is free at once
     (``claims.queue_lock_now``): a few renames and history lines, where the hop they would ride cost
@@ -161,7 +161,7 @@ class Mover:
         self.runs_dir = runs_dir  # None: every move in a worker thread
         self._pending: list[_EndMove] = []
         self.closed = False
-        """Set when the run's loop ended: an end move then takes its own hop at once."""
+        """Set when the run's loop ended: an end move is then made at once, on its own."""
 
     @property
     def pending(self) -> bool:
@@ -170,14 +170,14 @@ class Mover:
     async def end(self, move: Callable[[], list[str]]) -> list[str]:
         """Queue an end move (``_end_move``, which never raises) and wait until a hop carried it."""
         if self.closed:
-            return await anyio.to_thread.run_sync(move)
+            return await self.run(move)
         request = _EndMove(move)
         self._pending.append(request)
         with anyio.move_on_after(self.PATIENCE_S):
             await request.done.wait()
-        if request in self._pending:  # no hop took it in time
+        if request in self._pending:  # no claim took it in time
             self._pending.remove(request)
-            return await anyio.to_thread.run_sync(move)
+            return await self.run(move)
         await request.done.wait()  # taken by a hop under way
         assert request.notes is not None
         return request.notes
