@@ -7,7 +7,8 @@ Writes N ``command: "true"`` items to a temporary workspace, opens the registry 
 does (``open_registry``: guarded executor, subreaper, watchdog) and runs ``start_run`` to its end.
 Prints the run's makespan, the wall time from the call to the report, and this process's CPU time
 (all threads, user+sys) per item; with ``--profile``, cProfile covers only the run (not imports or
-set-up) and the top functions by internal time are printed. ``--progress`` waits for the run as
+set-up) on the event loop thread's CPU time (idle waits do not count), and the top functions by
+internal time are printed. ``--progress`` waits for the run as
 ``task_output`` does for a client that asked for progress (``views.wait_reporting_progress``, the
 notifications counted instead of sent), instead of waiting on the task alone.
 """
@@ -114,7 +115,7 @@ def main() -> None:
         root = Path(tmp)
         write_queue(root, args.items, args.slots)
         count_hops()
-        profiler = cProfile.Profile() if args.profile else None
+        profiler = cProfile.Profile(time.thread_time) if args.profile else None
         reports: list[float] | None = [] if args.progress else None
         makespan, wall, used, loop = anyio.run(run, root, args.slots, profiler, reports)
     print(f"{args.items} items, {args.slots} slots: makespan {makespan} s, wall {wall:.3f} s, "

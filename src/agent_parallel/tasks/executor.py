@@ -28,6 +28,7 @@ import os
 import select
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -179,7 +180,40 @@ class LocalExecutor:
             started = await anyio.to_thread.run_sync(self._start_sync, spec)
         return LocalHandle(started, log, spec.task_id, self._watchdog)
 
-    def _start_sync(self, spec: LaunchSpec) -> _Started:
+    async def start_batch(self, batch: list[tuple[LaunchSpec, Callable[[], LogWriter]]],
+                          ) -> list[tuple[LocalHandle | Exception, LogWriter | None]]:
+        """Start several tasks in one worker thread (``lane.py``): one hop for all, one wake-up of the
+        watchdog, and each log created there (``open_log``: a new file costs up to half a millisecond on
+        some file systems, which the event loop should not pay). Each gets its handle, or the exception
+        that kept it from starting (``SpawnError``, or what ``open_log`` raised), with its log if made."""
+
+        def start_all() -> list[tuple[_Started | Exception, LogWriter | None]]:
+            out: list[tuple[_Started | Exception, LogWriter | None]] = []
+            for spec, open_log in batch:
+                log = None
+                try:
+                    log = open_log()
+                    if problem := check_launch_strings(spec):
+                        raise SpawnError(f"cannot start the task: {problem}")
+                    out.append((self._start_sync(spec, flush=False), log))
+                except Exception as exc:  # that task fails, the others start
+                    out.append((exc, log))
+            if self._watchdog is not None:
+                self._watchdog.flush()
+            return out
+
+        with anyio.CancelScope(shield=True):  # as in ``start``: processes once started are handed back
+            started = await anyio.to_thread.run_sync(start_all)
+        handles: list[tuple[LocalHandle | Exception, LogWriter | None]] = []
+        for (one, log), (spec, _) in zip(started, batch, strict=True):
+            if isinstance(one, _Started):
+                assert log is not None  # (made before the start)
+                handles.append((LocalHandle(one, log, spec.task_id, self._watchdog), log))
+            else:
+                handles.append((one, log))
+        return handles
+
+    def _start_sync(self, spec: LaunchSpec, *, flush: bool = True) -> _Started:
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
         # bytes throughout: os.environb is not decoded entry by entry, and Popen takes bytes as they are
         env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
@@ -209,7 +243,7 @@ class LocalExecutor:
         try:
             os.set_blocking(rfd, False)
             if self._watchdog is not None:
-                self._watchdog.watch(popen.pid, spec.task_id)
+                self._watchdog.watch(popen.pid, spec.task_id, flush=flush)
             return _Started(popen, rfd, process_start_time(popen.pid), _pidfd_open(popen.pid))
         except OSError as exc:  # started, but it cannot be followed: stop it rather than lose it
             processes.signal_group(popen.pid, signal.SIGKILL)
@@ -253,6 +287,9 @@ class LocalHandle:
         self._stops = 0  # stops in progress
         self._stopped = anyio.Event()  # set while no stop is in progress
         self._stopped.set()
+        self._must_stop = False  # the log failed: the task is to be stopped (by the next ``wait``)
+        self.on_stop: Callable[[], None] | None = None
+        """Called (once) when a stop begins: the lane that follows this handle gives it up then."""
 
     async def wait(self) -> ExitInfo:
         try:
@@ -261,14 +298,15 @@ class LocalHandle:
             raise ExecutorError(f"could not wait for the task's process {self.pid}: {os_error_text(exc)}") from exc
 
     async def _wait(self) -> ExitInfo:
+        if self._must_stop:  # the log failed while the lane followed the task
+            self._must_stop = False
+            await self._stop(LEFTOVER_GRACE_S)
         if not self._waited:  # (a wait cancelled half-way, e.g. by a timeout, resumes where it was)
             if self._exit is None and self._pidfd is not None and self._stops == 0 \
                     and (exited := await self._follow()) is not None:
                 self._leftovers = exited and self._may_have_left()
-            if self._exit is not None and not self._leftovers and self._eof.is_set() and self._stopped.is_set() \
-                    and not self.survivors:  # the usual end: nothing left running, no output still to come
-                if self._watchdog is not None:
-                    self._watchdog.forget(self.pgid, self.task_id)
+            if self._usual_end():
+                self._end_usual()
             else:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._drain)
@@ -287,9 +325,54 @@ class LocalHandle:
                         with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
                             await self._eof.wait()
                     tg.cancel_scope.cancel()
-            self._finish_drain()
-            self._waited = True
+                self._finish_drain()
+                self._waited = True
         assert self._exit is not None
+        return self._exit
+
+    def _usual_end(self) -> bool:
+        """The command exited, its output ended, nothing of it is left running, and no stop is under way."""
+        return self._exit is not None and not self._leftovers and self._eof.is_set() and self._stopped.is_set() \
+            and not self.survivors and not self._must_stop
+
+    def _end_usual(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.forget(self.pgid, self.task_id)
+        self._finish_drain()
+        self._waited = True
+
+    # -- what the lane (``lane.py``) calls instead of ``wait``: it follows many handles on one epoll
+    def lane_fds(self) -> tuple[int, int] | None:
+        """The pidfd and the pipe's read end to watch (-1 once the output ended); None when this
+        handle cannot be followed so (no pidfd, or a wait or stop has begun): ``wait`` must follow it."""
+        if self._pidfd is None or self._exit is not None or self._stops or self._exit_wait is not None:
+            return None
+        return self._pidfd, -1 if self._eof.is_set() else self._rfd
+
+    @property
+    def log(self) -> LogWriter:
+        return self._log
+
+    @property
+    def log_failed(self) -> bool:
+        """The log could not be written, and the task is still to be stopped (``wait`` does it)."""
+        return self._must_stop
+
+    def lane_output(self) -> bool:
+        """The pipe is readable: move a chunk into the log. True once the output ended, or once the
+        log failed (``wait`` then stops the task: the lane must hand it over)."""
+        return self._absorb_now(1)
+
+    def lane_exit(self) -> ExitInfo | None:
+        """The pidfd is readable: reap the command. Its exit when this is the usual end (the handle is
+        then spent, as after ``wait``); None when ``wait`` must finish the job (processes left behind, a
+        stop under way, output still coming, a failed log)."""
+        if not self._eof.is_set():  # what it wrote just before exiting (at most a pipe's worth)
+            self._absorb_now(FINAL_CHUNKS)
+        self._leftovers = self._exited(processes.wait_child(self._popen)) and self._may_have_left()
+        if not self._usual_end():
+            return None
+        self._end_usual()
         return self._exit
 
     def _may_have_left(self) -> bool:
@@ -304,6 +387,9 @@ class LocalHandle:
             raise ExecutorError(f"could not stop the task's processes (group {self.pgid}): {os_error_text(exc)}") from exc
 
     async def _stop(self, grace: float) -> None:
+        if self.on_stop is not None:
+            on_stop, self.on_stop = self.on_stop, None
+            on_stop()
         if self._stops == 0:
             self._stopped = anyio.Event()
         self._stops += 1
@@ -352,6 +438,15 @@ class LocalHandle:
     async def _absorb_some(self, chunks: int) -> bool:
         """Move up to ``chunks`` chunks of the pipe into the log; True at the end of the output
         (or once the log failed: the task is then stopped, and its reason says why)."""
+        if not self._absorb_now(chunks):
+            return False
+        if self._must_stop:
+            self._must_stop = False
+            await self._stop(LEFTOVER_GRACE_S)
+        return True
+
+    def _absorb_now(self, chunks: int) -> bool:
+        """``_absorb_some`` without the stop: a failed log sets ``_must_stop`` instead."""
         try:
             for _ in range(chunks):
                 if not self._log.absorb(self._rfd):
@@ -360,9 +455,9 @@ class LocalHandle:
                 return False
         except BlockingIOError:
             return False
-        except OSError as exc:  # the log cannot be written (disk full...): stop the task visibly
+        except OSError as exc:  # the log cannot be written (disk full...): the task is to be stopped visibly
             self._log.error = f"could not write the task's log: {exc.strerror or exc}"
-            await self._stop(LEFTOVER_GRACE_S)
+            self._must_stop = True
         self._eof.set()
         return True
 

@@ -91,23 +91,34 @@ class GroupCommit:
         """Write ``data`` to ``path`` atomically and durably; return once it is on disk.
 
         Raises the ``OSError`` of this write (disk full, directory gone...)."""
-        if self._soon:
-            self._supersede(path)
-        write = _Write(path, data)
-        self._queued.append(write)
-        await self._write_queued(write)
-        if write.error is not None:
-            raise write.error
+        [error] = await self.save_all([(path, data)])
+        if error is not None:
+            raise error
 
-    async def _write_queued(self, write: _Write | None) -> None:
-        """Write batches until ``write`` is written (None: until the queue is empty)."""
-        while not write.done if write is not None else self._queued:
+    async def save_all(self, files: list[tuple[Path, bytes]]) -> list[OSError | None]:
+        """``save`` for several files at once: return once all are on disk, with each one's error (None: written)."""
+        if not files:
+            return []
+        writes = []
+        for path, data in files:
+            if self._soon:
+                self._supersede(path)
+            writes.append(_Write(path, data))
+        self._queued.extend(writes)
+        await self._write_queued(writes)
+        return [write.error for write in writes]
+
+    async def _write_queued(self, writes: list[_Write] | None) -> None:
+        """Write batches until ``writes`` are written (None: until the queue is empty). Batches are
+        taken in the order queued: once the last of ``writes`` is written, all are."""
+        last = writes[-1] if writes else None
+        while not last.done if last is not None else self._queued:
             if self._busy:
                 try:
                     await self._written.wait()
-                except BaseException:  # cancelled before a batch took it: it is not written at all
-                    if write in self._queued:
-                        self._queued.remove(write)
+                except BaseException:  # cancelled before a batch took them: they are not written at all
+                    mine = set(map(id, writes or []))
+                    self._queued = [w for w in self._queued if id(w) not in mine]
                     raise
                 continue
             batch, self._queued = self._queued[:self._max_batch], self._queued[self._max_batch:]

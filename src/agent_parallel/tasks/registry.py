@@ -34,6 +34,7 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Shu
                       os_error_text)
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .group_commit import GroupCommit
+from .lane import open_lane
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path, recover_log_extent,
                    task_files, upstream_log_path)
 from .processes import describe_survivors, kill_tasks_now, process_start_time, same_process
@@ -141,7 +142,14 @@ class TaskRegistry:
         self._saved = anyio.Event()  # set whenever no final record is being written
         self._saved.set()
         self._commits = GroupCommit(tg=tg)  # final records of tasks ending together share one fsync
+        self._lane = open_lane(executor, self, tg)  # starts and follows the common tasks together
         self._load_history()
+
+    def close(self) -> None:
+        """Release what the registry holds (once its task group has ended)."""
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
 
     # ----------------------------------------------------------------- queries
     def get(self, task_id: str) -> Task:
@@ -275,7 +283,13 @@ class TaskRegistry:
         if answer_at_once and job is None and not predecessors \
                 and self.settings.admission is not None and (why := self.settings.admission()):
             record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
-        await self._register(task, spec, predecessors, executor or self.executor, job, wait_start=not answer_at_once)
+        if answer_at_once and job is None and not predecessors and executor in (None, self.executor) \
+                and record.reason is None and self._lane is not None:
+            self._tasks[record.task_id] = task
+            self._lane_submit(task, spec)
+        else:
+            await self._register(task, spec, predecessors, executor or self.executor, job,
+                                 wait_start=not answer_at_once)
         await self._prune()
         return task
 
@@ -412,7 +426,10 @@ class TaskRegistry:
                 group.running += 1
                 task.holds_slot = task.active = task.dispatched = True
                 self._active += 1
-                self._tg.start_soon(self._supervise, task, spec, predecessors, self.executor, None)
+                if predecessors or self._lane is None:
+                    self._tg.start_soon(self._supervise, task, spec, predecessors, self.executor, None)
+                else:
+                    self._lane_submit(task, spec)
         finally:
             self._group_wakers.pop(group.group_id, None)
             with anyio.CancelScope(shield=True):  # the registry closing: members never started end here
@@ -627,8 +644,7 @@ class TaskRegistry:
                 task.log.write(task.prelude)
                 task.prelude = b""
         except OSError as exc:
-            raise _TaskFailure(f"could not open the task's log {log_paths(self.runs_dir, rec.task_id)[0]}: "
-                               f"{os_error_text(exc)}") from exc
+            raise _TaskFailure(self._log_failure(rec.task_id, exc)) from exc
         # a job (a queue run) is no process: memory and load hold each of its items, not the job itself
         if job is None and not await self._admit(task, answer):
             await self._finish(task, Cancelled(reason="cancelled while its start was held"))
@@ -656,6 +672,9 @@ class TaskRegistry:
         self._save_soon(task)
         return True
 
+    def _log_failure(self, task_id: str, exc: OSError) -> str:
+        return f"could not open the task's log {log_paths(self.runs_dir, task_id)[0]}: {os_error_text(exc)}"
+
     def _save_soon(self, task: Task) -> None:
         """Write the task's record in the background, batched with other tasks' (a later record of the
         task queued before the batch takes this one replaces it: a task that ends at once never has its
@@ -679,13 +698,100 @@ class TaskRegistry:
                               "free some disk space (or fix the directory's permissions) and launch again")
         self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
 
-    async def _watch(self, task: Task) -> None:
-        """Wait for a running task to end (enforcing its timeout) and record how it ended."""
+    # -- the lane (``lane.py``): a background launch or a fan-out member with nothing to wait for
+    def _lane_submit(self, task: Task, spec: LaunchSpec) -> None:
+        """Start a task through the lane; on its own instead when the admission check holds it (its
+        own supervision then holds it until the check lets it go)."""
+        assert self._lane is not None
+        rec = task.record
+        check = self.settings.admission
+        if check is not None and check():
+            self._tg.start_soon(self._supervise, task, spec, [], self.executor, None)
+            return
+        spec.env["AGENT_TASK_ID"] = rec.task_id
+        prelude, task.prelude = task.prelude, b""
+
+        def open_log() -> LogWriter:  # in the lane's worker thread
+            log_writer = None
+            try:
+                log_writer = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
+                if prelude:
+                    log_writer.write(prelude)
+                return log_writer
+            except OSError as exc:
+                if log_writer is not None:
+                    log_writer.close()
+                raise _TaskFailure(self._log_failure(rec.task_id, exc)) from exc
+
+        self._lane.submit(task, spec, open_log, rec.timeout_s)
+
+    def lane_go(self, task: Task) -> bool:
+        if self._closing or task.cancel_requested or task.storage_error:
+            self._tg.start_soon(self._end_unstarted, task)
+            return False
+        return True
+
+    async def _end_unstarted(self, task: Task) -> None:
+        """End a lane task that is not to start after all, as ``_start`` would have."""
+        if self._closing:
+            await self._fail(task, None)
+        elif task.cancel_requested:
+            await self._finish(task, Cancelled(reason="cancelled before it started"))
+        else:
+            await self._fail(task, _TaskFailure(task.storage_error or "its start was refused"))
+
+    def lane_started(self, task: Task, result: TaskHandle | Exception, log_writer: LogWriter | None,
+                     at: float) -> None:
+        task.log = log_writer
+        if isinstance(result, Exception):
+            self._tg.start_soon(self._fail, task, result)
+            return
+        task.handle = result
+        pid = result.pid
+        task.record.start(at, ProcessRef(pid=pid, start_time=result.start_time) if pid is not None else None)
+        if task.cancel_requested or self._closing:  # cancel_task came while it was starting
+            self._tg.start_soon(self._stop_body, task, self.settings.kill_grace_s)
+        self._save_soon(task)
+
+    def lane_ended(self, ends: builtins.list[tuple[Task, ExitInfo]]) -> None:
+        plain: builtins.list[tuple[Task, Outcome, tuple[str, ...]]] = []
+        for task, info in ends:
+            if task.finishing:
+                continue
+            task.finishing = True
+            end: tuple[Task, Outcome, tuple[str, ...]] = (task, self._outcome(task, info, False), ())
+            if task.on_finish is None:
+                plain.append(end)
+            else:  # its follow-up may take long: it must not hold the others' waiters
+                self._tg.start_soon(self._finish_now, [end])
+        if plain:
+            self._tg.start_soon(self._finish_now, plain)
+
+    def lane_handover(self, task: Task, deadline: float | None) -> None:
+        self._tg.start_soon(self._watch_rest, task, deadline)
+
+    async def _watch_rest(self, task: Task, deadline: float | None) -> None:
+        """Supervise a task the lane gave up, from where it was (as ``_supervise`` after the start)."""
+        try:
+            try:
+                await self._watch(task, deadline)
+            except Exception as exc:
+                await self._fail(task, exc)
+        except BaseException:  # the registry is closing
+            with anyio.CancelScope(shield=True):
+                await self._fail(task, None)
+            raise
+
+    async def _watch(self, task: Task, deadline: float | None = None) -> None:
+        """Wait for a running task to end (enforcing its timeout, due at ``deadline`` when the lane
+        followed it so far) and record how it ended."""
         rec = task.record
         assert task.log is not None
         handle = task.handle
         timed_out = False
         limit = rec.timeout_s if rec.timeout_s is not None else math.inf
+        if deadline is not None:
+            limit = deadline - anyio.current_time()
         try:
             with anyio.CancelScope(shield=True):  # only this coroutine decides how the task ends
                 if handle is None:
@@ -707,6 +813,14 @@ class TaskRegistry:
             what = "executor" if handle is not None else "job"
             log.exception("task %s: its %s failed", rec.task_id, what)
             raise _TaskFailure(str(InternalError(f"the task's {what} failed: {exc!r}"))) from exc
+        survivors = handle.survivors if handle is not None else []
+        await self._finish(task, self._outcome(task, info, timed_out),
+                           notes=(describe_survivors(survivors),) if survivors else ())
+
+    def _outcome(self, task: Task, info: ExitInfo, timed_out: bool) -> Outcome:
+        """How a task whose body ended with ``info`` ended (``timed_out``: its timeout stopped it)."""
+        rec = task.record
+        assert task.log is not None
         exits = {"exit_code": info.exit_code, "signal": info.signal}
         outcome: Outcome
         if self._closing:
@@ -725,8 +839,7 @@ class TaskRegistry:
         else:
             outcome = Failed(reason=f"exit code {info.exit_code}" if info.exit_code is not None
                              else f"killed by {info.signal}", **exits)
-        survivors = handle.survivors if handle is not None else []
-        await self._finish(task, outcome, notes=(describe_survivors(survivors),) if survivors else ())
+        return outcome
 
     async def _run_job(self, job: Job, limit: float) -> tuple[ExitInfo, bool]:
         """Run a job to its end; past ``limit`` seconds it is stopped (and True says it timed out)."""
@@ -814,40 +927,55 @@ class TaskRegistry:
         if task.finishing:
             return
         task.finishing = True
+        await self._finish_now([(task, outcome, notes)])
+
+    async def _finish_now(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
+        """``_finish`` for tasks marked ``finishing``: their last lines read in one worker thread,
+        their final records written in one batch. The follow-ups run one after the other, so the
+        lane gives each task that has one a call of its own."""
         with anyio.CancelScope(shield=True):
-            rec = task.record
-            if task.active:
-                task.active = False
-                self._active -= 1
-            if task.holds_slot and task.group is not None:
-                task.holds_slot = False
-                task.group.running -= 1
-                freed, task.group.freed = task.group.freed, anyio.Event()
-                freed.set()
-            if task.log is not None and task.log.total:  # (no output: nothing to read)
-                try:
-                    rec.last_line = await anyio.to_thread.run_sync(self._read_last_line, task)
-                except Exception:  # the log is unreadable: no last line
-                    rec.last_line = None
-            rec.end(outcome, time.time())
-            for note in notes:
-                rec.note(note)
-            if task.log is not None:
-                try:
-                    task.log.close()
-                except OSError:
-                    pass
-                rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
-                rec.tail_segments = list(task.log.segments)
-            if task.on_finish is not None:
-                await self._follow_up(task)
-            task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
-            task.handle = None  # a process handle is spent; a job stays readable (a run's report)
+            for task, _, _ in ends:
+                if task.active:
+                    task.active = False
+                    self._active -= 1
+                if task.holds_slot and task.group is not None:
+                    task.holds_slot = False
+                    task.group.running -= 1
+                    freed, task.group.freed = task.group.freed, anyio.Event()
+                    freed.set()
+            if readable := [task for task, _, _ in ends if task.log is not None and task.log.total]:
+                lines = await anyio.to_thread.run_sync(lambda: [self._last_line_or_none(t) for t in readable])
+                for task, line in zip(readable, lines, strict=True):
+                    task.record.last_line = line
+            for task, outcome, notes in ends:
+                rec = task.record
+                rec.end(outcome, time.time())
+                for note in notes:
+                    rec.note(note)
+                if task.log is not None:
+                    try:
+                        task.log.close()
+                    except OSError:
+                        pass
+                    rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
+                    rec.tail_segments = list(task.log.segments)
+            for task, _, _ in ends:
+                if task.on_finish is not None:
+                    await self._follow_up(task)
+                task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
+                task.handle = None  # a process handle is spent; a job stays readable (a run's report)
             if self._saving == 0:
                 self._saved = anyio.Event()
-            self._saving += 1
-            await self._save_final(rec)  # before waiters wake: a task reported finished is on disk
-            task.done.set()
+            self._saving += len(ends)
+            await self._save_final([task.record for task, _, _ in ends])  # before waiters wake: on disk
+            for task, _, _ in ends:
+                task.done.set()
+
+    def _last_line_or_none(self, task: Task) -> str | None:
+        try:
+            return self._read_last_line(task)
+        except Exception:  # the log is unreadable: no last line
+            return None
 
     async def _follow_up(self, task: Task) -> None:
         """Await the task's ``on_finish`` (at most its ``follow_up_timeout``); a failure is added to its reason."""
@@ -868,20 +996,24 @@ class TaskRegistry:
         if problem:
             rec.note(problem)
 
-    async def _save_final(self, rec: TaskRecord) -> None:
-        """Save a final record durably (fsync), even while shutting down. Records of tasks ending
+    async def _save_final(self, records: builtins.list[TaskRecord]) -> None:
+        """Save final records durably (fsync), even while shutting down. Records of tasks ending
         together share one worker thread and one directory fsync (``GroupCommit``).
 
-        ``_finish`` counted it in ``_saving`` already, so ``shutdown`` can wait for it."""
+        ``_finish_now`` counted them in ``_saving`` already, so ``shutdown`` can wait for them."""
         with anyio.CancelScope(shield=True):
             try:
-                await self._commits.save(record_path(self.runs_dir, rec.task_id), rec.model_dump_json().encode())
+                errors: builtins.list[BaseException | None] = list(await self._commits.save_all(
+                    [(record_path(self.runs_dir, rec.task_id), rec.model_dump_json().encode()) for rec in records]))
             except Exception as exc:
-                log.error("could not save the record of task %s: %s", rec.task_id, exc)
+                errors = [exc] * len(records)
             finally:
-                self._saving -= 1
+                self._saving -= len(records)
                 if self._saving == 0:
                     self._saved.set()
+            for rec, error in zip(records, errors, strict=True):
+                if error is not None:
+                    log.error("could not save the record of task %s: %s", rec.task_id, error)
 
 
 def _failure_text(exc: BaseException) -> str:
@@ -918,6 +1050,7 @@ async def open_registry(root: Path, runs_dir: Path, settings: RegistrySettings,
                 with anyio.CancelScope(shield=True):
                     await registry.shutdown(grace=0.5)
                 tg.cancel_scope.cancel()
+        registry.close()
     finally:
         runner.close()
 

@@ -42,9 +42,18 @@ class Watchdog:
         except (OSError, ValueError):  # the guard is gone; the start-up sweep remains
             pass
 
-    def watch(self, pgid: int, task_id: str) -> None:
-        """List a task's group at once (it may need stopping from now on); carries any forget queued."""
-        self._send(f"+{pgid} {task_id}\n", now=True)
+    def watch(self, pgid: int, task_id: str, *, flush: bool = True) -> None:
+        """List a task's group at once (it may need stopping from now on); carries any forget queued.
+        Several started together may be listed with ``flush=False``, then sent in one write (``flush``)."""
+        self._send(f"+{pgid} {task_id}\n", now=flush)
+
+    def flush(self) -> None:
+        """Send what is listed so far."""
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
 
     def forget(self, pgid: int, task_id: str) -> None:
         """Unlist a group; sent with the next ``watch`` (or at close): a group listed a little longer is

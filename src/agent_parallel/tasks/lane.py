@@ -1,0 +1,223 @@
+"""The lane: one coroutine that starts and follows many local tasks, for the common case.
+
+A task supervised on its own costs a coroutine, a worker-thread hop to start its process and a
+wait of its own (``TaskRegistry._supervise``). That is right for anything unusual, and too dear
+when 300 short commands go through a fan-out or a queue run: most of the server's CPU per task
+went into that machinery, not into the task. The lane does what every such task needs, for all of
+them at once, as ``bench/bench_floor.py`` does:
+
+- tasks submitted in the same turn are started in one worker thread (``LocalExecutor.start_batch``);
+- one epoll holds every followed task's pidfd and output pipe; output moves into each log as it comes;
+- the usual end (the command exited, its output ended, it left nothing running) is taken inline
+  and handed to the owner in batches (``LaneOwner.ended``).
+
+Anything else leaves the lane for its own supervision (``LaneOwner.handover``): a stop begun on
+the task (cancel, shutdown, a record that cannot be written), its timeout, a failed log,
+processes it left behind, no pidfd. ``LocalHandle.wait`` then carries on from where the lane was.
+The lane only ever does non-blocking work on the event loop; it runs while it has tasks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .executor import ExitInfo, LaunchSpec, LocalExecutor, LocalHandle
+from .logs import LogWriter
+
+K = TypeVar("K")
+
+
+class LaneOwner(Protocol[K]):
+    """What the lane tells about its tasks (the registry): every call is made on the event loop."""
+
+    def lane_go(self, key: K) -> bool:
+        """About to start ``key``: False when it must not start after all (the owner ends it)."""
+
+    def lane_started(self, key: K, result: LocalHandle | Exception, log: LogWriter | None, at: float) -> None:
+        """``key`` started at ``at`` (wall clock) with this handle, or did not (the exception says why);
+        ``log`` is its log, when it could be made."""
+
+    def lane_ended(self, ends: list[tuple[K, ExitInfo]]) -> None:
+        """These tasks ended the usual way; each handle is spent."""
+
+    def lane_handover(self, key: K, deadline: float | None) -> None:
+        """``key`` leaves the lane: its own supervision goes on with ``handle.wait()`` (``deadline``:
+        when its timeout expires, on ``anyio.current_time``'s clock)."""
+
+
+@dataclass(eq=False)
+class _Followed(Generic[K]):
+    key: K
+    handle: LocalHandle
+    pidfd: int
+    rfd: int  # -1 once the output ended
+    deadline: float | None
+
+
+@dataclass
+class _Waiting(Generic[K]):
+    key: K
+    spec: LaunchSpec
+    open_log: Callable[[], LogWriter]
+    timeout_s: float | None
+
+
+@dataclass
+class Lane(Generic[K]):
+    """Starts and follows tasks (see the module docstring). ``open_lane`` makes one."""
+
+    executor: LocalExecutor
+    owner: LaneOwner[K]
+    tg: TaskGroup
+    _epoll: select.epoll
+    _wake_fd: int
+    _waiting: list[_Waiting[K]] = field(default_factory=list)
+    _by_fd: dict[int, _Followed[K]] = field(default_factory=dict)
+    _deadlines: list[tuple[float, int, _Followed[K]]] = field(default_factory=list)
+    _running: bool = False
+    _asleep: bool = False
+    _count: int = 0  # tie-breaker of the deadline heap
+    started: int = 0  # processes the lane started (for tests and benchmarks)
+
+    def submit(self, key: K, spec: LaunchSpec, open_log: Callable[[], LogWriter], timeout_s: float | None) -> None:
+        """Start ``spec`` and follow it, its output going to the log ``open_log`` makes (in the worker
+        thread that starts it); ``key`` names it to the owner."""
+        self._waiting.append(_Waiting(key, spec, open_log, timeout_s))
+        if not self._running:
+            self._running = True
+            self.tg.start_soon(self._run)
+        elif self._asleep:
+            self._asleep = False
+            os.eventfd_write(self._wake_fd, 1)
+
+    def close(self) -> None:
+        self._epoll.close()
+        os.close(self._wake_fd)
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting or self._by_fd:
+                if self._waiting:
+                    await self._start_waiting()
+                    continue
+                self._asleep = True
+                wait = anyio.CancelScope(deadline=self._deadlines[0][0] if self._deadlines else float("inf"))
+                with wait:
+                    await anyio.wait_readable(self._epoll.fileno())
+                self._asleep = False
+                self._take(self._epoll.poll(0))
+                self._expire()
+        finally:
+            self._running = self._asleep = False
+
+    async def _start_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        batch = [one for one in batch if self.owner.lane_go(one.key)]
+        if not batch:
+            return
+        at = time.time()
+        results = await self.executor.start_batch([(one.spec, one.open_log) for one in batch])
+        now = anyio.current_time()
+        for one, (result, log) in zip(batch, results, strict=True):
+            if isinstance(result, LocalHandle):
+                self.started += 1
+                self._follow(one.key, result, None if one.timeout_s is None else now + one.timeout_s)
+            self.owner.lane_started(one.key, result, log, at)  # a stop it begins hands the task over
+
+    def _follow(self, key: K, handle: LocalHandle, deadline: float | None) -> None:
+        fds = handle.lane_fds()
+        if fds is None:
+            self.owner.lane_handover(key, deadline)
+            return
+        pidfd, rfd = fds
+        one = _Followed(key, handle, pidfd, rfd, deadline)
+        self._epoll.register(pidfd, select.EPOLLIN)
+        self._by_fd[pidfd] = one
+        if rfd >= 0:
+            self._epoll.register(rfd, select.EPOLLIN)
+            self._by_fd[rfd] = one
+        if deadline is not None:
+            self._count += 1
+            heapq.heappush(self._deadlines, (deadline, self._count, one))
+        handle.on_stop = lambda: self._hand_over(one)
+
+    def _take(self, events: list[tuple[int, int]]) -> None:
+        """Move output, and take the ends: the usual ones to the owner in one batch, others handed over."""
+        ended: list[tuple[K, ExitInfo]] = []
+        for fd, _ in events:
+            if fd == self._wake_fd:
+                os.eventfd_read(self._wake_fd)
+                continue
+            one = self._by_fd.get(fd)
+            if one is None or fd != one.rfd:
+                continue
+            if one.handle.lane_output():
+                self._unregister_output(one)
+                if one.handle.log_failed:  # the log failed: the task is stopped by its own supervision
+                    self._hand_over(one)
+        for fd, _ in events:
+            one = self._by_fd.get(fd)
+            if one is None or fd != one.pidfd:
+                continue
+            self._unregister(one)
+            if (info := one.handle.lane_exit()) is not None:
+                ended.append((one.key, info))
+            else:
+                self.owner.lane_handover(one.key, one.deadline)
+        if ended:
+            self.owner.lane_ended(ended)
+
+    def _expire(self) -> None:
+        """Hand over the tasks whose timeout has come (their supervision stops them)."""
+        now = anyio.current_time()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            one = heapq.heappop(self._deadlines)[2]
+            if self._by_fd.get(one.pidfd) is one:
+                self._hand_over(one)
+
+    def _hand_over(self, one: _Followed[K]) -> None:
+        if self._by_fd.get(one.pidfd) is one:
+            self._unregister(one)
+            self.owner.lane_handover(one.key, one.deadline)
+
+    def _unregister_output(self, one: _Followed[K]) -> None:
+        if one.rfd >= 0:
+            self._epoll.unregister(one.rfd)
+            del self._by_fd[one.rfd]
+            one.rfd = -1
+
+    def _unregister(self, one: _Followed[K]) -> None:
+        one.handle.on_stop = None
+        self._unregister_output(one)
+        self._epoll.unregister(one.pidfd)
+        del self._by_fd[one.pidfd]
+
+
+def open_lane(executor: object, owner: LaneOwner[K], tg: TaskGroup) -> Lane[K] | None:
+    """A lane for ``executor`` when it is a ``LocalExecutor`` (None otherwise, or when no epoll or
+    eventfd can be made: every task is then supervised on its own)."""
+    if not isinstance(executor, LocalExecutor) or not hasattr(os, "eventfd"):
+        return None
+    try:
+        epoll = select.epoll()
+    except OSError:
+        return None
+    try:
+        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        epoll.register(wake_fd, select.EPOLLIN)
+    except OSError:
+        epoll.close()
+        return None
+    return Lane(executor, owner, tg, epoll, wake_fd)
+
+
+__all__ = ["Lane", "LaneOwner", "open_lane"]

@@ -1,0 +1,157 @@
+"""The lane (tasks/lane.py): background launches and fan-out members are started in batches and
+followed on one epoll; every unusual end leaves the lane for the task's own supervision. Each test
+checks the lane took the task, then what the task's record says and that nothing is left running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agent_parallel.tasks.records import TaskRecord
+from agent_parallel.tasks.registry import RegistrySettings, TaskRegistry, open_registry
+from conftest import all_dead, fill_disk, read_pids
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def workspace(workspace: Path) -> Path:
+    (workspace / "runs").mkdir()
+    return workspace
+
+
+def lane_started(registry: TaskRegistry) -> int:
+    assert registry._lane is not None
+    return registry._lane.started
+
+
+async def launch_bg(registry: TaskRegistry, workspace: Path, command: str, **kw):  # type: ignore[no-untyped-def]
+    return await registry.launch(command=command, cwd=workspace, answer_at_once=True, **kw)
+
+
+def on_disk(runs: Path, task_id: str) -> str:
+    return TaskRecord.model_validate_json((runs / f"{task_id}.json").read_text()).status
+
+
+async def settled(pidfile: Path, timeout: float = 5.0) -> list[int]:
+    """The pids a task wrote, once it wrote them."""
+    with anyio.fail_after(timeout):
+        while not pidfile.exists() or not pidfile.read_text().endswith("\n"):
+            await anyio.sleep(0.01)
+    return read_pids(pidfile)
+
+
+async def test_a_fan_out_goes_through_the_lane_with_every_output_whole(workspace):
+    runs = workspace / "runs"
+    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+        commands = [f"echo out-{i}; exit {i % 3}" for i in range(20)] + ["head -c 3000000 /dev/zero; echo; echo last"]
+        _, members = await registry.launch_group(commands, max_parallel=5, cwd=workspace)
+        with anyio.fail_after(30):
+            for task in members:
+                await task.done.wait()
+        assert lane_started(registry) == 21
+        for i, task in enumerate(members[:20]):
+            rec = task.record
+            assert rec.exit_code == i % 3 and rec.status == ("completed" if i % 3 == 0 else "failed")
+            assert rec.last_line == f"out-{i}" and rec.output_bytes == len(f"out-{i}\n")
+            assert on_disk(runs, rec.task_id) == rec.status
+        big = members[20].record
+        assert big.status == "completed" and big.output_bytes == 3_000_006 and big.last_line == "last"
+
+
+async def test_a_timeout_stops_a_task_the_lane_follows(workspace):
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        task = await launch_bg(registry, workspace, "echo $$ > pid; exec sleep 30", timeout_s=0.5)
+        _, members = await registry.launch_group(["sleep 30", "true"], max_parallel=2, cwd=workspace, timeout_s=0.5)
+        with anyio.fail_after(10):
+            for one in (task, *members):
+                await one.done.wait()
+        assert lane_started(registry) == 3
+        assert task.record.status == "timed_out" and task.record.reason == "killed after its timeout of 0.5 s"
+        assert [m.record.status for m in members] == ["timed_out", "completed"]
+        assert all_dead(read_pids(workspace / "pid"))
+
+
+async def test_cancelling_a_task_the_lane_follows_stops_it(workspace):
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        task = await launch_bg(registry, workspace, "sleep 30 & echo $! > pid; wait")
+        pids = await settled(workspace / "pid")
+        assert await registry.cancel(task)
+        assert task.record.status == "cancelled" and task.record.reason == "cancelled by cancel_task"
+        assert all_dead(pids) and lane_started(registry) == 1
+
+
+async def test_a_task_cancelled_before_the_lane_started_it_never_runs(workspace):
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        task = await launch_bg(registry, workspace, "touch ran")
+        with anyio.fail_after(10):
+            assert await registry.cancel(task)
+        assert task.record.status == "cancelled" and task.record.reason == "cancelled before it started"
+        assert not (workspace / "ran").exists() and lane_started(registry) == 0
+
+
+@pytest.mark.parametrize("command", [
+    "sleep 30 > /dev/null 2>&1 & echo $! > pid",  # left in its group, output closed
+    "setsid sleep 30 & echo $! > pid",  # left its group, and holds the output pipe open
+], ids=["in-group", "escaped-holding-the-pipe"])
+@pytest.mark.fault("a task the lane follows exits leaving a process behind (also one that escaped its group and "
+                   "holds the output pipe): the task completes, the process is stopped")
+async def test_what_a_lane_task_leaves_running_is_stopped(workspace, command):
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        task = await launch_bg(registry, workspace, command)
+        with anyio.fail_after(10):
+            await task.done.wait()
+        assert task.record.status == "completed" and lane_started(registry) == 1
+        assert all_dead(read_pids(workspace / "pid"))
+
+
+async def test_one_start_failing_in_a_batch_fails_only_that_task(workspace):
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        bad = await registry.launch(argv=["/nonexistent/program"], cwd=workspace, answer_at_once=True)
+        good = await launch_bg(registry, workspace, "echo fine")
+        with anyio.fail_after(10):
+            await bad.done.wait()
+            await good.done.wait()
+        assert bad.record.status == "failed" and bad.record.started_at is None  # it never ran
+        assert bad.record.reason is not None and bad.record.reason.startswith(
+            f"could not start '/nonexistent/program' in {workspace}: ")
+        assert good.record.status == "completed" and good.record.last_line == "fine"
+
+
+async def test_lane_tasks_running_at_shutdown_end_interrupted_on_disk(workspace):
+    runs = workspace / "runs"
+    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+        _, members = await registry.launch_group(["echo $$ >> pids; exec sleep 30"] * 3, max_parallel=3, cwd=workspace)
+        with anyio.fail_after(10):
+            while len(read_pids(workspace / "pids")) < 3:
+                await anyio.sleep(0.01)
+        assert lane_started(registry) == 3
+    for task in members:
+        assert on_disk(runs, task.record.task_id) == "interrupted"
+    assert all_dead(read_pids(workspace / "pids"))
+
+
+@pytest.mark.fault("disk full while the lane moves a task's output into its log: that task fails visibly, "
+                   "the others and the server go on")
+async def test_a_log_failing_in_the_lane_fails_only_its_task(workspace, tiny_disk):
+    runs = tiny_disk / "runs"
+    runs.mkdir()
+    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+        go = workspace / "go"
+        flood = await launch_bg(registry, workspace, f"while [ ! -e {go} ]; do sleep 0.01; done; yes")
+        with anyio.fail_after(10):
+            while not (runs / f"{flood.record.task_id}.json").exists() \
+                    or '"running"' not in (runs / f"{flood.record.task_id}.json").read_text():
+                await anyio.sleep(0.01)
+            fill_disk(tiny_disk, pages_left=8)
+            go.touch()
+            await flood.done.wait()
+        assert flood.record.status == "failed"
+        assert flood.record.reason == "could not write the task's log: No space left on device"
+        (tiny_disk / "filler").unlink()
+        healthy = await launch_bg(registry, workspace, "echo fine")
+        with anyio.fail_after(10):
+            await healthy.done.wait()
+        assert healthy.record.status == "completed" and lane_started(registry) == 2
