@@ -125,7 +125,7 @@ async def test_lane_tasks_running_at_shutdown_end_interrupted_on_disk(workspace)
     async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
         _, members = await registry.launch_group(["echo $$ >> pids; exec sleep 30"] * 3, max_parallel=3, cwd=workspace)
         with anyio.fail_after(10):
-            while len(read_pids(workspace / "pids")) < 3:
+            while len(read_pids(workspace / "pids")) < 3 or any(m.record.status != "running" for m in members):
                 await anyio.sleep(0.01)
         assert lane_started(registry) == 3
     for task in members:

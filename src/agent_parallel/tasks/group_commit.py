@@ -1,15 +1,16 @@
-"""Group commit: durable file writes that share their directory fsync and their worker thread.
+"""Group commit: durable file writes that share their worker thread and their sync.
 
-A final task record must survive a crash: written to a temporary file, fsynced, renamed over the
-record, and the directory fsynced (``paths.write_atomic(durable=True)``). When many tasks end at
-once (300 trivial items through a queue run), doing that one record per worker thread costs a
-thread hop and a directory fsync each. ``GroupCommit.save`` queues the write instead: the first
-caller finding no batch in progress writes everything queued so far in one worker thread (each
-file written, fsynced and renamed in the order queued, then each directory fsynced once), while
-later callers queue up for the next batch. Durability is unchanged: ``save`` returns only once
-its own file and its directory entry are on disk, and raises the ``OSError`` of its own write
-(a failed write fails only its caller). A batch, once begun, is finished even if its callers are
-cancelled; a caller cancelled while its write still waits for a batch takes it back (not written).
+A final task record must survive a crash. Written one at a time, each would cost a thread hop, an
+fsync of the file and one of its directory (``paths.write_atomic(durable=True)``). ``GroupCommit.save``
+queues the write instead: the first caller finding no batch in progress writes everything queued so
+far in one worker thread, while later callers queue up for the next batch. Given a ``Journal``, the
+batch's durable writes into the journal's directory are appended to it and made durable together by
+one ``fdatasync``, then written without an fsync (``journal.py``: a crash's losses are written back
+from it); any other durable write is fsynced, and its directory once per batch. Durability is
+unchanged: ``save`` (``save_all``) returns only once its writes are durable, and raises the ``OSError``
+of its own write (a failed write fails only its caller). A batch, once begun, is finished even if its
+callers are cancelled; a caller cancelled while its write still waits for a batch takes it back (not
+written).
 
 ``save_soon`` queues a write nobody waits for (a running task's record: it may be lost in a crash,
 never torn): it goes with the next batch, begun in the background at the event loop's next turn, and
@@ -30,6 +31,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..paths import write_atomic
+from .journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class GroupCommit:
     """Atomic writes, batched (see the module docstring). One per event loop; ``save_soon``
     needs ``tg``, where the background batches run."""
 
-    def __init__(self, *, max_batch: int = MAX_BATCH, tg: TaskGroup | None = None) -> None:
+    def __init__(self, *, max_batch: int = MAX_BATCH, tg: TaskGroup | None = None, journal: Journal | None = None) -> None:
         self._queued: list[_Write] = []
         self._soon: dict[Path, _Write] = {}  # queued save_soon writes, by file
         self._busy = False  # a batch is being written
@@ -59,6 +61,7 @@ class GroupCommit:
         self._written = anyio.Event()  # set (and replaced) when a batch is finished
         self._max_batch = max_batch
         self._tg = tg
+        self.journal = journal  # where durable writes into its directory are made durable together
         self.batches = 0  # batches written (for tests and benchmarks)
 
     def save_soon(self, path: Path, data: bytes, on_error: Callable[[OSError], None]) -> None:
@@ -128,7 +131,7 @@ class GroupCommit:
             self._busy = True
             try:
                 with anyio.CancelScope(shield=True):  # a batch begun is finished: its other writers wait on it
-                    await anyio.to_thread.run_sync(write_batch, batch)
+                    await anyio.to_thread.run_sync(write_batch, batch, self.journal)
             finally:
                 self.batches += 1
                 self._busy = False
@@ -142,16 +145,25 @@ class GroupCommit:
                         log.exception("handling the failed write of %s failed", taken.path)
 
 
-def write_batch(batch: list[_Write]) -> None:
-    """Write (durable ones fsynced) and rename each file in order, then fsync each directory of a
-    durable write once (sync: in a worker thread).
+def write_batch(batch: list[_Write], journal: Journal | None = None) -> None:
+    """Write and rename each file in order, the durable ones made durable (sync: in a worker thread).
 
-    Every write ends ``done``, with its own ``error`` when it failed (its directory's fsync included)."""
+    The durable writes ``journal`` takes are appended to it with one ``fdatasync`` (``journal.py``),
+    then written without one; any other durable write is fsynced, and its directory once. Every
+    write ends ``done``, with its own ``error`` when it failed (its directory's fsync included)."""
+    journaled: set[int] = set()
+    if journal is not None and (taken := [w for w in batch if w.durable and journal.takes(w.path, w.data)]):
+        try:
+            journal.commit([(w.path, w.data) for w in taken])
+            journaled = {id(w) for w in taken}
+        except OSError as exc:
+            log.warning("could not write the record journal (%s): each record is made durable on its own", exc)
     by_dir: dict[Path, list[_Write]] = {}
     for write in batch:
+        durable = write.durable and id(write) not in journaled
         try:
-            write_atomic(write.path, write.data, durable=write.durable, sync_dir=False)
-            if write.durable:
+            write_atomic(write.path, write.data, durable=durable, sync_dir=False)
+            if durable:
                 by_dir.setdefault(write.path.parent, []).append(write)
         except OSError as exc:
             write.error = exc
@@ -165,6 +177,9 @@ def write_batch(batch: list[_Write]) -> None:
         except OSError as exc:
             for write in writes:
                 write.error = exc
+    if journaled:
+        assert journal is not None
+        journal.written()
     for write in batch:
         write.done = True
 

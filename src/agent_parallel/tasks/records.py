@@ -416,6 +416,27 @@ def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def journal_replaces(path: Path, data: bytes) -> bool:
+    """Whether a record journal's entry ``data`` is to be written back to ``path`` (``journal.recover``):
+    when it is a finished task's record named by ``path``, and ``path`` is missing, unreadable, or not
+    a finished task's record (the crash came before its final record reached the disk)."""
+    try:
+        entry = TaskRecord.model_validate_json(data)
+        if not entry.is_done or record_path(path.parent, entry.task_id) != path:
+            return False
+    except (ValidationError, ValueError):
+        return False
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
+            return True
+        return not TaskRecord.model_validate_json(path.read_bytes()).is_done
+    except FileNotFoundError:
+        return True
+    except (OSError, ValidationError, ValueError):
+        return True
+
+
 def load_records(runs_dir: Path) -> list[TaskRecord]:
     """Every valid record in ``runs_dir``. Unreadable or implausible ones are skipped with a
     warning (and never crash start-up); records are read only from regular files."""

@@ -1,0 +1,251 @@
+"""The record journal: one ``fdatasync`` makes a whole batch of final records durable.
+
+A final task record must survive a crash. Made durable one file at a time, each costs an fsync
+of the file, and each batch one of its directory: on this project's ext4 VMs about 0.6 ms of CPU
+each (every one a journal commit of the file system), 1.8 ms of the server's CPU per trivial task.
+``GroupCommit`` appends a batch's final records to this journal instead, in one write made durable
+by one ``fdatasync``, then writes each record file as usual but without an fsync. The journal is
+what makes them durable: after a crash, ``recover`` writes back (durably) every record the journal
+holds whose file was lost, torn, or still shows the task running, before the records are loaded.
+
+A checkpoint empties the journal once it holds ``CHECKPOINT_ENTRIES`` records: one ``syncfs``
+(every record written since is then on disk; where there is no ``syncfs``, an fsync of each),
+then the journal is truncated. A journal left by a server that stopped is recovered, then
+removed, by the next server that opens the workspace.
+
+Each server writes its own journal (``journal-<pid>-<random>.wal`` in the runs directory) and
+holds an exclusive ``flock`` on it for its life, so a server starting beside it recovers only the
+journals of servers that are gone. What a cloned repository may have planted there is never
+trusted: journals are opened ``O_NOFOLLOW|O_NONBLOCK`` and read only when regular files of a
+plausible size; an entry names a record file by a bare ``<id>.json`` name in the journal's own
+directory, anything else is skipped; and a record file that holds a finished task is never
+replaced. A line cut short by a crash is skipped (its batch was never reported written).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from ..paths import write_atomic
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_ENTRIES = 1000
+MAX_JOURNAL_BYTES = 64 << 20  # a journal holds about a thousand records of a few KB: bigger is not ours
+JOURNAL_GLOB = "journal-*.wal"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.json")
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Journal:
+    """This server's journal for durable writes into ``directory`` (see the module docstring).
+
+    Used from one worker thread at a time (``GroupCommit`` writes one batch at a time)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd = -1
+        self._path: Path | None = None
+        self._entries = 0  # records in the journal since its last checkpoint
+        self._pending: list[Path] = []  # their files (synced one by one where there is no syncfs)
+
+    def takes(self, path: Path, data: bytes) -> bool:
+        """Whether the write of ``data`` to ``path`` can go through this journal."""
+        return path.parent == self.directory and _NAME.fullmatch(path.name) is not None and b"\n" not in data
+
+    def commit(self, writes: list[tuple[Path, bytes]]) -> None:
+        """Append ``writes`` and make them durable (one write, one ``fdatasync``). Raises ``OSError``:
+        the caller then makes each file durable itself."""
+        if self._fd >= 0 and not self._still_there():
+            self.close()  # its directory was removed (git clean) and made again: a journal there is needed
+        if self._fd < 0:
+            self._open()
+        try:
+            _write_all(self._fd, b"".join(path.name.encode() + b"\t" + data + b"\n" for path, data in writes))
+            os.fdatasync(self._fd)
+        except OSError:  # maybe a line cut short: the next batch starts a journal of its own
+            self.close()
+            raise
+        self._entries += len(writes)
+        self._pending.extend(path for path, _ in writes)
+
+    def written(self) -> None:
+        """The files of the last ``commit`` are written: checkpoint when the journal is full."""
+        if self._entries >= CHECKPOINT_ENTRIES:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make every file written since the last checkpoint durable, then empty the journal. A
+        checkpoint that fails leaves the journal as it was (recovery still has every entry)."""
+        if self._fd < 0 or not self._entries:
+            return
+        try:
+            _sync_files(self.directory, self._pending)
+            os.ftruncate(self._fd, 0)
+        except OSError as exc:
+            log.warning("could not checkpoint the record journal %s: %s", self._path, exc)
+            return
+        self._entries = 0
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Stop using the journal; what it holds stays for the next server to recover."""
+        if self._fd >= 0:
+            os.close(self._fd)  # (releases the flock)
+            self._fd = -1
+
+    def _still_there(self) -> bool:
+        assert self._path is not None
+        try:
+            return os.stat(self._path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino
+        except OSError:
+            return False
+
+    def _open(self) -> None:
+        path = self.directory / f"journal-{os.getpid()}-{secrets.token_hex(4)}.wal"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _fsync_dir(self.directory)  # the journal itself must survive a crash
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fd, self._path = fd, path
+        self._entries = 0
+        self._pending.clear()  # (those of a journal given up are in that journal, for recovery)
+
+
+def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
+    """Write back what the journals of gone servers in ``directory`` hold, then remove them.
+
+    ``replaces(path, data)`` says whether the file at ``path`` (as it is now) is to be replaced by
+    ``data`` (the registry: when it is missing, unreadable, or not a finished task's record).
+    Returns the files written back. Never raises: a journal that cannot be read is left as it is."""
+    restored = 0
+    for journal in sorted(directory.glob(JOURNAL_GLOB)):
+        try:
+            fd = os.open(journal, os.O_RDONLY | _OPEN_FLAGS)
+        except OSError as exc:
+            log.warning("skipped the record journal %s: %s", journal, exc)
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_JOURNAL_BYTES:
+                log.warning("skipped the record journal %s: not a regular file of a plausible size", journal)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live server's
+            restored += _replay(directory, journal, _read_all(fd, st.st_size), replaces)
+        except OSError as exc:
+            log.warning("could not recover the record journal %s: %s", journal, exc)
+        finally:
+            os.close(fd)
+    return restored
+
+
+def _replay(directory: Path, journal: Path, content: bytes, replaces: Callable[[Path, bytes], bool]) -> int:
+    latest: dict[str, bytes] = {}
+    for line in content.split(b"\n")[:-1]:  # the last piece is empty, or a line cut short by a crash
+        raw, sep, data = line.partition(b"\t")
+        name = raw.decode("ascii", "replace")
+        if sep and _NAME.fullmatch(name):
+            latest[name] = data
+    restored, checked = 0, []
+    for name, data in latest.items():
+        path = directory / name
+        if replaces(path, data):
+            write_atomic(path, data, durable=True, sync_dir=False)
+            restored += 1
+        else:
+            checked.append(path)
+    _sync_files(directory, checked)  # what is already there may still be only in memory
+    journal.unlink()
+    _fsync_dir(directory)
+    if restored:
+        log.warning("restored %d task record(s) from the journal %s of a server that stopped", restored, journal)
+    return restored
+
+
+def _sync_files(directory: Path, paths: list[Path]) -> None:
+    """Make ``paths`` (files in ``directory``) and their directory entries durable."""
+    if paths and not _syncfs(directory):
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+            except FileNotFoundError:
+                continue  # removed since (pruned): nothing to keep
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(directory)
+
+
+def _syncfs(directory: Path) -> bool:
+    """``syncfs`` on the file system of ``directory``; False where there is none."""
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        return False
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), str(directory))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    parts, left = [], size
+    while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+_SYNCFS: list[Callable[[int], int] | None] = []
+
+
+def _libc_syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs`` (looked up once, on first use: ctypes costs an import), or None."""
+    if not _SYNCFS:
+        try:
+            import ctypes
+
+            syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+            syncfs.argtypes = [ctypes.c_int]
+            syncfs.restype = ctypes.c_int
+            _SYNCFS.append(syncfs)
+        except (OSError, AttributeError):
+            _SYNCFS.append(None)
+    return _SYNCFS[0]
+
+
+__all__ = ["Journal", "recover", "CHECKPOINT_ENTRIES", "JOURNAL_GLOB"]

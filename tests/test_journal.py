@@ -1,0 +1,216 @@
+"""The record journal (tasks/journal.py): a batch of final records made durable by one fdatasync,
+and written back after a crash; hostile journals in a cloned workspace are never trusted."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agent_parallel.tasks import journal as journal_module
+from agent_parallel.tasks.group_commit import GroupCommit
+from agent_parallel.tasks.journal import Journal, recover
+from agent_parallel.tasks.records import Succeeded, TaskRecord, journal_replaces, load_records
+
+pytestmark = pytest.mark.anyio
+
+
+def record(task_id: str, *, done: bool = True) -> TaskRecord:
+    rec = TaskRecord(task_id=task_id, kind="command", command="true", cwd="/tmp")
+    rec.start(time.time(), None)
+    if done:
+        rec.end(Succeeded(), time.time())
+    return rec
+
+
+def data(rec: TaskRecord) -> bytes:
+    return rec.model_dump_json().encode()
+
+
+def journals(directory: Path) -> list[Path]:
+    return sorted(directory.glob("journal-*.wal"))
+
+
+async def test_a_batch_is_durable_once_its_journal_line_is_synced(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(journal_module.os, "fdatasync", lambda fd: (real_fdatasync(fd), events.append("journal")))
+    monkeypatch.setattr(os, "fsync", lambda fd: (real_fsync(fd), events.append(os.readlink(f"/proc/self/fd/{fd}"))))
+    commit = GroupCommit(journal=Journal(tmp_path))
+    recs = [record(f"task{i:04d}") for i in range(12)]
+    errors = await commit.save_all([(tmp_path / f"{r.task_id}.json", data(r)) for r in recs])
+    assert errors == [None] * 12
+    assert events == [str(tmp_path), "journal"]  # the new journal's directory entry; then one fdatasync for all
+    events.clear()
+    more = [record(f"more{i:04d}") for i in range(3)]
+    assert await commit.save_all([(tmp_path / f"{r.task_id}.json", data(r)) for r in more]) == [None] * 3
+    assert events == ["journal"]  # no fsync of each file, nor of the directory
+    [wal] = journals(tmp_path)
+    lines = wal.read_bytes().splitlines()
+    assert lines == [f"{r.task_id}.json".encode() + b"\t" + data(r) for r in recs + more]
+    assert {r.task_id for r in load_records(tmp_path)} == {r.task_id for r in recs + more}
+
+
+@pytest.mark.fault("a crash loses final records the server had reported written (the file gone, empty, or still "
+                   "the running record): the journal writes them back at the next start")
+async def test_recovery_writes_back_what_a_crash_lost(tmp_path):
+    journal = Journal(tmp_path)
+    recs = [record(f"lost{i:04d}") for i in range(4)]
+    commit = GroupCommit(journal=journal)
+    await commit.save_all([(tmp_path / f"{r.task_id}.json", data(r)) for r in recs])
+    journal.close()  # the server is gone (its flock with it)
+    (tmp_path / "lost0000.json").unlink()
+    (tmp_path / "lost0001.json").write_bytes(b"")
+    (tmp_path / "lost0002.json").write_bytes(data(record("lost0002", done=False)))
+    assert recover(tmp_path, journal_replaces) == 3
+    assert {r.task_id: r.status for r in load_records(tmp_path)} == {r.task_id: "completed" for r in recs}
+    assert journals(tmp_path) == []  # recovered, then removed
+
+
+async def test_a_live_servers_journal_is_left_alone(tmp_path):
+    journal = Journal(tmp_path)
+    await GroupCommit(journal=journal).save_all([(tmp_path / "live0001.json", data(record("live0001")))])
+    (tmp_path / "live0001.json").unlink()
+    assert recover(tmp_path, journal_replaces) == 0  # its flock is held: not ours to recover
+    assert not (tmp_path / "live0001.json").exists() and len(journals(tmp_path)) == 1
+    journal.close()
+    assert recover(tmp_path, journal_replaces) == 1
+
+
+@pytest.mark.fault("hostile record journals in a cloned workspace (a symlink, a FIFO, entries naming other paths, "
+                   "a running record, a cut line, a newer finished record): nothing outside is touched, nothing "
+                   "finished is replaced, start-up never blocks")
+async def test_hostile_journals_are_never_trusted(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    outside = tmp_path / "outside.json"
+    outside.write_text("keep")
+    (runs / "journal-1-link.wal").symlink_to(outside)
+    os.mkfifo(runs / "journal-2-fifo.wal")
+    finished_before = record("done0001")
+    (runs / "done0001.json").write_bytes(data(finished_before))
+    other = record("done0001")
+    other.note("a journal's version")
+    lines = [
+        b"../outside.json\t" + data(record("outside")),
+        b"sub/x.json\t" + data(record("x")),
+        b".hidden.json\t" + data(record("hidden")),
+        b"wrongname.json\t" + data(record("somebody")),  # names another task's record
+        b"running1.json\t" + data(record("running1", done=False)),
+        b"done0001.json\t" + data(other),  # never replaces a finished record
+        b"garbage1.json\tnot json at all",
+        b"good0001.json\t" + data(record("good0001")),
+        b"cut00001.json\t" + data(record("cut00001"))[:40],  # no newline: a line cut short
+    ]
+    (runs / "journal-3-planted.wal").write_bytes(b"\n".join(lines))
+    with anyio.fail_after(10):
+        restored = await anyio.to_thread.run_sync(recover, runs, journal_replaces)
+    assert restored == 1
+    assert sorted(p.name for p in runs.iterdir()) == ["done0001.json", "good0001.json", "journal-1-link.wal",
+                                                        "journal-2-fifo.wal"]
+    assert outside.read_text() == "keep" and (runs / "done0001.json").read_bytes() == data(finished_before)
+
+
+async def test_a_checkpoint_empties_the_journal_and_keeps_every_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "CHECKPOINT_ENTRIES", 5)
+    commit = GroupCommit(journal=Journal(tmp_path))
+    for i in range(12):
+        rec = record(f"cp{i:06d}")
+        await commit.save(tmp_path / f"{rec.task_id}.json", data(rec))
+    [wal] = journals(tmp_path)
+    assert len(wal.read_bytes().splitlines()) == 2  # checkpointed at 5 and 10
+    assert len(load_records(tmp_path)) == 12
+
+
+async def test_a_runs_directory_removed_and_made_again_gets_a_new_journal(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    commit = GroupCommit(journal=Journal(runs))
+    await commit.save(runs / "first001.json", data(record("first001")))
+    subprocess.run(["rm", "-rf", str(runs)], check=True)  # git clean -fdX
+    runs.mkdir()
+    await commit.save(runs / "second01.json", data(record("second01")))
+    [wal] = journals(runs)
+    assert wal.read_bytes().startswith(b"second01.json\t")
+
+
+async def test_durable_writes_outside_the_journals_directory_are_fsynced_one_by_one(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (real_fsync(fd), synced.append(os.readlink(f"/proc/self/fd/{fd}"))))
+    (tmp_path / "runs").mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    await GroupCommit(journal=Journal(tmp_path / "runs")).save(other / "else0001.json", data(record("else0001")))
+    assert (other / "else0001.json").exists() and journals(other) == journals(tmp_path / "runs") == []
+    assert synced == [str(other / ".else0001.json.tmp"), str(other)]  # the file (before its rename), its directory
+
+
+@pytest.mark.fault("disk full when the record journal is written: each record's write fails clearly (the write "
+                   "made on its own fails too), nothing hangs, and writes succeed again once there is room")
+async def test_a_full_disk_fails_the_journal_and_the_records_clearly(tiny_disk):
+    runs = tiny_disk / "runs"
+    runs.mkdir()
+    commit = GroupCommit(journal=Journal(runs))
+    await commit.save(runs / "before01.json", data(record("before01")))
+    from conftest import fill_disk
+
+    fill_disk(tiny_disk)
+    big = record("full0001")
+    big.note("x" * 8192)
+    with anyio.fail_after(10):
+        [error] = await commit.save_all([(runs / "full0001.json", data(big))])
+    assert isinstance(error, OSError) and error.errno == 28  # ENOSPC
+    assert not (runs / "full0001.json").exists()
+    (tiny_disk / "filler").unlink()
+    await commit.save(runs / "after001.json", data(record("after001")))
+    assert {r.task_id for r in load_records(runs)} == {"before01", "after001"}
+
+
+@pytest.mark.fault("the server is killed (SIGKILL) right after tasks finished, with a final record lost: the next "
+                   "server's start-up restores it from the dead server's journal")
+async def test_a_killed_server_s_journal_is_recovered_by_the_next_one(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    script = textwrap.dedent(f"""
+        import anyio, os, signal
+        from pathlib import Path
+        from agent_parallel.tasks.registry import RegistrySettings, open_registry
+        from agent_parallel.tasks.records import TaskRecord
+        async def main():
+            runs = Path({str(runs)!r})
+            async with open_registry(runs.parent, runs, RegistrySettings()) as registry:
+                _, members = await registry.launch_group(["echo one", "echo two"], max_parallel=2, cwd=runs.parent)
+                for task in members:
+                    await task.done.wait()
+                lost = members[0].record.model_copy(deep=True)
+                lost.state = TaskRecord(task_id="x", kind="command", command="", cwd="/").state  # queued: not done
+                (runs / f"{{lost.task_id}}.json").write_text(lost.model_dump_json())  # as if the page cache was lost
+                print(members[0].record.task_id, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        anyio.run(main)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    task_id = done.stdout.split()[0]
+    assert not TaskRecord.model_validate_json((runs / f"{task_id}.json").read_text()).is_done
+    [wal] = journals(runs)
+    fd = os.open(wal, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its owner is dead: the lock is free
+    finally:
+        os.close(fd)
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    async with open_registry(tmp_path, runs, RegistrySettings()) as registry:
+        task = registry.get(task_id)
+        assert task.record.status == "completed" and task.record.last_line == "one"
+    assert journals(runs) == []
