@@ -155,3 +155,34 @@ async def test_a_log_failing_in_the_lane_fails_only_its_task(workspace, tiny_dis
         with anyio.fail_after(10):
             await healthy.done.wait()
         assert healthy.record.status == "completed" and lane_started(registry) == 2
+
+
+@pytest.mark.fault("a bug while the lane follows one task (its output or its exit cannot be taken): that task goes "
+                   "on under its own supervision, the lane and the server go on")
+@pytest.mark.parametrize("where", ["lane_output", "lane_exit"])
+async def test_a_fault_following_one_task_hands_it_over_and_the_lane_goes_on(workspace, monkeypatch, where):
+    from agent_parallel.tasks.executor import LocalHandle
+
+    real = getattr(LocalHandle, where)
+    faults: list[str] = []
+
+    def faulty(self):  # type: ignore[no-untyped-def]
+        if self.task_id == first.record.task_id and not faults:
+            faults.append(self.task_id)
+            raise RuntimeError("injected")
+        return real(self)
+
+    monkeypatch.setattr(LocalHandle, where, faulty)
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        first = await launch_bg(registry, workspace, "echo first-output; sleep 0.2")
+        second = await launch_bg(registry, workspace, "echo second")
+        with anyio.fail_after(10):
+            await first.done.wait()
+            await second.done.wait()
+        assert faults == [first.record.task_id]
+        assert first.record.status == "completed" and first.record.last_line == "first-output"
+        assert second.record.status == "completed" and second.record.last_line == "second"
+        third = await launch_bg(registry, workspace, "echo third")
+        with anyio.fail_after(10):
+            await third.done.wait()
+        assert third.record.status == "completed" and lane_started(registry) == 3

@@ -20,6 +20,7 @@ The lane only ever does non-blocking work on the event loop; it runs while it ha
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 import select
 import time
@@ -30,8 +31,11 @@ from typing import Generic, Protocol, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+from ..errors import InternalError
 from .executor import ExitInfo, LaunchSpec, LocalExecutor, LocalHandle
 from .logs import LogWriter
+
+log = logging.getLogger(__name__)
 
 K = TypeVar("K")
 
@@ -116,6 +120,14 @@ class Lane(Generic[K]):
                 self._asleep = False
                 self._take(self._epoll.poll(0))
                 self._expire()
+        except Exception:  # a bug here must not take the server down: every task goes its own way
+            log.exception("the lane failed; its tasks are supervised on their own")
+            for one in list(self._by_fd.values()):
+                self._hand_over(one)
+            waiting, self._waiting = self._waiting, []
+            for left in waiting:
+                self.owner.lane_started(left.key, InternalError("the lane that was to start it failed"), None,
+                                        time.time())
         finally:
             self._running = self._asleep = False
 
@@ -125,13 +137,17 @@ class Lane(Generic[K]):
         if not batch:
             return
         at = time.time()
-        results = await self.executor.start_batch([(one.spec, one.open_log) for one in batch])
+        try:
+            results = await self.executor.start_batch([(one.spec, one.open_log) for one in batch])
+        except Exception as exc:  # (start_batch gives each task's failure as its result: this is a bug)
+            log.exception("starting a batch of tasks failed")
+            results = [(exc, None)] * len(batch)
         now = anyio.current_time()
-        for one, (result, log) in zip(batch, results, strict=True):
+        for one, (result, log_writer) in zip(batch, results, strict=True):
             if isinstance(result, LocalHandle):
                 self.started += 1
                 self._follow(one.key, result, None if one.timeout_s is None else now + one.timeout_s)
-            self.owner.lane_started(one.key, result, log, at)  # a stop it begins hands the task over
+            self.owner.lane_started(one.key, result, log_writer, at)  # a stop it begins hands the task over
 
     def _follow(self, key: K, handle: LocalHandle, deadline: float | None) -> None:
         fds = handle.lane_fds()
@@ -140,36 +156,56 @@ class Lane(Generic[K]):
             return
         pidfd, rfd = fds
         one = _Followed(key, handle, pidfd, rfd, deadline)
-        self._epoll.register(pidfd, select.EPOLLIN)
-        self._by_fd[pidfd] = one
-        if rfd >= 0:
-            self._epoll.register(rfd, select.EPOLLIN)
-            self._by_fd[rfd] = one
+        try:
+            self._epoll.register(pidfd, select.EPOLLIN)
+            self._by_fd[pidfd] = one
+            if rfd >= 0:
+                self._epoll.register(rfd, select.EPOLLIN)
+                self._by_fd[rfd] = one
+        except OSError as exc:  # the epoll is full (fs.epoll.max_user_watches), no memory...
+            log.warning("task %s: the lane cannot follow it (%s); it is supervised on its own", handle.task_id, exc)
+            if self._by_fd.get(pidfd) is one:
+                self._unregister(one)
+            self.owner.lane_handover(key, deadline)
+            return
         if deadline is not None:
             self._count += 1
             heapq.heappush(self._deadlines, (deadline, self._count, one))
         handle.on_stop = lambda: self._hand_over(one)
 
     def _take(self, events: list[tuple[int, int]]) -> None:
-        """Move output, and take the ends: the usual ones to the owner in one batch, others handed over."""
+        """Move output, and take the ends: the usual ones to the owner in one batch, others handed
+        over. Whatever goes wrong with one task hands it over (its own supervision says what)."""
         ended: list[tuple[K, ExitInfo]] = []
         for fd, _ in events:
             if fd == self._wake_fd:
-                os.eventfd_read(self._wake_fd)
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
                 continue
             one = self._by_fd.get(fd)
             if one is None or fd != one.rfd:
                 continue
-            if one.handle.lane_output():
-                self._unregister_output(one)
-                if one.handle.log_failed:  # the log failed: the task is stopped by its own supervision
-                    self._hand_over(one)
+            try:
+                if one.handle.lane_output():
+                    self._unregister_output(one)
+                    if one.handle.log_failed:  # the log failed: the task is stopped by its own supervision
+                        self._hand_over(one)
+            except Exception:
+                log.exception("task %s: moving its output failed", one.handle.task_id)
+                self._hand_over(one)
         for fd, _ in events:
             one = self._by_fd.get(fd)
             if one is None or fd != one.pidfd:
                 continue
             self._unregister(one)
-            if (info := one.handle.lane_exit()) is not None:
+            try:
+                info = one.handle.lane_exit()
+            except Exception:
+                log.exception("task %s: taking its exit failed", one.handle.task_id)
+                info = None
+            if info is not None:
                 ended.append((one.key, info))
             else:
                 self.owner.lane_handover(one.key, one.deadline)
@@ -191,15 +227,20 @@ class Lane(Generic[K]):
 
     def _unregister_output(self, one: _Followed[K]) -> None:
         if one.rfd >= 0:
-            self._epoll.unregister(one.rfd)
-            del self._by_fd[one.rfd]
+            self._forget_fd(one.rfd)
             one.rfd = -1
 
     def _unregister(self, one: _Followed[K]) -> None:
         one.handle.on_stop = None
         self._unregister_output(one)
-        self._epoll.unregister(one.pidfd)
-        del self._by_fd[one.pidfd]
+        self._forget_fd(one.pidfd)
+
+    def _forget_fd(self, fd: int) -> None:
+        self._by_fd.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):  # (not registered)
+            pass
 
 
 def open_lane(executor: object, owner: LaneOwner[K], tg: TaskGroup) -> Lane[K] | None:
