@@ -350,10 +350,6 @@ class LocalHandle:
         return self._pidfd, -1 if self._eof.is_set() else self._rfd
 
     @property
-    def log(self) -> LogWriter:
-        return self._log
-
-    @property
     def log_failed(self) -> bool:
         """The log could not be written, and the task is still to be stopped (``wait`` does it)."""
         return self._must_stop

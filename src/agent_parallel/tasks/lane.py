@@ -6,15 +6,17 @@ when 300 short commands go through a fan-out or a queue run: most of the server'
 went into that machinery, not into the task. The lane does what every such task needs, for all of
 them at once, as ``bench/bench_floor.py`` does:
 
-- tasks submitted in the same turn are started in one worker thread (``LocalExecutor.start_batch``);
+- the tasks submitted in one turn of the event loop are started in one worker thread, their logs
+  created there too (``LocalExecutor.start_batch``);
 - one epoll holds every followed task's pidfd and output pipe; output moves into each log as it comes;
-- the usual end (the command exited, its output ended, it left nothing running) is taken inline
-  and handed to the owner in batches (``LaneOwner.ended``).
+- the usual end (the command exited, its output ended, it left nothing running) is taken inline,
+  and the tasks ending together go to the owner in one call (``LaneOwner.lane_ended``).
 
-Anything else leaves the lane for its own supervision (``LaneOwner.handover``): a stop begun on
-the task (cancel, shutdown, a record that cannot be written), its timeout, a failed log,
-processes it left behind, no pidfd. ``LocalHandle.wait`` then carries on from where the lane was.
-The lane only ever does non-blocking work on the event loop; it runs while it has tasks.
+Anything else leaves the lane for the task's own supervision (``LaneOwner.lane_handover``): a stop
+begun on the task (cancel, shutdown, a record that cannot be written), its timeout, a failed log,
+processes it left behind, no pidfd, an epoll that cannot take it, or any error while following it.
+``LocalHandle.wait`` then carries on from where the lane was. The lane runs only while it has
+tasks, and does nothing on the event loop that waits.
 """
 
 from __future__ import annotations
