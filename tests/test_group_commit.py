@@ -30,8 +30,8 @@ class SyncLog:
             real_replace(src, dst)
             self.events.append(("rename", str(dst)))
 
-        monkeypatch.setattr(group_commit.os, "fsync", fsync)
-        monkeypatch.setattr(group_commit.os, "replace", replace)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
 
     def durable(self, path: Path) -> bool:
         """Whether ``path`` was renamed into place after its data was synced, then its directory synced."""

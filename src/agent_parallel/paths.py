@@ -76,9 +76,7 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = False, sync_dir: bo
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
@@ -88,11 +86,23 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = False, sync_dir: bo
         tmp.unlink(missing_ok=True)
         raise
     if durable and sync_dir:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make ``directory``'s entries (a file created, renamed or removed in it) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_inside(root: Path, path: Path) -> None:

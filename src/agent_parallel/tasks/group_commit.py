@@ -22,7 +22,6 @@ always written in the order queued. A failed ``save_soon`` write calls its ``on_
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
-from ..paths import write_atomic
+from ..paths import fsync_dir, write_atomic
 from .journal import Journal
 
 log = logging.getLogger(__name__)
@@ -169,11 +168,7 @@ def write_batch(batch: list[_Write], journal: Journal | None = None) -> None:
             write.error = exc
     for directory, writes in by_dir.items():
         try:
-            fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(directory)
         except OSError as exc:
             for write in writes:
                 write.error = exc

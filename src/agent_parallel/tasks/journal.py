@@ -33,7 +33,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ..paths import write_atomic
+from ..paths import fsync_dir, write_all, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Journal:
         if self._fd < 0:
             self._open()
         try:
-            _write_all(self._fd, b"".join(path.name.encode() + b"\t" + data + b"\n" for path, data in writes))
+            write_all(self._fd, b"".join(path.name.encode() + b"\t" + data + b"\n" for path, data in writes))
             os.fdatasync(self._fd)
         except OSError:  # maybe a line cut short: the next batch starts a journal of its own
             self.close()
@@ -113,7 +113,7 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _fsync_dir(self.directory)  # the journal itself must survive a crash
+            fsync_dir(self.directory)  # the journal itself must survive a crash
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -170,7 +170,7 @@ def _replay(directory: Path, journal: Path, content: bytes, replaces: Callable[[
             checked.append(path)
     _sync_files(directory, checked)  # what is already there may still be only in memory
     journal.unlink()
-    _fsync_dir(directory)
+    fsync_dir(directory)
     if restored:
         log.warning("restored %d task record(s) from the journal %s of a server that stopped", restored, journal)
     return restored
@@ -188,7 +188,7 @@ def _sync_files(directory: Path, paths: list[Path]) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _syncfs(directory: Path) -> bool:
@@ -206,20 +206,6 @@ def _syncfs(directory: Path) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _read_all(fd: int, size: int) -> bytes:

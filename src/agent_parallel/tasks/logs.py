@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from ..paths import write_all
+
 if TYPE_CHECKING:
     from .records import TaskRecord
 
@@ -130,7 +132,7 @@ def upstream_log_path(runs_dir: Path, record: TaskRecord) -> Path:
     try:
         for i, (path, length) in enumerate(pieces):
             if i == 1 and marker:
-                _write_all(fd, marker)
+                write_all(fd, marker)
             _copy(path, fd, length)
         os.close(fd)
         fd = -1
@@ -161,16 +163,10 @@ def _copy(path: Path, dst: int, length: int) -> None:
             data = os.pread(src, min(CHUNK, length - offset), offset)
             if not data:
                 break
-            _write_all(dst, data)
+            write_all(dst, data)
             offset += len(data)
     finally:
         os.close(src)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class LineMatcher(Protocol):
