@@ -163,8 +163,24 @@ async def test_save_soon_writes_of_one_file_land_in_order(tmp_path):
         commit.save_soon(target, b"first", lambda exc: None)
         await anyio.sleep(group_commit.SOON_DELAY_S * 3)
         commit.save_soon(target, b"second", lambda exc: None)
-        await commit.save(tmp_path / "other.json", b"x")  # takes the queued write along, in order
+        await commit.save(tmp_path / "other.json", b"x")
     assert target.read_bytes() == b"second"
+
+
+async def test_a_save_soon_write_waits_its_delay_even_when_other_batches_are_written(tmp_path):
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg)
+        running = tmp_path / "running.json"
+        queued_at = anyio.current_time()
+        commit.save_soon(running, b"running", lambda exc: None)
+        await commit.save(tmp_path / "final.json", b"final")  # a durable batch leaves it: not due yet
+        if anyio.current_time() - queued_at < group_commit.SOON_DELAY_S:
+            assert not running.exists()
+        with anyio.fail_after(5):
+            while not running.exists():
+                await anyio.sleep(0.005)
+        assert anyio.current_time() - queued_at >= group_commit.SOON_DELAY_S
+    assert running.read_bytes() == b"running"
 
 
 async def test_a_failed_save_soon_calls_its_on_error_and_others_are_written(tmp_path):

@@ -362,7 +362,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                     branch=isolated.lease.branch if isolated else None,
                     worktree=str(isolated.lease.path) if isolated else None,
                     answer_at_once=True,  # the run goes on to its next start while this one's process starts
-                    record_soon=True)  # its claim is in the history: its first record goes with the next batch
+                    record_soon=True)  # its claim is in the history: its first record is written in the background
         except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
             if isolated is not None:
                 lease = isolated.lease

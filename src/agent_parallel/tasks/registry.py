@@ -247,9 +247,10 @@ class TaskRegistry:
         the task is registered, still ``queued`` while its start is under way, its first record written
         on the event loop (one small file: a worker thread's wake-up would cost more than the write).
         ``record_soon`` (a queue run's command item, whose claim is in the queue's history already and
-        whose task id nobody was given yet): the first record goes with the next background batch of
-        records instead (``GroupCommit.save_soon``), where the running record usually replaces it, so
-        the item costs one file write less, and none on the event loop. A write that fails fails the task.
+        whose task id nobody was given yet): the first record is written in the background instead
+        (``GroupCommit.save_soon``, ``SOON_DELAY_S`` later), where the running record replaces it, and
+        the final one replaces that when the task ends first: a short item writes one record file, none
+        of them on the event loop. A write that fails fails the task.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
         given a ``job``, runs that job (``command`` is then only what the record shows).
