@@ -186,3 +186,50 @@ async def test_a_fault_following_one_task_hands_it_over_and_the_lane_goes_on(wor
         with anyio.fail_after(10):
             await third.done.wait()
         assert third.record.status == "completed" and lane_started(registry) == 3
+
+
+@pytest.mark.fault("the server reaches its open-file limit while the lane starts a batch: each task that cannot "
+                   "start fails naming the limit and the fix, the lane and the server go on")
+async def test_the_open_file_limit_fails_lane_starts_not_the_lane(workspace):
+    import os
+    import resource
+
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+        try:
+            with pytest.raises(OSError):
+                while True:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+            os.close(fillers.pop())  # one free: the queued record is written (and closed), no log can be made
+            tasks = [await launch_bg(registry, workspace, f"echo never-{i}") for i in range(3)]
+            with anyio.fail_after(10):
+                for task in tasks:
+                    await task.done.wait()
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for task in tasks:
+            assert task.record.status == "failed" and task.record.started_at is None
+            assert "too many open files: the server's open-file limit (RLIMIT_NOFILE, ulimit -n) of " \
+                in (task.record.reason or "")
+        again = await launch_bg(registry, workspace, "echo fine")
+        with anyio.fail_after(10):
+            await again.done.wait()
+        assert again.record.status == "completed" and again.record.last_line == "fine"
+
+
+async def test_output_ending_before_the_exit_and_a_signal_are_reported(workspace):
+    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+        closed = await launch_bg(registry, workspace, "echo bye; exec >/dev/null 2>&1; sleep 0.3; exit 4")
+        killed = await launch_bg(registry, workspace, "echo about to; kill -KILL $$")
+        with anyio.fail_after(10):
+            await closed.done.wait()
+            await killed.done.wait()
+        assert (closed.record.status, closed.record.exit_code, closed.record.reason) == ("failed", 4, "exit code 4")
+        assert closed.record.last_line == "bye"
+        assert (killed.record.status, killed.record.signal, killed.record.reason) == \
+            ("failed", "SIGKILL", "killed by SIGKILL")
+        assert lane_started(registry) == 2

@@ -100,6 +100,12 @@ async def test_disk_full_at_an_items_end(workspace, tiny_runs_fs):
     async with Client(build_server(workspace, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         run = await call(client, "run_queue")
         await until(lambda: (workspace / "started").exists())  # running, not only claimed (in_progress)
+
+        def running_record_written() -> bool:  # (a running record is written up to SOON_DELAY_S after the start)
+            return any('"item_id":"001"' in text and '"state":"running"' in text
+                       for text in (p.read_text() for p in tiny_runs_fs.glob("*.json")))
+
+        await until(running_record_written)  # the disk fills at the item's end, not before its record
         history_file = tiny_runs_fs / "history.jsonl"
         with open(history_file, "ab") as f:  # end on a page boundary: the next line needs a new page
             f.write(b"\n" * (-history_file.stat().st_size % 4096))
