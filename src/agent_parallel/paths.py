@@ -8,8 +8,10 @@ symlink to somewhere else, and nothing is ever written through it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +96,21 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def open_regular(path: Path) -> int:
+    """Open ``path`` for reading only if it is a regular file (no symlink followed, no FIFO whose
+    open would wait, no device): an fd. Raises ``OSError`` (EINVAL when it is not a regular file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
 
 
 def fsync_dir(directory: Path) -> None:

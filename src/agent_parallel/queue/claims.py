@@ -20,7 +20,6 @@ import errno
 import fcntl
 import json
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import QueueError
-from ..paths import take_flock
+from ..paths import open_regular, take_flock
 from .items import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
 from ..text import short_repr
 from ..tasks.processes import process_start_time, same_process
@@ -378,16 +377,9 @@ def _open_history(path: Path) -> BinaryIO | None:
     """The history file for reading, or None when there is none we can read: never a symlink
     followed, never an open that waits (a FIFO planted there, on the event loop), only a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return os.fdopen(open_regular(path), "rb")
     except OSError:
         return None
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return os.fdopen(fd, "rb")
-    except OSError:
-        pass
-    os.close(fd)
-    return None
 
 
 def _parse_move(line: bytes) -> dict[str, Any] | None:

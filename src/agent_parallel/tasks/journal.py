@@ -29,11 +29,10 @@ import logging
 import os
 import re
 import secrets
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ..paths import fsync_dir, write_all, write_atomic
+from ..paths import fsync_dir, open_regular, write_all, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +131,14 @@ def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
     restored = 0
     for journal in sorted(directory.glob(JOURNAL_GLOB)):
         try:
-            fd = os.open(journal, os.O_RDONLY | _OPEN_FLAGS)
+            fd = open_regular(journal)
         except OSError as exc:
             log.warning("skipped the record journal %s: %s", journal, exc)
             continue
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_JOURNAL_BYTES:
-                log.warning("skipped the record journal %s: not a regular file of a plausible size", journal)
+            if st.st_size > MAX_JOURNAL_BYTES:
+                log.warning("skipped the record journal %s: %d bytes is not a journal of ours", journal, st.st_size)
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

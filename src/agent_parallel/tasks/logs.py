@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ..paths import write_all
+from ..paths import open_regular, write_all
 
 if TYPE_CHECKING:
     from .records import TaskRecord
@@ -69,15 +69,6 @@ def head_cap(cap_bytes: int) -> int:
 def segment_cap(cap_bytes: int) -> int:
     """Bytes in each tail segment for a log capped at ``cap_bytes``."""
     return max(cap_bytes, MIN_LOG_CAP) // 4
-
-
-def open_regular(path: Path) -> int:
-    """Open ``path`` for reading only if it is a regular file (no symlink, FIFO or device): an fd."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return fd
 
 
 def _regular_size(path: Path) -> int:
