@@ -171,21 +171,22 @@ class LocalExecutor:
             self._subreaper = False
 
     async def start(self, spec: LaunchSpec, log: LogWriter) -> LocalHandle:
-        if problem := check_launch_strings(spec):
-            raise SpawnError(f"cannot start the task: {problem}")
-        # in a worker thread: the caller of fork/exec waits until the child has exec'd (vfork), which
-        # would hold the event loop for a good part of a millisecond per task. Shielded: a process
-        # once started is always handed back (a cancelled caller then stops it through its handle).
-        with anyio.CancelScope(shield=True):
-            started = await anyio.to_thread.run_sync(self._start_sync, spec)
-        return LocalHandle(started, log, spec.task_id, self._watchdog)
+        [(started, _)] = await self.start_batch([(spec, lambda: log)])
+        if isinstance(started, Exception):
+            raise started
+        return started
 
     async def start_batch(self, batch: list[tuple[LaunchSpec, Callable[[], LogWriter]]],
                           ) -> list[tuple[LocalHandle | Exception, LogWriter | None]]:
-        """Start several tasks in one worker thread (``lane.py``): one hop for all, one wake-up of the
-        watchdog, and each log created there (``open_log``: a new file costs up to half a millisecond on
-        some file systems, which the event loop should not pay). Each gets its handle, or the exception
-        that kept it from starting (``SpawnError``, or what ``open_log`` raised), with its log if made."""
+        """Start several tasks in one worker thread (``lane.py``; ``start`` is a batch of one): one hop
+        for all, one wake-up of the watchdog, and each log created there (``open_log``: a new file costs
+        up to half a millisecond on some file systems, which the event loop should not pay). Each gets
+        its handle, or the exception that kept it from starting (``SpawnError``, or what ``open_log``
+        raised), with its log if made.
+
+        In a worker thread because the caller of fork/exec waits until the child has exec'd (vfork),
+        which would hold the event loop for a good part of a millisecond per task. Shielded: a process
+        once started is always handed back (a cancelled caller then stops it through its handle)."""
 
         def start_all() -> list[tuple[_Started | Exception, LogWriter | None]]:
             out: list[tuple[_Started | Exception, LogWriter | None]] = []
@@ -195,14 +196,14 @@ class LocalExecutor:
                     log = open_log()
                     if problem := check_launch_strings(spec):
                         raise SpawnError(f"cannot start the task: {problem}")
-                    out.append((self._start_sync(spec, flush=False), log))
+                    out.append((self._start_sync(spec), log))
                 except Exception as exc:  # that task fails, the others start
                     out.append((exc, log))
             if self._watchdog is not None:
                 self._watchdog.flush()
             return out
 
-        with anyio.CancelScope(shield=True):  # as in ``start``: processes once started are handed back
+        with anyio.CancelScope(shield=True):
             started = await anyio.to_thread.run_sync(start_all)
         handles: list[tuple[LocalHandle | Exception, LogWriter | None]] = []
         for (one, log), (spec, _) in zip(started, batch, strict=True):
@@ -213,7 +214,7 @@ class LocalExecutor:
                 handles.append((one, log))
         return handles
 
-    def _start_sync(self, spec: LaunchSpec, *, flush: bool = True) -> _Started:
+    def _start_sync(self, spec: LaunchSpec) -> _Started:
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
         # bytes throughout: os.environb is not decoded entry by entry, and Popen takes bytes as they are
         env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
@@ -243,7 +244,7 @@ class LocalExecutor:
         try:
             os.set_blocking(rfd, False)
             if self._watchdog is not None:
-                self._watchdog.watch(popen.pid, spec.task_id, flush=flush)
+                self._watchdog.watch(popen.pid, spec.task_id, flush=False)  # start_batch flushes
             return _Started(popen, rfd, process_start_time(popen.pid), _pidfd_open(popen.pid))
         except OSError as exc:  # started, but it cannot be followed: stop it rather than lose it
             processes.signal_group(popen.pid, signal.SIGKILL)
@@ -256,7 +257,7 @@ class LocalExecutor:
 
 @dataclass
 class _Started:
-    """What ``LocalExecutor._start_sync`` hands back from its worker thread."""
+    """What ``LocalExecutor._start_sync`` hands back from the worker thread of ``start_batch``."""
 
     popen: subprocess.Popen[bytes]
     read_fd: int  # the read end of the output pipe (non-blocking)
