@@ -431,9 +431,7 @@ def journal_replaces(path: Path, data: bytes) -> bool:
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
             return True
         return not TaskRecord.model_validate_json(path.read_bytes()).is_done
-    except FileNotFoundError:
-        return True
-    except (OSError, ValidationError, ValueError):
+    except (OSError, ValidationError, ValueError):  # missing (lost) or unreadable
         return True
 
 
