@@ -601,19 +601,28 @@ class TaskRegistry:
                 answered = True
                 task_status.started()
 
+        async def start_then_watch() -> None:
+            if await self._start(task, spec, predecessors, executor, job, answer):
+                answer()
+                await self._watch(task)
+
+        try:
+            await self._failing_the_task(task, start_then_watch)
+        finally:
+            answer()
+
+    async def _failing_the_task(self, task: Task, body: Callable[[], Awaitable[None]]) -> None:
+        """Run ``body`` (a task's supervision): whatever it raises ends the task, failed, and goes no
+        further; a cancellation (the launch was abandoned, or the registry is closing) ends it too."""
         try:
             try:
-                if await self._start(task, spec, predecessors, executor, job, answer):
-                    answer()
-                    await self._watch(task)
+                await body()
             except Exception as exc:
                 await self._fail(task, exc)
-        except BaseException:  # cancelled (the launch was abandoned, or the registry is closing)
+        except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._fail(task, None)
             raise
-        finally:
-            answer()
 
     async def _start(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
                      job: Job | None,
@@ -778,15 +787,7 @@ class TaskRegistry:
 
     async def _watch_rest(self, task: Task, deadline: float | None) -> None:
         """Supervise a task the lane gave up, from where it was (as ``_supervise`` after the start)."""
-        try:
-            try:
-                await self._watch(task, deadline)
-            except Exception as exc:
-                await self._fail(task, exc)
-        except BaseException:  # the registry is closing
-            with anyio.CancelScope(shield=True):
-                await self._fail(task, None)
-            raise
+        await self._failing_the_task(task, lambda: self._watch(task, deadline))
 
     async def _watch(self, task: Task, deadline: float | None = None) -> None:
         """Wait for a running task to end (enforcing its timeout, due at ``deadline`` when the lane
