@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from agent_parallel.tasks.records import TaskRecord
-from agent_parallel.tasks.registry import RegistrySettings, TaskRegistry, open_registry
+from agent_parallel.tasks.registry import RegistrySettings, Task, TaskRegistry, open_registry
 from conftest import all_dead, fill_disk, read_pids
 
 pytestmark = pytest.mark.anyio
@@ -27,8 +27,20 @@ def lane_started(registry: TaskRegistry) -> int:
     return registry._lane.started
 
 
+def lane_registry(workspace: Path, runs: Path | None = None):  # type: ignore[no-untyped-def]
+    """The registry a server opens (a guarded local executor, so a lane), with a short kill grace."""
+    return open_registry(workspace, runs or workspace / "runs", RegistrySettings(kill_grace_s=0.5))
+
+
 async def launch_bg(registry: TaskRegistry, workspace: Path, command: str, **kw):  # type: ignore[no-untyped-def]
     return await registry.launch(command=command, cwd=workspace, answer_at_once=True, **kw)
+
+
+async def finished(*tasks: Task, timeout: float = 10) -> None:
+    """Once every one of ``tasks`` has ended (failing the test after ``timeout`` seconds)."""
+    with anyio.fail_after(timeout):
+        for task in tasks:
+            await task.done.wait()
 
 
 def on_disk(runs: Path, task_id: str) -> str:
@@ -45,12 +57,10 @@ async def settled(pidfile: Path, timeout: float = 5.0) -> list[int]:
 
 async def test_a_fan_out_goes_through_the_lane_with_every_output_whole(workspace):
     runs = workspace / "runs"
-    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace, runs) as registry:
         commands = [f"echo out-{i}; exit {i % 3}" for i in range(20)] + ["head -c 3000000 /dev/zero; echo; echo last"]
         _, members = await registry.launch_group(commands, max_parallel=5, cwd=workspace)
-        with anyio.fail_after(30):
-            for task in members:
-                await task.done.wait()
+        await finished(*members, timeout=30)
         assert lane_started(registry) == 21
         for i, task in enumerate(members[:20]):
             rec = task.record
@@ -62,12 +72,10 @@ async def test_a_fan_out_goes_through_the_lane_with_every_output_whole(workspace
 
 
 async def test_a_timeout_stops_a_task_the_lane_follows(workspace):
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         task = await launch_bg(registry, workspace, "echo $$ > pid; exec sleep 30", timeout_s=0.5)
         _, members = await registry.launch_group(["sleep 30", "true"], max_parallel=2, cwd=workspace, timeout_s=0.5)
-        with anyio.fail_after(10):
-            for one in (task, *members):
-                await one.done.wait()
+        await finished(task, *members)
         assert lane_started(registry) == 3
         assert task.record.status == "timed_out" and task.record.reason == "killed after its timeout of 0.5 s"
         assert [m.record.status for m in members] == ["timed_out", "completed"]
@@ -75,7 +83,7 @@ async def test_a_timeout_stops_a_task_the_lane_follows(workspace):
 
 
 async def test_cancelling_a_task_the_lane_follows_stops_it(workspace):
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         task = await launch_bg(registry, workspace, "sleep 30 & echo $! > pid; wait")
         pids = await settled(workspace / "pid")
         assert await registry.cancel(task)
@@ -84,7 +92,7 @@ async def test_cancelling_a_task_the_lane_follows_stops_it(workspace):
 
 
 async def test_a_task_cancelled_before_the_lane_started_it_never_runs(workspace):
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         task = await launch_bg(registry, workspace, "touch ran")
         with anyio.fail_after(10):
             assert await registry.cancel(task)
@@ -99,21 +107,18 @@ async def test_a_task_cancelled_before_the_lane_started_it_never_runs(workspace)
 @pytest.mark.fault("a task the lane follows exits leaving a process behind (also one that escaped its group and "
                    "holds the output pipe): the task completes, the process is stopped")
 async def test_what_a_lane_task_leaves_running_is_stopped(workspace, command):
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         task = await launch_bg(registry, workspace, command)
-        with anyio.fail_after(10):
-            await task.done.wait()
+        await finished(task)
         assert task.record.status == "completed" and lane_started(registry) == 1
         assert all_dead(read_pids(workspace / "pid"))
 
 
 async def test_one_start_failing_in_a_batch_fails_only_that_task(workspace):
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         bad = await registry.launch(argv=["/nonexistent/program"], cwd=workspace, answer_at_once=True)
         good = await launch_bg(registry, workspace, "echo fine")
-        with anyio.fail_after(10):
-            await bad.done.wait()
-            await good.done.wait()
+        await finished(bad, good)
         assert bad.record.status == "failed" and bad.record.started_at is None  # it never ran
         assert bad.record.reason is not None and bad.record.reason.startswith(
             f"could not start '/nonexistent/program' in {workspace}: ")
@@ -122,7 +127,7 @@ async def test_one_start_failing_in_a_batch_fails_only_that_task(workspace):
 
 async def test_lane_tasks_running_at_shutdown_end_interrupted_on_disk(workspace):
     runs = workspace / "runs"
-    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace, runs) as registry:
         _, members = await registry.launch_group(["echo $$ >> pids; exec sleep 30"] * 3, max_parallel=3, cwd=workspace)
         with anyio.fail_after(10):
             while len(read_pids(workspace / "pids")) < 3 or any(m.record.status != "running" for m in members):
@@ -138,7 +143,7 @@ async def test_lane_tasks_running_at_shutdown_end_interrupted_on_disk(workspace)
 async def test_a_log_failing_in_the_lane_fails_only_its_task(workspace, tiny_disk):
     runs = tiny_disk / "runs"
     runs.mkdir()
-    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace, runs) as registry:
         go = workspace / "go"
         flood = await launch_bg(registry, workspace, f"while [ ! -e {go} ]; do sleep 0.01; done; yes")
         with anyio.fail_after(10):
@@ -152,8 +157,7 @@ async def test_a_log_failing_in_the_lane_fails_only_its_task(workspace, tiny_dis
         assert flood.record.reason == "could not write the task's log: No space left on device"
         (tiny_disk / "filler").unlink()
         healthy = await launch_bg(registry, workspace, "echo fine")
-        with anyio.fail_after(10):
-            await healthy.done.wait()
+        await finished(healthy)
         assert healthy.record.status == "completed" and lane_started(registry) == 2
 
 
@@ -173,18 +177,15 @@ async def test_a_fault_following_one_task_hands_it_over_and_the_lane_goes_on(wor
         return real(self)
 
     monkeypatch.setattr(LocalHandle, where, faulty)
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         first = await launch_bg(registry, workspace, "echo first-output; sleep 0.2")
         second = await launch_bg(registry, workspace, "echo second")
-        with anyio.fail_after(10):
-            await first.done.wait()
-            await second.done.wait()
+        await finished(first, second)
         assert faults == [first.record.task_id]
         assert first.record.status == "completed" and first.record.last_line == "first-output"
         assert second.record.status == "completed" and second.record.last_line == "second"
         third = await launch_bg(registry, workspace, "echo third")
-        with anyio.fail_after(10):
-            await third.done.wait()
+        await finished(third)
         assert third.record.status == "completed" and lane_started(registry) == 3
 
 
@@ -194,7 +195,7 @@ async def test_the_open_file_limit_fails_lane_starts_not_the_lane(workspace):
     import os
     import resource
 
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         fillers: list[int] = []
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
@@ -204,9 +205,7 @@ async def test_the_open_file_limit_fails_lane_starts_not_the_lane(workspace):
                     fillers.append(os.open("/dev/null", os.O_RDONLY))
             os.close(fillers.pop())  # one free: the queued record is written (and closed), no log can be made
             tasks = [await launch_bg(registry, workspace, f"echo never-{i}") for i in range(3)]
-            with anyio.fail_after(10):
-                for task in tasks:
-                    await task.done.wait()
+            await finished(*tasks)
         finally:
             for fd in fillers:
                 os.close(fd)
@@ -216,18 +215,15 @@ async def test_the_open_file_limit_fails_lane_starts_not_the_lane(workspace):
             assert "too many open files: the server's open-file limit (RLIMIT_NOFILE, ulimit -n) of " \
                 in (task.record.reason or "")
         again = await launch_bg(registry, workspace, "echo fine")
-        with anyio.fail_after(10):
-            await again.done.wait()
+        await finished(again)
         assert again.record.status == "completed" and again.record.last_line == "fine"
 
 
 async def test_output_ending_before_the_exit_and_a_signal_are_reported(workspace):
-    async with open_registry(workspace, workspace / "runs", RegistrySettings(kill_grace_s=0.5)) as registry:
+    async with lane_registry(workspace) as registry:
         closed = await launch_bg(registry, workspace, "echo bye; exec >/dev/null 2>&1; sleep 0.3; exit 4")
         killed = await launch_bg(registry, workspace, "echo about to; kill -KILL $$")
-        with anyio.fail_after(10):
-            await closed.done.wait()
-            await killed.done.wait()
+        await finished(closed, killed)
         assert (closed.record.status, closed.record.exit_code, closed.record.reason) == ("failed", 4, "exit code 4")
         assert closed.record.last_line == "bye"
         assert (killed.record.status, killed.record.signal, killed.record.reason) == \
