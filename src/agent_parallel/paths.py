@@ -70,7 +70,7 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = False, sync_dir: bo
     repository planted there to have us write through it) is removed first, and the file is then
     created new (``O_EXCL | O_NOFOLLOW``): a write never goes anywhere but into this directory.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = atomic_temporary(path)
     try:
         os.unlink(tmp)
     except FileNotFoundError:
@@ -89,6 +89,11 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = False, sync_dir: bo
         raise
     if durable and sync_dir:
         fsync_dir(path.parent)
+
+
+def atomic_temporary(path: Path) -> Path:
+    """The temporary file ``write_atomic`` writes ``path`` through (a crash may leave it behind)."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -109,8 +109,5 @@ def record_integration(root: Path, item_id: str, seconds: float) -> None:
     root = root.resolve()
     folder = runs_dir(root)  # recreated (with its .gitignore) if cleaned away; refused through a symlink
     samples = load_samples(root)[-(MAX_SAMPLES - 1):] + [sample]
-    path = folder / TIMES_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.is_symlink() or (tmp.exists() and not tmp.is_file()):
-        tmp.unlink()  # a shipped link there would have the write go through it
+    path = folder / TIMES_FILE  # (write_atomic removes whatever a clone planted at its temporary name)
     write_atomic(path, json.dumps({"version": 1, "integrations": [s._asdict() for s in samples]}, indent=0).encode())

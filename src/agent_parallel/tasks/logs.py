@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ..paths import open_regular, write_all
+from ..paths import atomic_temporary, open_regular, write_all
 
 if TYPE_CHECKING:
     from .records import TaskRecord
@@ -56,7 +56,8 @@ def record_path(runs_dir: Path, task_id: str) -> Path:
 
 def task_files(runs_dir: Path, task_id: str, segments: list[int]) -> list[Path]:
     """Every file a task may have in ``runs_dir``, by exact name (for pruning: never a pattern)."""
-    return [record_path(runs_dir, task_id), runs_dir / f".{task_id}.json.tmp", log_paths(runs_dir, task_id)[0],
+    record = record_path(runs_dir, task_id)
+    return [record, atomic_temporary(record), log_paths(runs_dir, task_id)[0],
             upstream_path(runs_dir, task_id), runs_dir / f"{task_id}.report.json",
             *(tail_segment_path(runs_dir, task_id, s) for s in segments)]
 
