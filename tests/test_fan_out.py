@@ -153,20 +153,46 @@ async def test_ids_naming_more_than_1000_tasks_through_groups_are_refused(worksp
         await call(client, "cancel_task", task_ids=[first["group_id"], second["group_id"]])
 
 
-@pytest.mark.fault("the disk fills while a fan-out writes its members' records: a clear error, no member started "
-                   "and no record of any member left")
+@pytest.mark.fault("the disk is full when a fan-out journals its members' first records: a clear error, no member "
+                   "started and no record of any member left, not even in the journal")
 async def test_a_record_that_cannot_be_written_starts_no_member(workspace, tiny_disk):
     from agent_parallel.errors import StorageError
+    from agent_parallel.tasks.journal import recover
+    from agent_parallel.tasks.records import journal_replaces
     from agent_parallel.tasks.registry import RegistrySettings, open_registry
 
     runs = tiny_disk / "runs"
     runs.mkdir(parents=True)
     async with open_registry(workspace, runs, RegistrySettings()) as registry:
-        fill_disk(tiny_disk, pages_left=2)  # room for two members' records, not the third
+        fill_disk(tiny_disk)
         with pytest.raises(StorageError, match=r"^cannot write the task record in .*: No space left on device"):
-            await registry.launch_group([f"touch started{n}" for n in range(4)], max_parallel=2, cwd=workspace)
+            await registry.launch_group([f"touch started{n}" for n in range(40)], max_parallel=2, cwd=workspace)
         assert not list(workspace.glob("started*")) and registry.list() == ([], 0)
         assert sorted(p.name for p in runs.glob("*.json")) == []
+    assert recover(runs, journal_replaces) == 0 and sorted(p.name for p in runs.glob("*.json")) == []
+
+
+@pytest.mark.fault("the disk fills after a fan-out answered, before its members' record files are written: each "
+                   "member fails saying why, nothing is left running, the server goes on")
+async def test_members_whose_record_files_cannot_be_written_fail_clearly(workspace, tiny_disk):
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    runs = tiny_disk / "runs"
+    runs.mkdir(parents=True)
+    async with open_registry(workspace, runs, RegistrySettings(kill_grace_s=0.5)) as registry:
+        _, members = await registry.launch_group(["sleep 30"] * 3, max_parallel=3, cwd=workspace)
+        fill_disk(tiny_disk)  # the running records (written 50 ms after the starts) find no room
+        with anyio.fail_after(20):
+            for task in members:
+                await task.done.wait()
+        for task in members:
+            assert task.record.status == "failed"
+            assert "could not write the task record in" in (task.record.reason or "")
+            assert "No space left on device" in (task.record.reason or "")
+        (tiny_disk / "filler").unlink()
+        [fine] = (await registry.launch_group(["echo fine"], max_parallel=1, cwd=workspace))[1]
+        await fine.done.wait()
+        assert fine.record.status == "completed"
 
 
 async def test_cancelling_one_waiting_member_ends_it_at_once_and_the_rest_run(client, workspace):

@@ -67,8 +67,9 @@ async def test_log_write_enospc_fails_the_task_visibly(workspace, tiny_disk):
         registry._new_task_id = lambda: next(ids)
         go = workspace / "go"  # its output starts once its running record is on disk: the log is what fills it
         task = await registry.launch(command=f"while [ ! -e {go} ]; do sleep 0.01; done; yes", cwd=workspace)
+        record = runs / "fulldisk0001.json"
         with anyio.fail_after(10):
-            while '"running"' not in (runs / "fulldisk0001.json").read_text():
+            while not record.exists() or '"running"' not in record.read_text():
                 await anyio.sleep(0.01)
             go.touch()  # `yes` now fills the 256 KiB disk with its log
             await task.done.wait()

@@ -1,5 +1,6 @@
-"""The record journal (tasks/journal.py): a batch of final records made durable by one fdatasync,
-and written back after a crash; hostile journals in a cloned workspace are never trusted."""
+"""The record journals (tasks/journal.py): a batch of final records made durable by one fdatasync,
+the first records of launched tasks kept before their files, both written back after a crash;
+hostile journals in a cloned workspace are never trusted."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from agent_parallel.tasks import journal as journal_module
 from agent_parallel.tasks.group_commit import GroupCommit
-from agent_parallel.tasks.journal import Journal, recover
+from agent_parallel.tasks.journal import FirstRecords, Journal, recover
 from agent_parallel.tasks.records import Succeeded, TaskRecord, journal_replaces, load_records
 
 pytestmark = pytest.mark.anyio
@@ -86,8 +87,9 @@ async def test_a_live_servers_journal_is_left_alone(tmp_path):
 
 
 @pytest.mark.fault("hostile record journals in a cloned workspace (a symlink, a FIFO, entries naming other paths, "
-                   "a running record, a cut line, a newer finished record): nothing outside is touched, nothing "
-                   "finished is replaced, start-up never blocks")
+                   "a running record over a readable one, a cut line, a newer finished record): nothing outside "
+                   "is touched, nothing readable is replaced by an unfinished record nor anything finished at all, "
+                   "start-up never blocks")
 async def test_hostile_journals_are_never_trusted(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -97,6 +99,9 @@ async def test_hostile_journals_are_never_trusted(tmp_path):
     os.mkfifo(runs / "journal-2-fifo.wal")
     finished_before = record("done0001")
     (runs / "done0001.json").write_bytes(data(finished_before))
+    running_before = record("running1", done=False)
+    running_before.description = "the file's version"
+    (runs / "running1.json").write_bytes(data(running_before))
     other = record("done0001")
     other.note("a journal's version")
     lines = [
@@ -104,7 +109,7 @@ async def test_hostile_journals_are_never_trusted(tmp_path):
         b"sub/x.json\t" + data(record("x")),
         b".hidden.json\t" + data(record("hidden")),
         b"wrongname.json\t" + data(record("somebody")),  # names another task's record
-        b"running1.json\t" + data(record("running1", done=False)),
+        b"running1.json\t" + data(record("running1", done=False)),  # never replaces a readable record
         b"done0001.json\t" + data(other),  # never replaces a finished record
         b"garbage1.json\tnot json at all",
         b"good0001.json\t" + data(record("good0001")),
@@ -115,8 +120,9 @@ async def test_hostile_journals_are_never_trusted(tmp_path):
         restored = await anyio.to_thread.run_sync(recover, runs, journal_replaces)
     assert restored == 1
     assert sorted(p.name for p in runs.iterdir()) == ["done0001.json", "good0001.json", "journal-1-link.wal",
-                                                        "journal-2-fifo.wal"]
+                                                        "journal-2-fifo.wal", "running1.json"]
     assert outside.read_text() == "keep" and (runs / "done0001.json").read_bytes() == data(finished_before)
+    assert (runs / "running1.json").read_bytes() == data(running_before)
 
 
 async def test_a_checkpoint_empties_the_journal_and_keeps_every_record(tmp_path, monkeypatch):
@@ -202,15 +208,80 @@ async def test_a_killed_server_s_journal_is_recovered_by_the_next_one(tmp_path):
     assert done.returncode == -signal.SIGKILL, done.stderr
     task_id = done.stdout.split()[0]
     assert not TaskRecord.model_validate_json((runs / f"{task_id}.json").read_text()).is_done
-    [wal] = journals(runs)
-    fd = os.open(wal, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its owner is dead: the lock is free
-    finally:
-        os.close(fd)
+    assert len(journals(runs)) == 2  # final records, first records
+    for wal in journals(runs):
+        fd = os.open(wal, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its owner is dead: the lock is free
+        finally:
+            os.close(fd)
     from agent_parallel.tasks.registry import RegistrySettings, open_registry
 
     async with open_registry(tmp_path, runs, RegistrySettings()) as registry:
         task = registry.get(task_id)
         assert task.record.status == "completed" and task.record.last_line == "one"
+    assert journals(runs) == []
+
+
+def test_first_records_are_emptied_but_for_those_not_filed(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "CHECKPOINT_ENTRIES", 4)
+    firsts = FirstRecords(tmp_path)
+    queued = [record(f"fr{i:06d}", done=False) for i in range(9)]
+    for rec in queued:
+        firsts.append([(tmp_path / f"{rec.task_id}.json", data(rec))])
+        if rec.task_id != "fr000001":
+            firsts.filed(tmp_path / f"{rec.task_id}.json")  # every file but one was written
+    [wal] = journals(tmp_path)
+    names = [line.split(b"\t")[0] for line in wal.read_bytes().splitlines()]
+    assert b"fr000001.json" in names and len(names) < 9  # emptied on the way, the unfiled one kept
+    firsts.close()
+    assert recover(tmp_path, journal_replaces) == len(names)  # (none of the files exists here)
+    assert {r.task_id for r in load_records(tmp_path)} == {n.decode()[:-5] for n in names}
+
+
+def test_a_failed_append_keeps_none_of_its_records(tmp_path, monkeypatch):
+    firsts = FirstRecords(tmp_path)
+    firsts.append([(tmp_path / "kept0001.json", data(record("kept0001", done=False)))])
+    real = journal_module.write_all
+
+    def torn(fd, payload):  # half the batch reaches the file, then the disk is full
+        real(fd, payload[: len(payload) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module, "write_all", torn)
+    with pytest.raises(OSError, match="No space left"):
+        firsts.append([(tmp_path / f"lost{i:04d}.json", data(record(f"lost{i:04d}", done=False))) for i in range(4)])
+    monkeypatch.setattr(journal_module, "write_all", real)
+    firsts.close()
+    assert recover(tmp_path, journal_replaces) == 1
+    assert [r.task_id for r in load_records(tmp_path)] == ["kept0001"]
+
+
+@pytest.mark.fault("the server is killed right after a fan-out answered, before its members' record files exist: "
+                   "the next server shows every member of the group, interrupted")
+async def test_launched_tasks_outlive_a_crash_before_their_files(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    script = textwrap.dedent(f"""
+        import anyio, os, signal
+        from pathlib import Path
+        from agent_parallel.tasks.registry import RegistrySettings, open_registry
+        async def main():
+            runs = Path({str(runs)!r})
+            async with open_registry(runs.parent, runs, RegistrySettings()) as registry:
+                group, members = await registry.launch_group(["sleep 60"] * 3, max_parallel=1, cwd=runs.parent)
+                print(group, *(t.record.task_id for t in members), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        anyio.run(main)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    group, *ids = done.stdout.split()
+    assert not list(runs.glob("*.json"))  # no record file was written before the crash
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    async with open_registry(tmp_path, runs, RegistrySettings()) as registry:
+        members = [registry.get(task_id) for task_id in ids]
+        assert [t.record.status for t in members] == ["interrupted"] * 3
+        assert {t.record.group_id for t in members} == {group}
     assert journals(runs) == []

@@ -196,6 +196,7 @@ async def test_the_open_file_limit_fails_lane_starts_not_the_lane(workspace):
     import resource
 
     async with lane_registry(workspace) as registry:
+        await finished(await launch_bg(registry, workspace, "true"))  # (the journal of first records is open)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         fillers: list[int] = []
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
@@ -203,7 +204,7 @@ async def test_the_open_file_limit_fails_lane_starts_not_the_lane(workspace):
             with pytest.raises(OSError):
                 while True:
                     fillers.append(os.open("/dev/null", os.O_RDONLY))
-            os.close(fillers.pop())  # one free: the queued record is written (and closed), no log can be made
+            os.close(fillers.pop())  # one free: the first record is journaled, no log can be made
             tasks = [await launch_bg(registry, workspace, f"echo never-{i}") for i in range(3)]
             await finished(*tasks)
         finally:

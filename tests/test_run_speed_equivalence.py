@@ -4,6 +4,9 @@
   it must say "maybe" whenever a process of the task is left (in its group, escaped with setsid,
   double-forked, orphaned to us), also while many other tasks start and end at once, and every
   such process is still stopped with its task.
+* A task's start time (how a reused pid is told from its process) is taken from the clock around its
+  start, without reading /proc: it must be the start time /proc shows, and /proc is read whenever the
+  clock cannot tell (the start straddles a clock tick).
 * A queue run skips thread hops it does not need; an item reported done has its file moved
   (the move is on disk before ``run_queue`` reports the item), the history has both moves.
 """
@@ -262,3 +265,58 @@ async def test_a_process_gets_the_servers_environment_and_its_own(tmp_path, monk
     seen = dict(entry.split(b"=", 1) for entry in (tmp_path / "envtask.log").read_bytes().split(b"\0") if entry)
     expected = {os.fsencode(k): os.fsencode(v) for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **own}.items()}
     assert seen == expected
+
+
+async def test_a_tasks_start_time_is_the_one_proc_shows(tmp_path):
+    """Many starts at once (so some straddle a clock tick): each handle's start time is /proc's,
+    and the one /dev/null every task reads as stdin stays open across starts."""
+    from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor
+    from agent_parallel.tasks.logs import LogWriter
+
+    executor = LocalExecutor()
+    logs = [LogWriter(tmp_path, f"st{i}", 1 << 20) for i in range(40)]
+    started = await executor.start_batch([
+        (LaunchSpec(task_id=f"st{i}", cwd=tmp_path, command="read -r line; echo \"[$line]\"; sleep 1"),
+         lambda log=log: log) for i, log in enumerate(logs)])
+    handles = [handle for handle, _ in started]
+    try:
+        for handle in handles:
+            assert not isinstance(handle, Exception), handle
+            assert handle.pid is not None and handle.start_time is not None
+            assert handle.start_time == processes.process_start_time(handle.pid)
+    finally:
+        for handle in handles:
+            if not isinstance(handle, Exception):
+                await handle.terminate(0.1)
+                await handle.wait()
+        executor.close()
+        for log in logs:
+            log.close()
+    assert (tmp_path / "st0.log").read_bytes().startswith(b"[]")  # stdin was /dev/null: read got nothing
+
+
+def test_a_start_straddling_a_clock_tick_reads_proc(monkeypatch):
+    child = start_group("sleep 5")
+    try:
+        real = processes.process_start_time(child.pid)
+        assert real is not None
+        tick = processes._TICK_NS
+        reads: list[int] = []
+        monkeypatch.setattr(processes, "process_start_time", lambda pid: reads.append(pid) or real)
+        # the readings fall in two ticks: the start time must come from /proc
+        assert processes.new_child_start_time(child.pid, real * tick + tick - 1, real * tick + tick + 1) == real
+        assert reads == [child.pid]
+        # one tick, once trusted: the tick itself, /proc not read
+        monkeypatch.setattr(processes, "_bracket_trusted", True)
+        assert processes.new_child_start_time(child.pid, real * tick + 5, real * tick + 9) == real
+        assert reads == [child.pid]
+        # a clock that disagrees with /proc the first time is never trusted again
+        monkeypatch.setattr(processes, "_bracket_trusted", None)
+        assert processes.new_child_start_time(child.pid, (real + 3) * tick, (real + 3) * tick + 1) == real
+        assert processes._bracket_trusted is False
+        assert processes.new_child_start_time(child.pid, (real + 3) * tick, (real + 3) * tick + 1) == real
+        assert reads == [child.pid] * 3
+    finally:
+        processes.signal_group(child.pid, signal.SIGKILL)
+        child.wait()
+        processes.forget_child(child.pid)

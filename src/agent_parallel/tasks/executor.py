@@ -28,6 +28,7 @@ import os
 import select
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,22 @@ class LocalExecutor:
     def __init__(self, *, guard: bool = False) -> None:
         self._subreaper = guard and processes.become_subreaper()
         self._watchdog = Watchdog() if guard else None
+        self._null_fd = -1
+        self._null_lock = threading.Lock()
+
+    def _devnull(self) -> int:
+        """``/dev/null`` for the tasks' stdin, opened once (Popen's ``DEVNULL`` opens and closes it
+        at every start; several worker threads may start tasks at once)."""
+        with self._null_lock:
+            if self._null_fd < 0:
+                self._null_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            return self._null_fd
 
     def close(self) -> None:
+        with self._null_lock:
+            if self._null_fd >= 0:
+                os.close(self._null_fd)
+                self._null_fd = -1
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
@@ -228,10 +243,12 @@ class LocalExecutor:
                 pass  # a bigger pipe only means fewer wake-ups
             if spec.stdin_path is not None:
                 stdin = processes.open_stdin(spec.stdin_path)
+            before = processes.boottime_ns()
             popen = processes.spawn(lambda: subprocess.Popen(
-                argv, cwd=spec.cwd, env=env, stdin=stdin if stdin >= 0 else subprocess.DEVNULL,
+                argv, cwd=spec.cwd, env=env, stdin=stdin if stdin >= 0 else self._devnull(),
                 stdout=wfd, stderr=wfd, start_new_session=True, close_fds=True,
             ))
+            after = processes.boottime_ns()
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             if rfd >= 0:
                 os.close(rfd)
@@ -245,7 +262,8 @@ class LocalExecutor:
             os.set_blocking(rfd, False)
             if self._watchdog is not None:
                 self._watchdog.watch(popen.pid, spec.task_id, flush=False)  # start_batch flushes
-            return _Started(popen, rfd, process_start_time(popen.pid), _pidfd_open(popen.pid))
+            return _Started(popen, rfd, processes.new_child_start_time(popen.pid, before, after),
+                            _pidfd_open(popen.pid))
         except OSError as exc:  # started, but it cannot be followed: stop it rather than lose it
             processes.signal_group(popen.pid, signal.SIGKILL)
             popen.wait()

@@ -13,7 +13,7 @@ callers are cancelled; a caller cancelled while its write still waits for a batc
 written).
 
 ``save_soon`` queues a write nobody waits for (a running task's record: it may be lost in a crash,
-never torn): it is written ``SOON_DELAY_S`` later, with the batch then under way or in one begun in
+never torn): it is written ``SOON_DELAY_S`` later (or after the delay given), with the batch then under way or in one begun in
 the background, and a later write of the same file queued before it is written replaces it. So a
 task that ends within that time never has its running record written: its final record supersedes
 it, and is then a new file. (On ext4 a rename over an existing file starts the writeback of the new
@@ -25,6 +25,7 @@ its ``on_error``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,38 +57,52 @@ class GroupCommit:
     """Atomic writes, batched (see the module docstring). One per event loop; ``save_soon``
     needs ``tg``, where the background batches run."""
 
-    def __init__(self, *, max_batch: int = MAX_BATCH, tg: TaskGroup | None = None, journal: Journal | None = None) -> None:
+    def __init__(self, *, max_batch: int = MAX_BATCH, tg: TaskGroup | None = None, journal: Journal | None = None,
+                 on_written: Callable[[Path], None] | None = None) -> None:
         self._queued: list[_Write] = []
         self._soon: dict[Path, _Write] = {}  # queued save_soon writes, by file
         self._busy = False  # a batch is being written
         self._flushing = False  # a background batch is on its way
+        self._flush_at = math.inf  # when it is due
+        self._sooner = anyio.Event()  # set when a save_soon write falls due before that
         self._written = anyio.Event()  # set (and replaced) when a batch is finished
         self._max_batch = max_batch
         self._tg = tg
         self.journal = journal  # where durable writes into its directory are made durable together
+        self._on_written = on_written  # told of each file written (on the event loop)
         self.batches = 0  # batches written (for tests and benchmarks)
 
-    def save_soon(self, path: Path, data: bytes, on_error: Callable[[OSError], None]) -> None:
-        """Queue an atomic write of ``data`` to ``path`` that nobody waits for (not fsynced);
-        ``on_error`` is called (on the event loop) if it fails. See the module docstring."""
+    def save_soon(self, path: Path, data: bytes, on_error: Callable[[OSError], None], *,
+                  delay: float = SOON_DELAY_S) -> None:
+        """Queue an atomic write of ``data`` to ``path`` that nobody waits for (not fsynced), written
+        ``delay`` seconds later unless superseded; ``on_error`` is called (on the event loop) if it
+        fails. See the module docstring."""
         assert self._tg is not None, "save_soon needs the task group GroupCommit was given"
         self._supersede(path)
-        write = _Write(path, data, durable=False, on_error=on_error, due=anyio.current_time() + SOON_DELAY_S)
+        write = _Write(path, data, durable=False, on_error=on_error, due=anyio.current_time() + delay)
         self._queued.append(write)
         self._soon[path] = write
         if not self._flushing:
             self._flushing = True
             self._tg.start_soon(self._flush_soon)
+        elif write.due < self._flush_at:
+            self._sooner.set()
 
     async def _flush_soon(self) -> None:
         """Write the ``save_soon`` writes as they fall due (those a batch has not taken already)."""
         try:
             while self._soon:
-                await anyio.sleep(max(0.0, next(iter(self._soon.values())).due - anyio.current_time()))
+                self._flush_at = min(write.due for write in self._soon.values())
+                with anyio.move_on_after(self._flush_at - anyio.current_time()):
+                    await self._sooner.wait()  # one due earlier was queued meanwhile
+                if self._sooner.is_set():
+                    self._sooner = anyio.Event()
+                    continue
                 with anyio.CancelScope(shield=True):  # a batch begun is finished
                     await self._write_queued(None)
         finally:
             self._flushing = False
+            self._flush_at = math.inf
 
     def _supersede(self, path: Path) -> None:
         """A new write of ``path`` replaces its ``save_soon`` write still waiting in the queue."""
@@ -139,6 +154,8 @@ class GroupCommit:
                 written, self._written = self._written, anyio.Event()
                 written.set()
             for taken in batch:
+                if taken.error is None and self._on_written is not None:
+                    self._on_written(taken.path)
                 if taken.error is not None and taken.on_error is not None:
                     try:
                         taken.on_error(taken.error)

@@ -8,6 +8,14 @@ by one ``fdatasync``, then writes each record file as usual but without an fsync
 what makes them durable: after a crash, ``recover`` writes back (durably) every record the journal
 holds whose file was lost, torn, or still shows the task running, before the records are loaded.
 
+A second journal of each server holds the first records of tasks a client was just given the
+id of (``FirstRecords``: a background ``launch_task``, a fan-out's members). Appended on the event
+loop in one write and not synced, like the record file it stands for: it survives the server's
+crash, and spares the file, which is written only if the task is still queued a while later
+(``FIRST_RECORD_DELAY_S`` in the registry) or not at all when its next record comes first. It is
+emptied once it has held ``CHECKPOINT_ENTRIES`` records, keeping those whose file is not written
+yet. Recovery writes such a record back only where its file is missing or unreadable.
+
 A checkpoint empties the journal once it holds ``CHECKPOINT_ENTRIES`` records: one ``syncfs``
 (every record written since is then on disk; where there is no ``syncfs``, an fsync of each),
 then the journal is truncated. A journal left by a server that stopped is recovered, then
@@ -48,8 +56,9 @@ class Journal:
 
     Used from one worker thread at a time (``GroupCommit`` writes one batch at a time)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, durable: bool = True) -> None:
         self.directory = directory
+        self._durable = durable  # its own directory entry fsynced when made
         self._fd = -1
         self._path: Path | None = None
         self._entries = 0  # records in the journal since its last checkpoint
@@ -59,17 +68,27 @@ class Journal:
         """Whether the write of ``data`` to ``path`` can go through this journal."""
         return path.parent == self.directory and _NAME.fullmatch(path.name) is not None and b"\n" not in data
 
-    def commit(self, writes: list[tuple[Path, bytes]]) -> None:
+    def commit(self, writes: list[tuple[Path, bytes]], *, sync: bool = True) -> None:
         """Append ``writes`` and make them durable (one write, one ``fdatasync``). Raises ``OSError``:
-        the caller then makes each file durable itself."""
+        the caller then makes each file durable itself. Without ``sync``: not synced, and a failed
+        append is cut off again (none of ``writes`` is kept)."""
         if self._fd >= 0 and not self._still_there():
             self.close()  # its directory was removed (git clean) and made again: a journal there is needed
         if self._fd < 0:
             self._open()
+        size = -1
         try:
+            if not sync:
+                size = os.fstat(self._fd).st_size
             write_all(self._fd, b"".join(path.name.encode() + b"\t" + data + b"\n" for path, data in writes))
-            os.fdatasync(self._fd)
+            if sync:
+                os.fdatasync(self._fd)
         except OSError:  # maybe a line cut short: the next batch starts a journal of its own
+            if size >= 0:
+                try:
+                    os.ftruncate(self._fd, size)
+                except OSError:
+                    pass
             self.close()
             raise
         self._entries += len(writes)
@@ -87,12 +106,20 @@ class Journal:
             return
         try:
             _sync_files(self.directory, self._pending)
-            os.ftruncate(self._fd, 0)
+            self.empty()
         except OSError as exc:
             log.warning("could not checkpoint the record journal %s: %s", self._path, exc)
-            return
+
+    def empty(self) -> None:
+        """Truncate the journal (open) to nothing. Raises ``OSError``, the journal then as it was."""
+        os.ftruncate(self._fd, 0)
         self._entries = 0
         self._pending.clear()
+
+    @property
+    def entries(self) -> int:
+        """Records appended to the open journal since it was last emptied (0 when none is open)."""
+        return self._entries if self._fd >= 0 else 0
 
     def close(self) -> None:
         """Stop using the journal; what it holds stays for the next server to recover."""
@@ -112,7 +139,8 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fsync_dir(self.directory)  # the journal itself must survive a crash
+            if self._durable:
+                fsync_dir(self.directory)  # the journal itself must survive a crash
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -120,6 +148,39 @@ class Journal:
         self._fd, self._path = fd, path
         self._entries = 0
         self._pending.clear()  # (those of a journal given up are in that journal, for recovery)
+
+
+class FirstRecords:
+    """This server's journal of first records (see the module docstring); used on the event loop."""
+
+    def __init__(self, directory: Path) -> None:
+        self._journal = Journal(directory, durable=False)  # (a record file would not be synced either)
+        self._unfiled: dict[Path, bytes] = {}  # journaled records whose file is not written yet
+
+    def append(self, writes: list[tuple[Path, bytes]]) -> None:
+        """Journal ``writes`` (one write, not synced); all or none of them: raises ``OSError`` with
+        none kept (a partial write is cut off again)."""
+        if self._journal.entries >= CHECKPOINT_ENTRIES + 2 * len(self._unfiled):
+            self._rewrite()
+        self._journal.commit(writes, sync=False)
+        self._unfiled.update(writes)
+
+    def filed(self, path: Path) -> None:
+        """The file ``path`` is written: its journaled record is no longer needed."""
+        self._unfiled.pop(path, None)
+
+    def _rewrite(self) -> None:
+        """Empty the journal but for the records whose file is not written yet."""
+        try:
+            self._journal.empty()
+            if self._unfiled:
+                self._journal.commit(list(self._unfiled.items()), sync=False)
+        except OSError as exc:  # the next append starts a journal of its own; this one is recovered later
+            log.warning("could not empty the first-record journal in %s: %s", self._journal.directory, exc)
+            self._journal.close()
+
+    def close(self) -> None:
+        self._journal.close()
 
 
 def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
@@ -233,4 +294,4 @@ def _libc_syncfs() -> Callable[[int], int] | None:
     return _SYNCFS[0]
 
 
-__all__ = ["Journal", "recover", "CHECKPOINT_ENTRIES", "JOURNAL_GLOB"]
+__all__ = ["Journal", "FirstRecords", "recover", "CHECKPOINT_ENTRIES", "JOURNAL_GLOB"]

@@ -78,6 +78,33 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+_bracket_trusted: bool | None = None  # None: not yet compared with /proc in this process
+
+
+def boottime_ns() -> int:
+    """The clock a process's start time counts in (``CLOCK_BOOTTIME``, nanoseconds)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def new_child_start_time(pid: int, before_ns: int, after_ns: int) -> int | None:
+    """The start time of the child ``pid`` forked between two ``boottime_ns`` readings.
+
+    The kernel stamps a child at its fork with ``CLOCK_BOOTTIME`` and shows it in whole clock ticks
+    (``/proc/PID/stat``, rounded down). When both readings fall in one tick (a start takes well under
+    a millisecond, a tick is 10 ms), that tick is the start time, without reading ``/proc``: right
+    after a start, that read waits for the child's exec to finish (a quarter of a millisecond here).
+    Otherwise, and until the first child of this process was checked against ``/proc``, it is read."""
+    global _bracket_trusted
+    tick = before_ns // _TICK_NS
+    if tick != after_ns // _TICK_NS or not _bracket_trusted:
+        read = process_start_time(pid)
+        if _bracket_trusted is None and read is not None and tick == after_ns // _TICK_NS:
+            _bracket_trusted = read == tick
+        return read
+    return tick
+
+
 def same_process(pid: int, start: int | None) -> bool:
     """Whether ``pid`` is still the process that had start time ``start`` (not gone, its pid not
     reused). An unknown start time (None) is assumed to be running: it cannot be told apart."""
@@ -487,4 +514,4 @@ __all__ = ["Proc", "Snapshot", "scan", "is_subreaper", "task_members", "signal_p
            "signal_task", "wait_gone", "open_stdin",
            "reap_orphans", "spawn", "forget_child", "may_have_left_processes", "wait_child", "unlocked_wait",
            "become_subreaper", "release_subreaper", "kill_tasks_now",
-           "process_start_time", "same_process", "describe_survivors", "TASK_ID_VAR"]
+           "process_start_time", "new_child_start_time", "boottime_ns", "same_process", "describe_survivors", "TASK_ID_VAR"]

@@ -418,11 +418,12 @@ def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
 
 def journal_replaces(path: Path, data: bytes) -> bool:
     """Whether a record journal's entry ``data`` is to be written back to ``path`` (``journal.recover``):
-    when it is a finished task's record named by ``path``, and ``path`` is missing, unreadable, or not
-    a finished task's record (the crash came before its final record reached the disk)."""
+    when it is a record named by ``path``, and ``path`` is missing or unreadable, or, for a finished
+    task's record, not a finished task's record (the crash came before its final record reached the
+    disk). A first record (journal of first records) never replaces a record that can be read."""
     try:
         entry = TaskRecord.model_validate_json(data)
-        if not entry.is_done or record_path(path.parent, entry.task_id) != path:
+        if record_path(path.parent, entry.task_id) != path:
             return False
     except (ValidationError, ValueError):
         return False
@@ -430,7 +431,7 @@ def journal_replaces(path: Path, data: bytes) -> bool:
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
             return True
-        return not TaskRecord.model_validate_json(path.read_bytes()).is_done
+        return entry.is_done and not TaskRecord.model_validate_json(path.read_bytes()).is_done
     except (OSError, ValidationError, ValueError):  # missing (lost) or unreadable
         return True
 

@@ -33,8 +33,8 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Shu
                       UsageError, exception_reason,
                       os_error_text)
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
-from .group_commit import GroupCommit
-from .journal import Journal, recover
+from .group_commit import SOON_DELAY_S, GroupCommit
+from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path, recover_log_extent,
                    task_files, upstream_log_path)
@@ -45,6 +45,7 @@ from .records import (Cancelled, Failed, FailedToStart, Interrupted, Outcome, Pr
 
 log = logging.getLogger(__name__)
 
+FIRST_RECORD_DELAY_S = 1.0  # a launched task's first record (journaled) is written as a file this late if still queued
 FOLLOW_UP_TIMEOUT_S = 30.0  # the longest a task's on_finish may take before waiters are woken anyway
 STOP_BOUND_S = 15.0  # the longest a failing task's processes are given to be stopped
 
@@ -142,8 +143,10 @@ class TaskRegistry:
         self._saving = 0  # final records being written in worker threads
         self._saved = anyio.Event()  # set whenever no final record is being written
         self._saved.set()
+        # the first records of launched tasks, journaled instead of written at once (journal.py)
+        self._firsts = FirstRecords(runs_dir)
         # final records of tasks ending together share a worker thread and one fdatasync (journal.py)
-        self._commits = GroupCommit(tg=tg, journal=Journal(runs_dir))
+        self._commits = GroupCommit(tg=tg, journal=Journal(runs_dir), on_written=self._firsts.filed)
         self._lane = open_lane(executor, self, tg)  # starts and follows the common tasks together
         self._load_history()
 
@@ -151,6 +154,7 @@ class TaskRegistry:
         """Release what the registry holds (once its task group has ended)."""
         if self._commits.journal is not None:
             self._commits.journal.close()
+        self._firsts.close()
         if self._lane is not None:
             self._lane.close()
             self._lane = None
@@ -244,13 +248,14 @@ class TaskRegistry:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         ``answer_at_once`` (a background ``launch_task``, a queue run's command item): return as soon as
-        the task is registered, still ``queued`` while its start is under way, its first record written
-        on the event loop (one small file: a worker thread's wake-up would cost more than the write).
-        ``record_soon`` (a queue run's command item, whose claim is in the queue's history already and
-        whose task id nobody was given yet): the first record is written in the background instead
-        (``GroupCommit.save_soon``, ``SOON_DELAY_S`` later), where the running record replaces it, and
-        the final one replaces that when the task ends first: a short item writes one record file, none
-        of them on the event loop. A write that fails fails the task.
+        the task is registered, still ``queued`` while its start is under way.
+
+        The first record is journaled before the task id is given out (``_journal_first``), and its file
+        written in the background (``GroupCommit.save_soon``) ``FIRST_RECORD_DELAY_S`` later, unless the
+        running record replaced it by then, or the final one: a short task writes one record file, none
+        of them on the event loop. ``record_soon`` (a queue run's command item, whose claim is in the
+        queue's history already and whose task id nobody was given yet): not journaled, its file written
+        ``SOON_DELAY_S`` later. A write that fails fails the task.
 
         The task runs ``command`` or ``argv`` through ``executor`` (the registry's by default), or,
         given a ``job``, runs that job (``command`` is then only what the record shows).
@@ -274,17 +279,12 @@ class TaskRegistry:
             command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
             kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=None, resources=resources)
         record.branch, record.worktree = branch, worktree
-        self._active += 1  # held from here, so launches saving their records at once cannot pass the cap
         if not record_soon:
-            try:
-                await self._save_new([record], inline=answer_at_once)
-            except BaseException:
-                self._active -= 1
-                raise
+            self._journal_first([record])
+        self._active += 1
         task = Task(record, on_finish=on_finish, active=True, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
-        if record_soon:
-            self._save_soon(task)
+        self._save_soon(task, delay=SOON_DELAY_S if record_soon else FIRST_RECORD_DELAY_S)
         if answer_at_once and job is None and not predecessors \
                 and self.settings.admission is not None and (why := self.settings.admission()):
             record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
@@ -320,37 +320,18 @@ class TaskRegistry:
                             log_cap_bytes=self.settings.log_cap_bytes)
         return record, spec, predecessors
 
-    async def _save_new(self, records: builtins.list[TaskRecord], *, inline: bool = False) -> None:
-        """Write new tasks' first records (one worker thread for all, or on the event loop when
-        ``inline``); ``StorageError`` if one cannot be written (none of them is kept then),
-        ``ShuttingDown`` if the server began to stop meanwhile. (A task's log is created when it starts.)"""
-        def save_all() -> None:
-            try:
-                for record in records:
-                    save_record(record, self.runs_dir)
-            except OSError:
-                self._unlink_records(records)
-                raise
-
+    def _journal_first(self, records: builtins.list[TaskRecord]) -> None:
+        """Keep new tasks' first records before their ids are given out: in this server's journal of
+        first records (``journal.py``: one write on the event loop for all, no file yet; a crash
+        leaves them for the next server to recover); ``StorageError`` if they cannot be written
+        (none of them is kept then). The tasks then ``_save_soon`` them as files."""
         try:
-            if inline:
-                save_all()
-            else:
-                await anyio.to_thread.run_sync(save_all)
+            self._firsts.append([(record_path(self.runs_dir, r.task_id), r.model_dump_json().encode())
+                                 for r in records])
         except OSError as exc:
             raise StorageError(
                 f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
                 "free some disk space (or fix the directory's permissions) and launch again") from exc
-        if self._closing:
-            await anyio.to_thread.run_sync(self._unlink_records, records)
-            raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
-
-    def _unlink_records(self, records: builtins.list[TaskRecord]) -> None:
-        for record in records:
-            try:
-                record_path(self.runs_dir, record.task_id).unlink(missing_ok=True)
-            except OSError:
-                pass
 
     async def _register(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
                         job: Job | None, *, wait_start: bool = True) -> None:
@@ -384,10 +365,11 @@ class TaskRegistry:
                                  timeout_s=timeout_s, after=after, kind="command", item_id=None, item_file=None,
                                  stdin_path=None, group=group, what=f"commands[{i}]")
                 for i, command in enumerate(commands)]  # every command checked before anything is written
-        await self._save_new([record for record, _, _ in made])  # all first records in one worker thread
+        self._journal_first([record for record, _, _ in made])  # all first records in one write
         members: builtins.list[tuple[Task, LaunchSpec]] = []
         for record, spec, _ in made:
             task = Task(record, group=group, dispatched=False)
+            self._save_soon(task, delay=FIRST_RECORD_DELAY_S)
             self._tasks[record.task_id] = task
             self._groups.setdefault(group.group_id, []).append(record.task_id)
             members.append((task, spec))
@@ -690,13 +672,13 @@ class TaskRegistry:
     def _log_failure(self, task_id: str, exc: OSError) -> str:
         return f"could not open the task's log {log_paths(self.runs_dir, task_id)[0]}: {os_error_text(exc)}"
 
-    def _save_soon(self, task: Task) -> None:
-        """Write the task's record in the background, batched with other tasks' (a later record of the
-        task queued before the batch takes this one replaces it: a task that ends at once never has its
-        running record written); if it cannot be written, the task is stopped and fails saying why."""
+    def _save_soon(self, task: Task, *, delay: float = SOON_DELAY_S) -> None:
+        """Write the task's record ``delay`` seconds from now, batched with other tasks' (a later record
+        of the task queued before the batch takes this one replaces it: a task that ends at once never has
+        its running record written); if it cannot be written, the task is stopped and fails saying why."""
         rec = task.record
         self._commits.save_soon(record_path(self.runs_dir, rec.task_id), rec.model_dump_json().encode(),
-                                lambda exc: self._record_failed(task, exc))
+                                lambda exc: self._record_failed(task, exc), delay=delay)
 
     def _record_failed(self, task: Task, exc: OSError) -> None:
         """A running task's record could not be written: stop the task, which then fails saying why.
