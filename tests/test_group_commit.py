@@ -192,3 +192,27 @@ async def test_a_failed_save_soon_calls_its_on_error_and_others_are_written(tmp_
         await anyio.sleep(group_commit.SOON_DELAY_S * 3)
     assert [type(e) for e in errors] == [FileNotFoundError]
     assert (tmp_path / "b.json").read_bytes() == b"b"
+
+
+async def test_save_soon_writes_with_different_delays_fall_due_each_at_its_own_time(tmp_path, monkeypatch):
+    """A first record waits long (FIRST_RECORD_DELAY_S); a running record queued after it is still
+    written SOON_DELAY_S later, and one superseding the long one's file replaces it: written once."""
+    log = SyncLog(monkeypatch)
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg)
+        slow, quick, replaced = (tmp_path / f"{name}.json" for name in ("slow", "quick", "replaced"))
+        queued_at = anyio.current_time()
+        commit.save_soon(slow, b"queued", lambda exc: None, delay=30)
+        commit.save_soon(replaced, b"queued", lambda exc: None, delay=30)
+        commit.save_soon(quick, b"running", lambda exc: None)
+        commit.save_soon(replaced, b"running", lambda exc: None)
+        with anyio.fail_after(5):
+            while not (quick.exists() and replaced.exists()):
+                await anyio.sleep(0.005)
+        assert anyio.current_time() - queued_at < 5 and not slow.exists()
+        assert replaced.read_bytes() == b"running"
+        await commit.save(slow, b"final")  # supersedes the long one: it is never written
+        tg.cancel_scope.cancel()
+    assert [dst for kind, dst in log.events if kind == "rename"].count(str(slow)) == 1
+    assert [dst for kind, dst in log.events if kind == "rename"].count(str(replaced)) == 1
+    assert slow.read_bytes() == b"final"

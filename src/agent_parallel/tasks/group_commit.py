@@ -24,6 +24,8 @@ its ``on_error``.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -42,7 +44,7 @@ MAX_BATCH = 256  # files per batch: one batch never keeps a worker thread for lo
 SOON_DELAY_S = 0.05  # how long a save_soon write waits to be superseded (a running record, by the final one)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Write:
     path: Path
     data: bytes
@@ -51,6 +53,7 @@ class _Write:
     due: float = 0.0  # a save_soon write is not written before this (``anyio.current_time``)
     done: bool = False
     error: OSError | None = None
+    superseded: bool = False  # a save_soon write replaced by a later write of its file: never written
 
 
 class GroupCommit:
@@ -59,8 +62,10 @@ class GroupCommit:
 
     def __init__(self, *, max_batch: int = MAX_BATCH, tg: TaskGroup | None = None, journal: Journal | None = None,
                  on_written: Callable[[Path], None] | None = None) -> None:
-        self._queued: list[_Write] = []
-        self._soon: dict[Path, _Write] = {}  # queued save_soon writes, by file
+        self._queued: list[_Write] = []  # durable writes waiting, in the order queued
+        self._soon: dict[Path, _Write] = {}  # save_soon writes waiting, by file
+        self._soon_due: list[tuple[float, int, _Write]] = []  # the same by due time (a heap; superseded ones too)
+        self._order = itertools.count()
         self._busy = False  # a batch is being written
         self._flushing = False  # a background batch is on its way
         self._flush_at = math.inf  # when it is due
@@ -80,8 +85,8 @@ class GroupCommit:
         assert self._tg is not None, "save_soon needs the task group GroupCommit was given"
         self._supersede(path)
         write = _Write(path, data, durable=False, on_error=on_error, due=anyio.current_time() + delay)
-        self._queued.append(write)
         self._soon[path] = write
+        heapq.heappush(self._soon_due, (write.due, next(self._order), write))
         if not self._flushing:
             self._flushing = True
             self._tg.start_soon(self._flush_soon)
@@ -92,7 +97,7 @@ class GroupCommit:
         """Write the ``save_soon`` writes as they fall due (those a batch has not taken already)."""
         try:
             while self._soon:
-                self._flush_at = min(write.due for write in self._soon.values())
+                self._flush_at = self._next_due()
                 with anyio.move_on_after(self._flush_at - anyio.current_time()):
                     await self._sooner.wait()  # one due earlier was queued meanwhile
                 if self._sooner.is_set():
@@ -107,7 +112,7 @@ class GroupCommit:
     def _supersede(self, path: Path) -> None:
         """A new write of ``path`` replaces its ``save_soon`` write still waiting in the queue."""
         if (earlier := self._soon.pop(path, None)) is not None:
-            self._queued.remove(earlier)
+            earlier.superseded = True
 
     async def save(self, path: Path, data: bytes) -> None:
         """Write ``data`` to ``path`` atomically and durably; return once it is on disk.
@@ -163,19 +168,25 @@ class GroupCommit:
                         log.exception("handling the failed write of %s failed", taken.path)
 
     def _due(self, now: float) -> bool:
-        return any(write.durable or write.due <= now for write in self._queued)
+        return bool(self._queued) or self._next_due() <= now
+
+    def _next_due(self) -> float:
+        """When the next ``save_soon`` write falls due (``inf``: none waits)."""
+        heap = self._soon_due
+        while heap and heap[0][2].superseded:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
 
     def _take_batch(self) -> list[_Write]:
-        """The next batch: up to ``max_batch`` writes that are due, in the order queued."""
+        """The next batch: up to ``max_batch`` writes, the durable ones in the order queued, then the
+        ``save_soon`` writes that are due (a write of a file always comes after the earlier ones of
+        that file: a save_soon write queued before a durable one was superseded by it)."""
+        batch, self._queued = self._queued[:self._max_batch], self._queued[self._max_batch:]
         now = anyio.current_time()
-        batch: list[_Write] = []
-        rest: list[_Write] = []
-        for write in self._queued:
-            (batch if len(batch) < self._max_batch and (write.durable or write.due <= now) else rest).append(write)
-        self._queued = rest
-        for taken in batch:
-            if not taken.durable and self._soon.get(taken.path) is taken:
-                del self._soon[taken.path]
+        while len(batch) < self._max_batch and self._next_due() <= now:
+            _, _, write = heapq.heappop(self._soon_due)
+            del self._soon[write.path]
+            batch.append(write)
         return batch
 
 

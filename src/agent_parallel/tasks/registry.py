@@ -279,12 +279,11 @@ class TaskRegistry:
             command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
             kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=None, resources=resources)
         record.branch, record.worktree = branch, worktree
-        if not record_soon:
-            self._journal_first([record])
+        [first] = [None] if record_soon else self._journal_first([record])
         self._active += 1
         task = Task(record, on_finish=on_finish, active=True, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
-        self._save_soon(task, delay=SOON_DELAY_S if record_soon else FIRST_RECORD_DELAY_S)
+        self._save_soon(task, delay=SOON_DELAY_S if record_soon else FIRST_RECORD_DELAY_S, data=first)
         if answer_at_once and job is None and not predecessors \
                 and self.settings.admission is not None and (why := self.settings.admission()):
             record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
@@ -320,18 +319,19 @@ class TaskRegistry:
                             log_cap_bytes=self.settings.log_cap_bytes)
         return record, spec, predecessors
 
-    def _journal_first(self, records: builtins.list[TaskRecord]) -> None:
+    def _journal_first(self, records: builtins.list[TaskRecord]) -> builtins.list[bytes]:
         """Keep new tasks' first records before their ids are given out: in this server's journal of
         first records (``journal.py``: one write on the event loop for all, no file yet; a crash
         leaves them for the next server to recover); ``StorageError`` if they cannot be written
-        (none of them is kept then). The tasks then ``_save_soon`` them as files."""
+        (none of them is kept then). Returns them serialized: the tasks then ``_save_soon`` them as files."""
+        data = [r.model_dump_json().encode() for r in records]
         try:
-            self._firsts.append([(record_path(self.runs_dir, r.task_id), r.model_dump_json().encode())
-                                 for r in records])
+            self._firsts.append([(record_path(self.runs_dir, r.task_id), d) for r, d in zip(records, data, strict=True)])
         except OSError as exc:
             raise StorageError(
                 f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
                 "free some disk space (or fix the directory's permissions) and launch again") from exc
+        return data
 
     async def _register(self, task: Task, spec: LaunchSpec, predecessors: builtins.list[Task], executor: Executor,
                         job: Job | None, *, wait_start: bool = True) -> None:
@@ -365,11 +365,11 @@ class TaskRegistry:
                                  timeout_s=timeout_s, after=after, kind="command", item_id=None, item_file=None,
                                  stdin_path=None, group=group, what=f"commands[{i}]")
                 for i, command in enumerate(commands)]  # every command checked before anything is written
-        self._journal_first([record for record, _, _ in made])  # all first records in one write
+        firsts = self._journal_first([record for record, _, _ in made])  # all first records in one write
         members: builtins.list[tuple[Task, LaunchSpec]] = []
-        for record, spec, _ in made:
+        for (record, spec, _), first in zip(made, firsts, strict=True):
             task = Task(record, group=group, dispatched=False)
-            self._save_soon(task, delay=FIRST_RECORD_DELAY_S)
+            self._save_soon(task, delay=FIRST_RECORD_DELAY_S, data=first)
             self._tasks[record.task_id] = task
             self._groups.setdefault(group.group_id, []).append(record.task_id)
             members.append((task, spec))
@@ -672,12 +672,14 @@ class TaskRegistry:
     def _log_failure(self, task_id: str, exc: OSError) -> str:
         return f"could not open the task's log {log_paths(self.runs_dir, task_id)[0]}: {os_error_text(exc)}"
 
-    def _save_soon(self, task: Task, *, delay: float = SOON_DELAY_S) -> None:
-        """Write the task's record ``delay`` seconds from now, batched with other tasks' (a later record
-        of the task queued before the batch takes this one replaces it: a task that ends at once never has
-        its running record written); if it cannot be written, the task is stopped and fails saying why."""
+    def _save_soon(self, task: Task, *, delay: float = SOON_DELAY_S, data: bytes | None = None) -> None:
+        """Write the task's record (``data``: as serialized already) ``delay`` seconds from now, batched
+        with other tasks' (a later record of the task queued before the batch takes this one replaces it:
+        a task that ends at once never has its running record written); if it cannot be written, the task
+        is stopped and fails saying why."""
         rec = task.record
-        self._commits.save_soon(record_path(self.runs_dir, rec.task_id), rec.model_dump_json().encode(),
+        self._commits.save_soon(record_path(self.runs_dir, rec.task_id),
+                                rec.model_dump_json().encode() if data is None else data,
                                 lambda exc: self._record_failed(task, exc), delay=delay)
 
     def _record_failed(self, task: Task, exc: OSError) -> None:
