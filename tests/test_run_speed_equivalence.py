@@ -7,6 +7,8 @@
 * A task's start time (how a reused pid is told from its process) is taken from the clock around its
   start, without reading /proc: it must be the start time /proc shows, and /proc is read whenever the
   clock cannot tell (the start straddles a clock tick).
+* The check of the strings bound for a process skips encoding ASCII text: it must refuse exactly
+  what it refused, with the same words.
 * A queue run skips thread hops it does not need; an item reported done has its file moved
   (the move is on disk before ``run_queue`` reports the item), the history has both moves.
 """
@@ -320,3 +322,62 @@ def test_a_start_straddling_a_clock_tick_reads_proc(monkeypatch):
         processes.signal_group(child.pid, signal.SIGKILL)
         child.wait()
         processes.forget_child(child.pid)
+
+
+def _check_launch_strings_before(spec) -> str | None:
+    """check_launch_strings as it was before its ASCII shortcut (every string encoded)."""
+    def bad(text, what, *, limit=True):
+        try:
+            data = os.fsencode(text)
+        except UnicodeEncodeError as exc:
+            return (f"{what} contains a character that cannot be passed to a process "
+                    f"({text[exc.start]!r} at position {exc.start}); remove it")
+        if (at := data.find(b"\0")) >= 0:
+            return f"{what} contains a NUL character (at byte {at}), which cannot be passed to a process; remove it"
+        return too_long(what, len(data)) if limit else None
+
+    def too_long(what, size):
+        if size < executor_module.MAX_ARG_BYTES:
+            return None
+        return (f"{what} is {size} bytes; the kernel refuses a single argument or environment entry of "
+                "128 KiB or more: pass long input through a file instead")
+
+    problems = []
+    if spec.command is not None:
+        problems.append(bad(spec.command, "command"))
+    for i, arg in enumerate(spec.argv or []):
+        problems.append(bad(arg, "the program name" if i == 0 else f"argument {i} of the command"))
+    problems.append(bad(str(spec.cwd), "cwd", limit=False))
+    if spec.stdin_path is not None:
+        problems.append(bad(str(spec.stdin_path), "the stdin file's path", limit=False))
+    for name, value in spec.env.items():
+        if not name:
+            problems.append("an env name is empty; give every variable a name")
+        elif "=" in name:
+            problems.append(f"env name {name!r} contains '=', which would set another variable; remove it")
+        problems.append(bad(name, f"env name {name!r}", limit=False))
+        problems.append(bad(value, f"env value of {name}", limit=False))
+        if not any(problems):
+            problems.append(too_long(f"env entry {name}=...", len(os.fsencode(name)) + 1 + len(os.fsencode(value))))
+    return next((p for p in problems if p), None)
+
+
+_PIECES = ["a", "é", "\0", "=", "\udcff", "\ud800", "☃", " ", "x" * 70_000, "é" * 40_000]
+
+
+def test_the_string_check_refuses_what_it_refused_before():
+    import random
+
+    from agent_parallel.tasks.executor import LaunchSpec, check_launch_strings
+
+    rng = random.Random(11)
+
+    def text() -> str:
+        return "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 4)))
+
+    for _ in range(3000):
+        spec = LaunchSpec(task_id="t", cwd=Path("/tmp") / text().replace("\0", ""),
+                          command=text() if rng.random() < 0.5 else None,
+                          argv=[text() for _ in range(rng.randint(0, 3))] or None,
+                          env={text(): text() for _ in range(rng.randint(0, 3))})
+        assert check_launch_strings(spec) == _check_launch_strings_before(spec), spec

@@ -118,7 +118,8 @@ def test_server_killed_with_sigkill_leaves_no_orphans_and_restart_shows_interrup
     with RawServer(workspace) as server:
         task_id = server.call_tool("launch_task", {"command": (
             f"echo kept-output; sleep 60 & echo $! >> {pids}; sh -c 'echo $$ >> {pids}; trap \"\" TERM; sleep 60'")})["task_id"]
-        assert _wait_for(lambda: len(read_pids(pids)) == 2)
+        log = workspace / ".agent" / "runs" / f"{task_id}.log"  # the output the server took before it died
+        assert _wait_for(lambda: len(read_pids(pids)) == 2 and log.exists() and log.read_bytes() == b"kept-output\n")
         server.process.kill()
         server.process.wait()
         assert _wait_for(lambda: all_dead(read_pids(pids))), "task processes outlived the SIGKILLed server"

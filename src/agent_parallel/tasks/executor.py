@@ -114,16 +114,23 @@ def check_launch_strings(spec: LaunchSpec) -> str | None:
     """
 
     def bad(text: str, what: str, *, limit: bool = True) -> str | None:
-        try:
-            data = os.fsencode(text)
-        except UnicodeEncodeError as exc:
-            return (f"{what} contains a character that cannot be passed to a process "
-                    f"({text[exc.start]!r} at position {exc.start}); remove it")
-        if (at := data.find(b"\0")) >= 0:
+        if text.isascii():  # (the common case, known without a scan) one byte per character: no encoding needed
+            at, size = text.find("\0"), len(text)
+        else:
+            try:
+                data = os.fsencode(text)
+            except UnicodeEncodeError as exc:
+                return (f"{what} contains a character that cannot be passed to a process "
+                        f"({text[exc.start]!r} at position {exc.start}); remove it")
+            at, size = data.find(b"\0"), len(data)
+        if at >= 0:
             return f"{what} contains a NUL character (at byte {at}), which cannot be passed to a process; remove it"
         if limit:
-            return too_long(what, len(data))
+            return too_long(what, size)
         return None
+
+    def encoded_size(text: str) -> int:
+        return len(text) if text.isascii() else len(os.fsencode(text))
 
     def too_long(what: str, size: int) -> str | None:
         if size < MAX_ARG_BYTES:
@@ -147,7 +154,7 @@ def check_launch_strings(spec: LaunchSpec) -> str | None:
         problems.append(bad(name, f"env name {name!r}", limit=False))
         problems.append(bad(value, f"env value of {name}", limit=False))
         if not any(problems):
-            problems.append(too_long(f"env entry {name}=...", len(os.fsencode(name)) + 1 + len(os.fsencode(value))))
+            problems.append(too_long(f"env entry {name}=...", encoded_size(name) + 1 + encoded_size(value)))
     return next((p for p in problems if p), None)
 
 
