@@ -40,6 +40,26 @@ def journals(directory: Path) -> list[Path]:
     return sorted(directory.glob("journal-*.wal"))
 
 
+def killed_server(runs: Path, body: str) -> str:
+    """Run ``body`` (lines of an async function with ``registry`` open on ``runs``) in a server process
+    that then SIGKILLs itself; what it printed."""
+    script = textwrap.dedent("""
+        import anyio, os, signal
+        from pathlib import Path
+        from agent_parallel.tasks.registry import RegistrySettings, open_registry
+        from agent_parallel.tasks.records import TaskRecord
+        async def main():
+            runs = Path(RUNS)
+            async with open_registry(runs.parent, runs, RegistrySettings()) as registry:
+        BODY
+                os.kill(os.getpid(), signal.SIGKILL)
+        anyio.run(main)
+    """).replace("RUNS", repr(str(runs))).replace("BODY", textwrap.indent(textwrap.dedent(body), " " * 8))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return done.stdout
+
+
 async def test_a_batch_is_durable_once_its_journal_line_is_synced(tmp_path, monkeypatch):
     events: list[str] = []
     real_fdatasync, real_fsync = os.fdatasync, os.fsync
@@ -186,27 +206,15 @@ async def test_a_full_disk_fails_the_journal_and_the_records_clearly(tiny_disk):
 async def test_a_killed_server_s_journal_is_recovered_by_the_next_one(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
-    script = textwrap.dedent(f"""
-        import anyio, os, signal
-        from pathlib import Path
-        from agent_parallel.tasks.registry import RegistrySettings, open_registry
-        from agent_parallel.tasks.records import TaskRecord
-        async def main():
-            runs = Path({str(runs)!r})
-            async with open_registry(runs.parent, runs, RegistrySettings()) as registry:
-                _, members = await registry.launch_group(["echo one", "echo two"], max_parallel=2, cwd=runs.parent)
-                for task in members:
-                    await task.done.wait()
-                lost = members[0].record.model_copy(deep=True)
-                lost.state = TaskRecord(task_id="x", kind="command", command="", cwd="/").state  # queued: not done
-                (runs / f"{{lost.task_id}}.json").write_text(lost.model_dump_json())  # as if the page cache was lost
-                print(members[0].record.task_id, flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-        anyio.run(main)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    task_id = done.stdout.split()[0]
+    task_id = killed_server(runs, """
+        _, members = await registry.launch_group(["echo one", "echo two"], max_parallel=2, cwd=runs.parent)
+        for task in members:
+            await task.done.wait()
+        lost = members[0].record.model_copy(deep=True)
+        lost.state = TaskRecord(task_id="x", kind="command", command="", cwd="/").state  # queued: not done
+        (runs / f"{lost.task_id}.json").write_text(lost.model_dump_json())  # as if the page cache was lost
+        print(members[0].record.task_id, flush=True)
+    """).split()[0]
     assert not TaskRecord.model_validate_json((runs / f"{task_id}.json").read_text()).is_done
     assert len(journals(runs)) == 2  # final records, first records
     for wal in journals(runs):
@@ -262,21 +270,10 @@ def test_a_failed_append_keeps_none_of_its_records(tmp_path, monkeypatch):
 async def test_launched_tasks_outlive_a_crash_before_their_files(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
-    script = textwrap.dedent(f"""
-        import anyio, os, signal
-        from pathlib import Path
-        from agent_parallel.tasks.registry import RegistrySettings, open_registry
-        async def main():
-            runs = Path({str(runs)!r})
-            async with open_registry(runs.parent, runs, RegistrySettings()) as registry:
-                group, members = await registry.launch_group(["sleep 60"] * 3, max_parallel=1, cwd=runs.parent)
-                print(group, *(t.record.task_id for t in members), flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-        anyio.run(main)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    group, *ids = done.stdout.split()
+    group, *ids = killed_server(runs, """
+        group, members = await registry.launch_group(["sleep 60"] * 3, max_parallel=1, cwd=runs.parent)
+        print(group, *(t.record.task_id for t in members), flush=True)
+    """).split()
     assert not list(runs.glob("*.json"))  # no record file was written before the crash
     from agent_parallel.tasks.registry import RegistrySettings, open_registry
 
@@ -285,3 +282,39 @@ async def test_launched_tasks_outlive_a_crash_before_their_files(tmp_path):
         assert [t.record.status for t in members] == ["interrupted"] * 3
         assert {t.record.group_id for t in members} == {group}
     assert journals(runs) == []
+
+
+def test_first_records_whose_files_are_all_written_leave_no_journal_at_a_clean_stop(tmp_path):
+    firsts = FirstRecords(tmp_path)
+    firsts.append([(tmp_path / "done0001.json", data(record("done0001", done=False)))])
+    firsts.filed(tmp_path / "done0001.json")
+    firsts.close()
+    assert journals(tmp_path) == []
+    kept = FirstRecords(tmp_path)
+    kept.append([(tmp_path / "keep0001.json", data(record("keep0001", done=False)))])  # its file never written
+    kept.close()
+    assert len(journals(tmp_path)) == 1 and recover(tmp_path, journal_replaces) == 1
+
+
+def test_records_an_emptying_could_not_write_again_go_with_the_next_append(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "CHECKPOINT_ENTRIES", 2)
+    firsts = FirstRecords(tmp_path)
+    firsts.append([(tmp_path / "wait0001.json", data(record("wait0001", done=False)))])  # its file never written
+    for i in range(2, 5):  # these have their files: 4 entries, 1 unfiled, the next append empties the journal
+        firsts.append([(tmp_path / f"done000{i}.json", data(record(f"done000{i}", done=False)))])
+        firsts.filed(tmp_path / f"done000{i}.json")
+    real = journal_module.write_all
+    calls = []
+
+    def full_once(fd, payload):  # writing the unfiled record again after emptying fails, once
+        calls.append(payload)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real(fd, payload)
+
+    monkeypatch.setattr(journal_module, "write_all", full_once)
+    firsts.append([(tmp_path / "new00005.json", data(record("new00005", done=False)))])
+    assert len(calls) == 2 and b"wait0001.json" in calls[1]  # it went again with the append
+    firsts.close()
+    assert recover(tmp_path, journal_replaces) == 2
+    assert sorted(r.task_id for r in load_records(tmp_path)) == ["new00005", "wait0001"]

@@ -121,6 +121,14 @@ class Journal:
         """Records appended to the open journal since it was last emptied (0 when none is open)."""
         return self._entries if self._fd >= 0 else 0
 
+    def remove(self) -> None:
+        """Remove the open journal's file (nothing in it is needed any more)."""
+        if self._fd >= 0 and self._path is not None and self._still_there():
+            try:
+                self._path.unlink()
+            except OSError as exc:
+                log.warning("could not remove the record journal %s: %s", self._path, exc)
+
     def close(self) -> None:
         """Stop using the journal; what it holds stays for the next server to recover."""
         if self._fd >= 0:
@@ -156,13 +164,18 @@ class FirstRecords:
     def __init__(self, directory: Path) -> None:
         self._journal = Journal(directory, durable=False)  # (a record file would not be synced either)
         self._unfiled: dict[Path, bytes] = {}  # journaled records whose file is not written yet
+        self._lost = False  # the journal was emptied but the unfiled records could not be written again
 
     def append(self, writes: list[tuple[Path, bytes]]) -> None:
         """Journal ``writes`` (one write, not synced); all or none of them: raises ``OSError`` with
         none kept (a partial write is cut off again)."""
         if self._journal.entries >= CHECKPOINT_ENTRIES + 2 * len(self._unfiled):
             self._rewrite()
-        self._journal.commit(writes, sync=False)
+        if self._lost:  # they go again with these
+            self._journal.commit([*self._unfiled.items(), *writes], sync=False)
+            self._lost = False
+        else:
+            self._journal.commit(writes, sync=False)
         self._unfiled.update(writes)
 
     def filed(self, path: Path) -> None:
@@ -173,13 +186,20 @@ class FirstRecords:
         """Empty the journal but for the records whose file is not written yet."""
         try:
             self._journal.empty()
+        except OSError as exc:  # left as it is: emptied at the next append
+            log.warning("could not empty the first-record journal in %s: %s", self._journal.directory, exc)
+            return
+        try:
             if self._unfiled:
                 self._journal.commit(list(self._unfiled.items()), sync=False)
-        except OSError as exc:  # the next append starts a journal of its own; this one is recovered later
-            log.warning("could not empty the first-record journal in %s: %s", self._journal.directory, exc)
-            self._journal.close()
+        except OSError:  # the next append writes them again, in a journal of its own
+            self._lost = True
 
     def close(self) -> None:
+        """Stop using the journal; removed when every record in it has its file (a clean stop: its
+        tasks' final records are written), else left for the next server to recover."""
+        if not self._unfiled and not self._lost:
+            self._journal.remove()
         self._journal.close()
 
 
