@@ -13,13 +13,13 @@ callers are cancelled; a caller cancelled while its write still waits for a batc
 written).
 
 ``save_soon`` queues a write nobody waits for (a running task's record: it may be lost in a crash,
-never torn): it is written ``SOON_DELAY_S`` later (or after the delay given), with the batch then under way or in one begun in
-the background, and a later write of the same file queued before it is written replaces it. So a
-task that ends within that time never has its running record written: its final record supersedes
-it, and is then a new file. (On ext4 a rename over an existing file starts the writeback of the new
-one, ``auto_da_alloc``: about 0.7 ms of CPU on this project's VMs, the largest cost of a trivial
-task.) Writes of one file are always written in the order queued. A failed ``save_soon`` write calls
-its ``on_error``.
+never torn): it is written ``SOON_DELAY_S`` later (or after the delay given), with the batch then
+under way or in one begun in the background, and a later write of the same file queued before it is
+written replaces it. So a task that ends within that time never has its running record written:
+its final record supersedes it, and is then a new file. (On ext4 a rename over an existing file
+starts the writeback of the new one, ``auto_da_alloc``: about 0.7 ms of CPU on this project's VMs,
+the largest cost of a trivial task.) Writes of one file are always written in the order queued. A
+failed ``save_soon`` write calls its ``on_error``; every file written is reported to ``on_written``.
 """
 
 from __future__ import annotations

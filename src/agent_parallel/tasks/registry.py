@@ -279,7 +279,7 @@ class TaskRegistry:
             command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
             kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, group=None, resources=resources)
         record.branch, record.worktree = branch, worktree
-        [first] = [None] if record_soon else self._journal_first([record])
+        first = None if record_soon else self._journal_first([record])[0]
         self._active += 1
         task = Task(record, on_finish=on_finish, active=True, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
