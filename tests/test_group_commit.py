@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -216,3 +217,30 @@ async def test_save_soon_writes_with_different_delays_fall_due_each_at_its_own_t
     assert [dst for kind, dst in log.events if kind == "rename"].count(str(slow)) == 1
     assert [dst for kind, dst in log.events if kind == "rename"].count(str(replaced)) == 1
     assert slow.read_bytes() == b"final"
+
+
+async def test_save_soon_data_made_by_a_function_is_made_only_when_written(tmp_path):
+    made: list[str] = []
+
+    def maker(name: str) -> Callable[[], bytes]:
+        def make() -> bytes:
+            made.append(name)
+            return name.encode()
+        return make
+
+    def broken() -> bytes:
+        raise RuntimeError("a bug")
+
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg)
+        commit.save_soon(tmp_path / "kept.json", maker("kept"), lambda exc: None)
+        commit.save_soon(tmp_path / "replaced.json", maker("replaced"), lambda exc: None)
+        commit.save_soon(tmp_path / "broken.json", broken, lambda exc: None)
+        await commit.save(tmp_path / "replaced.json", b"final")  # supersedes it before it is due
+        with anyio.fail_after(5):
+            while not (tmp_path / "kept.json").exists():
+                await anyio.sleep(0.005)
+        await commit.save(tmp_path / "after.json", b"after")  # a bug in one maker stops nothing
+    assert made == ["kept"]
+    assert (tmp_path / "kept.json").read_bytes() == b"kept" and (tmp_path / "replaced.json").read_bytes() == b"final"
+    assert not (tmp_path / "broken.json").exists() and (tmp_path / "after.json").read_bytes() == b"after"

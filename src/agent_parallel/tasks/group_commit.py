@@ -54,6 +54,7 @@ class _Write:
     done: bool = False
     error: OSError | None = None
     superseded: bool = False  # a save_soon write replaced by a later write of its file: never written
+    make: Callable[[], bytes] | None = None  # a save_soon write's data, made when a batch takes it
 
 
 class GroupCommit:
@@ -77,14 +78,19 @@ class GroupCommit:
         self._on_written = on_written  # told of each file written (on the event loop)
         self.batches = 0  # batches written (for tests and benchmarks)
 
-    def save_soon(self, path: Path, data: bytes, on_error: Callable[[OSError], None], *,
+    def save_soon(self, path: Path, data: bytes | Callable[[], bytes], on_error: Callable[[OSError], None], *,
                   delay: float = SOON_DELAY_S) -> None:
         """Queue an atomic write of ``data`` to ``path`` that nobody waits for (not fsynced), written
         ``delay`` seconds later unless superseded; ``on_error`` is called (on the event loop) if it
-        fails. See the module docstring."""
+        fails. ``data`` may be a function that makes it, called (on the event loop) only if the write
+        is not superseded first: most are. See the module docstring."""
         assert self._tg is not None, "save_soon needs the task group GroupCommit was given"
         self._supersede(path)
-        write = _Write(path, data, durable=False, on_error=on_error, due=anyio.current_time() + delay)
+        write = _Write(path, b"", durable=False, on_error=on_error, due=anyio.current_time() + delay)
+        if callable(data):
+            write.make = data
+        else:
+            write.data = data
         self._soon[path] = write
         heapq.heappush(self._soon_due, (write.due, next(self._order), write))
         if not self._flushing:
@@ -186,6 +192,12 @@ class GroupCommit:
         while len(batch) < self._max_batch and self._next_due() <= now:
             _, _, write = heapq.heappop(self._soon_due)
             del self._soon[write.path]
+            if write.make is not None:
+                try:
+                    write.data = write.make()
+                except Exception:  # a bug in the caller's function: that write is dropped, the others go on
+                    log.exception("could not make the data of %s; it is not written", write.path)
+                    continue
             batch.append(write)
         return batch
 

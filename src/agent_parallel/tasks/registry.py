@@ -673,13 +673,13 @@ class TaskRegistry:
         return f"could not open the task's log {log_paths(self.runs_dir, task_id)[0]}: {os_error_text(exc)}"
 
     def _save_soon(self, task: Task, *, delay: float = SOON_DELAY_S, data: bytes | None = None) -> None:
-        """Write the task's record (``data``: as serialized already) ``delay`` seconds from now, batched
-        with other tasks' (a later record of the task queued before the batch takes this one replaces it:
-        a task that ends at once never has its running record written); if it cannot be written, the task
-        is stopped and fails saying why."""
+        """Write the task's record (``data``: as serialized already; else as it is when written)
+        ``delay`` seconds from now, batched with other tasks' (a later record of the task queued before
+        the batch takes this one replaces it: a task that ends at once never has its running record
+        written, nor serialized); if it cannot be written, the task is stopped and fails saying why."""
         rec = task.record
         self._commits.save_soon(record_path(self.runs_dir, rec.task_id),
-                                rec.model_dump_json().encode() if data is None else data,
+                                (lambda: rec.model_dump_json().encode()) if data is None else data,
                                 lambda exc: self._record_failed(task, exc), delay=delay)
 
     def _record_failed(self, task: Task, exc: OSError) -> None:
