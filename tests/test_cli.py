@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
+import pytest
+
 from queue_helpers import statuses, write_item
 
 SCRIPT = Path(sys.executable).parent / "agent-parallel"
@@ -119,3 +122,31 @@ def test_run_report_says_which_items_had_no_estimate(workspace):
     assert done.returncode == 0, done.stdout + done.stderr
     text = " ".join(done.stdout.split())
     assert "vs lower bound" in text and "1 items without an estimate counted at 60 s)" in text
+
+
+@pytest.mark.anyio
+async def test_status_shows_tasks_launched_a_moment_ago_whose_record_files_are_not_written_yet(workspace):
+    """A fan-out's first records are journaled, their files written a second later: `status` (another
+    process) reads the journal for them; a journaled first record that is old, or finished, or
+    planted with another task's id, is not shown."""
+    from agent_parallel.tasks.records import TaskRecord
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    runs = workspace / ".agent" / "runs"
+    runs.mkdir(parents=True)
+    old = TaskRecord(task_id="oldtask00001", kind="command", command="echo pruned long ago", cwd=str(workspace))
+    old.created_at -= 3600
+    forged = TaskRecord(task_id="forged000001", kind="command", command="echo forged", cwd=str(workspace))
+    async with open_registry(workspace, runs, RegistrySettings()) as registry:
+        (runs / "journal-1-planted.wal").write_bytes(  # (as if another live server's)
+            b"oldtask00001.json\t" + old.model_dump_json().encode() + b"\n"
+            + b"somebody0001.json\t" + forged.model_dump_json().encode() + b"\n")
+        _, members = await registry.launch_group(["sleep 30", "sleep 30", "echo waiting-member"], max_parallel=1,
+                                                     cwd=workspace)
+        assert not (runs / f"{members[2].record.task_id}.json").exists()  # its file is not written yet
+        listed = await anyio.to_thread.run_sync(lambda: cli("status", "--root", str(workspace)))
+        for task in members:
+            await registry.cancel(task)
+    assert listed.returncode == 0, listed.stderr
+    assert "echo waiting-member" in listed.stdout and listed.stdout.count("sleep 30") == 2
+    assert "pruned long ago" not in listed.stdout and "forged" not in listed.stdout

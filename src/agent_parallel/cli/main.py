@@ -282,7 +282,8 @@ def _status(args: argparse.Namespace) -> int:
     from .render import status_view
     from ..tasks.records import load_records
 
-    records = sorted(load_records(args.root.resolve() / RUNS_DIR), key=lambda r: r.created_at, reverse=True)
+    records = sorted(load_records(args.root.resolve() / RUNS_DIR, journaled=True), key=lambda r: r.created_at,
+                     reverse=True)
     Console().print(status_view(records[: args.limit]))
     return 0
 

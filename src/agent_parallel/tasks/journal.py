@@ -233,15 +233,41 @@ def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
     return restored
 
 
-def _replay(directory: Path, journal: Path, content: bytes, replaces: Callable[[Path, bytes], bool]) -> int:
+def journaled(directory: Path) -> list[tuple[str, bytes]]:
+    """Every entry of every journal in ``directory``, live servers' too (read only: never locked nor
+    changed), in the order written: (record file name, data). For a reader that shows tasks whose
+    record file is not written yet (``agent-parallel status``). A journal that cannot be read is skipped."""
+    entries: list[tuple[str, bytes]] = []
+    for journal in sorted(directory.glob(JOURNAL_GLOB)):
+        try:
+            fd = open_regular(journal)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if size <= MAX_JOURNAL_BYTES:
+                entries += _entries(_read_all(fd, size)).items()
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return entries
+
+
+def _entries(content: bytes) -> dict[str, bytes]:
+    """A journal's latest entry for each record file it names (lines of other shapes skipped)."""
     latest: dict[str, bytes] = {}
     for line in content.split(b"\n")[:-1]:  # the last piece is empty, or a line cut short by a crash
         raw, sep, data = line.partition(b"\t")
         name = raw.decode("ascii", "replace")
         if sep and _NAME.fullmatch(name):
             latest[name] = data
+    return latest
+
+
+def _replay(directory: Path, journal: Path, content: bytes, replaces: Callable[[Path, bytes], bool]) -> int:
     restored, checked = 0, []
-    for name, data in latest.items():
+    for name, data in _entries(content).items():
         path = directory / name
         if replaces(path, data):
             write_atomic(path, data, durable=True, sync_dir=False)
@@ -314,4 +340,4 @@ def _libc_syncfs() -> Callable[[int], int] | None:
     return _SYNCFS[0]
 
 
-__all__ = ["Journal", "FirstRecords", "recover", "CHECKPOINT_ENTRIES", "JOURNAL_GLOB"]
+__all__ = ["Journal", "FirstRecords", "recover", "journaled", "CHECKPOINT_ENTRIES", "JOURNAL_GLOB"]

@@ -436,9 +436,38 @@ def journal_replaces(path: Path, data: bytes) -> bool:
         return True
 
 
-def load_records(runs_dir: Path) -> list[TaskRecord]:
+JOURNALED_WINDOW_S = 10.0  # how recent a journaled first record must be to be shown (load_records)
+
+
+def load_records(runs_dir: Path, *, journaled: bool = False) -> list[TaskRecord]:
     """Every valid record in ``runs_dir``. Unreadable or implausible ones are skipped with a
-    warning (and never crash start-up); records are read only from regular files."""
+    warning (and never crash start-up); records are read only from regular files.
+
+    ``journaled``: also the tasks launched in the last ``JOURNALED_WINDOW_S`` whose record is so far
+    only in their server's journal of first records (``journal.py``; its file follows within a
+    second), checked the same way (skipped quietly). Older ones there have their file, or had it
+    and were pruned since."""
+    records = _load_files(runs_dir)
+    if journaled:
+        from .journal import journaled as journal_entries
+
+        have = {r.task_id for r in records}
+        recent: dict[str, TaskRecord] = {}
+        now = time.time()
+        for name, data in journal_entries(runs_dir):
+            stem = name[: -len(".json")]
+            try:
+                record = TaskRecord.model_validate_json(data)
+            except (ValidationError, ValueError, RecursionError):
+                continue
+            if stem not in have and not record.is_done and record.created_at > now - JOURNALED_WINDOW_S \
+                    and not record_problem(record, stem, now):
+                recent[stem] = record
+        records += recent.values()
+    return records
+
+
+def _load_files(runs_dir: Path) -> list[TaskRecord]:
     records = []
     now = time.time()
     for path in runs_dir.glob("*.json"):
