@@ -177,6 +177,27 @@ async def test_runs_dir_gone_before_the_running_record_does_not_stop_the_task(wo
         await still_works(registry)
 
 
+@pytest.mark.fault("the runs directory removed (git clean -fdX) between launches: the next launch and fan-out "
+                   "make it again, with its .gitignore, and run")
+async def test_a_launch_after_the_runs_dir_was_removed_makes_it_again(workspace):
+    from agent_parallel.paths import runs_dir
+
+    runs = runs_dir(workspace)
+    async with open_registry(workspace, runs, GRACE) as registry:
+        first = await registry.launch(command="echo before", cwd=workspace, answer_at_once=True)
+        await first.done.wait()
+        shutil.rmtree(runs)
+        again = await registry.launch(command="echo after", cwd=workspace, answer_at_once=True)
+        _, members = await registry.launch_group(["echo one", "echo two"], max_parallel=2, cwd=workspace)
+        with anyio.fail_after(10):
+            for task in (again, *members):
+                await task.done.wait()
+        assert [t.record.status for t in (again, *members)] == ["completed"] * 3
+        assert again.record.last_line == "after" and (runs / ".gitignore").read_text().strip() == "*"
+        await registry.records_saved()
+        assert (runs / f"{again.record.task_id}.json").exists()
+
+
 @pytest.mark.fault("a launch abandoned while the task is starting (the caller cancelled): the task ends cancelled, "
                    "its slot is given back")
 async def test_abandoned_launch_gives_its_slot_back(workspace):

@@ -35,6 +35,17 @@ def resolve_inside(root: Path, given: str | Path, what: str) -> Path:
     return path
 
 
+def ensure_runs_dir(root: Path, runs: Path) -> None:
+    """Make ``runs`` again if it vanished while the server runs (``git clean -fdX`` removes it): the
+    workspace's own runs directory (``runs_dir``, with its ``.gitignore``), or another one given."""
+    if runs.is_dir():
+        return
+    if runs == root.resolve() / RUNS_DIR:
+        runs_dir(root)
+    else:
+        runs.mkdir(parents=True, exist_ok=True)
+
+
 def runs_dir(root: Path) -> Path:
     """Where task records and logs live; created with a ``.gitignore`` so run data is never committed.
 

@@ -39,7 +39,7 @@ from ..agents import profiles
 from ..agents.job import AttemptPlan, Gate, ItemJob, gate_for
 from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
-from ..paths import RUNS_DIR, resolve_inside, runs_dir as make_runs_dir, write_atomic
+from ..paths import ensure_runs_dir, resolve_inside, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .isolation import Isolated, forecast, integrate_item, is_isolated, prepare_item
 from .plan import isolation_policy
@@ -92,12 +92,7 @@ class QueueContext:
     def ensure_runs_dir(self) -> None:
         """Recreate the runs directory if it vanished mid-run (``git clean -fdX`` removes it):
         every move needs its lock file and its history. Sync: call it in a worker thread."""
-        if self.runs_dir.is_dir():
-            return
-        if self.runs_dir == self.root / RUNS_DIR:
-            make_runs_dir(self.root)  # with its .gitignore
-        else:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
+        ensure_runs_dir(self.root, self.runs_dir)
 
 
 # ---------------------------------------------------------------------------------- one item

@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus as StartStatus
 from ..errors import (AgentParallelError, InternalError, ResourceLimitError, ShuttingDown, StorageError, UnknownTask,
                       UsageError, exception_reason,
                       os_error_text)
+from ..paths import ensure_runs_dir
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .group_commit import SOON_DELAY_S, GroupCommit
 from .journal import FirstRecords, Journal, recover
@@ -325,11 +326,17 @@ class TaskRegistry:
         leaves them for the next server to recover); ``StorageError`` if they cannot be written
         (none of them is kept then). Returns them serialized: the tasks then ``_save_soon`` them as files."""
         data = [r.model_dump_json().encode() for r in records]
+        writes = [(record_path(self.runs_dir, r.task_id), d) for r, d in zip(records, data, strict=True)]
         try:
-            self._firsts.append([(record_path(self.runs_dir, r.task_id), d) for r, d in zip(records, data, strict=True)])
-        except OSError as exc:
+            try:
+                self._firsts.append(writes)
+            except FileNotFoundError:  # the runs directory was removed (git clean -fdX): made again
+                ensure_runs_dir(self.root, self.runs_dir)
+                self._firsts.append(writes)
+        except (OSError, UsageError) as exc:
+            why = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
             raise StorageError(
-                f"cannot write the task record in {self.runs_dir}: {os_error_text(exc)}; "
+                f"cannot write the task record in {self.runs_dir}: {why}; "
                 "free some disk space (or fix the directory's permissions) and launch again") from exc
         return data
 
