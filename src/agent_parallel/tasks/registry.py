@@ -39,7 +39,7 @@ from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path, recover_log_extent,
                    task_files, upstream_log_path)
-from .processes import describe_survivors, kill_tasks_now, process_start_time, same_process
+from .processes import TASK_ID_VAR, describe_survivors, kill_tasks_now, process_start_time, same_process
 from .records import (Cancelled, Failed, FailedToStart, Interrupted, Outcome, ProcessRef, Running, Skipped, Succeeded,
                       TaskKind, TaskRecord, TaskStatus, TimedOut, is_group_id, journal_replaces, load_records,
                       new_group_id, new_task_id, save_record)
@@ -307,7 +307,8 @@ class TaskRegistry:
         nothing registered."""
         predecessors = [self.get(p) for p in (after or [])]
         task_id = self._new_id()
-        spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv, env=dict(env or {}),
+        spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv,
+                          env={**(env or {}), TASK_ID_VAR: task_id},  # what finds its processes (processes.py)
                           stdin_path=stdin_path, resources=dict(resources or {}))
         if problem := check_launch_strings(spec):
             raise UsageError(f"cannot start {what}: {problem}")
@@ -641,7 +642,6 @@ class TaskRegistry:
                 except OSError as exc:
                     raise _TaskFailure(f"could not hand over its predecessors' output: {os_error_text(exc)}") from exc
                 spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
-        spec.env["AGENT_TASK_ID"] = rec.task_id
         try:  # on the event loop: one small file, created as the task starts
             task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
             if task.prelude:
@@ -714,7 +714,6 @@ class TaskRegistry:
         if check is not None and check():
             self._tg.start_soon(self._supervise, task, spec, [], self.executor, None)
             return
-        spec.env["AGENT_TASK_ID"] = rec.task_id
         prelude, task.prelude = task.prelude, b""
 
         def open_log() -> LogWriter:  # in the lane's worker thread
