@@ -324,9 +324,7 @@ class LocalHandle:
             raise ExecutorError(f"could not wait for the task's process {self.pid}: {os_error_text(exc)}") from exc
 
     async def _wait(self) -> ExitInfo:
-        if self._must_stop:  # the log failed while the lane followed the task
-            self._must_stop = False
-            await self._stop(LEFTOVER_GRACE_S)
+        await self._stop_if_log_failed()  # (it failed while the lane followed the task)
         if not self._waited:  # (a wait cancelled half-way, e.g. by a timeout, resumes where it was)
             if self._exit is None and self._pidfd is not None and self._stops == 0 \
                     and (exited := await self._follow()) is not None:
@@ -462,10 +460,14 @@ class LocalHandle:
         (or once the log failed: the task is then stopped, and its reason says why)."""
         if not self._absorb_now(chunks):
             return False
+        await self._stop_if_log_failed()
+        return True
+
+    async def _stop_if_log_failed(self) -> None:
+        """Stop the task once its log could not be written (``_absorb_now`` only marks it)."""
         if self._must_stop:
             self._must_stop = False
             await self._stop(LEFTOVER_GRACE_S)
-        return True
 
     def _absorb_now(self, chunks: int) -> bool:
         """``_absorb_some`` without the stop: a failed log sets ``_must_stop`` instead."""

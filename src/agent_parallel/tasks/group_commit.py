@@ -143,7 +143,8 @@ class GroupCommit:
 
     async def _write_queued(self, writes: list[_Write] | None) -> None:
         """Write batches until ``writes`` are written (None: until no queued write is due). Batches
-        take the writes that are due in the order queued: once the last of ``writes`` is written, all are."""
+        take the durable writes in the order queued (``_take_batch``): once the last of ``writes`` is
+        written, all are."""
         last = writes[-1] if writes else None
         while not last.done if last is not None else self._due(anyio.current_time()):
             if self._busy:

@@ -37,10 +37,10 @@ class Watchdog:
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.write(line.encode())
-            if now:
-                self._proc.stdin.flush()
         except (OSError, ValueError):  # the guard is gone; the start-up sweep remains
-            pass
+            return
+        if now:
+            self.flush()
 
     def watch(self, pgid: int, task_id: str, *, flush: bool = True) -> None:
         """List a task's group at once (it may need stopping from now on); carries any forget queued.
@@ -52,7 +52,7 @@ class Watchdog:
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # the guard is gone; the start-up sweep remains
             pass
 
     def forget(self, pgid: int, task_id: str) -> None:
