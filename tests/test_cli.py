@@ -127,8 +127,8 @@ def test_run_report_says_which_items_had_no_estimate(workspace):
 @pytest.mark.anyio
 async def test_status_shows_tasks_launched_a_moment_ago_whose_record_files_are_not_written_yet(workspace):
     """A fan-out's first records are journaled, their files written a second later: `status` (another
-    process) reads the journal for them; a journaled first record that is old, or finished, or
-    planted with another task's id, is not shown."""
+    process) reads the journal for them; a journaled first record that is old, or planted with another
+    task's id, is not shown."""
     from agent_parallel.tasks.records import TaskRecord
     from agent_parallel.tasks.registry import RegistrySettings, open_registry
 
