@@ -15,7 +15,8 @@
     ├── ExecutorError         a process could not be started, waited for or stopped (tasks/executor.py)
     │   └── SpawnError             it could not be started: a missing cwd, no such program ...
     ├── WorktreeError         git could not prepare, integrate or remove an item's worktree (worktrees/)
-    │   └── SetupFailed            worktree.setup exited non-zero; carries its output's tail
+    │   ├── SetupFailed            worktree.setup exited non-zero; carries its output's tail
+    │   └── ShellStopped           a setup or verify command was killed: its run was stopped
     └── InternalError         a bug in agent-parallel: please report it
 
 The MCP layer turns every ``AgentParallelError`` into a tool error carrying its message; anything
@@ -87,6 +88,11 @@ class SetupFailed(WorktreeError):
     def __init__(self, message: str, output_tail: str, exit_code: int | None) -> None:
         super().__init__(message)
         self.output_tail, self.exit_code = output_tail, exit_code
+
+
+class ShellStopped(WorktreeError):
+    """Raised when a `worktree.setup` or `integration.verify` command was killed because its run was
+    stopped (cancel_task, shutdown): the command did not finish, and nothing after it was done."""
 
 
 class InternalError(AgentParallelError):

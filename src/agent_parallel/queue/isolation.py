@@ -18,9 +18,10 @@ from typing import BinaryIO, cast
 import anyio
 
 from ..config import Config
+from ..errors import ShellStopped
 from ..results import Phase
-from ..worktrees import Integration, Lease, integrate, is_safe_to_remove, list_worktrees, predict_conflicts, prepare, \
-    release, remove
+from ..worktrees import (Integration, Lease, ShellStop, integrate, is_safe_to_remove, list_worktrees,
+                         predict_conflicts, prepare, release, remove)
 from .items import WorkItem
 from .timings import record_integration
 
@@ -68,14 +69,16 @@ class _Tail:
         return len(b)
 
 
-async def prepare_item(root: Path, config: Config, item: WorkItem) -> tuple[Isolated, bytes]:
-    """Make (or reuse) the item's worktree and run ``worktree.setup`` in it (in a worker thread).
+async def prepare_item(root: Path, config: Config, item: WorkItem, *,
+                       stop: ShellStop | None = None) -> tuple[Isolated, bytes]:
+    """Make (or reuse) the item's worktree and run ``worktree.setup`` in it (in a worker thread;
+    ``stop``, the run's, kills the setup when the run is stopped: `ShellStopped`).
 
     Returns it and the text that opens the item's log: where it runs and what setup printed.
     Raises ``ConfigError`` (not a git repository ...), ``SetupFailed`` or ``WorktreeError``."""
     tail = _Tail(SETUP_LOG_BYTES)
     lease = await anyio.to_thread.run_sync(lambda: prepare(root, config, item.id_str, item.slug,
-                                                                   log=cast(BinaryIO, tail)))
+                                                           log=cast(BinaryIO, tail), stop=stop))
     lines = [f"agent-parallel: item {item.id_str} runs in the worktree {lease.path} on branch {lease.branch}"
              + (f", port {lease.port}" if lease.port is not None else "")
              + (" (reused: the work done so far is kept)" if lease.reused else "")]
@@ -89,8 +92,9 @@ async def prepare_item(root: Path, config: Config, item: WorkItem) -> tuple[Isol
 
 
 async def integrate_item(root: Path, config: Config, isolated: Isolated, item: WorkItem, *,
-                         succeeded: bool) -> tuple[bool, str | None, list[str]]:
-    """After the item's process: integrate it if it succeeded, then give the lease back.
+                         succeeded: bool, stop: ShellStop | None = None) -> tuple[bool, str | None, list[str]]:
+    """After the item's process: integrate it if it succeeded, then give the lease back (``stop``,
+    the run's, kills ``integration.verify`` when the run is stopped: the item fails, its work kept).
 
     Returns whether the item succeeded as a whole, the reason when integration failed it, and
     notes (the worktree removed, or kept and why). A failed integration keeps branch and worktree."""
@@ -104,7 +108,12 @@ async def integrate_item(root: Path, config: Config, isolated: Isolated, item: W
         isolated.phase = "integrating"
         try:
             result: Integration = await anyio.to_thread.run_sync(
-                lambda: integrate(root, config, lease, item.title or f"item {item.id_str}", config.integration_author))
+                lambda: integrate(root, config, lease, item.title or f"item {item.id_str}", config.integration_author,
+                                  stop=stop))
+        except ShellStopped as exc:  # the run was stopped during its verify: the target did not move
+            notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: move item {item.id_str} "
+                         "back to pending with update_item to integrate it later (they are reused)")
+            return False, f"integration was not finished: {exc}", notes
         except Exception as exc:  # git itself failed: the item fails (its file must still move), its work is kept
             isolated.phase = "conflict"
             notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: fix the cause, then move "

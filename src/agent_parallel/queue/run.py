@@ -38,7 +38,7 @@ from .claims import (ClaimLost, find_item, move_item, parse_item_id, queue_lock_
 from ..agents import profiles
 from ..agents.job import AttemptPlan, Gate, ItemJob, gate_for
 from ..config import Config, max_parallel_for, stops_on_first_failure
-from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, exception_reason
+from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, ShellStopped, exception_reason
 from ..paths import ensure_runs_dir, resolve_inside, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .isolation import Isolated, forecast, integrate_item, is_isolated, prepare_item
@@ -50,7 +50,7 @@ from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
 from ..tasks.registry import Task, TaskRegistry, wait_any
-from ..worktrees import check_repository, release
+from ..worktrees import ShellStop, check_repository, release
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ class Mover:
 async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str,
                       on_end: Callable[[Task, ItemEnd], None] | None = None,
                       go_on: Callable[[], bool] | None = None, mover: Mover | None = None,
-                      on_completed: Callable[[], None] | None = None) -> tuple[Task, Isolated | None]:
+                      on_completed: Callable[[], None] | None = None,
+                      stop: ShellStop | None = None) -> tuple[Task, Isolated | None]:
     """Claim ``item`` (pending → in_progress) and start it; when it ends, move it to completed/failed.
 
     An isolated item (``is_isolated``) first gets its worktree (``prepare_item``: a failed setup
@@ -229,6 +230,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     A run passes its ``mover``: the claim and the end move go through it, and an item that
     completed (not isolated: nothing is left to decide) calls ``on_completed`` before its file
     moves, so the run can free its slot and start the next item, whose claim carries this move.
+    Its ``stop`` kills the item's ``worktree.setup`` (the claim is given back: ``NotStarted``) or
+    ``integration.verify`` (the item fails, its work kept) when the run is stopped.
     """
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
@@ -278,8 +281,12 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     if is_isolated(ctx.config, item):
         with anyio.CancelScope(shield=True):  # claimed: prepare it, or record why it could not be
             try:
-                isolated, prelude = await prepare_item(ctx.root, ctx.config, item)
+                isolated, prelude = await prepare_item(ctx.root, ctx.config, item, stop=stop)
                 workdir = isolated.lease.workdir
+            except ShellStopped as exc:  # its run was stopped during the setup: it never ran
+                await give_back(path, f"not started: {exc}")
+                raise NotStarted(f"{by} was stopped during the worktree setup of item {item.id_str}; the claim "
+                                 "was given back") from exc
             except AgentParallelError as exc:  # not a git repository, setup failed, git refused a step
                 why = f"its worktree could not be prepared: {exc}"
                 notes = await anyio.to_thread.run_sync(
@@ -312,7 +319,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             kept: list[str] = []
             if isolated is not None:
                 try:
-                    ok, end.reason, kept = await integrate_item(ctx.root, ctx.config, isolated, item, succeeded=ok)
+                    ok, end.reason, kept = await integrate_item(ctx.root, ctx.config, isolated, item, succeeded=ok,
+                                                                stop=stop)
                 except Exception as exc:  # whatever happens, the item's file moves (never left in_progress)
                     log.exception("item %s: its integration failed", item.id_str)
                     ok, end.reason = False, f"its integration failed: {exception_reason(exc)}"
@@ -584,6 +592,7 @@ class QueueRun:
 
     def __init__(self, ctx: QueueContext, options: RunOptions) -> None:
         self.ctx, self.options = ctx, options
+        self.shell_stop = ShellStop("its run was stopped")
 
     # -- Job
     async def start(self, task_id: str, log: LogWriter) -> None:
@@ -645,9 +654,11 @@ class QueueRun:
         return self._exit
 
     async def stop(self, grace: float) -> None:
-        """Stop the run: start nothing new and cancel the items that are running."""
+        """Stop the run: start nothing new, cancel the items that are running and kill the setup and
+        verify commands of its isolated items (a worker thread waiting on one cannot be interrupted)."""
         self._cancelled = True
         self._stop("the run was cancelled")
+        self.shell_stop.stop()
         async with anyio.create_task_group() as tg:
             for slot in list(self.running.values()):
                 tg.start_soon(self.ctx.registry.cancel, slot.task)
@@ -776,7 +787,7 @@ class QueueRun:
         item = self.graph.by_id[item_id]
         try:
             task, isolated = await launch_item(self.ctx, self.graph, item, by=self.by,
-                                               go_on=lambda: self.state == "running",
+                                               go_on=lambda: self.state == "running", stop=self.shell_stop,
                                                on_end=functools.partial(self._on_end, item_id), mover=self.mover,
                                                on_completed=functools.partial(self._on_completed, item_id))
         except ClaimLost as exc:

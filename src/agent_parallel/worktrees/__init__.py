@@ -1,6 +1,7 @@
 """The git engine behind `runner.isolation: worktree`: an item's own worktree (`prepare`), its
 integration into the target (`integrate`), conflict forecasts (`predict_conflicts`) and cleanup that
-never loses work (`list_worktrees`, `is_safe_to_remove`, `remove`).
+never loses work (`list_worktrees`, `is_safe_to_remove`, `remove`); `ShellStop` lets a run kill the
+setup or verify command a worker thread is running.
 
 Everything here is synchronous and drives the ``git`` command (2.38 or later): callers in an event
 loop run it in a worker thread. Errors: `ConfigError` for a workspace that cannot host worktrees
@@ -9,6 +10,7 @@ loop run it in a worker thread. Errors: `ConfigError` for a workspace that canno
 result (`Integration`), not an error.
 """
 
+from ._git import ShellStop as ShellStop
 from .cleanup import WorktreeState as WorktreeState
 from .cleanup import is_safe_to_remove as is_safe_to_remove
 from .cleanup import list_worktrees as list_worktrees
@@ -23,5 +25,5 @@ from .prepare import release as release
 from .repo import RepoInfo as RepoInfo
 from .repo import check_repository as check_repository
 
-__all__ = ["RepoInfo", "check_repository", "Lease", "prepare", "release", "Integration", "integrate",
+__all__ = ["ShellStop", "RepoInfo", "check_repository", "Lease", "prepare", "release", "Integration", "integrate",
            "commit_leftovers", "predict_conflicts", "WorktreeState", "list_worktrees", "is_safe_to_remove", "remove"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import WorktreeError
+from ..errors import ShellStopped, WorktreeError
 from ..tasks import processes
 
 TAIL_BYTES = 4000
@@ -95,17 +96,67 @@ class Tail:
         return self.data.decode(errors="replace").strip()
 
 
-def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None) -> tuple[int, str]:
+class ShellStop:
+    """Lets a run stop the `worktree.setup` and `integration.verify` commands its worker threads are
+    running: a worker thread cannot be interrupted, but the command it waits on can be killed, and then
+    it returns at once. Without this, cancelling a run (or stopping the server) waited for a setup
+    that may never end. Once stopped, it stays stopped: a later command is refused before it starts."""
+
+    def __init__(self, why: str = "its run was stopped") -> None:
+        self.why = why
+        self._lock = threading.Lock()
+        self._groups: set[int] = set()
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def stop(self) -> None:
+        """Kill every command running under this stop (each in its own process group), and any started later."""
+        with self._lock:
+            self._stopped = True
+            groups = list(self._groups)
+        for pgid in groups:
+            _kill_group(pgid)
+
+    def _enter(self, pgid: int) -> bool:
+        """Count ``pgid`` as running; False (and it is killed) when already stopped."""
+        with self._lock:
+            if not self._stopped:
+                self._groups.add(pgid)
+                return True
+        _kill_group(pgid)
+        return False
+
+    def _leave(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.discard(pgid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass  # already gone
+
+
+def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None, *,
+              stop: ShellStop | None = None, what: str = "the command") -> tuple[int, str]:
     """Run ``sh -c COMMAND`` in ``cwd`` (its own session), its output (stdout and stderr, in order)
     streamed to ``log`` as it comes; return the exit code and the output's tail.
 
-    If the calling thread is interrupted (KeyboardInterrupt, a cancelled run), the command's whole
-    process group is killed and waited for before the exception goes on: nothing is orphaned.
+    If the calling thread is interrupted (KeyboardInterrupt), the command's whole process group is
+    killed and waited for before the exception goes on: nothing is orphaned. ``stop`` (a run's
+    `ShellStop`) may kill it from another thread; it then raises `ShellStopped` naming ``what``.
     """
+    if stop is not None and stop.stopped:
+        raise ShellStopped(f"{what} `{command}` was not started: {stop.why}")
     full_env = {**os.environ, **env}
     proc = processes.spawn(lambda: subprocess.Popen(
         ["/bin/sh", "-c", command], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True))
+    stopped = stop is not None and not stop._enter(proc.pid)
     tail = Tail()
     try:
         assert proc.stdout is not None
@@ -115,16 +166,20 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
                 log.write(chunk)
         code = proc.wait()
     except BaseException:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        _kill_group(proc.pid)
         proc.wait()
         raise
     finally:
+        if stop is not None:
+            stop._leave(proc.pid)
+            stopped = stopped or stop.stopped
         if proc.stdout is not None:
             proc.stdout.close()
         processes.forget_child(proc.pid)
         if log is not None:
             log.flush()
+    if stopped:
+        _kill_group(proc.pid)  # what it left running (the group outlives its leader)
+        assert stop is not None
+        raise ShellStopped(f"{what} `{command}` was killed before it finished: {stop.why}")
     return code, tail.text()

@@ -22,7 +22,7 @@ from typing import BinaryIO, Literal
 
 from ..config import Config
 from ..errors import UsageError, WorktreeError
-from ._git import git_message, git_out, identity_env, nul_list, run_git, run_shell
+from ._git import ShellStop, git_message, git_out, identity_env, nul_list, run_git, run_shell
 from .prepare import Lease, read_meta, registered_worktrees
 from .repo import RepoInfo, check_repository, file_lock
 
@@ -55,13 +55,15 @@ class Integration:
 
 
 def integrate(root: Path, config: Config, lease: Lease, title: str, author: str | None = None, *,
-              log: BinaryIO | None = None, lock_timeout_s: float | None = None) -> Integration:
+              log: BinaryIO | None = None, lock_timeout_s: float | None = None,
+              stop: ShellStop | None = None) -> Integration:
     """Integrate ``lease``'s branch into the target; see the module docstring for the steps.
 
     ``title`` is the message of the commit made of the agent's uncommitted work (``author``,
     ``Name <email>``, default `integration.author`, else git's user). ``log`` gets the verify
     command's output as it comes. Returns an `Integration`; raises `WorktreeError` only when git
-    itself fails (a broken repository, a worktree left mid-rebase by the agent).
+    itself fails (a broken repository, a worktree left mid-rebase by the agent), and `ShellStopped`
+    when ``stop`` (the run's) killed the verify command (the target unchanged).
     """
     started = time.monotonic()
     info = check_repository(root, config)
@@ -70,7 +72,7 @@ def integrate(root: Path, config: Config, lease: Lease, title: str, author: str 
                          "prepare the item again")
     commit_leftovers(lease.path, title, author or config.integration_author)
     with file_lock(info.common_dir / LOCK_FILE, "integration", lock_timeout_s):
-        result = _integrate_locked(info, config, lease, title, author or config.integration_author, log)
+        result = _integrate_locked(info, config, lease, title, author or config.integration_author, log, stop)
     return Integration(**{**result.__dict__, "seconds": time.monotonic() - started})
 
 
@@ -92,7 +94,7 @@ def commit_leftovers(worktree: Path, title: str, author: str | None) -> str | No
 
 
 def _integrate_locked(info: RepoInfo, config: Config, lease: Lease, title: str, author: str | None,
-                      log: BinaryIO | None) -> Integration:
+                      log: BinaryIO | None, stop: ShellStop | None) -> Integration:
     strategy = config.integration_strategy
     wt = lease.path
     head = run_git(wt, "symbolic-ref", "-q", "HEAD", ok=(0, 1)).stdout.decode().strip()
@@ -118,7 +120,7 @@ def _integrate_locked(info: RepoInfo, config: Config, lease: Lease, title: str, 
             return Integration(True, "integrated", f"{lease.branch} brought nothing new; {info.target} is unchanged",
                                commit=old, attempts=attempt)
         if config.integration_verify:
-            code, tail = _verify(config.integration_verify, lease, new, strategy != "rebase", log)
+            code, tail = _verify(config.integration_verify, lease, new, strategy != "rebase", log, stop)
             if code != 0:
                 return Integration(False, "verify_failed", f"integration.verify `{config.integration_verify}` exited "
                                    f"with code {code} on {lease.branch} combined with {info.target}; "
@@ -188,12 +190,13 @@ def git_out_env(cwd: Path, env: dict[str, str], *args: str) -> str:
     return run_git(cwd, *args, env=env, step=f"git {args[0]}").stdout.decode().strip()
 
 
-def _verify(command: str, lease: Lease, combined: str, detach: bool, log: BinaryIO | None) -> tuple[int, str]:
+def _verify(command: str, lease: Lease, combined: str, detach: bool, log: BinaryIO | None,
+            stop: ShellStop | None) -> tuple[int, str]:
     """Run ``integration.verify`` in the worktree on ``combined``; the worktree is back on its branch after."""
     if detach:
         run_git(lease.path, "checkout", "-q", "--detach", combined, step="git checkout (the combined result)")
     try:
-        return run_shell(command, lease.workdir, lease.env(), log)
+        return run_shell(command, lease.workdir, lease.env(), log, stop=stop, what="integration.verify")
     finally:
         if detach:
             run_git(lease.path, "checkout", "-q", lease.branch, step=f"git checkout {lease.branch}")

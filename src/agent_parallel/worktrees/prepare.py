@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 from ..config import Config
 from ..errors import SetupFailed, WorktreeError
 from . import leases
-from ._git import git_message, git_out, nul_list, run_git, run_shell
+from ._git import ShellStop, git_message, git_out, nul_list, run_git, run_shell
 from .repo import BRANCH_PREFIX, RepoInfo, check_repository, file_lock, worktree_name, worktrees_dir
 
 WORKTREES_LOCK = "agent-parallel-worktrees.lock"
@@ -106,7 +106,8 @@ def _write_meta(worktree: Path, meta: dict[str, Any]) -> None:
     (gitdir / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
-def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: BinaryIO | None = None) -> Lease:
+def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: BinaryIO | None = None,
+            stop: ShellStop | None = None) -> Lease:
     """Hand item ``item_id`` its worktree ``.agent/worktrees/<id>-<slug>`` on branch ``agent/<id>-<slug>``.
 
     A new one starts at the integration target's current commit, so it sees every item integrated
@@ -116,6 +117,7 @@ def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: B
     symlinked, a port taken from `worktree.ports`, and `worktree.setup` run in the worktree, its
     output streamed to ``log``; a setup that fails raises `SetupFailed` with its output's tail and
     keeps the worktree (a retry reuses it). Bad ids and slugs are refused before anything changes.
+    ``stop`` (the run's) kills the setup when the run is stopped: `ShellStopped`, the worktree kept.
     """
     name = worktree_name(item_id, slug)
     info = check_repository(root, config)
@@ -133,7 +135,8 @@ def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: B
         lease = Lease(str(item_id), name, path, workdir, branch, port, git_out(path, "rev-parse", "HEAD"),
                       info.target, reused, tuple(notes))
         if config.worktree_setup:
-            code, tail = run_shell(config.worktree_setup, workdir, lease.env(), log)
+            code, tail = run_shell(config.worktree_setup, workdir, lease.env(), log, stop=stop,
+                                   what="worktree.setup")
             if code != 0:
                 raise SetupFailed(f"worktree.setup `{config.worktree_setup}` exited with code {code} in {workdir} "
                                   f"(the worktree is kept: fix the setup, then retry the item); its output ended "
