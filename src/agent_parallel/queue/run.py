@@ -592,7 +592,7 @@ class QueueRun:
 
     def __init__(self, ctx: QueueContext, options: RunOptions) -> None:
         self.ctx, self.options = ctx, options
-        self.shell_stop = ShellStop("its run was stopped")
+        self.shell_stop = ShellStop()
 
     # -- Job
     async def start(self, task_id: str, log: LogWriter) -> None:

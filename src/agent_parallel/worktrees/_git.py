@@ -118,7 +118,7 @@ class ShellStop:
             self._stopped = True
             groups = list(self._groups)
         for pgid in groups:
-            _kill_group(pgid)
+            processes.signal_group(pgid, signal.SIGKILL)
 
     def _enter(self, pgid: int) -> bool:
         """Count ``pgid`` as running; False (and it is killed) when already stopped."""
@@ -126,19 +126,12 @@ class ShellStop:
             if not self._stopped:
                 self._groups.add(pgid)
                 return True
-        _kill_group(pgid)
+        processes.signal_group(pgid, signal.SIGKILL)
         return False
 
     def _leave(self, pgid: int) -> None:
         with self._lock:
             self._groups.discard(pgid)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass  # already gone
 
 
 def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None, *,
@@ -166,7 +159,7 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
                 log.write(chunk)
         code = proc.wait()
     except BaseException:
-        _kill_group(proc.pid)
+        processes.signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
     finally:
@@ -179,7 +172,7 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
         if log is not None:
             log.flush()
     if stopped:
-        _kill_group(proc.pid)  # what it left running (the group outlives its leader)
+        processes.signal_group(proc.pid, signal.SIGKILL)  # what it left running (the group outlives its leader)
         assert stop is not None
         raise ShellStopped(f"{what} `{command}` was killed before it finished: {stop.why}")
     return code, tail.text()
