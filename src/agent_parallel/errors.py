@@ -8,7 +8,8 @@
     │       ├── ConfigError        .agent/config.yaml is invalid (config.py)
     │       ├── ClaimLost          an item was moved by someone else (queue/claims.py)
     │       ├── BadTransition      an item cannot move to that status (queue/claims.py)
-    │       └── NotStarted         a run was stopped while it claimed the item (queue/run.py)
+    │       ├── NotStarted         a run was stopped while it claimed the item (queue/run.py)
+    │       └── ReadStopped        a queue read was stopped midway; nothing of it was kept (queue/items.py)
     ├── ResourceLimitError    a cap (tasks queued or running) was reached: wait, then try again
     ├── StorageError          a file the server keeps could not be written: a full disk, permissions
     ├── ShuttingDown          the server is stopping: try again once it runs again

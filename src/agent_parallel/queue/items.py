@@ -25,6 +25,7 @@ import stat
 import threading
 import time
 from functools import lru_cache
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar, cast
@@ -859,6 +860,14 @@ class _NamedEntry:
         return self._mode is not None and stat.S_ISLNK(self._mode)
 
 
+class ReadStopped(QueueError):
+    """A `QueueReader.snapshot` given a ``stop`` that said True: nothing of the read was kept."""
+
+
+_STOP_EVERY = 256
+"""Files read between two looks at a snapshot's ``stop`` (some 30 ms of parsing)."""
+
+
 class QueueReader:
     """Reads queue directories, re-parsing only files whose name, size, timestamps or inode changed.
 
@@ -889,12 +898,16 @@ class QueueReader:
         snapshot = self.snapshot(root, queue_dir)
         return list(snapshot.items), list(snapshot.diagnostics)
 
-    def snapshot(self, root: Path, queue_dir: Path | str) -> QueueSnapshot:
+    def snapshot(self, root: Path, queue_dir: Path | str, *,
+                 stop: Callable[[], bool] | None = None) -> QueueSnapshot:
         """The parsed queue in `queue_dir` (relative to `root`, or absolute inside it).
 
         Raises `PathOutsideWorkspace` when the directory resolves outside `root`, and
         `QueueError` when it does not exist or is not a directory. Per-file problems are
         diagnostics, never exceptions. Returns the previous snapshot object if nothing changed.
+        `stop` (for work nobody waits on, like `plan.prepare_plan`): checked before anything starts
+        and every `_STOP_EVERY` files; once it says True the read ends with `ReadStopped`, keeping
+        nothing it read.
         """
         root = root.resolve()
         directory = resolve_inside(root, queue_dir, "queue_dir")
@@ -905,6 +918,8 @@ class QueueReader:
             raise QueueError(f"queue_dir {str(queue_dir)!r} is not a directory ({directory})")
         relative_dir = directory.relative_to(root).as_posix()
         with self._lock:
+            if stop is not None and stop():
+                raise ReadStopped("the queue read was stopped before it began")
             previous, last_snapshot = self._cache.get(directory, ({}, None))
             watch = self._watches.get(directory)
             names = watch.changed() if watch is not None and last_snapshot is not None else None
@@ -927,7 +942,9 @@ class QueueReader:
             changed = last_snapshot is None
             changed_names: list[str] = []
             links: set[str] = set()
-            for entry in entries:
+            for index, entry in enumerate(entries):
+                if stop is not None and index % _STOP_EVERY == 0 and stop():
+                    raise ReadStopped(f"the queue read was stopped after {index} of {len(entries)} files")
                 name = entry.name
                 cached = previous.get(name)
                 if entry.is_symlink():

@@ -15,8 +15,11 @@ branches move without a queue file changing).
 from __future__ import annotations
 
 import gc
+import itertools
+import os
+import threading
 from dataclasses import replace
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from ..paths import CONFIG_FILE, RUNS_DIR, resolve_inside
 from .diagrams import to_mermaid
 from .planner import (IsolationPolicy, QueueGraph, QueuePlan, QueuePlanPage, build_graph, check_slots, has_rows,
                       page_plan, plan_graph, plan_rows)
-from .items import Diagnostic, ItemName, QueueReader, QueueSnapshot, WorkItem
+from .items import Diagnostic, ItemName, QueueReader, QueueSnapshot, ReadStopped, WorkItem
 from .timings import integration_estimate
 
 
@@ -38,6 +41,8 @@ MAX_PAGE_ITEMS = 1000
 """Items per `queue_plan` answer at most: about 400 KB of JSON."""
 MAX_FORECASTS = 20
 """In-progress isolated items (and pairs of them) whose branches git is asked about, per plan."""
+PREPARE_MAX_FILES = 20_000
+"""Queue files at most for `prepare_plan` to plan a queue nobody asked about yet (some 4 s of a core)."""
 
 
 def isolation_policy(root: Path, config: Config, items: list[WorkItem]) -> IsolationPolicy:
@@ -90,6 +95,34 @@ def plan_page(root: Path, queue_dir: str | None, max_parallel: int | None, reade
         return page_plan(plan, graph, offset, limit)
 
 
+def prepare_plan(root: Path, reader: QueueReader, stop: Callable[[], bool]) -> int | None:
+    """Plan the workspace's queue ahead of any call, as `queue_plan` with its defaults would, and
+    keep the plan in `reader`'s snapshot: what a server does in the background when it starts, so
+    that the first `queue_plan` finds it made (a 10,000-item queue takes a second or two to read and
+    plan on these machines, and a client asks for it seconds or minutes after starting the server).
+
+    Returns how many items it planned, or None when it had nothing to do or gave up: no queue
+    directory, more than `PREPARE_MAX_FILES` entries in it (a queue nobody asked about is not worth
+    minutes of a core), or `stop` said True (the server is closing). Raises what `queue_plan` would
+    raise for the workspace (`QueueError` for an unusable config, `OSError` for a directory that
+    cannot be listed); the caller logs it, and `queue_plan` reports it when asked.
+    """
+    root = root.resolve()
+    config, _ = load_config(root)
+    directory = resolve_inside(root, config.queue_dir, "queue_dir")
+    if not directory.is_dir():
+        return None
+    with os.scandir(directory) as listing:
+        if sum(1 for _ in itertools.islice(listing, PREPARE_MAX_FILES + 1)) > PREPARE_MAX_FILES:
+            return None
+    with paused_gc():
+        try:
+            graph = _plan_workspace(root, None, None, reader, 0, rows=False, stop=stop)[1]  # as `plan_page` does
+        except ReadStopped:
+            return None
+    return len(graph.items)
+
+
 @contextmanager
 def paused_gc() -> Iterator[None]:
     """No cyclic garbage collection inside: parsing and planning allocate hundreds of thousands of
@@ -105,6 +138,10 @@ def paused_gc() -> Iterator[None]:
         if paused:
             gc.enable()
 
+
+_planning = threading.Lock()
+"""Held while a plan is made: planning is CPU-bound, so two at once (a plan prepared at start and the
+first `queue_plan`) took twice as long each, and for the same plan, made it twice."""
 
 _FREEZES_BETWEEN_THAWS = 32
 _freezes = [0]
@@ -128,29 +165,34 @@ def keep_out_of_collections() -> None:
 
 
 def _plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader,
-                    running: int, *, rows: bool) -> tuple[QueuePlan, QueueGraph]:
+                    running: int, *, rows: bool, stop: Callable[[], bool] | None = None) -> tuple[QueuePlan, QueueGraph]:
     """The plan and its graph. With ``rows=False`` the plan may come without its `items` (a page's
     rows are built from the graph): a new plan is made without them, and a cached plan gets them
-    (once, kept in the cache) only when asked for, or when a forecast has to be written into them."""
+    (once, kept in the cache) only when asked for, or when a forecast has to be written into them.
+    ``stop`` is the snapshot's (`QueueReader.snapshot`)."""
     root = root.resolve()
     config, config_warnings = load_config(root)
     slots = max_parallel_for(max_parallel, config)
-    snapshot = reader.snapshot(root, queue_dir or config.queue_dir)
+    snapshot = reader.snapshot(root, queue_dir or config.queue_dir, stop=stop)
     isolation = _policy(root, config, snapshot)
     key = ("plan", slots, running, tuple(config_warnings), isolation)
     planned = snapshot.memo.get(key)
     if planned is None:
         check_slots(slots, running)
-        planned = _replanned(snapshot, key)
-        if planned is None:
-            diagnostics = list(snapshot.diagnostics)
-            diagnostics += [Diagnostic(kind="config", file=CONFIG_FILE, message=text) for text in config_warnings]
-            graph = build_graph(snapshot.items, diagnostics, isolation)
-            planned = (plan_graph(graph, slots, running, rows=rows), graph)
-        if len(snapshot.memo) >= _PLANS_KEPT:
-            snapshot.memo.clear()  # in_progress too: it is recomputed
-        snapshot.memo[key] = planned
-        keep_out_of_collections()
+        with _planning:  # a second caller of the same plan waits for it instead of making it again beside
+            planned = snapshot.memo.get(key)
+            if planned is None:
+                planned = _replanned(snapshot, key)
+                if planned is None:
+                    diagnostics = list(snapshot.diagnostics)
+                    diagnostics += [Diagnostic(kind="config", file=CONFIG_FILE, message=text)
+                                    for text in config_warnings]
+                    graph = build_graph(snapshot.items, diagnostics, isolation)
+                    planned = (plan_graph(graph, slots, running, rows=rows), graph)
+                if len(snapshot.memo) >= _PLANS_KEPT:
+                    snapshot.memo.clear()  # in_progress too: it is recomputed
+                snapshot.memo[key] = planned
+                keep_out_of_collections()
     in_progress = snapshot.memo.get("in_progress")
     if in_progress is None:
         in_progress = snapshot.memo["in_progress"] = [item for item in snapshot.items if item.status == "in_progress"]

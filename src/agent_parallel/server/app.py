@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +30,7 @@ from ..errors import AgentParallelError, UnknownTask, UsageError
 from ..paths import runs_dir
 from .prompt import PARALLEL_EXECUTION
 from ..queue.items import QueueReader
+from ..queue.plan import prepare_plan
 from ..tasks.executor import Executor
 from ..text import cut
 from ..tasks.registry import TaskRegistry, open_registry
@@ -201,7 +204,8 @@ def _argument_path(loc: Iterable[Any]) -> str:
 
 def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                  executor: Executor | None = None, *, handle_signals: bool = False,
-                 bearer_token: str | None = None, public_url: str | None = None) -> MCPServer:
+                 bearer_token: str | None = None, public_url: str | None = None,
+                 reader: QueueReader | None = None) -> MCPServer:
     """Create the MCP server for the workspace at ``root``.
 
     ``handle_signals`` (for the real process, not tests): on SIGTERM, SIGINT or SIGHUP stop every
@@ -209,7 +213,11 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     ``bearer_token`` (HTTP only) makes every request carry ``Authorization: Bearer TOKEN``;
     ``public_url`` is the URL clients reach the server at (used in the SDK's auth metadata).
     Without an ``executor``, the settings choose it (``executor: ray`` starts or joins Ray when the
-    server starts, and refuses at once when Ray is not installed).
+    server starts, and refuses at once when Ray is not installed). ``reader`` (for tests): the queue
+    cache to use; the server closes it when it stops.
+
+    When the server starts it plans the queue in the background (``plan.prepare_plan``), so the
+    first ``queue_plan`` finds its plan made.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -221,22 +229,26 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
         from ..tasks.ray_executor import require_ray
 
         require_ray()
-    reader = QueueReader()
+    queue_reader = reader if reader is not None else QueueReader()
     updates = TaskUpdates()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Workspace]:
         runner = executor if executor is not None else settings.make_executor()  # Ray starts here (or fails)
+        closing = threading.Event()
         try:
             async with open_registry(root, runs_dir(root), settings.registry_settings(), runner) as registry:
                 async with anyio.create_task_group() as tg:
                     if handle_signals:
                         tg.start_soon(_exit_on_signal, registry)
                     tg.start_soon(updates.watch, registry)
-                    yield Workspace(root, settings, registry, reader)
+                    tg.start_soon(_prepare_plan, root, queue_reader, closing)
+                    yield Workspace(root, settings, registry, queue_reader)
+                    closing.set()
                     tg.cancel_scope.cancel()
         finally:
-            reader.close()  # its directory watches (made again if the server is started again)
+            closing.set()  # a plan still being prepared stops within some 256 files
+            queue_reader.close()  # its directory watches (made again if the server is started again)
 
     auth: dict[str, Any] = {}
     if bearer_token is not None:
@@ -249,7 +261,7 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                                  extensions=[TasksExtension()], subscriptions=updates, **auth)
     register_task_tools(server)
     register_task_resources(server)
-    register_queue_tools(server, root, reader)
+    register_queue_tools(server, root, queue_reader)
     simplify_output_schemas(server)
 
     @server.prompt(name="parallel-execution", title="Parallel execution")
@@ -259,6 +271,21 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
         return PARALLEL_EXECUTION
 
     return server
+
+
+async def _prepare_plan(root: Path, reader: QueueReader, closing: threading.Event) -> None:
+    """`plan.prepare_plan` in a worker thread, once, when the server starts. Nothing it meets may
+    stop the server: a problem is logged, and `queue_plan` reports it to whoever asks."""
+    started = time.perf_counter()
+    try:
+        planned = await anyio.to_thread.run_sync(prepare_plan, root, reader, closing.is_set, abandon_on_cancel=True)
+    except (AgentParallelError, OSError) as exc:
+        log.info("the queue was not planned ahead: %s", exc)
+    except Exception:  # a bug: logged with its traceback, the server goes on (queue_plan plans when called)
+        log.exception("preparing the queue plan failed")
+    else:
+        if planned is not None:
+            log.info("planned the queue ahead: %d items in %.2f s", planned, time.perf_counter() - started)
 
 
 async def _exit_on_signal(registry: TaskRegistry) -> None:
