@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+
 import pytest
 from mcp import Client
 
@@ -144,8 +146,8 @@ async def test_declared_overlaps_serialize_isolated_items_unless_allowed(repo, t
 
 async def test_an_item_ending_while_the_run_prepares_a_worktree_is_moved_meanwhile(repo):
     """A completed item's end move waits for the run's next claim (``Mover``) at most
-    ``Mover.PATIENCE_S``: while the run's loop is busy preparing another item's worktree (its setup
-    sleeps 1.5 s), the item that ended meanwhile still moves to completed."""
+    ``Mover.PATIENCE_S``: while another item's worktree is prepared (its setup sleeps 1.5 s), the
+    item that ended meanwhile moves to completed."""
     listing = repo.parent / "queue-during-setup.txt"
     write_config(repo, worktree={"setup": f"sleep 1.5; ls {repo / '.agent/queue'} > {listing}"},
                  autonomy={"level": "L3", "max_parallel": 2})
@@ -154,4 +156,53 @@ async def test_an_item_ending_while_the_run_prepares_a_worktree_is_moved_meanwhi
     report = await run_to_end(repo)
     assert report["status"] == "completed", by_item(report)
     assert "001-completed-quick.md" in listing.read_text().split(), listing.read_text()
+    assert statuses(repo) == {"001": "completed", "002": "completed"}
+
+
+async def test_worktree_setups_do_not_hold_up_the_run(repo):
+    """A slow worktree.setup (an ``npm ci``, say) is made beside the run's loop: the setups of two
+    isolated items overlap, and a plain item starts and ends while they run. Each setup waits (at
+    most 20 s, then fails) until both setups have begun and the plain item has run, which, made one
+    after the other with the loop waiting on each, they never would."""
+    marks = repo.parent / "marks"
+    marks.mkdir()
+    setup = (f'touch "{marks}/$(basename "$AGENT_WORKTREE")"; for i in $(seq 400); do '
+             f'[ -f {marks}/001-slow-a ] && [ -f {marks}/002-slow-b ] && [ -f {marks}/plain ] && exit 0; '
+             'sleep 0.05; done; echo "the setups did not run beside each other and the plain item"; exit 1')
+    write_config(repo, worktree={"setup": setup}, autonomy={"level": "L3", "max_parallel": 3})
+    write_item(repo, 1, "slow-a", title="Slow a", command=edit_line("a.txt", 1, "A"), files=["a.txt"],
+               isolation="worktree", estimate="1h")  # ranked first: claimed before the plain item
+    write_item(repo, 2, "slow-b", title="Slow b", command=edit_line("b.txt", 2, "B"), files=["b.txt"],
+               isolation="worktree", estimate="1h")
+    write_item(repo, 3, "plain", title="Plain", command=f"touch {marks}/plain", files=["c.txt"])
+    report = await run_to_end(repo)
+    rows = by_item(report)
+    assert report["status"] == "completed", rows
+    assert [rows[i]["outcome"] for i in ("001", "002", "003")] == ["completed"] * 3
+    assert [rows[i]["phase"] for i in ("001", "002")] == ["integrated", "integrated"]
+    assert (repo / "a.txt").read_text().startswith("A\n") and "B\n" in (repo / "b.txt").read_text()
+    assert statuses(repo) == {"001": "completed", "002": "completed", "003": "completed"}
+
+
+async def test_progress_shows_an_item_in_its_worktree_setup(repo):
+    """While its worktree.setup runs, an isolated item holds its slot and shows in the run's progress
+    with phase ``setup`` (no task yet)."""
+    go = repo.parent / "go"
+    write_config(repo, worktree={"setup": f"for i in $(seq 400); do [ -f {go} ] && exit 0; sleep 0.05; done; exit 1"},
+                 autonomy={"level": "L3", "max_parallel": 1})
+    write_item(repo, 1, "isolated", title="Isolated", command="true", isolation="worktree")
+    write_item(repo, 2, "plain", title="Plain", command="true")
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        run_id = (await call(client, "run_queue"))["run_id"]
+        for _ in range(400):
+            progress = (await call(client, "task_output", task_id=run_id, timeout=0))["run"]
+            if progress["running"] and statuses(repo)["001"] == "in_progress":  # claimed (then its setup starts)
+                break
+            await anyio.sleep(0.05)
+        assert [(r["item"], r["phase"], r["task_id"]) for r in progress["running"]] == [("001", "setup", None)]
+        assert progress["counts"]["running"] == 1  # its slot is taken: the plain item waits (max_parallel 1)
+        assert statuses(repo) == {"001": "in_progress", "002": "pending"}
+        go.touch()
+        out = await call(client, "task_output", task_id=run_id, timeout=60)
+    assert out["retrieval_status"] == "success" and out["status"] == "completed", out["run"]
     assert statuses(repo) == {"001": "completed", "002": "completed"}

@@ -207,7 +207,8 @@ Phase = Literal["setup", "running", "integrating", "integrated", "conflict"]
 class RunningItem(BaseModel):
     item: str
     title: str
-    task_id: str
+    task_id: str | None = Field(description="the item's task; None while an isolated item's worktree is made "
+                                            "(phase setup): its task starts after")
     elapsed_s: float
     phase: Phase | None = Field(None, description="an isolated item's phase (runner.isolation: worktree)")
     branch: str | None = None

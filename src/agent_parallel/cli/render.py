@@ -123,7 +123,7 @@ def progress_view(p: RunProgress) -> RenderableType:
         table.add_column(column)
     for r in p.running:
         extra = r.waiting or (r.usage.short() if r.usage is not None else "")
-        table.add_row(Text(r.item), Text(r.title), Text(r.task_id), format_seconds(r.elapsed_s), Text(extra))
+        table.add_row(Text(r.item), Text(r.title), Text(r.task_id or "-"), format_seconds(r.elapsed_s), Text(extra))
     parts: list[RenderableType] = [head, table]
     if p.held:
         parts.append(Text(f"start held: {p.held}", style="yellow"))

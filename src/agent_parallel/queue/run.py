@@ -142,7 +142,7 @@ class Mover:
     made two per item: the claim, then the end move. Here a completed item's end move waits (``end``)
     for the run's next claim and goes with it (``run``), before the claim: what waits on the item
     is claimed after its file moved. The run flushes the moves no claim carried before it sleeps;
-    a move no claim took within ``PATIENCE_S`` (the loop busy preparing a worktree, say) is made on its
+    a move no claim took within ``PATIENCE_S`` (no other item left to start, say) is made on its
     own, so an item's end is never held up long by the run's other work.
 
     The moves of ``run`` are made on the event loop when the queue's lock is free at once
@@ -530,6 +530,15 @@ def _isolation_fields(isolated: Isolated | None) -> dict[str, object]:
 
 
 @dataclass
+class _Preparing:
+    """An isolated item whose start is under way: claimed (or being claimed), its worktree being made."""
+
+    item: WorkItem
+    since: float
+    agent: bool
+
+
+@dataclass
 class _Slot:
     item: WorkItem
     task: Task
@@ -622,6 +631,7 @@ class QueueRun:
         self._first_started: float | None = None  # the earliest start its ended items recorded
         self.last_end: float | None = None
         self.running: dict[int, _Slot] = {}
+        self.preparing: dict[int, _Preparing] = {}  # isolated items claimed, their worktree being made: slots taken
         self.outcomes: dict[int, ItemOutcome] = {}
         self._by_id: list[ItemOutcome] | None = None  # the outcomes sorted by item id, until the next one
         self.changed = anyio.Event()  # set (and replaced) on every start and end: progress waiters use it
@@ -684,7 +694,7 @@ class QueueRun:
                 wake = self.changed
                 await self._collect()
                 started = await self._start_what_fits() if self.state == "running" else False
-                busy = bool(self.running) or bool(self._released) or started
+                busy = bool(self.running) or bool(self.preparing) or bool(self._released) or started
                 if self.state == "running":
                     busy = busy or bool(self.watching) or self.held is not None
                 if not busy:
@@ -712,7 +722,7 @@ class QueueRun:
         check = registry.settings.admission
         started = False
         previous = self.held
-        while len(self.running) < self.options.max_parallel and self.state == "running":
+        while len(self.running) + len(self.preparing) < self.options.max_parallel and self.state == "running":
             if not registry.has_room():
                 self._hold(f"the server already has {registry.settings.max_running} tasks queued or running (its "
                            "limit); the next item starts when one of them ends", for_room=True)
@@ -731,8 +741,16 @@ class QueueRun:
                 if not batch:
                     break
                 item_id = batch[0]
-            if block is not None and is_agent_item(self.ctx.config, self.graph.by_id[item_id]):
+            item = self.graph.by_id[item_id]
+            if block is not None and is_agent_item(self.ctx.config, item):
                 self._agent_wait.append(item_id)  # commands keep starting beside the held agents
+                continue
+            if is_isolated(self.ctx.config, item) and self._tg is not None:
+                # its worktree and worktree.setup may take minutes: made beside the loop, which goes on
+                # starting the next items and ending the finished ones meanwhile (its slot is taken)
+                self.preparing[item_id] = _Preparing(item, time.time(), is_agent_item(self.ctx.config, item))
+                self._tg.start_soon(self._start_isolated, item_id)
+                started = True
                 continue
             started = await self._start(item_id) or started
         if self.state == "running" and self._agent_wait and self.held is None and self.budget is None:
@@ -765,7 +783,8 @@ class QueueRun:
             return why
         cap = config.agent_max_parallel
         gate = gate_for(self.ctx.registry, config.agent)
-        if cap is not None and max(sum(1 for s in self.running.values() if s.agent), gate.running) >= cap:
+        agents = sum(1 for s in self.running.values() if s.agent) + sum(1 for p in self.preparing.values() if p.agent)
+        if cap is not None and max(agents, gate.running) >= cap:
             return f"runner.max_parallel: {cap} agent item(s) already running"
         return None
 
@@ -782,6 +801,15 @@ class QueueRun:
             self.held = why
             self._changed()
         self._held_for_room = for_room
+
+    async def _start_isolated(self, item_id: int) -> None:
+        """`_start` of an isolated item, in the background (see `_start_what_fits`); its slot stays taken
+        until the item runs (then it is in ``running``) or could not start (its outcome says why)."""
+        try:
+            await self._start(item_id)
+        finally:
+            del self.preparing[item_id]
+            self._changed()
 
     async def _start(self, item_id: int) -> bool:
         item = self.graph.by_id[item_id]
@@ -1003,7 +1031,8 @@ class QueueRun:
         return min(len(self.outcomes), len(self.members))
 
     def progress(self) -> RunProgress:
-        counts: dict[str, int] = {"running": len(self.running) + len(self._released)}  # released: moving its file
+        counts: dict[str, int] = {"running": len(self.running) + len(self.preparing)  # preparing: claimed, in setup
+                                  + len(self._released)}  # released: moving its file
         for outcome in self.outcomes.values():
             counts[outcome.outcome] = counts.get(outcome.outcome, 0) + 1
         if self.state != "finished":
@@ -1018,7 +1047,9 @@ class QueueRun:
                                  elapsed_s=round(now - (s.task.record.started_at or now), 3),
                                  usage=job.usage() if (job := s.job()) else None,
                                  waiting=job.waiting if job else None, **_isolation_fields(s.isolated))
-                     for s in self.running.values()],
+                     for s in self.running.values()]
+            + [RunningItem(item=p.item.id_str, title=p.item.title, task_id=None, elapsed_s=round(now - p.since, 3),
+                           phase="setup") for p in self.preparing.values()],
             predicted_makespan=self.predicted, lower_bound=self.lower_bound, unestimated=self.unestimated,
             makespan=round(self.last_end - first, 3) if (first := self._first_started or self.first_start)
             and self.last_end else None,
