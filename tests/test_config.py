@@ -145,6 +145,10 @@ def test_unknown_keys_are_ignored_with_a_suggestion(tmp_path: Path) -> None:
     ("runner:\n  timeout: soon\n", ".agent/config.yaml: runner.timeout is not valid: 'soon' is not a duration "
                                    "(write 45s, 30m, 2h, 1h30m, 1:30, or a number of minutes)"),
     ("runner:\n  timeout: 0s\n", ".agent/config.yaml: runner.timeout must be longer than 0, not '0s'"),
+    ("worktree:\n  setup_timeout: soon\n", ".agent/config.yaml: worktree.setup_timeout is not valid: 'soon' is not a "
+                                          "duration (write 45s, 30m, 2h, 1h30m, 1:30, or a number of minutes)"),
+    ("integration:\n  verify_timeout: 0\n",
+     ".agent/config.yaml: integration.verify_timeout must be longer than 0, not 0"),
     ("queue:\n  dir: ''\n", ".agent/config.yaml: queue.dir must be a non-empty string, not ''"),
     ("resources:\n  min_free_memory: lots\n", ".agent/config.yaml: resources.min_free_memory is not valid: 'lots' is "
                                               "not a size (write a number of bytes, or 256MiB, 64MB, 1GiB)"),
@@ -239,3 +243,10 @@ def test_server_settings_have_one_source_of_defaults(tmp_path: Path) -> None:
     assert (settings.wait_cap_s, settings.max_records) == (5.0, 7)
     write_config(tmp_path, "autonomy: [\n")  # unusable: the defaults, and the overrides still apply
     assert ServerSettings.for_workspace(tmp_path, wait_cap_s=5) == ServerSettings(wait_cap_s=5)
+
+
+def test_setup_and_verify_timeouts(tmp_path: Path) -> None:
+    write_config(tmp_path, "worktree:\n  setup_timeout: 20m\nintegration:\n  verify_timeout: 1h30m\n")
+    config, warnings = load_config(tmp_path)
+    assert (config.worktree_setup_timeout_s, config.integration_verify_timeout_s, warnings) == (1200, 5400, [])
+    assert (Config().worktree_setup_timeout_s, Config().integration_verify_timeout_s) == (None, None)  # no limit

@@ -11,7 +11,7 @@ import pytest
 from mcp import Client
 
 from agent_parallel.server import ServerSettings, build_server
-from conftest import call
+from conftest import alive, call
 from queue_helpers import by_item, run_to_end, statuses, write_config, write_item
 from worktree_helpers import LINES, git, make_empty_queue_repo
 
@@ -206,3 +206,47 @@ async def test_progress_shows_an_item_in_its_worktree_setup(repo):
         out = await call(client, "task_output", task_id=run_id, timeout=60)
     assert out["retrieval_status"] == "success" and out["status"] == "completed", out["run"]
     assert statuses(repo) == {"001": "completed", "002": "completed"}
+
+
+def leftover_killed(pid_file: Path) -> bool:
+    """Whether the process whose pid the command wrote is gone (killed with its group)."""
+    return not alive(int(pid_file.read_text()))
+
+
+@pytest.mark.fault("worktree.setup hangs (a `sleep 30` in the background it waits for) past worktree.setup_timeout: "
+                   "it is killed with what it started, the item fails naming the setting, its worktree is kept")
+async def test_a_setup_past_its_timeout_is_killed_and_fails_the_item(repo):
+    pid_file = repo.parent / "setup.pid"
+    write_config(repo, worktree={"setup": f"echo preparing; sleep 30 & echo $! > {pid_file}; wait",
+                                 "setup_timeout": "1s"},
+                 runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+    write_item(repo, 1, "hangs", title="Hangs", command="true")
+    write_item(repo, 2, "after", title="After", command="true", blocked_by=[1])
+    report = await run_to_end(repo)
+    rows = by_item(report)
+    assert rows["001"]["outcome"] == "failed" and rows["002"]["outcome"] == "skipped"
+    reason = rows["001"]["reason"]
+    assert "worktree.setup `echo preparing; sleep 30" in reason and "did not finish within 1s " \
+        "(worktree.setup_timeout); it was killed with everything it started" in reason, reason
+    assert "preparing" in reason  # the output's tail
+    assert leftover_killed(pid_file)
+    assert statuses(repo) == {"001": "failed", "002": "pending"}
+    assert (repo / ".agent/worktrees/001-hangs").is_dir()  # kept: retrying reuses it
+
+
+@pytest.mark.fault("integration.verify hangs past integration.verify_timeout: it is killed with what it started, the "
+                   "item fails (verify_failed) naming the setting, the target does not move, the branch is kept")
+async def test_a_verify_past_its_timeout_is_killed_and_fails_the_item(repo):
+    pid_file = repo.parent / "verify.pid"
+    before = git(repo, "rev-parse", "main")
+    write_config(repo, integration={"verify": f"sleep 30 & echo $! > {pid_file}; wait", "verify_timeout": "1s"},
+                 runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+    write_item(repo, 1, "slow-verify", title="Slow verify", command=edit_line("a.txt", 1, "V"))
+    report = await run_to_end(repo)
+    row = by_item(report)["001"]
+    assert (row["outcome"], row["phase"], row["conflicts"]) == ("failed", "conflict", []), row  # (a failed integration)
+    assert row["reason"].startswith("integration failed: integration.verify `sleep 30 & echo") and \
+        "did not finish within 1s (integration.verify_timeout)" in row["reason"], row["reason"]
+    assert leftover_killed(pid_file)
+    assert git(repo, "rev-parse", "main") == before
+    assert "V" in git(repo, "show", "agent/001-slow-verify:a.txt").splitlines()  # its work is kept on its branch

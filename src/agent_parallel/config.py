@@ -36,18 +36,20 @@ Layout (every key optional; a missing file means every default)::
       copy: [".env*"]           # globs (from the root) of untracked/ignored files copied into each new worktree
       link: ["node_modules"]    # directories (from the root) symlinked into it
       setup: "npm ci"           # shell command run in the new worktree before the item
+      setup_timeout: 20m        # kill the setup (the item fails, its worktree kept) after this; default: no limit
       ports: "4100-4199"        # one port per live worktree, in AGENT_PORT
     integration:
       target: main              # default: the branch checked out in the workspace
       strategy: rebase          # rebase | merge | squash
       verify: "pytest -q"       # shell command that must pass on the combined result before the target moves
+      verify_timeout: 30m       # kill the verify (the item fails, its work kept) after this; default: no limit
       allow_overlap: false      # let isolated items with overlapping files run together
       author: "Agent <agent@example.com>"  # author of the commit made of what an agent left uncommitted
     executor: local             # local (default) | ray: tasks and items run on a Ray cluster (agent-parallel[ray])
     ray:
       address: HOST:6379        # join this cluster; without it `executor: ray` starts a local Ray instance
 
-Durations (`runner.timeout`, `tasks.wait_cap`, and an item's `estimate` and `timeout`) are written
+Durations (`runner.timeout`, `tasks.wait_cap`, `worktree.setup_timeout`, `integration.verify_timeout`, and an item's `estimate` and `timeout`) are written
 ``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` (h:mm) or a bare number. A bare number means
 **minutes** everywhere, because the spec fixes that for `estimate` and one rule for every duration
 in these files is the least surprising. A duration is at most 365 days and a size at most 1 PiB
@@ -138,12 +140,16 @@ class Config(BaseModel):
     worktree_copy: tuple[str, ...] = ()
     worktree_link: tuple[str, ...] = ()
     worktree_setup: str | None = None
+    worktree_setup_timeout_s: float | None = Field(None, gt=0)
+    """Past this, worktree.setup is killed and the item fails (None: no limit, like runner.timeout)."""
     worktree_ports: tuple[int, int] | None = None
     """First and last port (both included) handed out in AGENT_PORT; None hands out none."""
     integration_target: str | None = None
     """The branch integrated into; None means the branch checked out in the workspace."""
     integration_strategy: Strategy = "rebase"
     integration_verify: str | None = None
+    integration_verify_timeout_s: float | None = Field(None, gt=0)
+    """Past this, integration.verify is killed and the item fails, its work kept (None: no limit)."""
     integration_allow_overlap: bool = False
     integration_author: str | None = None
     """``Name <email>`` of the commit made of an agent's uncommitted work; None: git's configured user."""
@@ -282,8 +288,8 @@ _KNOWN = {
     "queue": ["dir"],
     "resources": ["min_free_memory", "max_load"],
     "tasks": ["wait_cap", "log_cap", "max_tasks"],
-    "worktree": ["copy", "link", "setup", "ports"],
-    "integration": ["target", "strategy", "verify", "allow_overlap", "author"],
+    "worktree": ["copy", "link", "setup", "setup_timeout", "ports"],
+    "integration": ["target", "strategy", "verify", "verify_timeout", "allow_overlap", "author"],
     "ray": ["address"],
 }
 
@@ -400,6 +406,8 @@ def _isolation_settings(runner: dict[str, Any], worktree: dict[str, Any], integr
             values[f"worktree_{key}"] = _relative_paths(f"worktree.{key}", worktree[key])
     if worktree.get("setup") is not None:
         values["worktree_setup"] = _text("worktree.setup", worktree["setup"])
+    if worktree.get("setup_timeout") is not None:
+        values["worktree_setup_timeout_s"] = _duration("worktree.setup_timeout", worktree["setup_timeout"])
     if worktree.get("ports") is not None:
         values["worktree_ports"] = _port_range("worktree.ports", worktree["ports"])
     if integration.get("target") is not None:
@@ -409,6 +417,8 @@ def _isolation_settings(runner: dict[str, Any], worktree: dict[str, Any], integr
                                                  ("rebase", "merge", "squash"))
     if integration.get("verify") is not None:
         values["integration_verify"] = _text("integration.verify", integration["verify"])
+    if integration.get("verify_timeout") is not None:
+        values["integration_verify_timeout_s"] = _duration("integration.verify_timeout", integration["verify_timeout"])
     if integration.get("allow_overlap") is not None:
         values["integration_allow_overlap"] = _boolean("integration.allow_overlap", integration["allow_overlap"])
     if integration.get("author") is not None:

@@ -17,7 +17,8 @@
     │   └── SpawnError             it could not be started: a missing cwd, no such program ...
     ├── WorktreeError         git could not prepare, integrate or remove an item's worktree (worktrees/)
     │   ├── SetupFailed            worktree.setup exited non-zero; carries its output's tail
-    │   └── ShellStopped           a setup or verify command was killed: its run was stopped
+    │   ├── ShellStopped           a setup or verify command was killed: its run was stopped
+    │   └── ShellTimedOut          a setup or verify command outlived its timeout and was killed
     └── InternalError         a bug in agent-parallel: please report it
 
 The MCP layer turns every ``AgentParallelError`` into a tool error carrying its message; anything
@@ -94,6 +95,16 @@ class SetupFailed(WorktreeError):
 class ShellStopped(WorktreeError):
     """Raised when a `worktree.setup` or `integration.verify` command was killed because its run was
     stopped (cancel_task, shutdown): the command did not finish, and nothing after it was done."""
+
+
+class ShellTimedOut(WorktreeError):
+    """Raised when a `worktree.setup` or `integration.verify` command ran longer than its timeout
+    (`worktree.setup_timeout`, `integration.verify_timeout`) and was killed with everything it
+    started; `output_tail` holds the end of its output."""
+
+    def __init__(self, message: str, output_tail: str) -> None:
+        super().__init__(message)
+        self.output_tail = output_tail
 
 
 class InternalError(AgentParallelError):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ShellStopped, WorktreeError
+from ..errors import ShellStopped, ShellTimedOut, WorktreeError
 from ..tasks import processes
 
 TAIL_BYTES = 4000
@@ -135,13 +135,16 @@ class ShellStop:
 
 
 def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None, *,
-              stop: ShellStop | None = None, what: str = "the command") -> tuple[int, str]:
+              stop: ShellStop | None = None, what: str = "the command",
+              timeout: tuple[float, str] | None = None) -> tuple[int, str]:
     """Run ``sh -c COMMAND`` in ``cwd`` (its own session), its output (stdout and stderr, in order)
     streamed to ``log`` as it comes; return the exit code and the output's tail.
 
     If the calling thread is interrupted (KeyboardInterrupt), the command's whole process group is
     killed and waited for before the exception goes on: nothing is orphaned. ``stop`` (a run's
     `ShellStop`) may kill it from another thread; it then raises `ShellStopped` naming ``what``.
+    ``timeout`` (seconds, and the setting they come from): past it the whole process group is killed
+    and `ShellTimedOut` raised, naming the command and the setting.
     """
     if stop is not None and stop.stopped:
         raise ShellStopped(f"{what} `{command}` was not started: {stop.why}")
@@ -150,6 +153,7 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
         ["/bin/sh", "-c", command], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True))
     stopped = stop is not None and not stop._enter(proc.pid)
+    timer, expired = _expiry(proc.pid, timeout)
     tail = Tail()
     try:
         assert proc.stdout is not None
@@ -163,6 +167,8 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
         proc.wait()
         raise
     finally:
+        if timer is not None:
+            timer.cancel()
         if stop is not None:
             stop._leave(proc.pid)
             stopped = stopped or stop.stopped
@@ -175,4 +181,25 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
         processes.signal_group(proc.pid, signal.SIGKILL)  # what it left running (the group outlives its leader)
         assert stop is not None
         raise ShellStopped(f"{what} `{command}` was killed before it finished: {stop.why}")
+    if expired.is_set():
+        processes.signal_group(proc.pid, signal.SIGKILL)  # (as above)
+        assert timeout is not None
+        raise ShellTimedOut(f"{what} `{command}` did not finish within {timeout[0]:g}s ({timeout[1]}); it was "
+                            "killed with everything it started", tail.text())
     return code, tail.text()
+
+
+def _expiry(pgid: int, timeout: tuple[float, str] | None) -> tuple[threading.Timer | None, threading.Event]:
+    """A timer killing process group ``pgid`` once ``timeout`` passes, and the event it sets then."""
+    expired = threading.Event()
+    if timeout is None:
+        return None, expired
+
+    def expire() -> None:
+        expired.set()
+        processes.signal_group(pgid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout[0], expire)
+    timer.daemon = True
+    timer.start()
+    return timer, expired

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
 from ..config import Config
-from ..errors import UsageError, WorktreeError
+from ..errors import ShellTimedOut, UsageError, WorktreeError
 from ._git import ShellStop, git_message, git_out, identity_env, nul_list, run_git, run_shell
 from .prepare import Lease, read_meta, registered_worktrees
 from .repo import RepoInfo, check_repository, file_lock
@@ -120,7 +120,13 @@ def _integrate_locked(info: RepoInfo, config: Config, lease: Lease, title: str, 
             return Integration(True, "integrated", f"{lease.branch} brought nothing new; {info.target} is unchanged",
                                commit=old, attempts=attempt)
         if config.integration_verify:
-            code, tail = _verify(config.integration_verify, lease, new, strategy != "rebase", log, stop)
+            try:
+                code, tail = _verify(config.integration_verify, lease, new, strategy != "rebase", log, stop,
+                                     config.integration_verify_timeout_s)
+            except ShellTimedOut as exc:
+                return Integration(False, "verify_failed", f"{exc}, on {lease.branch} combined with {info.target}; "
+                                   f"{info.target} is unchanged: make the verify faster or raise "
+                                   f"integration.verify_timeout, then retry the item (its work is in {wt})", output_tail=exc.output_tail, attempts=attempt)
             if code != 0:
                 return Integration(False, "verify_failed", f"integration.verify `{config.integration_verify}` exited "
                                    f"with code {code} on {lease.branch} combined with {info.target}; "
@@ -191,12 +197,14 @@ def git_out_env(cwd: Path, env: dict[str, str], *args: str) -> str:
 
 
 def _verify(command: str, lease: Lease, combined: str, detach: bool, log: BinaryIO | None,
-            stop: ShellStop | None) -> tuple[int, str]:
-    """Run ``integration.verify`` in the worktree on ``combined``; the worktree is back on its branch after."""
+            stop: ShellStop | None, timeout_s: float | None) -> tuple[int, str]:
+    """Run ``integration.verify`` in the worktree on ``combined``; the worktree is back on its branch after.
+    Raises `ShellTimedOut` past ``timeout_s`` (``integration.verify_timeout``)."""
     if detach:
         run_git(lease.path, "checkout", "-q", "--detach", combined, step="git checkout (the combined result)")
     try:
-        return run_shell(command, lease.workdir, lease.env(), log, stop=stop, what="integration.verify")
+        return run_shell(command, lease.workdir, lease.env(), log, stop=stop, what="integration.verify",
+                         timeout=None if timeout_s is None else (timeout_s, "integration.verify_timeout"))
     finally:
         if detach:
             run_git(lease.path, "checkout", "-q", lease.branch, step=f"git checkout {lease.branch}")

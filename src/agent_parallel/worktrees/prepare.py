@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..config import Config
-from ..errors import SetupFailed, WorktreeError
+from ..errors import SetupFailed, ShellTimedOut, WorktreeError
 from . import leases
 from ._git import ShellStop, git_message, git_out, nul_list, run_git, run_shell
 from .repo import BRANCH_PREFIX, RepoInfo, check_repository, file_lock, worktree_name, worktrees_dir
@@ -135,8 +135,14 @@ def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: B
         lease = Lease(str(item_id), name, path, workdir, branch, port, git_out(path, "rev-parse", "HEAD"),
                       info.target, reused, tuple(notes))
         if config.worktree_setup:
-            code, tail = run_shell(config.worktree_setup, workdir, lease.env(), log, stop=stop,
-                                   what="worktree.setup")
+            try:
+                code, tail = run_shell(config.worktree_setup, workdir, lease.env(), log, stop=stop,
+                                       what="worktree.setup", timeout=_timeout(config.worktree_setup_timeout_s,
+                                                                               "worktree.setup_timeout"))
+            except ShellTimedOut as exc:
+                raise SetupFailed(f"{exc}, in {workdir} (the worktree is kept: make the setup faster or raise "
+                                  f"worktree.setup_timeout, then retry the item); its output ended with:\n"
+                                  f"{exc.output_tail}", exc.output_tail, None) from exc
             if code != 0:
                 raise SetupFailed(f"worktree.setup `{config.worktree_setup}` exited with code {code} in {workdir} "
                                   f"(the worktree is kept: fix the setup, then retry the item); its output ended "
@@ -145,6 +151,10 @@ def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: B
         leases.give_back(info.root, name)
         raise
     return lease
+
+
+def _timeout(seconds: float | None, key: str) -> tuple[float, str] | None:
+    return None if seconds is None else (seconds, key)
 
 
 def release(root: Path, lease: Lease) -> None:
