@@ -1,5 +1,6 @@
-"""Stopping a run while an isolated item's `worktree.setup` or `integration.verify` runs: the command
-is killed (with what it started), cancel_task and shutdown answer at once instead of waiting for it,
+"""Stopping a run (or a launch_task(item=...) call) while an isolated item's `worktree.setup` or
+`integration.verify` runs: the command is killed (with what it started), cancel_task and shutdown
+answer at once instead of waiting for it,
 and nothing is lost: a setup's item goes back to pending, a verify's item fails with its work kept
 and the target unmoved. Real git repositories; the slow commands are `sleep`s that record their pids."""
 
@@ -83,6 +84,25 @@ async def test_stopping_the_server_kills_a_worktree_setup_at_once(repo, tmp_path
             started = await wait_for_pids(pids)
     assert all_dead(started)
     assert statuses(repo) == {"001": "pending"}
+
+
+@pytest.mark.fault("the server stops while a launch_task(item=...) call waits on the item's worktree.setup: the "
+                   "setup is killed with what it started, the claim is given back, the server exits at once")
+async def test_stopping_the_server_kills_a_launch_task_items_setup(repo, tmp_path):
+    pids = tmp_path / "setup.pids"
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
+    write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
+    with anyio.fail_after(30):  # the call, then the server's exit, waited for the whole setup
+        async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "launch_task", {"item": "001"})
+                started = await wait_for_pids(pids)
+                tg.cancel_scope.cancel()  # the client gives up on the call; then the server stops
+    assert all_dead(started)
+    assert not (tmp_path / "ran").exists()
+    assert statuses(repo) == {"001": "pending"}  # the claim was given back
+    history = (repo / ".agent/runs/history.jsonl").read_text()
+    assert "not started: worktree.setup" in history and "the launch_task call was cancelled" in history, history
 
 
 async def test_cancelling_a_run_kills_integration_verify_and_keeps_the_work(repo, tmp_path):

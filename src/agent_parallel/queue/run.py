@@ -24,7 +24,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 from pathlib import Path
@@ -231,7 +232,9 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     completed (not isolated: nothing is left to decide) calls ``on_completed`` before its file
     moves, so the run can free its slot and start the next item, whose claim carries this move.
     Its ``stop`` kills the item's ``worktree.setup`` (the claim is given back: ``NotStarted``) or
-    ``integration.verify`` (the item fails, its work kept) when the run is stopped.
+    ``integration.verify`` (the item fails, its work kept) when the run is stopped. Without one (a
+    ``launch_task(item=...)``), the setup is killed when the caller is cancelled (its client went
+    away, the server is stopping), and the claim given back the same way.
     """
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
@@ -279,19 +282,22 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     prelude = b""
     workdir = ctx.root
     if is_isolated(ctx.config, item):
-        with anyio.CancelScope(shield=True):  # claimed: prepare it, or record why it could not be
-            try:
-                isolated, prelude = await prepare_item(ctx.root, ctx.config, item, stop=stop)
-                workdir = isolated.lease.workdir
-            except ShellStopped as exc:  # its run was stopped during the setup: it never ran
-                await give_back(path, f"not started: {exc}")
-                raise NotStarted(f"{by} was stopped during the worktree setup of item {item.id_str}; the claim "
-                                 "was given back") from exc
-            except AgentParallelError as exc:  # not a git repository, setup failed, git refused a step
-                why = f"its worktree could not be prepared: {exc}"
-                notes = await anyio.to_thread.run_sync(
-                    lambda: _end_move(ctx, item.id, path, before, "failed", by=by, reason=why))
-                raise QueueError(why + "".join(f"; {n}" for n in notes)) from exc
+        # a run's stop kills its setups; a launch_task's setup is killed if its call is cancelled meanwhile
+        setup_stop = stop if stop is not None else ShellStop(f"the {by} call was cancelled")
+        async with _killed_if_cancelled(setup_stop if stop is None else None):
+            with anyio.CancelScope(shield=True):  # claimed: prepare it, or record why it could not be
+                try:
+                    isolated, prelude = await prepare_item(ctx.root, ctx.config, item, stop=setup_stop)
+                    workdir = isolated.lease.workdir
+                except ShellStopped as exc:  # its run (or call) was stopped during the setup: it never ran
+                    await give_back(path, f"not started: {exc}")
+                    raise NotStarted(f"{by} was stopped during the worktree setup of item {item.id_str}; the "
+                                     "claim was given back") from exc
+                except AgentParallelError as exc:  # not a git repository, setup failed, git refused a step
+                    why = f"its worktree could not be prepared: {exc}"
+                    notes = await anyio.to_thread.run_sync(
+                        lambda: _end_move(ctx, item.id, path, before, "failed", by=by, reason=why))
+                    raise QueueError(why + "".join(f"; {n}" for n in notes)) from exc
 
     env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
     if isolated is not None:
@@ -373,6 +379,37 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             await give_back(path, f"not started: {exception_reason(exc)}")
             raise
     return task, isolated
+
+
+@asynccontextmanager
+async def _killed_if_cancelled(stop: ShellStop | None) -> AsyncIterator[None]:
+    """Stop ``stop`` (kill the commands running under it) if the caller is cancelled while the body
+    runs: the body waits shielded on a worker thread, which cancellation cannot interrupt, but the
+    command that thread waits on can be killed. A body that ends first leaves ``stop`` as it was."""
+    if stop is None:
+        yield
+        return
+    body_ended = False
+
+    async def kill_on_cancel() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not body_ended:
+                stop.stop()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_on_cancel)
+            try:
+                yield
+            finally:
+                body_ended = True
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the body's own exception, which the task group wrapped: as it was
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0]  # noqa: B904 (the same object: its traceback and cause are kept)
+        raise
 
 
 def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, int] | None, to_status: str, *,
