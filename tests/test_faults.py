@@ -160,7 +160,9 @@ async def test_thousand_blocking_waiters_do_not_stall_other_calls(client):
         quick = await call(client, "launch_task", command="echo quick", run_in_background=False)
         elapsed = time.monotonic() - started
         assert quick["output"] == "quick\n"
-        assert elapsed < 0.1, f"launch_task took {elapsed * 1000:.0f} ms beside 1,000 waiters"
+        # A stall (the waiters polling, or woken one by one) costs seconds; the call itself (spawn, exit,
+        # wake) took up to 150 ms on a loaded 2-core machine running the suite on two workers.
+        assert elapsed < 0.5, f"launch_task took {elapsed * 1000:.0f} ms beside 1,000 waiters"
 
     baseline = len(asyncio.all_tasks())
     await with_thousand_waiters(launch_quickly)
