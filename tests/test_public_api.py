@@ -48,6 +48,14 @@ def test_importing_the_package_or_the_watchdog_stays_light() -> None:
     assert out.strip() == "[]"
 
 
+def test_claiming_items_stays_light() -> None:
+    """A process that only claims items (queue.claims, e.g. fifty claimants racing) loads no pydantic or YAML."""
+    code = ("import sys, agent_parallel.queue.claims; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'pydantic', 'yaml', 'anyio', 'rich')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_every_error_class_is_in_the_tree_errors_py_draws() -> None:
     """Each exception class of the package derives from AgentParallelError and is drawn in errors.py's
     docstring, so a reader of that one file knows every error the package raises."""

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent_parallel.errors import PathOutsideWorkspace, QueueError
-from agent_parallel.queue.items import Diagnostic, ItemName, QueueReader, parse_file_name, parse_item
+from agent_parallel.queue.items import Diagnostic, QueueReader, parse_file_name, parse_item
+from agent_parallel.queue.names import ItemName
 
 NAME_HELP = ("file name does not match NNN-STATUS-slug.md (NNN: 3 or more digits; STATUS: pending, in_progress, "
              "completed, blocked or failed; slug: lower-case words joined by -)")

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 from ..errors import QueueError
 from ..paths import open_regular, take_flock
-from .items import MAX_ID_DIGITS, ItemName, format_id, parse_file_name, parse_item_ref
+from .names import MAX_ID_DIGITS, ItemName, format_id, parse_item_ref, parse_name
 from ..text import short_repr
 from ..tasks.processes import process_start_time, same_process
 
@@ -169,7 +169,7 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
         with os.scandir(queue_dir) as listing:
             for entry in listing:
                 if entry.name.endswith(".md"):
-                    name = parse_file_name(entry.name)
+                    name = parse_name(entry.name)
                     if isinstance(name, ItemName) and name.id == item_id:
                         found.append((Path(entry.path), name))
     except OSError as exc:
@@ -186,7 +186,7 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
 def _known_file(known: Path | None, item_id: int) -> tuple[Path, ItemName] | None:
     if known is None or not known.exists():
         return None
-    name = parse_file_name(known.name)
+    name = parse_name(known.name)
     return (known, name) if isinstance(name, ItemName) and name.id == item_id else None
 
 
@@ -438,7 +438,7 @@ def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str
     if not queue_dir.is_dir():
         return []
     in_progress = [name for entry in os.scandir(queue_dir)
-                   if entry.name.endswith(".md") and isinstance(name := parse_file_name(entry.name), ItemName)
+                   if entry.name.endswith(".md") and isinstance(name := parse_name(entry.name), ItemName)
                    and name.status == "in_progress"]
     released = []
     for name, claim in stale_claims(runs_dir, in_progress):

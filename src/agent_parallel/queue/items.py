@@ -37,17 +37,16 @@ from ..config import alias_problem, parse_duration, parse_size, unknown_key_warn
 from ..errors import QueueError
 from ..text import describe, short_repr
 from ..paths import resolve_inside
+from .names import ID_HELP, MAX_ID_DIGITS, ItemName, Status, parse_item_ref, parse_name
+from .names import format_id as format_id  # (what the planner, the run and the tools import from here)
 from .watch import DirectoryWatch
 
-Status = Literal["pending", "in_progress", "completed", "blocked", "failed"]
+
 Priority = Literal["critical", "high", "medium", "low"]
-STATUSES: tuple[str, ...] = ("pending", "in_progress", "completed", "blocked", "failed")
 PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
 
 MAX_ITEM_BYTES = 1024 * 1024
 """Item files above this size are refused: an item is a page of markdown, not a data file."""
-MAX_ID_DIGITS = 9
-"""Ids longer than this are refused, so every id stays an exact integer in JSON clients too."""
 
 WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config", "stale_claim"})
 """Diagnostic kinds that are warnings; every other kind is an error that stops the item."""
@@ -121,58 +120,13 @@ def trusted(model: type[_Model], values: dict[str, Any]) -> _Model:
     return row
 
 
-def format_id(item_id: int) -> str:
-    """The zero-padded spelling used in file names and results: 7 -> ``007``."""
-    return f"{item_id:03d}"
-
-
-# --- file names ----------------------------------------------------------------------------------
-
-_NAME = re.compile(r"(?P<id>[0-9]+)-(?P<status>[A-Za-z_]+)-(?P<slug>.*)\.md")
-"""ASCII digits only: ``١٢٣`` is not an id (Python's ``\\d`` and ``int`` would read it as 123)."""
-_SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-_NAME_HELP = "NNN-STATUS-slug.md"
-
-
-@dataclass(frozen=True)
-class ItemName:
-    """What a valid file name says: id, its zero-padded spelling, status and slug."""
-
-    id: int
-    id_str: str
-    status: Status
-    slug: str
-
-
 def parse_file_name(file_name: str) -> ItemName | Diagnostic:
-    """Split ``007-pending-add-login.md`` into its parts, or say exactly what is wrong with it."""
-    match = _NAME.fullmatch(file_name)
-    if not match:
-        return _bad_name(file_name, None, f"file name does not match {_NAME_HELP} "
-                         f"(NNN: 3 or more digits; STATUS: {_status_list()}; slug: lower-case words joined by -)")
-    id_str, status, slug = match.group("id", "status", "slug")
-    if len(id_str) < 3:
-        return _bad_name(file_name, id_str, f"file name does not match {_NAME_HELP}: the id must have "
-                         f"at least 3 digits ({int(id_str):03d}, not {id_str})")
-    if len(id_str) > MAX_ID_DIGITS:
-        return _bad_name(file_name, id_str, f"file name does not match {_NAME_HELP}: the id has "
-                         f"{len(id_str)} digits, more than the {MAX_ID_DIGITS} allowed")
-    if status == "in" and slug.startswith("progress"):
-        return _bad_name(file_name, id_str, "file name has status in-progress; write it in_progress")
-    if status not in STATUSES:
-        return _bad_name(file_name, id_str, f"file name has unknown status {status!r}; use one of {_status_list()}")
-    if not _SLUG.fullmatch(slug):
-        return _bad_name(file_name, id_str, f"file name slug {slug!r} must be lower-case words joined by - "
-                         f"(letters and digits only)")
-    return ItemName(int(id_str), id_str, cast(Status, status), slug)  # checked against STATUSES above
-
-
-def _bad_name(file_name: str, id_str: str | None, message: str) -> Diagnostic:
-    return Diagnostic(kind="bad_name", item=id_str, file=file_name, message=message)
-
-
-def _status_list() -> str:
-    return ", ".join(STATUSES[:-1]) + " or " + STATUSES[-1]
+    """Split ``007-pending-add-login.md`` into its parts (`names.parse_name`), or a ``bad_name``
+    diagnostic saying exactly what is wrong with it."""
+    name = parse_name(file_name)
+    if isinstance(name, ItemName):
+        return name
+    return Diagnostic(kind="bad_name", item=name.id_str, file=file_name, message=name.message)
 
 
 # --- fields --------------------------------------------------------------------------------------
@@ -465,25 +419,8 @@ def _simple_scalar_uncached(text: str) -> object:
 
 _NONE_WORDS = frozenset({"", "none", "-", "n/a", "na", "nothing", "[]"})
 _ASIDE = re.compile(r"(?:^|(?<=\s))\([^)]*\)")
-_ID_TOKEN = re.compile(r"#?([0-9]+)(?:-[\w.\-]*)?")
 _ID_SEPARATORS = re.compile(r"[,;\s&]+|\band\b")
-ID_HELP = "write ids like 007, 7 or #7"
 _MAX_ID = 10 ** MAX_ID_DIGITS
-
-
-def parse_item_ref(text: str) -> int:
-    """One item reference: ``007``, ``7``, ``#7`` or a file-name stem ``007-add-login``.
-
-    The one grammar for ids written by people: `blocked_by`/`blocks`, and the `item` argument of
-    the tools. ASCII digits only; at most `MAX_ID_DIGITS` digits (leading zeros aside). Raises
-    ``ValueError`` saying which rule is broken.
-    """
-    match = _ID_TOKEN.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"{short_repr(text)} is not an item id ({ID_HELP})")
-    if len(match.group(1).lstrip("0") or "0") > MAX_ID_DIGITS:
-        raise ValueError(f"{short_repr(text)} has more than {MAX_ID_DIGITS} digits, so it cannot be an item id")
-    return int(match.group(1))
 
 
 def _ids(field: str, value: object, problems: list[str]) -> list[int]:

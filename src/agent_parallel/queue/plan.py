@@ -29,7 +29,8 @@ from ..paths import CONFIG_FILE, RUNS_DIR, resolve_inside
 from .diagrams import to_mermaid
 from .planner import (IsolationPolicy, QueueGraph, QueuePlan, QueuePlanPage, build_graph, check_slots, has_rows,
                       page_plan, plan_graph, plan_rows)
-from .items import Diagnostic, ItemName, QueueReader, QueueSnapshot, ReadStopped, WorkItem
+from .items import Diagnostic, QueueReader, QueueSnapshot, ReadStopped, WorkItem
+from .names import ItemName
 from .timings import integration_estimate
 
 
