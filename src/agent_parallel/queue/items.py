@@ -41,7 +41,6 @@ from .names import ID_HELP, MAX_ID_DIGITS, ItemName, Status, parse_item_ref, par
 from .names import format_id as format_id  # (what the planner, the run and the tools import from here)
 from .watch import DirectoryWatch
 
-
 Priority = Literal["critical", "high", "medium", "low"]
 PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
 
