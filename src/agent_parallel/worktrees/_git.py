@@ -136,15 +136,15 @@ class ShellStop:
 
 def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None, *,
               stop: ShellStop | None = None, what: str = "the command",
-              timeout: tuple[float, str] | None = None) -> tuple[int, str]:
+              timeout_s: float | None = None) -> tuple[int, str]:
     """Run ``sh -c COMMAND`` in ``cwd`` (its own session), its output (stdout and stderr, in order)
     streamed to ``log`` as it comes; return the exit code and the output's tail.
 
     If the calling thread is interrupted (KeyboardInterrupt), the command's whole process group is
     killed and waited for before the exception goes on: nothing is orphaned. ``stop`` (a run's
     `ShellStop`) may kill it from another thread; it then raises `ShellStopped` naming ``what``.
-    ``timeout`` (seconds, and the setting they come from): past it the whole process group is killed
-    and `ShellTimedOut` raised, naming the command and the setting.
+    Past ``timeout_s`` the whole process group is killed and `ShellTimedOut` raised, naming the
+    command and its setting, ``{what}_timeout`` (``worktree.setup_timeout``, ``integration.verify_timeout``).
     """
     if stop is not None and stop.stopped:
         raise ShellStopped(f"{what} `{command}` was not started: {stop.why}")
@@ -153,7 +153,7 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
         ["/bin/sh", "-c", command], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True))
     stopped = stop is not None and not stop._enter(proc.pid)
-    timer, expired = _expiry(proc.pid, timeout)
+    timer, expired = _expiry(proc.pid, timeout_s)
     tail = Tail()
     try:
         assert proc.stdout is not None
@@ -183,23 +183,22 @@ def run_shell(command: str, cwd: Path, env: dict[str, str], log: BinaryIO | None
         raise ShellStopped(f"{what} `{command}` was killed before it finished: {stop.why}")
     if expired.is_set():
         processes.signal_group(proc.pid, signal.SIGKILL)  # (as above)
-        assert timeout is not None
-        raise ShellTimedOut(f"{what} `{command}` did not finish within {timeout[0]:g}s ({timeout[1]}); it was "
+        raise ShellTimedOut(f"{what} `{command}` did not finish within {timeout_s:g}s ({what}_timeout); it was "
                             "killed with everything it started", tail.text())
     return code, tail.text()
 
 
-def _expiry(pgid: int, timeout: tuple[float, str] | None) -> tuple[threading.Timer | None, threading.Event]:
-    """A timer killing process group ``pgid`` once ``timeout`` passes, and the event it sets then."""
+def _expiry(pgid: int, timeout_s: float | None) -> tuple[threading.Timer | None, threading.Event]:
+    """A timer killing process group ``pgid`` once ``timeout_s`` passes, and the event it sets then."""
     expired = threading.Event()
-    if timeout is None:
+    if timeout_s is None:
         return None, expired
 
     def expire() -> None:
         expired.set()
         processes.signal_group(pgid, signal.SIGKILL)
 
-    timer = threading.Timer(timeout[0], expire)
+    timer = threading.Timer(timeout_s, expire)
     timer.daemon = True
     timer.start()
     return timer, expired

@@ -126,7 +126,8 @@ def _integrate_locked(info: RepoInfo, config: Config, lease: Lease, title: str, 
             except ShellTimedOut as exc:
                 return Integration(False, "verify_failed", f"{exc}, on {lease.branch} combined with {info.target}; "
                                    f"{info.target} is unchanged: make the verify faster or raise "
-                                   f"integration.verify_timeout, then retry the item (its work is in {wt})", output_tail=exc.output_tail, attempts=attempt)
+                                   f"integration.verify_timeout, then retry the item (its work is in {wt})",
+                                   output_tail=exc.output_tail, attempts=attempt)
             if code != 0:
                 return Integration(False, "verify_failed", f"integration.verify `{config.integration_verify}` exited "
                                    f"with code {code} on {lease.branch} combined with {info.target}; "
@@ -204,7 +205,7 @@ def _verify(command: str, lease: Lease, combined: str, detach: bool, log: Binary
         run_git(lease.path, "checkout", "-q", "--detach", combined, step="git checkout (the combined result)")
     try:
         return run_shell(command, lease.workdir, lease.env(), log, stop=stop, what="integration.verify",
-                         timeout=None if timeout_s is None else (timeout_s, "integration.verify_timeout"))
+                         timeout_s=timeout_s)
     finally:
         if detach:
             run_git(lease.path, "checkout", "-q", lease.branch, step=f"git checkout {lease.branch}")

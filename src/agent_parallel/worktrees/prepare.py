@@ -137,8 +137,7 @@ def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: B
         if config.worktree_setup:
             try:
                 code, tail = run_shell(config.worktree_setup, workdir, lease.env(), log, stop=stop,
-                                       what="worktree.setup", timeout=_timeout(config.worktree_setup_timeout_s,
-                                                                               "worktree.setup_timeout"))
+                                       what="worktree.setup", timeout_s=config.worktree_setup_timeout_s)
             except ShellTimedOut as exc:
                 raise SetupFailed(f"{exc}, in {workdir} (the worktree is kept: make the setup faster or raise "
                                   f"worktree.setup_timeout, then retry the item); its output ended with:\n"
@@ -151,10 +150,6 @@ def prepare(root: Path, config: Config, item_id: str | int, slug: str, *, log: B
         leases.give_back(info.root, name)
         raise
     return lease
-
-
-def _timeout(seconds: float | None, key: str) -> tuple[float, str] | None:
-    return None if seconds is None else (seconds, key)
 
 
 def release(root: Path, lease: Lease) -> None:
