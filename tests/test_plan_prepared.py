@@ -25,7 +25,6 @@ from queue_helpers import write_item
 QUEUE = ".agent/queue"
 
 
-
 def write_chain(root: Path, count: int) -> None:
     for number in range(1, count + 1):
         write_item(root, number, f"item-{number}", files=[f"f{number % 7}.py"],
