@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 import legacy_plan as legacy
 from agent_parallel.queue import items as new_items
@@ -70,6 +71,18 @@ ADDED_SINCE = {"isolation": [None, "none"], "allow_overlap": [False], "integrati
 """Fields added since the legacy copy, with their values in a queue without isolation."""
 
 
+def dump(value: object) -> object:
+    """``model_dump()`` with every field, also those left out of answers while None (``fields.omitted_if_none``):
+    the legacy models dump them all."""
+    if isinstance(value, BaseModel):
+        return {name: dump(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, list):
+        return [dump(v) for v in value]
+    if isinstance(value, dict):
+        return {k: dump(v) for k, v in value.items()}
+    return value
+
+
 def as_before(value: object) -> object:
     """A dump without what was added since the legacy copy: the isolation fields, `resources` and `retries`
     (`ADDED_SINCE`, at their values when not used), a plan's `waves_total` (checked: the number of its waves)
@@ -90,8 +103,8 @@ def as_before(value: object) -> object:
 def same_parse(file_name: str, text: str) -> None:
     item, diagnostics = parse_item(file_name, text, path=f".agent/queue/{file_name}")
     old_item, old_diagnostics = legacy.parse_item(file_name, text, path=f".agent/queue/{file_name}")
-    assert as_before(item and item.model_dump()) == (old_item and old_item.model_dump())
-    assert [as_before(d.model_dump()) for d in diagnostics] == [d.model_dump() for d in old_diagnostics]
+    assert as_before(item and dump(item)) == (old_item and old_item.model_dump())
+    assert [as_before(dump(d)) for d in diagnostics] == [d.model_dump() for d in old_diagnostics]
 
 
 @SETTINGS
@@ -178,7 +191,7 @@ def random_queue(root: Path, rng: random.Random, size: int, *, cycles: bool) -> 
 def same_plan(root: Path, max_parallel: int) -> None:
     new = plan_workspace(root, None, max_parallel, QueueReader())
     old = legacy.plan_workspace(root, None, max_parallel, legacy.QueueReader())
-    assert as_before(new.model_dump()) == old.model_dump()
+    assert as_before(dump(new)) == old.model_dump()
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -213,7 +226,7 @@ def test_plans_of_items_as_before() -> None:
         max_parallel, running = rng.randint(1, 5), rng.randint(0, 2)
         new = make_plan([new_items.WorkItem(**row) for row in rows], [], max_parallel, running=running)
         old = legacy.make_plan([legacy.WorkItem(**row) for row in rows], [], max_parallel, running=running)
-        assert as_before(new.model_dump()) == old.model_dump()
+        assert as_before(dump(new)) == old.model_dump()
 
 
 def test_rows_built_without_validation_equal_validated_ones(tmp_path: Path) -> None:
@@ -230,7 +243,7 @@ def test_rows_built_without_validation_equal_validated_ones(tmp_path: Path) -> N
         twin = WorkItem.model_validate(item.model_dump(), strict=True)
         assert item == twin and item.model_fields_set == twin.model_fields_set and repr(item) == repr(twin)
     for row in plan.items:
-        twin = PlanItem.model_validate(row.model_dump())
+        twin = PlanItem.model_validate(dump(row))
         assert row == twin and row.model_fields_set == twin.model_fields_set
         assert row.model_dump_json() == twin.model_dump_json() and repr(row) == repr(twin)
         assert row.files is not items[row.file].files and row.components is not items[row.file].components

@@ -81,7 +81,7 @@ async def test_wait_all_and_any(client):
     assert by_id[fast]["status"] == "completed" and by_id[slow]["status"] == "running"
     out = await call(client, "task_output", task_ids=[fast, slow], wait="all")
     assert [t["status"] for t in out["tasks"]] == ["completed", "completed"]
-    assert out["task_id"] is None  # several ids: per-task fields only in `tasks`
+    assert "task_id" not in out  # several ids: per-task fields only in `tasks`
 
 
 async def test_run_in_background_false_waits_and_answers_like_task_output(client):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from collections.abc import Callable, Iterable
-from typing import Literal, Self, overload
+from typing import Any, Literal, Self, overload
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from .fields import omitted_if_empty, omitted_if_none
 from .tasks.records import TaskRecord, TaskStatus
 from .text import cut
 
@@ -47,10 +48,10 @@ class AgentUsage(BaseModel):
     cached_tokens: int = Field(0, description="input tokens read from the prompt cache")
     cost_usd: float | None = Field(None, description="as the CLI reports it (Claude Code does; Codex and Gemini do not)")
     result: str | None = Field(None, description="the agent's final text (its last 4000 characters)")
-    error: AgentError | None = None
-    error_message: str | None = None
-    resets_at: str | None = Field(None, description="for rate_limited: when the CLI said the limit resets")
-    attempts: int | None = Field(None, description="runs of the item (retries) when more than one was allowed")
+    error: AgentError | None = omitted_if_none()
+    error_message: str | None = omitted_if_none()
+    resets_at: str | None = omitted_if_none("for rate_limited: when the CLI said the limit resets")
+    attempts: int | None = omitted_if_none("runs of the item (retries) when more than one was allowed")
     resumes: int = Field(0, description="times a rate-limited session was resumed")
 
     @property
@@ -98,24 +99,24 @@ class _TaskDetails(BaseModel):
     """A task's fields that may be absent (not started yet, not ended yet, no output asked for ...)."""
 
     description: str | None = None
-    item_id: str | None = None
-    item_file: str | None = None
-    branch: str | None = Field(None, description="an isolated item's branch (runner.isolation: worktree)")
-    worktree: str | None = Field(None, description="an isolated item's worktree, where it runs")
+    item_id: str | None = omitted_if_none()
+    item_file: str | None = omitted_if_none()
+    branch: str | None = omitted_if_none("an isolated item's branch (runner.isolation: worktree)")
+    worktree: str | None = omitted_if_none("an isolated item's worktree, where it runs")
     started_at: str | None = Field(None, description="absent until the task starts (a task that never ran has none)")
     ended_at: str | None = None
     duration_s: float | None = None
     exit_code: int | None = None
     signal: str | None = None
-    reason: str | None = Field(None, description="why the task ended the way it did, when that is not plain success")
+    reason: str | None = omitted_if_none("why the task ended the way it did, when that is not plain success")
     output: str | None = Field(None, description="output text (stdout and stderr interleaved); invalid UTF-8 replaced")
-    cursor: int | None = Field(None, description="byte offset where `output` starts")
+    cursor: int | None = omitted_if_none("byte offset where `output` starts")
     next_cursor: int | None = Field(None, description="pass back as `cursor` to read what follows")
     output_bytes: int | None = Field(None, description="total bytes the task has produced")
     truncated: bool | None = Field(None, description="true when output exists that `output` does not show")
     dropped_bytes: int | None = Field(None, description="bytes no longer kept because the log cap was reached")
-    run: RunProgress | None = Field(None, description="for a run_queue run: progress, and the report once finished")
-    usage: AgentUsage | None = Field(None, description="an agent item's session, turns, tokens, cost and error class")
+    run: RunProgress | None = omitted_if_none("for a run_queue run: progress, and the report once finished")
+    usage: AgentUsage | None = omitted_if_none("an agent item's session, turns, tokens, cost and error class")
 
 
 class TaskView(_TaskDetails):
@@ -148,10 +149,19 @@ class LaunchResult(TaskView):
     For a fan-out (``commands``), ``task_id`` is the group's id (``task_output``, ``cancel_task``
     and ``list_tasks`` take it like a task id), ``status`` the group's, and ``task_ids`` its members."""
 
-    retrieval_status: RetrievalStatus | None = None
-    group_id: str | None = Field(None, description="for `commands`: the group's id (also in task_id)")
-    task_ids: list[str] | None = Field(None, description="for `commands`: each command's task id, in the order given")
-    tasks: list[TaskView] | None = Field(None, description="for `commands` with run_in_background=false: each member")
+    retrieval_status: RetrievalStatus | None = omitted_if_none("with run_in_background=false")
+    group_id: str | None = omitted_if_none("for `commands`: the group's id (also in task_id)")
+    task_ids: list[str] | None = omitted_if_none("for `commands`: each command's task id, in the order given")
+    tasks: list[TaskView] | None = omitted_if_none("for `commands` with run_in_background=false: each member")
+
+    @model_serializer(mode="wrap")
+    def _launched(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A background launch answers before its task ran: the fields only ``task_output`` can fill
+        (times, exit, output) are left out instead of sent as nulls; ``description`` stays (TOOLS.md)."""
+        data: dict[str, Any] = handler(self)
+        if self.retrieval_status is None:
+            data = {key: value for key, value in data.items() if value is not None or key == "description"}
+        return data
 
 
 class TaskOutputResult(_TaskDetails):
@@ -159,13 +169,13 @@ class TaskOutputResult(_TaskDetails):
     ``task_ids``, one entry per task in ``tasks`` (and no task fields at the top level)."""
 
     retrieval_status: RetrievalStatus
-    task_id: str | None = Field(None, description="with `task_id`: the task")
-    status: TaskStatus | None = Field(None, description="with `task_id`: the task's status")
-    command: str | None = None
-    cwd: str | None = None
-    created_at: str | None = None
-    tasks: list[TaskView] | None = Field(None, description="with `task_ids`: one entry per task, in the order given")
-    group_id: str | None = Field(None, description="with a group_id as `task_id`: the group (its members in `tasks`)")
+    task_id: str | None = omitted_if_none("with `task_id`: the task")
+    status: TaskStatus | None = omitted_if_none("with `task_id`: the task's status")
+    command: str | None = omitted_if_none()
+    cwd: str | None = omitted_if_none()
+    created_at: str | None = omitted_if_none()
+    tasks: list[TaskView] | None = omitted_if_none("with `task_ids`: one entry per task, in the order given")
+    group_id: str | None = omitted_if_none("with a group_id as `task_id`: the group (its members in `tasks`)")
 
 
 class CancelResult(BaseModel):
@@ -210,13 +220,13 @@ class RunningItem(BaseModel):
     task_id: str | None = Field(description="the item's task; None while an isolated item's worktree is made "
                                             "(phase setup): its task starts after")
     elapsed_s: float
-    phase: Phase | None = Field(None, description="an isolated item's phase (runner.isolation: worktree)")
-    branch: str | None = None
-    worktree: str | None = None
-    conflicts: list[str] | None = Field(None, description="files predicted to conflict with the target as it is now")
-    integration_s: float | None = None
-    usage: AgentUsage | None = Field(None, description="an agent item's usage so far")
-    waiting: str | None = Field(None, description="why it is not running right now (a rate limit, a retry's backoff)")
+    phase: Phase | None = omitted_if_none("an isolated item's phase (runner.isolation: worktree)")
+    branch: str | None = omitted_if_none()
+    worktree: str | None = omitted_if_none()
+    conflicts: list[str] | None = omitted_if_none("files predicted to conflict with the target as it is now")
+    integration_s: float | None = omitted_if_none()
+    usage: AgentUsage | None = omitted_if_none("an agent item's usage so far")
+    waiting: str | None = omitted_if_none("why it is not running right now (a rate limit, a retry's backoff)")
 
 
 class ItemOutcome(BaseModel):
@@ -227,20 +237,20 @@ class ItemOutcome(BaseModel):
     outcome: Literal["completed", "failed", "skipped", "not_started", "claimed_elsewhere"]
     task_id: str | None = None
     exit_code: int | None = None
-    reason: str | None = None
-    waited_on: str | None = Field(None, description="for skipped items: the failed item they (transitively) wait on")
+    reason: str | None = omitted_if_none()
+    waited_on: str | None = omitted_if_none("for skipped items: the failed item they (transitively) wait on")
     duration_s: float | None = None
     started_at: float | None = Field(None, description="Unix time the item's task started")
     ended_at: float | None = Field(None, description="Unix time the item's task ended")
-    last_lines: list[str] = Field(default_factory=list)
-    notes: list[str] = Field(default_factory=list, description="what happened to the item file during the run")
-    phase: Phase | None = Field(None, description="an isolated item's last phase: integrated, conflict ...")
-    branch: str | None = None
-    worktree: str | None = None
-    conflicts: list[str] | None = Field(None, description="files that conflicted when integrating it")
-    integration_s: float | None = Field(None, description="seconds its integration took")
-    usage: AgentUsage | None = Field(None, description="an agent item's session, turns, tokens, cost and error class")
-    attempts: int | None = Field(None, description="how often it ran, when retries were allowed")
+    last_lines: list[str] = omitted_if_empty("its last lines of output (a failed item's)")
+    notes: list[str] = omitted_if_empty("what happened to the item file during the run")
+    phase: Phase | None = omitted_if_none("an isolated item's last phase: integrated, conflict ...")
+    branch: str | None = omitted_if_none()
+    worktree: str | None = omitted_if_none()
+    conflicts: list[str] | None = omitted_if_none("files that conflicted when integrating it")
+    integration_s: float | None = omitted_if_none("seconds its integration took")
+    usage: AgentUsage | None = omitted_if_none("an agent item's session, turns, tokens, cost and error class")
+    attempts: int | None = omitted_if_none("how often it ran, when retries were allowed")
 
 
 class RunProgress(BaseModel):
@@ -254,15 +264,15 @@ class RunProgress(BaseModel):
     elapsed_s: float
     counts: dict[str, int] = Field(description="items by outcome so far: running, completed, failed, skipped, not_started ...")
     running: list[RunningItem]
-    held: str | None = Field(None, description="why no new item is starting right now (memory, load), if so")
-    stop_reason: str | None = None
+    held: str | None = omitted_if_none("why no new item is starting right now (memory, load), if so")
+    stop_reason: str | None = omitted_if_none()
     predicted_makespan: float = Field(description="the plan's predicted makespan (s) at the start of the run")
     lower_bound: float = Field(description="the plan's lower bound (s): no schedule can finish faster")
     makespan: float | None = Field(None, description="achieved: from the first start to the last end (s)")
     unestimated: int = Field(0, description="the run's items without an `estimate`: the prediction and the lower "
                                             "bound count each at the default of 60 s")
     outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished)")
-    usage: AgentUsage | None = Field(None, description="the agent items' usage summed (finished and running)")
+    usage: AgentUsage | None = omitted_if_none("the agent items' usage summed (finished and running)")
 
     def counts_text(self) -> str:
         """THE counts text, wherever a run is summed up: ``1 completed, 1 failed, 2 running`` (outcomes

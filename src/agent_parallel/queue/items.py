@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import alias_problem, parse_duration, parse_size, unknown_key_warning
 from ..errors import QueueError
+from ..fields import omitted_if_none
 from ..text import describe, short_repr
 from ..paths import resolve_inside
 from .names import ID_HELP, MAX_ID_DIGITS, ItemName, Status, parse_item_ref, parse_name
@@ -60,7 +61,7 @@ class Diagnostic(BaseModel):
     item: str | None = None
     file: str | None = None
     message: str
-    path: list[str] | None = None
+    path: list[str] | None = omitted_if_none("a cycle's items, in order (cycles only)")
 
     @property
     def is_error(self) -> bool:

@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from .conflicts import ConflictIndex, Mark
 from .diagrams import to_mermaid
 from ..errors import InternalError, UsageError
+from ..fields import omitted_if_none
 from .items import Diagnostic, WorkItem, format_id, trusted
 
 DEFAULT_ESTIMATE_S = 60.0
@@ -83,11 +84,11 @@ class PlanItem(BaseModel):
     priority: str
     estimate: float | None
     """Seconds, as written in the item; None when it has no `estimate`."""
-    isolation: str | None = None
-    """The item's own `isolation` (none | worktree); None when `runner.isolation` decides."""
-    integration_estimate: float | None = None
-    """Seconds its integration is expected to take (part of its predicted time); None: not isolated."""
-    forecast: list[str] | None = None
+    isolation: str | None = omitted_if_none()
+    """The item's own `isolation` (none | worktree); None (left out) when `runner.isolation` decides."""
+    integration_estimate: float | None = omitted_if_none()
+    """Seconds its integration is expected to take (part of its predicted time); None (left out): not isolated."""
+    forecast: list[str] | None = omitted_if_none()
     """An in-progress isolated item: the files its branch would conflict on if integrated into the
     target now (``git merge-tree``; empty: none). None when it has no branch to ask about."""
     ready: bool

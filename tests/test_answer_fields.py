@@ -1,0 +1,104 @@
+"""Which fields an answer carries: every field TOOLS.md lists for it (null or not), and no other one
+while it is null (``fields.omitted_if_none``): a plain command's answers carry no item, branch,
+usage or run fields, a run's report no null per item."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent_parallel.results import RunProgress
+from conftest import call
+from queue_helpers import by_item, run_queue_to_end, write_config, write_item
+
+pytestmark = pytest.mark.anyio
+
+LAUNCH_FIELDS = {"task_id", "status", "description", "command", "cwd", "created_at"}
+"""What TOOLS.md says a launch answers (and for an item, its item_id and file name)."""
+TASK_OUTPUT_FIELDS = {"task_id", "status", "exit_code", "signal", "started_at", "ended_at", "duration_s", "output",
+                      "next_cursor", "output_bytes", "truncated", "dropped_bytes"}
+"""What TOOLS.md says task_output answers per task."""
+
+
+def nulls(data: object, where: str = "") -> list[str]:
+    """The paths of every null (and empty list) inside ``data``."""
+    if data is None or data == []:
+        return [where]
+    if isinstance(data, dict):
+        return [path for key, value in data.items() for path in nulls(value, f"{where}.{key}")]
+    if isinstance(data, list):
+        return [path for index, value in enumerate(data) for path in nulls(value, f"{where}[{index}]")]
+    return []
+
+
+async def test_a_background_launch_answers_the_listed_fields_only(client):
+    answer = await call(client, "launch_task", command="sleep 5")
+    assert set(answer) == LAUNCH_FIELDS
+    assert answer["description"] is None  # listed: null, not left out
+    described = await call(client, "launch_task", command="true", description="a no-op")
+    assert set(described) == LAUNCH_FIELDS and described["description"] == "a no-op"
+    await call(client, "cancel_task", task_ids=[answer["task_id"], described["task_id"]])
+
+
+async def test_task_output_keeps_its_listed_fields_null_or_not_and_drops_the_others(client):
+    running = (await call(client, "launch_task", command="echo hi; sleep 5"))["task_id"]
+    out = await call(client, "task_output", task_id=running, timeout=0.3)
+    assert out["status"] == "running" and TASK_OUTPUT_FIELDS <= set(out)
+    assert out["exit_code"] is None and out["ended_at"] is None and out["signal"] is None
+    done = await call(client, "task_output", task_id=(await call(client, "launch_task", command="echo ok"))["task_id"])
+    assert done["status"] == "completed" and TASK_OUTPUT_FIELDS <= set(done)
+    assert done["signal"] is None and done["exit_code"] == 0
+    for answer in (out, done):  # a plain command is no item, has no branch, worktree, usage, run or reason
+        assert not {"item_id", "item_file", "branch", "worktree", "usage", "run", "reason", "group_id"} & set(answer)
+    several = await call(client, "task_output", task_ids=[running, done["task_id"]], block=False)
+    assert all(TASK_OUTPUT_FIELDS <= set(entry) for entry in several["tasks"])
+    failed = await call(client, "task_output", task_id=(await call(client, "launch_task", command="exit 3"))["task_id"])
+    assert failed["reason"] == "exit code 3"  # shown once it says something
+    await call(client, "cancel_task", task_id=running)
+
+
+async def test_a_foreground_launch_answers_what_task_output_would(client):
+    answer = await call(client, "launch_task", command="echo done", run_in_background=False)
+    assert answer["retrieval_status"] == "success" and TASK_OUTPUT_FIELDS <= set(answer)
+    assert answer["signal"] is None and answer["output"] == "done\n"
+
+
+async def test_an_item_launch_names_its_item_and_file(client, workspace):
+    write_item(workspace, 1, "one", command="true")
+    answer = await call(client, "launch_task", item="001")
+    assert set(answer) == LAUNCH_FIELDS | {"item_id", "item_file"}
+    assert answer["item_id"] == "001" and answer["item_file"] == "001-in_progress-one.md"
+
+
+async def test_a_finished_runs_report_holds_no_nulls_but_the_listed_ones(client, workspace):
+    write_config(workspace, runner={"max_parallel": 2})
+    write_item(workspace, 1, "ok", command="true")
+    write_item(workspace, 2, "bad", command="echo broken; exit 4")
+    write_item(workspace, 3, "after-bad", command="true", blocked_by=[2])
+    out = await run_queue_to_end(client, level="L3", continue_on_error=True)
+    outcomes = by_item(out)
+    assert outcomes["001"]["outcome"] == "completed" and outcomes["001"]["exit_code"] == 0
+    assert outcomes["002"]["exit_code"] == 4 and outcomes["002"]["last_lines"] == ["broken"]
+    assert outcomes["003"]["outcome"] == "skipped" and outcomes["003"]["waited_on"] == "002"
+    # a skipped item never ran: its task, exit code and times are listed as null; nothing else is null
+    listed = {f".run.outcomes[2].{key}" for key in ("task_id", "exit_code", "duration_s", "started_at", "ended_at")}
+    assert set(nulls(out["run"], ".run")) == listed | {".run.running"}
+    # and the report read back from its file (a later server's task_output) is the same run
+    report = RunProgress.model_validate(out["run"])
+    assert report.outcomes[1].last_lines == ["broken"] and report.outcomes[0].usage is None
+    assert json.loads(report.model_dump_json()) == out["run"]
+
+
+async def test_plan_rows_leave_out_isolation_fields_unless_isolated(client, workspace):
+    write_item(workspace, 1, "plain", command="true")
+    write_item(workspace, 2, "own", command="true", isolation="worktree")
+    write_item(workspace, 3, "loop-a", command="true", blocked_by=[4])
+    write_item(workspace, 4, "loop-b", command="true", blocked_by=[3])
+    plan = await call(client, "queue_plan")
+    rows = {row["id"]: row for row in plan["items"]}
+    assert not {"isolation", "integration_estimate", "forecast"} & set(rows["001"])
+    assert rows["002"]["isolation"] == "worktree" and rows["002"]["integration_estimate"] > 0
+    assert rows["001"]["estimate"] is None and "reason" in rows["001"]  # listed by TOOLS.md: kept as null
+    cycle = [e for e in plan["errors"] if e["kind"] == "cycle"]
+    assert cycle and cycle[0]["path"] and all("path" not in e for e in plan["errors"] if e["kind"] != "cycle")
