@@ -3,6 +3,7 @@ worktree), in real git repositories with fake agents: shell commands that edit f
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
@@ -104,6 +105,38 @@ async def test_launch_task_item_is_isolated_too(repo):
     assert "integrated into main" in (out["reason"] or "")
     assert "SOLO" in (repo / "b.txt").read_text() and statuses(repo)["001"] == "completed"
     assert (repo / "b.txt").read_text() != LINES
+
+
+async def test_launch_task_item_answers_before_its_worktree_setup(repo, tmp_path):
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": "sleep 3; echo set up"})
+    write_item(repo, 1, "solo", title="Solo", command=edit_line("b.txt", 5, "SOLO"))
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        started = time.monotonic()
+        answer = await call(client, "launch_task", item="001")
+        assert time.monotonic() - started < 2.5  # the setup alone takes 3 s: it is the task's first step
+        assert answer["item_id"] == "001" and answer["item_file"] == "001-in_progress-solo.md"
+        out = await call(client, "task_output", task_id=answer["task_id"], timeout=60)
+    assert out["status"] == "completed", out
+    assert out["branch"] == "agent/001-solo" and out["worktree"].endswith(".agent/worktrees/001-solo")
+    assert out["cwd"] == out["worktree"]  # where it ran, once its worktree was made
+    assert out["output"].index("gets its worktree") < out["output"].index("set up")
+    assert "integrated into main" in out["reason"] and statuses(repo)["001"] == "completed"
+    assert "SOLO" in (repo / "b.txt").read_text()
+
+
+@pytest.mark.fault("a launch_task(item=...)'s worktree.setup fails: the task fails naming the setup and showing its "
+                   "output, the item is failed, its worktree kept")
+async def test_launch_task_items_failed_setup_fails_its_task(repo):
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": "echo no network; exit 3"})
+    write_item(repo, 1, "solo", title="Solo", command="touch ran")
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        answer = await call(client, "launch_task", item="001")
+        out = await call(client, "task_output", task_id=answer["task_id"], timeout=60)
+    assert out["status"] == "failed", out
+    assert out["reason"].startswith("its worktree could not be prepared: ") and "no network" in out["reason"], out
+    assert "no network" in out["output"]
+    assert statuses(repo) == {"001": "failed"}
+    assert (repo / ".agent/worktrees/001-solo").is_dir() and not (repo / ".agent/worktrees/001-solo/ran").exists()
 
 
 async def test_an_items_own_isolation_field_overrides_the_config(repo):

@@ -86,23 +86,50 @@ async def test_stopping_the_server_kills_a_worktree_setup_at_once(repo, tmp_path
     assert statuses(repo) == {"001": "pending"}
 
 
-@pytest.mark.fault("the server stops while a launch_task(item=...) call waits on the item's worktree.setup: the "
-                   "setup is killed with what it started, the claim is given back, the server exits at once")
+async def launch_slow_setup(client: Client, pids: Path) -> tuple[dict, list[int]]:
+    """launch_task(item="001") whose worktree.setup hangs: the answer comes at once (the setup is the
+    task's first step), while the setup runs."""
+    with anyio.fail_after(20):  # the call used to last as long as the setup (`HANG` s)
+        answer = await call(client, "launch_task", item="001")
+    assert answer["status"] in ("queued", "running") and answer["item_id"] == "001", answer
+    return answer, await wait_for_pids(pids)
+
+
+@pytest.mark.fault("the server stops while a launch_task(item=...)'s worktree.setup runs: the setup is killed "
+                   "with what it started, the claim is given back, the server exits at once")
 async def test_stopping_the_server_kills_a_launch_task_items_setup(repo, tmp_path):
     pids = tmp_path / "setup.pids"
     write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
     write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
-    with anyio.fail_after(30):  # the call, then the server's exit, waited for the whole setup
+    with anyio.fail_after(30):  # the server's exit waited for the whole setup
         async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(client.call_tool, "launch_task", {"item": "001"})
-                started = await wait_for_pids(pids)
-                tg.cancel_scope.cancel()  # the client gives up on the call; then the server stops
+            _, started = await launch_slow_setup(client, pids)
     assert all_dead(started)
     assert not (tmp_path / "ran").exists()
     assert statuses(repo) == {"001": "pending"}  # the claim was given back
     history = (repo / ".agent/runs/history.jsonl").read_text()
-    assert "not started: worktree.setup" in history and "the launch_task call was cancelled" in history, history
+    assert "not started: worktree.setup" in history and "its task was stopped" in history, history
+
+
+@pytest.mark.fault("cancel_task on a launch_task(item=...) whose worktree.setup runs: the setup is killed at once, "
+                   "the item goes back to pending, its worktree stays for the next try")
+async def test_cancelling_a_launched_items_task_kills_its_setup_and_gives_the_item_back(repo, tmp_path):
+    pids = tmp_path / "setup.pids"
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
+    write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        answer, started = await launch_slow_setup(client, pids)
+        during = await call(client, "task_output", task_id=answer["task_id"], block=False)
+        assert during["status"] == "running" and "item 001 gets its worktree and runs worktree.setup" in during["output"]
+        with anyio.fail_after(20):
+            cancelled = await call(client, "cancel_task", task_id=answer["task_id"])
+        out = await call(client, "task_output", task_id=answer["task_id"])
+    assert cancelled["tasks"][0]["status"] == "cancelled" and out["status"] == "cancelled", out
+    assert "not started: worktree.setup" in out["reason"] and "item 001 is pending again" in out["reason"], out
+    assert all_dead(started)
+    assert not (tmp_path / "ran").exists()
+    assert statuses(repo) == {"001": "pending"}
+    assert (repo / ".agent/worktrees/001-a").is_dir()  # kept: the next launch reuses it
 
 
 async def test_cancelling_a_run_kills_integration_verify_and_keeps_the_work(repo, tmp_path):

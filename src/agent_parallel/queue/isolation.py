@@ -11,17 +11,22 @@ worktree, made from the target at its claim, starts from its predecessors' merge
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
 import anyio
 
+from ..agents.job import ItemJob
 from ..config import Config
-from ..errors import ShellStopped
+from ..errors import AgentParallelError, QueueError, SetupFailed, ShellStopped
 from ..results import Phase
 from ..worktrees import (Integration, Lease, ShellStop, integrate, is_safe_to_remove, list_worktrees,
                          predict_conflicts, prepare, release, remove)
+from ..results import AgentUsage
+from ..tasks.executor import ExitInfo
+from ..tasks.logs import LogWriter
 from .items import WorkItem
 from .timings import record_integration
 
@@ -89,6 +94,64 @@ async def prepare_item(root: Path, config: Config, item: WorkItem, *,
     if tail.data and not tail.data.endswith(b"\n"):
         head += b"\n"
     return Isolated(lease, phase="running"), head
+
+
+class SetupFirst:
+    """The task body (a registry ``Job``) of an isolated item started by ``launch_task(item=...)``:
+    its worktree and ``worktree.setup`` first, then the item's own attempts there (``then``, given
+    the worktree, makes its ``ItemJob``).
+
+    A setup may take minutes (an ``npm ci``): as the task's first step it no longer holds the tool
+    call, which answers at once like any launch. A setup that fails fails the task (and the item),
+    saying why; one stopped by ``cancel_task`` or a shutdown (``stop``: its command is killed) ends
+    with ``setup_stopped`` set, and the item is given back, as a run gives back an item whose setup
+    it stopped. ``isolated`` is the worktree once made; ``inner`` the attempts once begun."""
+
+    def __init__(self, root: Path, config: Config, item: WorkItem, then: Callable[[Isolated], ItemJob],
+                 on_ready: Callable[[str, Isolated], None]) -> None:
+        self.root, self.config, self.item, self.then, self.on_ready = root, config, item, then, on_ready
+        self.isolated: Isolated | None = None
+        self.inner: ItemJob | None = None
+        self.setup_stopped: str | None = None
+        """Why the setup was stopped (its command killed), when it was: the item never ran."""
+        self._stop = ShellStop("its task was stopped (cancel_task, or the server shutting down)")
+        self._stopped = False
+
+    async def start(self, task_id: str, log: LogWriter) -> None:
+        self.task_id, self.log = task_id, log
+        setup = f" and runs worktree.setup ({self.config.worktree_setup})" if self.config.worktree_setup else ""
+        log.write(f"agent-parallel: item {self.item.id_str} gets its worktree{setup} first\n".encode())
+
+    async def run(self) -> ExitInfo:
+        try:
+            self.isolated, head = await prepare_item(self.root, self.config, self.item, stop=self._stop)
+        except ShellStopped as exc:
+            self.setup_stopped = str(exc)
+            return ExitInfo(None, "not started")
+        except AgentParallelError as exc:  # the task fails saying why; the item fails with it
+            if isinstance(exc, SetupFailed) and exc.output_tail:
+                self.log.write(exc.output_tail.encode(errors="replace") + b"\n")
+            raise QueueError(f"its worktree could not be prepared: {exc}") from exc
+        self.log.write(head)
+        if self._stopped:  # stopped as the setup ended: the item never ran, its worktree stays for later
+            self.setup_stopped = "its task was stopped as its worktree became ready"
+            lease = self.isolated.lease
+            await anyio.to_thread.run_sync(lambda: release(self.root, lease))
+            self.isolated = None
+            return ExitInfo(None, "not started")
+        self.on_ready(self.task_id, self.isolated)
+        self.inner = self.then(self.isolated)
+        await self.inner.start(self.task_id, self.log)
+        return await self.inner.run()
+
+    async def stop(self, grace: float) -> None:
+        self._stopped = True
+        self._stop.stop()
+        if self.inner is not None:
+            await self.inner.stop(grace)
+
+    def usage(self) -> AgentUsage | None:
+        return self.inner.usage() if self.inner is not None else None
 
 
 async def integrate_item(root: Path, config: Config, isolated: Isolated, item: WorkItem, *,

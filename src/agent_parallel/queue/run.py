@@ -24,10 +24,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 from pathlib import Path
 
 import anyio
@@ -42,7 +41,7 @@ from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, ShellStopped, exception_reason
 from ..paths import ensure_runs_dir, resolve_inside, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
-from .isolation import Isolated, forecast, integrate_item, is_isolated, prepare_item
+from .isolation import Isolated, SetupFirst, forecast, integrate_item, is_isolated, prepare_item
 from .plan import isolation_policy
 from .items import QueueReader, WorkItem, format_id
 from ..results import AgentUsage, ItemOutcome, RunningItem, RunProgress
@@ -233,8 +232,9 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     moves, so the run can free its slot and start the next item, whose claim carries this move.
     Its ``stop`` kills the item's ``worktree.setup`` (the claim is given back: ``NotStarted``) or
     ``integration.verify`` (the item fails, its work kept) when the run is stopped. Without one (a
-    ``launch_task(item=...)``), the setup is killed when the caller is cancelled (its client went
-    away, the server is stopping), and the claim given back the same way.
+    ``launch_task(item=...)``), the worktree and its setup are the task's first step (``SetupFirst``):
+    this returns once the task is registered, as any launch does, and a ``cancel_task`` (or a
+    shutdown) during the setup kills it and gives the claim back; a setup that fails fails the task.
     """
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
@@ -281,33 +281,42 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     isolated: Isolated | None = None
     prelude = b""
     workdir = ctx.root
-    if is_isolated(ctx.config, item):
-        # a run's stop kills its setups; a launch_task's setup is killed if its call is cancelled meanwhile
-        setup_stop = stop if stop is not None else ShellStop(f"the {by} call was cancelled")
-        async with _killed_if_cancelled(setup_stop if stop is None else None):
-            with anyio.CancelScope(shield=True):  # claimed: prepare it, or record why it could not be
-                try:
-                    isolated, prelude = await prepare_item(ctx.root, ctx.config, item, stop=setup_stop)
-                    workdir = isolated.lease.workdir
-                except ShellStopped as exc:  # its run (or call) was stopped during the setup: it never ran
-                    await give_back(path, f"not started: {exc}")
-                    raise NotStarted(f"{by} was stopped during the worktree setup of item {item.id_str}; the "
-                                     "claim was given back") from exc
-                except AgentParallelError as exc:  # not a git repository, setup failed, git refused a step
-                    why = f"its worktree could not be prepared: {exc}"
-                    notes = await anyio.to_thread.run_sync(
-                        lambda: _end_move(ctx, item.id, path, before, "failed", by=by, reason=why))
-                    raise QueueError(why + "".join(f"; {n}" for n in notes)) from exc
-
     env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
-    if isolated is not None:
-        env.update(isolated.lease.env())
     if waits_on:
         env["AGENT_UPSTREAM_ITEMS"] = " ".join(format_id(dep) for dep in waits_on)
     if upstream_logs:
         env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(p) for p in upstream_logs)
+    setup: SetupFirst | None = None
+    if is_isolated(ctx.config, item) and stop is None:
+        # a launch_task: answered at once, the worktree and its setup being the task's first step
+        def then(ready: Isolated) -> ItemJob:
+            return _item_job(ctx, item, argv, ready.lease.workdir, {**env, **ready.lease.env()}, path, timeout_s,
+                             always=True)
 
-    job = _item_job(ctx, item, argv, workdir, env, path, timeout_s)
+        def on_ready(task_id: str, ready: Isolated) -> None:
+            nonlocal isolated
+            isolated = ready
+            rec = ctx.registry.get(task_id).record  # (running: its task is known)
+            rec.cwd, rec.branch, rec.worktree = str(ready.lease.workdir), ready.lease.branch, ready.worktree
+
+        setup = SetupFirst(ctx.root, ctx.config, item, then, on_ready)
+    elif is_isolated(ctx.config, item):
+        with anyio.CancelScope(shield=True):  # claimed: prepare it, or record why it could not be
+            try:  # a run's stop kills its setups
+                isolated, prelude = await prepare_item(ctx.root, ctx.config, item, stop=stop)
+                workdir = isolated.lease.workdir
+                env.update(isolated.lease.env())
+            except ShellStopped as exc:  # its run was stopped during the setup: it never ran
+                await give_back(path, f"not started: {exc}")
+                raise NotStarted(f"{by} was stopped during the worktree setup of item {item.id_str}; the "
+                                 "claim was given back") from exc
+            except AgentParallelError as exc:  # not a git repository, setup failed, git refused a step
+                why = f"its worktree could not be prepared: {exc}"
+                notes = await anyio.to_thread.run_sync(
+                    lambda: _end_move(ctx, item.id, path, before, "failed", by=by, reason=why))
+                raise QueueError(why + "".join(f"; {n}" for n in notes)) from exc
+
+    job = _item_job(ctx, item, argv, workdir, env, path, timeout_s) if setup is None else None
 
     async def finished(task: Task) -> str | None:
         """Move the item to completed/failed, off the event loop; always tells ``on_end``. What went
@@ -316,11 +325,22 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         ok = rec.status == TaskStatus.COMPLETED
         end = ItemEnd(ok, [f"{NOT_RECORDED}: the move was interrupted"])
         said: list[str] = []
-        if job is not None:  # its usage is kept in the record; what its attempts did goes in the reason
-            end.usage = job.usage()
+        if setup is not None and setup.setup_stopped is not None:  # it never ran: the item is given back
+            try:
+                await give_back(path, f"not started: {setup.setup_stopped}")
+                end.notes = [f"not started: {setup.setup_stopped}; item {item.id_str} is pending again"]
+            except QueueError as exc:
+                end.notes = [str(exc)]
+            finally:
+                if on_end is not None:
+                    on_end(task, end)
+            return "; ".join(end.notes)
+        attempts = setup.inner if setup is not None else job
+        if attempts is not None:  # its usage is kept in the record; what its attempts did goes in the reason
+            end.usage = attempts.usage()
             rec.usage = end.usage.model_dump(exclude_none=True) if end.usage is not None else None
-            end.attempts = job.attempts if job.plan.retries else None
-            said = list(job.plan.notes)
+            end.attempts = attempts.attempts if attempts.plan.retries else None
+            said = list(attempts.plan.notes)
         try:
             kept: list[str] = []
             if isolated is not None:
@@ -352,16 +372,14 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
 
     with anyio.CancelScope(shield=True):  # claimed: start it, or give the claim back
         try:
-            if job is not None:  # its attempts run the process; the record shows the first argv
-                shown = item.command if item.command is not None else " ".join(
-                    profiles.first_run(job.plan.agent, job.plan.agent_args, job.plan.agent_command).argv
-                    if job.plan.agent is not None else argv or [])
+            if job is not None or setup is not None:  # its attempts run the process; the record shows the first argv
                 task = await ctx.registry.launch(
-                    command=shown, cwd=workdir, description=f"item {item.id_str}: {item.title}", env=env,
-                    kind="item", item_id=item.id_str, item_file=path.name, job=job, on_finish=finished,
-                    prelude=prelude, follow_up_timeout=math.inf if isolated is not None else None,
+                    command=_shown_command(ctx.config, item, argv), cwd=workdir,
+                    description=f"item {item.id_str}: {item.title}", env=env, kind="item", item_id=item.id_str,
+                    item_file=path.name, job=job or setup, on_finish=finished, prelude=prelude,
+                    follow_up_timeout=math.inf if is_isolated(ctx.config, item) else None,
                     branch=isolated.lease.branch if isolated else None,
-                    worktree=str(isolated.lease.path) if isolated else None)
+                    worktree=str(isolated.lease.path) if isolated else None, answer_at_once=setup is not None)
             else:
                 task = await ctx.registry.launch(
                     command=item.command, argv=argv, cwd=workdir, description=f"item {item.id_str}: {item.title}",
@@ -379,37 +397,6 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             await give_back(path, f"not started: {exception_reason(exc)}")
             raise
     return task, isolated
-
-
-@asynccontextmanager
-async def _killed_if_cancelled(stop: ShellStop | None) -> AsyncIterator[None]:
-    """Stop ``stop`` (kill the commands running under it) if the caller is cancelled while the body
-    runs: the body waits shielded on a worker thread, which cancellation cannot interrupt, but the
-    command that thread waits on can be killed. A body that ends first leaves ``stop`` as it was."""
-    if stop is None:
-        yield
-        return
-    body_ended = False
-
-    async def kill_on_cancel() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            if not body_ended:
-                stop.stop()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(kill_on_cancel)
-            try:
-                yield
-            finally:
-                body_ended = True
-                tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:  # the body's own exception, which the task group wrapped: as it was
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0]  # noqa: B904 (the same object: its traceback and cause are kept)
-        raise
 
 
 def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, int] | None, to_status: str, *,
@@ -445,13 +432,20 @@ def _gate(ctx: QueueContext, config: Config) -> Gate:
     return gate
 
 
+@overload
 def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir: Path, env: dict[str, str],
-              path: Path, timeout_s: float | None) -> ItemJob | None:
+              path: Path, timeout_s: float | None, *, always: Literal[True]) -> ItemJob: ...
+@overload
+def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir: Path, env: dict[str, str],
+              path: Path, timeout_s: float | None, *, always: bool = False) -> ItemJob | None: ...
+def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir: Path, env: dict[str, str],
+              path: Path, timeout_s: float | None, *, always: bool = False) -> ItemJob | None:
     """The body of an item that retries or is run by an agent profile (``agents/job.py``); None for an
-    item run once as a plain process (the registry runs it, as any task)."""
+    item run once as a plain process (the registry runs it, as any task), unless ``always`` (an item
+    whose worktree setup comes first: ``SetupFirst`` runs it as a job)."""
     config, agent = ctx.config, is_agent_item(ctx.config, item)
     retries = retries_of(config, item)
-    if not agent and not retries:
+    if not agent and not retries and not always:
         return None
     return ItemJob(AttemptPlan(
         executor=ctx.registry.executor, runs_dir=ctx.runs_dir, cwd=workdir, env=dict(env), command=item.command,
@@ -461,6 +455,15 @@ def _item_job(ctx: QueueContext, item: WorkItem, argv: list[str] | None, workdir
         gate=_gate(ctx, config) if agent and config.agent else None,
         grace_s=ctx.registry.settings.kill_grace_s, resources=dict(item.resources),
         admission=ctx.registry.settings.admission, admission_retry_s=ctx.registry.settings.admission_retry_s))
+
+
+def _shown_command(config: Config, item: WorkItem, argv: list[str] | None) -> str:
+    """What an item's record shows as its command: its own, else the first argv its runner runs."""
+    if item.command is not None:
+        return item.command
+    if is_agent_item(config, item) and config.agent is not None:
+        return " ".join(profiles.first_run(config.agent, config.agent_args, config.runner_command).argv)
+    return " ".join(argv or [])
 
 
 def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float | None]:

@@ -804,7 +804,9 @@ class TaskRegistry:
                         async with anyio.create_task_group() as tg:
                             tg.start_soon(handle.terminate, self.settings.kill_grace_s)
                             info = await handle.wait()
-        except ExecutorError as exc:  # the executor says what went wrong
+        except (ExecutorError, AgentParallelError) as exc:  # the executor (or a job that cannot go on) says why
+            if isinstance(exc, InternalError):
+                log.error("task %s: %s", rec.task_id, exc, exc_info=exc)
             raise _TaskFailure(str(exc)) from exc
         except Exception as exc:  # a bug in an executor or a job must fail this task, not the server
             what = "executor" if handle is not None else "job"
@@ -848,11 +850,16 @@ class TaskRegistry:
             timed_out = True
             await job.stop(self.settings.kill_grace_s)
 
-        async with anyio.create_task_group() as tg:
-            if limit != math.inf:
-                tg.start_soon(stop_at_limit)
-            info = await job.run()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                if limit != math.inf:
+                    tg.start_soon(stop_at_limit)
+                info = await job.run()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the job's own error, as it raised it (not in the timer's group)
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0]  # noqa: B904 (the same object: its traceback and cause are kept)
+            raise
         return info, timed_out
 
     async def _admit(self, task: Task, answer: Callable[[], None]) -> bool:
