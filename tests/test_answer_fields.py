@@ -53,6 +53,7 @@ async def test_task_output_keeps_its_listed_fields_null_or_not_and_drops_the_oth
         assert not {"item_id", "item_file", "branch", "worktree", "usage", "run", "reason", "group_id"} & set(answer)
     several = await call(client, "task_output", task_ids=[running, done["task_id"]], block=False)
     assert all(TASK_OUTPUT_FIELDS <= set(entry) for entry in several["tasks"])
+    assert set(several) == {"retrieval_status", "tasks"}  # no task's fields at the top level, not even as nulls
     failed = await call(client, "task_output", task_id=(await call(client, "launch_task", command="exit 3"))["task_id"])
     assert failed["reason"] == "exit code 3"  # shown once it says something
     await call(client, "cancel_task", task_id=running)

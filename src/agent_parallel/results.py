@@ -177,6 +177,14 @@ class TaskOutputResult(_TaskDetails):
     tasks: list[TaskView] | None = omitted_if_none("with `task_ids`: one entry per task, in the order given")
     group_id: str | None = omitted_if_none("with a group_id as `task_id`: the group (its members in `tasks`)")
 
+    @model_serializer(mode="wrap")
+    def _several(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """With several tasks, their fields are in ``tasks`` only: none stands at the top level as a null."""
+        data: dict[str, Any] = handler(self)
+        if self.task_id is None:
+            data = {key: value for key, value in data.items() if value is not None}
+        return data
+
 
 class CancelResult(BaseModel):
     tasks: list[TaskView]
