@@ -132,6 +132,21 @@ async def test_cancelling_a_launched_items_task_kills_its_setup_and_gives_the_it
     assert (repo / ".agent/worktrees/001-a").is_dir()  # kept: the next launch reuses it
 
 
+async def test_a_launched_item_cancelled_at_once_is_given_back(repo, tmp_path):
+    """cancel_task right after the answer: before or during its setup (whichever it reaches), the item never ran."""
+    pids = tmp_path / "setup.pids"
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
+    write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        answer = await call(client, "launch_task", item="001")
+        with anyio.fail_after(20):
+            await call(client, "cancel_task", task_id=answer["task_id"])
+            out = await call(client, "task_output", task_id=answer["task_id"])
+    assert out["status"] == "cancelled" and "item 001 is pending again" in out["reason"], out
+    assert all_dead(read_pids(pids)) and not (tmp_path / "ran").exists()
+    assert statuses(repo) == {"001": "pending"}
+
+
 async def test_cancelling_a_run_kills_integration_verify_and_keeps_the_work(repo, tmp_path):
     pids = tmp_path / "verify.pids"
     write_config(repo, runner={"isolation": "worktree"}, integration={"verify": slow_command(pids)},

@@ -325,10 +325,11 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         ok = rec.status == TaskStatus.COMPLETED
         end = ItemEnd(ok, [f"{NOT_RECORDED}: the move was interrupted"])
         said: list[str] = []
-        if setup is not None and setup.setup_stopped is not None:  # it never ran: the item is given back
+        if setup is not None and setup.inner is None and rec.status in (TaskStatus.CANCELLED, TaskStatus.INTERRUPTED):
+            why = setup.setup_stopped or rec.reason  # stopped in (or before) its setup: it never ran, it is given back
             try:
-                await give_back(path, f"not started: {setup.setup_stopped}")
-                end.notes = [f"not started: {setup.setup_stopped}; item {item.id_str} is pending again"]
+                await give_back(path, f"not started: {why}")
+                end.notes = [f"not started: {why}; item {item.id_str} is pending again"]
             except QueueError as exc:
                 end.notes = [str(exc)]
             finally:
