@@ -261,11 +261,14 @@ async def test_what_a_command_leaves_running_ends_with_it(registry, workspace):
 @pytest.mark.anyio
 async def test_agent_slots_hold_the_limit_across_nodes(workspace, executor, settings):
     """Four items, a queue allowing four at once, a cluster with one agent slot on each of two nodes:
-    never more than two run at once, and two do run together (so on both nodes)."""
+    never more than two run at once, and two do run together (so on both nodes). Each item waits (up
+    to 10 s) until a second one has started: a fixed sleep missed the overlap when a loaded machine
+    took longer to start a Ray worker than the sleep lasted."""
     log = workspace / "spans"
     for i in range(1, 5):
-        write_item(workspace, i, f"item-{i}", command=f"echo start $(date +%s.%N) >> {log}; sleep 0.4; "
-                                                      f"echo end $(date +%s.%N) >> {log}")
+        write_item(workspace, i, f"item-{i}", command=f"echo start $(date +%s.%N) >> {log}; "
+                                                      f"for _ in $(seq 100); do [ $(grep -c start {log}) -ge 2 ] && break; "
+                                                      f"sleep 0.1; done; sleep 0.3; echo end $(date +%s.%N) >> {log}")
     write_config(workspace, autonomy={"max_parallel": 4, "level": "L3"})
     async with Client(build_server(workspace, settings, executor), raise_exceptions=True) as client:
         run = await call(client, "run_queue")
