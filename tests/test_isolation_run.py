@@ -108,18 +108,23 @@ async def test_launch_task_item_is_isolated_too(repo):
 
 
 async def test_launch_task_item_answers_before_its_worktree_setup(repo, tmp_path):
-    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": "sleep 3; echo set up"})
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": "echo fetch$((0))ing; sleep 3; echo set-$((1 + 1))"})
     write_item(repo, 1, "solo", title="Solo", command=edit_line("b.txt", 5, "SOLO"))
     async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         started = time.monotonic()
         answer = await call(client, "launch_task", item="001")
         assert time.monotonic() - started < 2.5  # the setup alone takes 3 s: it is the task's first step
         assert answer["item_id"] == "001" and answer["item_file"] == "001-in_progress-solo.md"
+        with anyio.fail_after(2.5):  # what the setup prints shows while it runs
+            while "fetch0ing" not in (during := await call(client, "task_output", task_id=answer["task_id"],
+                                                         block=False))["output"]:
+                await anyio.sleep(0.05)
+        assert during["status"] == "running" and "set-2" not in during["output"], during
         out = await call(client, "task_output", task_id=answer["task_id"], timeout=60)
     assert out["status"] == "completed", out
     assert out["branch"] == "agent/001-solo" and out["worktree"].endswith(".agent/worktrees/001-solo")
     assert out["cwd"] == out["worktree"]  # where it ran, once its worktree was made
-    assert out["output"].index("gets its worktree") < out["output"].index("set up")
+    assert out["output"].index("gets its worktree") < out["output"].index("fetch0ing") < out["output"].index("set-2")
     assert "integrated into main" in out["reason"] and statuses(repo)["001"] == "completed"
     assert "SOLO" in (repo / "b.txt").read_text()
 

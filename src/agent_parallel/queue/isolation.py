@@ -20,7 +20,7 @@ import anyio
 
 from ..agents.job import ItemJob
 from ..config import Config
-from ..errors import AgentParallelError, QueueError, SetupFailed, ShellStopped
+from ..errors import AgentParallelError, QueueError, ShellStopped
 from ..results import Phase
 from ..worktrees import (Integration, Lease, ShellStop, integrate, is_safe_to_remove, list_worktrees,
                          predict_conflicts, prepare, release, remove)
@@ -74,23 +74,50 @@ class _Tail:
         return len(b)
 
 
-async def prepare_item(root: Path, config: Config, item: WorkItem, *,
-                       stop: ShellStop | None = None) -> tuple[Isolated, bytes]:
+class _Forward:
+    """A binary sink handing what ``worktree.setup`` prints, as it comes, to ``write`` on the event loop
+    (``prepare`` writes to its ``log`` from a worker thread). A write that fails (a full disk) ends the
+    forwarding, never the setup."""
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write: Callable[[bytes], object] | None = write
+        self.mid_line = False  # what was written last did not end a line
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, b: bytes) -> int:
+        if self._write is not None and b:
+            self.mid_line = not b.endswith(b"\n")
+            try:
+                anyio.from_thread.run_sync(self._write, bytes(b))
+            except Exception:
+                log.warning("the setup's output could not be written to its task's log", exc_info=True)
+                self._write = None
+        return len(b)
+
+
+async def prepare_item(root: Path, config: Config, item: WorkItem, *, stop: ShellStop | None = None,
+                       live: Callable[[bytes], object] | None = None) -> tuple[Isolated, bytes]:
     """Make (or reuse) the item's worktree and run ``worktree.setup`` in it (in a worker thread;
     ``stop``, the run's, kills the setup when the run is stopped: `ShellStopped`).
 
-    Returns it and the text that opens the item's log: where it runs and what setup printed.
-    Raises ``ConfigError`` (not a git repository ...), ``SetupFailed`` or ``WorktreeError``."""
+    Returns it and the text that opens the item's log: where it runs and what setup printed (its
+    last ``SETUP_LOG_BYTES``); with ``live`` (its task's log already open), what setup prints goes
+    there as it comes instead. Raises ``ConfigError`` (not a git repository ...), ``SetupFailed``
+    or ``WorktreeError``."""
     tail = _Tail(SETUP_LOG_BYTES)
+    sink = _Forward(live) if live is not None else tail
     lease = await anyio.to_thread.run_sync(lambda: prepare(root, config, item.id_str, item.slug,
-                                                           log=cast(BinaryIO, tail), stop=stop))
+                                                           log=cast(BinaryIO, sink), stop=stop))
     lines = [f"agent-parallel: item {item.id_str} runs in the worktree {lease.path} on branch {lease.branch}"
              + (f", port {lease.port}" if lease.port is not None else "")
              + (" (reused: the work done so far is kept)" if lease.reused else "")]
     lines += [f"agent-parallel: {note}" for note in lease.notes]
     if tail.dropped:
         lines.append(f"agent-parallel: the first {tail.dropped} bytes of the setup's output are not kept")
-    head = ("\n".join(lines) + "\n").encode() + bytes(tail.data)
+    head = (b"\n" if isinstance(sink, _Forward) and sink.mid_line else b"") + ("\n".join(lines) + "\n").encode() \
+        + bytes(tail.data)
     if tail.data and not tail.data.endswith(b"\n"):
         head += b"\n"
     return Isolated(lease, phase="running"), head
@@ -123,14 +150,13 @@ class SetupFirst:
         log.write(f"agent-parallel: item {self.item.id_str} gets its worktree{setup} first\n".encode())
 
     async def run(self) -> ExitInfo:
-        try:
-            self.isolated, head = await prepare_item(self.root, self.config, self.item, stop=self._stop)
+        try:  # what the setup prints goes to the task's log as it comes: task_output shows its progress
+            self.isolated, head = await prepare_item(self.root, self.config, self.item, stop=self._stop,
+                                                     live=self.log.write)
         except ShellStopped as exc:
             self.setup_stopped = str(exc)
             return ExitInfo(None, "not started")
         except AgentParallelError as exc:  # the task fails saying why; the item fails with it
-            if isinstance(exc, SetupFailed) and exc.output_tail:
-                self.log.write(exc.output_tail.encode(errors="replace") + b"\n")
             raise QueueError(f"its worktree could not be prepared: {exc}") from exc
         self.log.write(head)
         if self._stopped:  # stopped as the setup ended: the item never ran, its worktree stays for later
