@@ -86,6 +86,14 @@ async def test_stopping_the_server_kills_a_worktree_setup_at_once(repo, tmp_path
     assert statuses(repo) == {"001": "pending"}
 
 
+def launched_item_with_a_slow_setup(repo: Path, tmp_path: Path) -> Path:
+    """Item 001 (its command would touch `ran`), isolated, whose worktree.setup hangs; the setup's pid file."""
+    pids = tmp_path / "setup.pids"
+    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
+    write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
+    return pids
+
+
 async def launch_slow_setup(client: Client, pids: Path) -> tuple[dict, list[int]]:
     """launch_task(item="001") whose worktree.setup hangs: the answer comes at once (the setup is the
     task's first step), while the setup runs."""
@@ -98,9 +106,7 @@ async def launch_slow_setup(client: Client, pids: Path) -> tuple[dict, list[int]
 @pytest.mark.fault("the server stops while a launch_task(item=...)'s worktree.setup runs: the setup is killed "
                    "with what it started, the claim is given back, the server exits at once")
 async def test_stopping_the_server_kills_a_launch_task_items_setup(repo, tmp_path):
-    pids = tmp_path / "setup.pids"
-    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
-    write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
+    pids = launched_item_with_a_slow_setup(repo, tmp_path)
     with anyio.fail_after(30):  # the server's exit waited for the whole setup
         async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
             _, started = await launch_slow_setup(client, pids)
@@ -114,9 +120,7 @@ async def test_stopping_the_server_kills_a_launch_task_items_setup(repo, tmp_pat
 @pytest.mark.fault("cancel_task on a launch_task(item=...) whose worktree.setup runs: the setup is killed at once, "
                    "the item goes back to pending, its worktree stays for the next try")
 async def test_cancelling_a_launched_items_task_kills_its_setup_and_gives_the_item_back(repo, tmp_path):
-    pids = tmp_path / "setup.pids"
-    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
-    write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
+    pids = launched_item_with_a_slow_setup(repo, tmp_path)
     async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         answer, started = await launch_slow_setup(client, pids)
         during = await call(client, "task_output", task_id=answer["task_id"], block=False)
@@ -134,9 +138,7 @@ async def test_cancelling_a_launched_items_task_kills_its_setup_and_gives_the_it
 
 async def test_a_launched_item_cancelled_at_once_is_given_back(repo, tmp_path):
     """cancel_task right after the answer: before or during its setup (whichever it reaches), the item never ran."""
-    pids = tmp_path / "setup.pids"
-    write_config(repo, runner={"isolation": "worktree"}, worktree={"setup": slow_command(pids)})
-    write_item(repo, 1, "a", title="A", command=f"touch {tmp_path / 'ran'}")
+    pids = launched_item_with_a_slow_setup(repo, tmp_path)
     async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         answer = await call(client, "launch_task", item="001")
         with anyio.fail_after(20):
