@@ -248,7 +248,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     except OSError as exc:
         raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
 
-    if is_isolated(ctx.config, item):  # a workspace that cannot host worktrees is refused before the claim
+    isolating = is_isolated(ctx.config, item)
+    if isolating:  # a workspace that cannot host worktrees is refused before the claim
         await anyio.to_thread.run_sync(lambda: check_repository(ctx.root, ctx.config))
 
     def claim() -> tuple[Path, tuple[int, int] | None]:
@@ -287,7 +288,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     if upstream_logs:
         env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(p) for p in upstream_logs)
     setup: SetupFirst | None = None
-    if is_isolated(ctx.config, item) and stop is None:
+    if isolating and stop is None:
         # a launch_task: answered at once, the worktree and its setup being the task's first step
         def then(ready: Isolated) -> ItemJob:
             return _item_job(ctx, item, argv, ready.lease.workdir, {**env, **ready.lease.env()}, path, timeout_s,
@@ -300,7 +301,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             rec.cwd, rec.branch, rec.worktree = str(ready.lease.workdir), ready.lease.branch, ready.worktree
 
         setup = SetupFirst(ctx.root, ctx.config, item, then, on_ready)
-    elif is_isolated(ctx.config, item):
+    elif isolating:
         with anyio.CancelScope(shield=True):  # claimed: prepare it, or record why it could not be
             try:  # a run's stop kills its setups
                 isolated, prelude = await prepare_item(ctx.root, ctx.config, item, stop=stop)
@@ -378,7 +379,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                     command=_shown_command(ctx.config, item, argv), cwd=workdir,
                     description=f"item {item.id_str}: {item.title}", env=env, kind="item", item_id=item.id_str,
                     item_file=path.name, job=job or setup, on_finish=finished, prelude=prelude,
-                    follow_up_timeout=math.inf if is_isolated(ctx.config, item) else None,
+                    follow_up_timeout=math.inf if isolating else None,
                     branch=isolated.lease.branch if isolated else None,
                     worktree=str(isolated.lease.path) if isolated else None, answer_at_once=setup is not None)
             else:
