@@ -136,6 +136,22 @@ def test_the_fast_path_reads_the_usual_shape() -> None:
     assert new_items._simple_front_matter("title: x\nfiles:\n  - a.py\n") is None  # block lists: the loader
 
 
+def test_a_memoized_line_gives_each_item_its_own_list() -> None:
+    """Lines are memoized (`_LINE_MEMO`): a list read from one is never shared by two items."""
+    source = "files: [src/memo-test.py, src/other.py]\n"
+    first = new_items._simple_front_matter(source)
+    assert first is not None
+    first["files"].append("changed.py")
+    assert new_items._simple_front_matter(source) == {"files": ["src/memo-test.py", "src/other.py"]}
+
+
+def test_the_memos_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(new_items, "_MEMO_ENTRIES", 10)
+    for i in range(50):
+        assert new_items._simple_front_matter(f"title: memo bound {i}\n") == {"title": f"memo bound {i}"}
+    assert len(new_items._LINE_MEMO) <= 10 and len(new_items._SCALAR_MEMO) <= 10
+
+
 # --- whole queues: files on disk, planned by both --------------------------------------------------------
 
 
