@@ -13,6 +13,7 @@ from itertools import combinations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_parallel.queue.conflicts import ConflictIndex
 from agent_parallel.queue.planner import build_graph, make_plan, simulate
 from agent_parallel.queue.items import PRIORITIES, WorkItem, format_id
 
@@ -208,3 +209,14 @@ def test_every_reported_cycle_is_a_real_closed_path(queue) -> None:
         if int(row.id) in in_cycles:
             assert not row.ready
     assert plan.predicted_makespan >= plan.lower_bound
+
+
+@SETTINGS
+@given(queues())
+def test_has_conflict_says_whether_an_item_has_any_neighbour(queue) -> None:
+    """The shortcut (`ConflictIndex.has_conflict`, by contested keys) agrees with the neighbour sets,
+    also for an item whose own entries overlap each other (``files: [src, src/a.py]``)."""
+    items, _, _ = queue
+    index = ConflictIndex(items)
+    for item in items:
+        assert index.has_conflict(item.id) == bool(index.neighbours(item.id)), item

@@ -299,8 +299,20 @@ class ConflictIndex:
         return found
 
     def has_conflict(self, item_id: int) -> bool:
-        """Whether `item_id` conflicts with any other item (without building its neighbour set)."""
-        return any(holder != item_id for key in self.reach(item_id) for holder in self.holders[key])
+        """Whether `item_id` conflicts with any other item (without building its neighbour set).
+
+        A key it holds with another item is enough; an uncontested key (one holder, no overlap) is
+        passed over; an overlapping key counts when some other item holds one of its overlaps (the
+        item itself may hold both, as in ``files: [src, src/a.py]``)."""
+        for key in self.keys.get(item_id, ()):
+            if key not in self._contested:
+                continue
+            if len(self.holders[key]) > 1:  # (it is one of them)
+                return True
+            for other in self.adjacent.get(key, ()):
+                if any(holder != item_id for holder in self.holders[other]):
+                    return True
+        return False
 
     def conflict(self, first: int, second: int) -> bool:
         return first != second and second in self.neighbours(first)
