@@ -77,16 +77,17 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = False, sync_dir: bo
     leaves the directory's fsync to the caller (``GroupCommit`` does it once for a batch). The temporary
     file is removed when the write fails (a full disk).
 
-    Whatever already has the temporary file's name (a leftover of a crash, or a symlink a cloned
-    repository planted there to have us write through it) is removed first, and the file is then
-    created new (``O_EXCL | O_NOFOLLOW``): a write never goes anywhere but into this directory.
+    The temporary file is created new (``O_EXCL | O_NOFOLLOW``); whatever already has its name (a
+    leftover of a crash, or a symlink a cloned repository planted there to have us write through it)
+    is removed and the file created again: a write never goes anywhere but into this directory.
     """
     tmp = atomic_temporary(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:  # (O_EXCL: a symlink there counts as existing; it is never followed)
         os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, flags, 0o644)
     try:
         try:
             write_all(fd, data)
