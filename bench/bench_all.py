@@ -246,6 +246,11 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     cli: list[float] = []
     fan: list[float] = []
     fan_state = {"checked": False, "present": False}
+    # The same run_queue with its workspace on tmpfs: the code's own cost, without ext4's (where these
+    # machines' ext4 puts a new directory decides what creating a file there costs: 15-500 µs of CPU).
+    shm = Path("/dev/shm")
+    shm_tmp = Path(tempfile.mkdtemp(prefix="bench-all-", dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    rq_shm: list[RunQueueResult] = []
 
     async def fan_out_round(k: int) -> None:
         async with server(tmp / f"fan-{k}") as (c, _):
@@ -259,6 +264,8 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
         if have_parallel:
             gnu.append(timed_shell(f"seq {N} | parallel -j{SLOTS} true"))
         rq.append(anyio.run(run_queue_once, tmp / f"rq-{k}", rep))
+        if shm_tmp is not None:
+            rq_shm.append(anyio.run(run_queue_once, shm_tmp / f"rq-{k}", rep))
         cli.append(cli_run_once(tmp / f"cli-{k}", rep))
         anyio.run(fan_out_round, k)
     x = median(xargs)
@@ -279,6 +286,13 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     rep.add("run", "  diag: creating a file in the runs' workspaces (median; µs)", f"{statistics.median(create):.0f} µs",
             note="varies 15-400 µs from one new directory to the next on these machines (where ext4 puts it); "
                  "every task creates 3 files (record, log, final record)")
+    if shm_tmp is not None:
+        shutil.rmtree(shm_tmp, ignore_errors=True)
+        shm_makespan = median([r.makespan for r in rq_shm if r.makespan is not None])
+        shm_cpu = median([r.cpu_per_item for r in rq_shm if r.cpu_per_item is not None])
+        rep.add("run", "  diag: the same run_queue in a workspace on tmpfs (/dev/shm): makespan / xargs, CPU per item",
+                f"{ratio(shm_makespan, x) or 0:.2f}× / {ms(shm_cpu)}",
+                note="the code's own cost: no file system placement in it (compare the diag row above)")
     if fan_state["present"]:
         add_ratio(rep, "run", f"{N} commands through one fan-out call, wall / xargs", ratio(median(fan), x), 1.5,
                   today="7.9× (one call each)", note=f"wall {s(median(fan))}")
