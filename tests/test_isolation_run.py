@@ -62,6 +62,58 @@ async def test_a_conflict_fails_the_item_keeps_its_branch_and_skips_its_dependen
     assert statuses(repo)["002"] == "failed"
 
 
+async def test_an_isolated_items_task_shows_its_last_phase_and_conflicts_also_after_a_restart(repo):
+    """TOOLS.md: task_output of a queue item's task gives its phase and conflicts, as the run report does."""
+    write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+    write_item(repo, 1, "first", title="First", command=edit_line("a.txt", 3, "FIRST") + " && sleep 0.3")
+    write_item(repo, 2, "second", title="Second", command=edit_line("a.txt", 3, "SECOND") + " && sleep 1.5")
+    report = await run_to_end(repo)
+    rows = by_item(report)
+    first, second = rows["001"]["task_id"], rows["002"]["task_id"]
+    for _ in range(2):  # the run's server, then a new one reading the records it kept
+        async with Client(build_server(repo, ServerSettings(min_free_memory=0))) as client:
+            one = await call(client, "task_output", task_id=first)
+            two = await call(client, "task_output", task_id=second)
+        assert one["phase"] == "integrated" and "conflicts" not in one, one
+        assert (two["phase"], two["conflicts"]) == ("conflict", ["a.txt"]), two
+
+
+async def test_a_running_isolated_items_task_shows_the_conflicts_forecast_for_it(repo):
+    """When one item is integrated, the run forecasts what the others would conflict on: their tasks'
+    task_output shows it while they run (phase running), as the run's progress does."""
+    write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+    write_item(repo, 1, "first", title="First", command=edit_line("a.txt", 3, "FIRST"))
+    write_item(repo, 2, "second", title="Second",
+               command=edit_line("a.txt", 3, "SECOND") + " && git add -A && git commit -qm wip && sleep 30")
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        run = await call(client, "run_queue")
+        with anyio.fail_after(30):
+            while True:  # until the forecast made after item 001's integration names the file
+                progress = (await call(client, "task_output", task_id=run["run_id"], block=False))["run"]
+                row = next((r for r in progress["running"] if r["item"] == "002"), None)
+                if row is not None and row.get("conflicts"):
+                    break
+                await anyio.sleep(0.05)
+        second = await call(client, "task_output", task_id=row["task_id"], block=False)
+        await call(client, "cancel_task", task_id=run["run_id"])
+    assert (second["status"], second["phase"], second["conflicts"]) == ("running", "running", ["a.txt"]), second
+
+
+async def test_an_isolated_items_task_shows_integrating_while_it_is_integrated(repo, tmp_path):
+    started = tmp_path / "verify-started"
+    write_config(repo, runner={"isolation": "worktree"}, integration={"verify": f"touch {started}; sleep 2"})
+    write_item(repo, 1, "solo", title="Solo", command=edit_line("b.txt", 5, "SOLO"))
+    async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
+        answer = await call(client, "launch_task", item="001")
+        with anyio.fail_after(30):
+            while not started.exists():
+                await anyio.sleep(0.05)
+        during = await call(client, "task_output", task_id=answer["task_id"], block=False)
+        out = await call(client, "task_output", task_id=answer["task_id"], timeout=60)
+    assert during["phase"] == "integrating", during
+    assert out["phase"] == "integrated" and "SOLO" in (repo / "b.txt").read_text(), out
+
+
 async def test_a_dependent_starts_from_its_predecessors_merged_work(repo):
     write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3"})
     write_item(repo, 1, "make-file", title="Make file", command="echo made > new.txt")
@@ -119,9 +171,9 @@ async def test_launch_task_item_answers_before_its_worktree_setup(repo, tmp_path
             while "fetch0ing" not in (during := await call(client, "task_output", task_id=answer["task_id"],
                                                          block=False))["output"]:
                 await anyio.sleep(0.05)
-        assert during["status"] == "running" and "set-2" not in during["output"], during
+        assert during["status"] == "running" and during["phase"] == "setup" and "set-2" not in during["output"], during
         out = await call(client, "task_output", task_id=answer["task_id"], timeout=60)
-    assert out["status"] == "completed", out
+    assert out["status"] == "completed" and out["phase"] == "integrated", out
     assert out["branch"] == "agent/001-solo" and out["worktree"].endswith(".agent/worktrees/001-solo")
     assert out["cwd"] == out["worktree"]  # where it ran, once its worktree was made
     assert out["output"].index("gets its worktree") < out["output"].index("fetch0ing") < out["output"].index("set-2")
@@ -137,7 +189,7 @@ async def test_launch_task_items_failed_setup_fails_its_task(repo):
     async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         answer = await call(client, "launch_task", item="001")
         out = await call(client, "task_output", task_id=answer["task_id"], timeout=60)
-    assert out["status"] == "failed", out
+    assert out["status"] == "failed" and out["phase"] == "setup", out
     assert out["reason"].startswith("its worktree could not be prepared: ") and "no network" in out["reason"], out
     assert "no network" in out["output"]
     assert statuses(repo) == {"001": "failed"}

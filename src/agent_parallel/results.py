@@ -12,7 +12,7 @@ from typing import Any, Literal, Self, overload
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from .fields import omitted_if_empty, omitted_if_none
-from .tasks.records import TaskRecord, TaskStatus
+from .tasks.records import Phase, TaskRecord, TaskStatus
 from .text import cut
 
 RetrievalStatus = Literal["success", "timeout", "not_ready"]
@@ -103,6 +103,10 @@ class _TaskDetails(BaseModel):
     item_file: str | None = omitted_if_none()
     branch: str | None = omitted_if_none("an isolated item's branch (runner.isolation: worktree)")
     worktree: str | None = omitted_if_none("an isolated item's worktree, where it runs")
+    phase: Phase | None = omitted_if_none("an isolated item's phase (setup, running, integrating), or the last "
+                                          "one it reached (integrated, conflict ...)")
+    conflicts: list[str] | None = omitted_if_none("an isolated item's files predicted to conflict with the target "
+                                                  "while it runs, or that conflicted when integrating it")
     started_at: str | None = Field(None, description="absent until the task starts (a task that never ran has none)")
     ended_at: str | None = None
     duration_s: float | None = None
@@ -138,7 +142,8 @@ class TaskView(_TaskDetails):
             command = cut(command, SHORT_TEXT_CHARS)
         return cls(task_id=rec.task_id, status=rec.status, description=description, command=command,
                    cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, branch=rec.branch,
-                   worktree=rec.worktree, created_at=iso(rec.created_at),
+                   worktree=rec.worktree, phase=rec.phase, conflicts=rec.conflicts or None,
+                   created_at=iso(rec.created_at),
                    started_at=iso(rec.started_at), ended_at=iso(rec.ended_at), duration_s=rec.duration_s,
                    exit_code=rec.exit_code, signal=rec.signal, reason=rec.reason, **extra)
 
@@ -217,9 +222,6 @@ class TaskSummary(BaseModel):
 class TaskList(BaseModel):
     tasks: list[TaskSummary]
     total: int = Field(description="tasks matching the filter, before `limit`")
-
-
-Phase = Literal["setup", "running", "integrating", "integrated", "conflict"]
 
 
 class RunningItem(BaseModel):

@@ -21,9 +21,10 @@ import anyio
 from ..agents.job import ItemJob
 from ..config import Config
 from ..errors import AgentParallelError, QueueError, ShellStopped
-from ..results import AgentUsage, Phase
+from ..results import AgentUsage
 from ..tasks.executor import ExitInfo
 from ..tasks.logs import LogWriter
+from ..tasks.records import Phase
 from ..worktrees import (Integration, Lease, ShellStop, integrate, is_safe_to_remove, list_worktrees,
                          predict_conflicts, prepare, release, remove)
 from .items import WorkItem

@@ -57,7 +57,8 @@ Work and commit there (what is left uncommitted is committed for you). When the 
 integrated into the target branch, one item at a time, and only if `integration.verify` passes; items
 that wait on it start from the merged result. A conflict fails the item and keeps its branch and
 worktree: fix it there, then `update_item(item, "pending")` to run it again in the same worktree. A
-run's progress shows each item's `phase` and predicted `conflicts`.
+run's progress shows each item's `phase` and predicted `conflicts`; so does `task_output` of the item's task
+(`launch_task(item=...)` answers before the worktree is made: `phase` is `setup` meanwhile).
 
 ## Autonomy levels and failures
 - L1/L2: stop at the first failure: start nothing new, let running work finish, report what

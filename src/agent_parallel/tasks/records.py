@@ -54,6 +54,8 @@ FUTURE_SLACK_S = 366 * 86400  # times further ahead than this are not clock skew
 
 TaskKind = Literal["command", "item", "run"]
 """A shell command or argv (``launch_task(command=...)``), a queue item's work, or a queue run (a job)."""
+Phase = Literal["setup", "running", "integrating", "integrated", "conflict"]
+"""Where an isolated item (runner.isolation: worktree) is in its life; its last one once it ended."""
 
 
 class TaskStatus(StrEnum):
@@ -237,6 +239,8 @@ class TaskRecord(BaseModel):
     group_id: str | None = None  # the fan-out (``launch_task(commands=...)``) this task is one of
     branch: str | None = None  # an isolated item's branch and worktree (runner.isolation: worktree)
     worktree: str | None = None
+    phase: Phase | None = None  # an isolated item's phase, kept by the queue code that carries it out
+    conflicts: list[str] = Field(default_factory=list)  # its files predicted to conflict, or that conflicted
     created_at: float = Field(default_factory=time.time)
     server_pid: int | None = None  # the server process that owns the task, and its start time:
     server_start: int | None = None  # another live server's tasks are never touched
