@@ -46,6 +46,12 @@ async def test_claude_success_reports_session_turns_tokens_cost_and_result(works
     assert item_task["usage"]["session_id"] == SID and '"type":"result"' in item_task["output"].replace(" ", "")
     summary = next(t for t in listed["tasks"] if t["task_id"] == row["task_id"])
     assert (summary["cost_usd"], summary["turns"]) == (0.25, 2)
+    # TOOLS.md's names, at the top level of the item's task, its report row, and (summed) the run's progress
+    for shown in (item_task, row):
+        assert (shown["session_id"], shown["turns"], shown["cost_usd"]) == (SID, 2, 0.25), shown
+        assert shown["tokens"] == {"input": 20, "output": 40, "cached": 300} and "error_class" not in shown
+    assert (out["run"]["tokens"], out["run"]["cost_usd"]) == ({"input": 20, "output": 40, "cached": 300}, 0.25)
+    assert "session_id" not in out["run"]
     (made,) = calls(scenario)
     assert made["argv"][1:] == ["-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet", "--max-turns", "9"]
     assert "Fix `$(rm -rf ~)` in the parser." in made["stdin"]  # the markdown is the prompt, on stdin only
@@ -207,6 +213,7 @@ async def test_auto_resume_off_fails_the_item_with_how_to_resume(workspace, tmp_
     out = await run_to_end(workspace)
     row = by_item(out)["001"]
     assert row["outcome"] == "failed" and row["usage"]["error"] == "rate_limited"
+    assert row["error_class"] == "rate_limited" and row["resets_at"] == row["usage"]["resets_at"]
     assert "rate_limited until 20" in row["reason"] and f"claude --resume {SID}" in row["reason"]
     assert len(calls(scenario)) == 1 and statuses(workspace) == {"001": "failed"}
 

@@ -49,8 +49,10 @@ async def test_task_output_keeps_its_listed_fields_null_or_not_and_drops_the_oth
     done = await call(client, "task_output", task_id=(await call(client, "launch_task", command="echo ok"))["task_id"])
     assert done["status"] == "completed" and TASK_OUTPUT_FIELDS <= set(done)
     assert done["signal"] is None and done["exit_code"] == 0
-    for answer in (out, done):  # a plain command is no item, has no branch, worktree, usage, run or reason
-        assert not {"item_id", "item_file", "branch", "worktree", "usage", "run", "reason", "group_id"} & set(answer)
+    for answer in (out, done):  # a plain command is no item, has no branch, worktree, phase, usage, run or reason
+        assert not {"item_id", "item_file", "branch", "worktree", "phase", "conflicts", "usage", "run", "reason",
+                    "group_id", "session_id", "turns", "tokens", "cost_usd", "error_class", "resets_at",
+                    "attempts"} & set(answer)
     several = await call(client, "task_output", task_ids=[running, done["task_id"]], block=False)
     assert all(TASK_OUTPUT_FIELDS <= set(entry) for entry in several["tasks"])
     assert set(several) == {"retrieval_status", "tasks"}  # no task's fields at the top level, not even as nulls

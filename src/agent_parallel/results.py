@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, Self, overload
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from .fields import omitted_if_empty, omitted_if_none
 from .tasks.records import Phase, TaskRecord, TaskStatus
@@ -85,6 +85,40 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k" if n >= 1000 else str(n)
 
 
+class Tokens(BaseModel):
+    """An agent item's tokens, as TOOLS.md names them (``usage`` has the same figures)."""
+
+    input: int = Field(description="input tokens not read from a cache")
+    output: int
+    cached: int = Field(description="input tokens read from the prompt cache")
+
+
+class _AgentFields(BaseModel):
+    """An agent item's session and usage at the top level, under the names TOOLS.md gives them: the
+    figures of ``usage`` (which has the rest: the agent, its final text, resumes). Derived from
+    ``usage`` when a model is made, so no caller can set one without the other; left out while unset."""
+
+    session_id: str | None = omitted_if_none("an agent item's session (thread) id: what a resume continues")
+    turns: int | None = omitted_if_none("an agent item's turns")
+    tokens: Tokens | None = omitted_if_none("an agent item's tokens")
+    cost_usd: float | None = omitted_if_none("an agent item's cost, as its CLI reports it (Claude Code does)")
+    error_class: AgentError | None = omitted_if_none("why an agent item's CLI failed, when it did")
+    resets_at: str | None = omitted_if_none("for error_class rate_limited: when the CLI said the limit resets")
+    attempts: int | None = omitted_if_none("runs of the item, when retries were allowed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_usage(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("usage") is not None and "tokens" not in data:
+            usage = data["usage"]
+            if not isinstance(usage, AgentUsage):
+                usage = AgentUsage.model_validate(usage)
+            data = {"session_id": usage.session_id, "turns": usage.turns, "cost_usd": usage.cost_usd,
+                    "tokens": Tokens(input=usage.input_tokens, output=usage.output_tokens, cached=usage.cached_tokens),
+                    "error_class": usage.error, "resets_at": usage.resets_at, "attempts": usage.attempts, **data}
+        return data
+
+
 def usage_from(data: object) -> AgentUsage | None:
     """A record's stored usage (untrusted: a loaded record may hold anything), or None."""
     if not isinstance(data, dict):
@@ -95,7 +129,7 @@ def usage_from(data: object) -> AgentUsage | None:
         return None
 
 
-class _TaskDetails(BaseModel):
+class _TaskDetails(_AgentFields):
     """A task's fields that may be absent (not started yet, not ended yet, no output asked for ...)."""
 
     description: str | None = None
@@ -224,7 +258,7 @@ class TaskList(BaseModel):
     total: int = Field(description="tasks matching the filter, before `limit`")
 
 
-class RunningItem(BaseModel):
+class RunningItem(_AgentFields):
     item: str
     title: str
     task_id: str | None = Field(description="the item's task; None while an isolated item's worktree is made "
@@ -239,7 +273,7 @@ class RunningItem(BaseModel):
     waiting: str | None = omitted_if_none("why it is not running right now (a rate limit, a retry's backoff)")
 
 
-class ItemOutcome(BaseModel):
+class ItemOutcome(_AgentFields):
     """How one item of a run ended (fork-join aggregation: every item's result in one place)."""
 
     item: str
@@ -263,7 +297,7 @@ class ItemOutcome(BaseModel):
     attempts: int | None = omitted_if_none("how often it ran, when retries were allowed")
 
 
-class RunProgress(BaseModel):
+class RunProgress(_AgentFields):
     """A queue run: live counts while it runs, and the full report at the end."""
 
     run_id: str
