@@ -45,10 +45,15 @@ async def test_items_run_in_their_own_worktrees_and_are_integrated(repo):
     assert not (repo / ".agent/worktrees/001-edit-a").exists()  # integrated: provably safe, removed
 
 
-async def test_a_conflict_fails_the_item_keeps_its_branch_and_skips_its_dependents(repo):
+def write_two_items_editing_one_line(repo: Path) -> None:
+    """001 and 002 change the same line of a.txt at once: 001 is integrated first, 002 then conflicts."""
     write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
     write_item(repo, 1, "first", title="First", command=edit_line("a.txt", 3, "FIRST") + " && sleep 0.3")
     write_item(repo, 2, "second", title="Second", command=edit_line("a.txt", 3, "SECOND") + " && sleep 1.5")
+
+
+async def test_a_conflict_fails_the_item_keeps_its_branch_and_skips_its_dependents(repo):
+    write_two_items_editing_one_line(repo)
     write_item(repo, 3, "after-second", title="After", command="true", blocked_by=[2])
     report = await run_to_end(repo)
     rows = by_item(report)
@@ -64,9 +69,7 @@ async def test_a_conflict_fails_the_item_keeps_its_branch_and_skips_its_dependen
 
 async def test_an_isolated_items_task_shows_its_last_phase_and_conflicts_also_after_a_restart(repo):
     """TOOLS.md: task_output of a queue item's task gives its phase and conflicts, as the run report does."""
-    write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
-    write_item(repo, 1, "first", title="First", command=edit_line("a.txt", 3, "FIRST") + " && sleep 0.3")
-    write_item(repo, 2, "second", title="Second", command=edit_line("a.txt", 3, "SECOND") + " && sleep 1.5")
+    write_two_items_editing_one_line(repo)
     report = await run_to_end(repo)
     rows = by_item(report)
     first, second = rows["001"]["task_id"], rows["002"]["task_id"]

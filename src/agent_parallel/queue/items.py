@@ -280,11 +280,7 @@ def _simple_front_matter(source: str) -> dict[Any, Any] | None:
     for line in source.split("\n"):
         parsed = memo.get(line)
         if parsed is None:
-            parsed = _simple_line(line)
-            if len(line) <= _MEMO_CHARS:
-                if len(memo) >= _MEMO_ENTRIES:
-                    memo.clear()
-                memo[line] = parsed
+            parsed = _remember(memo, line, _simple_line(line))
         if parsed is _NOT_SIMPLE:
             return None
         if parsed is not _BLANK:
@@ -302,6 +298,15 @@ _MEMO_CHARS = 200
 """Longer lines and scalars are not memoized."""
 _MEMO_ENTRIES = 50_000
 """Entries a memo holds before it starts afresh (a 10,000-item queue fits: its ids, paths and titles)."""
+
+
+def _remember(memo: dict[str, object], text: str, value: object) -> object:
+    """``value``, kept in ``memo`` for ``text`` when the text is short (the memo starts afresh once full)."""
+    if len(text) <= _MEMO_CHARS:
+        if len(memo) >= _MEMO_ENTRIES:
+            memo.clear()
+        memo[text] = value
+    return value
 
 
 def _simple_line(line: str) -> object:
@@ -402,11 +407,7 @@ def _simple_scalar(text: str) -> object:
     """A plain scalar's value as `_ItemLoader` constructs it, or `_NOT_SIMPLE` for the loader."""
     found = _SCALAR_MEMO.get(text, _SCALAR_MEMO)
     if found is _SCALAR_MEMO:
-        found = _simple_scalar_uncached(text)
-        if len(text) <= _MEMO_CHARS:
-            if len(_SCALAR_MEMO) >= _MEMO_ENTRIES:
-                _SCALAR_MEMO.clear()
-            _SCALAR_MEMO[text] = found
+        found = _remember(_SCALAR_MEMO, text, _simple_scalar_uncached(text))
     return found
 
 
