@@ -93,18 +93,13 @@ class Tokens(BaseModel):
     cached: int = Field(description="input tokens read from the prompt cache")
 
 
-class _AgentFields(BaseModel):
-    """An agent item's session and usage at the top level, under the names TOOLS.md gives them: the
-    figures of ``usage`` (which has the rest: the agent, its final text, resumes). Derived from
-    ``usage`` when a model is made, so no caller can set one without the other; left out while unset."""
+class _Spend(BaseModel):
+    """Tokens and cost under the names TOOLS.md gives them: the figures of ``usage`` (which also has the
+    agent, its final text, resumes). Derived from ``usage`` when a model is made, so no caller can set
+    one without the other (a report kept by an older server gets them when read); left out while unset."""
 
-    session_id: str | None = omitted_if_none("an agent item's session (thread) id: what a resume continues")
-    turns: int | None = omitted_if_none("an agent item's turns")
-    tokens: Tokens | None = omitted_if_none("an agent item's tokens")
-    cost_usd: float | None = omitted_if_none("an agent item's cost, as its CLI reports it (Claude Code does)")
-    error_class: AgentError | None = omitted_if_none("why an agent item's CLI failed, when it did")
-    resets_at: str | None = omitted_if_none("for error_class rate_limited: when the CLI said the limit resets")
-    attempts: int | None = omitted_if_none("runs of the item, when retries were allowed")
+    tokens: Tokens | None = omitted_if_none()
+    cost_usd: float | None = omitted_if_none()
 
     @model_validator(mode="before")
     @classmethod
@@ -113,10 +108,21 @@ class _AgentFields(BaseModel):
             usage = data["usage"]
             if not isinstance(usage, AgentUsage):
                 usage = AgentUsage.model_validate(usage)
-            data = {"session_id": usage.session_id, "turns": usage.turns, "cost_usd": usage.cost_usd,
-                    "tokens": Tokens(input=usage.input_tokens, output=usage.output_tokens, cached=usage.cached_tokens),
-                    "error_class": usage.error, "resets_at": usage.resets_at, "attempts": usage.attempts, **data}
+            derived = {"tokens": Tokens(input=usage.input_tokens, output=usage.output_tokens, cached=usage.cached_tokens),
+                       "cost_usd": usage.cost_usd, "session_id": usage.session_id, "turns": usage.turns,
+                       "error_class": usage.error, "resets_at": usage.resets_at, "attempts": usage.attempts}
+            data = {**{key: value for key, value in derived.items() if key in cls.model_fields}, **data}
         return data
+
+
+class _AgentFields(_Spend):
+    """An agent item's session and usage at the top level, as TOOLS.md names them (see `_Spend`)."""
+
+    session_id: str | None = omitted_if_none()
+    turns: int | None = omitted_if_none()
+    error_class: AgentError | None = omitted_if_none()
+    resets_at: str | None = omitted_if_none()
+    attempts: int | None = omitted_if_none()
 
 
 def usage_from(data: object) -> AgentUsage | None:
@@ -137,10 +143,8 @@ class _TaskDetails(_AgentFields):
     item_file: str | None = omitted_if_none()
     branch: str | None = omitted_if_none("an isolated item's branch (runner.isolation: worktree)")
     worktree: str | None = omitted_if_none("an isolated item's worktree, where it runs")
-    phase: Phase | None = omitted_if_none("an isolated item's phase (setup, running, integrating), or the last "
-                                          "one it reached (integrated, conflict ...)")
-    conflicts: list[str] | None = omitted_if_none("an isolated item's files predicted to conflict with the target "
-                                                  "while it runs, or that conflicted when integrating it")
+    phase: Phase | None = omitted_if_none("an isolated item's phase, or the last one it reached")
+    conflicts: list[str] | None = omitted_if_none("an isolated item's conflicting files (predicted while it runs)")
     started_at: str | None = Field(None, description="absent until the task starts (a task that never ran has none)")
     ended_at: str | None = None
     duration_s: float | None = None
@@ -258,7 +262,7 @@ class TaskList(BaseModel):
     total: int = Field(description="tasks matching the filter, before `limit`")
 
 
-class RunningItem(_AgentFields):
+class RunningItem(BaseModel):
     item: str
     title: str
     task_id: str | None = Field(description="the item's task; None while an isolated item's worktree is made "
@@ -297,7 +301,7 @@ class ItemOutcome(_AgentFields):
     attempts: int | None = omitted_if_none("how often it ran, when retries were allowed")
 
 
-class RunProgress(_AgentFields):
+class RunProgress(_Spend):
     """A queue run: live counts while it runs, and the full report at the end."""
 
     run_id: str
