@@ -180,7 +180,7 @@ class TaskView(_TaskDetails):
             command = cut(command, SHORT_TEXT_CHARS)
         return cls(task_id=rec.task_id, status=rec.status, description=description, command=command,
                    cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, branch=rec.branch,
-                   worktree=rec.worktree, phase=rec.phase, conflicts=rec.conflicts or None,
+                   worktree=rec.worktree, phase=rec.phase, conflicts=rec.conflicts if rec.phase is not None else None,
                    created_at=iso(rec.created_at),
                    started_at=iso(rec.started_at), ended_at=iso(rec.ended_at), duration_s=rec.duration_s,
                    exit_code=rec.exit_code, signal=rec.signal, reason=rec.reason, **extra)
