@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Profile a queue run of N trivial items in this process (no MCP, no terminal UI).
 
-Run by hand:  python bench/profile_run.py [--items 300] [--slots 5] [--progress] [--profile FILE] [--top 30]
+Run by hand:  python bench/profile_run.py [--items 300] [--slots 5] [--progress | --fan-out] [--profile FILE] [--top 30]
 
 Writes N ``command: "true"`` items to a temporary workspace, opens the registry as the server
 does (``open_registry``: guarded executor, subreaper, watchdog) and runs ``start_run`` to its end.
@@ -10,7 +10,9 @@ Prints the run's makespan, the wall time from the call to the report, and this p
 set-up) on the event loop thread's CPU time (idle waits do not count), and the top functions by
 internal time are printed. ``--progress`` waits for the run as
 ``task_output`` does for a client that asked for progress (``views.wait_reporting_progress``, the
-notifications counted instead of sent), instead of waiting on the task alone.
+notifications counted instead of sent), instead of waiting on the task alone. ``--fan-out`` runs the
+same commands as one fan-out group instead (the task layer alone: the difference is the queue's cost).
+Set ``TMPDIR=/dev/shm`` to leave the file system's cost out (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ async def run(root: Path, slots: int, profiler: cProfile.Profile | None,
         return progress.makespan, wall, used, loop
 
 
+async def run_fan_out(root: Path, n: int, slots: int, profiler: cProfile.Profile | None,
+                      ) -> tuple[float | None, float, float, float]:
+    """The same N ``true`` as one fan-out (``launch_group``, what ``launch_task(commands=...)`` does): the
+    task layer alone, without the queue's claims, plan and follow-ups, to compare with a run."""
+    async with open_registry(root, runs_dir(root), RegistrySettings(max_running=max(64, n))) as registry:
+        c0, m0, t0 = cpu(), main_thread_cpu(), time.perf_counter()
+        HOPS[0] = 0
+        if profiler:
+            profiler.enable()
+        _, tasks = await registry.launch_group(["true"] * n, max_parallel=slots, cwd=root)
+        await registry.wait(tasks, mode="all", timeout=600)
+        await registry.records_saved()
+        if profiler:
+            profiler.disable()
+        wall, used, loop = time.perf_counter() - t0, cpu() - c0, main_thread_cpu() - m0
+        if any(t.record.status != "completed" for t in tasks):
+            print("not all completed:", sorted({t.record.status.value for t in tasks}), file=sys.stderr)
+        starts = [t.record.started_at for t in tasks if t.record.started_at is not None]
+        ends = [t.record.ended_at for t in tasks if t.record.ended_at is not None]
+        return (round(max(ends) - min(starts), 3) if starts and ends else None), wall, used, loop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=300)
@@ -110,15 +134,21 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="write cProfile stats of the run to this file")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--progress", action="store_true", help="wait as task_output does with progress requested")
+    parser.add_argument("--fan-out", action="store_true",
+                        help="the same commands as one fan-out (launch_group) instead of a queue run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="profile-run-") as tmp:
         root = Path(tmp)
-        write_queue(root, args.items, args.slots)
         count_hops()
         profiler = cProfile.Profile(time.thread_time) if args.profile else None
-        reports: list[float] | None = [] if args.progress else None
-        makespan, wall, used, loop = anyio.run(run, root, args.slots, profiler, reports)
-    print(f"{args.items} items, {args.slots} slots: makespan {makespan} s, wall {wall:.3f} s, "
+        reports: list[float] | None = [] if args.progress and not args.fan_out else None
+        if args.fan_out:
+            makespan, wall, used, loop = anyio.run(run_fan_out, root, args.items, args.slots, profiler)
+        else:
+            write_queue(root, args.items, args.slots)
+            makespan, wall, used, loop = anyio.run(run, root, args.slots, profiler, reports)
+    print(f"{args.items} {'tasks (fan-out)' if args.fan_out else 'items'}, {args.slots} slots: makespan {makespan} s, "
+          f"wall {wall:.3f} s, "
           f"CPU {used:.3f} s ({used / args.items * 1000:.2f} ms per item, all threads; "
           f"{loop / args.items * 1000:.2f} ms on the event loop's thread)"
           + f"; {HOPS[0] / args.items:.2f} thread hops per item"
