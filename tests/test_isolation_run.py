@@ -81,13 +81,15 @@ async def test_an_isolated_items_task_shows_its_last_phase_and_conflicts_also_af
         assert (two["phase"], two["conflicts"]) == ("conflict", ["a.txt"]), two
 
 
-async def test_a_running_isolated_items_task_shows_the_conflicts_forecast_for_it(repo):
+async def test_a_running_isolated_items_task_shows_the_conflicts_forecast_for_it(repo, tmp_path):
     """When one item is integrated, the run forecasts what the others would conflict on: their tasks'
     task_output shows it while they run (phase running), as the run's progress does."""
+    committed = tmp_path / "second-committed"  # 001 ends (and is integrated) only once 002's change is on its branch
     write_config(repo, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
-    write_item(repo, 1, "first", title="First", command=edit_line("a.txt", 3, "FIRST"))
-    write_item(repo, 2, "second", title="Second",
-               command=edit_line("a.txt", 3, "SECOND") + " && git add -A && git commit -qm wip && sleep 30")
+    write_item(repo, 1, "first", title="First",
+               command=f"while [ ! -e {committed} ]; do sleep 0.05; done; " + edit_line("a.txt", 3, "FIRST"))
+    write_item(repo, 2, "second", title="Second", command=edit_line("a.txt", 3, "SECOND")
+               + f" && git add -A && git commit -qm wip && touch {committed} && sleep 30")
     async with Client(build_server(repo, ServerSettings(kill_grace_s=0.5, min_free_memory=0))) as client:
         run = await call(client, "run_queue")
         with anyio.fail_after(30):
