@@ -24,7 +24,7 @@ from ..errors import AgentParallelError, QueueError, ShellStopped
 from ..results import AgentUsage
 from ..tasks.executor import ExitInfo
 from ..tasks.logs import LogWriter
-from ..tasks.records import Phase
+from ..tasks.records import Phase, TaskRecord
 from ..worktrees import (Integration, Lease, ShellStop, integrate, is_safe_to_remove, list_worktrees,
                          predict_conflicts, prepare, release, remove)
 from .items import WorkItem
@@ -49,10 +49,25 @@ class Isolated:
     conflicts: list[str] = field(default_factory=list)
     """Files that conflict: predicted while it runs (``forecast``), real after a failed integration."""
     integration_s: float | None = None
+    record: TaskRecord | None = field(default=None, repr=False)
+    """The item's task record once it has one (``show_in``): it shows the phase and conflicts too."""
 
     @property
     def worktree(self) -> str:
         return str(self.lease.path)
+
+    def show_in(self, record: TaskRecord) -> None:
+        """From now on keep ``record``'s phase and conflicts as these are (task_output shows them)."""
+        self.record = record
+        self.move(self.phase, self.conflicts)
+
+    def move(self, phase: Phase, conflicts: list[str] | None = None) -> None:
+        """Set the phase (and the conflicts, when given), in the task record too once there is one."""
+        self.phase = phase
+        if conflicts is not None:
+            self.conflicts = list(conflicts)
+        if self.record is not None:
+            self.record.phase, self.record.conflicts = self.phase, list(self.conflicts)
 
 
 class _Tail:
@@ -194,7 +209,7 @@ async def integrate_item(root: Path, config: Config, isolated: Isolated, item: W
             notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: move item {item.id_str} "
                          "back to pending with update_item to go on from the work done so far (they are reused)")
             return False, None, notes
-        isolated.phase = "integrating"
+        isolated.move("integrating")
         try:
             result: Integration = await anyio.to_thread.run_sync(
                 lambda: integrate(root, config, lease, item.title or f"item {item.id_str}", config.integration_author,
@@ -204,7 +219,7 @@ async def integrate_item(root: Path, config: Config, isolated: Isolated, item: W
                          "back to pending with update_item to integrate it later (they are reused)")
             return False, f"integration was not finished: {exc}", notes
         except Exception as exc:  # git itself failed: the item fails (its file must still move), its work is kept
-            isolated.phase = "conflict"
+            isolated.move("conflict")
             notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: fix the cause, then move "
                          f"item {item.id_str} back to pending with update_item (they are reused)")
             return False, f"integration could not run: {exc}", notes
@@ -212,15 +227,14 @@ async def integrate_item(root: Path, config: Config, isolated: Isolated, item: W
         if result.ok:  # what the planner expects the next ones to take (a failed one ends early: not counted)
             await anyio.to_thread.run_sync(lambda: _record(root, item.id_str, result.seconds))
         if not result.ok:
-            isolated.phase = "conflict"
-            isolated.conflicts = list(result.conflicts)
+            isolated.move("conflict", list(result.conflicts))
             reason = f"integration failed: {result.message}"
             if result.output_tail:
                 reason += f"\n{result.output_tail.rstrip()}"
             notes.append(f"its worktree {lease.path} and branch {lease.branch} are kept: fix it there, then move "
                          f"item {item.id_str} back to pending with update_item (its worktree is reused)")
             return False, reason, notes
-        isolated.phase, isolated.conflicts = "integrated", []
+        isolated.move("integrated", [])
         notes.append(f"integrated into {lease.target} in {result.seconds:.2f} s ({result.message})")
         notes.append(await anyio.to_thread.run_sync(lambda: _release_and_remove(root, config, lease)))
         return True, None, notes
@@ -273,4 +287,4 @@ async def forecast(root: Path, target: str, running: list[Isolated]) -> None:
     found = await anyio.to_thread.run_sync(lambda: predict_conflicts(root, target, branches))
     for isolated in running:
         if isolated.phase == "running":
-            isolated.conflicts = found.get(isolated.lease.branch, [])
+            isolated.move("running", found.get(isolated.lease.branch, []))

@@ -299,7 +299,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             isolated = ready
             rec = ctx.registry.get(task_id).record  # (running: its task is known)
             rec.cwd, rec.branch, rec.worktree = str(ready.lease.workdir), ready.lease.branch, ready.worktree
-            rec.phase = ready.phase
+            ready.show_in(rec)
 
         setup = SetupFirst(ctx.root, ctx.config, item, then, on_ready)
     elif isolating:
@@ -347,16 +347,12 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         try:
             kept: list[str] = []
             if isolated is not None:
-                if ok:
-                    rec.phase = "integrating"  # (task_output shows it while the integration runs)
                 try:
                     ok, end.reason, kept = await integrate_item(ctx.root, ctx.config, isolated, item, succeeded=ok,
                                                                 stop=stop)
                 except Exception as exc:  # whatever happens, the item's file moves (never left in_progress)
                     log.exception("item %s: its integration failed", item.id_str)
                     ok, end.reason = False, f"its integration failed: {exception_reason(exc)}"
-                finally:
-                    rec.phase, rec.conflicts = isolated.phase, list(isolated.conflicts)
                 end.ok = ok
             reason = end.reason or rec.reason
 
@@ -404,7 +400,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             await give_back(path, f"not started: {exception_reason(exc)}")
             raise
     if isolated is not None:  # a run's isolated item: its worktree is ready, its process started
-        task.record.phase = isolated.phase
+        isolated.show_in(task.record)
     elif setup is not None and setup.isolated is None:  # a launch_task's: its worktree is the task's first step
         task.record.phase = "setup"
     return task, isolated
@@ -1008,9 +1004,6 @@ class QueueRun:
         except Exception as exc:
             log.warning("run %s: could not forecast conflicts: %s", self.run_id, exc)
             return
-        for slot in self.running.values():  # task_output of an item's task shows them too
-            if slot.isolated is not None and slot.isolated.phase == "running":
-                slot.task.record.conflicts = list(slot.isolated.conflicts)
         self._changed()
 
     def _last_lines(self, task: Task) -> list[str]:
