@@ -69,6 +69,26 @@ async def test_unknown_task_id_says_how_to_list(healthy, tool):
     assert text == f"Error executing tool {tool}: unknown task_id 'zzzzzzzzzzzz'; call list_tasks to see the ids of current and recent tasks"
 
 
+LONG = "x" * 200_000
+
+
+@pytest.mark.fault("an id, status or path of 200 KB sent back in an error: the error shows its start, not all of it")
+@pytest.mark.parametrize("tool, args, start", [
+    ("task_output", {"task_id": LONG}, "unknown task_id 'xxx"),
+    ("cancel_task", {"task_ids": [LONG]}, "unknown task_id 'xxx"),
+    ("launch_task", {"command": "true", "after": [LONG]}, "unknown task_id 'xxx"),
+    ("list_tasks", {"status": [LONG, "bogus", "done"]}, "unknown status ['bogus', 'done', 'xxx"),
+    ("list_tasks", {"group_id": "g-" + LONG}, "unknown group_id 'g-xxx"),
+    ("launch_task", {"command": "true", "cwd": "/" + LONG}, "cwd '/xxx"),
+])
+async def test_a_huge_argument_is_not_echoed_whole(healthy, workspace, tool, args, start):
+    before = await runs_before(workspace)
+    text = await call_error(healthy, tool, **args)
+    assert text.startswith(f"Error executing tool {tool}: {start}") and "...'" not in text[:40], text[:200]
+    assert len(text) < 700 and "..." in text, text[:200]
+    assert await runs_before(workspace) == before
+
+
 async def test_resource_for_unknown_task(healthy):
     from mcp import MCPError
 

@@ -297,6 +297,10 @@ async def test_update_is_acknowledged_with_a_note_and_unknown_ids_are_errors(ser
         with pytest.raises(MCPError) as err:
             await client.session.send_request(UpdateTask(params=UpdateParams(task_id="nope", input_responses={})), Ack)
         assert err.value.error.code == -32602
+        with pytest.raises(MCPError) as err:  # a huge id is not sent back whole
+            await get_task(client.session, "x" * 200_000)
+        assert err.value.error.code == -32602 and len(err.value.error.message) < 400
+        assert err.value.error.message.startswith("Failed to retrieve task: no task 'xxx")
 
 
 async def test_errors_before_the_start_stay_synchronous(server):

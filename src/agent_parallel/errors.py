@@ -31,6 +31,8 @@ from __future__ import annotations
 import errno
 import resource
 
+from .text import short_repr
+
 
 class AgentParallelError(Exception):
     """Base class: the message is written for the model or person who made the call."""
@@ -45,7 +47,7 @@ class PathOutsideWorkspace(UsageError):
 
     def __init__(self, what: str, given: str, root: str) -> None:
         super().__init__(
-            f"{what} {given!r} resolves outside the workspace root {root}; "
+            f"{what} {short_repr(given, 200)} resolves outside the workspace root {root}; "
             f"give a path inside it (relative paths are taken from the root)"
         )
         self.what, self.given, self.root = what, given, root
@@ -56,7 +58,7 @@ class UnknownTask(UsageError):
 
     def __init__(self, task_id: str) -> None:
         super().__init__(
-            f"unknown task_id {task_id!r}; call list_tasks to see the ids of current and recent tasks"
+            f"unknown task_id {short_repr(task_id)}; call list_tasks to see the ids of current and recent tasks"
         )
         self.task_id = task_id
 

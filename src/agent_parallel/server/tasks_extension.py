@@ -60,6 +60,7 @@ from ..queue.run import run_of
 from ..results import LaunchResult, iso
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tasks.registry import Task, TaskRegistry
+from ..text import short_repr
 from .settings import Workspace
 from .views import view_task
 
@@ -201,14 +202,14 @@ class TasksExtension(Extension):
         entry = table.get(mcp_id)
         if entry is None or entry.principal != authenticated_principal(ctx):
             raise MCPError(code=INVALID_PARAMS, message=(
-                f"Failed to {action} task: no task {mcp_id!r} for this caller. Task ids are the taskId a "
+                f"Failed to {action} task: no task {short_repr(mcp_id)} for this caller. Task ids are the taskId a "
                 "tools/call answered with; tasks from other callers, servers or earlier server runs are not visible"))
         try:
             return entry, ws.registry.get(entry.task_id)
         except UnknownTask:
             del table[mcp_id]
             raise MCPError(code=INVALID_PARAMS, message=(
-                f"Failed to {action} task: task {mcp_id!r} has expired (its record was pruned)")) from None
+                f"Failed to {action} task: task {short_repr(mcp_id)} has expired (its record was pruned)")) from None
 
     def _expire(self, registry: TaskRegistry, table: dict[str, _Entry]) -> None:
         """Forget finished tasks past their TTL; a task whose work is still live never expires."""

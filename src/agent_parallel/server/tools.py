@@ -28,7 +28,7 @@ from ..queue.items import QueueReader, format_id
 from ..queue.run import check_ready, launch_item, run_of, start_run
 from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
                        TaskSummary, TaskView, iso)
-from ..text import cut
+from ..text import cut, short_repr
 from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
 from .settings import Workspace, workspace_of
@@ -121,7 +121,7 @@ def register_task_tools(server: MCPServer) -> None:
         _check_text("cwd", cwd)
         workdir = resolve_inside(ws.root, cwd, "cwd") if cwd else ws.root  # (the root is resolved already)
         if not workdir.is_dir():
-            raise UsageError(f"cwd {cwd!r} is not a directory inside the workspace; create it or pick another")
+            raise UsageError(f"cwd {short_repr(cwd, 200)} is not a directory inside the workspace; create it or pick another")
         if after and len(after) > MAX_TASK_IDS:
             raise UsageError(f"`after` names {len(after)} tasks; at most {MAX_TASK_IDS} are accepted")
         for task_id in after or []:
@@ -255,7 +255,9 @@ def register_task_tools(server: MCPServer) -> None:
         known = {s.value for s in TaskStatus}
         wanted = set(status or [])
         if wanted - known:
-            raise UsageError(f"unknown status {sorted(wanted - known)}; use some of: {', '.join(sorted(known))}")
+            unknown = sorted(wanted - known)
+            shown = ", ".join(short_repr(s) for s in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            raise UsageError(f"unknown status [{shown}]; use some of: {', '.join(sorted(known))}")
         if not 1 <= limit <= 1000:
             raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
         if offset < 0:

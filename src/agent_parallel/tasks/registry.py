@@ -33,6 +33,7 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Shu
                       UsageError, exception_reason,
                       os_error_text)
 from ..paths import ensure_runs_dir
+from ..text import short_repr
 from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .group_commit import SOON_DELAY_S, GroupCommit
 from .journal import FirstRecords, Journal, recover
@@ -171,7 +172,7 @@ class TaskRegistry:
         """A fan-out's members, in the order they were given."""
         members = self._groups.get(group_id) if isinstance(group_id, str) else None
         if not members:
-            raise UsageError(f"unknown group_id {group_id!r}; launch_task(commands=[...]) answers with the group_id "
+            raise UsageError(f"unknown group_id {short_repr(group_id)}; launch_task(commands=[...]) answers with the group_id "
                              "of the commands it started")
         return [self._tasks[task_id] for task_id in members]
 
