@@ -1,5 +1,6 @@
 """Sequences of tool calls a busy agent might make, in any order (hypothesis' stateful testing):
-launches, pipelines, fan-outs, cancels, waits, queue runs and item moves interleaved on one server.
+launches, pipelines, fan-outs, cancels, waits on one or several tasks, queue runs and item moves
+interleaved on one server, which may also stop and give way to a new one on the same workspace.
 
 After every step the server answers and every answer is a result or a clear error. At the end,
 once every task has ended: each one is in a final state, on disk as in memory; no process of any
@@ -75,6 +76,9 @@ class ToolSequences(RuleBasedStateMachine):
         write_item(self.root, 2, "test", command="exit 1", blocked_by=[1])
         write_item(self.root, 3, "docs", command="true")
         write_item(self.root, 4, "lint", command="sleep 0.2", blocked_by=[3])
+        self.open_server()
+
+    def open_server(self) -> None:
         settings_ = ServerSettings(kill_grace_s=0.3, min_free_memory=0, wait_cap_s=1.0)
         self.client_cm = self.portal.wrap_async_context_manager(Client(build_server(self.root, settings_),
                                                                        raise_exceptions=True))
@@ -151,6 +155,17 @@ class ToolSequences(RuleBasedStateMachine):
         if self.call("update_item", item=item, status=status, reason="by hand") is not None:
             (self.claimed_by_hand.add if status == "in_progress" else self.claimed_by_hand.discard)(item)
 
+    @rule()
+    def restart(self) -> None:
+        """The server stops (its running tasks end interrupted) and a new one opens the same workspace."""
+        self.client_cm.__exit__(None, None, None)
+        self.client = None
+        self.open_server()
+
+    @rule(tasks=st.lists(tasks, min_size=1, max_size=3), wait=st.sampled_from(["all", "any"]))
+    def read_several(self, tasks: list[str], wait: str) -> None:
+        self.call("task_output", task_ids=tasks, wait=wait, timeout=0.2, max_bytes=64)
+
     @invariant()
     def server_answers(self) -> None:
         if self.client is not None:
@@ -199,7 +214,8 @@ ToolSequences.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_
                                            suppress_health_check=list(HealthCheck))
 
 
-@pytest.mark.fault("any sequence of launches, pipelines, fan-outs, cancels, waits, queue runs and item moves: "
-                   "every task ends in a final state (on disk too), none leaves a process, no item stays claimed")
+@pytest.mark.fault("any sequence of launches, pipelines, fan-outs, cancels, waits, queue runs, item moves and "
+                   "server restarts: every task ends in a final state (on disk too), none leaves a process, no "
+                   "item stays claimed")
 def test_tool_sequences() -> None:
     ToolSequences.TestCase().runTest()
