@@ -148,3 +148,42 @@ def test_a_rebase_in_progress_is_never_removed(repo: Path) -> None:
     agent(lease, "git rebase main || true")
     found = state(repo, "001-first")
     assert (found.safe, found.state) == (False, "in-progress")
+
+
+@pytest.mark.fault("a worktree whose branch has no commit (a prepare half-way through `git worktree add`, or "
+                   "its branch deleted by hand) while others are listed: listed as not safe, the others still "
+                   "listed and cleaned")
+def test_a_worktree_without_a_commit_is_kept_and_does_not_stop_the_listing(repo: Path) -> None:
+    done = prepare(repo, config(), "001", "done")
+    release(repo, done)  # nothing done in it: its branch is main's commit, safe to remove
+    unborn = prepare(repo, config(), "002", "unborn")
+    release(repo, unborn)
+    agent(unborn, "echo work > new.txt")
+    git(repo, "update-ref", "-d", "refs/heads/agent/002-unborn")  # git now lists its HEAD as 40 zeros
+    assert "HEAD 0000000000000000000000000000000000000000" in git(repo, "worktree", "list", "--porcelain")
+    listing = {s.name: s for s in list_worktrees(repo, config())}
+    assert listing["001-done"].safe
+    found = listing["002-unborn"]
+    assert (found.safe, found.head, found.ahead) == (False, None, 0)
+    assert found.reason.startswith("not safe: ") and "uncommitted changes" in found.reason
+    assert remove(repo, config(), listing["001-done"]) == f"removed {done.path} and branch agent/001-done"
+    with pytest.raises(WorktreeError, match="was not removed: not safe"):
+        remove(repo, config(), found)
+    assert (unborn.path / "new.txt").read_text() == "work\n"  # its work is still there
+
+
+@pytest.mark.fault("a worktree git cannot read (its .git file damaged): listed as unreadable and kept, the others "
+                   "still listed")
+def test_a_worktree_git_cannot_read_is_kept_and_does_not_stop_the_listing(repo: Path) -> None:
+    other = prepare(repo, config(), "001", "other")
+    damaged = prepare(repo, config(), "002", "damaged")
+    release(repo, other)
+    release(repo, damaged)
+    (damaged.path / ".git").write_text("gitdir: /nonexistent\n")
+    listing = {s.name: s for s in list_worktrees(repo, config())}
+    assert listing["001-other"].safe
+    found = listing["002-damaged"]
+    assert (found.state, found.safe) == ("unreadable", False) and found.reason.startswith("not safe: git could not read it (")
+    with pytest.raises(WorktreeError, match="was not removed: not safe: git could not read it"):
+        remove(repo, config(), found)
+    assert damaged.path.is_dir()

@@ -36,7 +36,8 @@ class WorktreeState:
     head: str | None
     state: str
     """``clean``, ``modified`` (uncommitted changes), ``untracked`` (new files), ``in-progress`` (a
-    rebase or merge stopped half-way), ``in-use`` (a live item holds it) or ``missing`` (its
+    rebase or merge stopped half-way), ``in-use`` (a live item holds it), ``unreadable`` (git could
+    not read it: half made by a prepare under way, or damaged; never removed) or ``missing`` (its
     directory was deleted; git still lists it)."""
     ahead: int
     """Commits on the branch that the target does not have."""
@@ -113,27 +114,33 @@ def _state(info: RepoInfo, path: Path, branch_ref: str | None, head: str | None,
     branch = branch_ref[len("refs/heads/"):] if branch_ref and branch_ref.startswith("refs/heads/") else None
     lease = live.get(name)
     port = lease.get("port") if lease else None
-    tip = head
+    tip = None if head is None or head.strip("0") == "" else head  # all zeros: no commit yet (being added)
     if branch:  # the branch's own tip (the worktree's HEAD when it is checked out)
         tip = run_git(info.root, "rev-parse", "-q", "--verify", branch_ref or "", ok=(0, 1)).stdout.decode().strip() \
-            or head
+            or tip
     ahead = behind = 0
-    if tip:
-        counts = git_out(info.root, "rev-list", "--left-right", "--count", f"{info.target_ref}...{tip}").split()
-        behind, ahead = int(counts[0]), int(counts[1])
-    contained, why = _contained(info, tip, ahead)
+    try:
+        if tip:
+            counts = git_out(info.root, "rev-list", "--left-right", "--count", f"{info.target_ref}...{tip}").split()
+            behind, ahead = int(counts[0]), int(counts[1])
+        contained, why = _contained(info, tip, ahead)
+    except WorktreeError as exc:  # one worktree git cannot read must not hide (or unlock) the others
+        contained, why = False, f"not safe: git could not compare it with {info.target} ({exc})"
     if prunable:
         state = "missing"
         safe, reason = contained, ("its directory is gone; " + why)
     else:
-        try:
-            state, problem = _worktree_problem(info, path)
-        except WorktreeError:
-            if path.is_dir():
-                raise
-            state, problem = "missing", "its directory is gone (removed while it was being listed)"
+        problem: str | None
         if lease is not None:
             state, problem = "in-use", f"a live item uses it (pid {lease.get('pid')})"
+        else:
+            try:
+                state, problem = _worktree_problem(info, path)
+            except WorktreeError as exc:
+                if path.is_dir():  # half-made by a prepare under way, or damaged: kept, and said why
+                    state, problem = "unreadable", f"git could not read it ({exc})"
+                else:
+                    state, problem = "missing", "its directory is gone (removed while it was being listed)"
         safe = contained and problem is None
         reason = f"not safe: {problem}" if problem else why
     if branch and not branch.startswith(BRANCH_PREFIX):
