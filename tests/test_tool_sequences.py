@@ -53,8 +53,9 @@ def task_processes(task_ids: set[str]) -> list[int]:
     return found
 
 
-class ToolSequences(RuleBasedStateMachine):
-    tasks = Bundle("tasks")
+class ServerSequences(RuleBasedStateMachine):
+    """What every sequence shares: one server on a workspace ``setup`` makes, its calls checked, and
+    the checks at the end (``finish_and_check``; a subclass adds its own in ``more_checks``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,16 +68,10 @@ class ToolSequences(RuleBasedStateMachine):
         self.client: Any = None
         self.client_cm: Any = None
 
-    @initialize()
-    def setup(self) -> None:
+    def make_workspace(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="sequences-")
         self.root = Path(self.tmp.name) / "ws"
         self.root.mkdir()
-        write_item(self.root, 1, "build", command="sleep 0.1")
-        write_item(self.root, 2, "test", command="exit 1", blocked_by=[1])
-        write_item(self.root, 3, "docs", command="true")
-        write_item(self.root, 4, "lint", command="sleep 0.2", blocked_by=[3])
-        self.open_server()
 
     def open_server(self) -> None:
         settings_ = ServerSettings(kill_grace_s=0.3, min_free_memory=0, wait_cap_s=1.0)
@@ -100,6 +95,61 @@ class ToolSequences(RuleBasedStateMachine):
         new = [answer["task_id"], *(answer.get("task_ids") or [])]
         self.ids.update(new)
         return new
+
+    def teardown(self) -> None:
+        try:
+            if self.client is not None:
+                self.finish_and_check()
+        finally:
+            if self.client_cm is not None:
+                self.client_cm.__exit__(None, None, None)
+            self.portal_cm.__exit__(None, None, None)
+            if self.tmp is not None:
+                self.tmp.cleanup()
+
+    def finish_and_check(self) -> None:
+        deadline = time.monotonic() + 20
+        pending = set(self.ids)
+        while pending and time.monotonic() < deadline:
+            for task_id in sorted(pending):
+                answer = self.call("task_output", task_id=task_id, timeout=1.0, max_bytes=1)
+                if answer is None or answer["retrieval_status"] == "success":
+                    pending.discard(task_id)
+        assert not pending, f"tasks still not ended after 20 s: {sorted(pending)}"
+        listed = self.call("list_tasks", limit=1000)
+        assert listed is not None
+        for row in listed["tasks"]:
+            assert row["status"] in FINAL, row
+            on_disk = TaskRecord.model_validate_json((self.root / ".agent/runs" / f"{row['task_id']}.json").read_text())
+            assert on_disk.status.value == row["status"], (on_disk.status, row)
+        for _ in range(50):  # a process being stopped gets 5 s to go
+            left = task_processes({row["task_id"] for row in listed["tasks"]})
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left, f"processes of finished tasks left running: {left}"
+        files = sorted(p.name for p in (self.root / ".agent/queue").iterdir())
+        assert [name.split("-")[0] for name in files] == ["001", "002", "003", "004"], files
+        claimed = {item for item, status in statuses(self.root).items() if status == "in_progress"}
+        assert claimed <= self.claimed_by_hand, statuses(self.root)
+        self.more_checks()
+
+    def more_checks(self) -> None:
+        """What a subclass checks once every task has ended."""
+
+
+
+class ToolSequences(ServerSequences):
+    tasks = Bundle("tasks")
+
+    @initialize()
+    def setup(self) -> None:
+        self.make_workspace()
+        write_item(self.root, 1, "build", command="sleep 0.1")
+        write_item(self.root, 2, "test", command="exit 1", blocked_by=[1])
+        write_item(self.root, 3, "docs", command="true")
+        write_item(self.root, 4, "lint", command="sleep 0.2", blocked_by=[3])
+        self.open_server()
 
     @rule(target=tasks, command=st.sampled_from(COMMANDS), timeout=st.sampled_from([None, 0.1, 5.0]),
           background=st.booleans())
@@ -170,43 +220,6 @@ class ToolSequences(RuleBasedStateMachine):
     def server_answers(self) -> None:
         if self.client is not None:
             assert self.call("list_tasks", limit=1) is not None
-
-    def teardown(self) -> None:
-        try:
-            if self.client is not None:
-                self.finish_and_check()
-        finally:
-            if self.client_cm is not None:
-                self.client_cm.__exit__(None, None, None)
-            self.portal_cm.__exit__(None, None, None)
-            if self.tmp is not None:
-                self.tmp.cleanup()
-
-    def finish_and_check(self) -> None:
-        deadline = time.monotonic() + 20
-        pending = set(self.ids)
-        while pending and time.monotonic() < deadline:
-            for task_id in sorted(pending):
-                answer = self.call("task_output", task_id=task_id, timeout=1.0, max_bytes=1)
-                if answer is None or answer["retrieval_status"] == "success":
-                    pending.discard(task_id)
-        assert not pending, f"tasks still not ended after 20 s: {sorted(pending)}"
-        listed = self.call("list_tasks", limit=1000)
-        assert listed is not None
-        for row in listed["tasks"]:
-            assert row["status"] in FINAL, row
-            on_disk = TaskRecord.model_validate_json((self.root / ".agent/runs" / f"{row['task_id']}.json").read_text())
-            assert on_disk.status.value == row["status"], (on_disk.status, row)
-        for _ in range(50):  # a process being stopped gets 5 s to go
-            left = task_processes({row["task_id"] for row in listed["tasks"]})
-            if not left:
-                break
-            time.sleep(0.1)
-        assert not left, f"processes of finished tasks left running: {left}"
-        files = sorted(p.name for p in (self.root / ".agent/queue").iterdir())
-        assert [name.split("-")[0] for name in files] == ["001", "002", "003", "004"], files
-        claimed = {item for item, status in statuses(self.root).items() if status == "in_progress"}
-        assert claimed <= self.claimed_by_hand, statuses(self.root)
 
 
 ToolSequences.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=int(os.environ.get("FUZZ_STEPS", "8")), deadline=None,

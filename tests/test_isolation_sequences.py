@@ -1,0 +1,135 @@
+"""Isolated items (a git worktree each) driven through any sequence of queue runs, item launches,
+cancels, hand moves, server restarts and worktree clean-ups (hypothesis' stateful testing), in a
+real git repository: no work is ever lost.
+
+Each item's command edits one line of a tracked file to a text of its own (``ITEM<n>``), notes
+outside the repository when the edit took (a worktree made after another item's edit of that line
+was integrated has nothing to edit), then sleeps a little, so cancels and restarts land before,
+during and after its edit; items 001 and 002 edit the same line (when both do, the second to
+integrate conflicts). Besides what every sequence checks (``ServerSequences``), at the end: every edit an
+item made is somewhere, on main, on a branch, or in a worktree's files; main's checkout matches its
+commit; every worktree git lists exists. ``FUZZ_EXAMPLES=N`` runs N new sequences.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, initialize, invariant, rule
+
+from agent_parallel.config import load_config
+from agent_parallel.errors import WorktreeError
+from agent_parallel.worktrees import list_worktrees, remove
+from queue_helpers import write_config, write_item
+from test_tool_sequences import ServerSequences
+from worktree_helpers import git, make_empty_queue_repo
+
+ITEMS = ["001", "002", "003", "004"]
+EDITS = {1: ("a.txt", 3), 2: ("a.txt", 3), 3: ("b.txt", 5), 4: ("b.txt", 7)}  # item -> (file, line)
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
+
+
+class IsolatedSequences(ServerSequences):
+    tasks = Bundle("tasks")
+
+    @initialize()
+    def setup(self) -> None:
+        self.make_workspace()
+        self.root = make_empty_queue_repo(self.root)
+        self.marks = self.root.parent / "ran"
+        self.marks.mkdir()
+        write_config(self.root, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+        for n, (path, line) in EDITS.items():
+            write_item(self.root, n, f"edit-{n}", title=f"Edit {n}", blocked_by=[3] if n == 4 else [],
+                       command=f"sed -i 's/^line {line}$/ITEM{n}/' {path}; grep -q ITEM{n} {path} && "
+                               f"echo >> {self.marks}/{n}; sleep {0.1 * n:g}")
+        git(self.root, "add", "-A")
+        git(self.root, "commit", "-q", "-m", "items")
+        self.open_server()
+
+    @rule(target=tasks, items=st.one_of(st.none(), st.lists(st.sampled_from(ITEMS), min_size=1, max_size=2, unique=True)))
+    def run_queue(self, items: list[str] | None) -> str:
+        answer = self.call("run_queue", **({"items": items} if items else {}))
+        if answer is None:
+            return "nosuchtask"
+        self.ids.add(answer["run_id"])
+        return str(answer["run_id"])
+
+    @rule(target=tasks, item=st.sampled_from(ITEMS))
+    def launch_item(self, item: str) -> str:
+        new = self.remember(self.call("launch_task", item=item))
+        return new[0] if new else "nosuchtask"
+
+    @rule(task=tasks)
+    def cancel(self, task: str) -> None:
+        self.call("cancel_task", task_id=task)
+
+    @rule(task=tasks)
+    def wait(self, task: str) -> None:
+        self.call("task_output", task_id=task, timeout=0.5, max_bytes=64)
+
+    @rule(item=st.sampled_from(ITEMS), status=st.sampled_from(["pending", "failed", "completed"]))
+    def move(self, item: str, status: str) -> None:
+        self.call("update_item", item=item, status=status, reason="by hand")
+
+    @rule()
+    def restart(self) -> None:
+        self.client_cm.__exit__(None, None, None)
+        self.client = None
+        self.open_server()
+
+    @rule()
+    def clean_worktrees(self) -> None:
+        """`agent-parallel worktrees clean` while items may be running: only provably safe ones go."""
+        config, _ = load_config(self.root)
+        for state in list_worktrees(self.root, config):
+            if state.safe:
+                try:
+                    remove(self.root, config, state)
+                except WorktreeError:
+                    pass  # it changed since the listing: kept, as it must be
+
+    @invariant()
+    def server_answers(self) -> None:
+        if self.client is not None:
+            assert self.call("list_tasks", limit=1) is not None
+
+    def more_checks(self) -> None:
+        somewhere = self.edits_present()
+        for n in EDITS:
+            if (self.marks / str(n)).exists():
+                assert f"ITEM{n}" in somewhere, f"item {n}'s edit was lost: {somewhere!r}\n" + \
+                    git(self.root, "worktree", "list") + "\n" + git(self.root, "branch", "-a")
+        assert git(self.root, "status", "--porcelain", "--", "a.txt", "b.txt") == "", "main's checkout changed"
+        for line in git(self.root, "worktree", "list", "--porcelain").splitlines():
+            if line.startswith("worktree "):
+                assert Path(line.removeprefix("worktree ")).is_dir(), line
+
+    def edits_present(self) -> str:
+        """Every ITEM<n> text on any branch (main included) or in any worktree's files."""
+        found = set()
+        for ref in git(self.root, "for-each-ref", "--format=%(refname)", "refs/heads").splitlines():
+            for path in ("a.txt", "b.txt"):
+                shown = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=self.root, capture_output=True, text=True)
+                found.update(word for word in shown.stdout.split() if word.startswith("ITEM"))
+        for worktree in (self.root / ".agent/worktrees").glob("*"):
+            for path in ("a.txt", "b.txt"):
+                if (worktree / path).is_file():
+                    found.update(w for w in (worktree / path).read_text().split() if w.startswith("ITEM"))
+        return " ".join(sorted(found))
+
+
+IsolatedSequences.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=int(os.environ.get("FUZZ_STEPS", "8")),
+                                               deadline=None, derandomize="FUZZ_EXAMPLES" not in os.environ,
+                                               suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.fault("isolated items through any sequence of runs, launches, cancels, hand moves, restarts and "
+                   "worktree clean-ups: no item's edit is lost, main's checkout stays whole, no worktree dangles")
+def test_isolated_sequences_never_lose_work() -> None:
+    IsolatedSequences.TestCase().runTest()
