@@ -6,9 +6,11 @@ Each item's command edits one line of a tracked file to a text of its own (``ITE
 outside the repository when the edit took (a worktree made after another item's edit of that line
 was integrated has nothing to edit), then sleeps a little, so cancels and restarts land before,
 during and after its edit; items 001 and 002 edit the same line (when both do, the second to
-integrate conflicts). Besides what every sequence checks (``ServerSequences``), at the end: every edit an
-item made is somewhere, on main, on a branch, or in a worktree's files; main's checkout matches its
-commit; every worktree git lists exists. ``FUZZ_EXAMPLES=N`` runs N new sequences.
+integrate conflicts). The config varies: a slow or failing ``worktree.setup``, an
+``integration.verify`` that refuses item 2's edit, each integration strategy. Besides what every
+sequence checks (``ServerSequences``), at the end: every edit an item made is somewhere, on main,
+on a branch, or in a worktree's files; main's checkout matches its commit; every worktree git lists
+exists. ``FUZZ_EXAMPLES=N`` runs N new sequences (``FUZZ_STEPS``: their length).
 """
 
 from __future__ import annotations
@@ -37,13 +39,19 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
 class IsolatedSequences(ServerSequences):
     tasks = Bundle("tasks")
 
-    @initialize()
-    def setup(self) -> None:
+    @initialize(setup=st.sampled_from([None, "sleep 0.3", "exit 3"]),
+                verify=st.sampled_from([None, "true", "! grep -q ITEM2 a.txt"]),
+                strategy=st.sampled_from(["rebase", "merge", "squash"]))
+    def setup(self, setup: str | None, verify: str | None, strategy: str) -> None:
+        """The repository, its items, and a config: a worktree.setup that is slow or fails, an
+        integration.verify that refuses item 2's edit, any integration strategy."""
         self.make_workspace()
         self.root = make_empty_queue_repo(self.root)
         self.marks = self.root.parent / "ran"
         self.marks.mkdir()
-        write_config(self.root, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2})
+        write_config(self.root, runner={"isolation": "worktree"}, autonomy={"level": "L3", "max_parallel": 2},
+                     worktree={"setup": setup} if setup else {},
+                     integration={"strategy": strategy, **({"verify": verify} if verify else {})})
         for n, (path, line) in EDITS.items():
             write_item(self.root, n, f"edit-{n}", title=f"Edit {n}", blocked_by=[3] if n == 4 else [],
                        command=f"sed -i 's/^line {line}$/ITEM{n}/' {path}; grep -q ITEM{n} {path} && "
