@@ -115,11 +115,11 @@ def _state(info: RepoInfo, path: Path, branch_ref: str | None, head: str | None,
     lease = live.get(name)
     port = lease.get("port") if lease else None
     tip = None if head is None or head.strip("0") == "" else head  # all zeros: no commit yet (being added)
-    if branch:  # the branch's own tip (the worktree's HEAD when it is checked out)
-        tip = run_git(info.root, "rev-parse", "-q", "--verify", branch_ref or "", ok=(0, 1)).stdout.decode().strip() \
-            or tip
     ahead = behind = 0
     try:
+        if branch:  # the branch's own tip (the worktree's HEAD when it is checked out)
+            tip = run_git(info.root, "rev-parse", "-q", "--verify", branch_ref or "", ok=(0, 1)).stdout.decode() \
+                .strip() or tip
         if tip:
             counts = git_out(info.root, "rev-list", "--left-right", "--count", f"{info.target_ref}...{tip}").split()
             behind, ahead = int(counts[0]), int(counts[1])
