@@ -56,7 +56,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     rows = [f"| {cell(_faults[node])} | `{cell(node.split('::')[-1])}` | "
             f"{'passed' if _outcomes[node] == 'passed' else '**' + _outcomes[node].upper() + '**'} |"
-            for node in sorted(_faults, key=lambda n: (n.split('::')[0], _faults[n]))]
+            for node in sorted(_faults, key=lambda n: (n.split('::')[0], _faults[n], n))]
     RELIABILITY_DOC.parent.mkdir(exist_ok=True)
     RELIABILITY_DOC.write_text(
         "# Reliability: faults and attacks, and what the test suite shows\n\n"

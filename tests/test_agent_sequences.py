@@ -17,16 +17,13 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, initialize, invariant, rule
+from hypothesis.stateful import initialize
 
 from agent_fakes import SCRIPT, claude_rate_limited, claude_success, codex_overloaded, codex_success
 from queue_helpers import write_config, write_item
-from test_tool_sequences import ServerSequences
+from test_tool_sequences import QueueSequences, sequence_settings
 
-ITEMS = ["001", "002", "003", "004"]
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
 GARBAGE = {"lines": ["not json", '{"type": "result"', '{"type": 42}', ""], "tail": "{", "exit": 0}
 
 
@@ -43,9 +40,7 @@ def steps_for(agent: str, kinds: list[str]) -> list[dict[str, Any]]:
     return made + [claude_success(cost=0.25) if agent == "claude" else codex_success()]
 
 
-class AgentSequences(ServerSequences):
-    tasks = Bundle("tasks")
-
+class AgentSequences(QueueSequences):
     @initialize(agent=st.sampled_from(["claude", "codex"]),
                 kinds=st.lists(st.sampled_from(["ok", "limit", "garbage"]), max_size=4),
                 retries=st.sampled_from([0, 1]))
@@ -70,43 +65,6 @@ class AgentSequences(ServerSequences):
         write_item(self.root, 4, "review", title="Review", blocked_by=[1])
         self.open_server()
 
-    @rule(target=tasks,
-          items=st.one_of(st.none(), st.lists(st.sampled_from(ITEMS), min_size=1, max_size=2, unique=True)))
-    def run_queue(self, items: list[str] | None) -> str:
-        answer = self.call("run_queue", **({"items": items} if items else {}))
-        if answer is None:
-            return "nosuchtask"
-        self.ids.add(answer["run_id"])
-        return str(answer["run_id"])
-
-    @rule(target=tasks, item=st.sampled_from(ITEMS))
-    def launch_item(self, item: str) -> str:
-        new = self.remember(self.call("launch_task", item=item))
-        return new[0] if new else "nosuchtask"
-
-    @rule(task=tasks)
-    def cancel(self, task: str) -> None:
-        self.call("cancel_task", task_id=task)
-
-    @rule(task=tasks)
-    def wait(self, task: str) -> None:
-        self.call("task_output", task_id=task, timeout=0.5, max_bytes=64)
-
-    @rule(item=st.sampled_from(ITEMS), status=st.sampled_from(["pending", "failed"]))
-    def move(self, item: str, status: str) -> None:
-        self.call("update_item", item=item, status=status, reason="by hand")
-
-    @rule()
-    def restart(self) -> None:
-        self.client_cm.__exit__(None, None, None)
-        self.client = None
-        self.open_server()
-
-    @invariant()
-    def server_answers(self) -> None:
-        if self.client is not None:
-            assert self.call("list_tasks", limit=1) is not None
-
     def more_checks(self) -> None:
         for task_id in sorted(self.ids):
             out = self.call("task_output", task_id=task_id, timeout=0, max_bytes=1)
@@ -129,9 +87,7 @@ class AgentSequences(ServerSequences):
                     os.environ[name] = value
 
 
-AgentSequences.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=int(os.environ.get("FUZZ_STEPS", "8")),
-                                            deadline=None, derandomize="FUZZ_EXAMPLES" not in os.environ,
-                                            suppress_health_check=list(HealthCheck))
+AgentSequences.TestCase.settings = sequence_settings(6)
 
 
 @pytest.mark.fault("agent items through any sequence of runs, launches, cancels, moves and restarts while the CLI "

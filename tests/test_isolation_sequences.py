@@ -15,30 +15,24 @@ exists. ``FUZZ_EXAMPLES=N`` runs N new sequences (``FUZZ_STEPS``: their length).
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, initialize, invariant, rule
+from hypothesis.stateful import initialize, rule
 
 from agent_parallel.config import load_config
 from agent_parallel.errors import WorktreeError
 from agent_parallel.worktrees import list_worktrees, remove
 from queue_helpers import write_config, write_item
-from test_tool_sequences import ServerSequences
+from test_tool_sequences import QueueSequences, sequence_settings
 from worktree_helpers import git, make_empty_queue_repo
 
-ITEMS = ["001", "002", "003", "004"]
 EDITS = {1: ("a.txt", 3), 2: ("a.txt", 3), 3: ("b.txt", 5), 4: ("b.txt", 7)}  # item -> (file, line)
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
 
 
-class IsolatedSequences(ServerSequences):
-    tasks = Bundle("tasks")
-
+class IsolatedSequences(QueueSequences):
     @initialize(setup=st.sampled_from([None, "sleep 0.3", "exit 3"]),
                 verify=st.sampled_from([None, "true", "! grep -q ITEM2 a.txt"]),
                 strategy=st.sampled_from(["rebase", "merge", "squash"]))
@@ -60,37 +54,6 @@ class IsolatedSequences(ServerSequences):
         git(self.root, "commit", "-q", "-m", "items")
         self.open_server()
 
-    @rule(target=tasks, items=st.one_of(st.none(), st.lists(st.sampled_from(ITEMS), min_size=1, max_size=2, unique=True)))
-    def run_queue(self, items: list[str] | None) -> str:
-        answer = self.call("run_queue", **({"items": items} if items else {}))
-        if answer is None:
-            return "nosuchtask"
-        self.ids.add(answer["run_id"])
-        return str(answer["run_id"])
-
-    @rule(target=tasks, item=st.sampled_from(ITEMS))
-    def launch_item(self, item: str) -> str:
-        new = self.remember(self.call("launch_task", item=item))
-        return new[0] if new else "nosuchtask"
-
-    @rule(task=tasks)
-    def cancel(self, task: str) -> None:
-        self.call("cancel_task", task_id=task)
-
-    @rule(task=tasks)
-    def wait(self, task: str) -> None:
-        self.call("task_output", task_id=task, timeout=0.5, max_bytes=64)
-
-    @rule(item=st.sampled_from(ITEMS), status=st.sampled_from(["pending", "failed", "completed"]))
-    def move(self, item: str, status: str) -> None:
-        self.call("update_item", item=item, status=status, reason="by hand")
-
-    @rule()
-    def restart(self) -> None:
-        self.client_cm.__exit__(None, None, None)
-        self.client = None
-        self.open_server()
-
     @rule()
     def clean_worktrees(self) -> None:
         """`agent-parallel worktrees clean` while items may be running: only provably safe ones go."""
@@ -101,11 +64,6 @@ class IsolatedSequences(ServerSequences):
                     remove(self.root, config, state)
                 except WorktreeError:
                     pass  # it changed since the listing: kept, as it must be
-
-    @invariant()
-    def server_answers(self) -> None:
-        if self.client is not None:
-            assert self.call("list_tasks", limit=1) is not None
 
     def more_checks(self) -> None:
         somewhere = self.edits_present()
@@ -132,9 +90,7 @@ class IsolatedSequences(ServerSequences):
         return " ".join(sorted(found))
 
 
-IsolatedSequences.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=int(os.environ.get("FUZZ_STEPS", "8")),
-                                               deadline=None, derandomize="FUZZ_EXAMPLES" not in os.environ,
-                                               suppress_health_check=list(HealthCheck))
+IsolatedSequences.TestCase.settings = sequence_settings(6)
 
 
 @pytest.mark.fault("isolated items through any sequence of runs, launches, cancels, hand moves, restarts and "

@@ -33,7 +33,6 @@ from queue_helpers import statuses, write_item
 COMMANDS = ["true", "exit 2", "sleep 0.05", "sleep 0.3", "echo out; echo err >&2",
             "sleep 30 & echo left", "trap '' TERM; sleep 0.2"]
 FINAL = {"completed", "failed", "cancelled", "timed_out", "skipped", "interrupted"}
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
 
 
 def task_processes(task_ids: set[str]) -> list[int]:
@@ -54,8 +53,11 @@ def task_processes(task_ids: set[str]) -> list[int]:
 
 
 class ServerSequences(RuleBasedStateMachine):
-    """What every sequence shares: one server on a workspace ``setup`` makes, its calls checked, and
-    the checks at the end (``finish_and_check``; a subclass adds its own in ``more_checks``)."""
+    """What every sequence shares: one server on a workspace ``setup`` makes, its calls checked, the
+    rules any agent may apply (cancel a task, restart the server) and the checks at the end
+    (``finish_and_check``; a subclass adds its own in ``more_checks``)."""
+
+    tasks = Bundle("tasks")
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,6 +69,22 @@ class ServerSequences(RuleBasedStateMachine):
         self.claimed_by_hand: set[str] = set()  # items an agent claimed with update_item: they stay in_progress
         self.client: Any = None
         self.client_cm: Any = None
+
+    @rule(task=tasks)
+    def cancel(self, task: str) -> None:
+        self.call("cancel_task", task_id=task)
+
+    @rule()
+    def restart(self) -> None:
+        """The server stops (its running tasks end interrupted) and a new one opens the same workspace."""
+        self.client_cm.__exit__(None, None, None)
+        self.client = None
+        self.open_server()
+
+    @invariant()
+    def server_answers(self) -> None:
+        if self.client is not None:
+            assert self.call("list_tasks", limit=1) is not None
 
     def make_workspace(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="sequences-")
@@ -139,8 +157,44 @@ class ServerSequences(RuleBasedStateMachine):
 
 
 
+class QueueSequences(ServerSequences):
+    """The rules of a queue of four items (``ITEMS``) a subclass writes: runs of all or some of them,
+    launches of one, waits, and moves by hand."""
+
+    ITEMS = ["001", "002", "003", "004"]
+
+    @rule(target=ServerSequences.tasks,
+          items=st.one_of(st.none(), st.lists(st.sampled_from(ITEMS), min_size=1, max_size=2, unique=True)))
+    def run_queue(self, items: list[str] | None) -> str:
+        answer = self.call("run_queue", **({"items": items} if items else {}))
+        if answer is None:
+            return "nosuchtask"
+        self.ids.add(answer["run_id"])
+        return str(answer["run_id"])
+
+    @rule(target=ServerSequences.tasks, item=st.sampled_from(ITEMS))
+    def launch_item(self, item: str) -> str:
+        new = self.remember(self.call("launch_task", item=item))
+        return new[0] if new else "nosuchtask"
+
+    @rule(task=ServerSequences.tasks)
+    def wait(self, task: str) -> None:
+        self.call("task_output", task_id=task, timeout=0.5, max_bytes=64)
+
+    @rule(item=st.sampled_from(ITEMS), status=st.sampled_from(["pending", "failed", "completed"]))
+    def move(self, item: str, status: str) -> None:
+        self.call("update_item", item=item, status=status, reason="by hand")
+
+
+def sequence_settings(examples: int) -> settings:
+    """``examples`` fixed sequences of 8 steps; with FUZZ_EXAMPLES (and FUZZ_STEPS) set, that many new ones."""
+    return settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", examples)),
+                    stateful_step_count=int(os.environ.get("FUZZ_STEPS", "8")), deadline=None,
+                    derandomize="FUZZ_EXAMPLES" not in os.environ, suppress_health_check=list(HealthCheck))
+
+
 class ToolSequences(ServerSequences):
-    tasks = Bundle("tasks")
+    tasks = ServerSequences.tasks
 
     @initialize()
     def setup(self) -> None:
@@ -189,10 +243,6 @@ class ToolSequences(ServerSequences):
         self.ids.add(answer["run_id"])
         return str(answer["run_id"])
 
-    @rule(task=tasks)
-    def cancel(self, task: str) -> None:
-        self.call("cancel_task", task_id=task)
-
     @rule(task=tasks, block=st.booleans())
     def read(self, task: str, block: bool) -> None:
         answer = self.call("task_output", task_id=task, block=block, timeout=0.2, max_bytes=256)
@@ -205,26 +255,12 @@ class ToolSequences(ServerSequences):
         if self.call("update_item", item=item, status=status, reason="by hand") is not None:
             (self.claimed_by_hand.add if status == "in_progress" else self.claimed_by_hand.discard)(item)
 
-    @rule()
-    def restart(self) -> None:
-        """The server stops (its running tasks end interrupted) and a new one opens the same workspace."""
-        self.client_cm.__exit__(None, None, None)
-        self.client = None
-        self.open_server()
-
     @rule(tasks=st.lists(tasks, min_size=1, max_size=3), wait=st.sampled_from(["all", "any"]))
     def read_several(self, tasks: list[str], wait: str) -> None:
         self.call("task_output", task_ids=tasks, wait=wait, timeout=0.2, max_bytes=64)
 
-    @invariant()
-    def server_answers(self) -> None:
-        if self.client is not None:
-            assert self.call("list_tasks", limit=1) is not None
 
-
-ToolSequences.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=int(os.environ.get("FUZZ_STEPS", "8")), deadline=None,
-                                           derandomize="FUZZ_EXAMPLES" not in os.environ,
-                                           suppress_health_check=list(HealthCheck))
+ToolSequences.TestCase.settings = sequence_settings(12)
 
 
 @pytest.mark.fault("any sequence of launches, pipelines, fan-outs, cancels, waits, queue runs, item moves and "
