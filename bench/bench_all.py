@@ -263,8 +263,8 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     fan: list[float] = []  # the client's validators compiled by an earlier call (an agent's session)
     fan_cold: list[float] = []  # a fresh client: its first calls compile them
     fan_state = {"checked": False, "present": False}
-    # The same run_queue with its workspace on tmpfs: the code's own cost, without ext4's (where these
-    # machines' ext4 puts a new directory decides what creating a file there costs: 15-500 µs of CPU).
+    # The same run_queue with its workspace on tmpfs: the code's own cost, without ext4's (on these machines'
+    # journal-less ext4 a new file costs 15 µs to over 1 ms of CPU, by how many its block group lost lately).
     shm = Path("/dev/shm")
     shm_tmp = Path(tempfile.mkdtemp(prefix="bench-all-", dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) else None
     rq_shm: list[RunQueueResult] = []

@@ -9,9 +9,9 @@ directory fsync per batch of ends). No event loop, no coroutine, no thread, no M
 
 If this bare loop cannot reach 1.5x xargs, nothing built on it can: the figure says how much of the
 gap is Python and the kernel, and how much is ours. Its files go where `tempfile` puts them (TMPDIR):
-on these VMs that decides most of its cost (tmpfs about 1.0x xargs; ext4 1.3x in one new directory,
-2.4x in another), so run it with the TMPDIR the compared bench used, and with TMPDIR=/dev/shm for
-the cost without the disk. Run: `python bench/bench_floor.py [--repeats 5]`.
+on these VMs that decides most of its cost (tmpfs about 1.0x xargs; ext4 1.3x to over 5x, by how many
+files were deleted near there in the last minutes: bench/README.md, "The file system's share"), so run
+it with the TMPDIR the compared bench used, and with TMPDIR=/dev/shm for the cost without the disk. Run: `python bench/bench_floor.py [--repeats 5]`.
 """
 
 from __future__ import annotations

@@ -256,7 +256,9 @@ def register_task_tools(server: MCPServer) -> None:
         wanted = set(status or [])
         if wanted - known:
             unknown = sorted(wanted - known)
-            shown = ", ".join(short_repr(s) for s in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            shown = ", ".join(short_repr(s) for s in unknown[:5])
+            if len(unknown) > 5:
+                shown += f" (and {len(unknown) - 5} more)"
             raise UsageError(f"unknown status [{shown}]; use some of: {', '.join(sorted(known))}")
         if not 1 <= limit <= 1000:
             raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
