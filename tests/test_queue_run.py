@@ -256,6 +256,16 @@ async def test_queue_errors_are_clear(client, workspace):
         "in the workspace root with its own `timeout` and waits on its `blocked_by` items")
 
 
+@pytest.mark.fault("run_queue asked for 3,000 item ids none of which exists: the error names five, counts the rest")
+async def test_many_unknown_item_ids_are_not_listed_whole(client, workspace):
+    write_item(workspace, 1, "a", command="true")
+    before = sorted(p.name for p in (workspace / ".agent").rglob("*"))
+    text = await call_error(client, "run_queue", items=[str(100000 + i) for i in range(3000)])
+    assert text == ("Error executing tool run_queue: no queue item has id 100000, 100001, 100002, 100003, 100004 "
+                    "(and 2,995 more); call queue_plan to see the items")
+    assert sorted(p.name for p in (workspace / ".agent").rglob("*")) == before  # nothing claimed, run or recorded
+
+
 @pytest.mark.parametrize("asked", [0, 65, 500])
 async def test_max_parallel_out_of_range_is_the_same_error_for_plan_and_run(client, workspace, asked):
     """One rule (config.max_parallel_for): an explicit argument outside 1..64 is refused by both

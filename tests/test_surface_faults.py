@@ -156,6 +156,8 @@ async def test_command_over_the_argument_limit_is_refused(client, workspace):
      "`run_in_background` must be true or false, got 'perhaps' (a string)"),
     ("update_item", {"item": "001"}, "`status` is required"),
     ("list_tasks", {"status": "running"}, "`status` must be a list, got 'running' (a string)"),
+    ("task_output", {"task_ids": list(range(1000))},  # five named, the rest counted
+     "; ".join(f"`task_ids[{i}]` must be a string, got {i} (an integer)" for i in range(5)) + " (and 995 more)"),
 ])
 async def test_argument_type_errors_are_short_and_clear(client, workspace, tool, args, expected):
     text = await call_error(client, tool, **args)

@@ -1,10 +1,13 @@
 """Putting values from outside (YAML, arguments, commands) into messages without flooding them.
 
 One home for the rules every message follows: a value is named by its type when it may be huge,
-shown as a cut ``repr`` when it is a scalar, and long text says how much of it was cut.
+shown as a cut ``repr`` when it is a scalar, long text says how much of it was cut, and a long
+list of values shows its first few and counts the rest.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 def describe(value: object) -> str:
@@ -30,6 +33,15 @@ def short_repr(value: object, limit: int = 60) -> str:
         return describe(value)
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_few(values: Sequence[str], limit: int, *, sep: str = ", ", total: int | None = None) -> str:
+    """The first ``limit`` of ``values`` joined by ``sep``, then how many more there are (``total``:
+    all of them, when ``values`` holds only the first few): an error names a few of what was wrong,
+    never all of it (a client may send thousands)."""
+    total = len(values) if total is None else total
+    shown = sep.join(values[:limit])
+    return shown if total <= limit else f"{shown} (and {total - limit:,} more)"
 
 
 def cut(text: str, limit: int) -> str:

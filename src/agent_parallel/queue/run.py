@@ -50,6 +50,7 @@ from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
 from ..tasks.registry import Task, TaskRegistry, wait_any
+from ..text import first_few
 from ..worktrees import ShellStop, check_repository, release
 
 log = logging.getLogger(__name__)
@@ -615,12 +616,12 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
     if only is not None:
         missing = [format_id(i) for i in only if i not in graph.by_id]
         if missing:
-            raise QueueError(f"no queue item has id {', '.join(missing)}; call queue_plan to see the items")
+            raise QueueError(f"no queue item has id {first_few(missing, 5)}; call queue_plan to see the items")
     if graph.errors:  # the items they concern cannot run: say so, rather than run the rest in silence
-        shown = "; ".join(f"{d.file or d.item or d.kind}: {d.message}" for d in graph.errors[:3])
-        more = f" (and {len(graph.errors) - 3} more)" if len(graph.errors) > 3 else ""
+        shown = first_few([f"{d.file or d.item or d.kind}: {d.message}" for d in graph.errors[:3]], 3, sep="; ",
+                          total=len(graph.errors))
         warnings.append(f"the queue has {len(graph.errors)} error(s), and the items they concern do not run: "
-                        f"{shown}{more}; queue_plan lists them")
+                        f"{shown}; queue_plan lists them")
     released = await anyio.to_thread.run_sync(lambda: release_stale_claims(ctx.queue_dir, ctx.runs_dir))
     warnings += [f"item {item} ({file}) was {message}" for item, file, message in released]
     options = RunOptions(level=chosen_level, continue_on_error=not stops_on_first_failure(chosen_level, coe),

@@ -32,7 +32,7 @@ from .prompt import PARALLEL_EXECUTION
 from ..queue.items import QueueReader
 from ..queue.plan import prepare_plan
 from ..tasks.executor import Executor
-from ..text import cut
+from ..text import cut, first_few
 from ..tasks.registry import TaskRegistry, open_registry
 from .auth import StaticTokenVerifier
 from .resources import TaskUpdates, register_task_resources
@@ -190,8 +190,8 @@ def describe_arguments_error(exc: ValidationError) -> str:
             value = error.get("input")
             kind = _JSON_TYPE.get(type(value), type(value).__name__)
             problems.append(f"`{where}` {expected}, got {cut(repr(value), 60)} ({kind})")
-    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
-    return "invalid arguments: " + "; ".join(problems) + more + " (the tool's input schema lists every argument)"
+    return (f"invalid arguments: {first_few(problems, 5, sep='; ', total=len(errors))} "
+            "(the tool's input schema lists every argument)")
 
 
 def _argument_path(loc: Iterable[Any]) -> str:

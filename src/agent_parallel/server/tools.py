@@ -28,7 +28,7 @@ from ..queue.items import QueueReader, format_id
 from ..queue.run import check_ready, launch_item, run_of, start_run
 from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
                        TaskSummary, TaskView, iso)
-from ..text import cut, short_repr
+from ..text import cut, first_few, short_repr
 from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
 from .settings import Workspace, workspace_of
@@ -256,9 +256,7 @@ def register_task_tools(server: MCPServer) -> None:
         wanted = set(status or [])
         if wanted - known:
             unknown = sorted(wanted - known)
-            shown = ", ".join(short_repr(s) for s in unknown[:5])
-            if len(unknown) > 5:
-                shown += f" (and {len(unknown) - 5} more)"
+            shown = first_few([short_repr(s) for s in unknown[:5]], 5, total=len(unknown))
             raise UsageError(f"unknown status [{shown}]; use some of: {', '.join(sorted(known))}")
         if not 1 <= limit <= 1000:
             raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
@@ -296,7 +294,7 @@ async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_i
         tasks = await anyio.to_thread.run_sync(lambda: [
             view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, short=True)
             for t in members])
-    shown = cut(first.command, 200) + (f" (and {len(members) - 1} more)" if len(members) > 1 else "")
+    shown = first_few([cut(first.command, 200)], 1, total=len(members))
     return LaunchResult(task_id=group_id, group_id=group_id, task_ids=[t.record.task_id for t in members],
                         status=group_status([t.record for t in members]), command=shown, cwd=first.cwd,
                         description=first.description, created_at=iso(first.created_at), tasks=tasks,
