@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,16 @@ def all_dead(pids: list[int]) -> bool:
     return not any(alive(p) for p in pids)
 
 
-__all__ = ["call", "call_error", "alive", "read_pids", "all_dead"]
+def all_dead_soon(pids: list[int], within: float = 5.0) -> bool:
+    """``all_dead`` within ``within`` seconds: a process killed by a signal closes its files (its
+    pipe's reader sees the end) a moment before it shows as a zombie, longer on a loaded machine."""
+    deadline = time.monotonic() + within
+    while not all_dead(pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return all_dead(pids)
+
+
+__all__ = ["call", "call_error", "alive", "read_pids", "all_dead", "all_dead_soon"]
 
 
 class RawServer:
