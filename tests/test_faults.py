@@ -402,3 +402,70 @@ def test_an_atomic_write_never_follows_a_planted_temporary_file(tmp_path):
     write_atomic(folder / ".leases.json", b"{}", durable=True)
     assert victim.read_text() == "the user's file\n"
     assert (folder / ".leases.json").read_bytes() == b"{}" and not (folder / "..leases.json.tmp").exists()
+
+
+# ------------------------------------------------------------------ files a clone plants under .agent/
+
+def _limited(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` with 1 GiB of address space and 30 s: a read of /dev/zero fails it, never the machine."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=30, preexec_fn=limit)
+
+
+@pytest.mark.fault("a cloned repository ships .agent/worktrees/.leases.json -> /dev/zero: `agent-parallel worktrees` "
+                   "read it until memory ran out (2 GB in 3 s); now a symlink there is never followed")
+def test_a_leases_file_planted_as_a_symlink_is_not_read(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start"],
+                   cwd=tmp_path, check=True)
+    folder = tmp_path / ".agent/worktrees"
+    folder.mkdir(parents=True)
+    os.symlink("/dev/zero", folder / ".leases.json")
+    done = _limited([str(SCRIPT), "worktrees"], tmp_path)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "no worktrees under .agent/worktrees", "")
+    assert os.readlink(folder / ".leases.json") == "/dev/zero"  # left as it was
+
+
+@pytest.mark.fault("a cloned repository ships .agent/worktrees/.leases.lock -> a path of the user's: taking a lease "
+                   "created the target (O_CREAT through the link); now refused with an error naming the file")
+def test_a_lock_file_planted_as_a_symlink_is_not_followed(tmp_path):
+    from agent_parallel.errors import WorktreeError
+    from agent_parallel.worktrees import leases
+
+    root = tmp_path / "ws"
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    folder = root / ".agent/worktrees"
+    folder.mkdir(parents=True)
+    victim = tmp_path / "authorized_keys"
+    os.symlink(victim, folder / ".leases.lock")
+    with pytest.raises(WorktreeError, match=r"^cannot open the worktree leases lock .*\.leases\.lock: .*; if it is a "
+                                            r"symbolic link or not a regular file, remove it$"):
+        leases.take(root, "001-a", None)
+    assert not victim.exists() and not (folder / ".leases.json").exists()
+
+
+@pytest.mark.fault("a FIFO at .agent/config.yaml: `agent-parallel plan` (and every tool that reads the config) waited "
+                   "on it forever; now refused at once as not a regular file")
+def test_a_config_file_that_is_a_fifo_is_refused(tmp_path):
+    write_item(tmp_path, 1, "a", command="true")
+    os.mkfifo(tmp_path / ".agent/config.yaml")
+    done = _limited([str(SCRIPT), "plan"], tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("agent-parallel: error: .agent/config.yaml: is not a regular file (a device, socket or "
+                           "pipe); refused\n")
+
+
+@pytest.mark.fault("a cloned repository ships .agent/runs/<run>.report.json -> /dev/zero beside a run's record: "
+                   "reading that run's report read /dev/zero until memory ran out; now the link is not followed")
+def test_a_run_report_planted_as_a_symlink_is_not_read(tmp_path):
+    runs = tmp_path / ".agent/runs"
+    runs.mkdir(parents=True)
+    os.symlink("/dev/zero", runs / "r1.report.json")
+    done = _limited([sys.executable, "-c", "import sys; from pathlib import Path; "
+                     "from agent_parallel.queue.run import load_report; print(load_report(Path(sys.argv[1]), 'r1'))",
+                     str(runs)], tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "None\n", "")

@@ -61,6 +61,7 @@ only within a budget (`alias_problem`), so a few hundred bytes cannot make gigab
 from __future__ import annotations
 
 import difflib
+import errno
 import math
 import re
 import shlex
@@ -72,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import QueueError, UsageError
 from .text import describe, short_repr
-from .paths import CONFIG_FILE, QUEUE_DIR, resolve_inside
+from .paths import CONFIG_FILE, QUEUE_DIR, read_regular, resolve_inside
 
 MIB = 1024 * 1024
 MAX_PARALLEL_RANGE = (1, 64)
@@ -496,12 +497,13 @@ def _author(key: str, value: object) -> str:
 def _read_yaml(path: Path) -> object:
     """Load the file's YAML, turning every way it can fail into a `ConfigError`."""
     try:
-        with path.open("rb") as stream:
-            raw = stream.read(MAX_CONFIG_BYTES + 1)
+        raw = read_regular(path, MAX_CONFIG_BYTES)  # a FIFO there would make the read wait forever
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise ConfigError(None, f"is larger than {MAX_CONFIG_BYTES} bytes; it should be a few lines") from exc
+        if exc.errno == errno.EINVAL:
+            raise ConfigError(None, "is not a regular file (a device, socket or pipe); refused") from exc
         raise ConfigError(None, f"cannot be read: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(None, f"is larger than {MAX_CONFIG_BYTES} bytes; it should be a few lines")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -130,6 +130,26 @@ def open_regular(path: Path) -> int:
     return fd
 
 
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes, opened as ``open_regular``
+    does: a symlink or FIFO planted at its name (``-> /dev/zero`` would be read until memory runs
+    out) is refused, never read. Raises ``OSError``: EINVAL when it is not a regular file, EFBIG
+    when it holds more than ``limit`` bytes."""
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    if total > limit:  # it grew while being read
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+    return b"".join(chunks)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make ``directory``'s entries (a file created, renamed or removed in it) durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)

@@ -39,7 +39,7 @@ from ..agents import profiles
 from ..agents.job import AttemptPlan, Gate, ItemJob, gate_for
 from ..config import Config, max_parallel_for, stops_on_first_failure
 from ..errors import AgentParallelError, InternalError, QueueError, ResourceLimitError, ShellStopped, exception_reason
-from ..paths import ensure_runs_dir, resolve_inside, write_atomic
+from ..paths import ensure_runs_dir, read_regular, resolve_inside, write_atomic
 from .planner import QueueGraph, Scheduler, build_graph, lower_bound_ms, simulate
 from .isolation import Isolated, SetupFirst, forecast, integrate_item, is_isolated, prepare_item
 from .plan import isolation_policy
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 LAST_LINES = 10
 NOT_RECORDED = "its status could not be recorded in the queue"
+MAX_REPORT_BYTES = 256 << 20  # a run's report: a few hundred bytes per item (10,000 items: a few MB)
 _T = TypeVar("_T")
 
 
@@ -1151,6 +1152,6 @@ def save_report(runs_dir: Path, progress: RunProgress) -> None:
 
 def load_report(runs_dir: Path, run_id: str) -> RunProgress | None:
     try:
-        return RunProgress.model_validate_json(report_path(runs_dir, run_id).read_bytes())
-    except (OSError, ValueError):
+        return RunProgress.model_validate_json(read_regular(report_path(runs_dir, run_id), MAX_REPORT_BYTES))
+    except (OSError, ValueError):  # absent, or not ours (a symlink planted there is never followed)
         return None

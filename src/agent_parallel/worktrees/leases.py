@@ -16,18 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorktreeError
-from ..paths import write_atomic
+from ..paths import read_regular, write_atomic
 from ..tasks.processes import process_start_time, same_process
 from .repo import file_lock, worktrees_dir
 
 LEASES_FILE = ".leases.json"
 LOCK_FILE = ".leases.lock"
+MAX_LEASES_BYTES = 4 << 20  # a lease is about 100 bytes; a bigger file is not ours
 
 
 def _load(folder: Path) -> dict[str, dict[str, Any]]:
     try:
-        data = json.loads((folder / LEASES_FILE).read_bytes())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(folder / LEASES_FILE, MAX_LEASES_BYTES))
+    except (OSError, ValueError, RecursionError):  # absent, or not ours (a symlink to /dev/zero is never read)
         return {}
     return {name: entry for name, entry in data.items() if isinstance(entry, dict)} if isinstance(data, dict) else {}
 

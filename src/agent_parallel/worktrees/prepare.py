@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 from ..config import Config
 from ..errors import SetupFailed, ShellTimedOut, WorktreeError
+from ..paths import read_regular
 from . import leases
 from ._git import ShellStop, git_message, git_out, nul_list, run_git, run_shell
 from .repo import BRANCH_PREFIX, RepoInfo, check_repository, file_lock, worktree_name, worktrees_dir
@@ -25,6 +26,7 @@ fails on a worktree another process is half-way through adding)."""
 META_FILE = "agent-parallel.json"
 """Kept in the worktree's own git directory (``.git/worktrees/<name>/``): what prepare copied and
 linked there, so it is never committed nor counted as the agent's work; removed with the worktree."""
+MAX_META_BYTES = 1 << 20  # what prepare writes there is a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,8 @@ def read_meta(worktree: Path) -> dict[str, Any]:
     """The worktree's `META_FILE` (empty when absent or unreadable)."""
     try:
         gitdir = Path(git_out(worktree, "rev-parse", "--absolute-git-dir"))
-        data = json.loads((gitdir / META_FILE).read_bytes())
-    except (OSError, ValueError, WorktreeError):
+        data = json.loads(read_regular(gitdir / META_FILE, MAX_META_BYTES))
+    except (OSError, ValueError, RecursionError, WorktreeError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from ..errors import UsageError, WorktreeError
+from ..errors import UsageError, WorktreeError, os_error_text
 from ..paths import AGENT_DIR, take_flock
 from ._git import run_git
 
@@ -116,7 +116,11 @@ def worktrees_dir(root: Path) -> Path:
 def file_lock(path: Path, what: str, timeout_s: float | None = None) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path``, shared with every thread, process and server on this
     machine; a `WorktreeError` naming ``what`` and the file after ``timeout_s`` (None: wait)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # the lock file is ours: a symlink planted at its name is never followed (O_CREAT would make its target)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise WorktreeError(f"cannot open the {what} lock {path}: {os_error_text(exc)}; if it is a symbolic link "
+                            "or not a regular file, remove it") from exc
     try:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
