@@ -83,6 +83,13 @@ def test_garbage_truncated_and_oversized_lines_are_skipped_with_bounded_memory()
     assert parser.garbage_lines == 3 and parser.skipped_lines == 1
 
 
+def test_a_line_nested_past_pythons_recursion_limit_is_garbage_not_a_crash():
+    parser = StreamParser("claude")
+    parser.feed(b'{"type":"assistant","message":' + b"[" * 5000 + b"]" * 5000 + b'}\n')  # json.loads: RecursionError
+    parser.feed(b'{"type":"system","subtype":"init","session_id":"s1"}\n')
+    assert parser.finish(0).session_id == "s1" and parser.garbage_lines == 1
+
+
 def test_a_gap_drops_the_line_it_cut():
     parser = StreamParser("codex")
     parser.feed(b'{"type":"thread.started","thread_id":"t1"}\n{"type":"turn.comp')

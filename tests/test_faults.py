@@ -469,3 +469,20 @@ def test_a_run_report_planted_as_a_symlink_is_not_read(tmp_path):
                      "from agent_parallel.queue.run import load_report; print(load_report(Path(sys.argv[1]), 'r1'))",
                      str(runs)], tmp_path)
     assert (done.returncode, done.stdout, done.stderr) == (0, "None\n", "")
+
+
+@pytest.mark.fault("a cloned repository ships .agent/runs/history.jsonl with a line nested 100,000 deep: "
+                   "`agent-parallel plan` died with a RecursionError traceback; now the line is skipped")
+def test_a_history_line_nested_without_end_is_skipped(tmp_path):
+    from agent_parallel.queue import claims
+
+    write_item(tmp_path, 1, "a", status="in_progress", command="true")
+    runs = tmp_path / ".agent/runs"
+    runs.mkdir(parents=True)
+    move = {"item": "001", "to": "in_progress", "by": "someone", "at": 1.0}
+    (runs / claims.HISTORY_FILE).write_bytes(b'{"item": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+                                             + json.dumps(move).encode() + b"\n")
+    assert claims.history(runs) == [move]
+    done = _limited([str(SCRIPT), "plan"], tmp_path)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr[-500:]
+    assert done.stdout.startswith("1 items (1 in_progress)")

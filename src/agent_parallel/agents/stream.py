@@ -164,7 +164,7 @@ class StreamParser:
             return
         try:
             event = json.loads(line)
-        except ValueError:  # also a line cut in the middle of a character
+        except (ValueError, RecursionError):  # also a line cut in the middle of a character, or nested past Python's limit
             self.garbage_lines += 1
             return
         if isinstance(event, dict):

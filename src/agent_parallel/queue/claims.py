@@ -385,7 +385,7 @@ def _open_history(path: Path) -> BinaryIO | None:
 def _parse_move(line: bytes) -> dict[str, Any] | None:
     try:
         move = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # not a line of ours (a planted history may nest without end)
         return None
     return move if isinstance(move, dict) else None
 
