@@ -529,6 +529,26 @@ async def test_pipeline_successor_reads_head_marker_and_tail(workspace):
         assert third.record.last_line == str(runs / f"{small.record.task_id}.log")  # nothing cut: the log itself
 
 
+@pytest.mark.fault("a fan-in of thousands of items: AGENT_UPSTREAM_LOGS went over the kernel's 128 KiB limit for one "
+                   "environment entry and the task could not start; past 64 KiB the paths go to a file named by "
+                   "AGENT_UPSTREAM_LOGS_FILE, one per line")
+async def test_an_upstream_list_too_long_for_the_environment_goes_to_a_file(workspace):
+    runs = runs_of(workspace)
+    paths = [f"{workspace}/.agent/runs/{i:012d}.log" for i in range(3000)]
+    command = 'echo "${AGENT_UPSTREAM_LOGS-unset}"; wc -l < "$AGENT_UPSTREAM_LOGS_FILE"; head -n 1 "$AGENT_UPSTREAM_LOGS_FILE"'
+    async with open_registry(workspace, runs, RegistrySettings(max_records=2)) as registry:
+        task = await registry.launch(command=command, cwd=workspace, env={"AGENT_UPSTREAM_LOGS": os.pathsep.join(paths)})
+        with anyio.fail_after(20):
+            await task.done.wait()
+        listed = runs / f"{task.record.task_id}.upstream-logs"
+        assert task.record.status == "completed", task.record.reason
+        assert (runs / f"{task.record.task_id}.log").read_text() == f"unset\n3000\n{paths[0]}\n"
+        assert listed.read_text() == "".join(p + "\n" for p in paths)
+        for _ in range(3):  # pruned with the task's other files
+            await (await registry.launch(command="true", cwd=workspace)).done.wait()
+        assert not listed.exists()
+
+
 # ------------------------------------------------------------------ 6. trust boundaries
 
 

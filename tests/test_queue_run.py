@@ -14,6 +14,7 @@ from agent_parallel.queue import claims
 from agent_parallel.server import build_server, views
 from agent_parallel.tasks.executor import LaunchSpec
 from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
+from agent_parallel.text import cut
 from conftest import call, call_error
 from queue_helpers import by_item, run_queue_to_end, statuses, write_config, write_item
 
@@ -171,6 +172,28 @@ async def test_pipeline_items_get_upstream_logs_and_ids(client, workspace):
     out = await run_queue_to_end(client)
     consumer = await call(client, "task_output", task_id=by_item(out)["002"]["task_id"])
     assert consumer["output"] == "001\nartefact-42\n"
+
+
+@pytest.mark.fault("items named with four digits (0001-pending-a.md, as a queue past 999 items is): a dependent got no "
+                   "AGENT_UPSTREAM_LOGS for them (the lookup compared '001' with '0001'); items now match by number")
+async def test_upstream_logs_whatever_the_ids_zero_padding(client, workspace):
+    for path in (write_item(workspace, 1, "produce", command="echo artefact-42"),
+                 write_item(workspace, 2, "consume", command='cat "$AGENT_UPSTREAM_LOGS"', blocked_by=[1])):
+        path.rename(path.with_name("0" + path.name))
+    out = await run_queue_to_end(client)
+    consumer = await call(client, "task_output", task_id=by_item(out)["0002"]["task_id"])
+    assert consumer["output"] == "artefact-42\n"
+
+
+@pytest.mark.fault("an item whose title is 200 KB: AGENT_ITEM_TITLE went over the kernel's 128 KiB limit for one "
+                   "environment entry and the item could not start; the variable now holds its first 1,000 characters")
+async def test_a_huge_title_is_cut_in_the_environment_not_refused(client, workspace):
+    title = "t" * 200_000
+    write_item(workspace, 1, "long", title=title, command='printf %s "$AGENT_ITEM_TITLE" | wc -c; head -c 3 "$AGENT_ITEM_FILE"')
+    out = await run_queue_to_end(client)
+    assert out["status"] == "completed", out
+    item = await call(client, "task_output", task_id=by_item(out)["001"]["task_id"])
+    assert item["output"] == f"{len(cut(title, 1000).encode())}\n---"  # the file has it whole
 
 
 async def test_run_only_selected_items_and_what_they_need(client, workspace):

@@ -50,13 +50,14 @@ from ..tasks.processes import same_process
 from ..tasks.logs import LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
 from ..tasks.registry import Task, TaskRegistry, wait_any
-from ..text import first_few
+from ..text import cut, first_few
 from ..worktrees import ShellStop, check_repository, release
 
 log = logging.getLogger(__name__)
 
 LAST_LINES = 10
 NOT_RECORDED = "its status could not be recorded in the queue"
+MAX_ENV_TITLE = 1000  # characters of an item's title in AGENT_ITEM_TITLE (the item file has it whole)
 MAX_REPORT_BYTES = 256 << 20  # a run's report: a few hundred bytes per item (10,000 items: a few MB)
 _T = TypeVar("_T")
 
@@ -241,7 +242,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
-    upstream = [t.record for dep in waits_on if (t := _latest_item_task(ctx.registry, format_id(dep)))]
+    upstream = [t.record for t in _completed_item_tasks(ctx.registry, list(waits_on))]
     try:
         if any(r.tail_segments for r in upstream):  # cut output is assembled in a file: off the loop
             upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
@@ -284,7 +285,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     isolated: Isolated | None = None
     prelude = b""
     workdir = ctx.root
-    env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title}
+    env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": cut(item.title, MAX_ENV_TITLE)}
     if waits_on:
         env["AGENT_UPSTREAM_ITEMS"] = " ".join(format_id(dep) for dep in waits_on)
     if upstream_logs:
@@ -487,11 +488,19 @@ def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float
                      "record it with update_item")
 
 
-def _latest_item_task(registry: TaskRegistry, item_id: str) -> Task | None:
-    for task in registry.newest_first():
-        if task.record.item_id == item_id and task.record.kind == "item" and task.record.status == TaskStatus.COMPLETED:
-            return task
-    return None
+def _completed_item_tasks(registry: TaskRegistry, ids: list[int]) -> list[Task]:
+    """The latest completed task of each item in ``ids`` that has one, in that order; items are
+    matched by number (a file may spell item 7 ``007`` or ``0007``), in one pass over the tasks."""
+    found: dict[int, Task] = {}
+    wanted = set(ids)
+    for task in registry.newest_first() if wanted else ():
+        rec = task.record
+        if rec.kind == "item" and rec.status == TaskStatus.COMPLETED and rec.item_id is not None \
+                and rec.item_id.isdigit() and (number := int(rec.item_id)) in wanted and number not in found:
+            found[number] = task
+            if len(found) == len(wanted):
+                break
+    return [found[i] for i in ids if i in found]
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:

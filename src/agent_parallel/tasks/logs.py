@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ..paths import atomic_temporary, open_regular, write_all
+from ..paths import atomic_temporary, open_regular, write_all, write_atomic
 
 if TYPE_CHECKING:
     from .records import TaskRecord
@@ -49,6 +49,31 @@ def upstream_path(runs_dir: Path, task_id: str) -> Path:
     return runs_dir / f"{task_id}.upstream.log"
 
 
+UPSTREAM_LOGS_VAR = "AGENT_UPSTREAM_LOGS"
+UPSTREAM_LOGS_FILE_VAR = "AGENT_UPSTREAM_LOGS_FILE"
+UPSTREAM_INLINE_BYTES = 64 << 10
+"""Past this, a task's upstream log paths go in a file: the kernel refuses an environment entry of
+128 KiB (a fan-in of a few thousand items would not start), and the whole environment is bounded too."""
+
+
+def upstream_list_path(runs_dir: Path, task_id: str) -> Path:
+    """Where ``spill_upstream_logs`` writes a task's upstream log paths, one per line."""
+    return runs_dir / f"{task_id}.upstream-logs"
+
+
+def spill_upstream_logs(runs_dir: Path, task_id: str, env: dict[str, str]) -> None:
+    """When ``env``'s ``AGENT_UPSTREAM_LOGS`` is too long for one environment entry
+    (``UPSTREAM_INLINE_BYTES``), write its paths to a file, one per line, and give the task
+    ``AGENT_UPSTREAM_LOGS_FILE`` naming it instead. Raises ``OSError`` when it cannot be written."""
+    value = env.get(UPSTREAM_LOGS_VAR)
+    if value is None or len(os.fsencode(value)) < UPSTREAM_INLINE_BYTES:
+        return
+    path = upstream_list_path(runs_dir, task_id)
+    write_atomic(path, "".join(p + "\n" for p in value.split(os.pathsep)).encode())
+    del env[UPSTREAM_LOGS_VAR]
+    env[UPSTREAM_LOGS_FILE_VAR] = str(path)
+
+
 def record_path(runs_dir: Path, task_id: str) -> Path:
     """The task's record (``records.save_record``, the registry's batched saves)."""
     return runs_dir / f"{task_id}.json"
@@ -58,7 +83,7 @@ def task_files(runs_dir: Path, task_id: str, segments: list[int]) -> list[Path]:
     """Every file a task may have in ``runs_dir``, by exact name (for pruning: never a pattern)."""
     record = record_path(runs_dir, task_id)
     return [record, atomic_temporary(record), log_paths(runs_dir, task_id)[0],
-            upstream_path(runs_dir, task_id), runs_dir / f"{task_id}.report.json",
+            upstream_path(runs_dir, task_id), upstream_list_path(runs_dir, task_id), runs_dir / f"{task_id}.report.json",
             *(tail_segment_path(runs_dir, task_id, s) for s in segments)]
 
 

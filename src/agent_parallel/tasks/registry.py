@@ -39,7 +39,7 @@ from .group_commit import SOON_DELAY_S, GroupCommit
 from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
 from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path, recover_log_extent,
-                   task_files, upstream_log_path)
+                   spill_upstream_logs, task_files, upstream_log_path)
 from .processes import TASK_ID_VAR, describe_survivors, kill_tasks_now, process_start_time, same_process
 from .records import (Cancelled, Failed, FailedToStart, Interrupted, Outcome, ProcessRef, Running, Skipped, Succeeded,
                       TaskKind, TaskRecord, TaskStatus, TimedOut, is_group_id, journal_replaces, load_records,
@@ -311,6 +311,11 @@ class TaskRegistry:
         spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv,
                           env={**(env or {}), TASK_ID_VAR: task_id},  # what finds its processes (processes.py)
                           stdin_path=stdin_path, resources=dict(resources or {}))
+        try:  # (a queue item's upstream logs: a fan-in of thousands of items; one small file, on the loop, rarely)
+            spill_upstream_logs(self.runs_dir, task_id, spec.env)
+        except OSError as exc:
+            raise StorageError(f"cannot start {what}: its upstream log paths could not be written to a file: "
+                               f"{os_error_text(exc)}") from exc
         if problem := check_launch_strings(spec):
             raise UsageError(f"cannot start {what}: {problem}")
         shown = command if command is not None else " ".join(argv or [])
@@ -637,12 +642,15 @@ class TaskRegistry:
                     because=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run"))
                 return False
             if "AGENT_UPSTREAM_LOGS" not in spec.env:
+                def hand_over() -> None:
+                    paths = [str(upstream_log_path(self.runs_dir, p.record)) for p in predecessors]
+                    spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
+                    spill_upstream_logs(self.runs_dir, rec.task_id, spec.env)  # (256 paths of 500 characters)
+
                 try:
-                    paths = await anyio.to_thread.run_sync(
-                        lambda: [str(upstream_log_path(self.runs_dir, p.record)) for p in predecessors])
+                    await anyio.to_thread.run_sync(hand_over)
                 except OSError as exc:
                     raise _TaskFailure(f"could not hand over its predecessors' output: {os_error_text(exc)}") from exc
-                spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
         try:  # on the event loop: one small file, created as the task starts
             task.log = LogWriter(self.runs_dir, rec.task_id, self.settings.log_cap_bytes)
             if task.prelude:
