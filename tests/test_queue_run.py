@@ -177,12 +177,25 @@ async def test_pipeline_items_get_upstream_logs_and_ids(client, workspace):
 @pytest.mark.fault("items named with four digits (0001-pending-a.md, as a queue past 999 items is): a dependent got no "
                    "AGENT_UPSTREAM_LOGS for them (the lookup compared '001' with '0001'); items now match by number")
 async def test_upstream_logs_whatever_the_ids_zero_padding(client, workspace):
-    for path in (write_item(workspace, 1, "produce", command="echo artefact-42"),
-                 write_item(workspace, 2, "consume", command='cat "$AGENT_UPSTREAM_LOGS"', blocked_by=[1])):
+    def four_digits(path: Path) -> None:
+        path.rename(path.with_name("0" + path.name))
+
+    four_digits(write_item(workspace, 1, "produce", command="echo artefact-42"))
+    four_digits(write_item(workspace, 2, "consume", command='echo "$AGENT_UPSTREAM_ITEMS"; cat "$AGENT_UPSTREAM_LOGS"',
+                           blocked_by=[1]))
+    started = await call(client, "run_queue")
+    assert started["items"] == ["0001", "0002"]  # spelled as the files spell them, as queue_plan does
+    out = await call(client, "task_output", task_id=started["run_id"], timeout=30)
+    consumer = await call(client, "task_output", task_id=by_item(out)["0002"]["task_id"])
+    assert consumer["output"] == "0001\nartefact-42\n"
+
+
+async def test_a_run_names_items_as_their_files_do(client, workspace):
+    for i, command in ((1, "exit 3"), (2, "true")):
+        path = write_item(workspace, i, f"i{i}", command=command, blocked_by=[1] if i == 2 else [])
         path.rename(path.with_name("0" + path.name))
     out = await run_queue_to_end(client)
-    consumer = await call(client, "task_output", task_id=by_item(out)["0002"]["task_id"])
-    assert consumer["output"] == "artefact-42\n"
+    assert by_item(out)["0002"]["outcome"] == "skipped" and by_item(out)["0002"]["waited_on"] == "0001"
 
 
 @pytest.mark.fault("an item whose title is 200 KB: AGENT_ITEM_TITLE went over the kernel's 128 KiB limit for one "

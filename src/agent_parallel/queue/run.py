@@ -287,7 +287,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     workdir = ctx.root
     env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": cut(item.title, MAX_ENV_TITLE)}
     if waits_on:
-        env["AGENT_UPSTREAM_ITEMS"] = " ".join(format_id(dep) for dep in waits_on)
+        env["AGENT_UPSTREAM_ITEMS"] = " ".join(graph.label(dep) for dep in waits_on)
     if upstream_logs:
         env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(p) for p in upstream_logs)
     setup: SetupFirst | None = None
@@ -918,7 +918,7 @@ class QueueRun:
     def _follow(self, item_id: int, why: str) -> None:
         """Follow an item someone else claimed until it leaves in_progress (see the class docstring)."""
         self.watching[item_id] = why
-        self._write(f"{format_id(item_id)}: {why}; following it")
+        self._write(f"{self.graph.label(item_id)}: {why}; following it")
         assert self._tg is not None
         self._tg.start_soon(self._watch, item_id)
 
@@ -938,7 +938,7 @@ class QueueRun:
         """Act on where an item held elsewhere went."""
         self.watching.pop(item_id, None)
         member = item_id in self._member_set
-        label = format_id(item_id)
+        label = self.graph.label(item_id)
         item = self.graph.by_id.get(item_id)
         if where.status == "pending" and member:  # given back: try to claim it ourselves
             self._retry.append(item_id)
@@ -1029,7 +1029,7 @@ class QueueRun:
 
     def _failure(self, item_id: int, where: str = "") -> None:
         """An item failed (here, or elsewhere as ``where`` says): skip what waits on it; maybe stop."""
-        label = format_id(item_id)
+        label = self.graph.label(item_id)
         for node in self.scheduler.finished(item_id, ok=False):
             self._record(self.graph.by_id[node], "skipped", waited_on=label, reason=f"waits on {label}, which failed{where}")
         if self.options.stops_on_first_failure and self.state == "running":
@@ -1066,7 +1066,7 @@ class QueueRun:
         for item_id in self.scheduler.not_started():
             if item_id not in self.outcomes:
                 item = self.graph.by_id[item_id]
-                waits = [format_id(d) + (f" ({note})" if (note := self._elsewhere.get(d) or self.watching.get(d)) else "")
+                waits = [self.graph.label(d) + (f" ({note})" if (note := self._elsewhere.get(d) or self.watching.get(d)) else "")
                          for d in self.graph.waits_on.get(item_id, []) if d not in self.scheduler.done]
                 why = self.stop_reason or (f"waits on {', '.join(waits)}" if waits else "never became ready")
                 self._record(item, "not_started", reason=why)

@@ -24,7 +24,7 @@ from ..queue.claims import find_item, move_item, parse_item_id, release_stale_cl
 from .output_filter import OutputFilter
 from ..queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page
 from ..queue.planner import QueuePlanPage
-from ..queue.items import QueueReader, format_id
+from ..queue.items import QueueReader
 from ..queue.run import check_ready, launch_item, run_of, start_run
 from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
                        TaskSummary, TaskView, iso)
@@ -385,7 +385,7 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
                                          continue_on_error=continue_on_error, items=items)
         run = run_of(task)
         assert run is not None
-        planned = [format_id(i) for i in run.members]
+        planned = [run.graph.label(i) for i in run.members]
         return RunStarted(
             run_id=task.record.task_id, status=task.record.status, level=run.options.level,
             continue_on_error=run.options.continue_on_error, max_parallel=run.options.max_parallel, items=planned, predicted_makespan=run.predicted, lower_bound=run.lower_bound,
