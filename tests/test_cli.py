@@ -62,6 +62,8 @@ def test_run_exit_codes_and_summary(workspace):
     run_id = json.loads(first_report.read_text())["run_id"]
     chart = cli("report", run_id, "--root", str(workspace), "--gantt")
     assert chart.returncode == 0 and chart.stdout.startswith("gantt\n") and ":done, i001, " in chart.stdout
+    assert f"title Run {run_id}: makespan " in chart.stdout  # the report's line: no estimates, so no lower bound
+    assert "(no item has an estimate: nothing to compare it with)" in chart.stdout
     missing = cli("report", "nosuchrun", "--root", str(workspace))
     assert missing.returncode == 2 and "no finished run 'nosuchrun'" in missing.stderr
 
