@@ -530,7 +530,7 @@ async def test_pipeline_successor_reads_head_marker_and_tail(workspace):
 
 
 @pytest.mark.fault("a fan-in of thousands of items: AGENT_UPSTREAM_LOGS went over the kernel's 128 KiB limit for one "
-                   "environment entry and the task could not start; past 64 KiB the paths go to a file named by "
+                   "environment entry and the task could not start; such a list now goes to a file named by "
                    "AGENT_UPSTREAM_LOGS_FILE, one per line")
 async def test_an_upstream_list_too_long_for_the_environment_goes_to_a_file(workspace):
     runs = runs_of(workspace)

@@ -51,9 +51,6 @@ def upstream_path(runs_dir: Path, task_id: str) -> Path:
 
 UPSTREAM_LOGS_VAR = "AGENT_UPSTREAM_LOGS"
 UPSTREAM_LOGS_FILE_VAR = "AGENT_UPSTREAM_LOGS_FILE"
-UPSTREAM_INLINE_BYTES = 64 << 10
-"""Past this, a task's upstream log paths go in a file: the kernel refuses an environment entry of
-128 KiB (a fan-in of a few thousand items would not start), and the whole environment is bounded too."""
 
 
 def upstream_list_path(runs_dir: Path, task_id: str) -> Path:
@@ -61,12 +58,13 @@ def upstream_list_path(runs_dir: Path, task_id: str) -> Path:
     return runs_dir / f"{task_id}.upstream-logs"
 
 
-def spill_upstream_logs(runs_dir: Path, task_id: str, env: dict[str, str]) -> None:
-    """When ``env``'s ``AGENT_UPSTREAM_LOGS`` is too long for one environment entry
-    (``UPSTREAM_INLINE_BYTES``), write its paths to a file, one per line, and give the task
-    ``AGENT_UPSTREAM_LOGS_FILE`` naming it instead. Raises ``OSError`` when it cannot be written."""
+def spill_upstream_logs(runs_dir: Path, task_id: str, env: dict[str, str], limit: int) -> None:
+    """When ``env``'s ``AGENT_UPSTREAM_LOGS`` is too long for one environment entry (``NAME=value``
+    and its NUL would reach ``limit`` bytes, which the kernel refuses: a fan-in of a few thousand
+    items), write its paths to a file, one per line, and give the task ``AGENT_UPSTREAM_LOGS_FILE``
+    naming it instead. Raises ``OSError`` when it cannot be written."""
     value = env.get(UPSTREAM_LOGS_VAR)
-    if value is None or len(os.fsencode(value)) < UPSTREAM_INLINE_BYTES:
+    if value is None or len(UPSTREAM_LOGS_VAR) + 2 + len(os.fsencode(value)) < limit:
         return
     path = upstream_list_path(runs_dir, task_id)
     write_atomic(path, "".join(p + "\n" for p in value.split(os.pathsep)).encode())

@@ -34,7 +34,7 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Shu
                       os_error_text)
 from ..paths import ensure_runs_dir
 from ..text import short_repr
-from .executor import Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
+from .executor import MAX_ARG_BYTES, Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .group_commit import SOON_DELAY_S, GroupCommit
 from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
@@ -305,14 +305,14 @@ class TaskRegistry:
                     group: GroupSlots | None, resources: dict[str, float] | None = None, what: str = "the task",
                     ) -> tuple[TaskRecord, LaunchSpec, builtins.list[Task]]:
         """A new task's record and launch spec, checked (``UsageError`` naming ``what``, ``UnknownTask``);
-        nothing registered."""
+        nothing registered (an upstream list too long for the environment is written to its file)."""
         predecessors = [self.get(p) for p in (after or [])]
         task_id = self._new_id()
         spec = LaunchSpec(task_id=task_id, cwd=cwd, command=command, argv=argv,
                           env={**(env or {}), TASK_ID_VAR: task_id},  # what finds its processes (processes.py)
                           stdin_path=stdin_path, resources=dict(resources or {}))
         try:  # (a queue item's upstream logs: a fan-in of thousands of items; one small file, on the loop, rarely)
-            spill_upstream_logs(self.runs_dir, task_id, spec.env)
+            spill_upstream_logs(self.runs_dir, task_id, spec.env, MAX_ARG_BYTES)
         except OSError as exc:
             raise StorageError(f"cannot start {what}: its upstream log paths could not be written to a file: "
                                f"{os_error_text(exc)}") from exc
@@ -645,7 +645,7 @@ class TaskRegistry:
                 def hand_over() -> None:
                     paths = [str(upstream_log_path(self.runs_dir, p.record)) for p in predecessors]
                     spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
-                    spill_upstream_logs(self.runs_dir, rec.task_id, spec.env)  # (256 paths of 500 characters)
+                    spill_upstream_logs(self.runs_dir, rec.task_id, spec.env, MAX_ARG_BYTES)  # (256 paths of 500 characters)
 
                 try:
                     await anyio.to_thread.run_sync(hand_over)
