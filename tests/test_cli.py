@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 
+from conftest import all_dead_soon, read_pids
 from queue_helpers import statuses, write_item
 
 SCRIPT = Path(sys.executable).parent / "agent-parallel"
@@ -152,3 +155,34 @@ async def test_status_shows_tasks_launched_a_moment_ago_whose_record_files_are_n
     assert listed.returncode == 0, listed.stderr
     assert "echo waiting-member" in listed.stdout and listed.stdout.count("sleep 30") == 2
     assert "pruned long ago" not in listed.stdout and "forged" not in listed.stdout
+
+
+@pytest.mark.fault("Ctrl-C on `agent-parallel run` (untested before): the run stops at once, every command it started "
+                   "is killed, each item says it was cancelled with its run, and the run says who stopped it")
+def test_run_interrupted_with_ctrl_c_stops_everything_and_says_so(workspace):
+    pids = workspace / "pids"
+    for i in (1, 2):
+        write_item(workspace, i, f"slow{i}", command=f"sleep 60 & echo $$ $! >> {pids}; wait", files=[f"f{i}"])
+    proc = subprocess.Popen([str(SCRIPT), "run", "--root", str(workspace), "--max-parallel", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(workspace)})
+    try:
+        deadline = time.monotonic() + 30
+        while len(read_pids(pids)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = read_pids(pids)
+        assert len(started) == 4
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert "interrupted: stopping the run" in out and "stopped: the run was cancelled" in out
+    assert out.count("cancelled with its run") == 2
+    assert all_dead_soon(started)
+    assert statuses(workspace) == {"001": "failed", "002": "failed"}
+    [record] = [json.loads(p.read_text()) for p in (workspace / ".agent/runs").glob("*.json")
+                if json.loads(p.read_text()).get("kind") == "run"]
+    assert record["state"]["outcome"]["reason"] == "stopped by Ctrl-C (SIGINT) in the terminal that ran it"

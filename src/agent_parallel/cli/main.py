@@ -198,9 +198,10 @@ def _run(args: argparse.Namespace) -> int:
             async with anyio.create_task_group() as tg:
                 async def cancel_on_interrupt() -> None:
                     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for _ in signals:
+                        async for signum in signals:
                             console.print(Text("interrupted: stopping the run", style="red"))
-                            await registry.cancel(task)
+                            how = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+                            await registry.cancel(task, f"stopped by {how} in the terminal that ran it")
                             return
 
                 tg.start_soon(cancel_on_interrupt)

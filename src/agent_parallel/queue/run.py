@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 LAST_LINES = 10
 NOT_RECORDED = "its status could not be recorded in the queue"
+ITS_RUN_CANCELLED = "cancelled with its run"  # the reason of an item a run's cancel stopped
 MAX_ENV_TITLE = 1000  # characters of an item's title in AGENT_ITEM_TITLE (the item file has it whole)
 MAX_REPORT_BYTES = 256 << 20  # a run's report: a few hundred bytes per item (10,000 items: a few MB)
 _T = TypeVar("_T")
@@ -729,7 +730,7 @@ class QueueRun:
         self.shell_stop.stop()
         async with anyio.create_task_group() as tg:
             for slot in list(self.running.values()):
-                tg.start_soon(self.ctx.registry.cancel, slot.task)
+                tg.start_soon(self.ctx.registry.cancel, slot.task, ITS_RUN_CANCELLED)
 
     # -- the loop
     async def _loop(self) -> None:
@@ -896,7 +897,7 @@ class QueueRun:
         self.running[item_id] = _Slot(item, task, isolated, is_agent_item(self.ctx.config, item))
         self._write(f"started {item.id_str} ({item.title}) as task {task.record.task_id}")
         if self._cancelled and self._tg is not None:  # cancelled while it was starting
-            self._tg.start_soon(self.ctx.registry.cancel, task)
+            self._tg.start_soon(self.ctx.registry.cancel, task, ITS_RUN_CANCELLED)
         self._changed()
         return True
 

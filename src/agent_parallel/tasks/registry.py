@@ -114,6 +114,7 @@ class Task:
     job: Job | None = None  # the task's job once started (a finished job stays readable)
     log: LogWriter | None = None
     cancel_requested: bool = False
+    cancel_reason: str = "cancelled by cancel_task"  # its reason once cancelled (who stopped it)
     waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
     on_finish: FollowUp | None = None
     active: bool = False  # counted in the registry's queued-or-running tally
@@ -458,10 +459,13 @@ class TaskRegistry:
             return True
         return False
 
-    async def cancel(self, task: Task) -> bool:
-        """Stop a task and everything it started; False if it had already finished."""
+    async def cancel(self, task: Task, reason: str | None = None) -> bool:
+        """Stop a task and everything it started; False if it had already finished. ``reason``: who
+        stopped it, for its record (default "cancelled by cancel_task"; the first cancel's counts)."""
         if task.record.is_done:
             return False
+        if reason is not None and not task.cancel_requested:
+            task.cancel_reason = reason
         task.cancel_requested = True
         if not task.dispatched:  # a group member waiting for its turn: no coroutine of its own
             await self._end_undispatched(task)
@@ -834,7 +838,7 @@ class TaskRegistry:
         if self._closing:
             outcome = Interrupted(reason="the server shut down while this task was running", **exits)
         elif task.cancel_requested:
-            outcome = Cancelled(reason="cancelled by cancel_task", **exits)
+            outcome = Cancelled(reason=task.cancel_reason, **exits)
         elif timed_out or info.timed_out:
             outcome = TimedOut(reason=f"killed after its timeout of {rec.timeout_s:g} s" if timed_out
                                else "its last attempt was killed after its timeout", **exits)
