@@ -11,7 +11,8 @@ import pytest
 from mcp import Client
 
 from agent_parallel.queue import claims
-from agent_parallel.server import build_server, views
+from agent_parallel.config import load_config
+from agent_parallel.server import ServerSettings, build_server, views
 from agent_parallel.tasks.executor import LaunchSpec
 from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from agent_parallel.text import cut
@@ -437,3 +438,23 @@ def test_the_counts_text_is_written_in_one_place():
                            running=[], predicted_makespan=1.0, lower_bound=1.0)
     assert progress.counts_text() == "1 completed, 2 running, 3 waiting"
     assert progress.model_copy(update={"counts": {"running": 0}}).counts_text() == "no items"
+
+
+@pytest.mark.fault("a run longer than tasks.max_tasks: the oldest item tasks were pruned while it ran, so a late "
+                   "item waiting on early ones silently got no AGENT_UPSTREAM_LOGS for them; a run now keeps the "
+                   "output its items will read until it ends")
+async def test_a_run_keeps_the_upstream_output_its_items_need_past_max_tasks(workspace):
+    write_config(workspace, tasks={"max_tasks": 3}, autonomy={"max_parallel": 1})
+    write_item(workspace, 1, "early", command="echo from-1")  # done before the run: its output is kept too
+    async with Client(build_server(workspace, ServerSettings.from_config(load_config(workspace)[0],
+                                                                          kill_grace_s=0.5, min_free_memory=0))) as client:
+        await run_queue_to_end(client)
+        for i in range(2, 6):
+            write_item(workspace, i, f"i{i}", command=f"echo from-{i}")
+        write_item(workspace, 6, "join", command='cat $(echo "$AGENT_UPSTREAM_LOGS" | tr : " ") | sort | tr "\\n" " "',
+                   blocked_by=[1, 2, 3, 4, 5])
+        out = await run_queue_to_end(client)
+        join = await call(client, "task_output", task_id=by_item(out)["006"]["task_id"])
+        assert join["output"] == "from-1 from-2 from-3 from-4 from-5 "
+        await call(client, "launch_task", command="true", run_in_background=False)  # pruned again once it ended
+        assert len(list((workspace / ".agent/runs").glob("*.log"))) <= 3

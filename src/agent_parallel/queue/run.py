@@ -682,6 +682,7 @@ class QueueRun:
         self.scheduler = Scheduler(self.graph)
         self.members = self.scheduler.not_started()  # the pending items this run considers, best first
         self._member_set = set(self.members)
+        self._pinned: list[Task] = []  # item tasks whose output its items will read: kept while it runs (``_loop``)
         self.predicted = simulate(self.graph, options.max_parallel).makespan_ms / 1000
         self.lower_bound = lower_bound_ms(self.graph, options.max_parallel) / 1000
         self.unestimated = sum(1 for m in self.members if self.graph.by_id[m].estimate_s is None)
@@ -734,9 +735,16 @@ class QueueRun:
 
     # -- the loop
     async def _loop(self) -> None:
+        # the output its items will be handed (AGENT_UPSTREAM_LOGS) is kept past tasks.max_tasks until it
+        # ends: that of items done before it from now, that of its own items as they start (``_start``)
+        before = sorted({d for m in self.members for d in self.graph.waits_on.get(m, ()) if d not in self._member_set})
+        self._pinned += _completed_item_tasks(self.ctx.registry, before)
+        self.ctx.registry.pin(self._pinned)
         try:
             await self._turns()
         finally:  # whatever ended the loop, no item's end move is left waiting for a claim
+            self.ctx.registry.unpin(self._pinned)  # its items' dependents have all ended
+            self._pinned = []
             self.mover.closed = True
             await self.mover.flush()
         self.state = "finished"
@@ -895,6 +903,9 @@ class QueueRun:
         if self.first_start is None:
             self.first_start = task.record.started_at or time.time()
         self.running[item_id] = _Slot(item, task, isolated, is_agent_item(self.ctx.config, item))
+        if any(d in self._member_set for d in self.graph.unblocks.get(item_id, ())):  # read by a later item
+            self._pinned.append(task)
+            self.ctx.registry.pin([task])
         self._write(f"started {item.id_str} ({item.title}) as task {task.record.task_id}")
         if self._cancelled and self._tg is not None:  # cancelled while it was starting
             self._tg.start_soon(self.ctx.registry.cancel, task, ITS_RUN_CANCELLED)

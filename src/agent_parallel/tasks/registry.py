@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +124,7 @@ class Task:
     prelude: bytes = b""  # written at the head of its log when the log is opened
     follow_up_timeout: float = FOLLOW_UP_TIMEOUT_S
     finishing: bool = False  # _finish has begun: it runs once
+    pins: int = 0  # kept past ``max_records`` while pinned (``TaskRegistry.pin``)
     storage_error: str | None = None  # its running record could not be written: it was stopped, and fails
 
     @property
@@ -474,6 +475,17 @@ class TaskRegistry:
         await task.done.wait()
         return True
 
+    def pin(self, tasks: Iterable[Task]) -> None:
+        """Keep these tasks' records and logs past ``max_records`` until ``unpin``: a queue run's
+        items whose dependents will read their output (``AGENT_UPSTREAM_LOGS``) while the run goes on."""
+        for task in tasks:
+            task.pins += 1
+
+    def unpin(self, tasks: Iterable[Task]) -> None:
+        """Undo ``pin`` (the next prune may take them)."""
+        for task in tasks:
+            task.pins -= 1
+
     async def records_saved(self) -> None:
         """Return once no final record is being written (they are saved in worker threads)."""
         while not self._saved.is_set():
@@ -506,11 +518,11 @@ class TaskRegistry:
         return task_id
 
     def _excess(self) -> builtins.list[Task]:
-        """The oldest finished tasks beyond ``max_records`` (insertion order is age)."""
+        """The oldest finished tasks beyond ``max_records`` (insertion order is age), pinned ones left."""
         excess = len(self._tasks) - self.settings.max_records
         if excess <= 0:
             return []
-        return [t for t in self._tasks.values() if t.record.is_done][:excess]
+        return [t for t in self._tasks.values() if t.record.is_done and not t.pins][:excess]
 
     def _forget(self, tasks: builtins.list[Task]) -> builtins.list[Path]:
         """Drop ``tasks`` from the registry; the files to delete (exact names, never a pattern)."""
