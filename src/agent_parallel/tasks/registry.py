@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import itertools
 import math
 import os
 import time
@@ -522,7 +523,8 @@ class TaskRegistry:
         excess = len(self._tasks) - self.settings.max_records
         if excess <= 0:
             return []
-        return [t for t in self._tasks.values() if t.record.is_done and not t.pins][:excess]
+        # (the oldest are the first found: a launch at the cap looks at a few tasks, not at all of them)
+        return list(itertools.islice((t for t in self._tasks.values() if t.record.is_done and not t.pins), excess))
 
     def _forget(self, tasks: builtins.list[Task]) -> builtins.list[Path]:
         """Drop ``tasks`` from the registry; the files to delete (exact names, never a pattern)."""
@@ -537,8 +539,11 @@ class TaskRegistry:
         return paths
 
     async def _prune(self) -> None:
-        """Forget the oldest finished tasks beyond ``max_records`` and delete their files (off the loop)."""
-        if paths := self._forget(self._excess()):
+        """Forget the oldest finished tasks beyond ``max_records`` and delete their files (off the loop),
+        in batches of up to 1 % of the cap (at most 32): at the cap every launch would otherwise pay
+        a worker-thread hop for one task's files."""
+        batch = max(1, min(32, self.settings.max_records // 100))
+        if len(self._tasks) - self.settings.max_records >= batch and (paths := self._forget(self._excess())):
             await anyio.to_thread.run_sync(_unlink_all, paths)
 
     def _load_history(self) -> None:
