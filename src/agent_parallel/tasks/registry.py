@@ -16,8 +16,8 @@ Blocking work (record saves, log reads, looking through /proc) runs in worker th
 from __future__ import annotations
 
 import builtins
-import logging
 import itertools
+import logging
 import math
 import os
 import time
