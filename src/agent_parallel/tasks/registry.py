@@ -141,6 +141,7 @@ class TaskRegistry:
         self._new_task_id = new_id
         self._server = (os.getpid(), process_start_time(os.getpid()))
         self._tasks: dict[str, Task] = {}
+        self._prune_at = 0  # no prune before the registry holds this many tasks (``_prune``)
         self._groups: dict[str, builtins.list[str]] = {}  # group id -> its members' task ids, in launch order
         self._group_wakers: dict[str, anyio.CancelScope] = {}  # groups waiting for their predecessors
         self._closing = False
@@ -543,7 +544,12 @@ class TaskRegistry:
         in batches of up to 1 % of the cap (at most 32): at the cap every launch would otherwise pay
         a worker-thread hop for one task's files."""
         batch = max(1, min(32, self.settings.max_records // 100))
-        if len(self._tasks) - self.settings.max_records >= batch and (paths := self._forget(self._excess())):
+        if len(self._tasks) - self.settings.max_records < batch or len(self._tasks) < self._prune_at:
+            return
+        paths = self._forget(self._excess())
+        if len(self._tasks) - self.settings.max_records >= batch:  # pinned or live tasks held some back:
+            self._prune_at = len(self._tasks) + batch  # look again a batch later, not at every launch
+        if paths:
             await anyio.to_thread.run_sync(_unlink_all, paths)
 
     def _load_history(self) -> None:
