@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import UsageError
-from ..paths import RUNS_DIR, resolve_inside, runs_dir, write_atomic
+from ..paths import RUNS_DIR, read_regular, resolve_inside, runs_dir, write_atomic
 
 TIMES_FILE = "integration-times.json"
 MAX_SAMPLES = 50
@@ -52,18 +50,9 @@ def load_samples(root: Path) -> list[Sample]:
     except UsageError:
         return []  # a runs directory pointing outside the workspace is never read
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular(path, MAX_FILE_BYTES)
     except OSError:
-        return []  # absent, a symlink, unreadable
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
-            return []  # a FIFO or device would hang or never end; a huge file is not ours
-        data = os.read(fd, MAX_FILE_BYTES + 1)
-    except OSError:
-        return []
-    finally:
-        os.close(fd)
+        return []  # absent, a symlink, a FIFO or device (which would hang or never end), unreadable, or too big to be ours
     try:
         parsed = json.loads(data)
     except (ValueError, RecursionError):
