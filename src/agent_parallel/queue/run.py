@@ -47,7 +47,7 @@ from .items import QueueReader, WorkItem, format_id
 from ..results import AgentUsage, ItemOutcome, RunningItem, RunProgress
 from ..tasks.executor import ExitInfo
 from ..tasks.processes import same_process
-from ..tasks.logs import LogWriter, upstream_log_path
+from ..tasks.logs import UPSTREAM_LOGS_VAR, LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
 from ..tasks.registry import Task, TaskRegistry, wait_any
 from ..text import cut, first_few
@@ -290,7 +290,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     if waits_on:
         env["AGENT_UPSTREAM_ITEMS"] = " ".join(graph.label(dep) for dep in waits_on)
     if upstream_logs:
-        env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(str(p) for p in upstream_logs)
+        env[UPSTREAM_LOGS_VAR] = os.pathsep.join(str(p) for p in upstream_logs)
     setup: SetupFirst | None = None
     if isolating and stop is None:
         # a launch_task: answered at once, the worktree and its setup being the task's first step

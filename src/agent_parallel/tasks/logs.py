@@ -59,12 +59,12 @@ def upstream_list_path(runs_dir: Path, task_id: str) -> Path:
 
 
 def spill_upstream_logs(runs_dir: Path, task_id: str, env: dict[str, str], limit: int) -> None:
-    """When ``env``'s ``AGENT_UPSTREAM_LOGS`` is too long for one environment entry (``NAME=value``
-    and its NUL would reach ``limit`` bytes, which the kernel refuses: a fan-in of a few thousand
-    items), write its paths to a file, one per line, and give the task ``AGENT_UPSTREAM_LOGS_FILE``
-    naming it instead. Raises ``OSError`` when it cannot be written."""
+    """When ``env``'s ``AGENT_UPSTREAM_LOGS`` is too long for one environment entry (``NAME=value`` of
+    ``limit`` bytes or more, which the kernel refuses and ``check_launch_strings`` would: a fan-in of a
+    few thousand items), write its paths to a file, one per line, and give the task
+    ``AGENT_UPSTREAM_LOGS_FILE`` naming it instead. Raises ``OSError`` when it cannot be written."""
     value = env.get(UPSTREAM_LOGS_VAR)
-    if value is None or len(UPSTREAM_LOGS_VAR) + 2 + len(os.fsencode(value)) < limit:
+    if value is None or len(UPSTREAM_LOGS_VAR) + 1 + len(os.fsencode(value)) < limit:
         return
     path = upstream_list_path(runs_dir, task_id)
     write_atomic(path, "".join(p + "\n" for p in value.split(os.pathsep)).encode())

@@ -39,8 +39,8 @@ from .executor import MAX_ARG_BYTES, Executor, ExecutorError, ExitInfo, LaunchSp
 from .group_commit import SOON_DELAY_S, GroupCommit
 from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
-from .logs import (LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path, recover_log_extent,
-                   spill_upstream_logs, task_files, upstream_log_path)
+from .logs import (UPSTREAM_LOGS_VAR, LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path,
+                   recover_log_extent, spill_upstream_logs, task_files, upstream_log_path)
 from .processes import TASK_ID_VAR, describe_survivors, kill_tasks_now, process_start_time, same_process
 from .records import (Cancelled, Failed, FailedToStart, Interrupted, Outcome, ProcessRef, Running, Skipped, Succeeded,
                       TaskKind, TaskRecord, TaskStatus, TimedOut, is_group_id, journal_replaces, load_records,
@@ -668,10 +668,10 @@ class TaskRegistry:
                 await self._finish(task, Skipped(
                     because=f"predecessor {first.task_id} ended {first.status.value}, so this task did not run"))
                 return False
-            if "AGENT_UPSTREAM_LOGS" not in spec.env:
+            if UPSTREAM_LOGS_VAR not in spec.env:
                 def hand_over() -> None:
                     paths = [str(upstream_log_path(self.runs_dir, p.record)) for p in predecessors]
-                    spec.env["AGENT_UPSTREAM_LOGS"] = os.pathsep.join(paths)
+                    spec.env[UPSTREAM_LOGS_VAR] = os.pathsep.join(paths)
                     spill_upstream_logs(self.runs_dir, rec.task_id, spec.env, MAX_ARG_BYTES)  # (256 paths of 500 characters)
 
                 try:
