@@ -436,15 +436,18 @@ async def bench_big(root: Path, rep: Report, nbytes: int) -> None:
 
 
 # --------------------------------------------------------------------------- 5. a long history
-async def bench_history(root: Path, rep: Report, n_history: int, n: int, *, at_cap: bool = False) -> None:
+async def bench_history(root: Path, rep: Report, n_history: int, n: int, *, at_cap: bool = False,
+                        crashed: bool = False) -> None:
     """launch_task RT and server RSS when the workspace already holds ``n_history`` finished tasks;
-    ``at_cap``: with ``tasks.max_tasks`` set to ``n_history``, so that every launch prunes the oldest.
+    ``at_cap``: with ``tasks.max_tasks`` set to ``n_history``, so that every launch prunes the oldest;
+    ``crashed``: the tasks were left running by a server that died (killed, the machine rebooted), so
+    the server interrupts each one as it starts (their processes are looked for, each record rewritten).
 
     The records are written straight to .agent/runs/ (the server loads them at start-up), using the
     package's own record model so the format stays right; skipped if that model is not importable.
     """
     try:
-        from agent_parallel.tasks.records import TaskRecord, TaskStatus, new_task_id
+        from agent_parallel.tasks.records import Ended, Running, Succeeded, TaskRecord, new_task_id
     except ImportError as exc:
         rep.anomalies.append(f"history bench skipped: cannot import the record model ({exc})")
         return
@@ -455,8 +458,8 @@ async def bench_history(root: Path, rep: Report, n_history: int, n: int, *, at_c
     now = time.time()
     for i in range(n_history):
         t = now - n_history + i
-        rec = TaskRecord(task_id=new_task_id(), command="true", cwd=str(root), status=TaskStatus.COMPLETED,
-                         created_at=t, started_at=t, ended_at=t + 0.001, exit_code=0)
+        state = Running(started_at=t) if crashed else Ended(started_at=t, ended_at=t + 0.001, outcome=Succeeded())
+        rec = TaskRecord(task_id=new_task_id(), command="true", cwd=str(root), created_at=t, state=state)
         (runs / f"{rec.task_id}.json").write_text(rec.model_dump_json())
         (runs / f"{rec.task_id}.log").write_bytes(b"")
     t0 = time.perf_counter()
@@ -473,6 +476,11 @@ async def bench_history(root: Path, rep: Report, n_history: int, n: int, *, at_c
         listed = await call(c, "list_tasks", {"limit": 10})
         list_s = time.perf_counter() - t1
         rss = proc_status(pid, "VmRSS") if pid else None
+    if crashed:
+        rep.add("5 history", f"server start + connect with {n_history:,} tasks a crashed server left running",
+                f"{startup:.2f} s", "-", None, note="each interrupted and its record rewritten durably; "
+                f"launch_task RT p50 after it {ms(pct(times, 50))}")
+        return
     if at_cap:
         rep.add("5 history", f"  the same at the tasks.max_tasks cap ({n_history}: each launch prunes the oldest)",
                 ms(pct(times, 50)), "≤ 3 ms", pct(times, 50) <= 0.003, note=f"p99 {ms(pct(times, 99))}")
@@ -540,6 +548,7 @@ async def amain(args: argparse.Namespace) -> int:
         await bench_history(tmp / "root-history", rep, n_history=2000 if q else 9000, n=50 if q else 100)
         await bench_history(tmp / "root-history-cap", rep, n_history=2000 if q else 10_000, n=50 if q else 100,
                             at_cap=True)
+        await bench_history(tmp / "root-history-crashed", rep, n_history=2000 if q else 9000, n=20, crashed=True)
     finally:
         if args.keep:
             console.print(f"[dim]kept {tmp}[/]")

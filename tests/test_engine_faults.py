@@ -26,7 +26,7 @@ from agent_parallel.tasks import registry as registry_module
 from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
 from agent_parallel.tasks.logs import LogWriter
 from agent_parallel.tasks.processes import process_start_time
-from agent_parallel.tasks.records import ProcessRef, Running, TaskRecord, save_record
+from agent_parallel.tasks.records import ProcessRef, Running, TaskRecord, load_records, save_record
 from agent_parallel.tasks.registry import RegistrySettings, Task, open_registry
 from agent_parallel.server import ServerSettings, build_server
 from conftest import RawServer, alive, call, call_error, read_pids
@@ -640,6 +640,35 @@ async def test_forged_pid_is_never_killed(workspace):
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.mark.fault("a restart after a crash that left tasks live, some with cut logs: each is interrupted with its own "
+                   "log's extent (tail segments found by one listing for all of them), durably, and its output reads")
+async def test_restart_recovers_each_live_tasks_own_log_extent(workspace, caplog):
+    runs = runs_of(workspace)
+    ids = ["crashcut0001", "crashhead001", "crashnone001"]
+    for task_id in ids:  # live when their server died (no server of theirs is running)
+        save_record(TaskRecord(task_id=task_id, command="seq 1 999999", cwd=str(workspace), log_cap_bytes=8192,
+                               state=Running(started_at=time.time(), process=None)), runs)
+    (runs / "crashcut0001.log").write_bytes(b"h" * 4096)  # head cap 4096, then tail segments of 2048
+    (runs / "crashcut0001.6144.log").write_bytes(b"x" * 2047 + b"\n")
+    (runs / "crashcut0001.8192.log").write_bytes(b"last\n")
+    (runs / "crashcut0001.upstream.log").write_bytes(b"not a segment")
+    (runs / "crashcut0001.99x.log").write_bytes(b"not a segment")
+    (runs / "crashhead001.log").write_bytes(b"one\ntwo\n")
+    (runs / "crashhead0019.4096.log").write_bytes(b"no such task")  # another id, one letter longer
+    async with open_registry(workspace, runs, RegistrySettings()) as registry:
+        cut, head, none = (registry.get(task_id).record for task_id in ids)
+        assert (cut.status, cut.output_bytes, cut.tail_segments, cut.dropped_bytes) == ("interrupted", 8197, [6144, 8192], 2048)
+        assert (head.status, head.output_bytes, head.tail_segments, head.dropped_bytes) == ("interrupted", 8, [], 0)
+        assert (none.status, none.output_bytes, none.tail_segments) == ("interrupted", 0, [])
+        assert caplog.messages == ["stopped what was left of 3 tasks from an earlier server: crashcut0001, "
+                                   "crashhead001, crashnone001"]
+        assert cut.last_line == "last" and head.last_line == "two"
+        chunk = registry.read_output(registry.get("crashcut0001"), cursor=None, max_bytes=100, tail_lines=1, pattern=None)
+        assert chunk.text == "last\n"
+    on_disk = {r.task_id: r for r in load_records(runs)}
+    assert [on_disk[i].status for i in ids] == ["interrupted"] * 3 and on_disk["crashcut0001"].tail_segments == [6144, 8192]
 
 
 @pytest.mark.fault("a cloned repository ships .agent (or .agent/runs) as a symlink out of the workspace: the server "

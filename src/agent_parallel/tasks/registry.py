@@ -33,18 +33,19 @@ from anyio.abc import TaskGroup, TaskStatus as StartStatus
 from ..errors import (AgentParallelError, InternalError, ResourceLimitError, ShuttingDown, StorageError, UnknownTask,
                       UsageError, exception_reason,
                       os_error_text)
-from ..paths import ensure_runs_dir
-from ..text import short_repr
+from ..paths import ensure_runs_dir, fsync_dir, write_atomic
+from ..text import first_few, short_repr
 from .executor import MAX_ARG_BYTES, Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
 from .group_commit import SOON_DELAY_S, GroupCommit
 from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
 from .logs import (UPSTREAM_LOGS_VAR, LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path,
-                   recover_log_extent, spill_upstream_logs, task_files, upstream_log_path)
+                   recover_log_extent, spill_upstream_logs, tail_segments_on_disk, task_files,
+                   upstream_log_path)
 from .processes import TASK_ID_VAR, describe_survivors, kill_tasks_now, process_start_time, same_process
 from .records import (Cancelled, Failed, FailedToStart, Interrupted, Outcome, ProcessRef, Running, Skipped, Succeeded,
                       TaskKind, TaskRecord, TaskStatus, TimedOut, is_group_id, journal_replaces, load_records,
-                      new_group_id, new_task_id, save_record)
+                      new_group_id, new_task_id)
 
 log = logging.getLogger(__name__)
 
@@ -572,24 +573,39 @@ class TaskRegistry:
                 self._groups.setdefault(record.group_id, []).append(record.task_id)
         if stale:
             left = kill_tasks_now({r.task_id: r.process.start_time if r.process else None for r in stale})
+            segments = tail_segments_on_disk(self.runs_dir, {r.task_id for r in stale})
             for record in stale:
-                self._interrupted(record, left.get(record.task_id, []))
+                self._interrupted(record, left.get(record.task_id, []), segments[record.task_id])
+            if ran := [r.task_id for r in stale if r.started_at is not None and not left.get(r.task_id)]:
+                log.warning("stopped what was left of %s from an earlier server: %s",
+                            "1 task" if len(ran) == 1 else f"{len(ran):,} tasks", first_few(ran, 5))
+            self._save_interrupted(stale)
         _unlink_all(self._forget(self._excess()))
 
-    def _interrupted(self, record: TaskRecord, survivors: builtins.list[int]) -> None:
+    def _interrupted(self, record: TaskRecord, survivors: builtins.list[int], segments: builtins.list[int]) -> None:
         record.output_bytes, record.tail_segments, record.dropped_bytes = recover_log_extent(
-            self.runs_dir, record.task_id, self._head_cap(record))
-        was_running = record.started_at is not None
+            self.runs_dir, record.task_id, self._head_cap(record), segments)
         record.end(Interrupted(reason="the server stopped while this task was live"), time.time())
         if survivors:
             record.note(describe_survivors(survivors))
-        elif was_running:
-            log.warning("stopped what was left of task %s from an earlier server", record.task_id)
         record.last_line = self._read_last_line(Task(record))
-        try:
-            save_record(record, self.runs_dir, durable=True)
-        except OSError as exc:
-            log.error("could not save the record of task %s: %s", record.task_id, os_error_text(exc))
+
+    def _save_interrupted(self, records: builtins.list[TaskRecord]) -> None:
+        """Save the interrupted records durably: each file fsynced, the directory once for them all
+        (a crash can leave thousands: a fan-out's members waiting for their turn)."""
+        saved = 0
+        for record in records:
+            try:
+                write_atomic(record_path(self.runs_dir, record.task_id), record.model_dump_json().encode(),
+                             durable=True, sync_dir=False)
+                saved += 1
+            except OSError as exc:
+                log.error("could not save the record of task %s: %s", record.task_id, os_error_text(exc))
+        if saved:
+            try:
+                fsync_dir(self.runs_dir)
+            except OSError as exc:
+                log.error("could not make the records of %d interrupted tasks durable: %s", saved, os_error_text(exc))
 
     def _owned_by_live_server(self, record: TaskRecord) -> bool:
         if record.server_pid is None or record.server_start is None:
