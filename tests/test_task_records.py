@@ -89,6 +89,26 @@ def test_a_saved_record_loads_back_equal(tmp_path):
     assert load_records(tmp_path) == [rec]
 
 
+def test_a_compacted_record_is_the_same_record(tmp_path):
+    """``compact`` (what a server does to every final record it keeps) changes how it is held, never
+    what it says: the same JSON, equal to the original, and still a record its owner can note on."""
+    workdir = "".join(["/wo", "rk"])  # built at run time: not a constant two records would share anyway
+    rec = TaskRecord(task_id="t00000000001", command="make", cwd=workdir, description="shard 3", env_keys=["A"],
+                     usage={"cost_usd": 0.5})
+    rec.start(100.0, ProcessRef(pid=4242, start_time=7))
+    rec.end(Failed(exit_code=3, reason="exit code 3"), 102.5)
+    before, twin = rec.model_dump_json(), TaskRecord.model_validate_json(rec.model_dump_json())
+    rec.compact()
+    other = TaskRecord(task_id="t00000000002", command="make", cwd="".join(["/wor", "k"]))
+    other.end(Cancelled(reason="cancelled while waiting"), 5.0)
+    other.compact()
+    assert rec.model_dump_json() == before and rec == twin and rec.cwd is other.cwd
+    rec.note("its follow-up failed")
+    assert rec.reason == "exit code 3; its follow-up failed" and other.reason == "cancelled while waiting"
+    save_record(rec, tmp_path)
+    assert load_records(tmp_path)[0].model_dump_json() == rec.model_dump_json()
+
+
 def test_a_kind_outside_the_closed_set_is_refused(tmp_path, caplog):
     (tmp_path / "t00000000002.json").write_text(json.dumps(
         {**record().model_dump(mode="json"), "task_id": "t00000000002", "kind": "rocket"}))

@@ -150,6 +150,8 @@ class TaskRegistry:
         self._saving = 0  # final records being written in worker threads
         self._saved = anyio.Event()  # set whenever no final record is being written
         self._saved.set()
+        self._ended = anyio.Event()  # the ``done`` of every finished task: one set event (~0.8 KB less each)
+        self._ended.set()
         # the first records of launched tasks, journaled instead of written at once (journal.py)
         self._firsts = FirstRecords(runs_dir)
         # final records of tasks ending together share a worker thread and one fdatasync (journal.py)
@@ -559,8 +561,6 @@ class TaskRegistry:
         ``AGENT_TASK_ID`` (and started no earlier than it), never a pid taken from a record.
         Live tasks of another server that is still running on this workspace are left alone (and
         not listed)."""
-        ended = anyio.Event()  # one set event shared by every earlier task: ~0.8 KB less per task
-        ended.set()
         stale: builtins.list[TaskRecord] = []
         recover(self.runs_dir, journal_replaces)  # final records a crash kept only in a journal
         for record in sorted(load_records(self.runs_dir), key=lambda r: r.created_at):
@@ -568,7 +568,7 @@ class TaskRegistry:
                 if self._owned_by_live_server(record):
                     continue
                 stale.append(record)
-            self._tasks[record.task_id] = Task(record, done=ended)
+            self._tasks[record.task_id] = Task(record, done=self._ended)
             if record.group_id is not None:
                 self._groups.setdefault(record.group_id, []).append(record.task_id)
         if stale:
@@ -580,6 +580,8 @@ class TaskRegistry:
                 log.warning("stopped what was left of %s from an earlier server: %s",
                             "1 task" if len(ran) == 1 else f"{len(ran):,} tasks", first_few(ran, 5))
             self._save_interrupted(stale)
+            for record in stale:
+                record.compact()
         _unlink_all(self._forget(self._excess()))
 
     def _interrupted(self, record: TaskRecord, survivors: builtins.list[int], segments: builtins.list[int]) -> None:
@@ -1026,6 +1028,8 @@ class TaskRegistry:
             await self._save_final([task.record for task, _, _ in ends])  # before waiters wake: on disk
             for task, _, _ in ends:
                 task.done.set()
+                task.done = self._ended  # (its waiters hold the event they wait on)
+                task.record.compact()  # kept in memory until pruned: the smaller the better
 
     def _last_line_or_none(self, task: Task) -> str | None:
         try:
