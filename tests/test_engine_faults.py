@@ -700,6 +700,33 @@ async def test_gitignore_is_never_written_through_a_symlink(workspace, tmp_path)
 # ------------------------------------------------------------------ 7. interfaces: async follow-up, has_room
 
 
+async def test_completed_items_finds_each_items_latest_completed_task_until_it_is_pruned(workspace):
+    """What a queue item is handed of the items it waits on (AGENT_UPSTREAM_LOGS): found by item number
+    (``007`` is item 7), the latest completed task only, none once it is pruned, and loaded back."""
+    runs = runs_of(workspace)
+
+    async def item(registry, item_id: str, command: str) -> Task:
+        task = await registry.launch(command=command, cwd=workspace, kind="item", item_id=item_id)
+        await task.done.wait()
+        return task
+
+    async with open_registry(workspace, runs, RegistrySettings(max_records=4)) as registry:
+        first = await item(registry, "007", "true")
+        failed = await item(registry, "8", "false")
+        assert registry.completed_items([7, 8, 9]) == [first] and failed.record.status == "failed"
+        again = await item(registry, "0007", "true")
+        assert registry.completed_items([8, 7]) == [again]
+        await registry.launch(command="true", cwd=workspace)  # a plain task: never an item's
+        kept = await item(registry, "9", "true")
+        assert registry.completed_items([9, 7]) == [kept, again]
+        for _ in range(3):  # past max_records 4 the oldest go (0007's task among them; 9's stays)
+            await (await registry.launch(command="true", cwd=workspace)).done.wait()
+        await registry.records_saved()
+        assert registry.completed_items([7, 9]) == [kept]
+    async with open_registry(workspace, runs, RegistrySettings(max_records=4)) as registry:
+        assert [t.record.task_id for t in registry.completed_items([7, 9])] == [kept.record.task_id]
+
+
 async def test_on_finish_is_awaited_before_waiters_wake(workspace):
     seen = []
 

@@ -243,7 +243,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     argv, timeout_s = _how_to_run(ctx.config, item)
     queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
-    upstream = [t.record for t in _completed_item_tasks(ctx.registry, list(waits_on))]
+    upstream = [t.record for t in ctx.registry.completed_items(waits_on)]
     try:
         if any(r.tail_segments for r in upstream):  # cut output is assembled in a file: off the loop
             upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
@@ -489,21 +489,6 @@ def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float
                      "record it with update_item")
 
 
-def _completed_item_tasks(registry: TaskRegistry, ids: list[int]) -> list[Task]:
-    """The latest completed task of each item in ``ids`` that has one, in that order; items are
-    matched by number (a file may spell item 7 ``007`` or ``0007``), in one pass over the tasks."""
-    found: dict[int, Task] = {}
-    wanted = set(ids)
-    for task in registry.newest_first() if wanted else ():
-        rec = task.record
-        if rec.kind == "item" and rec.status == TaskStatus.COMPLETED and rec.item_id is not None \
-                and rec.item_id.isdigit() and (number := int(rec.item_id)) in wanted and number not in found:
-            found[number] = task
-            if len(found) == len(wanted):
-                break
-    return [found[i] for i in ids if i in found]
-
-
 def _file_state(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -738,7 +723,7 @@ class QueueRun:
         # the output its items will be handed (AGENT_UPSTREAM_LOGS) is kept past tasks.max_tasks until it
         # ends: that of items done before it from now, that of its own items as they start (``_start``)
         before = sorted({d for m in self.members for d in self.graph.waits_on.get(m, ()) if d not in self._member_set})
-        self._pinned += _completed_item_tasks(self.ctx.registry, before)
+        self._pinned += self.ctx.registry.completed_items(before)
         self.ctx.registry.pin(self._pinned)
         try:
             await self._turns()

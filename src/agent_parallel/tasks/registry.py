@@ -144,6 +144,7 @@ class TaskRegistry:
         self._tasks: dict[str, Task] = {}
         self._prune_at = 0  # no prune before the registry holds this many tasks (``_prune``)
         self._groups: dict[str, builtins.list[str]] = {}  # group id -> its members' task ids, in launch order
+        self._items_done: dict[int, Task] = {}  # queue item number -> its latest completed task (``completed_items``)
         self._group_wakers: dict[str, anyio.CancelScope] = {}  # groups waiting for their predecessors
         self._closing = False
         self._active = 0  # tasks queued or running, plus launches under way (kept, not counted: O(1))
@@ -201,6 +202,19 @@ class TaskRegistry:
         for task in reversed(self._tasks.values()):
             if (not statuses or task.record.status in statuses) and (among is None or task.record.task_id in among):
                 yield task
+
+    def completed_items(self, numbers: Iterable[int]) -> builtins.list[Task]:
+        """The latest completed task of each queue item in ``numbers`` that has one kept, in that order.
+        Items are known by number (a file may spell item 7 ``007`` or ``0007``); kept in an index, as
+        every item a run starts asks for those it waits on (a scan of the tasks each time made a run of
+        10,000 items quadratic)."""
+        return [task for n in numbers if (task := self._items_done.get(n)) is not None]
+
+    def _index_item(self, task: Task) -> None:
+        rec = task.record
+        if rec.kind == "item" and rec.item_id is not None and rec.item_id.isdigit() \
+                and rec.status == TaskStatus.COMPLETED:
+            self._items_done[int(rec.item_id)] = task
 
     def list(self, statuses: set[str] | None = None, limit: int = 50, offset: int = 0,
              among: set[str] | None = None) -> tuple[builtins.list[Task], int]:
@@ -535,6 +549,9 @@ class TaskRegistry:
         paths = []
         for task in tasks:
             del self._tasks[task.record.task_id]
+            if task.record.kind == "item" and task.record.item_id is not None and task.record.item_id.isdigit() \
+                    and self._items_done.get(number := int(task.record.item_id)) is task:
+                del self._items_done[number]
             if (group_id := task.record.group_id) is not None and (members := self._groups.get(group_id)):
                 members.remove(task.record.task_id)
                 if not members:
@@ -568,7 +585,8 @@ class TaskRegistry:
                 if self._owned_by_live_server(record):
                     continue
                 stale.append(record)
-            self._tasks[record.task_id] = Task(record, done=self._ended)
+            self._tasks[record.task_id] = task = Task(record, done=self._ended)
+            self._index_item(task)
             if record.group_id is not None:
                 self._groups.setdefault(record.group_id, []).append(record.task_id)
         if stale:
@@ -1008,6 +1026,7 @@ class TaskRegistry:
             for task, outcome, notes in ends:
                 rec = task.record
                 rec.end(outcome, time.time())
+                self._index_item(task)
                 for note in notes:
                     rec.note(note)
                 if task.log is not None:
