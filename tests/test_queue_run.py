@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -114,6 +115,28 @@ async def test_l3_continue_on_error_skips_only_dependents(fake_client, workspace
         "completed", "failed", "completed", "skipped", "completed"]
     assert "stop_reason" not in out["run"]  # (left out while None)
     assert statuses(workspace)["004"] == "pending"
+
+
+async def test_a_big_runs_answers_show_a_hundred_items_failures_first_and_the_report_keeps_all(fake_client, workspace):
+    """A run of 10,000 items answered run_queue with every id (90 KB) and each task_output with every
+    outcome (2 MB at its end): answers show at most 100, what did not complete first, and say how many
+    there are; the report on disk keeps them all."""
+    for number in range(1, 131):
+        fields = {"command": "exit 1" if number in (3, 50) else "true"}
+        if number == 51:
+            fields["blocked_by"] = [50]
+        write_item(workspace, number, f"item-{number}", **fields)
+    run = await call(fake_client, "run_queue", level="L3", continue_on_error=True, max_parallel=8)
+    assert (len(run["items"]), run["items_total"]) == (100, 130) and "with 130 item(s) to consider" in run["message"]
+    out = await call(fake_client, "task_output", task_id=run["run_id"], timeout=30)
+    report = out["run"]
+    assert out["retrieval_status"] == "success" and report["outcomes_total"] == 130
+    assert report["counts"] == {"running": 0, "completed": 127, "failed": 2, "skipped": 1}
+    shown = [o["item"] for o in report["outcomes"]]
+    assert shown == sorted(shown) and len(shown) == 100
+    assert {"003", "050", "051"} <= set(shown) and shown[-1] == "100"  # the three, then the first 97 completed
+    on_disk = json.loads((workspace / ".agent/runs" / f"{run['run_id']}.report.json").read_text())
+    assert len(on_disk["outcomes"]) == 130 and "outcomes_total" not in on_disk
 
 
 async def test_l3_without_continue_on_error_stops(fake_client, workspace):

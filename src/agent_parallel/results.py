@@ -319,8 +319,24 @@ class RunProgress(_Spend):
     makespan: float | None = Field(None, description="achieved: from the first start to the last end (s)")
     unestimated: int = Field(0, description="the run's items without an `estimate`: the prediction and the lower "
                                             "bound count each at the default of 60 s")
-    outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished)")
+    outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished); "
+                                        "in a tool's answer at most the first 100 by id, those that did not complete first")
+    outcomes_total: int | None = omitted_if_none(
+        "how many items have an outcome, when `outcomes` shows only some of them: the whole report is "
+        "`agent-parallel report <run_id>` (or .agent/runs/<run_id>.report.json)")
     usage: AgentUsage | None = omitted_if_none("the agent items' usage summed (finished and running)")
+
+    def shown(self, limit: int) -> RunProgress:
+        """The progress as a tool answers it: at most ``limit`` outcomes, those that did not complete
+        first (what went wrong is what the caller needs), each part in id order, and ``outcomes_total``
+        when some were left out: a run of 10,000 items answered 2 MB at every poll."""
+        if len(self.outcomes) <= limit:
+            return self
+        notable = [o.item for o in self.outcomes if o.outcome != "completed"][:limit]
+        completed = [o.item for o in self.outcomes if o.outcome == "completed"][:limit - len(notable)]
+        kept = {*notable, *completed}
+        return self.model_copy(update={"outcomes": [o for o in self.outcomes if o.item in kept],
+                                       "outcomes_total": len(self.outcomes)})
 
     def counts_text(self) -> str:
         """THE counts text, wherever a run is summed up: ``1 completed, 1 failed, 2 running`` (outcomes
@@ -349,7 +365,8 @@ class RunStarted(BaseModel):
     level: str
     continue_on_error: bool
     max_parallel: int
-    items: list[str] = Field(description="the pending items this run will consider, best-ranked first")
+    items: list[str] = Field(description="the pending items this run will consider, best-ranked first (at most 100)")
+    items_total: int | None = omitted_if_none("how many items it will consider, when `items` shows only the first")
     predicted_makespan: float
     lower_bound: float
     warnings: list[str] = Field(default_factory=list)
