@@ -198,6 +198,21 @@ async def test_pipeline_items_get_upstream_logs_and_ids(client, workspace):
     assert consumer["output"] == "001\nartefact-42\n"
 
 
+async def test_an_item_is_told_which_upstream_outputs_it_is_not_handed(client, workspace):
+    """003 waits on 001 (completed by hand: no output kept) and 002 (run here): AGENT_UPSTREAM_LOGS holds
+    002's log only, AGENT_UPSTREAM_MISSING names 001, and the run's log says so."""
+    write_item(workspace, 1, "by-hand", status="completed")
+    write_item(workspace, 2, "produce", command="echo artefact-2")
+    write_item(workspace, 3, "consume", blocked_by=[1, 2],
+               command='echo "items=$AGENT_UPSTREAM_ITEMS missing=$AGENT_UPSTREAM_MISSING"; cat "$AGENT_UPSTREAM_LOGS"')
+    out = await run_queue_to_end(client)
+    consumer = await call(client, "task_output", task_id=by_item(out)["003"]["task_id"])
+    assert consumer["output"] == "items=001 002 missing=001\nartefact-2\n"
+    assert ("003 is not handed the output of 001: not kept by this server (completed by hand or elsewhere, or "
+            "pruned); AGENT_UPSTREAM_MISSING names them") in out["output"]
+    assert "not handed" not in out["output"].split("started 003")[0]  # 002 waits on nothing: no such line
+
+
 @pytest.mark.fault("items named with four digits (0001-pending-a.md, as a queue past 999 items is): a dependent got no "
                    "AGENT_UPSTREAM_LOGS for them (the lookup compared '001' with '0001'); items now match by number")
 async def test_upstream_logs_whatever_the_ids_zero_padding(client, workspace):

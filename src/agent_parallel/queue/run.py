@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 from pathlib import Path
@@ -244,6 +244,7 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
     upstream = [t.record for t in ctx.registry.completed_items(waits_on)]
+    missing = missing_upstream(ctx.registry, graph, waits_on)
     try:
         if any(r.tail_segments for r in upstream):  # cut output is assembled in a file: off the loop
             upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
@@ -291,6 +292,8 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
         env["AGENT_UPSTREAM_ITEMS"] = " ".join(graph.label(dep) for dep in waits_on)
     if upstream_logs:
         env[UPSTREAM_LOGS_VAR] = os.pathsep.join(str(p) for p in upstream_logs)
+    if missing:
+        env[UPSTREAM_MISSING_VAR] = " ".join(missing)
     setup: SetupFirst | None = None
     if isolating and stop is None:
         # a launch_task: answered at once, the worktree and its setup being the task's first step
@@ -487,6 +490,17 @@ def _how_to_run(config: Config, item: WorkItem) -> tuple[list[str] | None, float
     raise QueueError(f"item {item.id_str} has no `command` and no runner is configured; set runner.command in "
                      ".agent/config.yaml (e.g. [\"claude\", \"-p\"]), or carry the item out yourself and "
                      "record it with update_item")
+
+
+UPSTREAM_MISSING_VAR = "AGENT_UPSTREAM_MISSING"
+"""The items an item waits on whose output this server does not keep: left out of AGENT_UPSTREAM_LOGS."""
+
+
+def missing_upstream(registry: TaskRegistry, graph: QueueGraph, waits_on: Iterable[int]) -> list[str]:
+    """Of the items ``waits_on`` names, those without a completed task kept here (completed by hand with
+    update_item, or by another server, or pruned past ``tasks.max_tasks`` before this run): what the
+    item cannot be handed the output of, spelled as their files spell them."""
+    return [graph.label(d) for d in waits_on if not registry.completed_items([d])]
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:
@@ -892,6 +906,9 @@ class QueueRun:
             self._pinned.append(task)
             self.ctx.registry.pin([task])
         self._write(f"started {item.id_str} ({item.title}) as task {task.record.task_id}")
+        if missing := missing_upstream(self.ctx.registry, self.graph, self.graph.waits_on.get(item_id, ())):
+            self._write(f"  {item.id_str} is not handed the output of {first_few(missing, 5)}: not kept by this "
+                        f"server (completed by hand or elsewhere, or pruned); {UPSTREAM_MISSING_VAR} names them")
         if self._cancelled and self._tg is not None:  # cancelled while it was starting
             self._tg.start_soon(self.ctx.registry.cancel, task, ITS_RUN_CANCELLED)
         self._changed()
