@@ -585,6 +585,28 @@ async def test_forged_records_are_skipped(workspace, caplog, name, fields):
     assert (runs / "good00000001.json").exists()
 
 
+@pytest.mark.fault("a cloned repository plants a task record as a symlink (to a valid record elsewhere), a FIFO or a "
+                   "5 MB file: each skipped with a warning saying which, never read through or waited on")
+@pytest.mark.parametrize("kind, why", [("symlink", "a symlink (never followed)"), ("fifo", "not a regular file"),
+                                       ("huge", "larger than 4,194,304 bytes")])
+async def test_planted_record_files_are_skipped(workspace, tmp_path, caplog, kind, why):
+    runs = runs_of(workspace)
+    write_record(runs, "good00000001")
+    planted = runs / "plnt00000001.json"
+    if kind == "symlink":
+        write_record(tmp_path, "plnt00000001")  # a record that would load, outside the runs directory
+        os.symlink(tmp_path / "plnt00000001.json", planted)
+    elif kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        write_record(runs, "plnt00000001", description="x" * (5 << 20))
+    with anyio.fail_after(20):  # (a FIFO opened for reading without O_NONBLOCK would wait for a writer forever)
+        async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as c:
+            listed = await call(c, "list_tasks")
+    assert [t["task_id"] for t in listed["tasks"]] == ["good00000001"]
+    assert f"skipped the task record {planted}: {why}" in caplog.messages
+
+
 @pytest.mark.fault("a record with task_id '*' and a small max_records: pruning deletes only exactly named files")
 async def test_pruning_never_expands_an_id_into_a_pattern(workspace):
     runs = runs_of(workspace)

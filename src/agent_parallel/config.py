@@ -73,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import QueueError, UsageError
 from .text import describe, short_repr
-from .paths import CONFIG_FILE, QUEUE_DIR, read_regular, resolve_inside
+from .paths import CONFIG_FILE, NOT_REGULAR, QUEUE_DIR, read_regular, resolve_inside
 
 MIB = 1024 * 1024
 MAX_PARALLEL_RANGE = (1, 64)
@@ -502,7 +502,7 @@ def _read_yaml(path: Path) -> object:
         if exc.errno == errno.EFBIG:
             raise ConfigError(None, f"is larger than {MAX_CONFIG_BYTES} bytes; it should be a few lines") from exc
         if exc.errno == errno.EINVAL:
-            raise ConfigError(None, "is not a regular file (a device, socket or pipe); refused") from exc
+            raise ConfigError(None, NOT_REGULAR) from exc
         raise ConfigError(None, f"cannot be read: {exc.strerror or exc}") from exc
     try:
         text = raw.decode("utf-8")

@@ -115,6 +115,10 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+NOT_REGULAR = "is not a regular file (a device, socket or pipe); refused"
+"""What a reader says of a queue item or config file that ``open_regular`` refused."""
+
+
 def open_regular(path: Path) -> int:
     """Open ``path`` for reading only if it is a regular file (no symlink followed, no FIFO whose
     open would wait, no device): an fd. Raises ``OSError`` (EINVAL when it is not a regular file)."""

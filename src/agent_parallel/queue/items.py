@@ -37,7 +37,7 @@ from ..config import alias_problem, parse_duration, parse_size, unknown_key_warn
 from ..errors import QueueError
 from ..fields import omitted_if_none
 from ..text import describe, short_repr
-from ..paths import resolve_inside
+from ..paths import NOT_REGULAR, resolve_inside
 from .names import ID_HELP, MAX_ID_DIGITS, ItemName, Status, parse_item_ref, parse_name
 from .names import format_id as format_id  # (what the planner, the run and the tools import from here)
 from .watch import DirectoryWatch
@@ -1050,7 +1050,7 @@ class QueueReader:
         if isinstance(name, Diagnostic):
             return _Parsed(identity, None, (name,))
         if info is not None and not stat.S_ISREG(info.st_mode):
-            problem = ("unreadable", "is not a regular file (a device, socket or pipe); refused")
+            problem = ("unreadable", NOT_REGULAR)
         elif info is not None and info.st_size > self.max_item_bytes:
             problem = ("too_large", self._too_large(info.st_size))
         relative = f"{relative_dir}/{file_name}"
@@ -1084,7 +1084,7 @@ class QueueReader:
             if opened or info is None:
                 info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                return b"", ("unreadable", "is not a regular file (a device, socket or pipe); refused")
+                return b"", ("unreadable", NOT_REGULAR)
             # Read what the file holds, not a buffer of the whole limit (allocating a megabyte per
             # file cost more than parsing it); it may grow meanwhile, so read on to the end or the limit.
             chunks, total, limit = [], 0, self.max_item_bytes + 1

@@ -29,12 +29,12 @@ the flat format of earlier versions are read too (``_from_flat``).
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import math
 import re
 import secrets
-import stat
 import sys
 import time
 from enum import StrEnum
@@ -44,7 +44,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InternalError
-from ..paths import write_atomic
+from ..paths import read_regular, write_atomic
 from .logs import record_path
 
 log = logging.getLogger(__name__)
@@ -449,11 +449,9 @@ def journal_replaces(path: Path, data: bytes) -> bool:
     except (ValidationError, ValueError):
         return False
     try:
-        st = path.lstat()
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
-            return True
-        return entry.is_done and not TaskRecord.model_validate_json(path.read_bytes()).is_done
-    except (OSError, ValidationError, ValueError):  # missing (lost) or unreadable
+        on_disk = TaskRecord.model_validate_json(read_regular(path, MAX_RECORD_BYTES))
+        return entry.is_done and not on_disk.is_done
+    except (OSError, ValidationError, ValueError):  # missing (lost), unreadable, not a regular file, too big
         return True
 
 
@@ -495,11 +493,8 @@ def _load_files(runs_dir: Path) -> list[TaskRecord]:
         stem = path.name[: -len(".json")]
         if "." in stem:
             continue  # another file of a task (e.g. a run's <id>.report.json), not a record
-        try:
-            st = path.lstat()
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
-                raise ValueError("not a regular file of a plausible size")
-            data = json.loads(path.read_bytes())
+        try:  # (opened as a regular file of a plausible size, never through a symlink: one check, no race)
+            data = json.loads(read_regular(path, MAX_RECORD_BYTES))
             if isinstance(data, dict) and "state" not in data:
                 data = _from_flat(data)
             record = TaskRecord.model_validate(data)
@@ -512,7 +507,11 @@ def _load_files(runs_dir: Path) -> list[TaskRecord]:
             log.warning("skipped the task record %s: %s: %s", path, ".".join(map(str, first["loc"])) or "record",
                         first["msg"])
             continue
-        except (OSError, ValueError, RecursionError) as exc:
+        except OSError as exc:
+            why = "a symlink (never followed)" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+            log.warning("skipped the task record %s: %s", path, why)
+            continue
+        except (ValueError, RecursionError) as exc:
             log.warning("skipped the task record %s: %s", path, str(exc)[:300])
             continue
         records.append(record)
