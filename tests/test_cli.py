@@ -179,7 +179,7 @@ def test_run_interrupted_with_ctrl_c_stops_everything_and_says_so(workspace):
             proc.kill()
             proc.wait()
     assert proc.returncode == 1, out
-    assert "interrupted: stopping the run" in out and "stopped: the run was cancelled" in out
+    assert "interrupted: stopping the run" in out and "stopped: the run was stopped by Ctrl-C (SIGINT) in the terminal that ran it" in out
     assert out.count("cancelled with its run") == 2
     assert all_dead_soon(started)
     assert statuses(workspace) == {"001": "failed", "002": "failed"}

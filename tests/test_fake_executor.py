@@ -123,7 +123,7 @@ class CountingJob:
             tg.cancel_scope.cancel()
         return ExitInfo(1 if self.stopped.is_set() else 0, None)
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, reason: str) -> None:
         self.stopped.set()
 
 

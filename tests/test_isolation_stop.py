@@ -69,7 +69,8 @@ async def test_cancelling_a_run_kills_a_worktree_setup_and_gives_the_item_back(r
     assert not (tmp_path / "ran").exists()  # the item's command never ran
     assert statuses(repo) == {"001": "pending"}  # the claim was given back: it can run later
     history = (repo / ".agent/runs/history.jsonl").read_text()
-    assert "not started: worktree.setup" in history and "was killed before it finished: its run was stopped" in history
+    assert "not started: worktree.setup" in history and \
+        "was killed before it finished: its run was cancelled by cancel_task" in history
     assert (repo / ".agent/worktrees/001-a").is_dir()  # kept: a later run reuses it
 
 
@@ -114,7 +115,7 @@ async def test_stopping_the_server_kills_a_launch_task_items_setup(repo, tmp_pat
     assert not (tmp_path / "ran").exists()
     assert statuses(repo) == {"001": "pending"}  # the claim was given back
     history = (repo / ".agent/runs/history.jsonl").read_text()
-    assert "not started: worktree.setup" in history and "its task was stopped" in history, history
+    assert "not started: worktree.setup" in history and "its task was stopped: the server is shutting down" in history, history
 
 
 @pytest.mark.fault("cancel_task on a launch_task(item=...) whose worktree.setup runs: the setup is killed at once, "
@@ -130,6 +131,7 @@ async def test_cancelling_a_launched_items_task_kills_its_setup_and_gives_the_it
         out = await call(client, "task_output", task_id=answer["task_id"])
     assert cancelled["tasks"][0]["status"] == "cancelled" and out["status"] == "cancelled", out
     assert "not started: worktree.setup" in out["reason"] and "item 001 is pending again" in out["reason"], out
+    assert "was killed before it finished: its task was cancelled by cancel_task" in out["reason"], out
     assert all_dead(started)
     assert not (tmp_path / "ran").exists()
     assert statuses(repo) == {"001": "pending"}
@@ -161,7 +163,7 @@ async def test_cancelling_a_run_kills_integration_verify_and_keeps_the_work(repo
     row = by_item(out)["001"]
     assert row["outcome"] == "failed", row
     assert row["reason"].startswith("integration was not finished: integration.verify ") and \
-        "was killed before it finished: its run was stopped" in row["reason"], row["reason"]
+        "was killed before it finished: its run was cancelled by cancel_task" in row["reason"], row["reason"]
     assert all_dead(started)
     assert head(repo) == before  # the target did not move
     assert git(repo, "show", "agent/001-edit:a.txt") == "changed"  # the work is kept on its branch

@@ -178,7 +178,7 @@ class ItemJob:
             plan.notes.append(f"{self.attempts} attempts" + (f" ({self.resumes} resumed)" if self.resumes else ""))
         return info
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, reason: str) -> None:
         self._stopped = True
         if self._sleep is not None:
             self._sleep.cancel()

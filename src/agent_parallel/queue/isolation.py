@@ -156,7 +156,7 @@ class SetupFirst:
         self.inner: ItemJob | None = None
         self.setup_stopped: str | None = None
         """Why the setup was stopped (its command killed), when it was: the item never ran."""
-        self._stop = ShellStop("its task was stopped (cancel_task, or the server shutting down)")
+        self._stop = ShellStop("its task was stopped")
         self._stopped = False
 
     async def start(self, task_id: str, log: LogWriter) -> None:
@@ -185,11 +185,11 @@ class SetupFirst:
         await self.inner.start(self.task_id, self.log)
         return await self.inner.run()
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, reason: str) -> None:
         self._stopped = True
-        self._stop.stop()
+        self._stop.stop(f"its task was {reason}")
         if self.inner is not None:
-            await self.inner.stop(grace)
+            await self.inner.stop(grace, reason)
 
     def usage(self) -> AgentUsage | None:
         return self.inner.usage() if self.inner is not None else None

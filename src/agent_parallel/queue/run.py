@@ -722,12 +722,12 @@ class QueueRun:
         assert self._exit is not None
         return self._exit
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, reason: str) -> None:
         """Stop the run: start nothing new, cancel the items that are running and kill the setup and
         verify commands of its isolated items (a worker thread waiting on one cannot be interrupted)."""
         self._cancelled = True
-        self._stop("the run was cancelled")
-        self.shell_stop.stop()
+        self._stop(f"the run was {reason}")
+        self.shell_stop.stop(f"its run was {reason}")
         async with anyio.create_task_group() as tg:
             for slot in list(self.running.values()):
                 tg.start_soon(self.ctx.registry.cancel, slot.task, ITS_RUN_CANCELLED)

@@ -84,8 +84,10 @@ class Job(Protocol):
     async def run(self) -> ExitInfo:
         """Do the work; the exit code decides the task's status (0: completed)."""
 
-    async def stop(self, grace: float) -> None:
-        """Wind down: start nothing new and stop what it started, within about ``grace`` seconds."""
+    async def stop(self, grace: float, reason: str) -> None:
+        """Wind down: start nothing new and stop what it started, within about ``grace`` seconds.
+        ``reason`` says who or what stopped it, as a phrase that follows "was" ("cancelled by
+        cancel_task", "stopped by Ctrl-C …", "stopped: the server is shutting down")."""
 
 
 @dataclass
@@ -638,10 +640,18 @@ class TaskRegistry:
         if task.handle is not None:
             await task.handle.terminate(grace)
         elif task.job is not None and not task.record.is_done:
-            await task.job.stop(grace)
+            await task.job.stop(grace, self._stop_reason(task))
         else:
             return False
         return True
+
+    def _stop_reason(self, task: Task) -> str:
+        """Why a task is being stopped, for its job (``Job.stop``)."""
+        if task.storage_error:
+            return f"stopped: {task.storage_error}"
+        if self._closing:
+            return "stopped: the server is shutting down"
+        return task.cancel_reason
 
     def _wake_queued(self, task: Task) -> None:
         if task.waker is not None:
@@ -920,7 +930,7 @@ class TaskRegistry:
             nonlocal timed_out
             await anyio.sleep(limit)
             timed_out = True
-            await job.stop(self.settings.kill_grace_s)
+            await job.stop(self.settings.kill_grace_s, f"stopped after its timeout of {limit:g} s")
 
         try:
             async with anyio.create_task_group() as tg:
@@ -987,7 +997,7 @@ class TaskRegistry:
             elif task.job is not None:  # a job that failed or was cancelled: it starts nothing more
                 with anyio.move_on_after(STOP_BOUND_S):
                     try:
-                        await task.job.stop(0.5 if exc is None else self.settings.kill_grace_s)
+                        await task.job.stop(0.5 if exc is None else self.settings.kill_grace_s, f"stopped: {reason}")
                     except Exception:
                         log.exception("task %s: could not stop its job", task.record.task_id)
             if task.log is not None and exc is not None:

@@ -112,9 +112,12 @@ class ShellStop:
     def stopped(self) -> bool:
         return self._stopped
 
-    def stop(self) -> None:
-        """Kill every command running under this stop (each in its own process group), and any started later."""
+    def stop(self, why: str | None = None) -> None:
+        """Kill every command running under this stop (each in its own process group), and any started
+        later; ``why`` replaces the reason they give (e.g. who stopped the run)."""
         with self._lock:
+            if why is not None and not self._stopped:
+                self.why = why
             self._stopped = True
             groups = list(self._groups)
         for pgid in groups:
