@@ -2,7 +2,8 @@
 
 A queue that fits in a page is answered exactly as the whole plan (plus `total_items` and
 `next_offset`); a larger one is paged, with `conflicts`, `conflict_groups` and `patterns` cut to
-the page's items, `waves` to the first `MAX_WAVES_SHOWN`, and the rest whole; every page comes from the one cached plan. Through the SDK's in-memory
+the page's items, `waves` to the first `MAX_WAVES_SHOWN`, `errors` and `warnings` to `MAX_DIAGNOSTICS_SHOWN` (the
+page's own first), and the rest whole; every page comes from the one cached plan. Through the SDK's in-memory
 client (the server's real tool path: argument checks, conversion, output schema).
 """
 
@@ -19,7 +20,7 @@ from mcp import Client
 from agent_parallel.queue.conflicts import find_conflicts
 from agent_parallel.queue.items import QueueReader
 from agent_parallel.queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page, plan_workspace
-from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, MAX_WAVES_SHOWN
+from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, MAX_DIAGNOSTICS_SHOWN, MAX_WAVES_SHOWN
 from agent_parallel.results import CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult
 from agent_parallel.queue.planner import QueuePlanPage
 from agent_parallel.server import ServerSettings, build_server
@@ -181,6 +182,29 @@ async def test_a_large_queue_is_answered_in_a_bounded_page(workspace: Path) -> N
     assert "%% drawn in part: 200 of 1500 items" in answer["mermaid"]
     assert len(json.dumps(answer)) < 600_000  # the whole plan is about 3 times larger
     assert len(result.content[0].text) <= SUMMARY_CHARS + 100
+
+
+async def test_errors_and_warnings_are_cut_to_a_bound_the_pages_own_first(workspace: Path) -> None:
+    """450 items, 447 without files (a `no_files` warning each) and 3 waiting on an item that does not
+    exist (an error each): a page lists 200 warnings, its own items' first, and says how many there
+    are; the errors, fewer than the bound, stay whole."""
+    queue = workspace / ".agent/queue"
+    queue.mkdir(parents=True)
+    broken = (7, 320, 321)
+    for number in range(1, 451):
+        blocked = "\nblocked_by: [999]" if number in broken else ""
+        (queue / f"{number:03d}-pending-item-{number}.md").write_text(f"---\ntitle: Item {number}{blocked}\n---\n")
+    plan = whole(workspace)
+    assert len(plan["warnings"]) == 447 and [e["item"] for e in plan["errors"]] == ["007", "320", "321"]
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
+        first, later = [await call(client, "queue_plan", offset=offset, limit=100) for offset in (0, 300)]
+    for page, own in ((first, range(1, 101)), (later, range(301, 401))):
+        warned = [w["item"] for w in page["warnings"]]
+        mine = [f"{n:03d}" for n in own if n not in broken]
+        assert page["warnings_total"] == 447 and len(warned) == MAX_DIAGNOSTICS_SHOWN
+        assert warned[:len(mine)] == mine and not set(warned[len(mine):]) & set(mine)  # the page's own first
+        assert page["errors"] == plan["errors"] and "errors_total" not in page
+    assert [w["item"] for w in first["warnings"]][99:] == [f"{n:03d}" for n in range(101, 202)]
 
 
 # --- the text beside every tool's structured answer ---------------------------------------------------------

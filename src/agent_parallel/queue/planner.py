@@ -51,6 +51,9 @@ MAX_CONFLICTS_SHOWN = 200
 """Conflicting pairs listed in a plan; `conflicts_total` counts them all, `conflict_groups` explains them."""
 MAX_WAVES_SHOWN = 100
 """Waves a `queue_plan` answer lists (the first: what starts soonest); `waves_total` counts them all."""
+MAX_DIAGNOSTICS_SHOWN = 200
+"""Errors, and warnings, a `queue_plan` answer lists: those about its page's items first (a queue of 5,000
+items without `files` made 5,000 warnings, 900 KB in every page); `errors_total`/`warnings_total` count them."""
 MAX_OVERLAPS_SHOWN = 20
 """Overlapping entries listed per conflict group; `overlaps_total` counts them all."""
 MAX_PATH_SHOWN = 10
@@ -188,13 +191,20 @@ class QueuePlanPage(QueuePlan):
     the page: `conflicts` (the pairs with an item of the page) and `conflict_groups` (the entries an
     item of the page declares) and `patterns` (the fork-joins and pipelines with an item of the page).
     `waves` lists the first ``MAX_WAVES_SHOWN`` (10,000 items make some 9,000 waves, a third of the
-    answer). The rest stays whole: `run_now`, `critical_path`, `errors`, `warnings` and the totals;
+    answer). `errors` and `warnings` list at most ``MAX_DIAGNOSTICS_SHOWN`` each, those about the page's
+    items (or about no item) first. The rest stays whole: `run_now`, `critical_path` and the totals;
     `mermaid` is drawn in part beyond ``MERMAID_MAX_NODES`` items (a comment says so). A queue that
-    fits in one page, with at most ``MAX_WAVES_SHOWN`` waves, is answered exactly as the whole plan,
-    plus the two fields below."""
+    fits in one page, with at most ``MAX_WAVES_SHOWN`` waves and ``MAX_DIAGNOSTICS_SHOWN`` errors and
+    warnings, is answered exactly as the whole plan, plus the two fields below."""
 
     total_items: int = Field(description="how many items the queue has (rows of the whole plan)")
     next_offset: int | None = Field(description="the `offset` of the next page of items; None on the last page")
+    errors_total: int | None = omitted_if_none(
+        f"how many errors there are, when `errors` lists only {MAX_DIAGNOSTICS_SHOWN}: those about this page's "
+        "items first")
+    warnings_total: int | None = omitted_if_none(
+        f"how many warnings there are, when `warnings` lists only {MAX_DIAGNOSTICS_SHOWN}: those about this "
+        "page's items first")
 
 
 # --- the graph ---------------------------------------------------------------------------------------
@@ -1151,6 +1161,15 @@ def page_plan(plan: QueuePlan, graph: QueueGraph, offset: int, limit: int) -> Qu
             "pipelines": [chain for chain in patterns.pipelines if any(item in shown for item in chain)]})
     if len(plan.waves) > MAX_WAVES_SHOWN:
         fields["waves"] = plan.waves[:MAX_WAVES_SHOWN]
+    fields["errors_total"] = fields["warnings_total"] = None
+    page_ids = {row.id for row in rows}
+    for kind in ("errors", "warnings"):
+        found: list[Diagnostic] = fields[kind]
+        if len(found) > MAX_DIAGNOSTICS_SHOWN:
+            ours = [d for d in found if d.item is None or d.item in page_ids]
+            others = [d for d in found if not (d.item is None or d.item in page_ids)]
+            fields[kind] = (ours + others)[:MAX_DIAGNOSTICS_SHOWN]
+            fields[f"{kind}_total"] = len(found)
     fields.update(items=rows, total_items=total, next_offset=offset + limit if offset + limit < total else None)
     return trusted(QueuePlanPage, fields)  # the plan's own values, already validated, and two ints
 
