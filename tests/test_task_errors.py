@@ -96,6 +96,19 @@ async def test_resource_for_unknown_task(healthy):
         await healthy.read_resource("task://nope")
 
 
+async def test_an_unknown_resource_of_200_kb_is_not_echoed_whole(healthy):
+    """The SDK answers "Unknown resource: <uri>" with the whole URI: 200 KB sent, 200 KB back."""
+    from mcp import MCPError
+
+    with pytest.raises(MCPError) as caught:
+        await healthy.read_resource("nope://" + "x" * 200_000)
+    message = str(caught.value)
+    assert message.startswith("Unknown resource: nope://xxx") and len(message) < 600, message[:300]
+    assert message.endswith("the resources are task://<task_id> and task://<task_id>/output")
+    with pytest.raises(MCPError, match=r"^Unknown resource: nope://short$"):  # a short one as the SDK says it
+        await healthy.read_resource("nope://short")
+
+
 @pytest.mark.parametrize("args, message", [
     ({"max_bytes": -1}, "max_bytes must be between 1 and 65536 (got -1); page through longer output with cursor and next_cursor"),
     ({"max_bytes": 10**12}, "max_bytes must be between 1 and 65536 (got 1000000000000); page through longer output with cursor and next_cursor"),

@@ -105,6 +105,11 @@ class AgentParallelServer(MCPServer):
     async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
         try:
             return await super().read_resource(uri, context)
+        except ResourceNotFoundError as exc:  # the SDK's "Unknown resource: <uri>" echoes the whole URI (200 KB sent...)
+            if len(str(uri)) <= MAX_URI_SHOWN:
+                raise
+            raise ResourceNotFoundError(f"Unknown resource: {cut(str(uri), MAX_URI_SHOWN)}; the resources are "
+                                        "task://<task_id> and task://<task_id>/output") from exc
         except UnexpectedResourceError as exc:
             cause = _original(exc)
             if isinstance(cause, UnknownTask):
@@ -113,6 +118,10 @@ class AgentParallelServer(MCPServer):
                 raise ResourceError(str(cause)) from cause
             log.error("reading %s failed with an unexpected exception (a bug)", uri, exc_info=cause)
             raise ResourceError(f"reading {uri} failed: {bug_message(cause)}") from cause
+
+
+MAX_URI_SHOWN = 200
+"""Characters of a resource URI an error echoes."""
 
 
 def _original(exc: BaseException) -> BaseException:
