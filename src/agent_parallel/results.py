@@ -320,7 +320,8 @@ class RunProgress(_Spend):
     unestimated: int = Field(0, description="the run's items without an `estimate`: the prediction and the lower "
                                             "bound count each at the default of 60 s")
     outcomes: list[ItemOutcome] = Field(default_factory=list, description="every item of the run (the report, once finished); "
-                                        "in a tool's answer at most the first 100 by id, those that did not complete first")
+                                        "in a tool's answer at most 100: those that did not complete first, then "
+                                        "the first completed, in id order")
     outcomes_total: int | None = omitted_if_none(
         "how many items have an outcome, when `outcomes` shows only some of them: the whole report is "
         "`agent-parallel report <run_id>` (or .agent/runs/<run_id>.report.json)")

@@ -32,7 +32,7 @@ from ..text import cut, first_few, short_repr
 from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
 from .settings import Workspace, workspace_of
-from .views import MAX_OUTCOMES_SHOWN, live_progress, usage_of, view_task, wait_reporting_progress
+from .views import MAX_RUN_ITEMS_SHOWN, live_progress, usage_of, view_task, wait_reporting_progress
 
 MAX_PAGE_BYTES = 65536
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -385,7 +385,7 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
                                          continue_on_error=continue_on_error, items=items)
         run = run_of(task)
         assert run is not None
-        planned = [run.graph.label(i) for i in run.members[:MAX_OUTCOMES_SHOWN]]
+        planned = [run.graph.label(i) for i in run.members[:MAX_RUN_ITEMS_SHOWN]]
         total = len(run.members)
         return RunStarted(
             run_id=task.record.task_id, status=task.record.status, level=run.options.level,

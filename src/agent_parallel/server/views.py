@@ -20,8 +20,9 @@ PROGRESS_INTERVAL_S = 0.15
 every few milliseconds, and a notification per item (each a JSON message the client must read)
 cost more than the items. The latest progress is always sent, at the end or when the wait times out."""
 
-MAX_OUTCOMES_SHOWN = 100
-"""A run's item outcomes in one ``task_output`` answer (``RunProgress.shown``): like a page of ``queue_plan``."""
+MAX_RUN_ITEMS_SHOWN = 100
+"""A run's items listed in one answer: run_queue's `items`, a task_output's outcomes (``RunProgress.shown``);
+like a page of ``queue_plan``."""
 
 Report = Callable[[float, float | None, str | None], Awaitable[None]]
 
@@ -104,7 +105,7 @@ def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, 
     else:  # a run of an earlier server, or not a run
         run = load_report(ws.registry.runs_dir, task.record.task_id) if task.record.kind == "run" else None
     if run is not None:
-        run = run.shown(MAX_OUTCOMES_SHOWN)
+        run = run.shown(MAX_RUN_ITEMS_SHOWN)
     return TaskView.of(task.record, short=short, usage=usage_of(task), output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
                        output_bytes=task.output_bytes, truncated=chunk.truncated,
                        dropped_bytes=ws.registry.dropped_bytes(task), run=run)

@@ -213,10 +213,8 @@ class TaskRegistry:
         return [task for n in numbers if (task := self._items_done.get(n)) is not None]
 
     def _index_item(self, task: Task) -> None:
-        rec = task.record
-        if rec.kind == "item" and rec.item_id is not None and rec.item_id.isdigit() \
-                and rec.status == TaskStatus.COMPLETED:
-            self._items_done[int(rec.item_id)] = task
+        if (number := _item_number(task.record)) is not None and task.record.status == TaskStatus.COMPLETED:
+            self._items_done[number] = task
 
     def list(self, statuses: set[str] | None = None, limit: int = 50, offset: int = 0,
              among: set[str] | None = None) -> tuple[builtins.list[Task], int]:
@@ -551,8 +549,7 @@ class TaskRegistry:
         paths = []
         for task in tasks:
             del self._tasks[task.record.task_id]
-            if task.record.kind == "item" and task.record.item_id is not None and task.record.item_id.isdigit() \
-                    and self._items_done.get(number := int(task.record.item_id)) is task:
+            if (number := _item_number(task.record)) is not None and self._items_done.get(number) is task:
                 del self._items_done[number]
             if (group_id := task.record.group_id) is not None and (members := self._groups.get(group_id)):
                 members.remove(task.record.task_id)
@@ -1103,6 +1100,12 @@ class TaskRegistry:
             for rec, error in zip(records, errors, strict=True):
                 if error is not None:
                     log.error("could not save the record of task %s: %s", rec.task_id, error)
+
+
+def _item_number(record: TaskRecord) -> int | None:
+    """The number of the queue item a task carried out (``007`` is 7), or None for any other task."""
+    item_id = record.item_id
+    return int(item_id) if record.kind == "item" and item_id is not None and item_id.isdigit() else None
 
 
 def _failure_text(exc: BaseException) -> str:
