@@ -462,11 +462,10 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
     else:
         problems.append(f"{field} must be a list of item ids or a comma-separated string, not {describe(value)}")
         return []
-    ids: list[int] = []
+    ids: dict[int, None] = {}  # (in order, each once)
     for part in parts:
         if type(part) is int and 0 <= part < _MAX_ID:  # what parse_item_ref(str(part)) gives, without the text
-            if part not in ids:
-                ids.append(part)
+            ids[part] = None
             continue
         if isinstance(part, bool) or not isinstance(part, (str, int)):
             problems.append(f"{field}: {short_repr(part)} is not an item id ({ID_HELP})")
@@ -482,9 +481,8 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
             except ValueError as exc:
                 problems.append(f"{field}: {exc}")
                 continue
-            if item_id not in ids:
-                ids.append(item_id)
-    return ids
+            ids[item_id] = None
+    return list(ids)
 
 
 def _names(field: str, value: object, problems: list[str], *, split_spaces: bool) -> list[str]:
@@ -507,13 +505,13 @@ def _names(field: str, value: object, problems: list[str], *, split_spaces: bool
     else:
         problems.append(f"{field} must be a list of strings or a comma-separated string, not {describe(value)}")
         return []
-    names: list[str] = []
+    names: dict[str, None] = {}  # (in order, each once: `in` on a list made 60,000 entries take 17 s)
     for part in parts:
         if "\x00" in part:
             problems.append(f"{field}: {short_repr(part)} contains a NUL character (\\0); remove it")
-        elif part and part not in names:
-            names.append(part)
-    return names
+        elif part:
+            names[part] = None
+    return list(names)
 
 
 @lru_cache(maxsize=4096)
@@ -528,15 +526,15 @@ def normalize_file_entry(entry: str) -> str | None:
 
 
 def _files(value: object, problems: list[str]) -> list[str]:
-    files: list[str] = []
+    files: dict[str, None] = {}  # (in order, each once)
     for entry in _names("files", value, problems, split_spaces=True):
         clean = normalize_file_entry(entry)
         if clean is None:
             problems.append(f"files: {short_repr(entry)} is outside the workspace; "
                             f"give paths relative to the workspace root")
-        elif clean not in files:
-            files.append(clean)
-    return files
+        else:
+            files[clean] = None
+    return list(files)
 
 
 def _text(field: str, value: object, problems: list[str]) -> str | None:
