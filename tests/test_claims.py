@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_parallel.queue.claims import BadTransition, ClaimLost, history, move_item, rename_noreplace
+from agent_parallel.queue.claims import (BadTransition, ClaimLost, find_item, history, move_item, release_stale_claims,
+                                         rename_noreplace)
 from agent_parallel.errors import QueueError
 
 
@@ -61,6 +62,21 @@ def test_unknown_and_duplicate_items(queue):
     (queue_dir / "004-pending-b.md").write_text("b")
     with pytest.raises(QueueError, match=r"^item 004 has several files \(004-pending-a.md, 004-pending-b.md\); remove the duplicates first$"):
         move_item(queue_dir, runs, 4, "in_progress", by="a")
+
+
+def test_an_item_is_found_by_number_among_names_that_only_look_like_it(queue):
+    """`find_item` parses only names whose leading ASCII digits are the id: 0007 and 007 are item 7 (two
+    files: refused), while 0070, non-ASCII digits, a bad status and other files never are."""
+    queue_dir, runs = queue
+    for name in ("0070-pending-a.md", "١٢٣-pending-x.md", "07x-pending-a.md", "007-done-a.md", "007-pending-a.txt",
+                 "notes-007.md", "0007-pending-seven.md"):
+        (queue_dir / name).write_text("x")
+    assert find_item(queue_dir, 7)[0].name == "0007-pending-seven.md"
+    assert release_stale_claims(queue_dir, runs) == []
+    (queue_dir / "007-pending-b.md").write_text("b")
+    with pytest.raises(QueueError, match=r"^item 007 has several files \(0007-pending-seven.md, 007-pending-b.md\)"):
+        move_item(queue_dir, runs, 7, "in_progress", by="a")
+    assert find_item(queue_dir, 70)[0].name == "0070-pending-a.md"
 
 
 def test_rename_never_overwrites(tmp_path):

@@ -168,9 +168,12 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
     try:
         with os.scandir(queue_dir) as listing:
             for entry in listing:
-                if entry.name.endswith(".md"):
+                # only a name whose leading ASCII digits are the id is parsed (parsing all 10,000 names of a
+                # queue cost 30 ms, three times per update_item)
+                digits = entry.name.partition("-")[0]
+                if entry.name.endswith(".md") and digits.isascii() and digits.isdigit() and int(digits) == item_id:
                     name = parse_name(entry.name)
-                    if isinstance(name, ItemName) and name.id == item_id:
+                    if isinstance(name, ItemName):
                         found.append((Path(entry.path), name))
     except OSError as exc:
         raise QueueError(f"queue directory {queue_dir} cannot be listed ({exc.strerror}); create it, or set "
@@ -437,9 +440,10 @@ def release_stale_claims(queue_dir: Path, runs_dir: Path) -> list[tuple[str, str
     """
     if not queue_dir.is_dir():
         return []
-    in_progress = [name for entry in os.scandir(queue_dir)
-                   if entry.name.endswith(".md") and isinstance(name := parse_name(entry.name), ItemName)
-                   and name.status == "in_progress"]
+    with os.scandir(queue_dir) as listing:  # (only names that can hold an in_progress item are parsed)
+        in_progress = [name for entry in listing
+                       if entry.name.endswith(".md") and "-in_progress-" in entry.name
+                       and isinstance(name := parse_name(entry.name), ItemName) and name.status == "in_progress"]
     released = []
     for name, claim in stale_claims(runs_dir, in_progress):
         reason = (f"claimed by {claim.get('by', 'an unknown claimant')} of a server (pid {claim['pid']}) that no longer runs; not re-run "
