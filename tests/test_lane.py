@@ -11,7 +11,7 @@ import pytest
 
 from agent_parallel.tasks.records import TaskRecord
 from agent_parallel.tasks.registry import RegistrySettings, Task, TaskRegistry, open_registry
-from conftest import all_dead, fill_disk, read_pids
+from conftest import all_dead, all_dead_soon, fill_disk, read_pids
 
 pytestmark = pytest.mark.anyio
 
@@ -111,7 +111,7 @@ async def test_what_a_lane_task_leaves_running_is_stopped(workspace, command):
         task = await launch_bg(registry, workspace, command)
         await finished(task)
         assert task.record.status == "completed" and lane_started(registry) == 1
-        assert all_dead(read_pids(workspace / "pid"))
+        assert all_dead_soon(read_pids(workspace / "pid"))  # killed; gone a moment later on a loaded machine
 
 
 async def test_one_start_failing_in_a_batch_fails_only_that_task(workspace):
