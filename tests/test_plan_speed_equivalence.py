@@ -245,6 +245,30 @@ def test_plans_of_items_as_before() -> None:
         assert as_before(dump(new)) == old.model_dump()
 
 
+def test_plans_with_a_large_group_of_patterns_as_before() -> None:
+    """Over 16 patterns with one literal start and end (``docs/*{k}*.md``) are one key in the new index:
+    the same conflicts (each pair naming its own patterns), waves and bounds; only the conflict groups
+    differ (one group for the merged patterns, named with their number, instead of one per pattern)."""
+    rng = random.Random(7)
+    pool = [f"docs/*{k}*.md" for k in range(24)] + ["docs/12.md", "docs", "*.md", "docs/*.txt", "lib/*", "docs/a/*b*.md"]
+    merged = 0
+    for _ in range(12):
+        size = rng.randint(30, 60)
+        rows = [dict(id=number, id_str=f"{number:03d}", file=f"{number:03d}-pending-x.md", path="", slug="x",
+                     status="pending", title="x", blocked_by=rng.sample(range(1, number), min(number - 1, rng.randint(0, 1))),
+                     files=rng.sample(pool, rng.randint(1, 2)), estimate_s=rng.choice([None, 30.0, 600.0]))
+                for number in range(1, size + 1)]
+        new = make_plan([new_items.WorkItem(**row) for row in rows], [], 3)
+        old = legacy.make_plan([legacy.WorkItem(**row) for row in rows], [], 3)
+        new_dump, old_dump = as_before(dump(new)), old.model_dump()
+        assert isinstance(new_dump, dict)
+        new_groups, old_groups = new_dump.pop("conflict_groups"), old_dump.pop("conflict_groups")
+        assert new_dump == old_dump
+        merged += any("more patterns with its literal start and end" in group["name"] for group in new_groups)
+        assert len(new_groups) <= len(old_groups)
+    assert merged > 6  # most queues drew more than 16 of the patterns
+
+
 def test_rows_built_without_validation_equal_validated_ones(tmp_path: Path) -> None:
     """`items.trusted` skips validating parsed items and plan rows: each must equal its validated
     twin, down to the fields set and the lists being its own (a plan row's not the item's)."""

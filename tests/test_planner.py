@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from agent_parallel.queue.conflicts import files_overlap, find_conflicts
+from agent_parallel.queue.conflicts import ConflictIndex, entry_overlaps, files_overlap, find_conflicts, overlap_groups
 from agent_parallel.errors import PathOutsideWorkspace, QueueError, UsageError
 from agent_parallel.cli.render import format_seconds, plan_table, to_dot
 from agent_parallel.queue.plan import plan_workspace
@@ -262,6 +262,52 @@ def test_find_conflicts_agrees_with_files_overlap_pairwise() -> None:
     expected = {(i + 1, j + 1) for i in range(len(entries)) for j in range(i + 1, len(entries))
                 if files_overlap(entries[i], entries[j])}
     assert found == expected
+
+
+def test_a_large_group_of_patterns_with_the_same_ends_is_one_key() -> None:
+    """40 items' ``docs/*{i}*.md`` all overlap one another (``docs/12.md`` matches ``*1*`` and ``*2*``)
+    and the same other entries: one key with 40 holders, not 780 pairs of keys; what is shown of a
+    pair still names each item's own pattern."""
+    patterns = [f"docs/*{i}*.md" for i in range(40)]
+    items = [item(n + 1, files=(pattern,)) for n, pattern in enumerate(patterns)]
+    items += [item(41, files=("docs/12.md",)), item(42, files=("lib/x.md",)), item(43, files=("docs/*0*.txt",))]
+    index = ConflictIndex(items)
+    key = ("file", "docs/*0*.md")
+    assert index.holders[key] == list(range(1, 41))
+    assert index.names[key] == "docs/*0*.md and 39 more patterns with its literal start and end"
+    assert index.adjacent[key] == (("file", "docs/12.md"),)
+    assert index.shared(3, 7) == (["docs/*2*.md", "docs/*6*.md"], [])
+    assert index.shared(41, 5) == (["docs/*4*.md", "docs/12.md"], [])
+    expected = {(i + 1, j + 1) for i in range(43) for j in range(i + 1, 43)
+                if files_overlap(items[i].files[0], items[j].files[0])}
+    assert set(find_conflicts(items)) == expected and (1, 43) not in expected
+
+
+@pytest.mark.parametrize("entries", [
+    ["docs/*1*.md", "docs/*2*.md", "docs/a/*x*.md", "doc*", "*.md", "d*s/*", "docs", "docs/x.md", "src/*"],
+    ["*", ".", "src", "src/**/*.py", "src/a.py", "lib/*.c", "**/x", "abx", "a*bx", "*a*", "b.[ch]"],
+    ["src/?.py", "src/[ab].py", "src/a.py", "src/*.py", "src/**/*", "x/*y*z", "x/*z", "x/y?z"],
+])
+def test_overlaps_by_ends_agree_with_pairwise_matching(entries: list[str]) -> None:
+    found = entry_overlaps(entries)
+    for first in entries:
+        for second in entries:
+            if first != second:
+                assert (second in found.get(first, ())) is files_overlap(first, second), (first, second)
+
+
+def test_patterns_past_the_comparison_budget_are_taken_to_overlap_everything() -> None:
+    entries = [f"docs/*{i}*.m?" for i in range(30)] + ["src/a.py", "lib", "docs/*a*.md"]
+    exact = entry_overlaps(entries)
+    found = overlap_groups(entries, budget=300)
+    assert 16 < len(found.assumed) < 31 and "docs/*a*.md" in found.assumed  # the last ones compared
+    key = found.everything[0]
+    assert found.members[key] == found.everything == sorted(found.assumed)  # more than 16: one key
+    assert found.adjacent[key] == {"src/a.py", "lib"} | {entry for entry in entries if entry not in found.assumed}
+    for first in entries:  # never less than the exact answer
+        for second in exact.get(first, ()):
+            ka, kb = found.key_of.get(first, first), found.key_of.get(second, second)
+            assert ka == kb or kb in found.adjacent[ka]
 
 
 # --- the predicted schedule, bounds and patterns -----------------------------------------------------------------

@@ -223,6 +223,41 @@ async def test_a_thousand_items_sharing_a_component_give_a_bounded_plan(workspac
     assert plan["predicted_makespan"] == plan["lower_bound"] == 60_000
 
 
+@pytest.mark.fault("3,000 items whose patterns all overlap one another (docs/*{i}*.md): planned in seconds, one key "
+                   "and one group, each pair naming its two patterns (was 544 s and 1.6 GB)")
+def test_thousands_of_overlapping_patterns_plan_in_seconds() -> None:
+    items = [pending_item(n, files=[f"docs/*{n}*.md"]) for n in range(1, 3001)]
+    started = time.monotonic()
+    plan = make_plan(items, [], 5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 15 and not plan.warnings  # exact: no pattern was left uncompared
+    assert plan.conflicts_total == 3000 * 2999 // 2 and plan.waves_total == 3000
+    assert plan.conflicts[0].files == ["docs/*1*.md", "docs/*2*.md"]
+    [group] = plan.conflict_groups
+    assert group.name == "docs/*1*.md and 2,999 more patterns with its literal start and end"
+    assert len(group.items) == 3000 and group.overlaps_total == 0
+
+
+@pytest.mark.fault("1,500 items whose patterns end in ? and all overlap (docs/*{i}*.m?), too many to compare one by one: "
+                   "planned in seconds, the uncompared ones taken to overlap every file with a warning naming the fix "
+                   "(was 58 s and 207 MB for 1,000)")
+def test_patterns_too_many_to_compare_are_taken_to_overlap_everything() -> None:
+    items = [pending_item(n, files=[f"docs/*{n}*.m?"]) for n in range(1, 1501)]
+    items.append(pending_item(1501, files=["src/a.py"]))
+    started = time.monotonic()
+    plan = make_plan(items, [], 5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 15
+    assert plan.conflicts_total == 1500 * 1499 // 2 + len(plan.warnings)  # + each assumed one with src/a.py
+    assert 0 < len(plan.warnings) < 1500 and {warning.kind for warning in plan.warnings} == {"overlap_assumed"}
+    first = plan.warnings[0]
+    assert first.message == (
+        f"files: {items[int(first.item) - 1].files[0]!r} is taken to overlap every file, so the item never runs beside "
+        f"another that declares files: the queue holds too many overlapping patterns to compare one by one "
+        f"({len(plan.warnings):,} were not); declare directories, or patterns that start and end with *")
+    assert plan.run_now == ["001", "1501"]  # an item compared exactly still runs beside src/a.py
+
+
 @pytest.mark.fault("a 5,000-item dependency cycle: one cycle error cut after 10 ids, short item reasons, under 2 MB (was 196 MB)")
 def test_a_five_thousand_item_cycle_gives_one_short_error() -> None:
     items = [pending_item(n, blocked_by=[n % 5000 + 1], files=[f"f{n}"]) for n in range(1, 5001)]

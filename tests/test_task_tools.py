@@ -20,8 +20,9 @@ async def launch(client, command: str, **args) -> str:
 
 async def test_launch_answers_at_once_and_output_waits_for_the_end(client):
     started = time.monotonic()
-    result = await call(client, "launch_task", command="sleep 0.3; echo hi; echo err >&2", description="greet")
-    assert time.monotonic() - started < 0.25
+    result = await call(client, "launch_task", command="sleep 1; echo hi; echo err >&2", description="greet")
+    assert time.monotonic() - started < 0.8  # long before the command ends (the SDK client's first call of a
+    # tool compiles its output schema: 0.28 s of this on a fresh machine)
     # answered once its record is written: queued while its process is being started, or running already
     assert result["status"] in ("queued", "running") and result["description"] == "greet"
     assert len(result["task_id"]) == 12
@@ -29,7 +30,7 @@ async def test_launch_answers_at_once_and_output_waits_for_the_end(client):
     assert out["retrieval_status"] == "success"
     assert out["status"] == "completed" and out["exit_code"] == 0
     assert out["output"] == "hi\nerr\n" and out["output_bytes"] == 7 and out["truncated"] is False
-    assert out["duration_s"] >= 0.3
+    assert out["duration_s"] >= 1
 
 
 async def test_task_ids_are_unguessable_and_distinct(client):

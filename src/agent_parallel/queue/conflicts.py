@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -126,34 +127,90 @@ def files_overlap(a: str, b: str) -> bool:
     return _plain_meets_glob(plain, glob_tokens(glob))
 
 
-def _literal_suffix(glob: str) -> str:
-    """The part of a glob after its last wildcard or character class."""
-    cut = max(glob.rfind("*"), glob.rfind("?"), glob.rfind("]") if "[" in glob else -1)
-    return glob[cut + 1:]
-
-
-def _literal_prefix(glob: str) -> str:
-    """The part of a glob before its first wildcard."""
-    cut = min((glob.index(char) for char in _GLOB_CHARS if char in glob), default=len(glob))
-    return glob[:cut]
-
-
 Key = tuple[str, str]
-"""What an item declares, as the index knows it: ``("file", entry)`` or ``("component", casefolded name)``."""
+"""What an item declares, as the index knows it: ``("file", entry)`` or ``("component", casefolded name)``.
+
+A group of patterns that `overlap_groups` merges is one key, named by its first pattern (see
+`Overlaps.members`)."""
 Mark = tuple[str, Key]
 """A scheduler's counter: ``("near", key)`` or ``("held", key)`` (see `ConflictIndex.checks`)."""
 _SPREAD_LIMIT = 16
-"""Keys overlapping more entries than this are checked by whoever might start beside them, not spread."""
+"""Keys overlapping more entries than this are checked by whoever might start beside them, not spread;
+groups of more patterns than this that overlap one another and the same other entries are one key."""
+_OVERLAP_BUDGET = 400_000
+"""Steps `overlap_groups` may take (a pair of patterns looked at or an overlap recorded: 1; a pattern
+compared with another token by token: `_COMPARE_COST`). A queue written by hand needs a few thousand;
+what is left when it runs out is taken to overlap every file, so a plan never takes minutes."""
+_COMPARE_COST = 20
+
+
+def _ends(tokens: Sequence[str]) -> tuple[str, str, bool]:
+    """A glob's literal start and end (before its first and after its last wildcard) and whether
+    both of those wildcards are ``*`` (then it meets others by its ends alone: see `overlap_groups`).
+    A glob with no wildcard (an unclosed ``[``) is all literal."""
+    wild = [index for index, token in enumerate(tokens) if token in ("*", "?") or len(token) > 1]
+    if not wild:
+        text = "".join(tokens)
+        return text, text, False
+    head, tail = "".join(tokens[:wild[0]]), "".join(tokens[wild[-1] + 1:])
+    return head, tail, tokens[wild[0]] == "*" and tokens[wild[-1]] == "*"
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
+@dataclass
+class Overlaps:
+    """Which distinct `files` entries overlap, as `overlap_groups` found it."""
+
+    adjacent: dict[str, set[str]] = field(default_factory=dict)
+    """Key entry -> the other key entries it overlaps (an entry always overlaps itself; not listed)."""
+    key_of: dict[str, str] = field(default_factory=dict)
+    """Entry merged into a group -> the group's key entry (its first); the others are their own key."""
+    members: dict[str, list[str]] = field(default_factory=dict)
+    """A merged group's key entry -> its entries."""
+    assumed: list[str] = field(default_factory=list)
+    """Patterns taken to overlap every file because the comparisons ran out of budget."""
+    everything: list[str] = field(default_factory=list)
+    """Entries that overlap every file: ``.``, ``*`` and the `assumed` ones."""
 
 
 def entry_overlaps(entries: Iterable[str]) -> dict[str, set[str]]:
     """For distinct `files` entries: entry -> the other entries it overlaps (see `files_overlap`).
 
-    An entry always overlaps itself; that is not listed. Plain paths meet through an index (the
-    path and each parent directory); only globs are compared pattern by pattern.
+    Exact and nothing merged: for tests and small sets (it is quadratic in globs that overlap)."""
+    return overlap_groups(entries, merge=False, budget=None).adjacent
+
+
+def overlap_groups(entries: Iterable[str], *, merge: bool = True,
+                   budget: int | None = _OVERLAP_BUDGET) -> Overlaps:
+    """Which distinct `files` entries overlap (see `files_overlap`), without comparing every pair.
+
+    Plain paths meet through an index (the path and each parent directory). A glob whose first and
+    last wildcards are ``*`` (``src/**/*.py``, ``docs/*1*.md``) meets another such glob exactly when
+    their literal starts agree (one begins the other) and so do their literal ends (one ends the
+    other): the longer start, a match of each middle and the longer end make a string both match.
+    It meets a plain path ``p`` exactly when ``p/`` and its start agree. So these globs are grouped
+    by their ends and compared by group, only with what shares a start; a group of more than
+    `_SPREAD_LIMIT` becomes one key (3,000 items' ``docs/*{i}*.md`` all overlap one another and the
+    same other entries: one key, not 4.5 million pairs). Other globs are compared token by token
+    with the entries whose starts agree; against a merged group, agreeing ends count as meeting
+    (erring toward a conflict, like two ``[...]`` classes). ``.`` and ``*`` overlap everything.
+
+    Once `budget` steps are spent, the globs not compared yet are taken to overlap everything
+    (`Overlaps.assumed`): erring toward a conflict again, where the exact answer could cost minutes.
     """
     entries = sorted(set(entries))
+    found = Overlaps()
     adjacent: dict[str, set[str]] = defaultdict(set)
+    spent = 0
+
+    def charge(cost: int) -> None:
+        nonlocal spent
+        spent += cost
+        if budget is not None and spent > budget:
+            raise _OutOfBudget
 
     def link(first: str, second: str) -> None:
         if first != second:
@@ -162,44 +219,132 @@ def entry_overlaps(entries: Iterable[str]) -> dict[str, set[str]]:
 
     plain = [entry for entry in entries if entry != "." and not is_glob(entry)]
     plain_set = set(plain)
-    globs = [entry for entry in entries if entry != "." and is_glob(entry)]
     for path in plain:
         parent = path.rfind("/")
         while parent > 0:
             if path[:parent] in plain_set:
                 link(path[:parent], path)
             parent = path.rfind("/", 0, parent)
-    tokens = {glob: glob_tokens(glob) for glob in globs}
-    ends = {glob: (_literal_prefix(glob), _literal_suffix(glob)) for glob in globs}
-    for index, glob in enumerate(globs):
-        prefix = _literal_prefix(glob)
-        candidates = set()
-        start = bisect.bisect_left(plain, prefix)
-        while start < len(plain) and plain[start].startswith(prefix):
-            candidates.add(plain[start])
-            start += 1
-        cut = prefix.find("/")
-        while cut > 0:
-            if prefix[:cut] in plain_set:
-                candidates.add(prefix[:cut])
-            cut = prefix.find("/", cut + 1)
-        if prefix in plain_set:
-            candidates.add(prefix)
-        for path in candidates:
-            if _plain_meets_glob(path, tokens[glob]):
-                link(glob, path)
-        head, tail = ends[glob]
-        for other in globs[index + 1:]:
-            # a cheap filter first: literal starts and ends must agree (src/*1 and src/*2 never meet)
-            other_head, other_tail = ends[other]
-            if ((head.startswith(other_head) or other_head.startswith(head))
-                    and (tail.endswith(other_tail) or other_tail.endswith(tail))
-                    and tokens_meet(tokens[glob], tokens[other])):
-                link(glob, other)
-    if "." in entries:
-        for entry in entries:
-            link(".", entry)
-    return adjacent
+
+    everything = ["."] if "." in entries else []
+    """Entries that overlap every file."""
+    tokens: dict[str, tuple[str, ...]] = {}
+    classes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    others: list[tuple[str, str, str]] = []
+    for glob in entries:
+        if glob == "." or glob in plain_set:
+            continue
+        tokens[glob] = glob_tokens(glob)
+        if tokens[glob] == ("*",):
+            everything.append(glob)
+            continue
+        head, tail, star = _ends(tokens[glob])
+        if star:
+            classes[(head, tail)].append(glob)
+        else:
+            others.append((head, tail, glob))
+
+    # Each group is compared as its keys: a merged class as one, else each of its globs.
+    groups: list[_Group] = []
+    for (head, tail), globs in classes.items():
+        if merge and len(globs) > _SPREAD_LIMIT:
+            found.members[globs[0]] = globs
+            found.key_of.update((glob, globs[0]) for glob in globs[1:])
+            groups.append(_Group(head, tail, [globs[0]], True))
+        else:
+            groups.append(_Group(head, tail, globs, True))
+    groups += [_Group(head, tail, [glob], False) for head, tail, glob in others]
+    groups.sort(key=lambda group: (len(group.head), group.head, group.tail, group.keys[0]))
+    merged = found.members.keys()
+
+    def meets(first: str, second: str) -> bool:
+        """Token by token; a merged class stands for all its globs, whose ends already agree."""
+        if first in merged or second in merged:
+            return True
+        charge(_COMPARE_COST)
+        return tokens_meet(tokens[first], tokens[second])
+
+    by_head: dict[str, list[_Group]] = defaultdict(list)
+    """Groups compared so far by start: in start-length order, so a start's prefixes came first."""
+    head_lengths: list[int] = []
+    done = 0
+    try:
+        for group in groups:
+            head, keys = group.head, group.keys
+            for index, first in enumerate(keys):
+                for second in keys[index + 1:]:
+                    charge(1)
+                    link(first, second)
+            for path in _plain_candidates(plain, plain_set, head):
+                for key in keys:
+                    charge(1)
+                    if not group.star:
+                        charge(_COMPARE_COST)
+                    if group.star or _plain_meets_glob(path, tokens[key]):
+                        link(key, path)
+            for length in head_lengths:
+                for earlier in by_head.get(head[:length], ()):
+                    charge(1)
+                    if not (group.tail.endswith(earlier.tail) or earlier.tail.endswith(group.tail)):
+                        continue
+                    for key in keys:
+                        for other in earlier.keys:
+                            charge(1)
+                            if (group.star and earlier.star) or meets(key, other):
+                                link(key, other)
+            if not head_lengths or head_lengths[-1] != len(head):
+                head_lengths.append(len(head))
+            by_head[head].append(group)
+            done += 1
+    except _OutOfBudget:
+        for group in groups[done:]:
+            for key in group.keys:
+                found.assumed += found.members.pop(key, [key])
+        for glob in found.assumed:
+            found.key_of.pop(glob, None)
+            for other in adjacent.pop(glob, ()):  # what it met so far: all of it, from now on
+                adjacent[other].discard(glob)
+        everything += found.assumed
+
+    if everything:
+        everything.sort(key=lambda entry: (entry != ".", entry))
+        found.everything = everything
+        if merge and len(everything) > _SPREAD_LIMIT:
+            found.members[everything[0]] = everything
+            found.key_of.update((entry, everything[0]) for entry in everything[1:])
+        wide = everything[:1] if everything[0] in found.members else everything
+        for entry in wide:
+            for other in entries:
+                if other not in found.key_of:
+                    link(entry, other)
+    found.adjacent = dict(adjacent)
+    return found
+
+
+@dataclass
+class _Group:
+    """Globs `overlap_groups` compares together: one star-bounded class, or one other glob."""
+
+    head: str
+    tail: str
+    keys: list[str]
+    star: bool
+
+
+def _plain_candidates(plain: list[str], plain_set: set[str], head: str) -> list[str]:
+    """Plain paths a glob starting with `head` may meet: those starting with it and the directories
+    above it (`plain` sorted). For a star-bounded glob these are exactly the paths it meets."""
+    start = bisect.bisect_left(plain, head)
+    found = []
+    while start < len(plain) and plain[start].startswith(head):
+        found.append(plain[start])
+        start += 1
+    cut = head.find("/")
+    while cut > 0:
+        if head[:cut] in plain_set:
+            found.append(head[:cut])
+        cut = head.find("/", cut + 1)
+    return found
 
 
 class ConflictIndex:
@@ -211,15 +356,25 @@ class ConflictIndex:
     """
 
     def __init__(self, items: Iterable[WorkItem]) -> None:
+        items = list(items)
+        self.overlaps = overlap_groups({entry for item in items for entry in item.files})
+        """How the entries overlap; `Overlaps.key_of` maps a merged entry to its group's key."""
+        key_of, members = self.overlaps.key_of, self.overlaps.members
         self.holders: dict[Key, list[int]] = {}
         """Key -> the ids holding it, in the order given (ascending when items are sorted by id)."""
         self.names: dict[Key, str] = {}
-        """Key -> how to show it: the entry, or the component as first written."""
+        """Key -> how to show it: the entry, the component as first written, or a merged group's key
+        entry and how many more it stands for."""
         self.keys: dict[int, tuple[Key, ...]] = {}
+        self._files: dict[int, Sequence[str]] = {}
+        """Item -> its entries, kept where one was merged into a group's key (see `shared`)."""
         for item in items:
             own: dict[Key, str] = {}
             for entry in item.files:
-                own.setdefault(("file", entry), entry)
+                held = key_of.get(entry, entry) if key_of else entry
+                own.setdefault(("file", held), held)
+            if members and any(key[1] in members for key in own):
+                self._files[item.id] = item.files
             for component in item.components:
                 own.setdefault(("component", component.casefold()), component)
             for key, name in own.items():
@@ -227,9 +382,14 @@ class ConflictIndex:
                 self.names.setdefault(key, name)
             if own:
                 self.keys[item.id] = tuple(own)
-        overlaps = entry_overlaps(name for kind, name in self.holders if kind == "file")
+        for first, group in members.items():
+            self.names[("file", first)] = (
+                f"{first} and {len(group) - 1:,} more entries that cover every file"
+                if first in self.overlaps.everything
+                else f"{first} and {len(group) - 1:,} more patterns with its literal start and end")
         self.adjacent: dict[Key, tuple[Key, ...]] = {
-            ("file", entry): tuple(("file", other) for other in sorted(others)) for entry, others in overlaps.items()}
+            ("file", entry): tuple(("file", other) for other in sorted(others))
+            for entry, others in self.overlaps.adjacent.items()}
         """Key -> the other keys overlapping it (files only; components meet only when equal)."""
         self._neighbours: dict[int, frozenset[int]] = {}
         self._key_sets: dict[int, frozenset[Key]] = {}
@@ -239,9 +399,32 @@ class ConflictIndex:
         self._heavy_near: dict[Key, tuple[Mark, ...]] = {}
         self._contested = {key for key, holders in self.holders.items() if len(holders) > 1 or key in self.adjacent}
         """Keys another item could conflict on; the rest (one holder, no overlap) need no counter."""
+        self._cliques = self._find_cliques()
 
     def _heavy(self, key: Key) -> bool:
         return len(self.adjacent.get(key, ())) > _SPREAD_LIMIT
+
+    def _find_cliques(self) -> dict[Key, Key]:
+        """Heavy keys that all overlap one another, grouped greedily: key -> its group's first key.
+
+        Items holding keys of one group share one counter (``("clique", first)``) instead of checking
+        each other's ``held`` counters: 200 patterns that all overlap make checks of 1 counter, not 200,
+        and a finished item frees one counter that wakes one parked item, not 200 that park again."""
+        heavy = sorted((key for key in self.adjacent if self._heavy(key)),
+                       key=lambda key: (-len(self.adjacent[key]), key))
+        clique: dict[Key, Key] = {}
+        for first in heavy:
+            if first in clique:
+                continue
+            candidates = {other for other in self.adjacent[first] if other not in clique and self._heavy(other)}
+            members = [first]
+            for other in self.adjacent[first]:
+                if other in candidates:
+                    members.append(other)
+                    candidates.intersection_update(self.adjacent[other])
+            if len(members) > 2:
+                clique.update((member, first) for member in members)
+        return clique
 
     def marks(self, item_id: int) -> tuple[Mark, ...]:
         """Counters a scheduler raises while `item_id` runs (see `checks`)."""
@@ -254,6 +437,8 @@ class ConflictIndex:
                 marks.append(("near", key))
                 if self._heavy(key):
                     marks.append(("held", key))
+                    if key in self._cliques:
+                        marks.append(("clique", self._cliques[key]))
                 else:
                     marks.extend(("near", other) for other in self.adjacent.get(key, ()))
             found = self._marks[item_id] = tuple(marks)
@@ -265,7 +450,8 @@ class ConflictIndex:
         ``("near", key)`` counts running items holding `key` or a lightly connected key overlapping
         it; ``("held", key)`` counts running items holding a heavily connected `key` (a directory
         or glob overlapping more than a few entries, or ``.``). Splitting them keeps both starting
-        and checking cheap: an item holding ``.`` raises one counter, not one per entry.
+        and checking cheap: an item holding ``.`` raises one counter, not one per entry. Heavy keys
+        that all overlap one another share a ``("clique", first)`` counter (see `_find_cliques`).
         """
         found = self._checks.get(item_id)
         if found is None:
@@ -276,8 +462,10 @@ class ConflictIndex:
                 checks.append(("near", key))
                 heavy = self._heavy_near.get(key)
                 if heavy is None:
-                    heavy = self._heavy_near[key] = tuple(
-                        ("held", other) for other in self.adjacent.get(key, ()) if self._heavy(other))
+                    clique = self._cliques.get(key)
+                    heavy = self._heavy_near[key] = ((("clique", clique),) if clique else ()) + tuple(
+                        ("held", other) for other in self.adjacent.get(key, ())
+                        if self._heavy(other) and (clique is None or self._cliques.get(other) != clique))
                 checks.extend(heavy)
             found = self._checks[item_id] = tuple(checks)
         return found
@@ -370,8 +558,17 @@ class ConflictIndex:
                 if key[0] == "component":
                     components.add(self.names[key])
                 else:
-                    files.update((key[1], other[1]))
+                    files.update(self._entries(first, key[1]))
+                    files.update(self._entries(second, other[1]))
         return sorted(files), sorted(components)
+
+    def _entries(self, item_id: int, key: str) -> Iterable[str]:
+        """The item's own entries behind a file key (several when it holds patterns of a merged group)."""
+        own = self._files.get(item_id)
+        if own is None or key not in self.overlaps.members:
+            return (key,)
+        key_of = self.overlaps.key_of
+        return [entry for entry in own if key_of.get(entry, entry) == key]
 
     def _key_set(self, item_id: int) -> frozenset[Key]:
         """The item's keys as a set, made once (an item of 60,000 files met in 200 listed pairs)."""

@@ -48,7 +48,7 @@ PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
 MAX_ITEM_BYTES = 1024 * 1024
 """Item files above this size are refused: an item is a page of markdown, not a data file."""
 
-WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config", "stale_claim"})
+WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config", "stale_claim", "overlap_assumed"})
 """Diagnostic kinds that are warnings; every other kind is an error that stops the item."""
 
 

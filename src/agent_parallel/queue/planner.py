@@ -42,6 +42,7 @@ from .conflicts import ConflictIndex, Mark
 from .diagrams import to_mermaid
 from ..errors import InternalError, UsageError
 from ..fields import omitted_if_none
+from ..text import short_repr
 from .items import Diagnostic, WorkItem, format_id, trusted
 
 DEFAULT_ESTIMATE_S = 60.0
@@ -307,9 +308,25 @@ def build_graph(items: Sequence[WorkItem], diagnostics: Sequence[Diagnostic] = (
         active = [item for item in active if item.id not in graph.isolated]
     graph.conflict_index = ConflictIndex(active)
     graph.conflicts = _Neighbours(graph.conflict_index)
+    _warn_assumed(graph, graph.declared_index or graph.conflict_index)
     graph.errors.sort(key=_diagnostic_order)
     graph.warnings.sort(key=_diagnostic_order)
     return graph
+
+
+def _warn_assumed(graph: QueueGraph, index: ConflictIndex) -> None:
+    """One warning per item holding a pattern the conflict index could not afford to compare."""
+    assumed = set(index.overlaps.assumed)
+    if not assumed:
+        return
+    for item in graph.items:
+        entry = next((entry for entry in item.files if entry in assumed), None)
+        if entry is not None and item.id in index.keys:
+            graph.warnings.append(Diagnostic(
+                kind="overlap_assumed", item=item.id_str, file=item.file,
+                message=f"files: {short_repr(entry)} is taken to overlap every file, so the item never runs beside "
+                        f"another that declares files: the queue holds too many overlapping patterns to compare one by "
+                        f"one ({len(assumed):,} were not); declare directories, or patterns that start and end with *"))
 
 
 class _Neighbours(Mapping[int, frozenset[int]]):
