@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_parallel.queue.conflicts import ConflictIndex
-from agent_parallel.queue.planner import build_graph, make_plan, simulate
+from agent_parallel.queue.planner import build_graph, make_plan, simulate, upstream_items
 from agent_parallel.queue.items import PRIORITIES, WorkItem, format_id
 
 FILE_POOL = ["src", "src/a.py", "src/b.py", "src/*.py", "src/c", "docs", "docs/x.md", "*.md", "lib/*.c",
@@ -220,3 +220,34 @@ def test_has_conflict_says_whether_an_item_has_any_neighbour(queue) -> None:
     index = ConflictIndex(items)
     for item in items:
         assert index.has_conflict(item.id) == bool(index.neighbours(item.id)), item
+
+
+@st.composite
+def tangled_queues(draw: st.DrawFn) -> list[WorkItem]:
+    """Queues with what readiness must see through: cycles both ways (`blocked_by` and `blocks`),
+    references to missing items, duplicate ids, every status."""
+    size = draw(st.integers(1, 12))
+    items = []
+    for index in range(size + draw(st.integers(0, 2))):  # the extra files repeat an id
+        number = index + 1 if index < size else draw(st.integers(1, size))
+        status = draw(st.sampled_from(STATUSES))
+        refs = st.lists(st.integers(1, size + 2), max_size=2, unique=True)
+        items.append(WorkItem(
+            id=number, id_str=format_id(number), file=f"{number:03d}-{status}-x{index}.md", path="", slug="x",
+            status=status, title="x", blocked_by=draw(refs), blocks=draw(refs)))
+    return items
+
+
+@SETTINGS
+@given(tangled_queues())
+def test_an_item_and_what_it_waits_on_give_it_the_whole_queue_s_readiness(items) -> None:
+    """`upstream_items` (what `launch_task(item=...)` builds its graph from) loses nothing readiness
+    depends on: each item's reason and what it waits on are the whole queue's."""
+    whole = build_graph(items)
+    for item in items:
+        part = build_graph(upstream_items(items, item.id))
+        assert part.reasons.get(item.file) == whole.reasons.get(item.file), item
+        assert (item.id in part.by_id) == (item.id in whole.by_id)
+        if item.id in whole.by_id:
+            assert part.waits_on[item.id] == whole.waits_on[item.id]
+            assert (item.id in part.schedulable) == (item.id in whole.schedulable)

@@ -30,7 +30,7 @@ Cycle paths read in the ``blocked_by`` direction: ``003 -> 007 -> 005 -> 003`` m
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -840,6 +840,39 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing running and nothing ready: the run is over (or stuck on conflicts with nothing)."""
         return not self.running and not self._ready and not self._parked
+
+
+def upstream_items(items: Sequence[WorkItem], item_id: int) -> list[WorkItem]:
+    """The items with id `item_id` and every item they wait on, transitively (through `blocked_by`
+    and others' `blocks`), with the items their `blocks` name (so none names a missing item).
+
+    Readiness flows only from what an item waits on, so a graph of these gives `item_id` the same
+    readiness and reason as the whole queue's: what `launch_task(item=...)` needs, from a handful of
+    items instead of 10,000."""
+    by_id: dict[int, list[WorkItem]] = defaultdict(list)
+    blockers: dict[int, list[WorkItem]] = defaultdict(list)
+    for item in items:
+        by_id[item.id].append(item)
+        for target in item.blocks:
+            blockers[target].append(item)
+    seen: set[int] = set()
+    chosen: dict[str, WorkItem] = {}
+    stack = [item_id]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for item in by_id.get(node, ()):
+            chosen[item.file] = item
+            stack.extend(item.blocked_by)
+        for item in blockers.get(node, ()):
+            chosen[item.file] = item
+            stack.append(item.id)
+    for item in list(chosen.values()):
+        for target in item.blocks:
+            chosen.update((other.file, other) for other in by_id.get(target, ()))
+    return list(chosen.values())
 
 
 def _needed(targets: set[int], waits_on: Mapping[int, Sequence[int]]) -> set[int]:

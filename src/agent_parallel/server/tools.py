@@ -314,7 +314,7 @@ async def _launch_item(ws: Workspace, item: str) -> Task:
     _check_text("item", item)
     item_id = parse_item_id(item)
     queue = await anyio.to_thread.run_sync(ws.queue)
-    graph = await anyio.to_thread.run_sync(queue.graph)
+    graph = await anyio.to_thread.run_sync(lambda: queue.item_graph(item_id))
     task, _ = await launch_item(queue, graph, check_ready(graph, item_id), by="launch_task")
     return task
 
