@@ -141,3 +141,42 @@ async def test_a_queue_the_server_cannot_prepare_is_reported_when_asked(workspac
         assert "queue.dir" in error
         assert (await call(client, "list_tasks"))["tasks"] == []  # the server is still serving
     assert config.read_text() == "queue:\n  dir: [not, a, path]\n"
+
+
+def test_an_item_graph_s_index_follows_the_queue_s_changes(tmp_path: Path) -> None:
+    """`plan.item_graph` keeps its index of the items with the snapshot and carries it to the next
+    through the files that changed (a launch moves one): the carried index is the one a fresh read
+    would build, through renames, edits of `blocks`, duplicates, deletions and a new isolated item."""
+    from agent_parallel.config import load_config
+    from agent_parallel.queue.planner import ItemIndex
+
+    def files(index: ItemIndex) -> tuple[dict[int, set[str]], dict[int, set[str]]]:
+        return ({key: {item.file for item in items} for key, items in index.by_id.items()},
+                {key: {item.file for item in items} for key, items in index.blockers.items()})
+
+    write_item(tmp_path, 1, "a", blocks=[3])
+    write_item(tmp_path, 2, "b", blocked_by=[1])
+    second = write_item(tmp_path, 3, "c", blocked_by=[2])
+    reader = QueueReader(watch=False)
+    config = load_config(tmp_path)[0]
+
+    def graph_of(item_id: int):
+        snapshot = reader.snapshot(tmp_path, QUEUE)
+        graph = plan_module.item_graph(tmp_path, config, snapshot, item_id)
+        assert files(snapshot.memo["item_index"]) == files(ItemIndex.of(snapshot.items))
+        return snapshot, graph
+
+    first, graph = graph_of(3)
+    assert graph.waits_on[3] == [1, 2] and graph.reasons[second.name] == "waits on 001, 002"
+    assert first.memo["own_isolation"] is False and not graph.isolated
+    (tmp_path / QUEUE / "001-pending-a.md").rename(tmp_path / QUEUE / "001-completed-a.md")
+    write_item(tmp_path, 2, "b", blocked_by=[], blocks=[3])  # an edit: 3 now waits on 2 through `blocks`
+    write_item(tmp_path, 2, "dup")  # a second file with id 2
+    snapshot, graph = graph_of(3)
+    assert snapshot.base is first and "item_index" in first.memo  # carried, not rebuilt
+    assert graph.reasons[second.name] == "waits on 002, which has an error"  # its id is used twice
+    (tmp_path / QUEUE / "002-pending-dup.md").unlink()
+    write_item(tmp_path, 4, "d", isolation="worktree", blocked_by=[3])
+    snapshot, graph = graph_of(4)
+    assert snapshot.memo["own_isolation"] is True and graph.waits_on[4] == [3]
+    assert graph.reasons["004-pending-d.md"] == "waits on 003"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_parallel.queue.conflicts import ConflictIndex
-from agent_parallel.queue.planner import build_graph, make_plan, simulate, upstream_items
+from agent_parallel.queue.planner import ItemIndex, build_graph, make_plan, simulate, upstream_items
 from agent_parallel.queue.items import PRIORITIES, WorkItem, format_id
 
 FILE_POOL = ["src", "src/a.py", "src/b.py", "src/*.py", "src/c", "docs", "docs/x.md", "*.md", "lib/*.c",
@@ -245,7 +245,7 @@ def test_an_item_and_what_it_waits_on_give_it_the_whole_queue_s_readiness(items)
     depends on: each item's reason and what it waits on are the whole queue's."""
     whole = build_graph(items)
     for item in items:
-        part = build_graph(upstream_items(items, item.id))
+        part = build_graph(upstream_items(ItemIndex.of(items), item.id))
         assert part.reasons.get(item.file) == whole.reasons.get(item.file), item
         assert (item.id in part.by_id) == (item.id in whole.by_id)
         if item.id in whole.by_id:

@@ -27,8 +27,8 @@ from ..config import Config, load_config, max_parallel_for
 from ..errors import AgentParallelError, UsageError
 from ..paths import CONFIG_FILE, RUNS_DIR, resolve_inside
 from .diagrams import to_mermaid
-from .planner import (IsolationPolicy, QueueGraph, QueuePlan, QueuePlanPage, build_graph, check_slots, has_rows,
-                      page_plan, plan_graph, plan_rows)
+from .planner import (IsolationPolicy, ItemIndex, QueueGraph, QueuePlan, QueuePlanPage, build_graph, check_slots, has_rows,
+                      page_plan, plan_graph, plan_rows, upstream_items)
 from .items import Diagnostic, QueueReader, QueueSnapshot, ReadStopped, WorkItem
 from .names import ItemName
 from .timings import integration_estimate
@@ -210,11 +210,42 @@ def _plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None,
     return plan, planned[1]
 
 
+def item_graph(root: Path, config: Config, snapshot: QueueSnapshot, item_id: int) -> QueueGraph:
+    """The graph of one item and what it waits on (`planner.upstream_items`): enough to tell whether
+    it may start and to hand it its upstream. Its index and policy are kept with the snapshot and
+    carried to the next one through its changes: a launch moves a file, and on a queue of 10,000
+    items rebuilding either cost more than the rest of the launch."""
+    return build_graph(upstream_items(_item_index(snapshot), item_id), snapshot.diagnostics,
+                       _policy(root, config, snapshot))
+
+
+def _item_index(snapshot: QueueSnapshot) -> ItemIndex:
+    index = snapshot.memo.get("item_index")
+    if index is None:
+        base, changes = snapshot.base, snapshot.changes
+        before = None if base is None or changes is None else base.memo.get("item_index")
+        if before is None or changes is None:
+            index = ItemIndex.of(snapshot.items)
+        else:
+            index = before.changed([old[0] for old, _ in changes.values() if old is not None and old[0] is not None],
+                                   [new[0] for _, new in changes.values() if new is not None and new[0] is not None])
+        snapshot.memo["item_index"] = index
+    return index
+
+
 def _policy(root: Path, config: Config, snapshot: QueueSnapshot) -> IsolationPolicy:
-    """`isolation_policy` for a snapshot: whether any item has its own isolation is looked at once per snapshot."""
+    """`isolation_policy` for a snapshot: whether any item has its own isolation is looked at once per
+    snapshot (and not at all when the snapshot before had none and no changed file has it)."""
     own = snapshot.memo.get("own_isolation")
     if own is None:
-        own = snapshot.memo["own_isolation"] = any(item.isolation == "worktree" for item in snapshot.items)
+        base = snapshot.base
+        if (base is not None and snapshot.changes is not None and base.memo.get("own_isolation") is False
+                and not any(new is not None and new[0] is not None and new[0].isolation == "worktree"
+                            for _, new in snapshot.changes.values())):
+            own = False
+        else:
+            own = any(item.isolation == "worktree" for item in snapshot.items)
+        snapshot.memo["own_isolation"] = own
     return _policy_for(root, config, bool(own))
 
 

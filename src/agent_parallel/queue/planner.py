@@ -30,7 +30,7 @@ Cycle paths read in the ``blocked_by`` direction: ``003 -> 007 -> 005 -> 003`` m
 from __future__ import annotations
 
 import heapq
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -842,19 +842,41 @@ class Scheduler:
         return not self.running and not self._ready and not self._parked
 
 
-def upstream_items(items: Sequence[WorkItem], item_id: int) -> list[WorkItem]:
+@dataclass(frozen=True)
+class ItemIndex:
+    """The queue's items by id, and by the ids their `blocks` name: what `upstream_items` walks."""
+
+    by_id: dict[int, tuple[WorkItem, ...]]
+    blockers: dict[int, tuple[WorkItem, ...]]
+
+    @classmethod
+    def of(cls, items: Iterable[WorkItem]) -> ItemIndex:
+        return cls({}, {}).changed((), items)
+
+    def changed(self, removed: Iterable[WorkItem], added: Iterable[WorkItem]) -> ItemIndex:
+        """A new index with these items (by file) taken out and put in; this one is left as it was."""
+        by_id, blockers = dict(self.by_id), dict(self.blockers)
+        for item in removed:
+            for table, key in [(by_id, item.id), *((blockers, target) for target in item.blocks)]:
+                kept = tuple(other for other in table.get(key, ()) if other.file != item.file)
+                if kept:
+                    table[key] = kept
+                else:
+                    table.pop(key, None)
+        for item in added:
+            by_id[item.id] = (*by_id.get(item.id, ()), item)
+            for target in item.blocks:
+                blockers[target] = (*blockers.get(target, ()), item)
+        return ItemIndex(by_id, blockers)
+
+
+def upstream_items(index: ItemIndex, item_id: int) -> list[WorkItem]:
     """The items with id `item_id` and every item they wait on, transitively (through `blocked_by`
     and others' `blocks`), with the items their `blocks` name (so none names a missing item).
 
     Readiness flows only from what an item waits on, so a graph of these gives `item_id` the same
     readiness and reason as the whole queue's: what `launch_task(item=...)` needs, from a handful of
     items instead of 10,000."""
-    by_id: dict[int, list[WorkItem]] = defaultdict(list)
-    blockers: dict[int, list[WorkItem]] = defaultdict(list)
-    for item in items:
-        by_id[item.id].append(item)
-        for target in item.blocks:
-            blockers[target].append(item)
     seen: set[int] = set()
     chosen: dict[str, WorkItem] = {}
     stack = [item_id]
@@ -863,15 +885,15 @@ def upstream_items(items: Sequence[WorkItem], item_id: int) -> list[WorkItem]:
         if node in seen:
             continue
         seen.add(node)
-        for item in by_id.get(node, ()):
+        for item in index.by_id.get(node, ()):
             chosen[item.file] = item
             stack.extend(item.blocked_by)
-        for item in blockers.get(node, ()):
+        for item in index.blockers.get(node, ()):
             chosen[item.file] = item
             stack.append(item.id)
     for item in list(chosen.values()):
         for target in item.blocks:
-            chosen.update((other.file, other) for other in by_id.get(target, ()))
+            chosen.update((other.file, other) for other in index.by_id.get(target, ()))
     return list(chosen.values())
 
 
