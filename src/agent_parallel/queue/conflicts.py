@@ -22,10 +22,11 @@ are compared pattern by pattern, after a cheap test of their literal starts and 
 from __future__ import annotations
 
 import bisect
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .items import WorkItem
 
@@ -40,29 +41,24 @@ def is_glob(entry: str) -> bool:
     return not _GLOB_CHARS.isdisjoint(entry)
 
 
+_TOKEN = re.compile(r"\[!?+\]?+[^\]]*+\]|\*+|.", re.DOTALL)
+"""A glob's tokens, as `fnmatch` reads them: a closed ``[...]`` class (a ``]`` right after ``[`` or
+``[!`` belongs to it), a run of ``*``, or one character (an unclosed ``[`` is a literal)."""
+_CLASS = re.compile(r"\[!?+\]?+[^\]]*+\]", re.DOTALL)
+
+
+def _normal_glob(pattern: str) -> str:
+    """``**/`` is read as ``*``, so ``src/**/*.py`` also covers ``src/a.py``."""
+    return pattern.replace("**/", "*").replace("**", "*")
+
+
 def glob_tokens(pattern: str) -> tuple[str, ...]:
-    """Split a glob into tokens: ``*``, ``?``, a ``[...]`` class, or one literal character."""
-    pattern = pattern.replace("**/", "*").replace("**", "*")
-    tokens: list[str] = []
-    index = 0
-    while index < len(pattern):
-        char = pattern[index]
-        if char == "[":
-            end = index + 1
-            if end < len(pattern) and pattern[end] == "!":
-                end += 1
-            if end < len(pattern) and pattern[end] == "]":
-                end += 1
-            while end < len(pattern) and pattern[end] != "]":
-                end += 1
-            if end < len(pattern):
-                tokens.append(pattern[index:end + 1])
-                index = end + 1
-                continue
-            tokens.append("[")  # an unclosed bracket is a literal, as in fnmatch
-        elif not (char == "*" and tokens and tokens[-1] == "*"):
-            tokens.append(char)
-        index += 1
+    """Split a glob into tokens: ``*``, ``?``, a ``[...]`` class, or one literal character (by a
+    regular expression: a pattern of 5,000 characters is split in C, not character by character)."""
+    pattern = _normal_glob(pattern)
+    tokens = _TOKEN.findall(pattern)
+    if "**" in pattern:  # a run of three or more stars, or stars in a class: only runs become one *
+        tokens = ["*" if token[0] == "*" else token for token in tokens]
     return tuple(tokens)
 
 
@@ -142,18 +138,26 @@ _OVERLAP_BUDGET = 400_000
 compared with another token by token: `_COMPARE_COST`). A queue written by hand needs a few thousand;
 what is left when it runs out is taken to overlap every file, so a plan never takes minutes."""
 _COMPARE_COST = 20
+_MAX_COMPARE_STATES = 250_000
+"""Two patterns whose lengths multiply past this are not compared token by token (see `_too_long`)."""
 
 
-def _ends(tokens: Sequence[str]) -> tuple[str, str, bool]:
+def _ends(glob: str) -> tuple[str, str, bool]:
     """A glob's literal start and end (before its first and after its last wildcard) and whether
     both of those wildcards are ``*`` (then it meets others by its ends alone: see `overlap_groups`).
-    A glob with no wildcard (an unclosed ``[``) is all literal."""
-    wild = [index for index, token in enumerate(tokens) if token in ("*", "?") or len(token) > 1]
-    if not wild:
-        text = "".join(tokens)
-        return text, text, False
-    head, tail = "".join(tokens[:wild[0]]), "".join(tokens[wild[-1] + 1:])
-    return head, tail, tokens[wild[0]] == "*" and tokens[wild[-1]] == "*"
+    A glob with no wildcard (an unclosed ``[``) is all literal. Found with string searches: a ``*``
+    or ``?`` inside a class lies within that class's span, so the class comes first (or last)."""
+    pattern = _normal_glob(glob)
+    spans = [match.span() for match in _CLASS.finditer(pattern)] if "[" in pattern else []
+    firsts = [index for index in (pattern.find("*"), pattern.find("?")) if index >= 0]
+    lasts = [index for index in (pattern.rfind("*"), pattern.rfind("?")) if index >= 0]
+    if spans:
+        firsts.append(spans[0][0])
+        lasts.append(spans[-1][1] - 1)
+    if not firsts:
+        return pattern, pattern, False
+    first, last = min(firsts), max(lasts)
+    return pattern[:first], pattern[last + 1:], pattern[first] == "*" and pattern[last] == "*"
 
 
 class _OutOfBudget(Exception):
@@ -187,19 +191,21 @@ def overlap_groups(entries: Iterable[str], *, merge: bool = True,
                    budget: int | None = _OVERLAP_BUDGET) -> Overlaps:
     """Which distinct `files` entries overlap (see `files_overlap`), without comparing every pair.
 
-    Plain paths meet through an index (the path and each parent directory). A glob whose first and
-    last wildcards are ``*`` (``src/**/*.py``, ``docs/*1*.md``) meets another such glob exactly when
-    their literal starts agree (one begins the other) and so do their literal ends (one ends the
-    other): the longer start, a match of each middle and the longer end make a string both match.
-    It meets a plain path ``p`` exactly when ``p/`` and its start agree. So these globs are grouped
-    by their ends and compared by group, only with what shares a start; a group of more than
-    `_SPREAD_LIMIT` becomes one key (3,000 items' ``docs/*{i}*.md`` all overlap one another and the
-    same other entries: one key, not 4.5 million pairs). Other globs are compared token by token
-    with the entries whose starts agree; against a merged group, agreeing ends count as meeting
-    (erring toward a conflict, like two ``[...]`` classes). ``.`` and ``*`` overlap everything.
+    A plain path meets the plain paths above it, found in one walk over the paths in tree order. A
+    glob whose first and last wildcards are ``*`` (``src/**/*.py``, ``docs/*1*.md``) meets another
+    such glob exactly when their literal starts agree (one begins the other) and so do their literal
+    ends (one ends the other): the longer start, a match of each middle and the longer end make a
+    string both match. It meets a plain path ``p`` exactly when ``p/`` and its start agree. So these
+    globs are grouped by their ends and compared by group, only with the globs whose start begins
+    theirs; a group of more than `_SPREAD_LIMIT` becomes one key (3,000 items' ``docs/*{i}*.md`` all
+    overlap one another and the same other entries: one key, not 4.5 million pairs). Other globs are
+    compared token by token with the entries whose starts agree; against a merged group, or when both
+    are long (`_MAX_COMPARE_STATES`), agreeing ends count as meeting (erring toward a conflict, like
+    two ``[...]`` classes). ``.`` and ``*`` overlap everything.
 
-    Once `budget` steps are spent, the globs not compared yet are taken to overlap everything
-    (`Overlaps.assumed`): erring toward a conflict again, where the exact answer could cost minutes.
+    Once `budget` steps are spent, the entries not linked yet (plain paths first, in tree order, then
+    globs) are taken to overlap everything (`Overlaps.assumed`): erring toward a conflict again, where
+    the exact answer could cost minutes and gigabytes (2,000 nested paths: 2 million pairs).
     """
     entries = sorted(set(entries))
     found = Overlaps()
@@ -219,13 +225,6 @@ def overlap_groups(entries: Iterable[str], *, merge: bool = True,
 
     plain = [entry for entry in entries if entry != "." and not is_glob(entry)]
     plain_set = set(plain)
-    for path in plain:
-        parent = path.rfind("/")
-        while parent > 0:
-            if path[:parent] in plain_set:
-                link(path[:parent], path)
-            parent = path.rfind("/", 0, parent)
-
     everything = ["."] if "." in entries else []
     """Entries that overlap every file."""
     tokens: dict[str, tuple[str, ...]] = {}
@@ -238,7 +237,7 @@ def overlap_groups(entries: Iterable[str], *, merge: bool = True,
         if tokens[glob] == ("*",):
             everything.append(glob)
             continue
-        head, tail, star = _ends(tokens[glob])
+        head, tail, star = _ends(glob)
         if star:
             classes[(head, tail)].append(glob)
         else:
@@ -256,34 +255,47 @@ def overlap_groups(entries: Iterable[str], *, merge: bool = True,
     groups += [_Group(head, tail, [glob], False) for head, tail, glob in others]
     groups.sort(key=lambda group: (len(group.head), group.head, group.tail, group.keys[0]))
     merged = found.members.keys()
+    shorter = _prefix_parents(group.head for group in groups)
 
     def meets(first: str, second: str) -> bool:
         """Token by token; a merged class stands for all its globs, whose ends already agree."""
-        if first in merged or second in merged:
-            return True
         charge(_COMPARE_COST)
+        if first in merged or second in merged or _too_long(tokens[first], tokens[second], budget):
+            return True
         return tokens_meet(tokens[first], tokens[second])
 
     by_head: dict[str, list[_Group]] = defaultdict(list)
     """Groups compared so far by start: in start-length order, so a start's prefixes came first."""
-    head_lengths: list[int] = []
-    done = 0
+    in_tree_order = sorted(plain, key=lambda path: path.split("/"))
+    linked = done = 0
     try:
+        above: list[str] = []  # the plain paths above this one (each above the next)
+        for path in in_tree_order:
+            while above and not path.startswith(above[-1] + "/"):
+                above.pop()
+            for parent in above:
+                charge(1)
+                link(parent, path)
+            above.append(path)
+            linked += 1
         for group in groups:
             head, keys = group.head, group.keys
             for index, first in enumerate(keys):
                 for second in keys[index + 1:]:
                     charge(1)
                     link(first, second)
-            for path in _plain_candidates(plain, plain_set, head):
+            for path in _plain_candidates(plain, plain_set, head, charge):
                 for key in keys:
                     charge(1)
-                    if not group.star:
-                        charge(_COMPARE_COST)
-                    if group.star or _plain_meets_glob(path, tokens[key]):
+                    if group.star:
                         link(key, path)
-            for length in head_lengths:
-                for earlier in by_head.get(head[:length], ()):
+                    else:
+                        charge(_COMPARE_COST)
+                        if _too_long(tuple(path), tokens[key], budget) or _plain_meets_glob(path, tokens[key]):
+                            link(key, path)
+            start: str | None = head
+            while start is not None:  # this start, then each shorter start that begins it
+                for earlier in by_head.get(start, ()):
                     charge(1)
                     if not (group.tail.endswith(earlier.tail) or earlier.tail.endswith(group.tail)):
                         continue
@@ -292,18 +304,18 @@ def overlap_groups(entries: Iterable[str], *, merge: bool = True,
                             charge(1)
                             if (group.star and earlier.star) or meets(key, other):
                                 link(key, other)
-            if not head_lengths or head_lengths[-1] != len(head):
-                head_lengths.append(len(head))
+                start = shorter[start]
             by_head[head].append(group)
             done += 1
     except _OutOfBudget:
+        found.assumed = in_tree_order[linked:]
         for group in groups[done:]:
             for key in group.keys:
                 found.assumed += found.members.pop(key, [key])
-        for glob in found.assumed:
-            found.key_of.pop(glob, None)
-            for other in adjacent.pop(glob, ()):  # what it met so far: all of it, from now on
-                adjacent[other].discard(glob)
+        for entry in found.assumed:
+            found.key_of.pop(entry, None)
+            for other in adjacent.pop(entry, ()):  # what it met so far: all of it, from now on
+                adjacent[other].discard(entry)
         everything += found.assumed
 
     if everything:
@@ -321,6 +333,26 @@ def overlap_groups(entries: Iterable[str], *, merge: bool = True,
     return found
 
 
+def _too_long(first: Sequence[str], second: Sequence[str], budget: int | None) -> bool:
+    """Whether two token sequences are too long to compare exactly within a budget (their product
+    automaton could have millions of states): then they are taken to meet."""
+    return budget is not None and len(first) * len(second) > _MAX_COMPARE_STATES
+
+
+def _prefix_parents(heads: Iterable[str]) -> dict[str, str | None]:
+    """For distinct strings: each one -> the longest other one that begins it, or None. In sorted
+    order whatever lies between a string and one that begins it also begins with that one, so a
+    stack of the strings beginning the current one finds every such parent in one walk."""
+    parents: dict[str, str | None] = {}
+    stack: list[str] = []
+    for head in sorted(set(heads)):
+        while stack and not head.startswith(stack[-1]):
+            stack.pop()
+        parents[head] = stack[-1] if stack else None
+        stack.append(head)
+    return parents
+
+
 @dataclass
 class _Group:
     """Globs `overlap_groups` compares together: one star-bounded class, or one other glob."""
@@ -331,7 +363,7 @@ class _Group:
     star: bool
 
 
-def _plain_candidates(plain: list[str], plain_set: set[str], head: str) -> list[str]:
+def _plain_candidates(plain: list[str], plain_set: set[str], head: str, charge: Callable[[int], None]) -> list[str]:
     """Plain paths a glob starting with `head` may meet: those starting with it and the directories
     above it (`plain` sorted). For a star-bounded glob these are exactly the paths it meets."""
     start = bisect.bisect_left(plain, head)
@@ -341,6 +373,7 @@ def _plain_candidates(plain: list[str], plain_set: set[str], head: str) -> list[
         start += 1
     cut = head.find("/")
     while cut > 0:
+        charge(1)
         if head[:cut] in plain_set:
             found.append(head[:cut])
         cut = head.find("/", cut + 1)
