@@ -41,10 +41,10 @@ def is_glob(entry: str) -> bool:
     return not _GLOB_CHARS.isdisjoint(entry)
 
 
-_TOKEN = re.compile(r"\[!?+\]?+[^\]]*+\]|\*+|.", re.DOTALL)
-"""A glob's tokens, as `fnmatch` reads them: a closed ``[...]`` class (a ``]`` right after ``[`` or
-``[!`` belongs to it), a run of ``*``, or one character (an unclosed ``[`` is a literal)."""
 _CLASS = re.compile(r"\[!?+\]?+[^\]]*+\]", re.DOTALL)
+"""A closed ``[...]`` class, as `fnmatch` reads it (a ``]`` right after ``[`` or ``[!`` belongs to it)."""
+_TOKEN = re.compile(_CLASS.pattern + r"|\*+|.", re.DOTALL)
+"""A glob's tokens: a class, a run of ``*``, or one character (an unclosed ``[`` is a literal)."""
 
 
 def _normal_glob(pattern: str) -> str:

@@ -222,15 +222,21 @@ def item_graph(root: Path, config: Config, snapshot: QueueSnapshot, item_id: int
 def _item_index(snapshot: QueueSnapshot) -> ItemIndex:
     index = snapshot.memo.get("item_index")
     if index is None:
-        base, changes = snapshot.base, snapshot.changes
-        before = None if base is None or changes is None else base.memo.get("item_index")
-        if before is None or changes is None:
-            index = ItemIndex.of(snapshot.items)
-        else:
-            index = before.changed([old[0] for old, _ in changes.values() if old is not None and old[0] is not None],
-                                   [new[0] for _, new in changes.values() if new is not None and new[0] is not None])
+        changed = _changed_items(snapshot)
+        before = None if changed is None else changed[0].memo.get("item_index")
+        index = ItemIndex.of(snapshot.items) if before is None or changed is None else before.changed(*changed[1:])
         snapshot.memo["item_index"] = index
     return index
+
+
+def _changed_items(snapshot: QueueSnapshot) -> tuple[QueueSnapshot, list[WorkItem], list[WorkItem]] | None:
+    """The snapshot before this one and the items its changed files held then and hold now
+    (removed, added); None when it follows none, so nothing kept for one can be carried to it."""
+    if snapshot.base is None or snapshot.changes is None:
+        return None
+    changes = snapshot.changes.values()
+    return (snapshot.base, [old[0] for old, _ in changes if old is not None and old[0] is not None],
+            [new[0] for _, new in changes if new is not None and new[0] is not None])
 
 
 def _policy(root: Path, config: Config, snapshot: QueueSnapshot) -> IsolationPolicy:
@@ -238,10 +244,9 @@ def _policy(root: Path, config: Config, snapshot: QueueSnapshot) -> IsolationPol
     snapshot (and not at all when the snapshot before had none and no changed file has it)."""
     own = snapshot.memo.get("own_isolation")
     if own is None:
-        base = snapshot.base
-        if (base is not None and snapshot.changes is not None and base.memo.get("own_isolation") is False
-                and not any(new is not None and new[0] is not None and new[0].isolation == "worktree"
-                            for _, new in snapshot.changes.values())):
+        changed = _changed_items(snapshot)
+        if (changed is not None and changed[0].memo.get("own_isolation") is False
+                and not any(item.isolation == "worktree" for item in changed[2])):
             own = False
         else:
             own = any(item.isolation == "worktree" for item in snapshot.items)
