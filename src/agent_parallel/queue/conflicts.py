@@ -430,6 +430,8 @@ class ConflictIndex:
         self._marks: dict[int, tuple[Mark, ...]] = {}
         self._checks: dict[int, tuple[Mark, ...]] = {}
         self._heavy_near: dict[Key, tuple[Mark, ...]] = {}
+        self._twin: dict[int, int] = {}
+        self._twin_classes: dict[Key | frozenset[Key], int] = {}
         self._contested = {key for key, holders in self.holders.items() if len(holders) > 1 or key in self.adjacent}
         """Keys another item could conflict on; the rest (one holder, no overlap) need no counter."""
         self._cliques = self._find_cliques()
@@ -501,6 +503,16 @@ class ConflictIndex:
                         if self._heavy(other) and (clique is None or self._cliques.get(other) != clique))
                 checks.extend(heavy)
             found = self._checks[item_id] = tuple(checks)
+        return found
+
+    def twin_class(self, item_id: int) -> int:
+        """A number shared by exactly the items with the same `checks` (in any order): they may start
+        beside exactly the same running items, so a scheduler lists only the best of them."""
+        found = self._twin.get(item_id)
+        if found is None:  # `checks` follow from the contested keys alone, so those make the class
+            own = [key for key in self.keys.get(item_id, ()) if key in self._contested]
+            classes = self._twin_classes
+            found = self._twin[item_id] = classes.setdefault(own[0] if len(own) == 1 else frozenset(own), len(classes))
         return found
 
     def reach(self, item_id: int) -> Iterator[Key]:

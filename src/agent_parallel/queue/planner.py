@@ -718,23 +718,74 @@ class Scheduler:
             item_id: sum(1 for pred in graph.waits_on[item_id] if pred in members or pred in self.running)
             for item_id in members
         }
-        self._ready = [self._position[item_id] for item_id, missing in self._missing.items() if missing == 0]
-        heapq.heapify(self._ready)
         # Conflicts are checked by counters over what running items hold (`ConflictIndex.marks` and
         # `checks`), not pair by pair. A ready item blocked by a conflict waits in `_parked` under
-        # the counter that blocks it; when that counter falls to zero, only its best parked item
+        # the counter that blocks it; when that counter falls to zero, only its best parked entry
         # returns to `_ready` (the next one when that one is blocked elsewhere). So 1,000 items
         # sharing a component cost O(n log n) to schedule, not a scan of every waiting item per start.
+        #
+        # Ready items with the same checks ("twins": the same components, say) are blocked by the
+        # same running items, so only the best of them is listed in `_ready` or `_parked`; the others
+        # wait behind it in `_twins`. 10,000 items drawing 2 components of 10 make 45 listings, not
+        # 10,000 that each park again whenever a counter falls to zero.
+        #
+        # A listing is one int, ``position << 32 | ticket``: heaps order it by rank, and the ticket
+        # (new for every listing) tells the one valid listing of a class from stale copies.
+        self._ready: list[int] = []
+        """Heap of listings that may start now (stale ones are skipped)."""
+        self._parked: dict[Mark, list[int]] = {}
+        """Counter above zero -> heap of the listings it blocks."""
+        self._listed: dict[int, int] = {}
+        """Twin class -> its one valid listing."""
+        self._place: dict[int, Mark | None] = {}
+        """Twin class -> the counter its listing is parked under, or None for `_ready`."""
+        self._twins: dict[int, list[int]] = {}
+        """Twin class -> heap of the positions of its ready members; the listing is at the first."""
+        self._class = graph.conflict_index.twin_class
+        self._tickets = 0
+        self._promoted: dict[int, Mark] = {}
+        """Listing in `_ready` -> the counter whose parked heap it came from."""
         self._taken: dict[Mark, int] = {}
         """Counter -> how many running items raise it."""
         self._holding: set[int] = set()
         """The running items counted in `_taken` (`running` may also be changed from outside)."""
-        self._parked: dict[Mark, list[int]] = {}
-        """Counter above zero -> heap of positions of ready items it blocks."""
-        self._promoted: dict[int, Mark] = {}
-        """Position in `_ready` -> the counter whose parked heap it came from."""
         self._freed: list[Mark] = []
         """Counters that fell to zero since the last `_sync_taken` (unparked there, as before a start)."""
+        missing, twin_class, twins = self._missing, self._class, self._twins
+        for position, item_id in enumerate(self._order):  # in rank order, so each list below is a heap
+            if missing[item_id] == 0:
+                twins.setdefault(twin_class(item_id), []).append(position)
+        for number, (listed, positions) in enumerate(twins.items(), start=1):
+            self._listed[listed] = positions[0] << 32 | number
+            self._place[listed] = None
+            self._ready.append(self._listed[listed])
+        self._tickets = len(twins)
+
+    def _list(self, twin_class: int, position: int, place: Mark | None) -> int:
+        """List a twin class at `position` in `_ready` (place None) or parked under `place`; any
+        earlier listing of the class goes stale. Returns the new listing."""
+        self._tickets += 1
+        listing = self._listed[twin_class] = position << 32 | self._tickets
+        self._place[twin_class] = place
+        heapq.heappush(self._ready if place is None else self._parked.setdefault(place, []), listing)
+        return listing
+
+    def _became_ready(self, item_id: int) -> None:
+        """Everything `item_id` waits on is done: list it, or queue it behind its listed twin."""
+        twin_class, position = self._class(item_id), self._position[item_id]
+        twins = self._twins.get(twin_class)
+        if twins is None:
+            self._twins[twin_class] = [position]
+            self._list(twin_class, position, None)
+            return
+        heapq.heappush(twins, position)
+        if twins[0] == position:  # better than the listed twin: listed in its place, at its own rank
+            old, place = self._listed[twin_class], self._place[twin_class]
+            if place is not None and not self._taken.get(place):
+                place = None  # its counter fell to zero; whether it may start is checked afresh, as for a new item
+            new = self._list(twin_class, position, place)
+            if (source := self._promoted.pop(old, None)) is not None:
+                self._promoted[new] = source
 
     def _sync_taken(self) -> None:
         """Count the keys of items that started running, uncount those that stopped, unpark what frees.
@@ -758,42 +809,53 @@ class Scheduler:
                 self._unpark(mark)
 
     def _unpark(self, mark: Mark) -> None:
-        """Return the best item parked under a counter that fell to zero to the ready heap."""
+        """Return the best listing parked under a counter that fell to zero to the ready heap."""
         parked = self._parked.get(mark)
-        if parked:
-            position = heapq.heappop(parked)
-            self._promoted[position] = mark
-            heapq.heappush(self._ready, position)
-            if not parked:
-                del self._parked[mark]
+        while parked:
+            listing = heapq.heappop(parked)
+            position = listing >> 32
+            twin_class = self._class(self._order[position])
+            if self._listed.get(twin_class) == listing:
+                self._promoted[self._list(twin_class, position, None)] = mark
+                break
+        if not parked:
+            self._parked.pop(mark, None)
 
     def ready(self) -> list[int]:
         """Items that could start now if nothing conflicted, best first."""
-        positions = self._ready + [position for parked in self._parked.values() for position in parked]
-        return [self._order[position] for position in sorted(positions)]
+        return [self._order[position] for position in sorted(p for twins in self._twins.values() for p in twins)]
 
     def start_next(self, free_slots: int) -> list[int]:
         """Start up to `free_slots` ready items that conflict with nothing running; best first."""
         started: list[int] = []
-        checks, taken = self._graph.conflict_index.checks, self._taken
+        index = self._graph.conflict_index
+        checks, taken = index.checks, self._taken
         self._sync_taken()
         while len(started) < free_slots and self._ready:
-            position = heapq.heappop(self._ready)
+            listing = heapq.heappop(self._ready)
+            source = self._promoted.pop(listing, None)
+            position = listing >> 32
             item_id = self._order[position]
-            source = self._promoted.pop(position, None)
+            twin_class = self._class(item_id)
+            if self._listed.get(twin_class) != listing:
+                continue  # stale: the class was listed again (a promotion moves to the new ticket)
             blocker = next((mark for mark in checks(item_id) if taken.get(mark)), None)
-            if blocker is not None:
-                heapq.heappush(self._parked.setdefault(blocker, []), position)
-                if source is not None and not taken.get(source):
-                    self._unpark(source)  # its key is still free: the next item parked there may start
-                continue
-            self.running.add(item_id)
-            self._holding.add(item_id)  # what _sync_taken would do for this one start, without comparing sets
-            for mark in self._graph.conflict_index.marks(item_id):
-                taken[mark] = taken.get(mark, 0) + 1
-            started.append(item_id)
+            if blocker is None:
+                self.running.add(item_id)
+                self._holding.add(item_id)  # what _sync_taken would do for this one start, without comparing sets
+                for mark in index.marks(item_id):
+                    taken[mark] = taken.get(mark, 0) + 1
+                started.append(item_id)
+                twins = self._twins[twin_class]
+                heapq.heappop(twins)
+                if twins:  # the next twin is checked when its turn comes (most often this one has ended by then)
+                    self._list(twin_class, twins[0], None)
+                else:
+                    del self._twins[twin_class], self._listed[twin_class], self._place[twin_class]
+            else:
+                self._list(twin_class, position, blocker)
             if source is not None and not taken.get(source):
-                self._unpark(source)  # it did not raise that counter: the next one parked there may start too
+                self._unpark(source)  # its counter is still free: the next listing parked there may start
         return started
 
     def finished(self, item_id: int, ok: bool) -> list[int]:
@@ -817,7 +879,7 @@ class Scheduler:
                 if successor in self._members and successor not in self.skipped:
                     self._missing[successor] -= 1
                     if self._missing[successor] == 0:
-                        heapq.heappush(self._ready, self._position[successor])
+                        self._became_ready(successor)
             return []
         self.failed.add(item_id)
         newly: list[int] = []
@@ -839,7 +901,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing running and nothing ready: the run is over (or stuck on conflicts with nothing)."""
-        return not self.running and not self._ready and not self._parked
+        return not self.running and not self._twins
 
 
 @dataclass(frozen=True)
