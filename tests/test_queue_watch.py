@@ -224,3 +224,46 @@ async def test_a_server_plans_an_edit_made_just_before_and_closes_its_watch(work
     assert second == {**plan_workspace(workspace, None, None, QueueReader()).model_dump(mode="json"),
                       "total_items": 3, "next_offset": None}
     assert inotify_fds() == before
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_watching_reader_splices_changes_into_what_a_new_reader_reads(workspace: Path, seed: int) -> None:
+    """Random edits, renames (status changes), new files, deletions, files made bad (a diagnostic) and
+    made good again, several between two reads or one: after each read, the watching reader's items
+    and diagnostics (spliced into its kept order, or rebuilt when many changed) equal a new reader's."""
+    import random
+
+    rng = random.Random(seed)
+    queue = workspace / QUEUE
+    for number in range(1, 41):
+        write_item(workspace, number, f"item-{number}")
+    reader = QueueReader()
+    try:
+        reader.snapshot(workspace, QUEUE)
+        for _ in range(40):
+            for _ in range(rng.choice([1, 1, 2, 5, 70])):
+                files = sorted(queue.iterdir())
+                path = rng.choice(files)
+                action = rng.choice(["edit", "rename", "new", "delete", "bad", "good", "not an item"])
+                if action == "edit":
+                    path.write_text(path.read_text() + f"\nmore {rng.random()}\n")
+                elif action == "rename" and path.name.count("-") >= 2:
+                    status = rng.choice(["pending", "completed", "in_progress", "failed", "wrong"])
+                    parts = path.name.split("-", 2)
+                    path.rename(queue / f"{parts[0]}-{status}-{parts[2]}")
+                elif action == "new":
+                    write_item(workspace, rng.randint(1, 80), f"new-{rng.randint(1, 10**6)}")
+                elif action == "delete" and len(files) > 5:
+                    path.unlink()
+                elif action == "bad":
+                    path.write_text("---\ntitle: [unclosed\n---\n")
+                elif action == "good":
+                    path.write_text("---\nblocked_by: [1]\n---\n# fixed\n")
+                elif action == "not an item":
+                    (queue / f"notes-{rng.randint(1, 5)}.md").write_text("no number\n")
+            got = reader.snapshot(workspace, QUEUE)
+            fresh = QueueReader(watch=False).snapshot(workspace, QUEUE)
+            assert got.items == fresh.items
+            assert got.diagnostics == fresh.diagnostics
+    finally:
+        reader.close()
