@@ -27,6 +27,7 @@ from agent_parallel.queue.plan import plan_workspace
 from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, MAX_WAVES_SHOWN, make_plan
 from agent_parallel.queue.items import QueueReader, WorkItem, format_id, parse_item
 from agent_parallel.server import ServerSettings, build_server
+from agent_parallel.text import short_repr
 from conftest import call, call_error
 from queue_helpers import statuses, write_item
 
@@ -269,6 +270,11 @@ def test_thousands_of_nested_paths_plan_in_seconds() -> None:
     assert plan.conflicts_total == 2000 * 1999 // 2 and plan.waves_total == 2000
     assert 0 < len(plan.warnings) < 2000 and {warning.kind for warning in plan.warnings} == {"overlap_assumed"}
     assert int(plan.warnings[0].item) > 800  # the first ones met exactly, the budget ran out on the deep ones
+    first = plan.warnings[0]
+    assert first.message == (
+        f"files: {short_repr(items[int(first.item) - 1].files[0])} is taken to overlap every file, so the item never "
+        f"runs beside another that declares files: the queue holds too many nested paths to compare one by one "
+        f"({len(plan.warnings):,} were not); declare the directory they share instead of each path below it")
 
 
 @pytest.mark.fault("two patterns of 3,000 characters with many stars (x*a*a*...?z, x*b*b*...?z): planned at once, "

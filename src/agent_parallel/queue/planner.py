@@ -38,7 +38,7 @@ from collections.abc import Set as AbstractSet
 
 from pydantic import BaseModel, Field
 
-from .conflicts import ConflictIndex, Mark
+from .conflicts import ConflictIndex, Mark, is_glob
 from .diagrams import to_mermaid
 from ..errors import InternalError, UsageError
 from ..fields import omitted_if_none
@@ -322,11 +322,14 @@ def _warn_assumed(graph: QueueGraph, index: ConflictIndex) -> None:
     for item in graph.items:
         entry = next((entry for entry in item.files if entry in assumed), None)
         if entry is not None and item.id in index.keys:
+            why, fix = (("overlapping patterns", "declare directories, or patterns that start and end with *")
+                        if is_glob(entry) else
+                        ("nested paths", "declare the directory they share instead of each path below it"))
             graph.warnings.append(Diagnostic(
                 kind="overlap_assumed", item=item.id_str, file=item.file,
                 message=f"files: {short_repr(entry)} is taken to overlap every file, so the item never runs beside "
-                        f"another that declares files: the queue holds too many overlapping patterns to compare one by "
-                        f"one ({len(assumed):,} were not); declare directories, or patterns that start and end with *"))
+                        f"another that declares files: the queue holds too many {why} to compare one by "
+                        f"one ({len(assumed):,} were not); {fix}"))
 
 
 class _Neighbours(Mapping[int, frozenset[int]]):
