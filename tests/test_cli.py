@@ -41,6 +41,16 @@ def test_plan_table_mermaid_and_dot(workspace):
     assert cli("plan", "--root", str(workspace), "--format", "dot").stdout.startswith("digraph queue {")
 
 
+def test_plan_table_of_many_items_is_shortened_unless_all(workspace):
+    for number in range(1, 131):
+        write_item(workspace, number, f"i{number}", command="true", files=[f"f{number}"])
+    short = cli("plan", "--root", str(workspace))
+    assert short.returncode == 0 and "… 30 more items (30 pending) not listed; `agent-parallel plan --all`" in short.stdout
+    assert "… 6 more waves not listed" in short.stdout  # 26 waves of 5
+    every = cli("plan", "--root", str(workspace), "--all")
+    assert every.returncode == 0 and "more items" not in every.stdout and "i130" in every.stdout
+
+
 def test_plan_with_errors_exits_1_and_outside_queue_dir_exits_2(workspace):
     write_item(workspace, 1, "a", command="true", blocked_by=[9])
     assert cli("plan", "--root", str(workspace)).returncode == 1

@@ -497,6 +497,31 @@ def test_plan_table_and_dot(workspace: Path) -> None:
     assert dot.startswith("digraph queue {\n") and '"001" -> "002";' in dot and "style=dashed" in dot
 
 
+def test_a_long_plan_table_lists_what_needs_attention_and_counts_the_rest() -> None:
+    """300 items in a chain (each waits on the one before: 300 waves and one 300-item pipeline), the
+    first 150 completed, two more that failed or are blocked far down, 150 sharing one component: the
+    table keeps 100 items (the failed and blocked ones, the one that runs now, then the waiting ones
+    in id order), 20 waves and 100 conflicting pairs, and counts the rest; every_row lists them all."""
+    items = [item(n, "completed" if n <= 150 else "pending", deps=(n - 1,) if n > 151 else (),
+                  components=("db",) if n > 150 else ()) for n in range(1, 301)]
+    items += [item(301, "failed"), item(302, "blocked")]
+    plan = plan_of(*items)
+    console = Console(record=True, width=200)
+    console.print(plan_table(plan))
+    text = console.export_text()
+    listed = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│ ") and line.count("│") == 8]
+    assert listed[:3] == ["151", "152", "153"] and listed[-2:] == ["301", "302"] and len(listed) == 100
+    assert ("… 202 more items (52 pending, 150 completed) not listed; `agent-parallel plan --all` lists every row, "
+            "`--format json` gives every field") in text
+    assert "… 130 more waves not listed" in text and "… 11,075 more conflicting pairs not listed (11,175 in all); " \
+        "`agent-parallel plan --format json` groups them by what they share (conflict_groups)" in text
+    console = Console(record=True, width=200)
+    console.print(plan_table(plan, every_row=True))
+    text = console.export_text()
+    assert "more items" not in text and "more waves" not in text and "│ 001 " in text and "│ 150 │" in text
+    assert text.count("more conflicting pairs") == 1  # the plan itself holds 200 of them
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(None, "-"), (0, "0s"), (2.5, "2.5s"), (45, "45s"), (60, "1m"),
                                                (3725, "1h 2m 5s"), (7200, "2h")])
 def test_format_seconds(seconds, text) -> None:

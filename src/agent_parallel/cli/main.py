@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--format", choices=["table", "json", "mermaid", "dot"], default="table")
     plan.add_argument("--queue-dir", default=None, help="queue directory inside the root (default .agent/queue)")
     plan.add_argument("--max-parallel", type=int, default=None)
+    plan.add_argument("--all", action="store_true", dest="every_row",
+                      help="table: list every item, wave, pattern, conflict and diagnostic (by default the first 100 "
+                           "items needing attention or able to run, and 20 waves; slow for thousands of items)")
     plan.set_defaults(func=_plan)
 
     run = sub.add_parser("run", help="run the queue with live progress; exit code 1 if an item failed")
@@ -151,7 +154,7 @@ def _plan(args: argparse.Namespace) -> int:
 
         from .render import plan_table
 
-        Console().print(plan_table(plan))
+        Console().print(plan_table(plan, every_row=args.every_row))
     return 1 if plan.errors else 0
 
 
@@ -248,7 +251,7 @@ def _demo(args: argparse.Namespace) -> int:
     if (source / CONFIG_FILE).is_file():
         shutil.copy(source / CONFIG_FILE, workspace / CONFIG_FILE)
     print(f"demo workspace: {workspace} (a copy of {source / AGENT_DIR})\n")
-    _plan(argparse.Namespace(root=workspace, queue_dir=None, max_parallel=None, format="table"))
+    _plan(argparse.Namespace(root=workspace, queue_dir=None, max_parallel=None, format="table", every_row=False))
     code = _run(argparse.Namespace(root=workspace, level=None, max_parallel=None, continue_on_error=None, items=None,
                                    executor=None, ray_address=None))
     print(f"\nthe queue files now carry their final status: ls {workspace / QUEUE_DIR}")

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..queue.diagrams import format_seconds, gantt, to_dot
-from ..queue.planner import QueuePlan
+from ..queue.planner import PlanItem, QueuePlan
 from ..text import cut
 
 if TYPE_CHECKING:  # (`agent-parallel plan` needs neither: 45 ms of imports, a sixth of its wall time)
@@ -28,13 +28,39 @@ if TYPE_CHECKING:  # (`agent-parallel plan` needs neither: 45 ms of imports, a s
 _STATUS_STYLE = {"pending": "white", "in_progress": "blue", "completed": "green", "blocked": "yellow",
                  "failed": "red"}
 
+ROWS_SHOWN = 100
+"""Items, conflicts, errors and warnings `plan_table` lists (unless asked for every row); the rest are
+counted in one line. A terminal table of 10,000 items took 11 s to draw and nobody reads it."""
+WAVES_SHOWN = 20
+"""Waves, fork-joins and pipelines `plan_table` lists (the first waves: what starts soonest)."""
+_EVERY_ROW = "`agent-parallel plan --all` lists every row, `--format json` gives every field"
 
-def plan_table(plan: QueuePlan) -> RenderableType:
-    """The plan for people: a summary, the items, the schedule, conflicts and every diagnostic.
 
+def _attention(item: PlanItem) -> int:
+    """Which items a shortened table keeps first: those needing a person, then those that can run."""
+    reason = item.reason or ""
+    if item.status in ("failed", "blocked", "in_progress") or "error" in reason or "cycle" in reason:
+        return 0
+    if item.ready:
+        return 1
+    return 2 if item.status != "completed" else 3
+
+
+def _more(hidden: int, what: str) -> Text:
+    return Text(f"… {hidden:,} more {what} not listed; {_EVERY_ROW}", style="dim")
+
+
+def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
+    """The plan for people: a summary, the items, the schedule, conflicts and the diagnostics.
+
+    Beyond `ROWS_SHOWN` items it lists those needing attention first (failed, blocked, in progress,
+    errors), then the ready ones, then those waiting, then completed ones, in id order, and counts
+    the rest; likewise for the other lists (`every_row` lists everything).
     Text from the queue (titles, file names, messages) is printed as text, never read as rich
     markup: ``Fix [/x] parser`` must print, and ``[link=...]`` must not become a hyperlink.
     """
+    rows_shown = None if every_row else ROWS_SHOWN
+    waves_shown = None if every_row else WAVES_SHOWN
     counts = Counter(item.status for item in plan.items)
     summary = Text()
     summary.append(f"{len(plan.items)} items", style="bold")
@@ -54,7 +80,11 @@ def plan_table(plan: QueuePlan) -> RenderableType:
     for column in ("id", "status", "title", "waits on", "estimate", "priority", "state"):
         items.add_column(column, no_wrap=column in ("id", "status"))
     run_now_ids = set(plan.run_now)
-    for item in plan.items:
+    shown_items = plan.items
+    if rows_shown is not None and len(shown_items) > rows_shown:
+        kept = sorted(range(len(shown_items)), key=lambda n: (_attention(shown_items[n]), n))[:rows_shown]
+        shown_items = [plan.items[n] for n in sorted(kept)]
+    for item in shown_items:
         if item.ready:
             state = Text("run now" if item.id in run_now_ids else "ready", style="green")
         else:
@@ -69,44 +99,63 @@ def plan_table(plan: QueuePlan) -> RenderableType:
                       Text(", ".join(item.waiting_on)), Text(estimate), Text(str(item.priority)), state)
 
     parts: list[RenderableType] = [summary, *([isolation] if isolation else []), run_now, items]
+    if len(shown_items) < len(plan.items):
+        hidden = Counter(item.status for item in plan.items) - Counter(item.status for item in shown_items)
+        parts.append(_more(len(plan.items) - len(shown_items), "items (" + ", ".join(
+            f"{hidden[status]:,} {status}" for status in _STATUS_STYLE if hidden[status]) + ")"))
     if plan.waves:
         waves = Table(title="Predicted schedule (waves)", title_justify="left")
         waves.add_column("#", justify="right")
         waves.add_column("starts")
-        for number, wave in enumerate(plan.waves, 1):
+        for number, wave in enumerate(plan.waves[:waves_shown], 1):
             waves.add_row(str(number), Text(", ".join(wave)))
         parts.append(waves)
+        if (total := max(plan.waves_total, len(plan.waves))) > len(waves.rows):
+            parts.append(_more(total - len(waves.rows), "waves"))
     if plan.critical_path:
         parts.append(Text("critical path: " + " -> ".join(plan.critical_path)))
-    for fork_join in plan.patterns.fork_join:
-        parts.append(Text(f"fork-join: {fork_join.fork} -> [{', '.join(fork_join.branches)}] -> {fork_join.join}"))
-    for pipeline in plan.patterns.pipelines:
-        parts.append(Text("pipeline: " + " -> ".join(pipeline)))
+    lines = [f"fork-join: {f.fork} -> [{', '.join(f.branches)}] -> {f.join}" for f in plan.patterns.fork_join]
+    parts += [Text(line) for line in lines[:waves_shown]]
+    if len(lines) > (waves_shown or len(lines)):
+        parts.append(_more(len(lines) - WAVES_SHOWN, "fork-joins"))
+    lines = ["pipeline: " + " -> ".join(pipeline) for pipeline in plan.patterns.pipelines]
+    parts += [Text(line) for line in lines[:waves_shown]]
+    if len(lines) > (waves_shown or len(lines)):
+        parts.append(_more(len(lines) - WAVES_SHOWN, "pipelines"))
     if plan.conflicts:
         conflicts = Table(title="Conflicts (never run together)", title_justify="left")
         for column in ("a", "b", "shared"):
             conflicts.add_column(column)
-        for conflict in plan.conflicts:
+        for conflict in plan.conflicts[:rows_shown]:
             conflicts.add_row(Text(conflict.a), Text(conflict.b), Text(", ".join(conflict.files + conflict.components)))
         parts.append(conflicts)
+        if (total := max(plan.conflicts_total, len(plan.conflicts))) > len(conflicts.rows):
+            parts.append(_more(total - len(conflicts.rows), "conflicting pairs") if total == len(plan.conflicts) else
+                         Text(f"… {total - len(conflicts.rows):,} more conflicting pairs not listed ({total:,} in all); "
+                              "`agent-parallel plan --format json` groups them by what they share (conflict_groups)",
+                              style="dim"))
     if plan.predicted_conflicts:
         predicted = Table(title=f"Predicted conflicts ({plan.predicted_conflicts_total} declared overlaps "
                                 "run together)", title_justify="left")
         for column in ("a", "b", "declared", "git forecast"):
             predicted.add_column(column)
-        for pair in plan.predicted_conflicts:
+        for pair in plan.predicted_conflicts[:rows_shown]:
             forecast = "-" if pair.forecast is None else (", ".join(pair.forecast) or "no conflict")
             predicted.add_row(Text(pair.a), Text(pair.b), Text(", ".join(pair.files + pair.components)),
                               Text(forecast))
         parts.append(predicted)
+        if len(plan.predicted_conflicts) > len(predicted.rows):
+            parts.append(_more(len(plan.predicted_conflicts) - len(predicted.rows), "predicted conflicts"))
     for title, diagnostics, style in (("Errors", plan.errors, "red"), ("Warnings", plan.warnings, "yellow")):
         if diagnostics:
             table = Table(title=title, title_justify="left", title_style=f"bold {style}")
             for column in ("kind", "file", "message"):
                 table.add_column(column)
-            for diagnostic in diagnostics:
+            for diagnostic in diagnostics[:rows_shown]:
                 table.add_row(Text(diagnostic.kind), Text(diagnostic.file or ""), Text(diagnostic.message))
             parts.append(table)
+            if len(diagnostics) > len(table.rows):
+                parts.append(_more(len(diagnostics) - len(table.rows), title.lower()))
     return Group(*parts)
 
 
