@@ -248,3 +248,24 @@ async def test_a_group_waiting_for_its_predecessor_at_shutdown_ends_interrupted(
     assert first.record.status == "interrupted"
     assert [m.record.status for m in members] == ["interrupted"] * 3  # not skipped: the server stopped them
     assert members[0].record.reason == "the server shut down before this task could start"
+
+
+async def test_an_answer_about_many_tasks_shares_one_output_budget(client):
+    """40 shards of 20 KB each: the group's answer (and one about their ids) shows each one's last
+    1,228 bytes (48 KiB shared by 40), not 16 KiB each (650 KB, which Claude Code cuts at 25,000
+    tokens); one task alone still gets 16 KiB, and each shard's start is one page away."""
+    out = await call(client, "launch_task", commands=[f"seq -f 'shard {i:02d} line %05g' 1 1000" for i in range(40)],
+                     max_parallel=8)
+    done = await call(client, "task_output", task_id=out["group_id"], timeout=60)
+    assert done["status"] == "completed" and len(done["tasks"]) == 40
+    assert [len(t["output"]) for t in done["tasks"]] == [48 * 1024 // 40] * 40
+    assert all(t["output"].endswith(f"shard {i:02d} line 01000\n") and t["truncated"] and t["output_bytes"] == 20_000
+               for i, t in enumerate(done["tasks"]))
+    assert len(json.dumps(done)) < 80_000
+    several = await call(client, "task_output", task_ids=out["task_ids"][:20], max_bytes=500)
+    assert [len(t["output"]) for t in several["tasks"]] == [500] * 20  # asked for less than the share
+    several = await call(client, "task_output", task_ids=out["task_ids"][:20], cursor=0)
+    assert [len(t["output"]) for t in several["tasks"]] == [48 * 1024 // 20] * 20
+    assert several["tasks"][0]["output"].startswith("shard 00 line 00001\n")
+    one = await call(client, "task_output", task_id=out["task_ids"][0])
+    assert len(one["output"]) == 16384

@@ -40,13 +40,16 @@ MAX_TASK_IDS = 256
 """Ids in one task_output or cancel_task call (after removing repeats): keeps every answer bounded."""
 MAX_GROUP_COMMANDS = 1000
 """Commands in one fan-out (``launch_task(commands=...)``)."""
-GROUP_ANSWER_BYTES = 1 << 20
-"""A group's answer shows at most about this much output over all its members (each at least 1 KiB)."""
+SHARED_ANSWER_BYTES = 48 * 1024
+"""Output one answer about several tasks (a group, or ``task_ids``) shows over all of them, each at least
+`MIN_SHARE_BYTES`. Claude Code cuts a tool's answer at 25,000 tokens (its ``MAX_MCP_OUTPUT_TOKENS``): 40 test
+shards at 16 KiB each made 650 KB, of which the model saw the first few."""
+MIN_SHARE_BYTES = 128
 
 
-def group_page_bytes(asked: int, members: int) -> int:
-    """Output per member in a group's answer: what was asked, within the group's share of GROUP_ANSWER_BYTES."""
-    return min(asked, max(1024, GROUP_ANSWER_BYTES // members))
+def shared_page_bytes(asked: int, tasks: int) -> int:
+    """Output per task in an answer about several: what was asked, within its share of `SHARED_ANSWER_BYTES`."""
+    return min(asked, max(MIN_SHARE_BYTES, SHARED_ANSWER_BYTES // max(tasks, 1)))
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -148,7 +151,7 @@ def register_task_tools(server: MCPServer) -> None:
         timeout: Annotated[float, Field(description="seconds to wait when blocking; clamped to the server's wait cap (default 50)")] = 30,
         wait: Annotated[Literal["all", "any"], Field(description="with several ids: return when all, or any one, have finished")] = "all",
         cursor: Annotated[int | None, Field(description="byte offset to read from (0 = start; pass back next_cursor); omit for the most recent output")] = None,
-        max_bytes: Annotated[int, Field(description="at most this many bytes of output per task (1 to 65536)")] = 16384,
+        max_bytes: Annotated[int, Field(description="at most this many bytes of output per task (1 to 65536); several tasks share 48 KiB in all (each at least 128 bytes)")] = 16384,
         tail_lines: Annotated[int | None, Field(description="only the last N lines of the selected output")] = None,
         filter: Annotated[str | None, Field(description="a regular expression: only output lines that match")] = None,
     ) -> TaskOutputResult:
@@ -190,8 +193,8 @@ def register_task_tools(server: MCPServer) -> None:
         group_id = task_id if task_id is not None and is_group_id(task_id) else None
         several = task_id is None or group_id is not None
         live = live_progress(tasks)
-        if group_id is not None:  # a group may hold up to MAX_GROUP_COMMANDS tasks: the answer stays bounded
-            max_bytes = group_page_bytes(max_bytes, len(tasks))
+        if several:  # a group may hold up to MAX_GROUP_COMMANDS tasks: the answer stays bounded
+            max_bytes = shared_page_bytes(max_bytes, len(tasks))
 
         def read_all() -> list[TaskView]:
             return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
@@ -290,7 +293,7 @@ async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_i
     tasks: list[TaskView] | None = None
     if not run_in_background:
         done = await ws.registry.wait(members, mode="all", timeout=ws.settings.wait_cap_s)
-        max_bytes = group_page_bytes(16384, len(members))
+        max_bytes = shared_page_bytes(16384, len(members))
         tasks = await anyio.to_thread.run_sync(lambda: [
             view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, short=True)
             for t in members])
