@@ -417,3 +417,52 @@ async def test_log_reads_never_block_the_event_loop(client, workspace):
         watchdog.cancel()
         unblock()
     assert len(answered) == 1 and answered[0] < 2.0
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("a directory named like an item (001-pending-a.md/): an `unreadable` error in the plan naming it, "
+                   "the other items planned, and update_item refuses to move it (was left out of the plan silently, "
+                   "then renamed by update_item)")
+async def test_a_directory_named_like_an_item_is_reported_and_never_moved(client, workspace):
+    folder = workspace / ".agent/queue/001-pending-a.md"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me\n")
+    write_item(workspace, 2, "b", command="true", files=["b"])
+    plan = await call(client, "queue_plan")
+    assert [(e["kind"], e["item"], e["file"], e["message"]) for e in plan["errors"]] == [(
+        "unreadable", "001", "001-pending-a.md", "is a directory, not an item file; refused (an item is one file: "
+        "move what it holds elsewhere and give the item a file of its own)")]
+    assert plan["run_now"] == ["002"]
+    text = await call_error(client, "update_item", item="001", status="in_progress")
+    assert text.endswith("item 001's 001-pending-a.md is a directory, not an item file; refused (an item is one "
+                         "file: move what it holds elsewhere and give the item a file of its own); it was not moved")
+    assert (folder / "notes.txt").read_text() == "keep me\n"
+    assert sorted(p.name for p in (workspace / ".agent/queue").iterdir()) == ["001-pending-a.md", "002-pending-b.md"]
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("run_queue(items=...) naming 40,000 ids (one id repeated, or every id of a large queue): the run "
+                   "starts, each id once, its record listing 20 ids and counting the rest (was refused as a 160 KB "
+                   "process argument); items=[] is refused (was 'nothing to run' beside ready items)")
+async def test_a_run_of_many_named_items_starts_and_an_empty_list_is_refused(client, workspace):
+    for number in range(1, 27):
+        write_item(workspace, number, f"i{number}", command="true", files=[f"f{number}"])
+    text = await call_error(client, "run_queue", items=[])
+    assert text.endswith("items is an empty list: name the items to run, or leave items out to run the whole queue")
+    assert set(statuses(workspace).values()) == {"pending"}
+    run_id = (await call(client, "run_queue", items=[str(n) for n in range(1, 26)] * 1600))["run_id"]
+    report = await call(client, "task_output", task_id=run_id, timeout=60)
+    assert report["status"] == "completed"
+    assert statuses(workspace) == {f"{n:03d}": "completed" for n in range(1, 26)} | {"026": "pending"}
+    listed = await call(client, "list_tasks", status=["completed"], limit=100)
+    [run] = [t for t in listed["tasks"] if t["task_id"] == run_id]
+    assert run["command"].endswith(" items=" + ",".join(f"{n:03d}" for n in range(1, 21)) + " (and 5 more)")
+
+
+@pytest.mark.fault("agent-parallel run --items naming an id that is not in the queue: one clear error line, exit 2 (was "
+                   "a traceback of the task group the run starts in)")
+def test_cli_run_of_a_missing_item_is_one_clear_line(workspace):
+    write_item(workspace, 1, "a", command="true", files=["a"])
+    done = cli("run", "--items", "999", root=workspace)
+    assert done.returncode == 2 and done.stderr == "agent-parallel: error: no queue item has id 999; call queue_plan " \
+        "to see the items\n" and "Traceback" not in done.stdout + done.stderr

@@ -117,6 +117,9 @@ def write_all(fd: int, data: bytes) -> None:
 
 NOT_REGULAR = "is not a regular file (a device, socket or pipe); refused"
 """What a reader says of a queue item or config file that ``open_regular`` refused."""
+IS_DIRECTORY = ("is a directory, not an item file; refused (an item is one file: move what it holds elsewhere "
+                "and give the item a file of its own)")
+"""What the queue reader says of a directory named like an item (``update_item`` and runs refuse to move it)."""
 
 
 def open_regular(path: Path) -> int:

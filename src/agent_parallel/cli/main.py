@@ -33,8 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     except AgentParallelError as exc:
         print(f"agent-parallel: error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # raised inside a task group (`run`'s registry): shown like any other
+        ours, rest = group.split(AgentParallelError)
+        if ours is None or rest is not None:
+            raise
+        for error in _leaves(ours):
+            print(f"agent-parallel: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions a (nested) group holds."""
+    return [leaf for exc in group.exceptions
+            for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])]
 
 
 def _parser() -> argparse.ArgumentParser:

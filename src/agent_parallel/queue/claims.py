@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import QueueError
-from ..paths import open_regular, take_flock
+from ..paths import IS_DIRECTORY, open_regular, take_flock
 from .names import MAX_ID_DIGITS, ItemName, format_id, parse_item_ref, parse_name
 from ..text import short_repr
 from ..tasks.processes import process_start_time, same_process
@@ -165,6 +165,7 @@ def _history_mark(runs_dir: Path) -> tuple[int, int] | None:
 def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
     """The one file holding item ``item_id``; a clear error if there is none or more than one."""
     found: list[tuple[Path, ItemName]] = []
+    folder: str | None = None
     try:
         with os.scandir(queue_dir) as listing:
             for entry in listing:
@@ -175,6 +176,7 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
                     name = parse_name(entry.name)
                     if isinstance(name, ItemName):
                         found.append((Path(entry.path), name))
+                        folder = folder or (entry.name if entry.is_dir() else None)
     except OSError as exc:
         raise QueueError(f"queue directory {queue_dir} cannot be listed ({exc.strerror}); create it, or set "
                          "queue.dir in .agent/config.yaml") from None
@@ -183,11 +185,13 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
     if len(found) > 1:
         names = ", ".join(sorted(p.name for p, _ in found))
         raise QueueError(f"item {format_id(item_id)} has several files ({names}); remove the duplicates first")
+    if folder is not None:
+        raise QueueError(f"item {format_id(item_id)}'s {folder} {IS_DIRECTORY}; it was not moved")
     return found[0]
 
 
 def _known_file(known: Path | None, item_id: int) -> tuple[Path, ItemName] | None:
-    if known is None or not known.exists():
+    if known is None or not known.exists() or known.is_dir():
         return None
     name = parse_name(known.name)
     return (known, name) if isinstance(name, ItemName) and name.id == item_id else None

@@ -38,7 +38,7 @@ from ..config import alias_problem, parse_duration, parse_size, unknown_key_warn
 from ..errors import QueueError
 from ..fields import omitted_if_none
 from ..text import describe, short_repr
-from ..paths import NOT_REGULAR, resolve_inside
+from ..paths import IS_DIRECTORY, NOT_REGULAR, resolve_inside
 from .names import ID_HELP, MAX_ID_DIGITS, ItemName, Status, parse_item_ref, parse_name
 from .names import format_id as format_id  # (what the planner, the run and the tools import from here)
 from .watch import DirectoryWatch
@@ -1087,8 +1087,6 @@ class QueueReader:
                     racy_after: int) -> _Parsed | None:
         """`_read_one` once the file's stat is known: ``fd`` is the file opened (or -1 to open ``target``)."""
         file_name = entry.name
-        if info is not None and stat.S_ISDIR(info.st_mode):
-            return None
         identity = problem if info is None else (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino,
                                                  target)
         racy = info is not None and max(info.st_mtime_ns, info.st_ctime_ns) >= racy_after
@@ -1097,7 +1095,9 @@ class QueueReader:
         name = parse_file_name(file_name)
         if isinstance(name, Diagnostic):
             return _Parsed(identity, None, (name,))
-        if info is not None and not stat.S_ISREG(info.st_mode):
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            problem = ("unreadable", IS_DIRECTORY)
+        elif info is not None and not stat.S_ISREG(info.st_mode):
             problem = ("unreadable", NOT_REGULAR)
         elif info is not None and info.st_size > self.max_item_bytes:
             problem = ("too_large", self._too_large(info.st_size))

@@ -613,6 +613,10 @@ class _Slot:
         return self.task.job if isinstance(self.task.job, ItemJob) else None
 
 
+_IDS_SHOWN = 20
+"""Item ids a run's recorded command lists (``run_queue ... items=001,002,... (and 480 more)``)."""
+
+
 async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level: str | None = None,
                     continue_on_error: bool | None = None, items: list[str] | None = None) -> tuple[Task, list[str]]:
     """Start a queue run in the registry; arguments left None come from the config.
@@ -627,7 +631,9 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
     coe = config.continue_on_error if continue_on_error is None else continue_on_error
     if coe and chosen_level != "L3":
         warnings.append(f"continue_on_error applies at L3 only; level {chosen_level} stops at the first failure")
-    only = [parse_item_id(i) for i in items] if items is not None else None
+    if items is not None and not items:
+        raise QueueError("items is an empty list: name the items to run, or leave items out to run the whole queue")
+    only = list(dict.fromkeys(parse_item_id(i) for i in items)) if items is not None else None  # repeats once
     graph = await anyio.to_thread.run_sync(ctx.graph)  # a missing queue directory is refused here, clearly
     if only is not None:
         missing = [format_id(i) for i in only if i not in graph.by_id]
@@ -642,7 +648,9 @@ async def start_run(ctx: QueueContext, *, max_parallel: int | None = None, level
     warnings += [f"item {item} ({file}) was {message}" for item, file, message in released]
     options = RunOptions(level=chosen_level, continue_on_error=not stops_on_first_failure(chosen_level, coe),
                          max_parallel=parallel, only=only)
-    command = f"run_queue level={chosen_level} max_parallel={parallel}" + (f" items={','.join(items or [])}" if only else "")
+    command = f"run_queue level={chosen_level} max_parallel={parallel}" + (
+        f" items={first_few([format_id(i) for i in only[:_IDS_SHOWN]], _IDS_SHOWN, sep=',', total=len(only))}"
+        if only else "")  # (a record to read, not a process's argument: 25,000 ids made it 150 KB, refused as such)
     task = await ctx.registry.launch(command=command, cwd=ctx.root, description="queue run", kind="run",
                                      job=QueueRun(ctx, options))
     return task, warnings
