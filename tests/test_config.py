@@ -250,3 +250,16 @@ def test_setup_and_verify_timeouts(tmp_path: Path) -> None:
     config, warnings = load_config(tmp_path)
     assert (config.worktree_setup_timeout_s, config.integration_verify_timeout_s, warnings) == (1200, 5400, [])
     assert (Config().worktree_setup_timeout_s, Config().integration_verify_timeout_s) == (None, None)  # no limit
+
+
+def test_clock_durations_are_hours_and_minutes_not_base_60_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1:30:00`` as the base-60 number 5400, which as minutes was 90 hours; a
+    duration's ``h:mm(:ss)`` is read from the text instead (and ``1:30`` stays 1h30m)."""
+    write_config(tmp_path, "runner:\n  timeout: 1:30:00\nworktree:\n  setup_timeout: 1:30\n")
+    config, warnings = load_config(tmp_path)
+    assert (config.runner_timeout_s, config.worktree_setup_timeout_s, warnings) == (5400, 5400, [])
+    write_config(tmp_path, "runner:\n  retry_delay: 1:30.5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert str(caught.value) == (".agent/config.yaml: runner.retry_delay is not valid: '1:30.5' is not a duration "
+                                 "(write 45s, 30m, 2h, 1h30m, 1:30, or a number of minutes)")

@@ -43,7 +43,9 @@ SCALARS = ["x", "Fix the parser", "yes", "No", "TRUE", "off", "y", "n", "null", 
            "a\xa0", "\xa0a", "a\x85b", "a\u2028b", "a\ufeffb", "tab\there", "ctl\x07", "del\x7f", "a  b", "a ",
            "[]", "[ ]", "[a, b]", "[a,b]", "[a , b ]", "[001, 2, '3', \"4\"]", "[a, , b]", "[a, b,]", "[, a]",
            "[a, [b]]", "[a, {b: c}]", "[a: b]", "[a b]", "[yes, ~, 0x1, 1.5]", "['a, b', c]", "[*a]", "[&a x]",
-           "[-x]", "[x-]", "[a#b]", "[a #b]", "[it's]", "[a", "a]", "{a: 1}", "{}", "9" * 120, "1" * 5000]
+           "[-x]", "[x-]", "[a#b]", "[a #b]", "[it's]", "[a", "a]", "{a: 1}", "{}", "9" * 120, "1" * 4300]
+"""(Past Python's 4,300-digit limit the legacy reader refused the whole front matter with Python's own
+message; the new one names the field: tests/test_queue_faults.py pins that.)"""
 LINES = ["", "   ", "# a comment", "  # indented comment", "---", "...", "- item", "  - item", "  nested: x",
          "continued text", "%YAML 1.1", "key: value # comment", "a: &x [1, 2]", "b: *x", "? complex",
          "key:value", "k:  two spaces", "k:\tv"]

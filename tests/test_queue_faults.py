@@ -196,6 +196,150 @@ def test_durations_stay_within_a_year() -> None:
             parse_duration(value)
 
 
+HEX = "0x" + "f" * 4000
+"""16,000 bits: 4,817 decimal digits, past the 4,300 Python turns into text (YAML builds it without the limit)."""
+DURATION_HELP = "(write 45s, 30m, 2h, 1h30m, 1:30, or a number of minutes)"
+
+
+def test_numbers_too_long_to_print_are_named_by_their_digits() -> None:
+    assert short_repr(int(HEX, 16)) == "a number of 4,817 digits"
+    assert short_repr(-10 ** 5000) == "a negative number of 5,001 digits"
+    assert (short_repr(10 ** 4300 - 1), short_repr(10 ** 4300)) == (f"{'9' * 57}...", "a number of 4,301 digits")
+    assert short_repr(NINES) == f"'{NINES[:56]}..."  # what every earlier message showed, unchanged
+    assert short_repr(int("f" * 1_000_000, 16)) == "a number of 1,204,120 digits"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"autonomy:\n  max_parallel: {HEX}\n", "autonomy.max_parallel must be between 1 and 64, not a number of 4,817 digits"),
+    (f"autonomy:\n  l3_settings:\n    max_parallel: {HEX}\n",
+     "autonomy.l3_settings.max_parallel must be between 1 and 64, not a number of 4,817 digits"),
+    (f"runner:\n  retries: {HEX}\n", "runner.retries must be at most 100, not a number of 4,817 digits"),
+    (f"runner:\n  retries: -{HEX}\n", "runner.retries must be at least 0, not a negative number of 4,817 digits"),
+    (f"tasks:\n  max_tasks: {HEX}\n", "tasks.max_tasks must be at most 10000000, not a number of 4,817 digits"),
+    (f"runner:\n  max_cost_usd: {HEX}\n", "runner.max_cost_usd must be at most 1e9, not a number of 4,817 digits"),
+    (f"runner:\n  max_tokens: {HEX}\n",
+     "runner.max_tokens must be a whole number of at most 4,300 digits, not a number of 4,817 digits"),
+    (f"runner:\n  timeout: {HEX}\n", "runner.timeout is not valid: a number of 4,817 digits is too long: a duration is "
+                                     f"at most 365 days {DURATION_HELP}"),
+    (f"worktree:\n  setup_timeout: {HEX}\n", "worktree.setup_timeout is not valid: a number of 4,817 digits is too "
+                                             f"long: a duration is at most 365 days {DURATION_HELP}"),
+    (f"autonomy:\n  min_free_memory: {HEX}\n", "autonomy.min_free_memory is not valid: a number of 4,817 digits is too "
+                                               f"large: a size is at most 1 PiB ({1 << 50} bytes)"),
+    (f"autonomy:\n  level: {HEX}\n", "autonomy.level must be L1, L2 or L3, not a number of 4,817 digits"),
+    ("autonomy:\n  max_parallel: " + "9" * 5000 + "\n",
+     "autonomy.max_parallel must be between 1 and 64, not a number of 5,000 digits"),
+    ("runner:\n  timeout: " + "9" * 5000 + "\n", "runner.timeout is not valid: a number of 5,000 digits is too long: "
+                                                 f"a duration is at most 365 days {DURATION_HELP}"),
+    ("runner:\n  timeout: '" + "9" * 5000 + ":00'\n", f"runner.timeout is not valid: '{'9' * 56}... is too long: "
+                                                      f"a duration is at most 365 days {DURATION_HELP}"),
+])
+@pytest.mark.fault("a config number of more than 4,300 digits (0xfff... or 5,000 nines; any key): a ConfigError naming the key "
+                   "and the number of digits, never Python's ValueError (Exceeds the limit ... set_int_max_str_digits)")
+def test_config_numbers_too_long_to_print_are_config_errors(workspace, text, message):
+    write_text(workspace, ".agent/config.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(workspace)
+    assert str(caught.value) == ".agent/config.yaml: " + message
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("a 4,817-digit autonomy.max_parallel: `plan` and `run` exit 2 naming the key (no traceback); `serve` "
+                   "starts with the default settings and a warning; queue_plan is a clear tool error")
+async def test_a_config_number_too_long_to_print_stops_no_command(workspace, caplog):
+    write_text(workspace, ".agent/config.yaml", f"autonomy:\n  max_parallel: {HEX}\n")
+    write_item(workspace, 1, "a", command="true")
+    message = ".agent/config.yaml: autonomy.max_parallel must be between 1 and 64, not a number of 4,817 digits"
+    script = Path(sys.executable).parent / "agent-parallel"
+    for command in ("plan", "run"):
+        result = subprocess.run([str(script), command, "--root", str(workspace)], capture_output=True, text=True,
+                                timeout=60)
+        assert (result.returncode, result.stderr.strip()) == (2, f"agent-parallel: error: {message}")
+    with caplog.at_level("WARNING"):
+        assert ServerSettings.for_workspace(workspace) == ServerSettings()
+    assert f"{message}; using the default settings" in caplog.text
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
+        assert await call_error(client, "queue_plan") == f"Error executing tool queue_plan: {message}"
+        await call(client, "list_tasks")
+    assert statuses(workspace) == {"001": "pending"}
+
+
+ITEM_HELP = "an id has at most 9 digits"
+
+
+@pytest.mark.parametrize(("front", "message"), [
+    (f"retries: {HEX}", "retries: a number of 4,817 digits is not a whole number from 0 to 100"),
+    (f"priority: {HEX}", "priority: a number of 4,817 digits is not one of critical, high, medium, low"),
+    (f"isolation: {HEX}", "isolation: a number of 4,817 digits is not none or worktree"),
+    (f"resources: {{num_cpus: {HEX}}}", "resources: CPU must be a number from 0 to 1e+06, not a number of 4,817 digits"),
+    (f"title: {HEX}", "title must be a string, not a number of 4,817 digits"),
+    (f"files: {HEX}", "files must be a list of strings or a comma-separated string, not a number of 4,817 digits"),
+    (f"files: [a, {HEX}]", "files: each entry must be a string, not a number of 4,817 digits"),
+    (f"components: {HEX}",
+     "components must be a list of strings or a comma-separated string, not a number of 4,817 digits"),
+    (f"blocks: {HEX}", f"blocks: a number of 4,817 digits cannot be an item id ({ITEM_HELP})"),
+    (f"blocked_by: [1, {HEX}]", f"blocked_by: a number of 4,817 digits cannot be an item id ({ITEM_HELP})"),
+    (f"estimate: {HEX}", f"estimate: a number of 4,817 digits is too long: a duration is at most 365 days {DURATION_HELP}"),
+    (f"timeout: -{HEX}", "timeout: a negative number of 4,817 digits is not a duration: it must be a finite number, "
+                         "not negative"),
+    ("title: " + "1" * 5000, "title must be a string, not a number of 5,000 digits"),
+    ("retries: '" + "9" * 5000 + "'", f"retries: '{'9' * 56}... is not a whole number from 0 to 100"),
+    ("estimate: '" + "9" * 5000 + ":00'", f"estimate: '{'9' * 56}... is too long: a duration is at most 365 days "
+                                          f"{DURATION_HELP}"),
+    ("resources: 'num_cpus: " + "9" * 5000 + "'", "resources: CPU must be a number from 0 to 1e+06, not a number of "
+                                                  "5,000 digits"),
+])
+@pytest.mark.fault("one item with a number of more than 4,300 digits (0xfff... or 5,000 nines) in any field: a bad_field "
+                   "diagnostic naming the file and the field, the other items planned as usual (was a ValueError for "
+                   "the whole queue)")
+def test_item_numbers_too_long_to_print_are_field_diagnostics(workspace, front, message):
+    write_item(workspace, 1, "good", command="true", files=["a"])
+    files = "" if front.startswith("files:") else "files: [b]\n"
+    write_text(workspace, f"{QUEUE}/002-pending-bad.md", f"---\n{front}\ncommand: 'true'\n{files}---\n# bad\n")
+    plan = plan_workspace(workspace, None, None, QueueReader())
+    assert [(e.kind, e.item, e.file, e.message) for e in plan.errors] == [
+        ("bad_field", "002", "002-pending-bad.md", message)]
+    assert plan.run_now == ["001"]
+
+
+@pytest.mark.anyio
+@pytest.mark.fault("queue_plan, launch_task(item=001) and run_queue beside an item whose retries is a 4,817-digit number: "
+                   "the item is a bad_field diagnostic, the good item runs (was 'unexpected ValueError ... This is a bug')")
+async def test_an_item_number_too_long_to_print_leaves_the_rest_of_the_queue_running(client, workspace):
+    write_item(workspace, 1, "good", command="true", files=["a"])
+    write_item(workspace, 3, "also-good", command="true", files=["c"])
+    write_text(workspace, f"{QUEUE}/002-pending-bad.md", f"---\nretries: {HEX}\ncommand: 'true'\nfiles: [b]\n---\n")
+    plan = await call(client, "queue_plan")
+    assert [(e["kind"], e["file"], e["message"]) for e in plan["errors"]] == [
+        ("bad_field", "002-pending-bad.md", "retries: a number of 4,817 digits is not a whole number from 0 to 100")]
+    assert plan["run_now"] == ["001", "003"]
+    out = await call(client, "launch_task", item="001", run_in_background=False)
+    assert out["status"] == "completed", out
+    run = await call(client, "run_queue")
+    out = await call(client, "task_output", task_id=run["run_id"], timeout=30)
+    assert out["retrieval_status"] == "success"
+    assert statuses(workspace) == {"001": "completed", "002": "pending", "003": "completed"}
+
+
+@pytest.mark.fault("a 1 MiB config holding a YAML 1.1 base-60 number (1:59:59:... 345,000 times; PyYAML builds it in "
+                   "quadratic time): read in well under a second as text, an unknown key warned about (was 40-90 s a read)")
+def test_a_long_base_60_number_in_the_config_is_read_at_once(workspace):
+    write_text(workspace, ".agent/config.yaml", "autonomy:\n  level: L3\nnotes: 1" + ":59" * 345_000 + "\n"
+               "more: 1" + ":59" * 1000 + ".5\n")
+    assert (workspace / ".agent/config.yaml").stat().st_size < 1024 * 1024
+    started = time.monotonic()
+    config, warnings = load_config(workspace)
+    assert time.monotonic() - started < 2  # was 40-90 s
+    assert config.level == "L3"
+    assert [w.split(" (known")[0] for w in warnings] == ["unknown key notes ignored", "unknown key more ignored"]
+    write_text(workspace, ".agent/config.yaml", "runner:\n  timeout: 1" + ":59" * 345_000 + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_config(workspace)
+    assert time.monotonic() - started < 2
+    assert str(caught.value) == (".agent/config.yaml: runner.timeout is not valid: '1" + ":59" * 18 + ":... is not a "
+                                 f"duration {DURATION_HELP}")
+
+
 # --- 3. bounded plans -----------------------------------------------------------------------------------------
 
 

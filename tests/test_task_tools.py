@@ -301,3 +301,86 @@ async def test_a_capped_log_reads_back_after_the_cap_setting_changes(workspace):
         assert after_head["output"] and after_head["cursor"] > 2048  # paging goes on past the dropped gap
         tail = await call(c, "task_output", task_id=tid, max_bytes=13)
         assert tail["output"] == "99999\n100000\n"
+
+
+_EMIT_LONG_LINE = """
+import sys
+out = sys.stdout
+for i in range(400):
+    out.write(f"hit {i}\\n" if i % 3 else f"miss {i}\\n")
+    if i == 200:
+        out.write("hit big " + "\\u00e9" * 1_500_000 + "\\n")  # one 3 MB line, of two-byte characters
+"""
+
+
+def _expected_hits() -> list[str]:
+    lines = []
+    for i in range(400):
+        if i % 3:
+            lines.append(f"hit {i}\n")
+        if i == 200:
+            lines.append("hit big " + "é" * 1_500_000 + "\n")
+    return lines
+
+
+@pytest.mark.fault("task_output with filter and cursor on a log with a 3 MB line: each page holds at most max_bytes "
+                   "(the long line cut, truncated set, paging resuming after it); was the whole log in one answer")
+async def test_filtered_pages_stay_within_max_bytes_and_visit_each_match_once(client, workspace):
+    (workspace / "emit.py").write_text(_EMIT_LONG_LINE)
+    tid = await launch(client, f"{PY} emit.py")
+    done = await call(client, "task_output", task_id=tid, max_bytes=10)
+    assert done["status"] == "completed" and done["output_bytes"] > 3_000_000
+    max_bytes = 1001  # the long line is cut inside a character: the page ends before it
+    cut = "hit big " + "é" * 496
+    pages, cursor = [], 0
+    while cursor < done["output_bytes"]:
+        page = await call(client, "task_output", task_id=tid, cursor=cursor, max_bytes=max_bytes, filter="^hit")
+        assert len(page["output"].encode()) <= max_bytes and len(str(page)) < 4 * max_bytes
+        assert page["next_cursor"] > cursor
+        pages.append(page)
+        cursor = page["next_cursor"]
+    # every matching line once, in order; the long one alone on its page, cut and flagged
+    assert [p["truncated"] for p in pages if p["output"] == cut] == [True]
+    expected = "".join(cut if line.startswith("hit big") else line for line in _expected_hits())
+    assert "".join(p["output"] for p in pages) == expected
+    assert not any(p["truncated"] for p in pages[:1])
+
+    # tail_lines with a cursor and a filter: the page's last lines, still within max_bytes
+    page = await call(client, "task_output", task_id=tid, cursor=0, max_bytes=max_bytes, filter="^hit", tail_lines=2)
+    assert page["output"] == pages[0]["output"].splitlines(keepends=True)[-2] + \
+        pages[0]["output"].splitlines(keepends=True)[-1] and page["next_cursor"] == pages[0]["next_cursor"]
+    # without a cursor: the last max_bytes of the matches; of the long line, its end
+    recent = await call(client, "task_output", task_id=tid, filter="^hit", max_bytes=max_bytes)
+    assert len(recent["output"].encode()) <= max_bytes and recent["output"].endswith("hit 397\nhit 398\n")
+    assert recent["truncated"] is True
+    end = await call(client, "task_output", task_id=tid, filter="big", max_bytes=100)
+    assert end["output"] == "é" * 49 + "\n" and end["truncated"] is True
+
+
+@pytest.mark.fault("a filter scanning a log that is one 30 MB line: memory stays bounded (the line is matched "
+                   "on its first MiB), never the whole line held")
+def test_a_filter_never_holds_a_whole_long_line(tmp_path):
+    import re
+    import tracemalloc
+
+    from agent_parallel.tasks.logs import MAX_MATCHED_LINE, LogReader
+
+    with open(tmp_path / "t.log", "wb") as f:
+        f.write(b"start ")
+        for _ in range(30):
+            f.write(b"x" * MAX_MATCHED_LINE)
+        f.write(b"END\nstart again\n")
+    line_end = len("start END\n") + 30 * MAX_MATCHED_LINE
+    reader = LogReader(tmp_path, "t", line_end + len("start again\n"), 1 << 40, [])
+    tracemalloc.start()
+    try:
+        page = reader.grep(re.compile("^start"), 0, 100)
+        recent = reader.grep(re.compile("start"), None, 100)
+        missed = reader.grep(re.compile("END"), 0, 100)  # past the part of the line the filter sees
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert page.text == "start " + "x" * 94 and page.truncated and page.next_cursor == line_end
+    assert recent.text == "x" * 84 + "END\nstart again\n" and recent.truncated
+    assert missed.text == "" and missed.next_cursor == reader.total
+    assert peak < 8 * MAX_MATCHED_LINE, peak  # a chunk, a line's head and their copies; was twice the line

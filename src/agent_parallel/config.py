@@ -53,9 +53,11 @@ Durations (`runner.timeout`, `tasks.wait_cap`, `worktree.setup_timeout`, `integr
 ``45s``, ``30m``, ``2h``, ``1h30m``, ``1:30`` (h:mm) or a bare number. A bare number means
 **minutes** everywhere, because the spec fixes that for `estimate` and one rule for every duration
 in these files is the least surprising. A duration is at most 365 days and a size at most 1 PiB
-(a 400-digit number is a mistake, not a setting). Unknown keys are ignored with a warning (typos
-show up); a wrong type is a `ConfigError` naming the file and the key. YAML aliases are expanded
-only within a budget (`alias_problem`), so a few hundred bytes cannot make gigabytes.
+(a 400-digit number is a mistake, not a setting). ``1:30`` is read as text, not as YAML 1.1's
+base-60 number, and a number of more than 4,300 digits as a `HugeNumber` (see `yaml_int`).
+Unknown keys are ignored with a warning (typos show up); a wrong type is a `ConfigError` naming
+the file and the key. YAML aliases are expanded only within a budget (`alias_problem`), so a few
+hundred bytes cannot make gigabytes.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import QueueError, UsageError
-from .text import describe, short_repr
+from .text import MAX_INT_DIGITS, HugeNumber, describe, huge_number, short_repr
 from .paths import CONFIG_FILE, NOT_REGULAR, QUEUE_DIR, read_regular, resolve_inside
 
 MIB = 1024 * 1024
@@ -172,7 +174,7 @@ def max_parallel_for(asked: int | None, config: Config) -> int:
         return config.max_parallel
     low, high = MAX_PARALLEL_RANGE
     if isinstance(asked, bool) or not isinstance(asked, int) or not low <= asked <= high:
-        raise UsageError(f"max_parallel must be between {low} and {high}, not {asked!r}")
+        raise UsageError(f"max_parallel must be between {low} and {high}, not {short_repr(asked)}")
     return asked
 
 
@@ -180,7 +182,7 @@ def clamp_max_parallel(written: int) -> tuple[int, str | None]:
     """The config file's `max_parallel` moved into `MAX_PARALLEL_RANGE`, with a warning when it moved."""
     low, high = MAX_PARALLEL_RANGE
     used = min(max(written, low), high)
-    return used, None if used == written else f"max_parallel {written} is outside {low}..{high}; using {used}"
+    return used, None if used == written else f"max_parallel {short_repr(written)} is outside {low}..{high}; using {used}"
 
 
 def stops_on_first_failure(level: str, continue_on_error: bool | None) -> bool:
@@ -212,6 +214,10 @@ def parse_duration(value: object) -> float:
     """
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration ({_DURATION_HELP})")
+    if isinstance(value, HugeNumber):
+        if value.negative:
+            raise ValueError(f"{value!r} is not a duration: it must be a finite number, not negative")
+        return _bounded(math.inf, value)
     if isinstance(value, int):  # compared as an int: a 400-digit number must not reach float()
         if value < 0:
             raise ValueError(f"{short_repr(value)} is not a duration: it must be a finite number, not negative")
@@ -228,6 +234,8 @@ def parse_duration(value: object) -> float:
     clock = _CLOCK.fullmatch(text)
     if clock:
         hours, minutes, seconds = clock.groups()
+        if len(hours.lstrip("0")) > 9:  # over a year (and int() refuses more than 4,300 digits)
+            return _bounded(math.inf, value)
         return _bounded(int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0), value)
     total, position = 0.0, 0
     for part in _DURATION_PART.finditer(text):
@@ -258,6 +266,8 @@ def parse_size(value: object) -> int:
     size: float | None = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         size = value
+    elif isinstance(value, HugeNumber) and not value.negative:
+        size = math.inf
     elif isinstance(value, str):
         match = _SIZE.fullmatch(value.strip())
         if match and match.group(2).lower() in _SIZE_UNITS:
@@ -271,7 +281,7 @@ def parse_size(value: object) -> int:
 
 def unknown_key_warning(where: str, key: object, known: list[str]) -> str:
     """Say that `key` is ignored, suggesting the closest known key when there is one."""
-    text = str(key)
+    text = repr(huge) if isinstance(key, int) and (huge := huge_number(key)) else str(key)  # str() would raise
     shown = text if text.isprintable() and len(text) <= 60 else short_repr(text)  # a key may be huge or hold NUL
     close = difflib.get_close_matches(text[:100], known, n=1, cutoff=0.7)
     hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(known)})"
@@ -324,7 +334,7 @@ def load_config(root: Path) -> tuple[Config, list[str]]:
     autonomy, l3 = sections["autonomy"], sections["autonomy.l3_settings"]
     if "level" in autonomy:
         values["level"] = _level(autonomy["level"])
-    for key, convert in (("max_parallel", _whole_number), ("continue_on_error", _boolean)):
+    for key, convert in (("max_parallel", _max_parallel), ("continue_on_error", _boolean)):
         if key in autonomy:
             values[key] = convert(f"autonomy.{key}", autonomy[key])
         elif key in l3:
@@ -508,7 +518,7 @@ def _read_yaml(path: Path) -> object:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(None, f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    loader = _ConfigLoader
     problem = alias_problem(text, loader)
     if problem:
         raise ConfigError(None, problem)
@@ -518,8 +528,55 @@ def _read_yaml(path: Path) -> object:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(None, f"is not valid YAML: {exc.problem}{where}") from exc
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ConfigError(None, f"is not valid YAML: {short_repr(str(exc), 200)}") from exc
+
+
+class _ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # the C loader where libyaml is built in
+    """Safe YAML whose numbers are read by `yaml_int`: ``1:30`` (YAML 1.1 base 60) stays text."""
+
+
+def yaml_int(text: str, *, octal: bool) -> int | str | HugeNumber:
+    """The value of a YAML integer written `text` (underscores removed), as PyYAML reads it, except:
+
+    - base 60 (``1:30``, ``1:59:59``) stays text: PyYAML builds ``1:59:59:...`` in quadratic time
+      (a minute for a config file under its cap), and a duration reads ``1:30`` as h:mm itself;
+    - past `MAX_INT_DIGITS` digits it is a `HugeNumber`: Python cannot print such an int (every
+      message showing it would raise) and reads one from decimal text in quadratic time;
+    - ``010`` is octal (eight) only when `octal` (YAML 1.1, as PyYAML; the item loader reads ten).
+
+    Raises ``ValueError`` for text that is no integer (an explicit ``!!int`` tag on a word).
+    """
+    negative = text[:1] == "-"
+    body = text[1:] if text[:1] in ("-", "+") else text
+    if ":" in body:
+        return text
+    base = 16 if body[:2] == "0x" else 2 if body[:2] == "0b" else 8 if octal and body[:1] == "0" and body != "0" else 10
+    if base == 10:  # counted first: int() of decimal text is quadratic, and refuses 4,300+ digits
+        digits = len(body.lstrip("0"))
+        if digits > MAX_INT_DIGITS:
+            return HugeNumber(digits, negative)
+        value = int(body, 10)
+    else:  # linear in the length for these bases
+        value = int(body[2:] if base in (2, 16) else body, base)
+        huge = huge_number(value)
+        if huge:
+            return HugeNumber(huge.digits, negative)
+    return -value if negative else value
+
+
+def _construct_config_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> object:
+    return yaml_int(str(loader.construct_scalar(node)).replace("_", ""), octal=True)
+
+
+def _construct_config_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> object:
+    """Base-60 floats (``1:30.5``) stay text like base-60 integers (PyYAML overflows on a long one)."""
+    text = str(loader.construct_scalar(node))
+    return text.replace("_", "") if ":" in text else yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_config_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _construct_config_float)
 
 
 def alias_problem(text: str, loader: type) -> str | None:
@@ -575,7 +632,9 @@ def _section(data: dict[str, Any], dotted: str) -> dict[str, Any]:
 
 
 def _level(value: object) -> Level:
-    text = str(value).strip().upper() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    text = value.strip().upper() if isinstance(value, str) else ""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 3:  # (never str() a huge int)
+        text = str(value)
     if text in ("1", "2", "3"):
         text = "L" + text
     if text not in ("L1", "L2", "L3"):
@@ -583,7 +642,21 @@ def _level(value: object) -> Level:
     return cast(Level, text)  # one of the three, checked above
 
 
+def _max_parallel(key: str, value: object) -> int:
+    """`max_parallel` as written (`clamp_max_parallel` moves it into range); one too long to show is refused."""
+    if isinstance(value, HugeNumber):
+        low, high = MAX_PARALLEL_RANGE
+        raise ConfigError(key, f"must be between {low} and {high}, not {value!r}")
+    return _whole_number(key, value)
+
+
 def _whole_number(key: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, HugeNumber):
+        if value.negative and minimum is not None:
+            raise ConfigError(key, f"must be at least {minimum}, not {value!r}")
+        if not value.negative and maximum is not None:
+            raise ConfigError(key, f"must be at most {maximum}, not {value!r}")
+        raise ConfigError(key, f"must be a whole number of at most {MAX_INT_DIGITS:,} digits, not {value!r}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(key, f"must be a whole number, not {short_repr(value)}")
     if minimum is not None and value < minimum:
@@ -600,6 +673,8 @@ def _boolean(key: str, value: object) -> bool:
 
 
 def _positive_number(key: str, value: object) -> float:
+    if isinstance(value, HugeNumber) and not value.negative:
+        raise ConfigError(key, f"must be at most 1e9, not {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ConfigError(key, f"must be a number above 0, not {short_repr(value)}")
     if value > 1e9:  # compared before float(): a 400-digit int would overflow there

@@ -2,6 +2,7 @@
 ``status`` and ``worktrees`` for the work queue from a terminal.
 
 Argument parsing and printing only; the work is done by the server, the queue and the task registry.
+Text from a queue, a task or git is printed through `visible` (rich cells through `render.shown`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import AgentParallelError, UsageError
+from ..text import visible
 
 # Everything else is imported where used: `agent-parallel plan` loads the queue and pydantic,
 # not the MCP SDK, anyio or (for json, mermaid and dot) rich.
@@ -23,22 +25,31 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 
+class _VisibleFormatter(logging.Formatter):
+    """Log lines quote file names and titles too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return visible(super().format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="agent-parallel: %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_VisibleFormatter("agent-parallel: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         code: int = args.func(args)
         return code
     except AgentParallelError as exc:
-        print(f"agent-parallel: error: {exc}", file=sys.stderr)
+        print(f"agent-parallel: error: {visible(str(exc))}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:  # raised inside a task group (`run`'s registry): shown like any other
         ours, rest = group.split(AgentParallelError)
         if ours is None or rest is not None:
             raise
         for error in _leaves(ours):
-            print(f"agent-parallel: error: {error}", file=sys.stderr)
+            print(f"agent-parallel: error: {visible(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -157,11 +168,11 @@ def _plan(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(plan.model_dump_json(indent=2))
     elif args.format == "mermaid":
-        print(plan.mermaid, end="")
+        print(visible(plan.mermaid), end="")
     elif args.format == "dot":
         from ..queue.diagrams import to_dot
 
-        print(to_dot(plan), end="")
+        print(visible(to_dot(plan), in_dot=True), end="")
     else:
         from rich.console import Console
 
@@ -181,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..paths import runs_dir
     from ..queue.items import QueueReader
     from ..queue.run import QueueContext, run_of, start_run
-    from .render import progress_view, report_view
+    from .render import progress_view, report_view, shown
     from ..tasks.records import TaskStatus
     from ..tasks.registry import open_registry
     from ..server import ServerSettings
@@ -233,8 +244,8 @@ def _run(args: argparse.Namespace) -> int:
                             live.update(progress_view(run.progress()), refresh=True)
                 tg.cancel_scope.cancel()
             console.print(report_view(run.progress(), fold=True))
-            console.print(Text(f"Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt",
-                               style="dim"))
+            console.print(shown(f"Gantt chart: agent-parallel report {task.record.task_id} --root {root} --gantt",
+                                style="dim"))
             return task.record.status
 
     freeze_startup_objects()
@@ -246,7 +257,9 @@ def _warning(text: str) -> Text:
     """``warning: TEXT`` for rich, TEXT printed as text (a title like ``Fix [/x]`` is not markup)."""
     from rich.text import Text
 
-    return Text.assemble(("warning:", "yellow"), " ", text)
+    from .render import shown
+
+    return Text.assemble(("warning:", "yellow"), " ", shown(text))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -263,11 +276,11 @@ def _demo(args: argparse.Namespace) -> int:
     shutil.copytree(source / QUEUE_DIR, workspace / QUEUE_DIR)
     if (source / CONFIG_FILE).is_file():
         shutil.copy(source / CONFIG_FILE, workspace / CONFIG_FILE)
-    print(f"demo workspace: {workspace} (a copy of {source / AGENT_DIR})\n")
+    print(visible(f"demo workspace: {workspace} (a copy of {source / AGENT_DIR})\n"))
     _plan(argparse.Namespace(root=workspace, queue_dir=None, max_parallel=None, format="table", every_row=False))
     code = _run(argparse.Namespace(root=workspace, level=None, max_parallel=None, continue_on_error=None, items=None,
                                    executor=None, ray_address=None))
-    print(f"\nthe queue files now carry their final status: ls {workspace / QUEUE_DIR}")
+    print(visible(f"\nthe queue files now carry their final status: ls {workspace / QUEUE_DIR}"))
     return code
 
 
@@ -284,7 +297,7 @@ def _report(args: argparse.Namespace) -> int:
         raise AgentParallelError(f"no finished run {args.run_id!r} in {args.root.resolve() / RUNS_DIR}; "
                                  "`agent-parallel status` lists runs (kind 'run')")
     if args.gantt:
-        print(gantt(progress), end="")
+        print(visible(gantt(progress)), end="")
     elif args.json:
         print(progress.model_dump_json(indent=2))
     else:

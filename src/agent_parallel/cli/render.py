@@ -3,8 +3,10 @@ the final report and status. Diagrams (the plan's Mermaid flowchart and Graphviz
 Mermaid Gantt chart) are drawn in ``queue/diagrams.py``; `to_dot`, `gantt` and `format_seconds`
 are imported from there.
 
-Text from items, commands and output is always a rich ``Text``, never markup: ``Fix [/x] parser``
-must print as written, and ``[link=...]`` must not become a terminal hyperlink.
+Text from items, commands, output, records and git is always a rich ``Text`` made by `shown` (or a
+string cell given to `add_row`, which makes one), never markup: ``Fix [/x] parser`` must print as
+written, ``[link=...]`` must not become a terminal hyperlink, and a raw ESC (``\\x1b]8;;URL``, a
+hidden link; ``\\x1b[2J``, a cleared screen) is shown as ``\\x1b``, never sent to the terminal.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ..queue.diagrams import format_seconds, gantt, to_dot
-from ..queue.planner import PlanItem, QueuePlan
 from ..text import cut
+from ..text import visible
 
 if TYPE_CHECKING:  # (`agent-parallel plan` needs neither: 45 ms of imports, a sixth of its wall time)
+    from ..queue.planner import PlanItem, QueuePlan  # (nor `agent-parallel worktrees` the planner)
     from ..results import ItemOutcome, RunProgress
     from ..tasks.records import TaskRecord
 
@@ -34,6 +37,18 @@ counted in one line. A terminal table of 10,000 items took 11 s to draw and nobo
 WAVES_SHOWN = 20
 """Waves, fork-joins and pipelines `plan_table` lists (the first waves: what starts soonest)."""
 _EVERY_ROW = "`agent-parallel plan --all` lists every row, `--format json` gives every field"
+
+
+def shown(text: str, style: str = "") -> Text:
+    """Text from outside (a queue, a task, a record, git) for rich: as written, never markup, with
+    its control characters made visible (`visible`), so it cannot drive the terminal."""
+    return Text(visible(text), style=style)
+
+
+def add_row(table: Table, *cells: str | Text) -> None:
+    """``table.add_row`` with every string cell `shown`: a new column cannot put a title on the
+    terminal raw or as markup. A ``Text`` cell must be built by `shown` or hold only our own words."""
+    table.add_row(*(shown(cell) if isinstance(cell, str) else cell for cell in cells))
 
 
 def _attention(item: PlanItem) -> int:
@@ -71,10 +86,10 @@ def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
     if plan.integration_estimate is not None:
         measured = (f"median of {plan.integration_samples} measured" if plan.integration_samples
                     else "none measured yet")
-        isolation = Text(f"isolation {plan.isolation}: integration {format_seconds(plan.integration_estimate)} "
-                         f"per isolated item ({measured})" + (", overlaps allowed" if plan.allow_overlap else ""))
+        isolation = shown(f"isolation {plan.isolation}: integration {format_seconds(plan.integration_estimate)} "
+                          f"per isolated item ({measured})" + (", overlaps allowed" if plan.allow_overlap else ""))
     run_now = Text("run now: ", style="bold")
-    run_now.append(", ".join(plan.run_now) or "nothing", style="green" if plan.run_now else "dim")
+    run_now.append_text(shown(", ".join(plan.run_now) or "nothing", style="green" if plan.run_now else "dim"))
 
     items = Table(title="Items", title_justify="left", expand=False)
     for column in ("id", "status", "title", "waits on", "estimate", "priority", "state"):
@@ -88,15 +103,15 @@ def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
         if item.ready:
             state = Text("run now" if item.id in run_now_ids else "ready", style="green")
         else:
-            state = Text(item.reason or "", style="red" if "error" in (item.reason or "") or "cycle" in (
+            state = shown(item.reason or "", style="red" if "error" in (item.reason or "") or "cycle" in (
                 item.reason or "") else "dim")
         estimate = format_seconds(item.estimate)
         if item.integration_estimate is not None:  # isolated: its worktree, then its integration
             estimate += f" + {format_seconds(item.integration_estimate)} integration"
         if item.forecast:
-            state.append(f" (would conflict on {', '.join(item.forecast)})", style="yellow")
-        items.add_row(Text(item.id), Text(item.status, style=_STATUS_STYLE.get(item.status, "")), Text(item.title),
-                      Text(", ".join(item.waiting_on)), Text(estimate), Text(str(item.priority)), state)
+            state.append_text(shown(f" (would conflict on {', '.join(item.forecast)})", style="yellow"))
+        add_row(items, item.id, shown(item.status, style=_STATUS_STYLE.get(item.status, "")), item.title,
+                ", ".join(item.waiting_on), estimate, str(item.priority), state)
 
     parts: list[RenderableType] = [summary, *([isolation] if isolation else []), run_now, items]
     if len(shown_items) < len(plan.items):
@@ -108,18 +123,18 @@ def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
         waves.add_column("#", justify="right")
         waves.add_column("starts")
         for number, wave in enumerate(plan.waves[:waves_shown], 1):
-            waves.add_row(str(number), Text(", ".join(wave)))
+            add_row(waves, str(number), ", ".join(wave))
         parts.append(waves)
         if (total := max(plan.waves_total, len(plan.waves))) > len(waves.rows):
             parts.append(_more(total - len(waves.rows), "waves"))
     if plan.critical_path:
-        parts.append(Text("critical path: " + " -> ".join(plan.critical_path)))
+        parts.append(shown("critical path: " + " -> ".join(plan.critical_path)))
     lines = [f"fork-join: {f.fork} -> [{', '.join(f.branches)}] -> {f.join}" for f in plan.patterns.fork_join]
-    parts += [Text(line) for line in lines[:waves_shown]]
+    parts += [shown(line) for line in lines[:waves_shown]]
     if len(lines) > (waves_shown or len(lines)):
         parts.append(_more(len(lines) - WAVES_SHOWN, "fork-joins"))
     lines = ["pipeline: " + " -> ".join(pipeline) for pipeline in plan.patterns.pipelines]
-    parts += [Text(line) for line in lines[:waves_shown]]
+    parts += [shown(line) for line in lines[:waves_shown]]
     if len(lines) > (waves_shown or len(lines)):
         parts.append(_more(len(lines) - WAVES_SHOWN, "pipelines"))
     if plan.conflicts:
@@ -127,7 +142,7 @@ def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
         for column in ("a", "b", "shared"):
             conflicts.add_column(column)
         for conflict in plan.conflicts[:rows_shown]:
-            conflicts.add_row(Text(conflict.a), Text(conflict.b), Text(", ".join(conflict.files + conflict.components)))
+            add_row(conflicts, conflict.a, conflict.b, ", ".join(conflict.files + conflict.components))
         parts.append(conflicts)
         if (total := max(plan.conflicts_total, len(plan.conflicts))) > len(conflicts.rows):
             parts.append(_more(total - len(conflicts.rows), "conflicting pairs") if total == len(plan.conflicts) else
@@ -141,8 +156,7 @@ def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
             predicted.add_column(column)
         for pair in plan.predicted_conflicts[:rows_shown]:
             forecast = "-" if pair.forecast is None else (", ".join(pair.forecast) or "no conflict")
-            predicted.add_row(Text(pair.a), Text(pair.b), Text(", ".join(pair.files + pair.components)),
-                              Text(forecast))
+            add_row(predicted, pair.a, pair.b, ", ".join(pair.files + pair.components), forecast)
         parts.append(predicted)
         if len(plan.predicted_conflicts) > len(predicted.rows):
             parts.append(_more(len(plan.predicted_conflicts) - len(predicted.rows), "predicted conflicts"))
@@ -152,7 +166,7 @@ def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
             for column in ("kind", "file", "message"):
                 table.add_column(column)
             for diagnostic in diagnostics[:rows_shown]:
-                table.add_row(Text(diagnostic.kind), Text(diagnostic.file or ""), Text(diagnostic.message))
+                add_row(table, diagnostic.kind, diagnostic.file or "", diagnostic.message)
             parts.append(table)
             if len(diagnostics) > len(table.rows):
                 parts.append(_more(len(diagnostics) - len(table.rows), title.lower()))
@@ -165,19 +179,20 @@ _OUTCOME_STYLE = {"completed": "green", "failed": "red", "skipped": "yellow", "n
 
 def progress_view(p: RunProgress) -> RenderableType:
     """What a run is doing now: counts, the running items, and why starts are held (if they are)."""
-    head = Text(f"run {p.run_id}  {p.level}  max_parallel {p.max_parallel}  {format_seconds(p.elapsed_s)}  ", style="bold")
-    head.append(p.counts_text())
+    head = shown(f"run {p.run_id}  {p.level}  max_parallel {p.max_parallel}  {format_seconds(p.elapsed_s)}  ",
+                 style="bold")
+    head.append_text(shown(p.counts_text()))
     table = Table(show_header=True, box=None)
     for column in ("item", "title", "task", "running for", "agent"):
         table.add_column(column)
     for r in p.running:
         extra = r.waiting or (r.usage.short() if r.usage is not None else "")
-        table.add_row(Text(r.item), Text(r.title), Text(r.task_id or "-"), format_seconds(r.elapsed_s), Text(extra))
+        add_row(table, r.item, r.title, r.task_id or "-", format_seconds(r.elapsed_s), extra)
     parts: list[RenderableType] = [head, table]
     if p.held:
-        parts.append(Text(f"start held: {p.held}", style="yellow"))
+        parts.append(shown(f"start held: {p.held}", style="yellow"))
     if p.stop_reason:
-        parts.append(Text(f"stopping: {p.stop_reason}", style="red"))
+        parts.append(shown(f"stopping: {p.stop_reason}", style="red"))
     return Group(*parts)
 
 
@@ -195,15 +210,15 @@ def report_view(p: RunProgress, *, fold: bool = False) -> RenderableType:
     ``fold`` (the end of ``agent-parallel run``): beyond ``FOLD_COMPLETED_OVER`` plain completions,
     those are counted in one line instead of a row each (``agent-parallel report`` lists them all);
     every other outcome keeps its row."""
-    table = Table(title=Text(f"Run {p.run_id}"), title_justify="left")
+    table = Table(title=shown(f"Run {p.run_id}"), title_justify="left")
     for column in ("item", "title", "outcome", "time", "details"):
         table.add_column(column)
     outcomes = p.outcomes
     folded = 0
     if fold and sum(map(_plain_completion, outcomes)) > FOLD_COMPLETED_OVER:
-        shown = [o for o in outcomes if not _plain_completion(o)]
-        folded = len(outcomes) - len(shown)
-        outcomes = shown
+        listed = [o for o in outcomes if not _plain_completion(o)]
+        folded = len(outcomes) - len(listed)
+        outcomes = listed
     for o in outcomes:
         details = o.reason or ""
         if o.exit_code not in (None, 0):
@@ -218,19 +233,19 @@ def report_view(p: RunProgress, *, fold: bool = False) -> RenderableType:
             details += f"\n{o.attempts} attempts"
         if o.notes:
             details += "\n" + "; ".join(o.notes)
-        table.add_row(Text(o.item), Text(o.title), Text(o.outcome, style=_OUTCOME_STYLE.get(o.outcome, "")),
-                      format_seconds(o.duration_s), Text(details.strip()))
+        add_row(table, o.item, o.title, shown(o.outcome, style=_OUTCOME_STYLE.get(o.outcome, "")),
+                format_seconds(o.duration_s), details.strip())
     parts: list[RenderableType] = [table] if outcomes else []
     if folded:
-        parts.append(Text(f"{folded} {'more ' if outcomes else ''}items completed "
-                          f"(agent-parallel report {p.run_id} lists every item)",
-                          style=_OUTCOME_STYLE.get("completed", "")))
+        parts.append(shown(f"{folded} {'more ' if outcomes else ''}items completed "
+                           f"(agent-parallel report {p.run_id} lists every item)",
+                           style=_OUTCOME_STYLE.get("completed", "")))
     if p.usage is not None:
-        parts.append(Text(f"agents in all: {p.usage.short()}"))
+        parts.append(shown(f"agents in all: {p.usage.short()}"))
     if (makespan := p.makespan_text(format_seconds)) is not None:
-        parts.append(Text(makespan))
+        parts.append(shown(makespan))
     if p.stop_reason:
-        parts.append(Text(f"stopped: {p.stop_reason}", style="red"))
+        parts.append(shown(f"stopped: {p.stop_reason}", style="red"))
     return Group(*parts)
 
 
@@ -243,9 +258,10 @@ def status_view(records: list[TaskRecord]) -> RenderableType:
         table.add_column(column, no_wrap=column in ("id", "status"))
     for r in records:
         exit_text = str(r.exit_code) if r.exit_code is not None else (r.signal or "")
-        table.add_row(Text(r.task_id), Text(r.kind), Text(r.status.value), Text(exit_text), iso(r.started_at) or "",
-                      format_seconds(r.duration_s), Text(cut(r.description or r.command, SHORT_TEXT_CHARS)))
+        add_row(table, r.task_id, r.kind, r.status.value, exit_text, iso(r.started_at) or "",
+                format_seconds(r.duration_s), cut(r.description or r.command, SHORT_TEXT_CHARS))
     return table
 
 
-__all__ = ["format_seconds", "gantt", "plan_table", "progress_view", "report_view", "status_view", "to_dot"]
+__all__ = ["add_row", "format_seconds", "gantt", "plan_table", "progress_view", "report_view", "shown", "status_view",
+           "to_dot"]

@@ -1,7 +1,8 @@
 """``agent-parallel worktrees``: the items' worktrees with their state and whether removing them could
 lose work; ``agent-parallel worktrees clean [--dry-run]`` removes only those that cannot.
 
-Argument parsing and printing only; the work is done by `agent_parallel.worktrees`.
+Argument parsing and printing only; the work is done by `agent_parallel.worktrees`. Paths, branch
+names and git's words are printed through `visible` / `render.shown` (control characters made visible).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from ..text import visible
 
 
 def add_parser(sub: Any) -> None:
@@ -53,15 +56,15 @@ def _clean(args: argparse.Namespace) -> int:
     failed = 0
     for state in list_worktrees(root, config):
         if not state.safe:
-            print(f"kept {state.path}: {state.reason.removeprefix('not safe: ')}")
+            print(visible(f"kept {state.path}: {state.reason.removeprefix('not safe: ')}"))
         elif args.dry_run:
-            print(f"would remove {state.path} ({state.reason.removeprefix('safe: ')})")
+            print(visible(f"would remove {state.path} ({state.reason.removeprefix('safe: ')})"))
         else:
             try:
-                print(remove(root, config, state))
+                print(visible(remove(root, config, state)))
             except WorktreeError as exc:
                 failed += 1
-                print(f"kept: {exc}")
+                print(visible(f"kept: {exc}"))
     return 1 if failed else 0
 
 
@@ -69,13 +72,14 @@ def _table(states: list[Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from .render import add_row, shown
+
     table = Table(title="worktrees (.agent/worktrees)")
     for column in ("item", "branch", "state", "ahead/behind", "safe to remove", "port"):
         table.add_column(column)
     for s in states:
         safe = Text("yes", style="green") if s.safe else Text("no", style="red")
-        table.add_row(Text(s.item_id or s.name), Text(s.branch or "(detached)"), Text(s.state),
-                      Text(f"{s.ahead}/{s.behind}"), Text.assemble(safe, " ", Text(s.reason.split(": ", 1)[-1],
-                                                                                       style="dim")),
-                      Text(str(s.port) if s.port else "-"))
+        add_row(table, s.item_id or s.name, s.branch or "(detached)", s.state, f"{s.ahead}/{s.behind}",
+                Text.assemble(safe, " ", shown(s.reason.split(": ", 1)[-1], style="dim")),
+                str(s.port) if s.port else "-")
     return table

@@ -34,10 +34,10 @@ from typing import Any, Literal, NamedTuple, TypeVar, cast
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from ..config import alias_problem, parse_duration, parse_size, unknown_key_warning
+from ..config import alias_problem, parse_duration, parse_size, unknown_key_warning, yaml_int
 from ..errors import QueueError
 from ..fields import omitted_if_none
-from ..text import describe, short_repr
+from ..text import HugeNumber, describe, short_repr
 from ..paths import IS_DIRECTORY, NOT_REGULAR, resolve_inside
 from .names import ID_HELP, MAX_ID_DIGITS, ItemName, Status, parse_item_ref, parse_name
 from .names import format_id as format_id  # (what the planner, the run and the tools import from here)
@@ -211,16 +211,12 @@ def _body_fields(body: str) -> tuple[dict[str, tuple[str, object]], str | None]:
 
 
 class _ItemLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # the C loader where libyaml is built in: a base chosen at import time
-    """Safe YAML that reads ``010`` as ten (not YAML 1.1 octal eight) and ``1:30`` as text."""
+    """Safe YAML that reads ``010`` as ten (not YAML 1.1 octal eight), ``1:30`` as text and a number
+    of more than 4,300 digits as a `HugeNumber` (see `config.yaml_int`)."""
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> object:
-    text = str(loader.construct_scalar(node)).replace("_", "")
-    if _DECIMAL.fullmatch(text):
-        return int(text, 10)
-    if ":" in text:
-        return text
-    return yaml.SafeLoader.construct_yaml_int(loader, node)
+    return yaml_int(str(loader.construct_scalar(node)).replace("_", ""), octal=False)
 
 
 _DECIMAL = re.compile(r"[-+]?[0-9]+")
@@ -452,7 +448,7 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
     """Item references: a YAML list, or text split on commas and spaces; ``(asides)`` ignored."""
     if value is None or value is False:
         return []
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
+    if isinstance(value, (str, int, HugeNumber)) and not isinstance(value, bool):
         parts: list[object] = [value]
     elif isinstance(value, list):
         parts = value
@@ -463,6 +459,9 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
     for part in parts:
         if type(part) is int and 0 <= part < _MAX_ID:  # what parse_item_ref(str(part)) gives, without the text
             ids[part] = None
+            continue
+        if isinstance(part, HugeNumber):
+            problems.append(f"{field}: {part!r} cannot be an item id (an id has at most {MAX_ID_DIGITS} digits)")
             continue
         if isinstance(part, bool) or not isinstance(part, (str, int)):
             problems.append(f"{field}: {short_repr(part)} is not an item id ({ID_HELP})")
@@ -537,7 +536,7 @@ def _files(value: object, problems: list[str]) -> list[str]:
 def _text(field: str, value: object, problems: list[str]) -> str | None:
     if value is None:
         return None
-    if isinstance(value, (dict, list)):
+    if isinstance(value, (dict, list, HugeNumber)):
         problems.append(f"{field} must be a string, not {describe(value)}")
         return None
     text = str(value).strip()
@@ -586,9 +585,9 @@ def _resources(value: object, problems: list[str]) -> dict[str, float]:
         return {}
     if isinstance(value, str):
         text = value.strip()
-        try:
-            value = yaml.safe_load(text if text.startswith("{") else "{" + text + "}")
-        except yaml.YAMLError:
+        try:  # (the item loader: ``1:59:59:...`` or 0x and 5,000 digits must not be built here either)
+            value = yaml.load(text if text.startswith("{") else "{" + text + "}", Loader=_ItemLoader)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
             value = text
     if not isinstance(value, dict):
         problems.append(f"resources must be a mapping such as {{num_cpus: 2, GPU: 1}}, not {describe(value)}")
@@ -626,7 +625,7 @@ def _retries(value: object, problems: list[str]) -> int | None:
         return None
     text = value.strip() if isinstance(value, str) else None
     number = value if isinstance(value, int) and not isinstance(value, bool) else (
-        int(text) if text is not None and text.isascii() and text.isdigit() else None)
+        int(text) if text is not None and text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 9 else None)
     if number is None or not 0 <= number <= MAX_RETRIES:
         problems.append(f"retries: {short_repr(value)} is not a whole number from 0 to {MAX_RETRIES}")
         return None

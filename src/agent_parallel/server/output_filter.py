@@ -5,6 +5,8 @@ the GIL, so even a worker thread froze every other call, and nothing can interru
 ``regex`` package releases the GIL while it matches ``str`` and takes a ``timeout`` per search,
 so each search is bounded and a call's searches share one budget. Its compiler unrolls counted
 repeats (``((a{1000}){1000}){1000}`` would need gigabytes), so those are bounded before compiling.
+A line is matched on its first ``MAX_MATCHED_LINE`` bytes (1 MiB; ``tasks/logs.py``): reading a log
+never holds a whole line of unbounded length.
 """
 
 from __future__ import annotations

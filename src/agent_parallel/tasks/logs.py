@@ -10,7 +10,9 @@ A dependent task is handed ``upstream_log_path``: the head log when nothing was 
 file with all kept output and the dropped middle marked.
 
 Output never passes through an unbounded buffer: the writer moves bytes pipe → file with
-``os.splice`` (in the kernel) and falls back to read/write where splice is not supported.
+``os.splice`` (in the kernel) and falls back to read/write where splice is not supported. Nor
+does it on the way back: a page holds at most ``max_bytes``, with a filter too, and a filter's
+scan holds one chunk and the start of one line, however long the line (``LogReader.grep``).
 Files are read only when they are regular files (never through a symlink, never a FIFO): a
 cloned repository can ship a ``.agent/runs`` of its own.
 """
@@ -22,6 +24,7 @@ import os
 import re
 import secrets
 import stat
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -355,39 +358,198 @@ class LogReader:
         return LogChunk(data.decode("utf-8", "replace"), real, real + len(data), real > 0)
 
     def grep(self, pattern: LineMatcher, cursor: int | None, max_bytes: int) -> LogChunk:
-        """Lines matching ``pattern`` from ``cursor`` (or the whole kept log) to the end.
+        """Lines matching ``pattern``: from ``cursor=None`` the last ``max_bytes`` of all matches in the
+        kept log; from a cursor, the matches that follow it, ``max_bytes`` at most (``_grep_page``).
 
-        Keeps the last ``max_bytes`` of matches when starting from None, the first when paging.
+        Memory stays bounded whatever the lines' length: a line is matched on its first
+        ``MAX_MATCHED_LINE`` bytes only, and no more of it than a page is kept. ``truncated`` says
+        output was left out: earlier matches, a line shown cut, or (paging) output before ``start``.
         """
-        pos = self._kept_from(0 if cursor is None else max(cursor, 0))
-        first = pos
-        matched: list[str] = []
+        first = self._kept_from(0 if cursor is None else max(cursor, 0))
+        if cursor is not None:
+            return self._grep_page(pattern, first, max_bytes)
+        lines = _Lines(self, first, keep_tail=max_bytes)
+        kept: deque[bytes] = deque()
+        size, cut = 0, False
+        while True:
+            _, batch = lines.whole_lines()
+            pieces = [raw + b"\n" for raw in batch if pattern.search(raw.decode("utf-8", "replace"))]
+            if not batch:
+                if (line := lines.next()) is None:
+                    break
+                lines.finish(line)
+                if not pattern.search(line.matched_text()):
+                    continue
+                pieces = [line.last_bytes(max_bytes)]
+                cut = cut or len(pieces[0]) < line.length + line.newline  # longer than the page: its end only
+            for piece in pieces:
+                kept.append(piece)
+                size += len(piece)
+                while size - len(kept[0]) >= max_bytes:  # the matches before it no longer show
+                    size -= len(kept.popleft())
+                    cut = True
+        data = b"".join(kept)
+        if len(data) > max_bytes:
+            data, cut = data[-max_bytes:], True
+        if cut:
+            data, _ = _trim_to_characters(data, 1, keep_tail=False)
+        return LogChunk(data.decode("utf-8", "replace"), first, lines.at, first > 0 or cut)
+
+    def _grep_page(self, pattern: LineMatcher, first: int, max_bytes: int) -> LogChunk:
+        """The matching lines from offset ``first``, whole, until the next does not fit in ``max_bytes``:
+        ``next_cursor`` is then that line's start, so the next page begins with it.
+
+        A matching line longer than a whole page is shown cut: its first ``max_bytes`` (whole
+        characters), ``truncated`` set, and ``next_cursor`` after that line, so paging goes on with
+        the next line rather than with the rest of this one (which, out of its line, the filter
+        might not match). Page from its offset without a filter to read the rest.
+        """
+        lines = _Lines(self, first, keep_tail=0)
+        shown: list[bytes] = []
         size = 0
-        pending = b""
-        while pos < self.total:
-            data, real = self.read_bytes(pos, CHUNK)
-            if not data:
-                break
-            pos = real + len(data)
-            lines = (pending + data).split(b"\n")
-            pending = lines.pop()
-            for raw in lines:
-                line = raw.decode("utf-8", "replace")
-                if pattern.search(line):
-                    matched.append(line + "\n")
-                    size += len(line) + 1
-            if cursor is not None and size >= max_bytes:
-                pos -= len(pending)
-                pending = b""
-                break
-        if pending:
-            line = pending.decode("utf-8", "replace")
-            if pattern.search(line):
-                matched.append(line)
-        text = "".join(matched)
-        if cursor is None and len(text) > max_bytes:
-            text = text[-max_bytes:]
-        return LogChunk(text, first, pos, first > 0)
+
+        def page(next_cursor: int, *, cut: bool = False) -> LogChunk:
+            return LogChunk(b"".join(shown).decode("utf-8", "replace"), first, next_cursor, first > 0 or cut)
+
+        while True:
+            pos, batch = lines.whole_lines()
+            for raw in batch:
+                start, pos = pos, pos + len(raw) + 1
+                if not pattern.search(raw.decode("utf-8", "replace")):
+                    continue
+                if size + len(raw) + 1 <= max_bytes:
+                    shown.append(raw + b"\n")
+                    size += len(raw) + 1
+                    if size == max_bytes:
+                        return page(pos)
+                elif shown:  # it does not fit after the others: the next page starts with it
+                    return page(start)
+                else:  # alone it is longer than a page: shown cut
+                    shown.append(_trim_to_characters(raw[:max_bytes], 0, keep_tail=True)[0])
+                    return page(pos, cut=True)
+            if batch:
+                continue
+            if (line := lines.next()) is None:
+                return page(lines.at)
+            if not pattern.search(line.matched_text()):
+                lines.finish(line)
+                continue
+            whole = line.ended and line.length == len(line.head)  # (a line past MAX_MATCHED_LINE never is)
+            if whole and size + line.length + line.newline <= max_bytes:
+                shown.append(line.head + b"\n" * line.newline)
+                size += line.length + line.newline
+                continue
+            if shown:
+                return page(line.start)
+            shown.append(_trim_to_characters(line.head[:max_bytes], 0, keep_tail=True)[0])
+            lines.finish(line)  # (read to its end without keeping it: next_cursor is after it)
+            return page(lines.at, cut=True)
+
+
+MAX_MATCHED_LINE = CHUNK
+"""Bytes of a line a filter sees: a longer line (one 200 MB line of minified JSON) is matched on
+its start, so a scan holds one chunk and one line's start, never a whole line."""
+
+
+@dataclass(slots=True)
+class _Line:
+    """One line of a log as ``_Lines.next`` reads it (its newline is not in ``head``, ``tail`` or ``length``)."""
+
+    start: int  # offset of its first byte
+    head: bytes = b""  # its first MAX_MATCHED_LINE bytes
+    tail: bytes = b""  # its bytes after the head: the last ``keep_tail`` of them
+    length: int = 0  # its bytes read so far; all of them once ``ended``
+    ended: bool = False  # its end was reached: a newline, the end of the kept output, or a dropped gap
+    newline: bool = False  # it ended with a newline
+
+    def matched_text(self) -> str:
+        """What the filter is matched against: the head, a character cut at its end left out."""
+        head = self.head if self.length <= len(self.head) else _trim_to_characters(self.head, 0, keep_tail=True)[0]
+        return head.decode("utf-8", "replace")
+
+    def last_bytes(self, n: int) -> bytes:
+        """Its last ``n`` bytes and its newline (``_Lines`` must have kept ``n`` of its tail)."""
+        return (self.head + self.tail)[-n:] + b"\n" * self.newline
+
+
+class _Lines:
+    """The lines of a log from an offset, read a chunk at a time: at most one chunk, one line's
+    head and ``keep_tail`` bytes of its end are held, however long the line. A dropped gap ends a
+    line (the output around it does not join).
+
+    ``whole_lines`` hands over the short lines in hand at once (a log of a million short lines
+    would spend more in a call per line than in matching); ``next`` reads any one line."""
+
+    def __init__(self, reader: LogReader, start: int, *, keep_tail: int) -> None:
+        self._reader, self._keep_tail = reader, keep_tail
+        self._data, self._off = b"", 0
+        self.at = start  # the offset of the next byte not yet taken (where a next page would start)
+
+    def whole_lines(self) -> tuple[int, list[bytes]]:
+        """Take the lines wholly in hand (each at most ``MAX_MATCHED_LINE`` bytes): the offset of the
+        first, and the lines without their newlines; ``[]`` when the next line is not in hand whole
+        (then ``next`` reads it)."""
+        begin, at = self._off, self.at
+        last = self._data.rfind(b"\n", begin)
+        if last < 0:
+            return at, []
+        batch = self._data[begin:last].split(b"\n")
+        if last - begin > MAX_MATCHED_LINE and max(map(len, batch)) > MAX_MATCHED_LINE:
+            batch = batch[:next(i for i, raw in enumerate(batch) if len(raw) > MAX_MATCHED_LINE)]
+            last = begin + sum(len(raw) + 1 for raw in batch) - 1
+        self._off = last + 1
+        self.at += last + 1 - begin
+        return at, batch
+
+    def next(self) -> _Line | None:
+        """The next line, read to its end or through its head (then call ``finish`` before the next);
+        None at the end of the kept output."""
+        if not self._in_hand() and not self._in_hand():  # (the first False may only be a gap)
+            return None
+        line = _Line(self.at)
+        head = bytearray()
+        while not line.ended and line.length <= MAX_MATCHED_LINE:  # (one byte more tells a longer line)
+            piece = self._take(line)
+            room = MAX_MATCHED_LINE - len(head)
+            head += piece[:room]
+            self._keep(line, piece[room:])
+        line.head = bytes(head)
+        return line
+
+    def finish(self, line: _Line) -> None:
+        """Read on to the end of ``line`` (returned by ``next``), keeping only its last bytes."""
+        while not line.ended:
+            self._keep(line, self._take(line))
+
+    def _keep(self, line: _Line, beyond_head: bytes) -> None:
+        if beyond_head and self._keep_tail:
+            line.tail = (line.tail + beyond_head)[-self._keep_tail:]
+
+    def _take(self, line: _Line) -> bytes:
+        """The bytes of ``line`` in hand, up to its newline (consumed, not returned); marks its end."""
+        if not self._in_hand():
+            line.ended = True
+            return b""
+        begin, nl = self._off, self._data.find(b"\n", self._off)
+        piece = self._data[begin:] if nl < 0 else self._data[begin:nl]
+        self._off = len(self._data) if nl < 0 else nl + 1
+        self.at += self._off - begin
+        line.length += len(piece)
+        if nl >= 0:
+            line.ended = line.newline = True
+        return piece
+
+    def _in_hand(self) -> bool:
+        """Whether unread bytes are held, reading the next chunk when not. False at the end, and once
+        at a dropped gap (then the bytes after it are held, and ``at`` is past the gap)."""
+        if self._off < len(self._data):
+            return True
+        data, real = self._reader.read_bytes(self.at, CHUNK)
+        self._data, self._off = data, 0
+        if real != self.at:
+            self.at = real
+            return False
+        return bool(data)
 
 
 def _trim_to_characters(data: bytes, start: int, *, keep_tail: bool) -> tuple[bytes, int]:
