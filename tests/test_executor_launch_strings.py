@@ -38,7 +38,7 @@ def test_a_large_env_is_checked_in_linear_time_and_reports_the_first_problem():
 
 @pytest.mark.anyio
 @pytest.mark.fault("launch_task with an environment larger in all than the kernel accepts (ARG_MAX): the task fails "
-                   "at once with the kernel's reason, Argument list too long")
+                   "at once with the kernel's reason, Argument list too long, the limit and the fix")
 async def test_an_environment_past_arg_max_fails_the_task_with_the_kernels_reason(client):
     limit = min(os.sysconf("SC_ARG_MAX"), 6 << 20)  # execve refuses more than 3/4 of 8 MiB whatever the stack limit
     env = {f"V{i}": "x" * 100 for i in range(limit // 100 + 100)}
@@ -46,4 +46,6 @@ async def test_an_environment_past_arg_max_fails_the_task_with_the_kernels_reaso
     out = await call(client, "launch_task", command="true", env=env, run_in_background=False)
     assert time.monotonic() - started < 30  # a hang guard only
     assert out["status"] == "failed"
-    assert out["reason"].startswith("could not start '/bin/sh' in ") and out["reason"].endswith(": Argument list too long")
+    assert out["reason"].startswith("could not start '/bin/sh' in ") and out["reason"].endswith(
+        f": Argument list too long: the command, its arguments and its environment together pass the kernel's limit "
+        f"for a new process (ARG_MAX, {os.sysconf('SC_ARG_MAX'):,} bytes here); pass large values through a file instead")

@@ -184,7 +184,9 @@ async def test_enoent_eacces_e2big_become_spawn_errors(workspace):
     with pytest.raises(SpawnError, match=r"^could not start '.*not-executable' in .*: Permission denied$"):
         await start_local(workspace, LaunchSpec(task_id="b", cwd=workspace, argv=[str(script)]))
     huge = {f"V{i}": "x" * 100_000 for i in range(200)}  # 20 MB of environment: past any ARG_MAX
-    with pytest.raises(SpawnError, match=r"^could not start '/bin/sh' in .*: Argument list too long$"):
+    with pytest.raises(SpawnError, match=r"^could not start '/bin/sh' in .*: Argument list too long: the command, its "
+                       r"arguments and its environment together pass the kernel's limit for a new process \(ARG_MAX, "
+                       r"[0-9,]+ bytes here\); pass large values through a file instead$"):
         await start_local(workspace, LaunchSpec(task_id="c", cwd=workspace, command="true", env=huge))
 
 

@@ -29,6 +29,7 @@ of the package is in this tree.
 from __future__ import annotations
 
 import errno
+import os
 import resource
 
 from .text import short_repr
@@ -124,6 +125,10 @@ def os_error_text(exc: OSError) -> str:
             else "the system-wide open-file limit (fs.file-max)"
         return (f"too many open files: {which} is reached; wait for some tasks to end (or cancel some), "
                 "or raise the limit before starting the server")
+    if exc.errno == errno.E2BIG:
+        return (f"{exc.strerror or 'Argument list too long'}: the command, its arguments and its environment "
+                f"together pass the kernel's limit for a new process (ARG_MAX, {os.sysconf('SC_ARG_MAX'):,} bytes "
+                "here); pass large values through a file instead")
     return exc.strerror or str(exc)
 
 
