@@ -333,6 +333,22 @@ def drive(module, rows: list[dict], seed: int) -> list[object]:
     return said
 
 
+def scheduler_rows(rng: random.Random, size: int, files: list[str], file_counts: list[int], components: list[str],
+                   most_components: int) -> list[dict]:
+    """`size` items, most pending (some in progress or completed), each waiting on up to two earlier ones,
+    with a few of `files` (how many: drawn from `file_counts`) and up to `most_components` components."""
+    rows = []
+    for number in range(1, size + 1):
+        status = rng.choice(["pending"] * 8 + ["in_progress", "completed"])
+        rows.append(dict(
+            id=number, id_str=f"{number:03d}", file=f"{number:03d}-{status}-x.md", path="", slug="x", status=status,
+            title="x", blocked_by=rng.sample(range(1, number), min(number - 1, rng.choice([0, 0, 1, 2]))),
+            files=rng.sample(files, rng.choice(file_counts)),
+            components=rng.sample(components, rng.randint(0, most_components)),
+            estimate_s=rng.choice([None, 30.0, 600.0]), priority=rng.choice(["high", "medium", "low"])))
+    return rows
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_the_scheduler_runs_queues_as_before(seed: int) -> None:
     """Many items drawing the same few components and files (twins, listed once in the new scheduler),
@@ -340,15 +356,7 @@ def test_the_scheduler_runs_queues_as_before(seed: int) -> None:
     rng = random.Random(seed)
     size = rng.choice([5, 30, 120])
     components = ["api", "db", "ui", "cli", "docs", "core"][: rng.randint(1, 6)]
-    rows = []
-    for number in range(1, size + 1):
-        status = rng.choice(["pending"] * 8 + ["in_progress", "completed"])
-        rows.append(dict(
-            id=number, id_str=f"{number:03d}", file=f"{number:03d}-{status}-x.md", path="", slug="x", status=status,
-            title="x", blocked_by=rng.sample(range(1, number), min(number - 1, rng.choice([0, 0, 1, 2]))),
-            files=rng.sample(FILE_POOL[:13], rng.choice([0, 0, 1])),
-            components=rng.sample(components, rng.randint(0, min(2, len(components)))),
-            estimate_s=rng.choice([None, 30.0, 600.0]), priority=rng.choice(["high", "medium", "low"])))
+    rows = scheduler_rows(rng, size, FILE_POOL[:13], [0, 0, 1], components, min(2, len(components)))
     assert drive(new_planner, rows, seed) == drive(legacy, rows, seed)
 
 
@@ -359,16 +367,8 @@ def test_the_scheduler_runs_queues_under_a_wide_directory_as_before(seed: int) -
     listings one after another). Seeds 242, 352 and 827 once caught a twin listed behind a counter
     already at zero, and a wake-up lost when a better twin arrived."""
     rng = random.Random(seed)
-    pool = ["src"] * 5 + [f"src/f{i}.py" for i in range(3)]
     size = rng.choice([10, 40, 100])
-    rows = []
-    for number in range(1, size + 1):
-        status = rng.choice(["pending"] * 8 + ["in_progress", "completed"])
-        rows.append(dict(
-            id=number, id_str=f"{number:03d}", file=f"{number:03d}-{status}-x.md", path="", slug="x", status=status,
-            title="x", blocked_by=rng.sample(range(1, number), min(number - 1, rng.choice([0, 0, 1, 2]))),
-            files=rng.sample(pool, rng.choice([0, 1])), components=rng.sample(["a", "b"], rng.randint(0, 1)),
-            estimate_s=rng.choice([None, 30.0, 600.0]), priority=rng.choice(["high", "medium", "low"])))
+    rows = scheduler_rows(rng, size, ["src"] * 5 + [f"src/f{i}.py" for i in range(3)], [0, 1], ["a", "b"], 1)
     rows.append(dict(id=size + 1, id_str=f"{size + 1:03d}", file=f"{size + 1:03d}-pending-y.md", path="", slug="y",
                      status="pending", title="y", files=[f"src/f{i}.py" for i in range(3, 23)]))
     assert drive(new_planner, rows, seed) == drive(legacy, rows, seed)

@@ -528,6 +528,24 @@ def test_format_seconds(seconds, text) -> None:
     assert format_seconds(seconds) == text
 
 
+def test_a_better_twin_is_checked_at_once_when_its_class_waits_behind_a_freed_counter() -> None:
+    """1 holds x; 6 (x and y: not a twin) and 2 (x) wait for it, parked; 1 ends and the freed counter
+    wakes 6, the best parked, which no slot takes yet; then 3 (x, a twin of 2 ranked above 6) becomes
+    ready. 3 must start first, as any new item would: its class waited behind a counter already at
+    zero, and listing 3 there would leave it behind 6 (a scan of every ready item starts 3)."""
+    graph = build_graph([item(1, components=("x",)), item(2, components=("x",)), item(3, deps=(5,), components=("x",)),
+                         item(5), item(6, components=("x", "y")), item(7, deps=(2,), components=("y",))])
+    assert graph.conflict_index.twin_class(6) != graph.conflict_index.twin_class(2)
+    scheduler = Scheduler(graph, rank={1: 0, 3: 1, 6: 2, 2: 3, 5: 4, 7: 5})
+    assert scheduler.start_next(1) == [1] and scheduler.start_next(1) == [5]  # 6 and 2 parked behind 1
+    scheduler.finished(1, ok=True)
+    assert scheduler.start_next(0) == []  # wakes 6 (the freed counter's best), which waits for a slot
+    scheduler.finished(5, ok=True)  # 3 is ready: a better twin of the parked 2
+    assert scheduler.start_next(1) == [3] and scheduler.start_next(1) == []
+    scheduler.finished(3, ok=True)
+    assert scheduler.start_next(2) == [6] and scheduler.ready() == [2]
+
+
 def test_scheduler_ignores_ends_of_items_that_are_not_running() -> None:
     graph = build_graph([item(1), item(2, deps=(1,))])
     scheduler = Scheduler(graph)
