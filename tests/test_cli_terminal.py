@@ -45,6 +45,7 @@ def printed(renderable: RenderableType, width: int) -> tuple[str, str]:
 
 def test_visible_writes_control_characters_as_python_escapes() -> None:
     assert visible(HOSTILE) == SHOWN
+    assert visible("invoice\u202egnp.exe \u2066x\u2069 é\u00a0—") == "invoice\\u202egnp.exe \\u2066x\\u2069 é\u00a0—"
     assert visible("\x00\x1f\x80\x9f") == "\\x00\\x1f\\x80\\x9f"
     assert visible("a\n\tb") == "a\n\tb"  # layout, not a sequence
     assert visible("Fix [/x] parser ✓ é") == "Fix [/x] parser ✓ é"

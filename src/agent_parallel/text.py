@@ -107,17 +107,19 @@ def cut(text: str, limit: int) -> str:
     return f"{text[:limit]}... [cut: {len(text) - limit:,} more characters]"
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_ESCAPES = {code: "\\r" if code == 0x0D else f"\\x{code:02x}"
-            for code in (*range(0x20), *range(0x7F, 0xA0)) if code not in (0x09, 0x0A)}
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+"""Bidirectional controls: with U+202E (RLO) ``photo<RLO>gnp.exe`` reads ``photoexe.png`` on a terminal."""
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f" + "".join(map(chr, _BIDI)) + "]")
+_ESCAPES = {code: "\\r" if code == 0x0D else f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+            for code in (*range(0x20), *range(0x7F, 0xA0), *_BIDI) if code not in (0x09, 0x0A)}
 _ESCAPES_IN_DOT = {code: "\\" + escape for code, escape in _ESCAPES.items()}  # dot reads a backslash in a label
 
 
 def visible(text: str, *, in_dot: bool = False) -> str:
-    """``text`` with its control characters (C0, DEL, C1) written as Python escapes (ESC as ``\\x1b``),
-    newline and tab excepted: titles, file names, commands and output come from a queue, a task or
-    git, and raw on a terminal ESC, BEL or CSI (``\\x9b``) hide a hyperlink, retitle the window or
-    clear the screen. The CLI prints every such text through this (rich cells through ``render.shown``)."""
+    """``text`` with its control characters (C0, DEL, C1, and the bidirectional ones) written as Python
+    escapes (ESC as ``\\x1b``, RLO as ``\\u202e``), newline and tab excepted: titles, file names, commands
+    and output come from a queue, a task or git, and raw on a terminal ESC, BEL or CSI (``\\x9b``) hide
+    a hyperlink, retitle the window or clear the screen, and RLO reverses what follows it. The CLI prints every such text through this (rich cells through ``render.shown``)."""
     if _CONTROL.search(text) is None:
         return text
     return text.translate(_ESCAPES_IN_DOT if in_dot else _ESCAPES)
