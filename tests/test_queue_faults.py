@@ -328,14 +328,14 @@ def test_a_long_base_60_number_in_the_config_is_read_at_once(workspace):
     assert (workspace / ".agent/config.yaml").stat().st_size < 1024 * 1024
     started = time.monotonic()
     config, warnings = load_config(workspace)
-    assert time.monotonic() - started < 2  # was 40-90 s
+    assert time.monotonic() - started < 15  # a hang guard (it took 40-90 s); typically 0.2 s
     assert config.level == "L3"
     assert [w.split(" (known")[0] for w in warnings] == ["unknown key notes ignored", "unknown key more ignored"]
     write_text(workspace, ".agent/config.yaml", "runner:\n  timeout: 1" + ":59" * 345_000 + "\n")
     started = time.monotonic()
     with pytest.raises(ConfigError) as caught:
         load_config(workspace)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 15  # a hang guard
     assert str(caught.value) == (".agent/config.yaml: runner.timeout is not valid: '1" + ":59" * 18 + ":... is not a "
                                  f"duration {DURATION_HELP}")
 
