@@ -171,6 +171,11 @@ async def test_absurd_item_durations_are_diagnostics(workspace, front, message):
 ])
 @pytest.mark.fault("absurd config numbers (400-digit sizes and durations, log_cap 1, wait_cap 0 or nan, NUL in runner.command): a ConfigError naming the key, never OverflowError")
 def test_absurd_config_values_are_config_errors(workspace, text, message):
+    assert_config_error(workspace, text, message)
+
+
+def assert_config_error(workspace: Path, text: str, message: str) -> None:
+    """A config file holding `text` is refused with exactly `message` (after the file's name)."""
     write_text(workspace, ".agent/config.yaml", text)
     with pytest.raises(ConfigError) as caught:
         load_config(workspace)
@@ -236,10 +241,7 @@ def test_numbers_too_long_to_print_are_named_by_their_digits() -> None:
 @pytest.mark.fault("a config number of more than 4,300 digits (0xfff... or 5,000 nines; any key): a ConfigError naming the key "
                    "and the number of digits, never Python's ValueError (Exceeds the limit ... set_int_max_str_digits)")
 def test_config_numbers_too_long_to_print_are_config_errors(workspace, text, message):
-    write_text(workspace, ".agent/config.yaml", text)
-    with pytest.raises(ConfigError) as caught:
-        load_config(workspace)
-    assert str(caught.value) == ".agent/config.yaml: " + message
+    assert_config_error(workspace, text, message)
 
 
 @pytest.mark.anyio

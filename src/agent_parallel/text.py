@@ -119,7 +119,8 @@ def visible(text: str, *, in_dot: bool = False) -> str:
     """``text`` with its control characters (C0, DEL, C1, and the bidirectional ones) written as Python
     escapes (ESC as ``\\x1b``, RLO as ``\\u202e``), newline and tab excepted: titles, file names, commands
     and output come from a queue, a task or git, and raw on a terminal ESC, BEL or CSI (``\\x9b``) hide
-    a hyperlink, retitle the window or clear the screen, and RLO reverses what follows it. The CLI prints every such text through this (rich cells through ``render.shown``)."""
+    a hyperlink, retitle the window or clear the screen, and RLO reverses what follows it. The CLI
+    prints every such text through this (rich cells through ``render.shown``)."""
     if _CONTROL.search(text) is None:
         return text
     return text.translate(_ESCAPES_IN_DOT if in_dot else _ESCAPES)

@@ -129,14 +129,13 @@ def plan_table(plan: QueuePlan, *, every_row: bool = False) -> RenderableType:
             parts.append(_more(total - len(waves.rows), "waves"))
     if plan.critical_path:
         parts.append(shown("critical path: " + " -> ".join(plan.critical_path)))
-    lines = [f"fork-join: {f.fork} -> [{', '.join(f.branches)}] -> {f.join}" for f in plan.patterns.fork_join]
-    parts += [shown(line) for line in lines[:waves_shown]]
-    if len(lines) > (waves_shown or len(lines)):
-        parts.append(_more(len(lines) - WAVES_SHOWN, "fork-joins"))
-    lines = ["pipeline: " + " -> ".join(pipeline) for pipeline in plan.patterns.pipelines]
-    parts += [shown(line) for line in lines[:waves_shown]]
-    if len(lines) > (waves_shown or len(lines)):
-        parts.append(_more(len(lines) - WAVES_SHOWN, "pipelines"))
+    for what, lines in (
+            ("fork-joins", [f"fork-join: {f.fork} -> [{', '.join(f.branches)}] -> {f.join}"
+                            for f in plan.patterns.fork_join]),
+            ("pipelines", ["pipeline: " + " -> ".join(pipeline) for pipeline in plan.patterns.pipelines])):
+        parts += [shown(line) for line in lines[:waves_shown]]
+        if waves_shown is not None and len(lines) > waves_shown:
+            parts.append(_more(len(lines) - waves_shown, what))
     if plan.conflicts:
         conflicts = Table(title="Conflicts (never run together)", title_justify="left")
         for column in ("a", "b", "shared"):

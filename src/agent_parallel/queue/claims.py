@@ -165,7 +165,6 @@ def _history_mark(runs_dir: Path) -> tuple[int, int] | None:
 def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
     """The one file holding item ``item_id``; a clear error if there is none or more than one."""
     found: list[tuple[Path, ItemName]] = []
-    folder: str | None = None
     try:
         with os.scandir(queue_dir) as listing:
             for entry in listing:
@@ -176,7 +175,6 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
                     name = parse_name(entry.name)
                     if isinstance(name, ItemName):
                         found.append((Path(entry.path), name))
-                        folder = folder or (entry.name if entry.is_dir() else None)
     except OSError as exc:
         raise QueueError(f"queue directory {queue_dir} cannot be listed ({exc.strerror}); create it, or set "
                          "queue.dir in .agent/config.yaml") from None
@@ -185,8 +183,8 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
     if len(found) > 1:
         names = ", ".join(sorted(p.name for p, _ in found))
         raise QueueError(f"item {format_id(item_id)} has several files ({names}); remove the duplicates first")
-    if folder is not None:
-        raise QueueError(f"item {format_id(item_id)}'s {folder} {IS_DIRECTORY}; it was not moved")
+    if found[0][0].is_dir():
+        raise QueueError(f"item {format_id(item_id)}'s {found[0][0].name} {IS_DIRECTORY}; it was not moved")
     return found[0]
 
 

@@ -1012,19 +1012,17 @@ class QueueReader:
         if not changed_names and len(current) == len(previous):
             self._cache[directory] = (current, last_snapshot)  # the same parses (e.g. a file touched)
             return last_snapshot
-        gone = [name for name in replaced if name not in current]
-        return self._new_snapshot(directory, current, previous, last_snapshot, changed_names, gone, replaced)
+        return self._new_snapshot(directory, current, previous, last_snapshot, changed_names, replaced)
 
     def _new_snapshot(self, directory: Path, current: dict[str, _Parsed], previous: dict[str, _Parsed],
                       last_snapshot: QueueSnapshot | None, changed_names: list[str],
-                      gone: list[str] | None = None, replaced: list[str] | None = None) -> QueueSnapshot:
-        """The snapshot of `current`. `gone` (else found by comparing the names) are the names no longer
-        there; `replaced` (else unknown), every name whose entry differs from the cached snapshot's, which
-        are then spliced into its kept order."""
+                      replaced: list[str] | None = None) -> QueueSnapshot:
+        """The snapshot of `current`. `replaced` (else unknown): every name whose entry differs from the
+        cached snapshot's (changed, new or gone), spliced into its kept order."""
         changes = None
         if last_snapshot is not None:
-            if gone is None:
-                gone = list(previous.keys() - current.keys())
+            gone = ([name for name in replaced if name not in current] if replaced is not None
+                    else list(previous.keys() - current.keys()))
             changes = {name: (_parse_of(previous.get(name)), _parse_of(current.get(name)))
                        for name in [*changed_names, *gone]}
             object.__setattr__(last_snapshot, "base", None)  # keep one step of history, not a chain
