@@ -12,6 +12,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -431,6 +432,51 @@ async def test_server_sigkill_stops_escaped_children(workspace):
                 await anyio.sleep(0.05)
     finally:
         kill_leftovers(pids)
+
+
+_KILLED_AT_START = """
+import os, signal, sys, time
+from pathlib import Path
+import anyio
+from agent_parallel.tasks import processes
+from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor
+from agent_parallel.tasks.logs import LogWriter
+
+runs, pid_file, tid = Path(sys.argv[1]), Path(sys.argv[2]), "early0000001"
+executor = LocalExecutor(guard=True)
+spawn = processes.spawn
+def spawn_then_die(start):  # the task runs and escapes; the server dies before its start is handed back
+    spawn(start)
+    deadline = time.monotonic() + 10
+    while len(pid_file.read_text().split() if pid_file.exists() else []) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+processes.spawn = spawn_then_die
+command = f"setsid sh -c 'echo $$ >> {pid_file}; exec sleep 300' & echo $$ >> {pid_file}; exec sleep 300"
+anyio.run(executor.start, LaunchSpec(task_id=tid, cwd=runs, command=command, env={"AGENT_TASK_ID": tid}),
+          LogWriter(runs, tid, 1 << 20))
+"""
+
+
+@needs_setsid
+@pytest.mark.fault("the server is SIGKILLed while starting a task, after its process runs (and escaped) but before "
+                   "the start was handed back: the watchdog stops the task and its escaped children")
+async def test_server_sigkill_during_a_start_stops_the_task(workspace):
+    pid_file = workspace / "early.pid"
+    server = subprocess.Popen([sys.executable, "-c", _KILLED_AT_START, str(runs_of(workspace)), str(pid_file)],
+                              stderr=subprocess.PIPE)
+    pids: list[int] = []
+    try:
+        _, err = await anyio.to_thread.run_sync(lambda: server.communicate(timeout=20))
+        pids = read_pids(pid_file)
+        assert server.returncode == -signal.SIGKILL and len(pids) == 2, err.decode()
+        with anyio.fail_after(10):
+            while any(alive(p) for p in pids):
+                await anyio.sleep(0.05)
+    finally:
+        server.kill()
+        server.wait()
+        kill_leftovers(pids or read_pids(pid_file))
 
 
 @needs_setsid

@@ -214,6 +214,10 @@ class LocalExecutor:
 
         def start_all() -> list[tuple[_Started | Exception, LogWriter | None]]:
             out: list[tuple[_Started | Exception, LogWriter | None]] = []
+            if self._watchdog is not None:  # listed before any runs: a kill before the groups are sent spares none
+                for spec, _ in batch:
+                    self._watchdog.watch(0, spec.task_id, flush=False)
+                self._watchdog.flush()
             for spec, open_log in batch:
                 log = None
                 try:
@@ -222,6 +226,8 @@ class LocalExecutor:
                         raise SpawnError(f"cannot start the task: {problem}")
                     out.append((self._start_sync(spec), log))
                 except Exception as exc:  # that task fails, the others start
+                    if self._watchdog is not None:
+                        self._watchdog.forget(0, spec.task_id)
                     out.append((exc, log))
             if self._watchdog is not None:
                 self._watchdog.flush()

@@ -79,6 +79,8 @@ def run_command(spec: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
     env = {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV} | spec["env"]
     env.setdefault("PYTHONUNBUFFERED", "1")
     watchdog = _guard()
+    task_id = spec["env"].get(processes.TASK_ID_VAR, "")
+    watchdog.watch(0, task_id)  # before it runs: a worker killed before the group is sent spares none
     stdin = -1
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -89,6 +91,7 @@ def run_command(spec: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
             start_new_session=True, close_fds=True))
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         os.close(rfd)
+        watchdog.forget(0, task_id)
         cause = f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
         yield ("refused", f"could not start {argv[0]!r} in {cwd} on Ray node {host} ({node_id[:12]}): {cause}")
         return
@@ -96,7 +99,6 @@ def run_command(spec: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
         os.close(wfd)
         if stdin >= 0:
             os.close(stdin)
-    task_id = spec["env"].get(processes.TASK_ID_VAR, "")
     pgid = popen.pid
     since = processes.process_start_time(pgid)
     watchdog.watch(pgid, task_id)

@@ -1,13 +1,14 @@
 """A guard process that stops a server's tasks if the server dies without cleaning up.
 
 The server starts one watchdog (``python -m agent_parallel.tasks.watchdog``) and keeps a pipe to
-its stdin, writing ``+PGID TASK_ID`` when a task's process group starts and ``-PGID TASK_ID`` when
-it is gone. The watchdog sits in its own session and ignores the usual stop signals; when its stdin
-reaches end of file (the server exited, even by SIGKILL) it stops every task still listed: TERM
-to its group and to every process carrying its ``AGENT_TASK_ID`` (those that left the group),
-a short grace, then KILL until none is left (``processes.py``), and exits. A listed group is only
-signalled while one of its members still carries the task's id, so a group id reused by
-someone else is never hit. On a clean shutdown the list is already empty.
+its stdin, writing ``+0 TASK_ID`` before a task's process starts (a server killed before it named
+the group must not leave the task unguarded), ``+PGID TASK_ID`` once its group exists and
+``-PGID TASK_ID`` when it is gone. The watchdog sits in its own session and ignores the usual stop
+signals; when its stdin reaches end of file (the server exited, even by SIGKILL) it stops every task
+still listed: TERM to its group and to every process carrying its ``AGENT_TASK_ID`` (those that left
+the group), a short grace, then KILL until none is left (``processes.py``), and exits. A listed
+group is only signalled while one of its members still carries the task's id, so a group id reused
+by someone else is never hit. On a clean shutdown the list is already empty.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Watchdog:
 
     def watch(self, pgid: int, task_id: str, *, flush: bool = True) -> None:
         """List a task's group at once (it may need stopping from now on); carries any forget queued.
-        Several started together may be listed with ``flush=False``, then sent in one write (``flush``)."""
+        Several started together may be listed with ``flush=False``, then sent in one write (``flush``).
+        ``pgid`` 0: the task is about to start (sent before its process runs); its group follows."""
         self._send(f"+{pgid} {task_id}\n", now=flush)
 
     def flush(self) -> None:
@@ -79,38 +81,38 @@ class Watchdog:
 def _guard() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    tasks: dict[int, str] = {}
+    tasks: dict[str, int] = {}  # task id -> its group (0: not known yet)
     for raw in sys.stdin.buffer:
         line = raw.strip()
         try:
             if line[:1] == b"+":
                 pgid, task_id = line[1:].split(b" ", 1)
-                tasks[int(pgid)] = task_id.decode("ascii")
-            elif line[:1] == b"-":  # only the task named: the group id may be another task's by now
+                tasks[task_id.decode("ascii")] = int(pgid)
+            elif line[:1] == b"-":  # only as listed: ``-0`` undoes a ``+0`` whose start failed
                 pgid, task_id = line[1:].split(b" ", 1)
-                if tasks.get(int(pgid)) == task_id.decode("ascii"):
-                    del tasks[int(pgid)]
+                if tasks.get(task_id.decode("ascii")) == int(pgid):
+                    del tasks[task_id.decode("ascii")]
         except ValueError:
             continue
     if tasks:
         stop_all(tasks)
 
 
-def stop_all(tasks: dict[int, str]) -> None:
+def stop_all(tasks: dict[str, int]) -> None:
     """TERM every listed task (its group, while provably still its own, and its escaped processes),
     wait ``GRACE_S``, then KILL until none is left."""
     snap = processes.scan()
-    for pgid, task_id in tasks.items():
+    for task_id, pgid in tasks.items():
         members = processes.task_members(snap, task_id)
-        if any(snap.procs[pid].pgrp == pgid for pid in members):
+        if pgid and any(snap.procs[pid].pgrp == pgid for pid in members):
             processes.signal_group(pgid, signal.SIGTERM)
         processes.signal_processes(members, signal.SIGTERM)
     time.sleep(GRACE_S)
     snap = processes.scan()
-    for pgid, task_id in tasks.items():  # KILL the group while one of its members is provably the task's
-        if any(snap.procs[pid].pgrp == pgid for pid in processes.task_members(snap, task_id)):
+    for task_id, pgid in tasks.items():  # KILL the group while one of its members is provably the task's
+        if pgid and any(snap.procs[pid].pgrp == pgid for pid in processes.task_members(snap, task_id)):
             processes.signal_group(pgid, signal.SIGKILL)
-    processes.kill_tasks_now({task_id: None for task_id in tasks.values()})
+    processes.kill_tasks_now({task_id: None for task_id in tasks})
 
 
 if __name__ == "__main__":
