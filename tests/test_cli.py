@@ -19,9 +19,10 @@ SCRIPT = Path(sys.executable).parent / "agent-parallel"
 TOP = Path(__file__).parent.parent
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path | None = None, timeout: float = 60,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd or TOP)})
+                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd or TOP), **(env or {})})
 
 
 def test_plan_json_is_the_tool_output(workspace):
@@ -97,12 +98,43 @@ def test_run_warns_once_about_a_claim_of_a_server_that_no_longer_runs(workspace)
     assert statuses(workspace) == {"001": "blocked", "002": "completed"}
 
 
-def test_demo_runs_a_copy_of_the_example_queue():
+def test_demo_runs_a_copy_of_the_example_queue_from_anywhere(tmp_path):
+    # an editable install (this suite's) copies the checkout's own .agent/, wherever the command runs
     before = sorted(p.name for p in (TOP / ".agent/queue").iterdir())
-    result = cli("demo", cwd=TOP, timeout=120)
+    result = cli("demo", cwd=tmp_path, timeout=120, env={"TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"(a copy of {TOP / '.agent'})" in result.stdout
     assert "fork-join" in result.stdout and "pipeline" in result.stdout and "makespan" in result.stdout
     assert sorted(p.name for p in (TOP / ".agent/queue").iterdir()) == before  # the example itself is untouched
+    [copy] = tmp_path.glob("agent-parallel-demo-*")
+    assert sorted(p.name.split("-", 2)[1] for p in (copy / ".agent/queue").iterdir()) == ["completed"] * len(before)
+
+
+def test_demo_finds_the_example_where_the_wheel_puts_it(tmp_path):
+    # a wheel install, laid out by pyproject's force-include (no build backend needed to check it)
+    import shutil
+    import tomllib
+
+    site = tmp_path / "site"
+    shutil.copytree(TOP / "src/agent_parallel", site / "agent_parallel", ignore=shutil.ignore_patterns("__pycache__"))
+    included = tomllib.loads((TOP / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
+        "force-include"]
+    for source, target in included.items():
+        (shutil.copytree if (TOP / source).is_dir() else shutil.copy)(TOP / source, site / target)
+    found = subprocess.run([sys.executable, "-c", "from agent_parallel.cli.main import example_agent_dir as f; print(f())"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path, env={"PYTHONPATH": str(site)})
+    assert found.stdout == f"{site / 'agent_parallel/example'}\n", found.stderr
+    assert sorted(p.name for p in (site / "agent_parallel/example/queue").iterdir()) == sorted(
+        p.name for p in (TOP / ".agent/queue").iterdir()) and (site / "agent_parallel/example/config.yaml").is_file()
+
+
+def test_demo_root_without_a_queue_is_refused_before_anything_is_made(tmp_path):
+    result = cli("demo", "--root", str(tmp_path), cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"agent-parallel: error: no queue at {tmp_path / '.agent/queue'}; pass --root with "
+                                     "a workspace that has .agent/queue/, or leave --root out to run the example "
+                                     "installed with agent-parallel")
+    assert list(tmp_path.iterdir()) == []  # no demo workspace made
 
 
 def test_run_folds_plain_completions_of_a_big_run_and_report_lists_every_item(workspace):

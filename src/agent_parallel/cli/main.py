@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="copy the example queue to a temporary workspace, plan it and run it")
-    demo.add_argument("--root", type=Path, default=Path("."), help="where the example .agent/ is (default: here)")
+    demo.add_argument("--root", type=Path, default=None,
+                      help="copy this workspace's .agent/ instead (default: the example installed with agent-parallel)")
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("report", help="show a finished run's report (or its Gantt chart)")
@@ -262,21 +263,47 @@ def _warning(text: str) -> Text:
     return Text.assemble(("warning:", "yellow"), " ", shown(text))
 
 
+EXAMPLE_IN_PACKAGE = "example"
+"""Where a wheel carries the repository's example ``.agent/`` (its queue/ and config.yaml) inside the
+package: pyproject.toml's ``force-include`` puts it there, so the demo works wherever it was installed."""
+
+
+def example_agent_dir() -> Path | None:
+    """The example ``.agent/`` the demo copies: the one a wheel installed inside the package, or, for an
+    editable install (``pip install -e .``, which runs the package from ``src/``), the checkout's own."""
+    from ..paths import AGENT_DIR
+
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / EXAMPLE_IN_PACKAGE, package.parent.parent / AGENT_DIR):
+        if (candidate / "queue").is_dir():
+            return candidate
+    return None
+
+
 def _demo(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
     from ..paths import AGENT_DIR, CONFIG_FILE, QUEUE_DIR
 
-    source = args.root.resolve()
-    if not (source / QUEUE_DIR).is_dir():
-        raise AgentParallelError(f"no example queue at {source / QUEUE_DIR}; run the demo from the agent-parallel "
-                                 "repository, or pass --root with a workspace that has .agent/queue/")
+    if args.root is not None:
+        source = args.root.resolve() / AGENT_DIR
+        if not (source / "queue").is_dir():
+            raise AgentParallelError(f"no queue at {source / 'queue'}; pass --root with a workspace that has "
+                                     f"{QUEUE_DIR}/, or leave --root out to run the example installed with "
+                                     "agent-parallel")
+    else:
+        found = example_agent_dir()
+        if found is None:
+            raise AgentParallelError("the example queue is not installed with this copy of agent-parallel (a wheel "
+                                     f"carries it as agent_parallel/{EXAMPLE_IN_PACKAGE}/); pass --root with a "
+                                     f"workspace that has {QUEUE_DIR}/")
+        source = found
     workspace = Path(tempfile.mkdtemp(prefix="agent-parallel-demo-"))
-    shutil.copytree(source / QUEUE_DIR, workspace / QUEUE_DIR)
-    if (source / CONFIG_FILE).is_file():
-        shutil.copy(source / CONFIG_FILE, workspace / CONFIG_FILE)
-    print(visible(f"demo workspace: {workspace} (a copy of {source / AGENT_DIR})\n"))
+    shutil.copytree(source / "queue", workspace / QUEUE_DIR)
+    if (source / "config.yaml").is_file():
+        shutil.copy(source / "config.yaml", workspace / CONFIG_FILE)
+    print(visible(f"demo workspace: {workspace} (a copy of {source})\n"))
     _plan(argparse.Namespace(root=workspace, queue_dir=None, max_parallel=None, format="table", every_row=False))
     code = _run(argparse.Namespace(root=workspace, level=None, max_parallel=None, continue_on_error=None, items=None,
                                    executor=None, ray_address=None))
