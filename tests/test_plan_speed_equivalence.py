@@ -334,9 +334,10 @@ def drive(module, rows: list[dict], seed: int) -> list[object]:
 
 
 def scheduler_rows(rng: random.Random, size: int, files: list[str], file_counts: list[int], components: list[str],
-                   most_components: int) -> list[dict]:
+                   most_components: int, fewest_components: int = 0) -> list[dict]:
     """`size` items, most pending (some in progress or completed), each waiting on up to two earlier ones,
-    with a few of `files` (how many: drawn from `file_counts`) and up to `most_components` components."""
+    with a few of `files` (how many: drawn from `file_counts`) and `fewest_components` to `most_components`
+    components."""
     rows = []
     for number in range(1, size + 1):
         status = rng.choice(["pending"] * 8 + ["in_progress", "completed"])
@@ -344,13 +345,30 @@ def scheduler_rows(rng: random.Random, size: int, files: list[str], file_counts:
             id=number, id_str=f"{number:03d}", file=f"{number:03d}-{status}-x.md", path="", slug="x", status=status,
             title="x", blocked_by=rng.sample(range(1, number), min(number - 1, rng.choice([0, 0, 1, 2]))),
             files=rng.sample(files, rng.choice(file_counts)),
-            components=rng.sample(components, rng.randint(0, most_components)),
+            components=rng.sample(components, rng.randint(fewest_components, most_components)),
             estimate_s=rng.choice([None, 30.0, 600.0]), priority=rng.choice(["high", "medium", "low"])))
     return rows
 
 
+@pytest.fixture(params=["chosen", "parked", "bits"])
+def ready_kept(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a scheduler test three ways: its ready items kept as the scheduler chooses (`_bit_counters`),
+    always parked, and as bits whenever the counters are few enough (`ConflictIndex.counter_bits`)."""
+    if request.param == "parked":
+        monkeypatch.setattr(new_planner, "_bit_counters", lambda index: None)
+    elif request.param == "bits":
+        monkeypatch.setattr(new_planner, "_bit_counters", lambda index: index.counter_bits)
+    return request.param
+
+
+def uses_bits(rows: list[dict]) -> bool:
+    """Whether the new scheduler keeps these items' ready items as bits."""
+    graph = new_planner.build_graph([new_items.WorkItem(**row) for row in rows], [])
+    return new_planner.Scheduler(graph)._bits is not None
+
+
 @pytest.mark.parametrize("seed", range(30))
-def test_the_scheduler_runs_queues_as_before(seed: int) -> None:
+def test_the_scheduler_runs_queues_as_before(seed: int, ready_kept: str) -> None:
     """Many items drawing the same few components and files (twins, listed once in the new scheduler),
     with dependencies: every start, skip and readiness answer is the one the legacy scheduler gave."""
     rng = random.Random(seed)
@@ -361,7 +379,7 @@ def test_the_scheduler_runs_queues_as_before(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [*range(20), 242, 352, 827])
-def test_the_scheduler_runs_queues_under_a_wide_directory_as_before(seed: int) -> None:
+def test_the_scheduler_runs_queues_under_a_wide_directory_as_before(seed: int, ready_kept: str) -> None:
     """Items holding ``src``, which overlaps 20 files held by another item (so it is checked through a
     ``held`` counter that starting a twin does not raise, and a freed counter wakes its parked
     listings one after another). Seeds 242, 352 and 827 once caught a twin listed behind a counter
@@ -372,3 +390,44 @@ def test_the_scheduler_runs_queues_under_a_wide_directory_as_before(seed: int) -
     rows.append(dict(id=size + 1, id_str=f"{size + 1:03d}", file=f"{size + 1:03d}-pending-y.md", path="", slug="y",
                      status="pending", title="y", files=[f"src/f{i}.py" for i in range(3, 23)]))
     assert drive(new_planner, rows, seed) == drive(legacy, rows, seed)
+
+
+def dense_rows(rng: random.Random, size: int, pool: int) -> list[dict]:
+    """Items drawing 2 to all of `pool` components (nearly each its own key set), a few with a file too."""
+    components = [f"c{i}" for i in range(pool)]
+    return scheduler_rows(rng, size, FILE_POOL[:13], [0, 0, 0, 1], components, pool, fewest_components=2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_scheduler_runs_queues_with_dense_distinct_conflicts_as_before(seed: int, ready_kept: str) -> None:
+    """Many of a few components per item: the shape the bits are for (thousands of key sets woke millions
+    of parked listings), chosen by the scheduler itself from 60 items on."""
+    rng = random.Random(seed)
+    size = rng.choice([12, 60, 150])
+    rows = dense_rows(rng, size, rng.randint(4, 20))
+    if ready_kept == "chosen" and size >= 60:
+        assert uses_bits(rows)
+    assert drive(new_planner, rows, seed) == drive(legacy, rows, seed)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_scheduler_runs_queues_with_too_many_counters_for_bits_as_before(seed: int, ready_kept: str) -> None:
+    """Past `FEW_COUNTERS` (65 to 90 components, 3 to 12 per item) the ready items stay parked, even when
+    bits are asked for."""
+    rng = random.Random(seed)
+    size = rng.choice([80, 150])
+    rows = scheduler_rows(rng, size, [], [0], [f"c{i}" for i in range(rng.randint(65, 90))], 12, fewest_components=3)
+    assert not uses_bits(rows)
+    assert drive(new_planner, rows, seed) == drive(legacy, rows, seed)
+
+
+def test_plans_with_dense_distinct_conflicts_as_before() -> None:
+    """`make_plan` (waves from `simulate`, `run_now`) over queues of many components per item, some past
+    `FEW_COUNTERS`: the same plans as the legacy planner."""
+    rng = random.Random(11)
+    for _ in range(12):
+        rows = dense_rows(rng, rng.randint(40, 120), rng.choice([5, 12, 20, 70]))
+        max_parallel, running = rng.randint(1, 6), rng.randint(0, 2)
+        new = make_plan([new_items.WorkItem(**row) for row in rows], [], max_parallel, running=running)
+        old = legacy.make_plan([legacy.WorkItem(**row) for row in rows], [], max_parallel, running=running)
+        assert as_before(dump(new)) == old.model_dump()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from agent_parallel.queue.conflicts import ConflictIndex, entry_overlaps, files_overlap, find_conflicts, overlap_groups
+from agent_parallel.queue.conflicts import FEW_COUNTERS, ConflictIndex, entry_overlaps, files_overlap, find_conflicts, overlap_groups
 from agent_parallel.errors import PathOutsideWorkspace, QueueError, UsageError
 from agent_parallel.cli.render import format_seconds, plan_table, to_dot
+from agent_parallel.queue import planner
 from agent_parallel.queue.plan import plan_workspace
 from agent_parallel.queue.planner import (DEFAULT_ESTIMATE_S, Scheduler, build_graph, make_plan, simulate,
                                     strongly_connected_components)
@@ -388,6 +389,27 @@ def test_mermaid_draws_large_queues_in_part() -> None:
 # --- the Scheduler the run engine drives -------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["parked", "bits"])
+def ready_kept(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A Scheduler test runs with the ready items parked, and kept as bits (`planner._bit_counters`)."""
+    choice = (lambda index: None) if request.param == "parked" else (lambda index: index.counter_bits)
+    monkeypatch.setattr(planner, "_bit_counters", choice)
+    return request.param
+
+
+def test_the_scheduler_keeps_ready_items_as_bits_with_few_counters_and_many_key_sets() -> None:
+    def kept_as_bits(components: list[tuple[str, ...]]) -> bool:
+        graph = build_graph([item(number, components=held) for number, held in enumerate(components, start=1)])
+        return Scheduler(graph)._bits is not None
+
+    pairs = [(f"c{a}", f"c{b}") for a in range(4) for b in range(a + 1, 4)]
+    assert kept_as_bits(pairs * 2)  # 6 key sets, 4 counters
+    assert not kept_as_bits([(f"c{a}",) for a in range(4)] * 3)  # 4 key sets, 4 counters: parking wakes few
+    past = FEW_COUNTERS + 1
+    assert not kept_as_bits([(f"c{a}", f"c{(a + 1) % past}", f"c{(a + 7) % past}") for a in range(past)])
+
+
+@pytest.mark.usefixtures("ready_kept")
 def test_scheduler_starts_the_best_ready_items_and_follows_completions() -> None:
     graph = build_graph([item(1, estimate=600), item(2, deps=(1,)), item(3), item(4, deps=(2,)),
                          item(5, files=("shared",)), item(6, files=("shared",), priority="high")])
@@ -405,6 +427,7 @@ def test_scheduler_starts_the_best_ready_items_and_follows_completions() -> None
     assert (scheduler.done, scheduler.failed) == ({3, 5, 6}, {1})
 
 
+@pytest.mark.usefixtures("ready_kept")
 def test_scheduler_can_run_part_of_the_queue() -> None:
     graph = build_graph([item(1), item(2, deps=(1,)), item(3), item(4, deps=(3,))])
     scheduler = Scheduler(graph, only=[2])
@@ -415,6 +438,7 @@ def test_scheduler_can_run_part_of_the_queue() -> None:
     assert scheduler.idle
 
 
+@pytest.mark.usefixtures("ready_kept")
 def test_scheduler_waits_for_items_already_in_progress() -> None:
     graph = build_graph([item(1, "in_progress", files=("x",)), item(2, deps=(1,)), item(3, files=("x",))])
     scheduler = Scheduler(graph)
@@ -528,6 +552,7 @@ def test_format_seconds(seconds, text) -> None:
     assert format_seconds(seconds) == text
 
 
+@pytest.mark.usefixtures("ready_kept")
 def test_a_better_twin_is_checked_at_once_when_its_class_waits_behind_a_freed_counter() -> None:
     """1 holds x; 6 (x and y: not a twin) and 2 (x) wait for it, parked; 1 ends and the freed counter
     wakes 6, the best parked, which no slot takes yet; then 3 (x, a twin of 2 ranked above 6) becomes
@@ -546,6 +571,7 @@ def test_a_better_twin_is_checked_at_once_when_its_class_waits_behind_a_freed_co
     assert scheduler.start_next(2) == [6] and scheduler.ready() == [2]
 
 
+@pytest.mark.usefixtures("ready_kept")
 def test_scheduler_ignores_ends_of_items_that_are_not_running() -> None:
     graph = build_graph([item(1), item(2, deps=(1,))])
     scheduler = Scheduler(graph)

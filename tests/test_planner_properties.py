@@ -10,9 +10,11 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from itertools import combinations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_parallel.queue import planner
 from agent_parallel.queue.conflicts import ConflictIndex
 from agent_parallel.queue.planner import ItemIndex, build_graph, make_plan, simulate, upstream_items
 from agent_parallel.queue.items import PRIORITIES, WorkItem, format_id
@@ -174,6 +176,44 @@ def test_predicted_makespan_is_never_below_the_lower_bound(queue) -> None:
     graph = build_graph(items)
     critical = sum(graph.estimate_ms[int(label)] for label in plan.critical_path) / 1000
     assert plan.lower_bound >= critical
+
+
+@st.composite
+def dense_queues(draw: st.DrawFn) -> tuple[list[WorkItem], int]:
+    """Items drawing many of a few components (nearly each its own key set), some in progress."""
+    pool = [f"c{number}" for number in range(draw(st.integers(2, 8)))]
+    size = draw(st.integers(1, 24))
+    items = []
+    for number in range(1, size + 1):
+        status = draw(st.sampled_from(["pending"] * 5 + ["in_progress", "completed"]))
+        deps = draw(st.lists(st.integers(1, number - 1), max_size=2, unique=True)) if number > 1 else []
+        items.append(WorkItem(
+            id=number, id_str=format_id(number), file=f"{number:03d}-{status}-x.md", path="", slug="x",
+            status=status, title="x", blocked_by=deps,
+            components=draw(st.lists(st.sampled_from(pool), min_size=1, unique=True)),
+            estimate_s=draw(st.sampled_from([None, 0, 30, 60, 600])), priority=draw(st.sampled_from(PRIORITIES))))
+    return items, draw(st.integers(1, 5))
+
+
+@SETTINGS
+@given(dense_queues())
+def test_ready_items_kept_as_bits_or_parked_give_one_schedule(queue) -> None:
+    """The scheduler's two ways of keeping ready items (`planner._bit_counters`) start the same items
+    at the same times, and no two that share a component run together."""
+    items, max_parallel = queue
+    schedules = []
+    for choice in (lambda index: None, lambda index: index.counter_bits):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(planner, "_bit_counters", choice)
+            schedules.append(simulate(build_graph(items), max_parallel))
+    parked, bits = schedules
+    assert (bits.waves, bits.wave_start_ms, bits.end_ms) == (parked.waves, parked.wave_start_ms, parked.end_ms)
+    by_id = {item.id: item for item in items}
+    for a, b in combinations(bits.start_ms, 2):
+        if by_id[a].status == by_id[b].status == "in_progress" or not overlap_oracle(by_id[a], by_id[b]):
+            continue
+        apart = bits.end_ms[a] <= bits.start_ms[b] or bits.end_ms[b] <= bits.start_ms[a]
+        assert apart or bits.start_ms[a] == bits.end_ms[a] or bits.start_ms[b] == bits.end_ms[b]
 
 
 @SETTINGS

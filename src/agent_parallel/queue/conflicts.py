@@ -25,6 +25,7 @@ import bisect
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from fnmatch import fnmatchcase
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -140,6 +141,8 @@ what is left when it runs out is taken to overlap every file, so a plan never ta
 _COMPARE_COST = 20
 _MAX_COMPARE_STATES = 250_000
 """Two patterns whose lengths multiply past this are not compared token by token (see `_too_long`)."""
+FEW_COUNTERS = 64
+"""At most this many counters (in all `ConflictIndex.checks` together) are numbered for bitsets (`counter_bits`)."""
 
 
 def _ends(glob: str) -> tuple[str, str, bool]:
@@ -514,6 +517,27 @@ class ConflictIndex:
             classes = self._twin_classes
             found = self._twin[item_id] = classes.setdefault(own[0] if len(own) == 1 else frozenset(own), len(classes))
         return found
+
+    @cached_property
+    def counter_bits(self) -> dict[Mark, int] | None:
+        """Each counter some item's `checks` name -> a bit number of its own, or None past
+        `FEW_COUNTERS` of them: a scheduler may then keep its ready items as bitsets, one per counter
+        (see `planner._ReadyBits`)."""
+        if len(self._contested) > FEW_COUNTERS:  # each contested key is a counter: ("near", key)
+            return None
+        found: dict[Mark, int] = {}
+        for item_id in self.keys:
+            for mark in self.checks(item_id):
+                found.setdefault(mark, len(found))
+            if len(found) > FEW_COUNTERS:
+                return None
+        return found
+
+    def twin_classes(self) -> int:
+        """How many twin classes the items holding keys make (see `twin_class`)."""
+        for item_id in self.keys:
+            self.twin_class(item_id)
+        return len(self._twin_classes)
 
     def reach(self, item_id: int) -> Iterator[Key]:
         """Every key a running `item_id` makes unavailable: its own and those overlapping them."""
