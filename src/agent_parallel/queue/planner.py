@@ -1214,11 +1214,17 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
             found = near[key] = (mask, weight)
         return found
 
+    serials: dict[int, int] = {}
+
     def serial(item_id: int) -> int:
-        mask = upward[item_id] | graph.reach[item_id]
-        for key in index.keys.get(item_id, ()):  # by key, not by pair: items sharing one key share its mask
-            mask |= near_key(key)[0]
-        return mask & ~(1 << position[item_id])
+        """The items serial with `item_id` (kept: the seeds' cliques share many members)."""
+        found = serials.get(item_id)
+        if found is None:
+            mask = upward[item_id] | graph.reach[item_id]
+            for key in index.keys.get(item_id, ()):  # by key, not by pair: items sharing one key share its mask
+                mask |= near_key(key)[0]
+            found = serials[item_id] = mask & ~(1 << position[item_id])
+        return found
 
     # Seeds first: the items with the heaviest conflicts, their own estimate plus their neighbours'
     # (when there are many pairs, weighed by key instead: an estimate, it only orders the seeds).
