@@ -187,3 +187,32 @@ def test_a_worktree_git_cannot_read_is_kept_and_does_not_stop_the_listing(repo: 
     with pytest.raises(WorktreeError, match="was not removed: not safe: git could not read it"):
         remove(repo, config(), found)
     assert damaged.path.is_dir()
+
+
+@pytest.mark.fault("the item's process rewrites the record of what prepare copied into its worktree (in the "
+                   "worktree's git directory) to name ../.., an absolute path or a path through a link it made: "
+                   "cleanup deleted that directory outside the workspace; now it removes only its worktree")
+@pytest.mark.parametrize("planted", ["relative", "absolute", "through-a-link"])
+def test_cleanup_never_deletes_what_a_forged_copy_record_names_outside(repo: Path, tmp_path: Path,
+                                                                        planted: str) -> None:
+    import json
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me\n")
+    lease = prepare(repo, config(), "001", "first")
+    release(repo, lease)
+    if planted == "through-a-link":  # .env is ignored: git does not see the link, the worktree stays clean
+        (lease.path / ".env").symlink_to(outside)
+        names = [".env/precious"]
+    else:
+        names = [str(outside) if planted == "absolute" else f"../../../../{outside.name}"]
+        assert (lease.path / names[0]).resolve() == outside
+    record = Path(git(lease.path, "rev-parse", "--absolute-git-dir")) / "agent-parallel.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "copied": names, "linked": [*names, 7]}))
+    found = state(repo, "001-first")
+    assert (found.state, found.safe) == ("clean", True)
+    assert remove(repo, config(), found) == f"removed {lease.path} and branch agent/001-first"
+    assert not lease.path.exists()
+    assert sorted(p.name for p in outside.iterdir()) == ["precious"]
+    assert (outside / "precious").read_text() == "keep me\n"

@@ -224,3 +224,61 @@ def test_two_servers_integrating_take_turns_through_the_lock(repo: Path) -> None
     assert sorted(r.phase for r in results) == ["integrated"] * 3
     assert all((repo / f"file{n}.txt").exists() for n in range(1, 4))
     assert git(repo, "status", "--porcelain") == ""
+
+
+@pytest.mark.fault("the agent leaves a conflict unresolved in its worktree (a stash pop, merge or rebase stopped "
+                   "half-way): the conflict markers were committed and integrated into the target as the item's "
+                   "work; now the integration fails naming the files and how to resolve or undo, nothing committed")
+@pytest.mark.parametrize("left", ["stash pop", "merge", "rebase"])
+def test_unresolved_conflicts_in_the_worktree_are_never_integrated(repo: Path, left: str) -> None:
+    from agent_parallel.errors import WorktreeError
+
+    lease = prepare(repo, config(), "001", "first")
+    agent(lease, {"stash pop": "echo mine > a.txt && git stash -q && echo theirs > a.txt && git commit -qam other "
+                               "&& (git stash pop -q || true)",
+                  "merge": "git checkout -qb side && echo side > a.txt && git commit -qam side && git checkout -q - "
+                           "&& echo mine > a.txt && git commit -qam mine && (git merge -q side || true)",
+                  "rebase": "git checkout -qb side && echo side > a.txt && git commit -qam side && git checkout -q - "
+                            "&& echo mine > a.txt && git commit -qam mine && (git rebase -q side || true)"}[left])
+    before = (head(repo), git(lease.path, "rev-parse", "HEAD"), git(lease.path, "status", "--porcelain"))
+    assert "UU a.txt" in before[2]
+    with pytest.raises(WorktreeError) as raised:
+        integrate(repo, config(), lease, "First")
+    assert str(raised.value) == (
+        f"worktree {lease.path} has unresolved conflicts in a.txt (a merge, rebase, cherry-pick or stash pop left "
+        f"half-way): nothing was committed nor integrated; resolve them there (edit the files, then git -C "
+        f"{lease.path} add them) or undo the operation (git -C {lease.path} status names it), then retry the item")
+    assert (head(repo), git(lease.path, "rev-parse", "HEAD"), git(lease.path, "status", "--porcelain")) == before
+    assert git(repo, "show", "main:a.txt") == LINES.rstrip("\n")
+    assert "<<<<<<<" in (lease.path / "a.txt").read_text()  # the conflict is left for a person to resolve
+
+
+@pytest.mark.fault("the agent leaves a rebase stopped (an `edit` step) in its worktree: its leftovers were committed "
+                   "onto the rebase's detached HEAD and the error said to check the branch out again (which drops "
+                   "those commits); now the rebase is named with how to finish or undo it, nothing committed")
+def test_a_rebase_the_agent_left_stopped_is_named_before_anything_is_committed(repo: Path) -> None:
+    from agent_parallel.errors import WorktreeError
+
+    lease = prepare(repo, config(), "001", "first")
+    agent(lease, "echo one > c.txt && git add c.txt && git commit -qm one && echo two > d.txt && git add d.txt "
+                 "&& git commit -qm two && GIT_SEQUENCE_EDITOR='sed -i 1s/^pick/edit/' git rebase -qi HEAD~2 "
+                 "&& echo left > e.txt")
+    before = (head(repo), git(lease.path, "rev-parse", "HEAD"), git(lease.path, "status", "--porcelain"))
+    with pytest.raises(WorktreeError, match=r"^a rebase is in progress in worktree .*: nothing was committed nor "
+                                            r"integrated; finish it \(git -C .* rebase --continue\) or undo it"):
+        integrate(repo, config(), lease, "First")
+    assert (head(repo), git(lease.path, "rev-parse", "HEAD"), git(lease.path, "status", "--porcelain")) == before
+
+
+@pytest.mark.fault("a cloned repository ships tags named like the target (main) and an item's branch, at its first "
+                   "commit: the conflict forecast compared the tags and predicted no conflict; branches now win")
+def test_tags_named_like_the_branches_do_not_hide_a_predicted_conflict(repo: Path) -> None:
+    lease = prepare(repo, config(), "001", "a")
+    agent(lease, "sed -i 's/line 2/A/' a.txt && git commit -qam a")
+    git(repo, "tag", "main", "HEAD")
+    git(repo, "tag", lease.branch, "HEAD")
+    (repo / "a.txt").write_text(LINES.replace("line 2", "B"))
+    git(repo, "commit", "-qam", "b")
+    before = git(repo, "for-each-ref"), git(repo, "status", "--porcelain")
+    assert predict_conflicts(repo, "main", [lease.branch]) == {lease.branch: ["a.txt"]}
+    assert (git(repo, "for-each-ref"), git(repo, "status", "--porcelain")) == before

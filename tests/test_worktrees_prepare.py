@@ -247,3 +247,22 @@ def test_a_worktree_left_detached_by_a_crash_during_verify_goes_back_to_its_bran
     again = prepare(repo, config(), "001", "first")
     assert git(again.path, "symbolic-ref", "HEAD") == "refs/heads/agent/001-first"
     assert head(again.path, "HEAD") == tip
+
+
+@pytest.mark.fault("the repository has a branch named `agent` (so no agent/<id>-<slug> branch can exist): git's "
+                   "`cannot lock ref` was the whole error; now it names the branch in the way and how to rename it, "
+                   "nothing changed")
+def test_a_branch_named_agent_is_named_with_how_to_rename_it(repo: Path) -> None:
+    git(repo, "branch", "agent")
+    before = tracked_snapshot(repo)
+    with pytest.raises(WorktreeError) as caught:
+        prepare(repo, config(), "001", "first")
+    assert str(caught.value) == (f"the repository has a branch named 'agent', so git cannot make the item's branch "
+                                 f"agent/001-first (a branch name cannot also be a folder of branches); rename it "
+                                 f"(git -C {repo} branch -m agent agent-work), then retry the item; nothing was "
+                                 "changed")
+    assert git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/") == "refs/heads/agent\nrefs/heads/main"
+    assert git(repo, "worktree", "list", "--porcelain") == before[2]
+    assert not (repo / ".agent/worktrees/001-first").exists()
+    git(repo, "branch", "-m", "agent", "agent-work")  # the fix the error gives works
+    assert prepare(repo, config(), "001", "first").branch == "agent/001-first"

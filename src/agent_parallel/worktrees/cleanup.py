@@ -13,7 +13,7 @@ from __future__ import annotations
 import filecmp
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..config import Config
@@ -81,7 +81,9 @@ def remove(root: Path, config: Config, state: WorktreeState) -> str:
     else:
         meta = read_meta(fresh.path)
         for rel in [*meta.get("copied", []), *meta.get("linked", [])]:  # unchanged copies (checked): ours
-            _remove_path(fresh.path / rel)
+            own = _own_path(fresh.path, rel)
+            if own is not None:
+                _remove_path(own)
         done = run_git(info.root, "worktree", "remove", str(fresh.path), ok=(0, 128))
         if done.returncode != 0:
             raise WorktreeError(f"git worktree remove {fresh.path} refused: "
@@ -96,6 +98,21 @@ def _fresh(root: Path, config: Config, state: WorktreeState) -> WorktreeState:
         if now.path.resolve() == state.path.resolve():
             return now
     raise WorktreeError(f"{state.path} is no longer a worktree of this repository; nothing to remove")
+
+
+def _own_path(worktree: Path, rel: object) -> Path | None:
+    """``worktree / rel`` when that names something inside the worktree reached through no symbolic
+    link; else None. The record naming what prepare copied there is in the worktree's git directory,
+    where the item's process can write: a ``..`` or an absolute path in it, or a directory the agent
+    replaced by a link, must never make cleanup delete something outside the worktree."""
+    if not isinstance(rel, str) or "\0" in rel:
+        return None
+    parts = PurePosixPath(rel).parts
+    if not parts or parts[0] == "/" or ".." in parts:
+        return None
+    top = worktree.resolve()
+    path = top.joinpath(*parts)
+    return path if Path(os.path.realpath(path.parent)) == path.parent else None
 
 
 def _remove_path(path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import BinaryIO, Literal
 from ..config import Config
 from ..errors import ShellTimedOut, UsageError, WorktreeError
 from ._git import ShellStop, git_message, git_out, identity_env, nul_list, run_git, run_shell
-from .prepare import Lease, read_meta, registered_worktrees
+from .prepare import Lease, _rebasing, read_meta, registered_worktrees
 from .repo import RepoInfo, check_repository, file_lock
 
 LOCK_FILE = "agent-parallel-integration.lock"
@@ -79,6 +79,17 @@ def integrate(root: Path, config: Config, lease: Lease, title: str, author: str 
 def commit_leftovers(worktree: Path, title: str, author: str | None) -> str | None:
     """Commit everything the agent left in ``worktree`` (tracked changes and new files, not what prepare
     copied or linked there, never ignored files); the new commit, or None when nothing was left."""
+    unmerged = sorted(set(nul_list(run_git(worktree, "diff", "--name-only", "--diff-filter=U", "-z").stdout)))
+    if unmerged:  # `git add -A` would take the conflict markers as the work, and integrate them
+        names = ", ".join(unmerged[:5]) + (f" and {len(unmerged) - 5} more" if len(unmerged) > 5 else "")
+        raise WorktreeError(f"worktree {worktree} has unresolved conflicts in {names} (a merge, rebase, cherry-pick "
+                            "or stash pop left half-way): nothing was committed nor integrated; resolve them there "
+                            f"(edit the files, then git -C {worktree} add them) or undo the operation (git -C "
+                            f"{worktree} status names it), then retry the item")
+    if _rebasing(worktree):  # a commit now would land on the rebase's detached HEAD, not on the branch
+        raise WorktreeError(f"a rebase is in progress in worktree {worktree} (its work is kept; git -C {worktree} "
+                            f"status shows it): nothing was committed nor integrated; finish it (git -C {worktree} "
+                            f"rebase --continue) or undo it (git -C {worktree} rebase --abort), then retry the item")
     meta = read_meta(worktree)
     ours = [*meta.get("copied", []), *meta.get("linked", [])]
     run_git(worktree, "add", "-A", "--", ":/", env={"GIT_LITERAL_PATHSPECS": "0"}, step="git add -A")
@@ -314,12 +325,19 @@ def predict_conflicts(root: Path, target: str, branches: list[str]) -> dict[str,
     none), by ``git merge-tree --write-tree``: no working tree or ref is touched."""
     root = root.resolve()
     result: dict[str, list[str]] = {}
-    for name in [target, *branches]:
-        if run_git(root, "rev-parse", "-q", "--verify", f"{name}^{{commit}}", ok=(0, 1)).returncode != 0:
+    refs: dict[str, str] = {}
+    for name in [target, *branches]:  # a branch by its full ref: a tag of the same name (cloned) never shadows it
+        full = f"refs/heads/{name}"
+        if run_git(root, "rev-parse", "-q", "--verify", f"{full}^{{commit}}", ok=(0, 1)).returncode == 0:
+            refs[name] = full
+        elif name.startswith("-") or run_git(root, "rev-parse", "-q", "--verify", f"{name}^{{commit}}",
+                                             ok=(0, 1)).returncode != 0:
             raise UsageError(f"no branch or commit named {name!r} in {root}; `agent-parallel worktrees` lists the "
                              "items' branches")
+        else:
+            refs[name] = name
     for branch in branches:
-        done = run_git(root, "merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", target, branch,
-                       ok=(0, 1), step=f"git merge-tree {target} {branch}")
+        done = run_git(root, "merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", refs[target],
+                       refs[branch], ok=(0, 1), step=f"git merge-tree {target} {branch}")
         result[branch] = sorted(set(nul_list(done.stdout)[1:])) if done.returncode == 1 else []
     return result

@@ -190,6 +190,12 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
     if has_branch:  # the branch survived its worktree (deleted by hand, a crash): keep its commits
         run_git(info.root, "worktree", "add", str(path), branch, step=f"git worktree add {path} {branch}")
     else:
+        folder = BRANCH_PREFIX.rstrip("/")  # a branch named `agent` leaves git no room for agent/<name>
+        if run_git(info.root, "rev-parse", "-q", "--verify", f"refs/heads/{folder}", ok=(0, 1)).returncode == 0:
+            raise WorktreeError(f"the repository has a branch named {folder!r}, so git cannot make the item's branch "
+                                f"{branch} (a branch name cannot also be a folder of branches); rename it (git -C "
+                                f"{info.root} branch -m {folder} {folder}-work), then retry the item; nothing was "
+                                "changed")
         run_git(info.root, "worktree", "add", "--no-track", "-b", branch, str(path), info.target_commit,
                 step=f"git worktree add -b {branch} {path}")
     return has_branch
