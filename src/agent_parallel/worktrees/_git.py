@@ -53,6 +53,11 @@ def run_git(cwd: Path, *args: str, stdin: bytes | None = None, env: dict[str, st
     return done
 
 
+def rev_exists(cwd: Path, rev: str) -> bool:
+    """Whether ``rev`` names an object (``git rev-parse -q --verify``: a missing one is no error)."""
+    return run_git(cwd, "rev-parse", "-q", "--verify", rev, ok=(0, 1)).returncode == 0
+
+
 def git_out(cwd: Path, *args: str, step: str | None = None) -> str:
     """The first line of ``git ARGS``'s output (a commit id, a ref name)."""
     return run_git(cwd, *args, step=step).stdout.decode(errors="replace").strip()

@@ -22,8 +22,8 @@ from typing import BinaryIO, Literal
 
 from ..config import Config
 from ..errors import ShellTimedOut, UsageError, WorktreeError
-from ._git import ShellStop, git_message, git_out, identity_env, nul_list, run_git, run_shell
-from .prepare import Lease, _rebasing, read_meta, registered_worktrees
+from ._git import ShellStop, git_message, git_out, identity_env, nul_list, rev_exists, run_git, run_shell
+from .prepare import Lease, rebasing, read_meta, registered_worktrees
 from .repo import RepoInfo, check_repository, file_lock
 
 LOCK_FILE = "agent-parallel-integration.lock"
@@ -86,7 +86,7 @@ def commit_leftovers(worktree: Path, title: str, author: str | None) -> str | No
                             "or stash pop left half-way): nothing was committed nor integrated; resolve them there "
                             f"(edit the files, then git -C {worktree} add them) or undo the operation (git -C "
                             f"{worktree} status names it), then retry the item")
-    if _rebasing(worktree):  # a commit now would land on the rebase's detached HEAD, not on the branch
+    if rebasing(worktree):  # a commit now would land on the rebase's detached HEAD, not on the branch
         raise WorktreeError(f"a rebase is in progress in worktree {worktree} (its work is kept; git -C {worktree} "
                             f"status shows it): nothing was committed nor integrated; finish it (git -C {worktree} "
                             f"rebase --continue) or undo it (git -C {worktree} rebase --abort), then retry the item")
@@ -328,10 +328,9 @@ def predict_conflicts(root: Path, target: str, branches: list[str]) -> dict[str,
     refs: dict[str, str] = {}
     for name in [target, *branches]:  # a branch by its full ref: a tag of the same name (cloned) never shadows it
         full = f"refs/heads/{name}"
-        if run_git(root, "rev-parse", "-q", "--verify", f"{full}^{{commit}}", ok=(0, 1)).returncode == 0:
+        if rev_exists(root, f"{full}^{{commit}}"):
             refs[name] = full
-        elif name.startswith("-") or run_git(root, "rev-parse", "-q", "--verify", f"{name}^{{commit}}",
-                                             ok=(0, 1)).returncode != 0:
+        elif name.startswith("-") or not rev_exists(root, f"{name}^{{commit}}"):
             raise UsageError(f"no branch or commit named {name!r} in {root}; `agent-parallel worktrees` lists the "
                              "items' branches")
         else:

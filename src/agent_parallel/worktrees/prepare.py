@@ -17,7 +17,7 @@ from ..config import Config
 from ..errors import SetupFailed, ShellTimedOut, WorktreeError
 from ..paths import read_regular
 from . import leases
-from ._git import ShellStop, git_message, git_out, nul_list, run_git, run_shell
+from ._git import ShellStop, git_message, git_out, nul_list, rev_exists, run_git, run_shell
 from .repo import BRANCH_PREFIX, RepoInfo, check_repository, file_lock, worktree_name, worktrees_dir
 
 WORKTREES_LOCK = "agent-parallel-worktrees.lock"
@@ -168,7 +168,7 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
         run_git(info.root, "worktree", "prune", step="git worktree prune")
         entry = None
     if entry is not None:
-        if entry.branch is None and _rebasing(path):  # a crash mid-integration, or the agent's own rebase
+        if entry.branch is None and rebasing(path):  # a crash mid-integration, or the agent's own rebase
             raise WorktreeError(f"a rebase is in progress in worktree {path} (its work is kept; git -C {path} status "
                                 f"shows it): finish it (git -C {path} rebase --continue) or undo it (git -C {path} "
                                 "rebase --abort, which puts the branch back as it was), then retry the item")
@@ -186,12 +186,12 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
         else:
             raise WorktreeError(f"{path} exists but is not a git worktree of this repository; move it away "
                                 "(nothing was changed), then retry the item")
-    has_branch = run_git(info.root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", ok=(0, 1)).returncode == 0
+    has_branch = rev_exists(info.root, f"refs/heads/{branch}")
     if has_branch:  # the branch survived its worktree (deleted by hand, a crash): keep its commits
         run_git(info.root, "worktree", "add", str(path), branch, step=f"git worktree add {path} {branch}")
     else:
         folder = BRANCH_PREFIX.rstrip("/")  # a branch named `agent` leaves git no room for agent/<name>
-        if run_git(info.root, "rev-parse", "-q", "--verify", f"refs/heads/{folder}", ok=(0, 1)).returncode == 0:
+        if rev_exists(info.root, f"refs/heads/{folder}"):
             raise WorktreeError(f"the repository has a branch named {folder!r}, so git cannot make the item's branch "
                                 f"{branch} (a branch name cannot also be a folder of branches); rename it (git -C "
                                 f"{info.root} branch -m {folder} {folder}-work), then retry the item; nothing was "
@@ -201,7 +201,7 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
     return has_branch
 
 
-def _rebasing(path: Path) -> bool:
+def rebasing(path: Path) -> bool:
     """Whether a rebase stopped half-way in the worktree."""
     gitdir = Path(git_out(path, "rev-parse", "--absolute-git-dir"))
     return (gitdir / "rebase-merge").exists() or (gitdir / "rebase-apply").exists()
