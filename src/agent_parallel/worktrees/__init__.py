@@ -3,8 +3,8 @@ integration into the target (`integrate`), conflict forecasts (`predict_conflict
 never loses work (`list_worktrees`, `is_safe_to_remove`, `remove`); `ShellStop` lets a run kill the
 setup or verify command a worker thread is running.
 
-Everything here is synchronous and drives the ``git`` command (2.38 or later): callers in an event
-loop run it in a worker thread. Errors: `ConfigError` for a workspace that cannot host worktrees
+Everything here is synchronous and drives the ``git`` command (2.38 or later), without the user's
+hooks and each step under a timeout (see ``_git``): callers in an event loop run it in a worker thread. Errors: `ConfigError` for a workspace that cannot host worktrees
 (naming the setting), `UsageError` for a bad item id or slug, `SetupFailed` for `worktree.setup`,
 `WorktreeError` when git refuses a step. An integration that conflicts or fails its verify is a
 result (`Integration`), not an error.

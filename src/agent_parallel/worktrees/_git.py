@@ -4,6 +4,13 @@ every failure into a `WorktreeError` naming the step.
 git runs with a clean, predictable environment: no ``GIT_DIR``/``GIT_WORK_TREE``/``GIT_INDEX_FILE``
 inherited (a server started from a git hook would otherwise act on the wrong repository), the C
 locale (messages we parse), no editor and no terminal prompt (nothing ever waits for a person).
+
+Our git steps are bookkeeping done on the agent's behalf, so they run no hooks (``core.hooksPath``
+is ``/dev/null``, ``core.fsmonitor`` off): a user's post-checkout, reference-transaction or
+post-merge hook that hangs or fails must not hang or fail an item. The user's own checks belong in
+`worktree.setup` and `integration.verify`, which have timeouts; the agent's own git commands, in its
+worktree, still run every hook. What can still stall git (a clean/smudge filter such as git-lfs, a
+file system that does not answer) is bounded by `GIT_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ TAIL_BYTES = 4000
 
 _DROPPED = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY",
             "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_PREFIX", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES")
+NO_HOOKS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+"""Options every git command of ours gets (see the module docstring)."""
+GIT_TIMEOUT_S = 600.0
+"""How long one git step may run before it is killed with everything it started (``GIT_TIMEOUT_VAR``
+overrides it): far longer than any step takes without hooks, short of forever."""
+GIT_TIMEOUT_VAR = "AGENT_PARALLEL_GIT_TIMEOUT"
 FALLBACK_IDENTITY = ("agent-parallel", "agent-parallel@localhost")
 """Who commits when git has no user configured (a fresh CI machine): commits must not fail for it."""
 
@@ -36,21 +49,69 @@ def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def git_timeout() -> float:
+    """`GIT_TIMEOUT_S`, or the seconds in ``$AGENT_PARALLEL_GIT_TIMEOUT`` (ignored unless a positive number)."""
+    try:
+        value = float(os.environ.get(GIT_TIMEOUT_VAR, ""))
+    except ValueError:
+        return GIT_TIMEOUT_S
+    return value if 0 < value < float("inf") else GIT_TIMEOUT_S
+
+
 def run_git(cwd: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
             ok: Sequence[int] = (0,), step: str | None = None) -> subprocess.CompletedProcess[bytes]:
-    """``git ARGS`` in ``cwd``; a `WorktreeError` naming ``step`` (default: the command) when the exit
-    code is not in ``ok``. git missing from PATH is a `WorktreeError` too."""
+    """``git ARGS`` in ``cwd``, without hooks; a `WorktreeError` naming ``step`` (default: the command)
+    when the exit code is not in ``ok``. git missing from PATH is a `WorktreeError` too.
+
+    git runs in its own session: past `git_timeout` its whole process group is killed and a
+    `WorktreeError` raised, naming the step and what to look for. A run's `ShellStop` does not kill
+    a git step: killed half-way, git leaves lock files and half-written checkouts behind, and a step
+    without hooks is short (a server stopped by a signal exits at once anyway; its git child, in its
+    own session, finishes the step alone).
+    """
+    what = step or "git " + " ".join(args[:3])
+    limit = git_timeout()
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, env=git_env(env),
-                              stdin=None if stdin is not None else subprocess.DEVNULL)
+        proc = processes.spawn(lambda: subprocess.Popen(
+            ["git", *NO_HOOKS, *args], cwd=cwd, env=git_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL, start_new_session=True))
     except FileNotFoundError as exc:
         if not cwd.is_dir():  # removed meanwhile (another item's worktree being cleaned up), not git missing
-            raise WorktreeError(f"{step or 'git ' + ' '.join(args[:3])} failed: {cwd} does not exist") from exc
+            raise WorktreeError(f"{what} failed: {cwd} does not exist") from exc
         raise WorktreeError("git is not installed (or not on PATH); install git, or set runner.isolation: none") \
             from exc
+    try:
+        out, err = proc.communicate(stdin, timeout=limit)
+    except subprocess.TimeoutExpired:
+        processes.signal_group(proc.pid, signal.SIGKILL)
+        _reap(proc)
+        raise WorktreeError(f"{what} did not finish within {limit:g}s in {cwd}, so it was killed with everything it "
+                            "started (agent-parallel runs git without hooks: look for a clean/smudge filter such as "
+                            "git-lfs in .gitattributes, or a file system that does not answer); if git then names a "
+                            "lock file it left (such as index.lock), remove it once no git runs there; for a "
+                            f"repository that needs longer, set {GIT_TIMEOUT_VAR} (seconds), then retry the item") \
+            from None
+    except BaseException:  # interrupted: nothing is orphaned
+        processes.signal_group(proc.pid, signal.SIGKILL)
+        _reap(proc)
+        raise
+    finally:
+        processes.forget_child(proc.pid)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if done.returncode not in ok:
-        raise WorktreeError(f"{step or 'git ' + ' '.join(args[:3])} failed in {cwd}: {git_message(done)}")
+        raise WorktreeError(f"{what} failed in {cwd}: {git_message(done)}")
     return done
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a killed git; a process it started that left its group may hold the pipes: not read."""
+    try:
+        proc.communicate(timeout=processes.KILL_WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def rev_exists(cwd: Path, rev: str) -> bool:

@@ -7,10 +7,15 @@ moves the target with a compare-and-swap (``git update-ref REF NEW OLD``): a com
 meanwhile makes the swap fail, and the bring-up starts again from the new target.
 
 Where the target is checked out (the user's working tree, usually), that checkout moves with it the
-way ``git merge --ff-only`` would move it: files the user changed are never overwritten (the ref is
-left alone and the result names them), other local changes do not matter, and the queue's own
-renames under the queue directory never block (their index entries move, the files stay as the
+way ``git merge --ff-only`` would move it, and before the ref (so a server killed in between leaves
+the item's changes staged, never shown reversed): files the user changed are never overwritten (the
+ref is left alone and the result names them), other local changes do not matter, and the queue's
+own renames under the queue directory never block (their index entries move, the files stay as the
 queue has them).
+
+A git repository the agent made inside its worktree (``git init``, ``git clone``) would be committed
+as a gitlink, a bare commit id, instead of its files: such a worktree, or a branch adding a gitlink
+where the target has no submodule, is refused with the directory named, nothing committed or moved.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def integrate(root: Path, config: Config, lease: Lease, title: str, author: str 
         raise UsageError(f"the lease's target {lease.target!r} is not the configured target {info.target!r}; "
                          "prepare the item again")
     commit_leftovers(lease.path, title, author or config.integration_author)
+    _refuse_new_gitlinks(info, lease)
     with file_lock(info.common_dir / LOCK_FILE, "integration", lock_timeout_s):
         result = _integrate_locked(info, config, lease, title, author or config.integration_author, log, stop)
     return Integration(**{**result.__dict__, "seconds": time.monotonic() - started})
@@ -92,6 +98,15 @@ def commit_leftovers(worktree: Path, title: str, author: str | None) -> str | No
                             f"rebase --continue) or undo it (git -C {worktree} rebase --abort), then retry the item")
     meta = read_meta(worktree)
     ours = [*meta.get("copied", []), *meta.get("linked", [])]
+    nested = [p for p in _nested_repositories(worktree) if not any(p == o or p.startswith(o + "/") for o in ours)]
+    if nested:  # `git add -A` would record each as a gitlink (a commit id of that repository), not its files
+        first = worktree / nested[0]
+        raise WorktreeError(f"worktree {worktree} holds a git repository of its own in {_few(nested)} (a git init or "
+                            "git clone made there): git would commit it as a gitlink, a bare pointer to one of its "
+                            "commits, not as its files, so nothing was committed nor integrated (the work is kept "
+                            f"there); to make its files part of the item, delete its own history (rm -rf {first}/.git"
+                            "), or to leave it out, move it out of the worktree or add it to .gitignore; then retry "
+                            "the item")
     run_git(worktree, "add", "-A", "--", ":/", env={"GIT_LITERAL_PATHSPECS": "0"}, step="git add -A")
     if ours:  # what prepare copied or linked is the workspace's, not the agent's work: unstaged again
         run_git(worktree, "reset", "-q", "--", *[f":(top,literal){p}" for p in ours],
@@ -102,6 +117,45 @@ def commit_leftovers(worktree: Path, title: str, author: str | None) -> str | No
     run_git(worktree, "commit", "-q", "--no-verify", "-m", title or "agent-parallel: work left uncommitted",
             env=env, step="git commit (the agent's uncommitted work)")
     return git_out(worktree, "rev-parse", "HEAD")
+
+
+def _nested_repositories(worktree: Path) -> list[str]:
+    """Untracked, not ignored directories of ``worktree`` that hold a git repository of their own (``git
+    ls-files --others`` names each with a trailing ``/`` instead of listing its files); without the ``/``."""
+    out = run_git(worktree, "ls-files", "--others", "--exclude-standard", "-z", step="git ls-files --others").stdout
+    return sorted(p.rstrip("/") for p in nul_list(out) if p.endswith("/"))
+
+
+def _refuse_new_gitlinks(info: RepoInfo, lease: Lease) -> None:
+    """Refuse a branch whose commits add a gitlink (mode 160000: a commit of another repository, such as
+    the agent's own ``git add`` of a repository it cloned) where the target has no submodule: integrated,
+    the target would get a pointer to a commit it cannot reach instead of the files."""
+    wt = lease.path
+    base = run_git(wt, "merge-base", info.target_ref, "HEAD", ok=(0, 1)).stdout.decode().strip()
+    if not base:
+        return  # no common history: the bring-up reports it
+    out = run_git(wt, "diff", "--raw", "-z", "--no-renames", "--no-abbrev", "--ignore-submodules=none", base, "HEAD",
+                  step="git diff --raw").stdout.split(b"\0")
+    added = [path.decode(errors="surrogateescape") for meta, path in zip(out[0::2], out[1::2], strict=False)
+             if meta.split()[1:2] == [b"160000"] and meta.split()[:1] != [b":160000"]]
+    if not added:
+        return
+    known = run_git(wt, "ls-tree", "-z", "--full-tree", info.target_ref, "--", *[f":(top,literal){p}" for p in added],
+                    env={"GIT_LITERAL_PATHSPECS": "0"}).stdout
+    submodules = {entry.split("\t", 1)[1] for entry in nul_list(known) if entry.startswith("160000 ")}
+    added = [p for p in added if p not in submodules]
+    if added:
+        first = added[0]
+        raise WorktreeError(f"{lease.branch} adds {_few(added)} as a gitlink (a bare pointer to a commit of another "
+                            f"repository, mode 160000), not as files, and {info.target} has no submodule there: "
+                            f"nothing was integrated, and the work is kept in {wt}; to integrate its files, "
+                            f"replace the gitlink by them there (git -C {wt} rm -q --cached {first}, rm -rf "
+                            f"{wt / first}/.git, git -C {wt} add {first}, git -C {wt} commit), or add the submodule "
+                            f"to {info.target} first; then retry the item")
+
+
+def _few(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
 def _integrate_locked(info: RepoInfo, config: Config, lease: Lease, title: str, author: str | None,
@@ -224,8 +278,15 @@ def _verify(command: str, lease: Lease, combined: str, detach: bool, log: Binary
 
 def _advance(info: RepoInfo, config: Config, old: str, new: str) -> bool | list[str]:
     """Move the target from ``old`` to ``new`` and its checkout (if any) with it. True when done;
-    False when the target is no longer at ``old`` (nothing changed); the blocking files when the
-    checkout has local changes in the way (nothing changed)."""
+    False when the target is no longer at ``old``; the blocking files when the checkout has local
+    changes in the way (nothing changed).
+
+    The checkout moves first and the ref after, as ``git merge --ff-only`` does: a server killed in
+    between leaves the item's changes staged in the user's checkout with the target unmoved (a retry
+    integrates them; their ``git commit`` would too), never the target moved under a checkout that
+    still shows the old files, which ``git status`` then shows as the item's changes reversed."""
+    if _target_now(info) != old:  # someone committed while the verify ran: bring the branch up again
+        return False
     checkouts = [w.path for w in registered_worktrees(info.root)
                  if w.branch == info.target_ref and not w.prunable]
     queue_dir = _queue_prefix(info, config)
@@ -233,19 +294,35 @@ def _advance(info: RepoInfo, config: Config, old: str, new: str) -> bool | list[
         blockers = _blockers(checkout, old, new, queue_dir)
         if blockers:
             return blockers
-    swap = run_git(info.root, "update-ref", "-m", "agent-parallel: integrate", info.target_ref, new, old, ok=(0, 1, 128))
-    if swap.returncode != 0:
-        current = run_git(info.root, "rev-parse", "-q", "--verify", info.target_ref, ok=(0, 1)).stdout.decode().strip()
-        if current != old:
-            return False
-        raise WorktreeError(f"git update-ref {info.target_ref} failed: {git_message(swap)}")
+    moved: list[Path] = []
     for checkout in checkouts:
         try:
             _move_checkout(checkout, old, new, queue_dir)
-        except WorktreeError as exc:  # a file changed since the check: put the ref back, report it
-            run_git(info.root, "update-ref", "-m", "agent-parallel: undo", info.target_ref, old, new, ok=(0, 1, 128))
+        except WorktreeError as exc:  # a file changed since the check: put back those moved, report it
+            _move_back(moved, old, new)
+            if _target_now(info) != old:
+                return False
             return _blockers(checkout, old, new, queue_dir) or [f"(git: {exc})"]
+        moved.append(checkout)
+    swap = run_git(info.root, "update-ref", "-m", "agent-parallel: integrate", info.target_ref, new, old, ok=(0, 1, 128))
+    if swap.returncode != 0:
+        if _target_now(info) != old:  # someone committed this very moment: the checkouts keep the item's
+            return False              # changes staged (a commit there took them), the next bring-up goes on
+        staged = _move_back(moved, old, new)
+        raise WorktreeError(f"git update-ref {info.target_ref} failed: {git_message(swap)}" + "".join(
+            f"; the checkout {c} keeps the item's changes staged (its branch has them too)" for c in staged))
     return True
+
+
+def _target_now(info: RepoInfo) -> str:
+    return run_git(info.root, "rev-parse", "-q", "--verify", info.target_ref, ok=(0, 1)).stdout.decode().strip()
+
+
+def _move_back(checkouts: list[Path], old: str, new: str) -> list[Path]:
+    """Undo `_move_checkout` where the target did not move after all, with git's own checks; those git
+    will not put back (a file changed meanwhile, a queue file kept) keep the item's changes staged,
+    which loses nothing. Returns those."""
+    return [c for c in checkouts if run_git(c, "read-tree", "-m", "-u", new, old, ok=range(0, 256)).returncode != 0]
 
 
 def _queue_prefix(info: RepoInfo, config: Config) -> str:
@@ -272,7 +349,8 @@ def _dirty(checkout: Path, paths: list[str]) -> set[str]:
 
 def _blockers(checkout: Path, old: str, new: str, queue_dir: str) -> list[str]:
     """Files the move from ``old`` to ``new`` would overwrite in ``checkout``: changed between the two
-    and changed (or untracked) locally, outside the queue directory."""
+    and changed (or untracked) locally, outside the queue directory, unless index and file already hold
+    ``new``'s version (what a move killed before the ref moved left staged: moving loses nothing)."""
     changed = _changed(checkout, old, new)
     if not changed:
         return []
@@ -281,7 +359,15 @@ def _blockers(checkout: Path, old: str, new: str, queue_dir: str) -> list[str]:
     for path in dirty:  # an untracked directory is listed with a trailing / (rare with untracked=all)
         if path in touched or any(c.startswith(path.rstrip("/") + "/") for c in touched if path.endswith("/")):
             touched.add(path)
-    return sorted(p for p in dirty & touched if not p.startswith(queue_dir))
+    found = sorted(p for p in dirty & touched if not p.startswith(queue_dir))
+    if not found:
+        return []
+    spec = ["--", *[f":(top,literal){p}" for p in found]]
+    differ = set()
+    for cached in (["--cached"], []):  # the index, then the files, against new
+        differ |= set(nul_list(run_git(checkout, "diff", *cached, "--name-only", "--no-renames", "-z", new, *spec,
+                                       env={"GIT_LITERAL_PATHSPECS": "0"}).stdout))
+    return [p for p in found if p in differ or p.endswith("/")]
 
 
 def _move_checkout(checkout: Path, old: str, new: str, queue_dir: str) -> None:

@@ -188,7 +188,7 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
                                 "(nothing was changed), then retry the item")
     has_branch = rev_exists(info.root, f"refs/heads/{branch}")
     if has_branch:  # the branch survived its worktree (deleted by hand, a crash): keep its commits
-        run_git(info.root, "worktree", "add", str(path), branch, step=f"git worktree add {path} {branch}")
+        _add_worktree(info, path, str(path), branch, step=f"git worktree add {path} {branch}")
     else:
         folder = BRANCH_PREFIX.rstrip("/")  # a branch named `agent` leaves git no room for agent/<name>
         if rev_exists(info.root, f"refs/heads/{folder}"):
@@ -196,9 +196,23 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
                                 f"{branch} (a branch name cannot also be a folder of branches); rename it (git -C "
                                 f"{info.root} branch -m {folder} {folder}-work), then retry the item; nothing was "
                                 "changed")
-        run_git(info.root, "worktree", "add", "--no-track", "-b", branch, str(path), info.target_commit,
-                step=f"git worktree add -b {branch} {path}")
+        _add_worktree(info, path, "--no-track", "-b", branch, str(path), info.target_commit,
+                      step=f"git worktree add -b {branch} {path}")
     return has_branch
+
+
+def _add_worktree(info: RepoInfo, path: Path, *args: str, step: str) -> None:
+    """``git worktree add ARGS``; when it fails or is killed half-way (past its timeout), what it made of
+    ``path`` goes and git forgets it: a retry would otherwise reuse a half checkout as the item's work.
+    ``path`` did not exist before (checked under the lock), so nothing else is there; the branch stays."""
+    try:
+        run_git(info.root, "worktree", "add", *args, step=step)
+    except WorktreeError:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        run_git(info.root, "worktree", "unlock", str(path), ok=range(0, 256))  # git's own lock while it adds
+        run_git(info.root, "worktree", "prune", ok=range(0, 256))
+        raise
 
 
 def rebasing(path: Path) -> bool:
