@@ -61,3 +61,24 @@ async def test_every_published_output_schema_is_simplified_and_still_valid(tmp_p
         jsonschema.Draft202012Validator.check_schema(tool.output_schema)
         text = json.dumps(tool.output_schema)
         assert '{"type": "string"}, {"type": "null"}' not in text, tool.name
+
+
+async def test_servers_built_in_one_process_share_schemas_and_keep_their_own_workspace(tmp_path):
+    """Tools are made once per process (server/tools.py `tool`) and copied into each server: the schemas
+    are the same, and each copy still acts on its own server's workspace."""
+    from queue_helpers import write_item
+
+    answers = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        root.mkdir()
+        write_item(root, 1 if name == "one" else 2, f"item-of-{name}")
+        async with Client(build_server(root, ServerSettings(min_free_memory=0))) as client:
+            listed = {tool.name: (tool.input_schema, tool.output_schema) for tool in (await client.list_tools()).tools}
+            plan = (await client.call_tool("queue_plan", {})).structured_content
+            launched = (await client.call_tool("launch_task", {"command": "pwd", "run_in_background": False}))
+            answers.append((listed, [item["file"] for item in plan["items"]], launched.structured_content["output"]))
+    (first, plan_one, pwd_one), (second, plan_two, pwd_two) = answers
+    assert first == second and len(first) == 7
+    assert plan_one == ["001-pending-item-of-one.md"] and plan_two == ["002-pending-item-of-two.md"]
+    assert pwd_one.strip() == str(tmp_path / "one") and pwd_two.strip() == str(tmp_path / "two")

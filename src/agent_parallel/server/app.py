@@ -36,10 +36,9 @@ from ..text import cut, first_few
 from ..tasks.registry import TaskRegistry, open_registry
 from .auth import StaticTokenVerifier
 from .resources import TaskUpdates, register_task_resources
-from .schemas import simplify_output_schemas
 from .settings import ServerSettings, Workspace
 from .tasks_extension import TasksExtension
-from .tools import register_queue_tools, register_task_tools
+from .tools import queue_tools, register_queue_resource, task_tools
 
 log = logging.getLogger(__name__)
 
@@ -267,11 +266,10 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
 
     server = AgentParallelServer("agent-parallel", title="agent-parallel", version=__version__,
                                  instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING",
-                                 extensions=[TasksExtension()], subscriptions=updates, **auth)
-    register_task_tools(server)
+                                 extensions=[TasksExtension()], subscriptions=updates,
+                                 tools=[*task_tools(), *queue_tools(root, queue_reader)], **auth)
     register_task_resources(server)
-    register_queue_tools(server, root, queue_reader)
-    simplify_output_schemas(server)
+    register_queue_resource(server, root, queue_reader)
 
     @server.prompt(name="parallel-execution", title="Parallel execution")
     def parallel_execution() -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from mcp.server.mcpserver import MCPServer
-
 _NULL = {"type": "null"}
 
 
@@ -34,9 +32,3 @@ def simplify(node: Any) -> None:
         for value in node:
             simplify(value)
 
-
-def simplify_output_schemas(server: MCPServer) -> None:
-    """``simplify`` the ``outputSchema`` of every tool registered on ``server``."""
-    for tool in server._tool_manager.list_tools():  # the SDK keeps the schema on each tool's metadata
-        if tool.output_schema is not None:
-            simplify(tool.fn_metadata.output_schema)

@@ -6,14 +6,17 @@ queue). Each checks its arguments, calls the registry or the queue and answers w
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Literal, ParamSpec, TypeVar
+from types import CodeType
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools import Tool
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
@@ -22,6 +25,7 @@ from ..errors import AgentParallelError, UsageError
 from ..paths import resolve_inside
 from ..queue.claims import find_item, move_item, parse_item_id, release_stale_claims
 from .output_filter import OutputFilter
+from .schemas import simplify
 from ..queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page
 from ..queue.planner import QueuePlanPage
 from ..queue.items import QueueReader
@@ -53,6 +57,33 @@ def shared_page_bytes(asked: int, tasks: int) -> int:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MADE: dict[CodeType, Tool] = {}
+"""Each tool as ``Tool.from_function`` made it, by the code of its function (see ``tool``)."""
+
+
+def tool(into: list[Tool], **options: Any) -> Callable[[F], F]:
+    """``MCPServer.tool`` for a server not made yet: the tool goes in ``into`` (the server's ``tools=``).
+
+    ``Tool.from_function`` (the arguments' model, the input and output JSON schemas) costs some 50 ms of
+    CPU per tool, for every server built: half a second per server, which a test suite starting
+    thousands of servers paid again and again. It runs once per tool per process here; every server
+    gets a copy bound to its own function, which has the same code, hence the same schemas. The output
+    schema is ``simplify``-ed once, when made."""
+
+    def register(fn: F) -> F:
+        code = inspect.unwrap(fn).__code__
+        made = _MADE.get(code)
+        if made is None:
+            made = Tool.from_function(fn, **options)
+            if made.output_schema is not None:  # (the SDK keeps it on the tool's metadata)
+                simplify(made.fn_metadata.output_schema)
+            _MADE[code] = made
+        into.append(made.model_copy(update={"fn": fn}))
+        return fn
+
+    return register
 
 
 def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -68,8 +99,11 @@ def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
-def register_task_tools(server: MCPServer) -> None:
-    @server.tool(title="Launch a background task",
+def task_tools() -> list[Tool]:
+    """launch_task, task_output, cancel_task and list_tasks, for a new server."""
+    tools: list[Tool] = []
+
+    @tool(tools, title="Launch a background task",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                              open_world_hint=True))
     @_tool_errors
@@ -140,7 +174,7 @@ def register_task_tools(server: MCPServer) -> None:
                                         timeout_s=timeout_s, after=after, answer_at_once=True)
         return await _launch_answer(ws, task, run_in_background)
 
-    @server.tool(title="Read task output / wait for tasks",
+    @tool(tools, title="Read task output / wait for tasks",
                  annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def task_output(
@@ -208,7 +242,7 @@ def register_task_tools(server: MCPServer) -> None:
         return TaskOutputResult(retrieval_status=status, tasks=views, group_id=group_id,
                                 status=group_status([t.record for t in tasks]) if group_id else None)
 
-    @server.tool(title="Cancel tasks",
+    @tool(tools, title="Cancel tasks",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                              open_world_hint=False))
     @_tool_errors
@@ -239,7 +273,7 @@ def register_task_tools(server: MCPServer) -> None:
                  for t, s in zip(tasks, stopped, strict=True)]
         return CancelResult(tasks=[TaskView.of(t.record, short=len(tasks) > 1) for t in tasks], message="; ".join(parts))
 
-    @server.tool(title="List tasks",
+    @tool(tools, title="List tasks",
                  annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def list_tasks(
@@ -272,6 +306,8 @@ def register_task_tools(server: MCPServer) -> None:
             return [TaskSummary.of(t.record, last_line=ws.registry.last_line(t), usage=usage_of(t)) for t in page]
 
         return TaskList(total=total, tasks=await anyio.to_thread.run_sync(rows))
+
+    return tools
 
 
 def _check_commands(commands: list[str]) -> None:
@@ -322,8 +358,11 @@ async def _launch_item(ws: Workspace, item: str) -> Task:
     return task
 
 
-def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> None:
-    @server.tool(title="Plan the work queue",
+def queue_tools(root: Path, reader: QueueReader) -> list[Tool]:
+    """queue_plan, run_queue and update_item for a new server of the workspace ``root``."""
+    tools: list[Tool] = []
+
+    @tool(tools, title="Plan the work queue",
                  annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def queue_plan(
@@ -352,13 +391,7 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
         return await anyio.to_thread.run_sync(
             lambda: plan_page(root, queue_dir, max_parallel, reader, offset=offset, limit=limit))
 
-    @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
-    async def queue_plan_resource() -> str:
-        """The current plan of the workspace's queue (what queue_plan returns with its defaults: the first page of items)."""
-        # our errors (e.g. no queue directory) reach the client as the SDK's resource error: see AgentParallelServer
-        return (await anyio.to_thread.run_sync(lambda: plan_page(root, None, None, reader))).model_dump_json()
-
-    @server.tool(title="Run the work queue",
+    @tool(tools, title="Run the work queue",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                              open_world_hint=True))
     @_tool_errors
@@ -399,7 +432,7 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
                      f"follow it with task_output(task_id=\"{task.record.task_id}\")") if planned else
                     f"nothing to run: no pending item is ready or waiting (run {task.record.task_id} ends at once)")
 
-    @server.tool(title="Update a queue item's status",
+    @tool(tools, title="Update a queue item's status",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                                              open_world_hint=False))
     @_tool_errors
@@ -431,6 +464,16 @@ def register_queue_tools(server: MCPServer, root: Path, reader: QueueReader) -> 
                              warnings=[f"item {item} ({file}): {message}" for item, file, message in released])
 
         return await anyio.to_thread.run_sync(move)
+
+    return tools
+
+
+def register_queue_resource(server: MCPServer, root: Path, reader: QueueReader) -> None:
+    @server.resource("queue://plan", mime_type="application/json", title="Queue plan")
+    async def queue_plan_resource() -> str:
+        """The current plan of the workspace's queue (what queue_plan returns with its defaults: the first page of items)."""
+        # our errors (e.g. no queue directory) reach the client as the SDK's resource error: see AgentParallelServer
+        return (await anyio.to_thread.run_sync(lambda: plan_page(root, None, None, reader))).model_dump_json()
 
 
 def _check_timeout(value: float | None, name: str) -> float | None:
