@@ -446,7 +446,9 @@ runs, pid_file, tid = Path(sys.argv[1]), Path(sys.argv[2]), "early0000001"
 executor = LocalExecutor(guard=True)
 spawn = processes.spawn
 def spawn_then_die(start):  # the task runs and escapes; the server dies before its start is handed back
-    spawn(start)
+    started = spawn(start)
+    if "agent_parallel.tasks.watchdog" in started.args:  # the guard, started with the first task
+        return started
     deadline = time.monotonic() + 10
     while len(pid_file.read_text().split() if pid_file.exists() else []) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -477,6 +479,74 @@ async def test_server_sigkill_during_a_start_stops_the_task(workspace):
         server.kill()
         server.wait()
         kill_leftovers(pids or read_pids(pid_file))
+
+
+def _watchdogs_of(server_pid: int) -> int:
+    try:
+        _watchdog_of(server_pid)
+    except AssertionError:
+        return 0
+    return 1
+
+
+def test_the_watchdog_starts_with_the_first_task(workspace):
+    """A server that runs nothing starts no guard process (some 50 ms of CPU each); the first task starts it."""
+    with RawServer(workspace) as server:
+        server.call_tool("list_tasks", {})
+        assert _watchdogs_of(server.process.pid) == 0
+        tid = server.call_tool("launch_task", {"command": "true"})["task_id"]
+        assert server.call_tool("task_output", {"task_id": tid})["status"] == "completed"
+        guard = _watchdog_of(server.process.pid)
+        server.call_tool("launch_task", {"command": "true"})
+        assert _watchdog_of(server.process.pid) == guard  # one per server
+
+
+_GUARD_FAILS_ONCE = """
+import errno, json, sys
+from pathlib import Path
+import anyio
+from agent_parallel.tasks import processes
+from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
+from agent_parallel.tasks.logs import LogWriter
+
+runs, marker = Path(sys.argv[1]), Path(sys.argv[2])
+spawn, failed = processes.spawn, []
+def guard_fails_once(start):
+    if not failed:
+        failed.append(True)
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    return spawn(start)
+processes.spawn = guard_fails_once
+
+async def main():
+    executor = LocalExecutor(guard=True)
+    spec = lambda tid: LaunchSpec(task_id=tid, cwd=runs, command=f"echo {tid} >> {marker}", env={"AGENT_TASK_ID": tid})
+    try:
+        await executor.start(spec("first0000001"), LogWriter(runs, "first0000001", 1 << 20))
+        first = "started"
+    except SpawnError as exc:
+        first = str(exc)
+    handle = await executor.start(spec("second000001"), LogWriter(runs, "second000001", 1 << 20))
+    second = (await handle.wait()).exit_code
+    executor.close()
+    print(json.dumps({"first": first, "second": second}))
+anyio.run(main)
+"""
+
+
+@pytest.mark.fault("the watchdog cannot be started (no process left): the task is not started, with a clear reason; "
+                   "the next start tries again")
+def test_a_task_never_runs_unguarded(workspace, tmp_path):
+    runs = runs_of(workspace)
+    marker = tmp_path / "ran"
+    done = subprocess.run([sys.executable, "-c", _GUARD_FAILS_ONCE, str(runs), str(marker)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["first"] == ("could not start the watchdog process that stops the task if the server dies "
+                               "(Resource temporarily unavailable); the task was not started, launch it again")
+    assert answer["second"] == 0
+    assert marker.read_text() == "second000001\n"  # the first command never ran
 
 
 @needs_setsid

@@ -165,12 +165,17 @@ class LocalExecutor:
 
     With ``guard=True`` this process becomes the child subreaper (escaped descendants are
     reparented to it, so they can be found and reaped) and a watchdog process stops every live
-    task if this process dies without cleaning up (see ``watchdog.py``).
+    task if this process dies without cleaning up (see ``watchdog.py``). The watchdog is started
+    with the first task: a server that never runs one (it plans, it answers) needs none, and a
+    Python process costs some 50 ms of CPU to start.
     """
 
     def __init__(self, *, guard: bool = False) -> None:
         self._subreaper = guard and processes.become_subreaper()
-        self._watchdog = Watchdog() if guard else None
+        self._guarded = guard
+        self._watchdog: Watchdog | None = None
+        self._watchdog_lock = threading.Lock()
+        self._closed = False
         self._null_fd = -1
         self._null_lock = threading.Lock()
 
@@ -187,9 +192,10 @@ class LocalExecutor:
             if self._null_fd >= 0:
                 os.close(self._null_fd)
                 self._null_fd = -1
-        if self._watchdog is not None:
-            self._watchdog.close()
-            self._watchdog = None
+        with self._watchdog_lock:
+            watchdog, self._watchdog, self._closed = self._watchdog, None, True
+        if watchdog is not None:
+            watchdog.close()
         if self._subreaper:
             processes.release_subreaper()
             self._subreaper = False
@@ -212,39 +218,60 @@ class LocalExecutor:
         which would hold the event loop for a good part of a millisecond per task. Shielded: a process
         once started is always handed back (a cancelled caller then stops it through its handle)."""
 
-        def start_all() -> list[tuple[_Started | Exception, LogWriter | None]]:
+        def start_all() -> tuple[list[tuple[_Started | Exception, LogWriter | None]], Watchdog | None]:
             out: list[tuple[_Started | Exception, LogWriter | None]] = []
-            if self._watchdog is not None:  # listed before any runs: a kill before the groups are sent spares none
+            try:
+                watchdog = self._guardian()
+            except SpawnError as exc:  # no task runs unguarded: this batch fails, the next one tries again
+                return [(exc, None) for _ in batch], None
+            if watchdog is not None:  # listed before any runs: a kill before the groups are sent spares none
                 for spec, _ in batch:
-                    self._watchdog.watch(0, spec.task_id, flush=False)
-                self._watchdog.flush()
+                    watchdog.watch(0, spec.task_id, flush=False)
+                watchdog.flush()
             for spec, open_log in batch:
                 log = None
                 try:
                     log = open_log()
                     if problem := check_launch_strings(spec):
                         raise SpawnError(f"cannot start the task: {problem}")
-                    out.append((self._start_sync(spec), log))
+                    out.append((self._start_sync(spec, watchdog), log))
                 except Exception as exc:  # that task fails, the others start
-                    if self._watchdog is not None:
-                        self._watchdog.forget(0, spec.task_id)
+                    if watchdog is not None:
+                        watchdog.forget(0, spec.task_id)
                     out.append((exc, log))
-            if self._watchdog is not None:
-                self._watchdog.flush()
-            return out
+            if watchdog is not None:
+                watchdog.flush()
+            return out, watchdog
 
         with anyio.CancelScope(shield=True):
-            started = await anyio.to_thread.run_sync(start_all)
+            started, watchdog = await anyio.to_thread.run_sync(start_all)
         handles: list[tuple[LocalHandle | Exception, LogWriter | None]] = []
         for (one, log), (spec, _) in zip(started, batch, strict=True):
             if isinstance(one, _Started):
                 assert log is not None  # (made before the start)
-                handles.append((LocalHandle(one, log, spec.task_id, self._watchdog), log))
+                handles.append((LocalHandle(one, log, spec.task_id, watchdog), log))
             else:
                 handles.append((one, log))
         return handles
 
-    def _start_sync(self, spec: LaunchSpec) -> _Started:
+    def _guardian(self) -> Watchdog | None:
+        """The watchdog, started by the first call (None when not guarded); ``SpawnError`` when it cannot
+        be started (no process or file descriptor left...): the task must not run without it."""
+        if not self._guarded:
+            return None
+        with self._watchdog_lock:
+            if self._closed:
+                raise SpawnError("the server is shutting down; launch the task again after it restarts")
+            if self._watchdog is None:
+                try:
+                    self._watchdog = Watchdog()
+                except (OSError, subprocess.SubprocessError) as exc:
+                    cause = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+                    raise SpawnError(f"could not start the watchdog process that stops the task if the server "
+                                     f"dies ({cause}); the task was not started, launch it again") from exc
+            return self._watchdog
+
+    def _start_sync(self, spec: LaunchSpec, watchdog: Watchdog | None = None) -> _Started:
         argv = ["/bin/sh", "-c", spec.command] if spec.command is not None else list(spec.argv or [])
         # bytes throughout: os.environb is not decoded entry by entry, and Popen takes bytes as they are
         env = {**os.environb, **{os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}}
@@ -275,8 +302,8 @@ class LocalExecutor:
                     os.close(fd)
         try:
             os.set_blocking(rfd, False)
-            if self._watchdog is not None:
-                self._watchdog.watch(popen.pid, spec.task_id, flush=False)  # start_batch flushes
+            if watchdog is not None:
+                watchdog.watch(popen.pid, spec.task_id, flush=False)  # start_batch flushes
             return _Started(popen, rfd, processes.new_child_start_time(popen.pid, before, after),
                             _pidfd_open(popen.pid))
         except OSError as exc:  # started, but it cannot be followed: stop it rather than lose it
