@@ -220,7 +220,8 @@ async def test_auto_resume_off_fails_the_item_with_how_to_resume(workspace, tmp_
 
 async def test_launch_task_item_resumes_after_a_rate_limit(workspace, tmp_path, monkeypatch):
     scenario = install(tmp_path, monkeypatch, [claude_rate_limited(time.time() + 1), claude_success(cost=0.1)])
-    write_config(workspace, runner={"agent": "claude"})
+    # a loaded machine may take the reset past before the limit is seen: the backoff then, not 10 s by default
+    write_config(workspace, runner={"agent": "claude", "retry_delay": "50ms"})
     write_item(workspace, 1, "work", title="Work")
     async with Client(build_server(workspace, settings())) as client:
         task = await call(client, "launch_task", item="001")

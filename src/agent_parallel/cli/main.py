@@ -348,15 +348,16 @@ def _status(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import anyio
 
+    security, token, public_url = None, None, None
+    if args.transport == "http":  # refused, if it is, before a second goes into loading the server
+        security, token, public_url = _http_security(args)
+
     from ..server import ServerSettings, build_server
 
     overrides = {} if args.wait_cap is None else {"wait_cap_s": args.wait_cap}
     overrides |= _executor_overrides(args)
     settings = ServerSettings.for_workspace(args.root.resolve(), **overrides)
     _check_executor(settings.executor)
-    security, token, public_url = None, None, None
-    if args.transport == "http":
-        security, token, public_url = _http_security(args)
     server = build_server(args.root, settings, handle_signals=True, bearer_token=token, public_url=public_url)
 
     async def run() -> None:
@@ -389,8 +390,6 @@ def _http_security(args: argparse.Namespace) -> tuple[TransportSecuritySettings 
     Elsewhere: explicit opt-in, a token, our hosts only."""
     import os
 
-    from mcp.server.transport_security import TransportSecuritySettings
-
     if args.host in LOOPBACK:
         return None, os.environ.get(TOKEN_ENV) or None, f"http://{args.host}:{args.port}"
     if not args.allow_remote:
@@ -402,6 +401,8 @@ def _http_security(args: argparse.Namespace) -> tuple[TransportSecuritySettings 
         raise AgentParallelError(
             f"refusing to serve HTTP on {args.host} without a bearer token: set ${TOKEN_ENV} to a secret of at "
             "least 16 characters (e.g. `export AGENT_PARALLEL_TOKEN=$(openssl rand -hex 24)`)")
+    from mcp.server.transport_security import TransportSecuritySettings
+
     hosts = [f"{args.host}:{args.port}", *args.allowed_host]
     security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=[])
     return security, token, f"http://{hosts[0]}"
