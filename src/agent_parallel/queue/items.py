@@ -224,6 +224,10 @@ _ItemLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 _FRONT_START = re.compile(r"---[ \t]*\n")
 _FRONT_END = re.compile(r"^(?:---|\.\.\.)[ \t]*$", re.MULTILINE)
+_FRONT_CLOSE = re.compile(r"\n(?:---|\.\.\.)[ \t]*$", re.MULTILINE)
+"""`_FRONT_END` with the line break before it, searched for from the one ending the ``---`` line: the same
+line found (its start one past the match's), by a search that skips to each line break instead of trying
+every character."""
 
 
 def _front_matter(text: str) -> tuple[dict[str, Any] | None, str, str | None]:
@@ -271,6 +275,13 @@ U+2029), no byte-order mark."""
 _PLAIN_START_BAD = frozenset("-?:,[]{}#&*!|>'\"%@` ")
 """Indicators that may not (or not always) start a plain scalar."""
 _FLOW_PLAIN_BAD = re.compile(r"[,\[\]{}:#'\"]")
+_FLOW_INNER_BAD = re.compile(r"[\[\]{}:#]")
+"""`_FLOW_PLAIN_BAD` less what a list of plain items, split on its commas and free of quotes, cannot hold."""
+_PLAIN_INT = r"(?:[1-9][0-9]{0,99}|0[0-7]{0,99})"
+"""ASCII digits YAML 1.1 resolves to an int (``08`` is text: not octal), read by `_ItemLoader` as
+`int` does (``010`` is ten), and not a `HugeNumber` (the loader says why a huge one fails)."""
+_PLAIN_INT_TEXT = re.compile(_PLAIN_INT)
+_FLOW_INTS = re.compile(f" *{_PLAIN_INT} *(?:, *{_PLAIN_INT} *)*")
 _SINGLE_QUOTED = re.compile(r"'((?:[^']|'')*)'")
 _DOUBLE_QUOTED = re.compile(r'"([^"\\]*)"')
 _FLOW_ITEM = re.compile(r""" *(?:'((?:[^']|'')*)'|"([^"\\]*)"|([^,\[\]{}:#'" ](?:[^,\[\]{}:#'"]*[^,\[\]{}:#'" ])?)) *(,|$)""")
@@ -284,22 +295,25 @@ def _simple_front_matter(source: str) -> dict[Any, Any] | None:
     data: dict[Any, Any] = {}
     memo = _LINE_MEMO
     for line in source.split("\n"):
-        parsed = memo.get(line)
-        if parsed is None:
-            parsed = _remember(memo, line, _simple_line(line))
-        if parsed is _NOT_SIMPLE:
+        entry = memo.get(line)
+        if entry is None:
+            entry = _line_entry(line)
+        if entry is _NOT_SIMPLE:
             return None
-        if parsed is not _BLANK:
-            key, value = cast(tuple[str, object], parsed)  # not a marker: a (key, value) pair
-            data[key] = list(value) if isinstance(value, tuple) else value
+        if entry is not _BLANK:
+            value = entry[3]  # (a `_LineEntry`: indexed, not unpacked through `cast`, a call per line)
+            data[entry[2]] = list(value) if type(value) is tuple else value
     return data or None
 
 
 _BLANK = object()
 """A line that holds no entry: empty, spaces only, or a comment."""
-_LINE_MEMO: dict[str, object] = {}
-"""Line -> what `_simple_line` makes of it (immutable: a list is kept as a tuple): the same lines
-(``priority: high``, ``estimate: 30m``, a shared file) come back item after item."""
+_LineEntry = tuple[str | None, Any, str, Any]
+"""A ``key: value`` line read: (attribute, converted, key, value). ``value`` is the YAML value (a list
+kept as a tuple); ``attribute`` and ``converted`` are what `_usual_item` makes of it (see `_usual_field`)."""
+_LINE_MEMO: dict[str, Any] = {}
+"""Line -> its `_LineEntry`, `_BLANK` or `_NOT_SIMPLE` (immutable: a list is kept as a tuple): the same
+lines (``priority: high``, ``estimate: 30m``, a shared file) come back item after item."""
 _MEMO_CHARS = 200
 """Longer lines and scalars are not memoized."""
 _MEMO_ENTRIES = 50_000
@@ -313,6 +327,20 @@ def _remember(memo: dict[str, object], text: str, value: object) -> object:
             memo.clear()
         memo[text] = value
     return value
+
+
+def _line_entry(line: str) -> Any:  # (a `_LineEntry` or a marker: indexed once the markers are ruled out)
+    """`_simple_line` with the field the line gives read too (`_usual_field`), kept in `_LINE_MEMO`."""
+    parsed = _simple_line(line)
+    if type(parsed) is tuple:  # not a marker: a (key, value) pair
+        key, value = parsed
+        parsed = (*_usual_field(key, value), key, value)
+    if len(line) <= _MEMO_CHARS:  # (`_remember`, inline: a call per new line of the queue)
+        if len(_LINE_MEMO) >= _MEMO_ENTRIES:
+            _LINE_MEMO.clear()
+            _SCALAR_MEMO.clear()  # (the lists' items of these lines: started afresh with them)
+        _LINE_MEMO[line] = parsed
+    return parsed
 
 
 def _simple_line(line: str) -> object:
@@ -342,7 +370,7 @@ def _simple_line(line: str) -> object:
     if (first in _PLAIN_START_BAD or " #" in value or ": " in value or value[-1] == ":"
             or not _SIMPLE_TEXT.fullmatch(value)):
         return _NOT_SIMPLE
-    scalar = _simple_scalar(value)
+    scalar = _simple_scalar_uncached(value)  # (the line is memoized: its value rarely comes again apart from it)
     return _NOT_SIMPLE if scalar is _NOT_SIMPLE else (key, scalar)
 
 
@@ -357,13 +385,17 @@ def _simple_flow_list(inner: str) -> list[Any] | None:
     """The items of ``[a, 'b', 3]`` (without its brackets), or None to use the loader."""
     if not inner.strip(" "):
         return []
+    if _FLOW_INTS.fullmatch(inner):  # ``[7, 12, 013]``: item ids, read by `int` without a look at each
+        return list(map(int, inner.split(",")))
     if not _SIMPLE_TEXT.fullmatch(inner):
         return None
     values: list[Any] = []
     if "'" not in inner and '"' not in inner:  # plain items only: split on the commas
+        if _FLOW_INNER_BAD.search(inner):
+            return None  # an item the loader must read (the same characters `_FLOW_PLAIN_BAD` finds in one)
         for part in inner.split(","):
             plain = part.strip(" ")
-            if not plain or plain[0] in _PLAIN_START_BAD or _FLOW_PLAIN_BAD.search(plain):
+            if not plain or plain[0] in _PLAIN_START_BAD:
                 return None  # an empty item (a trailing comma), or one the loader must read
             scalar = _simple_scalar(plain)
             if scalar is _NOT_SIMPLE:
@@ -422,6 +454,10 @@ _SCALAR_MEMO: dict[str, object] = {}
 
 
 def _simple_scalar_uncached(text: str) -> object:
+    if text[:1] not in _IMPLICIT:
+        return text  # no implicit resolver for its first character: text (what `_resolve` finds)
+    if _PLAIN_INT_TEXT.fullmatch(text):
+        return int(text)  # (what the int resolver and `_construct_int` make of it, in one step)
     tag = _resolve(text)
     if tag == _STR_TAG:
         return text
@@ -442,6 +478,12 @@ _NONE_WORDS = frozenset({"", "none", "-", "n/a", "na", "nothing", "[]"})
 _ASIDE = re.compile(r"(?:^|(?<=\s))\([^)]*\)")
 _ID_SEPARATORS = re.compile(r"[,;\s&]+|\band\b")
 _MAX_ID = 10 ** MAX_ID_DIGITS
+_PARENTHESES = re.compile(r"\([^)]*\)")
+_SEPARATORS = re.compile(r"[,;]+")
+_SPACES_AND_SEPARATORS = re.compile(r"[,;\s]+")
+_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
+_STATUS_SEPARATORS = re.compile(r"[\s\-]+")
+"""(Compiled once: ``re.sub`` and the like look each pattern up in a cache on every call.)"""
 
 
 def _ids(field: str, value: object, problems: list[str]) -> list[int]:
@@ -469,7 +511,7 @@ def _ids(field: str, value: object, problems: list[str]) -> list[int]:
         if isinstance(part, int):
             tokens = [str(part)]
         else:
-            cleaned = re.sub(r"\([^)]*\)", " ", part).strip()
+            cleaned = _PARENTHESES.sub(" ", part).strip()
             tokens = [] if cleaned.lower() in _NONE_WORDS else [t for t in _ID_SEPARATORS.split(cleaned) if t]
         for token in tokens:
             try:
@@ -496,8 +538,8 @@ def _names(field: str, value: object, problems: list[str], *, split_spaces: bool
         text = _ASIDE.sub(" ", str(value)).strip()
         if text.lower() in _NONE_WORDS:
             return []
-        pattern = r"[,;\s]+" if split_spaces else r"[,;]+"
-        parts = [part.strip().strip("`'\"") for part in re.split(pattern, text)]
+        pattern = _SPACES_AND_SEPARATORS if split_spaces else _SEPARATORS
+        parts = [part.strip().strip("`'\"") for part in pattern.split(text)]
     else:
         problems.append(f"{field} must be a list of strings or a comma-separated string, not {describe(value)}")
         return []
@@ -513,7 +555,7 @@ def _names(field: str, value: object, problems: list[str], *, split_spaces: bool
 @lru_cache(maxsize=4096)
 def normalize_file_entry(entry: str) -> str | None:
     """A `files` entry as a clean workspace-relative path or glob, or None if it points outside."""
-    if entry.startswith("/") or re.match(r"[A-Za-z]:[\\/]", entry):
+    if entry.startswith("/") or _DRIVE.match(entry):
         return None
     clean = posixpath.normpath(entry.replace("\\", "/"))
     if clean == ".." or clean.startswith("../"):
@@ -673,7 +715,7 @@ def _command(value: object, problems: list[str]) -> str | None:
 
 
 def _status_word(value: object) -> str:
-    return re.sub(r"[\s\-]+", "_", str(value).strip().lower())
+    return _STATUS_SEPARATORS.sub("_", str(value).strip().lower())
 
 
 # --- one item ------------------------------------------------------------------------------------
@@ -699,13 +741,16 @@ def parse_item(file_name: str, text: str, *, path: str | None = None) -> tuple[W
 
 def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) -> tuple[WorkItem, list[Diagnostic]]:
     """`parse_item` for a file name already parsed."""
+    if "\r\n" in text or text.startswith("\ufeff"):
+        text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    usual = _usual_item(name, file_name, text, path)
+    if usual is not None:
+        return usual
     diagnostics: list[Diagnostic] = []
 
     def report(kind: str, message: str) -> None:
         diagnostics.append(Diagnostic(kind=kind, item=name.id_str, file=file_name, message=message))
 
-    if "\r\n" in text or text.startswith("\ufeff"):
-        text = text.lstrip("\ufeff").replace("\r\n", "\n")
     front, body, problem = _front_matter(text)
     if problem:
         report("bad_front_matter", problem)
@@ -754,6 +799,113 @@ def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) ->
                f"the {label} says {short_repr(fields['status'])} but the file name says "
                f"{name.status!r}; the file name is what counts (rename the file to change the status)")
     return item, diagnostics
+
+
+# The usual item file: simple front matter whose every line gives a field without a problem (or an
+# unknown one, a warning), no field given twice, no bold label lines. `_usual_item` reads it with each
+# distinct line's field already converted (kept in `_LINE_MEMO`: ``priority: high`` is read once per
+# queue, not once per item), skipping the field dictionaries and the converters of absent fields. It
+# gives what the full path below gives: `tests/test_queue_parse_fast.py` compares the two.
+
+_ATTRIBUTES = {"title": "title", "blocked_by": "blocked_by", "blocks": "blocks", "files": "files",
+               "components": "components", "priority": "priority", "estimate": "estimate_s", "command": "command",
+               "timeout": "timeout_s", "isolation": "isolation", "retries": "retries"}
+"""Field -> the `WorkItem` attribute it sets, for the fields `_usual_item` takes (``resources``, whose
+value is a mutable mapping, and ``status``, not an attribute, are not among them)."""
+_CONVERTERS: dict[str, Callable[[object, list[str]], object]] = {
+    "title": lambda value, problems: _text("title", value, problems),
+    "blocked_by": lambda value, problems: _ids("blocked_by", value, problems),
+    "blocks": lambda value, problems: _ids("blocks", value, problems),
+    "files": _files,
+    "components": lambda value, problems: _names("components", value, problems, split_spaces=False),
+    "priority": _priority,
+    "estimate": lambda value, problems: _seconds("estimate", value, problems, allow_zero=True),
+    "command": _command,
+    "timeout": lambda value, problems: _seconds("timeout", value, problems, allow_zero=False),
+    "isolation": _isolation,
+    "retries": _retries,
+}
+"""Field -> what `_parse_named` converts it with (the same call, argument for argument)."""
+
+
+def _usual_field(key: str, value: object) -> tuple[str | None, object]:
+    """What `_usual_item` does with a front-matter line: (attribute, converted value; a list kept as a
+    tuple) for a field read without a problem, (``"status"``, the status word), (None, the
+    ``unknown_field`` warning) for an unknown key, or (``""``, None): the item takes the full path."""
+    if type(value) is tuple:
+        value = list(value)  # what the full path converts
+    field = field_name(key)
+    if field is None:
+        return None, unknown_key_warning("front matter field ", key, list(FIELDS))
+    if field == "status":
+        return "status", _status_word(value)
+    convert = _CONVERTERS.get(field)
+    if convert is None:
+        return "", None
+    problems: list[str] = []
+    converted = convert(value, problems)
+    if problems:
+        return "", None
+    return _ATTRIBUTES[field], tuple(converted) if type(converted) is list else converted
+
+
+def _usual_item(name: ItemName, file_name: str, text: str, path: str | None,
+                ) -> tuple[WorkItem, list[Diagnostic]] | None:
+    """`_parse_named` for the usual item file, or None for any other (the full path reads it)."""
+    start = _FRONT_START.match(text)
+    if start is None:
+        return None
+    end = _FRONT_CLOSE.search(text, start.end() - 1)
+    if end is None:
+        return None
+    body = text[end.end() + 1:]
+    heading = None
+    if "**" in body or "#" in body:
+        body_fields, heading = _body_fields(body)
+        if body_fields:
+            return None
+    found: dict[str, Any] = {}
+    unknown: list[_LineEntry] | None = None
+    memo = _LINE_MEMO
+    for line in text[start.end():end.start()].split("\n"):  # (to the closing line's break: no blank last line)
+        entry = memo.get(line)
+        if entry is None:
+            entry = _line_entry(line)
+        if entry is _BLANK:
+            continue
+        if entry is _NOT_SIMPLE:
+            return None
+        attribute, converted = entry[0], entry[1]  # (a `_LineEntry`, not a marker)
+        if attribute:
+            if attribute in found:
+                return None  # a field given twice: the full path says so (or, one key twice, takes the last)
+            found[attribute] = list(converted) if type(converted) is tuple else converted  # (each item its own list)
+        elif attribute is None:
+            if unknown is None:
+                unknown = []
+            unknown.append(entry)
+        else:
+            return None
+    if not found and unknown is None:
+        return None  # only blank lines and comments: the loader decides
+    if found.pop("status", name.status) != name.status:
+        return None  # the status_mismatch warning
+    diagnostics: list[Diagnostic] = []
+    if unknown is not None:
+        if len({entry[2] for entry in unknown}) != len(unknown):
+            return None  # one unknown key twice: one warning
+        diagnostics = [Diagnostic(kind="unknown_field", item=name.id_str, file=file_name, message=entry[1])
+                       for entry in unknown]
+    values = {
+        "id": name.id, "id_str": name.id_str, "file": file_name, "path": path or file_name, "slug": name.slug,
+        "status": name.status, "title": None, "blocked_by": [], "blocks": [], "files": [], "components": [],
+        "priority": "medium", "estimate_s": None, "command": None, "timeout_s": None, "isolation": None,
+        "resources": {}, "retries": None, "body": body,
+    }
+    values.update(found)
+    if values["title"] is None:
+        values["title"] = heading or name.slug
+    return trusted(WorkItem, values), diagnostics
 
 
 # --- reading a directory -------------------------------------------------------------------------
