@@ -190,6 +190,17 @@ def test_lists_of_integers_read_as_the_loader_reads_them(parts: list[str], space
     assert shape(items._simple_front_matter(source)) == loaded(source)
 
 
+@pytest.mark.parametrize("comment", ["# plain", "#", "# café ☃", "# bell \x07", "# nul \x00", "# tab\there",
+                                     "# esc \x1b[31m", "# del \x7f", "# line \u2028 sep", "# bom \ufeff"])
+def test_comment_lines_read_as_the_loader_reads_them(comment: str) -> None:
+    """A comment holding a character YAML refuses (a control character) is no blank line: the loader
+    decides, and refuses the front matter as it would anywhere else."""
+    source = f"title: x\n{comment}\n"
+    items._LINE_MEMO.clear()
+    fast = items._simple_front_matter(source)
+    assert fast is None or shape(fast) == loaded(source), comment
+
+
 # --- file names --------------------------------------------------------------------------------------------
 
 name_parts = st.tuples(

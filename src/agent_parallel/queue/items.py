@@ -345,8 +345,10 @@ def _line_entry(line: str) -> Any:  # (a `_LineEntry` or a marker: indexed once 
 
 def _simple_line(line: str) -> object:
     """One line of simple front matter: (key, value), `_BLANK`, or `_NOT_SIMPLE`."""
-    if not line.strip(" ") or line[0] == "#":
+    if not line.strip(" "):
         return _BLANK
+    if line[0] == "#":  # a comment: blank, unless it holds what YAML refuses anywhere (the loader says so)
+        return _BLANK if _SIMPLE_TEXT.fullmatch(line) else _NOT_SIMPLE
     key, colon, rest = line.partition(":")
     if not colon or (rest and rest[0] != " ") or not _simple_key(key):
         return _NOT_SIMPLE
