@@ -104,8 +104,8 @@ def task_tools() -> list[Tool]:
     tools: list[Tool] = []
 
     @tool(tools, title="Launch a background task",
-                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
-                                             open_world_hint=True))
+          annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
+                                      open_world_hint=True))
     @_tool_errors
     async def launch_task(
         ctx: Context,
@@ -175,7 +175,7 @@ def task_tools() -> list[Tool]:
         return await _launch_answer(ws, task, run_in_background)
 
     @tool(tools, title="Read task output / wait for tasks",
-                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+          annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def task_output(
         ctx: Context,
@@ -243,8 +243,8 @@ def task_tools() -> list[Tool]:
                                 status=group_status([t.record for t in tasks]) if group_id else None)
 
     @tool(tools, title="Cancel tasks",
-                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-                                             open_world_hint=False))
+          annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
+                                      open_world_hint=False))
     @_tool_errors
     async def cancel_task(
         ctx: Context,
@@ -274,7 +274,7 @@ def task_tools() -> list[Tool]:
         return CancelResult(tasks=[TaskView.of(t.record, short=len(tasks) > 1) for t in tasks], message="; ".join(parts))
 
     @tool(tools, title="List tasks",
-                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+          annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def list_tasks(
         ctx: Context,
@@ -363,7 +363,7 @@ def queue_tools(root: Path, reader: QueueReader) -> list[Tool]:
     tools: list[Tool] = []
 
     @tool(tools, title="Plan the work queue",
-                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
+          annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def queue_plan(
         ctx: Context,
@@ -392,8 +392,8 @@ def queue_tools(root: Path, reader: QueueReader) -> list[Tool]:
             lambda: plan_page(root, queue_dir, max_parallel, reader, offset=offset, limit=limit))
 
     @tool(tools, title="Run the work queue",
-                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
-                                             open_world_hint=True))
+          annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
+                                      open_world_hint=True))
     @_tool_errors
     async def run_queue(
         ctx: Context,
@@ -433,8 +433,8 @@ def queue_tools(root: Path, reader: QueueReader) -> list[Tool]:
                     f"nothing to run: no pending item is ready or waiting (run {task.record.task_id} ends at once)")
 
     @tool(tools, title="Update a queue item's status",
-                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-                                             open_world_hint=False))
+          annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                                      open_world_hint=False))
     @_tool_errors
     async def update_item(
         ctx: Context,
