@@ -286,3 +286,44 @@ def test_a_ref_that_cannot_be_updated_puts_the_checkout_back(repo: Path) -> None
     (repo / ".git/refs/heads/main.lock").unlink()
     assert integrate(repo, cfg, item, "Mine").ok
     assert (repo / "a.txt").read_text() == LINES + "agent\n"
+
+
+@pytest.mark.fault("`git worktree add` killed half-way (with the server, or the machine: git runs in its own session "
+                   "and outlives a server killed alone): its partial checkout was reused as the item's worktree, "
+                   "where `git add -A` would record every missing file as deleted by the item; now it is made "
+                   "again from its branch, whose commits are kept")
+def test_a_worktree_add_killed_half_way_is_made_again(repo: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    cfg = config()
+    lease = prepare(repo, cfg, "001", "first")
+    agent(lease, "echo agent >> a.txt && git add -A && git commit -q -m 'the agent, before the crash'")
+    kept = head(repo, lease.branch)
+    git(repo, "worktree", "remove", "--force", str(lease.path))
+    # the next add is killed while it checks out b.txt: a smudge filter that waits, then git's session killed
+    (repo / ".git/info/attributes").write_text("b.txt filter=stall\n")
+    started = tmp_path / "stalled"
+    git(repo, "config", "filter.stall.smudge", f"touch {started}; sleep 60")
+    adding = subprocess.Popen(["git", "worktree", "add", str(lease.path), lease.branch], cwd=repo,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert time.monotonic() < deadline, "the checkout never reached b.txt"
+            time.sleep(0.02)
+    finally:
+        os.killpg(adding.pid, signal.SIGKILL)
+        adding.wait()
+    git(repo, "config", "--unset", "filter.stall.smudge")
+    (repo / ".git/info/attributes").unlink()
+    assert "locked initializing" in git(repo, "worktree", "list", "--porcelain")  # what git left
+    assert not (lease.path / "b.txt").exists()
+
+    again = prepare(repo, cfg, "001", "first")
+
+    assert again.reused and again.path == lease.path  # (reused: its branch's work goes on)
+    assert (again.workdir / "b.txt").read_text() == LINES and (again.workdir / "a.txt").read_text() == LINES + "agent\n"
+    assert head(repo, again.branch) == kept  # the branch and its commits are as they were
+    assert git(again.workdir, "status", "--porcelain") == ""
+    assert "locked" not in git(repo, "worktree", "list", "--porcelain")

@@ -6,6 +6,7 @@ says (`worktree.copy`, `worktree.link`, `worktree.ports`, `worktree.setup`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,6 +20,8 @@ from ..paths import read_regular
 from . import leases
 from ._git import ShellStop, git_message, git_out, nul_list, rev_exists, run_git, run_shell
 from .repo import BRANCH_PREFIX, RepoInfo, check_repository, file_lock, worktree_name, worktrees_dir
+
+logger = logging.getLogger(__name__)  # (`log` is what prepare streams the setup to)
 
 WORKTREES_LOCK = "agent-parallel-worktrees.lock"
 """In the repository's common git directory: creating worktrees one at a time (``git worktree list``
@@ -68,6 +71,8 @@ class Registered:
     """``refs/heads/...``, or None when detached."""
     prunable: bool
     locked: bool
+    lock_reason: str | None = None
+    """Why it is locked (``initializing``: git is adding it, or was killed while adding it)."""
 
 
 def registered_worktrees(cwd: Path) -> list[Registered]:
@@ -89,7 +94,7 @@ def registered_worktrees(cwd: Path) -> list[Registered]:
             fields[key] = value
         if "worktree" in fields:
             found.append(Registered(Path(fields["worktree"]), fields.get("HEAD"), fields.get("branch"),
-                                    "prunable" in fields, "locked" in fields))
+                                    "prunable" in fields, "locked" in fields, fields.get("locked")))
     return found
 
 
@@ -167,6 +172,13 @@ def _checkout(info: RepoInfo, path: Path, branch: str) -> bool:
     if entry is not None and entry.prunable:  # its directory was deleted: forget it, the branch stays
         run_git(info.root, "worktree", "prune", step="git worktree prune")
         entry = None
+    if entry is not None and entry.lock_reason == ADDING:
+        # `git worktree add` was killed half-way (with the server, or the machine): a partial checkout that
+        # nothing ran in yet (prepare never returned), which `git add -A` would later record as the item
+        # deleting every file it lacks. Made again from its branch, which keeps its commits.
+        logger.warning("worktree %s was left half-made by an interrupted `git worktree add`; making it again", path)
+        _forget_half_made(info, path)
+        entry = None
     if entry is not None:
         if entry.branch is None and rebasing(path):  # a crash mid-integration, or the agent's own rebase
             raise WorktreeError(f"a rebase is in progress in worktree {path} (its work is kept; git -C {path} status "
@@ -208,11 +220,22 @@ def _add_worktree(info: RepoInfo, path: Path, *args: str, step: str) -> None:
     try:
         run_git(info.root, "worktree", "add", *args, step=step)
     except WorktreeError:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        run_git(info.root, "worktree", "unlock", str(path), ok=range(0, 256))  # git's own lock while it adds
-        run_git(info.root, "worktree", "prune", ok=range(0, 256))
+        _forget_half_made(info, path)
         raise
+
+
+ADDING = "initializing"
+"""The lock reason git gives a worktree while `git worktree add` makes it (removed when it ends, even on
+failure: still there, the add was killed)."""
+
+
+def _forget_half_made(info: RepoInfo, path: Path) -> None:
+    """Remove what an unfinished `git worktree add` made of ``path`` (a directory of ours under the
+    worktrees folder) and make git forget it; its branch stays."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    run_git(info.root, "worktree", "unlock", str(path), ok=range(0, 256))  # git's own lock while it adds
+    run_git(info.root, "worktree", "prune", ok=range(0, 256))
 
 
 def rebasing(path: Path) -> bool:
