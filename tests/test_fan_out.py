@@ -269,3 +269,12 @@ async def test_an_answer_about_many_tasks_shares_one_output_budget(client):
     assert several["tasks"][0]["output"].startswith("shard 00 line 00001\n")
     one = await call(client, "task_output", task_id=out["task_ids"][0])
     assert len(one["output"]) == 16384
+
+
+async def test_the_text_of_a_group_answer_counts_its_members_by_status(client):
+    """A client that shows the model only the text block (not the structured content) learns how the
+    members ended, not just how many there are."""
+    group = (await call(client, "launch_task", commands=["true", "true", "exit 3"], max_parallel=3))["group_id"]
+    result = await client.call_tool("task_output", {"task_id": group, "timeout": 30})
+    [block] = result.content
+    assert "  tasks: 3 entries (2 completed, 1 failed)\n" in block.text, block.text

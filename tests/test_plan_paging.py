@@ -250,7 +250,7 @@ async def test_the_text_names_the_page_and_what_matters_in_a_plan(workspace: Pat
         result = await client.call_tool("queue_plan", {"offset": 600})
     text = result.content[0].text
     answer = result.structured_content
-    assert "  items: 100 entries\n" in text and "  total_items: 700\n" in text
+    assert "  items: 100 entries (100 pending)\n" in text and "  total_items: 700\n" in text
     assert f"  run_now: {', '.join(answer['run_now'])}\n" in text
     assert "  errors: none\n" in text and f"  predicted_makespan: {answer['predicted_makespan']}\n" in text
     assert "next_offset" not in text  # None: the last page

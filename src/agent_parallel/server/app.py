@@ -8,6 +8,7 @@ into the result models of ``results.py``; nothing here touches a process or a fi
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import os
 import signal
 import threading
@@ -165,6 +166,9 @@ def _brief(value: Any) -> str:
     if isinstance(value, list):
         if value and len(value) <= 8 and all(isinstance(v, str | int | float) and len(str(v)) <= 20 for v in value):
             return ", ".join(str(v) for v in value)
+        if value and all(isinstance(v, dict) and isinstance(v.get("status"), str) for v in value):
+            counts = Counter(v["status"] for v in value)  # tasks: which ended how, for a reader of the text alone
+            return f"{len(value):,} entries (" + ", ".join(f"{n:,} {status}" for status, n in counts.most_common()) + ")"
         return f"{len(value):,} entries" if value else "none"
     if isinstance(value, dict):
         return ", ".join(f"{key} {len(inner):,}" if isinstance(inner, list | dict) else f"{key} {_brief(inner)}"
