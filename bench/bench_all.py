@@ -17,7 +17,9 @@ Sections (``--only`` takes their names):
   from its report, and the server's CPU time per item from ``/proc/<pid>/stat`` before and after);
   ``agent-parallel run`` (wall, a fresh workspace each time); 300 commands through one fan-out
   call (``launch_task(commands=[...], max_parallel=5)`` then ``task_output`` on the group; "not
-  implemented" while the tool's input schema has no ``commands``).
+  implemented" while the tool's input schema has no ``commands``); and, as a diag row, the floor:
+  ``bench_floor``'s bare one-thread supervisor with and without the queue's file protocol, its files
+  on the same file system.
 * ``launch``: ``launch_task`` round trip p50 against the SDK's own no-op tool (``noop_server.py``:
   an ``MCPServer`` over stdio), the same client, calls interleaved one for one; the server CPU per
   launch (launch + exit handling of a `true` task).
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import bench_floor
 import bench_plan
 import bench_run
 import bench_tasks
@@ -284,6 +287,8 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     shm = Path("/dev/shm")
     shm_tmp = Path(tempfile.mkdtemp(prefix="bench-all-", dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) else None
     rq_shm: list[RunQueueResult] = []
+    floor: list[float] = []  # bench_floor's bare one-thread supervisor, without and with the queue's file protocol
+    floor_queue: list[float] = []
 
     async def fan_out_round(k: int, warm: bool) -> None:
         # A client checks each answer against the tool's output schema, compiling that schema's validator
@@ -308,6 +313,9 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
         if shm_tmp is not None:
             rq_shm.append(anyio.run(run_queue_once, shm_tmp / f"rq-{k}", rep))
         cli.append(cli_run_once(tmp / f"cli-{k}", rep))
+        for runs, times, queue in ((tmp / f"floor-{k}", floor, False), (tmp / f"floor-queue-{k}", floor_queue, True)):
+            runs.mkdir()
+            times.append(bench_floor.bare_supervisor(runs, N, SLOTS, queue=queue)[0])
         for warm in ((False, True) if k % 2 == 0 else (True, False)):
             anyio.run(fan_out_round, k, warm)
     x = median(xargs)
@@ -331,6 +339,10 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
                     "the last 1-6 minutes (the kernel's recently_deleted()), 15 µs to over 1 ms per file after mass "
                     "deletions (a test suite, an earlier bench's clean-up); compare runs with this row in view"
                     if journal_less_ext4(tmp) else "varies with the file system"))
+    rep.add("run", "  diag: the floor, a bare one-thread Python supervisor (bench_floor) with the queue's file protocol "
+            "/ without it, makespan / xargs", f"{ratio(median(floor_queue), x) or 0:.2f}× / {ratio(median(floor), x) or 0:.2f}×",
+            note="the least any Python engine keeping our files per task costs here, same file system, same minutes: "
+                 "compare run_queue and the fan-out with it")
     if shm_tmp is not None:
         shutil.rmtree(shm_tmp, ignore_errors=True)
         shm_makespan = median([r.makespan for r in rq_shm if r.makespan is not None])
