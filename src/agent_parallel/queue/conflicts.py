@@ -562,15 +562,21 @@ class ConflictIndex:
         A key it holds with another item is enough; an uncontested key (one holder, no overlap) is
         passed over; an overlapping key counts when some other item holds one of its overlaps (the
         item itself may hold both, as in ``files: [src, src/a.py]``)."""
-        for key in self.keys.get(item_id, ()):
-            if key not in self._contested:
-                continue
-            if len(self.holders[key]) > 1:  # (it is one of them)
-                return True
-            for other in self.adjacent.get(key, ()):
-                if any(holder != item_id for holder in self.holders[other]):
-                    return True
-        return False
+        return item_id in self._conflicted
+
+    @cached_property
+    def _conflicted(self) -> frozenset[int]:
+        """Every item `has_conflict` is true for, found key by key (the planner asks about every item)."""
+        found: set[int] = set()
+        holders, adjacent = self.holders, self.adjacent
+        for key in self._contested:
+            held = holders[key]
+            if len(held) > 1:  # they conflict with one another
+                found.update(held)
+            elif held[0] not in found and any(holder != held[0] for other in adjacent.get(key, ())
+                                               for holder in holders[other]):
+                found.add(held[0])
+        return frozenset(found)
 
     def conflict(self, first: int, second: int) -> bool:
         return first != second and second in self.neighbours(first)

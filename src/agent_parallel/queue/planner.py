@@ -442,30 +442,44 @@ def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
     for diagnostic in graph.errors:
         if diagnostic.file is not None and diagnostic.kind != "cycle":
             first_error.setdefault(diagnostic.file, diagnostic.message)
+    # One pass over the items for what their status alone decides; the nodes (not duplicates) that are
+    # done, failed or blocked are noted for the passes below, which then look at no other item.
+    completed: set[int] = set()
+    troubled: list[WorkItem] = []
     for item in graph.items:
-        if item.status != "pending":
-            reasons[item.file] = _STATUS_REASONS[item.status]
+        status = item.status
+        if status != "pending":
+            reasons[item.file] = _STATUS_REASONS[status]
+            if by_id.get(item.id) is item:
+                if status == "completed":
+                    completed.add(item.id)
+                elif status != "in_progress":
+                    troubled.append(item)
         elif item.file in first_error and item.file not in reasons:
             reasons[item.file] = f"has an error: {first_error[item.file]}"
 
     causes: dict[int, str] = {}
-    for item_id, item in by_id.items():
-        if item.status != "completed" and (item.file in first_error or item_id in cycle_members):
-            causes[item_id] = "error" if item.file in first_error else "cycle"
+    if first_error or cycle_members:
+        for item_id, item in by_id.items():
+            if item.status != "completed" and (item.file in first_error or item_id in cycle_members):
+                causes[item_id] = "error" if item.file in first_error else "cycle"
     stuck = _spread_trouble(by_id, graph.unblocks, causes, waits_on_broken)
-    for item_id, item in by_id.items():
-        if item.status in ("failed", "blocked") and item_id not in causes:
-            causes[item_id] = item.status
+    for item in troubled:  # failed or blocked, in id order
+        if item.id not in causes:
+            causes[item.id] = item.status
     stuck.update(_spread_trouble(by_id, graph.unblocks, causes, {}, skip=set(stuck)))
 
+    waits_on, waiting_on, schedulable, in_progress = graph.waits_on, graph.waiting_on, graph.schedulable, []
+    quiet: list[WorkItem] = []  # schedulable, then in-progress, items declaring neither files nor components
     for item_id, item in by_id.items():
         if item.status != "pending":
             if item.status == "in_progress":
-                graph.in_progress.append(item_id)
+                in_progress.append(item_id)
             continue
-        open_preds = [pred for pred in graph.waits_on[item_id] if by_id[pred].status != "completed"]
+        preds = waits_on[item_id]
+        open_preds = [pred for pred in preds if pred not in completed] if preds else []
         broken = waits_on_broken.get(item_id)
-        graph.waiting_on[item.file] = sorted(open_preds + list(broken)) if broken else open_preds
+        waiting_on[item.file] = sorted(open_preds + list(broken)) if broken else open_preds
         if item.file in reasons:
             continue
         if item_id in stuck:
@@ -474,15 +488,17 @@ def _readiness(graph: QueueGraph, waits_on_broken: dict[int, set[int]]) -> None:
             reasons[item.file] = (f"waits on {label(via)}, which {cause}" if via == root
                                   else f"waits on {label(via)}, which cannot run: {label(root)} {cause}")
             continue
-        graph.schedulable.append(item_id)
+        schedulable.append(item_id)
+        if not item.files and not item.components:
+            quiet.append(item)
         if open_preds:
             reasons[item.file] = "waits on " + ", ".join([labels[pred] for pred in open_preds])
-    for item_id in graph.schedulable + graph.in_progress:
-        item = by_id[item_id]
-        if not item.files and not item.components:
-            graph.warnings.append(Diagnostic(
-                kind="no_files", item=item.id_str, file=item.file,
-                message="declares neither files nor components, so it is treated as independent of every other item"))
+    graph.in_progress.extend(in_progress)
+    quiet.extend(item for item in map(by_id.__getitem__, in_progress) if not item.files and not item.components)
+    for item in quiet:
+        graph.warnings.append(Diagnostic(
+            kind="no_files", item=item.id_str, file=item.file,
+            message="declares neither files nor components, so it is treated as independent of every other item"))
 
 
 def show_path(labels: Sequence[str], limit: int = MAX_PATH_SHOWN) -> str:
@@ -526,19 +542,24 @@ def _weigh(graph: QueueGraph) -> None:
     active = graph.schedulable + graph.in_progress
     pending = set(graph.schedulable)
     by_id = graph.by_id
-    estimate = graph.estimate_ms = {item_id: round(1000 * _estimate_s(by_id[item_id])) for item_id in active}
+    default_ms = round(1000 * DEFAULT_ESTIMATE_S)
+    estimate = graph.estimate_ms = {
+        item_id: default_ms if (seconds := by_id[item_id].estimate_s) is None else round(1000 * seconds)
+        for item_id in active}
     integration_ms = round(1000 * graph.isolation.integration_s)
     if integration_ms > 0 and graph.isolated:
         graph.integration_ms = {item_id: integration_ms for item_id in active if item_id in graph.isolated}
         for item_id in graph.integration_ms:
             estimate[item_id] += integration_ms
-    successors = {item_id: [s for s in graph.unblocks[item_id] if s in pending] for item_id in active}
+    unblocks = graph.unblocks
+    successors = {item_id: [s for s in unblocks[item_id] if s in pending] if unblocks[item_id] else []
+                  for item_id in active}
     order = topological_order(active, successors)
-    position = graph.position = {item_id: index for index, item_id in enumerate(order)}
-    reach = graph.reach
-    remaining = graph.remaining_ms
-    for item_id in reversed(order):
-        mask = 1 << position[item_id]
+    graph.position = {item_id: index for index, item_id in enumerate(order)}
+    reach, remaining, unblocks_count = graph.reach, graph.remaining_ms, graph.unblocks_count
+    for index in range(len(order) - 1, -1, -1):  # last first: an item's successors come after it
+        item_id = order[index]
+        mask = 1 << index
         longest = 0
         for successor in successors[item_id]:
             mask |= reach[successor]
@@ -546,17 +567,14 @@ def _weigh(graph: QueueGraph) -> None:
                 longest = remaining[successor]
         reach[item_id] = mask
         remaining[item_id] = estimate[item_id] + longest
-    graph.unblocks_count = {item_id: mask.bit_count() - 1 for item_id, mask in reach.items()}
+        unblocks_count[item_id] = mask.bit_count() - 1
+    waits_on = graph.waits_on
     graph.rank = {
-        item_id: (-remaining[item_id], -graph.unblocks_count[item_id],
-                  PRIORITY_ORDER[by_id[item_id].priority], len(graph.waits_on[item_id]), item_id)
+        item_id: (-remaining[item_id], -unblocks_count[item_id],
+                  PRIORITY_ORDER[by_id[item_id].priority], len(waits_on[item_id]), item_id)
         for item_id in graph.schedulable
     }
     graph.schedulable.sort(key=graph.rank.__getitem__)
-
-
-def _estimate_s(item: WorkItem) -> float:
-    return DEFAULT_ESTIMATE_S if item.estimate_s is None else item.estimate_s
 
 
 def topological_order(nodes: Iterable[int], successors: Mapping[int, Sequence[int]]) -> list[int]:
@@ -717,8 +735,9 @@ class Scheduler:
         self.failed: set[int] = set()
         self.skipped: dict[int, int] = {}
         """Item -> the failed item it (transitively) waits on."""
+        running = self.running
         self._missing = {
-            item_id: sum(1 for pred in graph.waits_on[item_id] if pred in members or pred in self.running)
+            item_id: len([pred for pred in graph.waits_on[item_id] if pred in members or pred in running])
             for item_id in members
         }
         # Conflicts are checked by counters over what running items hold (`ConflictIndex.marks` and
@@ -756,17 +775,20 @@ class Scheduler:
         """Twin class -> the counter its listing is parked under, or None for `_ready`."""
         self._twins: dict[int, list[int]] = {}
         """Twin class -> heap of the positions of its ready members; the listing is at the first."""
-        self._class = graph.conflict_index.twin_class
+        self._class_at: list[int] = (
+            list(map(graph.conflict_index.twin_class, self._order)) if self._bits is None else [])
+        """Position in rank order -> its item's twin class (asked for at every start and every listing)."""
+        self._marks = graph.conflict_index.marks
         self._tickets = 0
         self._promoted: dict[int, Mark] = {}
         """Listing in `_ready` -> the counter whose parked heap it came from."""
-        missing, twin_class, twins = self._missing, self._class, self._twins
+        missing, class_at, twins = self._missing, self._class_at, self._twins
         for position, item_id in enumerate(self._order):  # in rank order, so each list below is a heap
             if missing[item_id] == 0:
                 if self._bits is not None:
                     self._bits.add(position, item_id)
                 else:
-                    twins.setdefault(twin_class(item_id), []).append(position)
+                    twins.setdefault(class_at[position], []).append(position)
         for number, (listed, positions) in enumerate(twins.items(), start=1):
             self._listed[listed] = positions[0] << 32 | number
             self._place[listed] = None
@@ -787,7 +809,8 @@ class Scheduler:
         if self._bits is not None:
             self._bits.add(self._position[item_id], item_id)
             return
-        twin_class, position = self._class(item_id), self._position[item_id]
+        position = self._position[item_id]
+        twin_class = self._class_at[position]
         twins = self._twins.get(twin_class)
         if twins is None:
             self._twins[twin_class] = [position]
@@ -829,7 +852,7 @@ class Scheduler:
         while parked:
             listing = heapq.heappop(parked)
             position = listing >> 32
-            twin_class = self._class(self._order[position])
+            twin_class = self._class_at[position]
             if self._listed.get(twin_class) == listing:
                 self._promoted[self._list(twin_class, position, None)] = mark
                 break
@@ -848,17 +871,20 @@ class Scheduler:
         if self._bits is not None:
             return self._start_fitting(self._bits, free_slots)
         started: list[int] = []
-        index = self._graph.conflict_index
-        checks, taken = index.checks, self._taken
-        while len(started) < free_slots and self._ready:
-            listing = heapq.heappop(self._ready)
-            source = self._promoted.pop(listing, None)
+        checks, taken, ready, listed = self._graph.conflict_index.checks, self._taken, self._ready, self._listed
+        while len(started) < free_slots and ready:
+            listing = heapq.heappop(ready)
+            source = self._promoted.pop(listing, None) if self._promoted else None
             position = listing >> 32
             item_id = self._order[position]
-            twin_class = self._class(item_id)
-            if self._listed.get(twin_class) != listing:
+            twin_class = self._class_at[position]
+            if listed.get(twin_class) != listing:
                 continue  # stale: the class was listed again (a promotion moves to the new ticket)
-            blocker = next((mark for mark in checks(item_id) if taken.get(mark)), None)
+            blocker = None
+            for mark in checks(item_id):
+                if taken.get(mark):
+                    blocker = mark
+                    break
             if blocker is None:
                 self._run(item_id)
                 started.append(item_id)
@@ -899,7 +925,7 @@ class Scheduler:
         self.running.add(item_id)
         self._holding.add(item_id)
         taken = self._taken
-        for mark in self._graph.conflict_index.marks(item_id):
+        for mark in self._marks(item_id):
             taken[mark] = taken.get(mark, 0) + 1
 
     def finished(self, item_id: int, ok: bool) -> list[int]:
@@ -913,16 +939,17 @@ class Scheduler:
         if item_id in self._holding:  # what _sync_taken would do for this one end, without comparing sets
             self._holding.remove(item_id)
             taken = self._taken
-            for mark in self._graph.conflict_index.marks(item_id):
+            for mark in self._marks(item_id):
                 taken[mark] -= 1
                 if not taken[mark]:
                     self._freed.append(mark)
         if ok:
             self.done.add(item_id)
+            members, skipped, missing = self._members, self.skipped, self._missing
             for successor in self._graph.unblocks.get(item_id, ()):
-                if successor in self._members and successor not in self.skipped:
-                    self._missing[successor] -= 1
-                    if self._missing[successor] == 0:
+                if successor in members and successor not in skipped:
+                    missing[successor] -= 1
+                    if not missing[successor]:
                         self._became_ready(successor)
             return []
         self.failed.add(item_id)
@@ -1094,6 +1121,10 @@ class Schedule:
     waves: list[list[int]]
     wave_start_ms: list[int]
     makespan_ms: int
+    first_started: list[int] = field(default_factory=list)
+    """What the first `start_next` (on a fresh scheduler, at time 0) started, even when none ends at
+    once: a fresh scheduler given fewer slots starts the first of these (it picks greedily, best
+    first), so `plan_graph` takes `run_now` from here instead of building a second scheduler."""
 
 
 def simulate(graph: QueueGraph, max_parallel: int, *, rank: Mapping[int, object] | None = None) -> Schedule:
@@ -1116,17 +1147,18 @@ def simulate(graph: QueueGraph, max_parallel: int, *, rank: Mapping[int, object]
     wave_start: list[int] = []
     lock_free = 0
 
-    def launch(now: int) -> None:
+    def launch(now: int) -> list[int]:
         started = scheduler.start_next(max_parallel - len(scheduler.running))
         if not started:
-            return
+            return started
         waves.append(started)
         wave_start.append(now)
         for item_id in started:
             start[item_id] = now
             heapq.heappush(events, (now + graph.estimate_ms[item_id] - integration.get(item_id, 0), 0, item_id))
+        return started
 
-    launch(0)
+    first_started = launch(0)
     now = 0
     while events:
         now = events[0][0]
@@ -1141,7 +1173,7 @@ def simulate(graph: QueueGraph, max_parallel: int, *, rank: Mapping[int, object]
         launch(now)
     if scheduler.not_started():
         raise InternalError(f"the simulation left items unstarted: {scheduler.not_started()[:10]}")
-    return Schedule(start, end, waves, wave_start, max(end.values(), default=0))
+    return Schedule(start, end, waves, wave_start, max(end.values(), default=0), first_started)
 
 
 # --- bounds and patterns ----------------------------------------------------------------------------------
@@ -1181,37 +1213,86 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
     path already bounds, so nothing is computed.
     """
     position, estimate, index = graph.position, graph.estimate_ms, graph.conflict_index
-    with_conflicts = [item_id for item_id in active if item_id in index.keys and index.has_conflict(item_id)]
+    with_conflicts = [item_id for item_id in active if index.has_conflict(item_id)]
     if not with_conflicts:
         return 0
-    by_position = sorted(position, key=position.__getitem__)
+    by_id, waits_on, holders, adjacent = graph.by_id, graph.waits_on, index.holders, index.adjacent
+    # Everything below is computed on demand and kept: the seeds' cliques take a few hundred items of
+    # 10,000, and seeding needs the keys' weights, not their masks.
     upward: dict[int, int] = {}
-    for item_id in by_position:
-        mask = 1 << position[item_id]
-        if graph.by_id[item_id].status == "pending":
-            for pred in graph.waits_on[item_id]:
-                if pred in position:
-                    mask |= upward[pred]
-        upward[item_id] = mask
-    running_mask = sum(1 << position[item_id] for item_id in graph.in_progress)
 
-    key_mask: dict[tuple[str, str], int] = {}
+    def up(item_id: int) -> int:
+        """The item and everything it waits on, transitively (an in-progress item waits on nothing).
+        Depth first with an explicit stack (a 10,000-deep chain needs no recursion)."""
+        found = upward.get(item_id)
+        if found is not None:
+            return found
+        stack = [item_id]
+        while stack:
+            node = stack[-1]
+            if node in upward:  # pushed twice before it was reached
+                stack.pop()
+                continue
+            preds = ([pred for pred in waits_on[node] if pred in position]
+                     if by_id[node].status == "pending" else [])
+            missing = [pred for pred in preds if pred not in upward]
+            if missing:
+                stack.extend(missing)
+                continue
+            stack.pop()
+            mask = 1 << position[node]
+            for pred in preds:
+                mask |= upward[pred]
+            upward[node] = mask
+        return upward[item_id]
+
+    running_mask = 0
+    for item_id in graph.in_progress:
+        running_mask |= 1 << position[item_id]
     key_weight: dict[tuple[str, str], int] = {}
-    for key, holders in index.holders.items():
-        placed = [holder for holder in holders if holder in position]
-        key_mask[key] = sum(1 << position[holder] for holder in placed)
-        key_weight[key] = sum(estimate[holder] for holder in placed)
-    near: dict[tuple[str, str], tuple[int, int]] = {}
+    key_mask: dict[tuple[str, str], int] = {}
 
-    def near_key(key: tuple[str, str]) -> tuple[int, int]:
-        """(mask, weight) of the holders of `key` and of every key overlapping it."""
-        found = near.get(key)
+    def weight_of(key: tuple[str, str]) -> int:
+        found = key_weight.get(key)
         if found is None:
-            mask, weight = key_mask[key], key_weight[key]
-            for other in index.adjacent.get(key, ()):
-                mask |= key_mask[other]
-                weight += key_weight[other]
-            found = near[key] = (mask, weight)
+            found = 0
+            for holder in holders[key]:
+                if holder in position:
+                    found += estimate[holder]
+            key_weight[key] = found
+        return found
+
+    def mask_of(key: tuple[str, str]) -> int:
+        found = key_mask.get(key)
+        if found is None:
+            found = 0
+            for holder in holders[key]:
+                if holder in position:
+                    found |= 1 << position[holder]
+            key_mask[key] = found
+        return found
+
+    near_weight: dict[tuple[str, str], int] = {}
+    near_mask: dict[tuple[str, str], int] = {}
+
+    def near_key_weight(key: tuple[str, str]) -> int:
+        """The weight of the holders of `key` and of every key overlapping it (an item holding two counts twice)."""
+        found = near_weight.get(key)
+        if found is None:
+            found = weight_of(key)
+            for other in adjacent.get(key, ()):
+                found += weight_of(other)
+            near_weight[key] = found
+        return found
+
+    def near_key_mask(key: tuple[str, str]) -> int:
+        """The holders of `key` and of every key overlapping it."""
+        found = near_mask.get(key)
+        if found is None:
+            found = mask_of(key)
+            for other in adjacent.get(key, ()):
+                found |= mask_of(other)
+            near_mask[key] = found
         return found
 
     serials: dict[int, int] = {}
@@ -1220,24 +1301,36 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
         """The items serial with `item_id` (kept: the seeds' cliques share many members)."""
         found = serials.get(item_id)
         if found is None:
-            mask = upward[item_id] | graph.reach[item_id]
+            mask = up(item_id) | graph.reach[item_id]
             for key in index.keys.get(item_id, ()):  # by key, not by pair: items sharing one key share its mask
-                mask |= near_key(key)[0]
+                mask |= near_key_mask(key)
             found = serials[item_id] = mask & ~(1 << position[item_id])
         return found
 
     # Seeds first: the items with the heaviest conflicts, their own estimate plus their neighbours'
     # (when there are many pairs, weighed by key instead: an estimate, it only orders the seeds).
+    # `nsmallest` is ``sorted(...)[:n]`` without sorting all of them (the keys are distinct: ids).
     if all(len(keys) == 1 for keys in index.keys.values()):
         # Each item holds one key, so the holders of distinct keys are disjoint, and an item's own
         # estimate plus its neighbours' is exactly the weight of its key and the keys overlapping it.
-        with_conflicts.sort(key=lambda item_id: (-near_key(index.keys[item_id][0])[1], item_id))
+        keys = index.keys
+        weight = {key: near_key_weight(key) for key in {keys[item_id][0] for item_id in with_conflicts}}
+        seeded = [item_id for _, item_id in heapq.nsmallest(
+            _SERIAL_SEEDS, [(-weight[keys[item_id][0]], item_id) for item_id in with_conflicts])]
     elif index.pair_count() <= _EXACT_WEIGHT_PAIRS:
-        with_conflicts.sort(key=lambda item_id: (-(estimate[item_id] + sum(
+        seeded = heapq.nsmallest(_SERIAL_SEEDS, with_conflicts, key=lambda item_id: (-(estimate[item_id] + sum(
             estimate.get(other, 0) for other in index.neighbours(item_id))), item_id))
     else:
-        with_conflicts.sort(key=lambda item_id: (-sum(near_key(key)[1] for key in index.keys[item_id]), item_id))
-    seeds = [critical_path(graph)] + [[item_id] for item_id in with_conflicts[:_SERIAL_SEEDS]]
+        seeded = heapq.nsmallest(_SERIAL_SEEDS, with_conflicts, key=lambda item_id: (
+            -sum(near_key_weight(key) for key in index.keys[item_id]), item_id))
+    seeds = [critical_path(graph)] + [[item_id] for item_id in seeded]
+    # Candidates go heaviest first: (-estimate, id). Ranked once, so each seed sorts plain ints
+    # (its candidates' ranks) instead of calling a key function per candidate.
+    by_position = sorted(position, key=position.__getitem__)
+    heaviest = sorted(by_position, key=lambda item_id: (-estimate[item_id], item_id))
+    rank_at = [0] * len(by_position)
+    for rank, item_id in enumerate(heaviest):
+        rank_at[position[item_id]] = rank
     budget = _SERIAL_BUDGET
     best = 0
     for seed in seeds:
@@ -1249,9 +1342,9 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
             allowed &= ~running_mask
         allowed &= ~members
         total = sum(estimate[member] for member in seed)
-        candidates = [by_position[bit] for bit in _set_bits(allowed)]
-        candidates.sort(key=lambda item_id: (-estimate[item_id], item_id))
-        for candidate in candidates[:budget]:
+        candidates = sorted([rank_at[bit] for bit in _set_bits(allowed)])
+        for rank in candidates[:budget]:
+            candidate = heaviest[rank]
             bit = 1 << position[candidate]
             if allowed & bit:
                 total += estimate[candidate]
@@ -1355,7 +1448,7 @@ def plan_graph(graph: QueueGraph, max_parallel: int, running: int = 0, *, rows: 
     ``rows=False`` leaves `items` empty (`has_rows` is then False): for a caller that shows a page
     of them, built by `page_plan` from the graph (10,000 rows cost a tenth of a 10,000-item plan)."""
     schedule = simulate(graph, max_parallel)
-    run_now = Scheduler(graph).start_next(max_parallel - running - len(graph.in_progress))
+    run_now = schedule.first_started[:max(0, max_parallel - running - len(graph.in_progress))]
     labels, index = graph.labels, graph.conflict_index
     # The rows are built by `trusted` (their values have the declared types by construction: see
     # `plan_rows`), the rest as plain data validated in one call.
