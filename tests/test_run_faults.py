@@ -5,6 +5,7 @@ task cap, the L3 rule, a missing queue, NUL characters bound for a process, and 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -189,7 +190,7 @@ def test_queue_lock_held_elsewhere_does_not_block_calls(workspace):
         while set(statuses(workspace).values()) != {"in_progress"}:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        holder = subprocess.Popen(["flock", str(lock), "sleep", "4"])
+        holder = subprocess.Popen(["flock", str(lock), "sleep", "4"], start_new_session=True)
         try:
             while subprocess.run(["flock", "-n", str(lock), "true"], check=False).returncode == 0:  # until it holds the lock
                 assert time.monotonic() < deadline
@@ -204,6 +205,7 @@ def test_queue_lock_held_elsewhere_does_not_block_calls(workspace):
             assert min(latencies) < 0.1, latencies
             assert set(statuses(workspace).values()) == {"in_progress"}  # the moves are still waiting
         finally:
+            os.killpg(holder.pid, signal.SIGKILL)  # the lock goes with flock and its sleep
             holder.wait(timeout=10)
         out = server.call_tool("task_output", {"task_id": run["run_id"], "timeout": 20})
         assert out["status"] == "completed", out["run"]
