@@ -14,6 +14,10 @@ from mcp import Client
 
 from agent_parallel.server import ServerSettings, build_server
 
+sys.dont_write_bytecode = False
+"""pytest keeps each test module, its asserts rewritten, in __pycache__ (gitignored) only where Python may
+write bytecode: with PYTHONDONTWRITEBYTECODE set (as on these machines) every run, in every worker, rewrote
+them all again (5 of the 6 s a collection took)."""
 
 RELIABILITY_DOC = Path(__file__).parent.parent / "docs/reliability.md"
 _faults: dict[str, str] = {}  # test node id -> the fault or attack it proves is handled
