@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Literal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -1249,63 +1250,40 @@ def _serial_bound(graph: QueueGraph, active: list[int]) -> int:
     running_mask = 0
     for item_id in graph.in_progress:
         running_mask |= 1 << position[item_id]
-    key_weight: dict[tuple[str, str], int] = {}
-    key_mask: dict[tuple[str, str], int] = {}
 
+    # Each helper below is computed on demand and kept (`cache`: the seeds' cliques share keys and members).
+    @cache
     def weight_of(key: tuple[str, str]) -> int:
-        found = key_weight.get(key)
-        if found is None:
-            found = 0
-            for holder in holders[key]:
-                if holder in position:
-                    found += estimate[holder]
-            key_weight[key] = found
-        return found
+        return sum(estimate[holder] for holder in holders[key] if holder in position)
 
+    @cache
     def mask_of(key: tuple[str, str]) -> int:
-        found = key_mask.get(key)
-        if found is None:
-            found = 0
-            for holder in holders[key]:
-                if holder in position:
-                    found |= 1 << position[holder]
-            key_mask[key] = found
+        found = 0
+        for holder in holders[key]:
+            if holder in position:
+                found |= 1 << position[holder]
         return found
 
-    near_weight: dict[tuple[str, str], int] = {}
-    near_mask: dict[tuple[str, str], int] = {}
-
+    @cache
     def near_key_weight(key: tuple[str, str]) -> int:
         """The weight of the holders of `key` and of every key overlapping it (an item holding two counts twice)."""
-        found = near_weight.get(key)
-        if found is None:
-            found = weight_of(key)
-            for other in adjacent.get(key, ()):
-                found += weight_of(other)
-            near_weight[key] = found
-        return found
+        return weight_of(key) + sum(weight_of(other) for other in adjacent.get(key, ()))
 
+    @cache
     def near_key_mask(key: tuple[str, str]) -> int:
         """The holders of `key` and of every key overlapping it."""
-        found = near_mask.get(key)
-        if found is None:
-            found = mask_of(key)
-            for other in adjacent.get(key, ()):
-                found |= mask_of(other)
-            near_mask[key] = found
+        found = mask_of(key)
+        for other in adjacent.get(key, ()):
+            found |= mask_of(other)
         return found
 
-    serials: dict[int, int] = {}
-
+    @cache
     def serial(item_id: int) -> int:
-        """The items serial with `item_id` (kept: the seeds' cliques share many members)."""
-        found = serials.get(item_id)
-        if found is None:
-            mask = up(item_id) | graph.reach[item_id]
-            for key in index.keys.get(item_id, ()):  # by key, not by pair: items sharing one key share its mask
-                mask |= near_key_mask(key)
-            found = serials[item_id] = mask & ~(1 << position[item_id])
-        return found
+        """The items serial with `item_id`."""
+        mask = up(item_id) | graph.reach[item_id]
+        for key in index.keys.get(item_id, ()):  # by key, not by pair: items sharing one key share its mask
+            mask |= near_key_mask(key)
+        return mask & ~(1 << position[item_id])
 
     # Seeds first: the items with the heaviest conflicts, their own estimate plus their neighbours'
     # (when there are many pairs, weighed by key instead: an estimate, it only orders the seeds).
