@@ -119,6 +119,11 @@ def rev_exists(cwd: Path, rev: str) -> bool:
     return run_git(cwd, "rev-parse", "-q", "--verify", rev, ok=(0, 1)).returncode == 0
 
 
+def rev_id(cwd: Path, rev: str) -> str:
+    """The object id ``rev`` names, or ``""`` when it names none (as `rev_exists`)."""
+    return run_git(cwd, "rev-parse", "-q", "--verify", rev, ok=(0, 1)).stdout.decode().strip()
+
+
 def git_out(cwd: Path, *args: str, step: str | None = None) -> str:
     """The first line of ``git ARGS``'s output (a commit id, a ref name)."""
     return run_git(cwd, *args, step=step).stdout.decode(errors="replace").strip()

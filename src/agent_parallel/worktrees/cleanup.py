@@ -19,7 +19,7 @@ from typing import Any
 from ..config import Config
 from ..errors import WorktreeError
 from . import leases
-from ._git import git_out, nul_list, run_git
+from ._git import git_out, nul_list, rev_id, run_git
 from .prepare import read_meta, registered_worktrees
 from .repo import BRANCH_PREFIX, WORKTREES_DIR, RepoInfo, check_repository
 
@@ -135,8 +135,7 @@ def _state(info: RepoInfo, path: Path, branch_ref: str | None, head: str | None,
     ahead = behind = 0
     try:
         if branch:  # the branch's own tip (the worktree's HEAD when it is checked out)
-            tip = run_git(info.root, "rev-parse", "-q", "--verify", branch_ref or "", ok=(0, 1)).stdout.decode() \
-                .strip() or tip
+            tip = rev_id(info.root, branch_ref or "") or tip
         if tip:
             counts = git_out(info.root, "rev-list", "--left-right", "--count", f"{info.target_ref}...{tip}").split()
             behind, ahead = int(counts[0]), int(counts[1])

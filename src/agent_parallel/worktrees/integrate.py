@@ -27,7 +27,7 @@ from typing import BinaryIO, Literal
 
 from ..config import Config
 from ..errors import ShellTimedOut, UsageError, WorktreeError
-from ._git import ShellStop, git_message, git_out, identity_env, nul_list, rev_exists, run_git, run_shell
+from ._git import ShellStop, git_message, git_out, identity_env, nul_list, rev_exists, rev_id, run_git, run_shell
 from .prepare import Lease, rebasing, read_meta, registered_worktrees
 from .repo import RepoInfo, check_repository, file_lock
 
@@ -227,8 +227,7 @@ def _rebase(wt: Path, onto: str) -> list[str] | None:
     if done.returncode == 0:
         return None
     conflicts = nul_list(run_git(wt, "diff", "--name-only", "--diff-filter=U", "-z").stdout)
-    in_progress = run_git(wt, "rev-parse", "-q", "--verify", "REBASE_HEAD", ok=(0, 1)).returncode == 0 \
-        or (Path(git_out(wt, "rev-parse", "--absolute-git-dir")) / "rebase-merge").exists()
+    in_progress = rev_exists(wt, "REBASE_HEAD") or rebasing(wt)
     if in_progress:
         run_git(wt, "rebase", "--abort", step=f"git rebase --abort in {wt}")
     if not conflicts:
@@ -315,7 +314,7 @@ def _advance(info: RepoInfo, config: Config, old: str, new: str) -> bool | list[
 
 
 def _target_now(info: RepoInfo) -> str:
-    return run_git(info.root, "rev-parse", "-q", "--verify", info.target_ref, ok=(0, 1)).stdout.decode().strip()
+    return rev_id(info.root, info.target_ref)
 
 
 def _move_back(checkouts: list[Path], old: str, new: str) -> list[Path]:

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import SetupFailed, ShellTimedOut, WorktreeError
 from ..paths import read_regular
 from . import leases
-from ._git import ShellStop, git_message, git_out, nul_list, rev_exists, run_git, run_shell
+from ._git import ShellStop, git_message, git_out, nul_list, rev_exists, rev_id, run_git, run_shell
 from .repo import BRANCH_PREFIX, RepoInfo, check_repository, file_lock, worktree_name, worktrees_dir
 
 logger = logging.getLogger(__name__)  # (`log` is what prepare streams the setup to)
@@ -250,7 +250,7 @@ def _detached_by_us(path: Path, branch: str) -> bool:
     nothing)."""
     if run_git(path, "status", "--porcelain", "--untracked-files=all").stdout.strip():
         return False
-    tip = run_git(path, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", ok=(0, 1)).stdout.decode().strip()
+    tip = rev_id(path, f"refs/heads/{branch}")
     return bool(tip) and run_git(path, "merge-base", "--is-ancestor", tip, "HEAD", ok=(0, 1)).returncode == 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import Config, ConfigError
 from ..errors import UsageError, WorktreeError, os_error_text
 from ..paths import AGENT_DIR, take_flock
-from ._git import run_git
+from ._git import rev_id, run_git
 
 WORKTREES_DIR = ".agent/worktrees"
 BRANCH_PREFIX = "agent/"
@@ -64,8 +64,8 @@ def check_repository(root: Path, config: Config) -> RepoInfo:
                                                     "(a detached HEAD); set integration.target to the branch to "
                                                     "integrate into (e.g. main), or check out a branch")
         target = head[len("refs/heads/"):]
-    commit = run_git(root, "rev-parse", "-q", "--verify", f"refs/heads/{target}^{{commit}}", ok=(0, 1))
-    if commit.returncode != 0:
+    commit = rev_id(root, f"refs/heads/{target}^{{commit}}")
+    if not commit:
         branches = run_git(root, "for-each-ref", "--count=6", "--format=%(refname:short)", "refs/heads/")
         known = [b for b in branches.stdout.decode(errors="replace").split() if not b.startswith(BRANCH_PREFIX)]
         if config.integration_target is None:
@@ -75,7 +75,7 @@ def check_repository(root: Path, config: Config) -> RepoInfo:
         hint = f"one of: {', '.join(known)}" if known else "an existing branch"
         raise ConfigError("integration.target", f"names branch {target!r}, which does not exist in {toplevel}; "
                                                 f"create it (git branch {target}) or set integration.target to {hint}")
-    return RepoInfo(root, toplevel, prefix, common_dir, target, commit.stdout.decode().strip())
+    return RepoInfo(root, toplevel, prefix, common_dir, target, commit)
 
 
 def worktree_name(item_id: str | int, slug: str) -> str:
