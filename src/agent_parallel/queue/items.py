@@ -773,25 +773,15 @@ def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) ->
 
     problems: list[str] = []
     get = fields.get
-    title = _text("title", get("title"), problems) or heading or name.slug
     # Every value below has its field's declared type by construction (each converter returns
     # exactly that, or reports a problem and returns the default), so the row is not validated again.
-    item = trusted(WorkItem, {
-        "id": name.id, "id_str": name.id_str, "file": file_name, "path": path or file_name, "slug": name.slug,
-        "status": name.status, "title": title,
-        "blocked_by": _ids("blocked_by", get("blocked_by"), problems),
-        "blocks": _ids("blocks", get("blocks"), problems),
-        "files": _files(get("files"), problems),
-        "components": _names("components", get("components"), problems, split_spaces=False),
-        "priority": _priority(get("priority"), problems),
-        "estimate_s": _seconds("estimate", get("estimate"), problems, allow_zero=True),
-        "command": _command(get("command"), problems),
-        "timeout_s": _seconds("timeout", get("timeout"), problems, allow_zero=False),
-        "isolation": _isolation(get("isolation"), problems),
-        "resources": _resources(get("resources"), problems),
-        "retries": _retries(get("retries"), problems),
-        "body": body,
-    })
+    values: dict[str, object] = {"id": name.id, "id_str": name.id_str, "file": file_name, "path": path or file_name,
+                                 "slug": name.slug, "status": name.status}
+    for field, (attribute, convert) in _CONVERTERS.items():
+        values[attribute] = convert(get(field), problems)
+    values["title"] = values["title"] or heading or name.slug
+    values["body"] = body
+    item = trusted(WorkItem, values)
     for message in problems:
         report("bad_field", message)
     if "status" in fields and _status_word(fields["status"]) != name.status:
@@ -809,25 +799,23 @@ def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) ->
 # queue, not once per item), skipping the field dictionaries and the converters of absent fields. It
 # gives what the full path below gives: `tests/test_queue_parse_fast.py` compares the two.
 
-_ATTRIBUTES = {"title": "title", "blocked_by": "blocked_by", "blocks": "blocks", "files": "files",
-               "components": "components", "priority": "priority", "estimate": "estimate_s", "command": "command",
-               "timeout": "timeout_s", "isolation": "isolation", "retries": "retries"}
-"""Field -> the `WorkItem` attribute it sets, for the fields `_usual_item` takes (``resources``, whose
-value is a mutable mapping, and ``status``, not an attribute, are not among them)."""
-_CONVERTERS: dict[str, Callable[[object, list[str]], object]] = {
-    "title": lambda value, problems: _text("title", value, problems),
-    "blocked_by": lambda value, problems: _ids("blocked_by", value, problems),
-    "blocks": lambda value, problems: _ids("blocks", value, problems),
-    "files": _files,
-    "components": lambda value, problems: _names("components", value, problems, split_spaces=False),
-    "priority": _priority,
-    "estimate": lambda value, problems: _seconds("estimate", value, problems, allow_zero=True),
-    "command": _command,
-    "timeout": lambda value, problems: _seconds("timeout", value, problems, allow_zero=False),
-    "isolation": _isolation,
-    "retries": _retries,
+_CONVERTERS: dict[str, tuple[str, Callable[[object, list[str]], object]]] = {
+    "title": ("title", lambda value, problems: _text("title", value, problems)),
+    "blocked_by": ("blocked_by", lambda value, problems: _ids("blocked_by", value, problems)),
+    "blocks": ("blocks", lambda value, problems: _ids("blocks", value, problems)),
+    "files": ("files", _files),
+    "components": ("components", lambda value, problems: _names("components", value, problems, split_spaces=False)),
+    "priority": ("priority", _priority),
+    "estimate": ("estimate_s", lambda value, problems: _seconds("estimate", value, problems, allow_zero=True)),
+    "command": ("command", _command),
+    "timeout": ("timeout_s", lambda value, problems: _seconds("timeout", value, problems, allow_zero=False)),
+    "isolation": ("isolation", _isolation),
+    "resources": ("resources", _resources),
+    "retries": ("retries", _retries),
 }
-"""Field -> what `_parse_named` converts it with (the same call, argument for argument)."""
+"""Field -> the `WorkItem` attribute it sets and what converts its value (reporting problems), in the order
+`_parse_named` converts them (the order of their problems). `_usual_item` takes every one but ``resources``,
+whose value is a mutable mapping (``status`` is no attribute: the file name says it)."""
 
 
 def _usual_field(key: str, value: object) -> tuple[str | None, object]:
@@ -841,14 +829,15 @@ def _usual_field(key: str, value: object) -> tuple[str | None, object]:
         return None, unknown_key_warning("front matter field ", key, list(FIELDS))
     if field == "status":
         return "status", _status_word(value)
-    convert = _CONVERTERS.get(field)
-    if convert is None:
+    conversion = _CONVERTERS.get(field)
+    if conversion is None or field == "resources":
         return "", None
+    attribute, convert = conversion
     problems: list[str] = []
     converted = convert(value, problems)
     if problems:
         return "", None
-    return _ATTRIBUTES[field], tuple(converted) if type(converted) is list else converted
+    return attribute, tuple(converted) if type(converted) is list else converted
 
 
 def _usual_item(name: ItemName, file_name: str, text: str, path: str | None,
