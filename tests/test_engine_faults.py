@@ -900,6 +900,55 @@ async def test_failing_follow_up_still_wakes_waiters(workspace, monkeypatch, how
         await still_works(registry)
 
 
+class Owner:
+    """A ``FollowUps`` owner (a queue run's role) that records its calls, or raises or hangs."""
+
+    def __init__(self, how: str = "notes") -> None:
+        self.how, self.calls = how, []
+
+    async def follow_up_many(self, tasks: list[Task]) -> list[str | None]:
+        self.calls.append([(t.record.command, t.record.status, t.done.is_set()) for t in tasks])
+        if self.how == "raises":
+            raise QueueError("the item files are gone")
+        if self.how == "hangs":
+            await anyio.sleep_forever()
+        return [f"moved {t.record.command}" for t in tasks]
+
+
+async def test_tasks_of_one_follow_up_owner_get_their_follow_up_from_it(workspace):
+    """Tasks launched with the same ``finish_with`` get their follow-up from ``follow_up_many`` (one
+    call for those the lane saw end together), before their waiters wake, each task's answer added
+    to its own reason; another owner's tasks are never mixed in."""
+    owner, other = Owner(), Owner()
+    async with open_registry(workspace, runs_of(workspace), GRACE) as registry:
+        tasks = [await registry.launch(command=c, cwd=workspace, finish_with=owner, answer_at_once=True)
+                 for c in ("true", "exit 2")]
+        apart = await registry.launch(command="true", cwd=workspace, finish_with=other, answer_at_once=True)
+        with anyio.fail_after(10):
+            for task in [*tasks, apart]:
+                await task.done.wait()
+    assert sorted(t for call in owner.calls for t in call) == [("exit 2", "failed", False), ("true", "completed", False)]
+    assert other.calls == [[("true", "completed", False)]]
+    assert [t.record.reason for t in tasks] == ["moved true", "exit code 2; moved exit 2"]
+
+
+@pytest.mark.fault("the follow-up of many tasks at once (a run's plain items) raises or hangs: every waiter wakes, each reason says so")
+@pytest.mark.parametrize("how", ["raises", "hangs"])
+async def test_a_failing_shared_follow_up_still_wakes_every_waiter(workspace, monkeypatch, how):
+    monkeypatch.setattr(registry_module, "FOLLOW_UP_TIMEOUT_S", 0.5)
+    owner = Owner(how)
+    async with open_registry(workspace, runs_of(workspace), GRACE) as registry:
+        tasks = [await registry.launch(command=c, cwd=workspace, finish_with=owner, answer_at_once=True)
+                 for c in ("true", "exit 3")]
+        with anyio.fail_after(10):
+            for task in tasks:
+                await task.done.wait()
+        expected = "its follow-up failed: the item files are gone" if how == "raises" else \
+            "its follow-up did not finish within 0.5 s"
+        assert [t.record.reason for t in tasks] == [expected, f"exit code 3; {expected}"]
+        await still_works(registry)
+
+
 async def test_has_room_follows_queued_and_running_tasks(workspace):
     async with open_registry(workspace, runs_of(workspace), RegistrySettings(max_running=2, kill_grace_s=0.5)) as registry:
         assert registry.has_room()

@@ -106,6 +106,24 @@ async def test_l2_failure_leaves_independent_items_not_started(fake_client, work
     assert statuses(workspace)["002"] == "pending"
 
 
+async def test_items_started_together_keep_their_rank_when_one_cannot_start(fake_client, workspace):
+    """A run claims its plain items together (one move of the queue for all the free slots), yet in
+    rank order as one at a time did: an item that cannot start (no command and no runner) stops an
+    L2 run after the items ranked before it started, and the items ranked after it are never claimed."""
+    write_item(workspace, 1, "first", command="sleep 0.2", files=["a"], priority="critical")
+    write_item(workspace, 2, "no-command", files=["b"], priority="high")
+    write_item(workspace, 3, "third", command="true", files=["c"])
+    out = await run_queue_to_end(fake_client, level="L2", max_parallel=3)
+    report = by_item(out)
+    assert report["001"]["outcome"] == "completed"
+    assert report["002"]["outcome"] == "failed" and "no runner is configured" in report["002"]["reason"]
+    assert report["003"]["outcome"] == "not_started"
+    assert report["003"]["reason"].startswith("item 002 failed and level L2 stops on the first failure")
+    assert statuses(workspace) == {"001": "completed", "002": "pending", "003": "pending"}
+    moved = [(move["item"], move["to"]) for move in claims.history(workspace / ".agent/runs")]
+    assert moved == [("001", "in_progress"), ("001", "completed")]  # 003 never claimed, so never given back
+
+
 async def test_l3_continue_on_error_skips_only_dependents(fake_client, workspace):
     fork_join(workspace, middle="exit 2")
     write_item(workspace, 5, "independent", command="echo free", files=["e"])

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, TypeVar, overload
 from pathlib import Path
 
@@ -49,7 +49,7 @@ from ..tasks.executor import ExitInfo
 from ..tasks.processes import same_process
 from ..tasks.logs import UPSTREAM_LOGS_VAR, LogWriter, upstream_log_path
 from ..tasks.records import TaskStatus
-from ..tasks.registry import Task, TaskRegistry, wait_any
+from ..tasks.registry import FollowUps, Task, TaskRegistry, wait_any
 from ..text import cut, first_few
 from ..worktrees import ShellStop, check_repository, release
 
@@ -139,11 +139,19 @@ class NotStarted(QueueError):
     claim was given back."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _EndMove:
     move: Callable[[], list[str]]
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event  # shared by the moves queued together: a hop takes them all at once
     notes: list[str] | None = None
+
+
+def _last_guard(move: Callable[[], list[str]]) -> list[str]:
+    """An end move's notes; ``_end_move`` returns its problems as notes, and this is a last guard."""
+    try:
+        return move()
+    except Exception as exc:
+        return [f"{NOT_RECORDED}: {exception_reason(exc)}"]
 
 
 class Mover:
@@ -174,18 +182,22 @@ class Mover:
 
     async def end(self, move: Callable[[], list[str]]) -> list[str]:
         """Queue an end move (``_end_move``, which never raises) and wait until a hop carried it."""
+        return (await self.end_many([move]))[0]
+
+    async def end_many(self, moves: list[Callable[[], list[str]]]) -> list[list[str]]:
+        """``end`` of several moves (the items that ended together), waited for as one."""
         if self.closed:
-            return await self.run(move)
-        request = _EndMove(move)
-        self._pending.append(request)
+            return await self.run(lambda: [_last_guard(move) for move in moves])
+        done = anyio.Event()
+        requests = [_EndMove(move, done) for move in moves]
+        self._pending += requests
         with anyio.move_on_after(self.PATIENCE_S):
-            await request.done.wait()
-        if request in self._pending:  # no claim took it in time
-            self._pending.remove(request)
-            return await self.run(move)
-        await request.done.wait()  # taken by a hop under way
-        assert request.notes is not None
-        return request.notes
+            await done.wait()
+        if requests[0] in self._pending:  # no claim took them in time (a hop takes every pending move)
+            self._pending = [r for r in self._pending if r.done is not done]
+            return await self.run(lambda: [_last_guard(move) for move in moves])
+        await done.wait()  # taken by a hop under way
+        return [r.notes or [] for r in requests]
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         """``fn`` after the end moves queued so far: on the event loop when the queue's lock is free,
@@ -194,10 +206,7 @@ class Mover:
 
         def moves_then_fn() -> _T:
             for request in taken:
-                try:
-                    request.notes = request.move()
-                except Exception as exc:  # _end_move returns its problems as notes; this is a last guard
-                    request.notes = [f"{NOT_RECORDED}: {exception_reason(exc)}"]
+                request.notes = _last_guard(request.move)
             return fn()
 
         try:
@@ -246,8 +255,51 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
     this returns once the task is registered, as any launch does, and a ``cancel_task`` (or a
     shutdown) during the setup kills it and gives the claim back; a setup that fails fails the task.
     """
+    ready = await prepare_launch(ctx, graph, item, by=by)
+    with anyio.CancelScope(shield=True):  # a claim made is never dropped by a cancellation
+        path, before = await (mover.run(ready.claim) if mover is not None else anyio.to_thread.run_sync(ready.claim))
+    return await launch_claimed(ctx, graph, ready, path, before, by=by, on_end=on_end, go_on=go_on, mover=mover,
+                                on_completed=on_completed, stop=stop)
+
+
+@dataclass
+class Launch:
+    """An item about to be claimed and started: how it runs and what it is handed (``prepare_launch``)."""
+
+    ctx: QueueContext
+    item: WorkItem
+    by: str
+    argv: list[str] | None
+    timeout_s: float | None
+    waits_on: list[int]
+    upstream_logs: list[Path]
+    missing: list[str]
+    isolating: bool
+
+    def claim(self) -> tuple[Path, tuple[int, int] | None]:
+        """Claim the item (pending -> in_progress): its file now, and its size and time (sync)."""
+        ctx, item = self.ctx, self.item
+        ctx.ensure_runs_dir()
+        path = move_item(ctx.queue_dir, ctx.runs_dir, item.id, "in_progress", by=self.by, expect="pending",
+                         owned=True, known=ctx.queue_dir / item.file)
+        return path, _file_state(path)
+
+    async def give_back(self, path: Path, why: str) -> None:
+        """Give a claim that never ran back (in_progress -> pending), ``why`` in the history."""
+        ctx, item = self.ctx, self.item
+        try:
+            await anyio.to_thread.run_sync(lambda: release_claim(ctx.queue_dir, ctx.runs_dir, item.id, by=self.by,
+                                                                  reason=why, known=path))
+        except Exception as exc:  # the outcome already says why it did not start; add why it stays claimed
+            raise QueueError(f"{why}; the claim could not be given back either ({exception_reason(exc)}): "
+                             f"move item {item.id_str} back with update_item") from exc
+
+
+async def prepare_launch(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str) -> Launch:
+    """What starting ``item`` needs, checked before it is claimed: raises (``QueueError``) when it cannot
+    start (no runner, its upstream output cannot be handed over, no repository for its worktree)."""
     argv, timeout_s = _how_to_run(ctx.config, item)
-    queue_dir, runs_dir = ctx.queue_dir, ctx.runs_dir
+    runs_dir = ctx.runs_dir
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
     upstream = [t.record for t in ctx.registry.completed_items(waits_on)]
     missing = missing_upstream(ctx.registry, graph, waits_on)
@@ -258,27 +310,25 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
             upstream_logs = [upstream_log_path(runs_dir, r) for r in upstream]
     except OSError as exc:
         raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
-
     isolating = is_isolated(ctx.config, item)
     if isolating:  # a workspace that cannot host worktrees is refused before the claim
         await anyio.to_thread.run_sync(lambda: check_repository(ctx.root, ctx.config))
+    return Launch(ctx, item, by, argv, timeout_s, list(waits_on), upstream_logs, missing, isolating)
 
-    def claim() -> tuple[Path, tuple[int, int] | None]:
-        ctx.ensure_runs_dir()
-        path = move_item(queue_dir, runs_dir, item.id, "in_progress", by=by, expect="pending", owned=True,
-                         known=queue_dir / item.file)
-        return path, _file_state(path)
 
-    async def give_back(path: Path, why: str) -> None:
-        try:
-            await anyio.to_thread.run_sync(lambda: release_claim(queue_dir, runs_dir, item.id, by=by, reason=why,
-                                                                  known=path))
-        except Exception as exc:  # the outcome already says why it did not start; add why it stays claimed
-            raise QueueError(f"{why}; the claim could not be given back either ({exception_reason(exc)}): "
-                             f"move item {item.id_str} back with update_item") from exc
+async def launch_claimed(ctx: QueueContext, graph: QueueGraph, ready: Launch, path: Path,
+                         before: tuple[int, int] | None, *, by: str,
+                         on_end: Callable[[Task, ItemEnd], None] | None = None,
+                         go_on: Callable[[], bool] | None = None, mover: Mover | None = None,
+                         on_completed: Callable[[], None] | None = None, stop: ShellStop | None = None,
+                         finish_with: FollowUps | None = None) -> tuple[Task, Isolated | None]:
+    """``launch_item`` once the item is claimed (its file at ``path``): start it, or give the claim back.
 
-    with anyio.CancelScope(shield=True):  # a claim made is never dropped by a cancellation
-        path, before = await (mover.run(claim) if mover is not None else anyio.to_thread.run_sync(claim))
+    ``finish_with`` (a run, for an item run once as a plain process): its end is made by that owner's
+    ``follow_up_many`` with the other items ending together, instead of ``on_end``/``on_completed``."""
+    item, argv, timeout_s, isolating = ready.item, ready.argv, ready.timeout_s, ready.isolating
+    waits_on, upstream_logs, missing = ready.waits_on, ready.upstream_logs, ready.missing
+    give_back = ready.give_back
     try:
         await checkpoint_if_cancelled()
     except BaseException:
@@ -400,7 +450,9 @@ async def launch_item(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, b
                 task = await ctx.registry.launch(
                     command=item.command, argv=argv, cwd=workdir, description=f"item {item.id_str}: {item.title}",
                     env=env, timeout_s=timeout_s, kind="item", item_id=item.id_str, item_file=path.name,
-                    stdin_path=path if argv else None, on_finish=finished, prelude=prelude,
+                    stdin_path=path if argv else None, prelude=prelude,
+                    on_finish=finished if finish_with is None or isolated is not None else None,
+                    finish_with=finish_with if isolated is None else None,
                     follow_up_timeout=math.inf if isolated is not None else None, resources=item.resources,
                     branch=isolated.lease.branch if isolated else None,
                     worktree=str(isolated.lease.path) if isolated else None,
@@ -433,6 +485,11 @@ def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, in
     except Exception as exc:
         notes.append(f"{NOT_RECORDED}: {exception_reason(exc)}")
     return notes
+
+
+def runs_plainly(config: Config, item: WorkItem) -> bool:
+    """An item run once as a plain process where the queue is: no worktree, agent or retries."""
+    return not is_isolated(config, item) and not is_agent_item(config, item) and not retries_of(config, item)
 
 
 def is_agent_item(config: Config, item: WorkItem) -> bool:
@@ -722,6 +779,7 @@ class QueueRun:
         self._finished: list[tuple[int, Task, ItemEnd]] = []
         self.mover = Mover(self.ctx.runs_dir)  # the claims and end moves of its items, several at a time
         self._completed: list[int] = []  # items whose process completed, their file not moved yet
+        self._plain: dict[int, tuple[WorkItem, Path, tuple[int, int] | None]] = {}  # started by _start_plain
         self._released: dict[int, _Slot | None] = {}  # ... their slot freed, their outcome still to come
         self._tg: anyio.abc.TaskGroup | None = None
         self._exit: ExitInfo | None = None
@@ -797,19 +855,24 @@ class QueueRun:
             await wait_any(events)
 
     async def _start_what_fits(self) -> bool:
-        """Start the best-ranked ready items while slots are free and the machine allows it."""
+        """Start the best-ranked ready items while slots are free and the machine allows it. Items run
+        once as a plain process are started together once the others are under way (``_start_plain``)."""
         registry = self.ctx.registry
         check = registry.settings.admission
-        started = False
+        started = held = False
         previous = self.held
-        while len(self.running) + len(self.preparing) < self.options.max_parallel and self.state == "running":
-            if not registry.has_room():
+        plain: list[WorkItem] = []
+        while len(self.running) + len(self.preparing) + len(plain) < self.options.max_parallel \
+                and self.state == "running":
+            if registry.room() <= len(plain):
                 self._hold(f"the server already has {registry.settings.max_running} tasks queued or running (its "
                            "limit); the next item starts when one of them ends", for_room=True)
-                return started
+                held = True
+                break
             if check is not None and (why := check()):
                 self._hold(why)
-                return started
+                held = True
+                break
             self.held, self._held_for_room = None, False
             block = self._agents_blocked()
             if self._retry:
@@ -832,7 +895,14 @@ class QueueRun:
                 self._tg.start_soon(self._start_isolated, item_id)
                 started = True
                 continue
+            if runs_plainly(self.ctx.config, item):
+                plain.append(item)
+                continue
             started = await self._start(item_id) or started
+        if plain:
+            started = await self._start_plain(plain) or started
+        if held:
+            return started
         if self.state == "running" and self._agent_wait and self.held is None and self.budget is None:
             if block := self._agents_blocked():
                 why = f"agent items: {block}"
@@ -898,21 +968,118 @@ class QueueRun:
                                                go_on=lambda: self.state == "running", stop=self.shell_stop,
                                                on_end=functools.partial(self._on_end, item_id), mover=self.mover,
                                                on_completed=functools.partial(self._on_completed, item_id))
-        except ClaimLost as exc:
-            self._follow(item_id, str(exc))
+        except Exception as exc:
+            self._not_started(item, exc)
             return False
-        except NotStarted:
+        self._started(item, task, isolated)
+        return True
+
+    async def _start_plain(self, items: list[WorkItem]) -> bool:
+        """Start items run once as a plain process (``runs_plainly``) together: their claims in one move
+        of the queue, and their ends made together too (``follow_up_many``). A trivial item's own
+        work is a few file moves; one coroutine, lock and event per move cost more than the moves."""
+        ready: list[Launch] = []
+        for i, item in enumerate(items):
+            try:
+                ready.append(await prepare_launch(self.ctx, self.graph, item, by=self.by))
+            except Exception as exc:  # (no runner...) in rank order: those before it start first
+                started = await self._start_ready(ready)
+                self._not_started(item, exc)
+                if self.state == "running":
+                    return await self._start_plain(items[i + 1:]) or started
+                for never in items[i + 1:]:  # taken from the scheduler, not claimed: the run stopped
+                    self._record(never, "not_started", reason=self.stop_reason or "the run was stopped")
+                return started
+        return await self._start_ready(ready)
+
+    async def _start_ready(self, ready: list[Launch]) -> bool:
+        """``_start_plain`` of items checked ready to be claimed."""
+        if not ready:
+            return False
+
+        def claim_all() -> list[tuple[Path, tuple[int, int] | None] | Exception]:
+            claimed: list[tuple[Path, tuple[int, int] | None] | Exception] = []
+            for one in ready:
+                try:
+                    claimed.append(one.claim())
+                except Exception as exc:  # taken by another claimant, a full disk...: that item alone
+                    claimed.append(exc)
+            return claimed
+
+        with anyio.CancelScope(shield=True):  # a claim made is never dropped by a cancellation
+            claims = await self.mover.run(claim_all)
+        started = False
+        left = list(zip(ready, claims, strict=True))
+        try:
+            while left:
+                one, claimed = left.pop(0)
+                if isinstance(claimed, Exception):
+                    self._not_started(one.item, claimed)
+                    continue
+                path, before = claimed
+                self._plain[one.item.id] = (one.item, path, before)
+                try:
+                    task, _ = await launch_claimed(self.ctx, self.graph, one, path, before, by=self.by,
+                                                   go_on=lambda: self.state == "running", mover=self.mover,
+                                                   finish_with=self)
+                except Exception as exc:
+                    del self._plain[one.item.id]
+                    self._not_started(one.item, exc)
+                    continue
+                self._started(one.item, task, None)
+                started = True
+        finally:  # cancelled amid the starts: the claims not started yet are given back
+            if unstarted := [(one, claimed) for one, claimed in left if not isinstance(claimed, Exception)]:
+                with anyio.CancelScope(shield=True):
+                    for one, (path, _) in unstarted:
+                        try:
+                            await one.give_back(path, "not started: the run was cancelled while starting it")
+                        except QueueError as exc:
+                            log.error("run %s: %s", self.run_id, exc)
+        return started
+
+    async def follow_up_many(self, tasks: list[Task]) -> list[str | None]:
+        """The end of plain items that ended together (``FollowUps``): what ``launch_item``'s ``finished``
+        does for one, made for all. Completed ones free their slots at once and their files move with the
+        run's next claims (``Mover.end_many``); failed ones move at once."""
+        ends: list[tuple[int, Task, ItemEnd, Callable[[], list[str]]]] = []
+        for task in tasks:
+            rec = task.record
+            item_id = parse_item_id(rec.item_id or "")
+            _, path, before = self._plain.pop(item_id)
+            ok = rec.status == TaskStatus.COMPLETED
+            move = functools.partial(_end_move, self.ctx, item_id, path, before, "completed" if ok else "failed",
+                                     by=self.by, reason=None if ok else rec.reason)
+            ends.append((item_id, task, ItemEnd(ok, [f"{NOT_RECORDED}: the move was interrupted"]), move))
+        try:
+            if failed := [e for e in ends if not e[2].ok]:
+                for (_, _, end, _), notes in zip(failed, await self.mover.run(
+                        lambda: [_last_guard(e[3]) for e in failed]), strict=True):
+                    end.notes = notes
+            if completed := [e for e in ends if e[2].ok]:
+                self._completed += [item_id for item_id, _, _, _ in completed]  # their slots are free
+                self._changed()
+                for (_, _, end, _), notes in zip(completed, await self.mover.end_many([e[3] for e in completed]),
+                                                 strict=True):
+                    end.notes = notes
+        finally:
+            self._finished += [(item_id, task, end) for item_id, task, end, _ in ends]
+            self._changed()
+        return ["; ".join(end.notes) or None for _, _, end, _ in ends]
+
+    def _not_started(self, item: WorkItem, exc: Exception) -> None:
+        """An item that could not start: followed (claimed elsewhere), held (at the cap), or failed."""
+        if isinstance(exc, ClaimLost):
+            self._follow(item.id, str(exc))
+        elif isinstance(exc, NotStarted):
             self._record(item, "not_started", reason=self.stop_reason or "the run was stopped")
-            return False
-        except ResourceLimitError as exc:
-            if not self.ctx.registry.has_room():  # the cap filled between our check and the start: hold, retry
-                self._retry.insert(0, item_id)
-                return False
+        elif isinstance(exc, ResourceLimitError) and not self.ctx.registry.has_room():
+            self._retry.insert(0, item.id)  # the cap filled between our check and the start: hold, retry
+        else:  # bad strings for the process, no runner, a full disk, shutting down...
             self._could_not_start(item, exc)
-            return False
-        except Exception as exc:  # bad strings for the process, no runner, a full disk, shutting down...
-            self._could_not_start(item, exc)
-            return False
+
+    def _started(self, item: WorkItem, task: Task, isolated: Isolated | None) -> None:
+        item_id = item.id
         if self.first_start is None:
             self.first_start = task.record.started_at or time.time()
         self.running[item_id] = _Slot(item, task, isolated, is_agent_item(self.ctx.config, item))
@@ -926,7 +1093,6 @@ class QueueRun:
         if self._cancelled and self._tg is not None:  # cancelled while it was starting
             self._tg.start_soon(self.ctx.registry.cancel, task, ITS_RUN_CANCELLED)
         self._changed()
-        return True
 
     def _could_not_start(self, item: WorkItem, exc: Exception) -> None:
         self._record(item, "failed", reason=f"could not start: {exception_reason(exc)}")

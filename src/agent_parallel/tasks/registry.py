@@ -108,6 +108,16 @@ FollowUp = Callable[["Task"], Awaitable[str | None]]
 returns is added to the task's reason (e.g. that a queue item's file could not be moved)."""
 
 
+class FollowUps(Protocol):
+    """The follow-up of many tasks at once (``launch(finish_with=...)``): a queue run's plain items.
+
+    The tasks of one owner that end together get one call instead of a coroutine, a timeout scope
+    and an event each: that machinery cost more than the item's file move it waited for."""
+
+    async def follow_up_many(self, tasks: list[Task]) -> list[str | None]:
+        """As ``FollowUp`` for each of ``tasks`` (their final status is set), in their order."""
+
+
 @dataclass
 class Task:
     """A record plus what only exists while this server runs."""
@@ -121,6 +131,7 @@ class Task:
     cancel_reason: str = "cancelled by cancel_task"  # its reason once cancelled (who stopped it)
     waker: anyio.CancelScope | None = None  # wakes a task still waiting for its predecessors
     on_finish: FollowUp | None = None
+    finish_with: FollowUps | None = None  # its follow-up, made with others' (``FollowUps``)
     active: bool = False  # counted in the registry's queued-or-running tally
     group: GroupSlots | None = None  # the fan-out it belongs to (it waits for one of the group's slots)
     holds_slot: bool = False  # holds one of its group's slots
@@ -198,6 +209,10 @@ class TaskRegistry:
         """False while ``max_running`` tasks are queued or running: a launch now would be refused."""
         return self._active < self.settings.max_running
 
+    def room(self) -> int:
+        """How many more tasks may be launched before ``max_running`` is reached."""
+        return max(0, self.settings.max_running - self._active)
+
     def newest_first(self, statuses: set[str] | None = None, among: set[str] | None = None) -> Iterator[Task]:
         """Tasks from the newest, optionally only in ``statuses`` and only those ``among`` these ids
         (insertion order is creation order)."""
@@ -267,7 +282,8 @@ class TaskRegistry:
                      on_finish: FollowUp | None = None,
                      prelude: bytes = b"", follow_up_timeout: float | None = None,
                      resources: dict[str, float] | None = None, branch: str | None = None,
-                     worktree: str | None = None, answer_at_once: bool = False, record_soon: bool = False) -> Task:
+                     worktree: str | None = None, answer_at_once: bool = False, record_soon: bool = False,
+                     finish_with: FollowUps | None = None) -> Task:
         """Register a task and start it (or queue it behind ``after``); returns once it is running.
 
         ``answer_at_once`` (a background ``launch_task``, a queue run's command item): return as soon as
@@ -288,8 +304,9 @@ class TaskRegistry:
         ``StorageError`` when the record cannot be written, ``ShuttingDown`` once the server stops. Once registered, every failure ends the task instead.
         ``prelude`` opens the task's log (what was
         done to prepare it); ``on_finish`` may take ``follow_up_timeout`` seconds (default
-        ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs). ``resources`` go to the
-        executor as they are (``LaunchSpec.resources``).
+        ``FOLLOW_UP_TIMEOUT_S``; an integration takes as long as it needs); ``finish_with`` instead
+        makes it with the other tasks of that owner that end together (``FollowUps``). ``resources``
+        go to the executor as they are (``LaunchSpec.resources``).
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
@@ -304,7 +321,7 @@ class TaskRegistry:
         record.branch, record.worktree = branch, worktree
         first = None if record_soon else self._journal_first([record])[0]
         self._active += 1
-        task = Task(record, on_finish=on_finish, active=True, prelude=prelude,
+        task = Task(record, on_finish=on_finish, finish_with=finish_with, active=True, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
         self._save_soon(task, delay=SOON_DELAY_S if record_soon else FIRST_RECORD_DELAY_S, data=first)
         if answer_at_once and job is None and not predecessors \
@@ -832,15 +849,20 @@ class TaskRegistry:
 
     def lane_ended(self, ends: builtins.list[tuple[Task, ExitInfo]]) -> None:
         plain: builtins.list[tuple[Task, Outcome, tuple[str, ...]]] = []
+        shared: dict[int, builtins.list[tuple[Task, Outcome, tuple[str, ...]]]] = {}  # by FollowUps owner
         for task, info in ends:
             if task.finishing:
                 continue
             task.finishing = True
             end: tuple[Task, Outcome, tuple[str, ...]] = (task, self._outcome(task, info, False), ())
-            if task.on_finish is None:
+            if task.finish_with is not None:  # one call for the owner's tasks (``FollowUps``)
+                shared.setdefault(id(task.finish_with), []).append(end)
+            elif task.on_finish is None:
                 plain.append(end)
             else:  # its follow-up may take long: it must not hold the others' waiters
                 self._tg.start_soon(self._finish_now, [end])
+        for batch in shared.values():
+            self._tg.start_soon(self._finish_now, batch)
         if plain:
             self._tg.start_soon(self._finish_now, plain)
 
@@ -1008,7 +1030,8 @@ class TaskRegistry:
     async def _finish_now(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
         """``_finish`` for tasks marked ``finishing``: their last lines read in one worker thread,
         their final records written in one batch. The follow-ups run one after the other, so the
-        lane gives each task that has one a call of its own."""
+        lane gives each task that has one a call of its own (those of one ``FollowUps`` owner share
+        one call)."""
         with anyio.CancelScope(shield=True):
             for task, _, _ in ends:
                 if task.active:
@@ -1036,10 +1059,16 @@ class TaskRegistry:
                         pass
                     rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
                     rec.tail_segments = list(task.log.segments)
+            owners: dict[int, tuple[FollowUps, builtins.list[Task]]] = {}
             for task, _, _ in ends:
                 if task.on_finish is not None:
                     await self._follow_up(task)
-                task.on_finish = task.waker = task.log = None  # a finished task keeps only its record
+                elif task.finish_with is not None:
+                    owners.setdefault(id(task.finish_with), (task.finish_with, []))[1].append(task)
+            for owner, tasks in owners.values():
+                await self._follow_up_many(owner, tasks)
+            for task, _, _ in ends:
+                task.on_finish = task.finish_with = task.waker = task.log = None  # a finished task keeps only its record
                 task.handle = None  # a process handle is spent; a job stays readable (a run's report)
             if self._saving == 0:
                 self._saved = anyio.Event()
@@ -1074,6 +1103,23 @@ class TaskRegistry:
             problem = f"its follow-up did not finish within {limit:g} s"
         if problem:
             rec.note(problem)
+
+    async def _follow_up_many(self, owner: FollowUps, tasks: builtins.list[Task]) -> None:
+        """``_follow_up`` of tasks sharing a ``FollowUps`` owner, in one call (``FOLLOW_UP_TIMEOUT_S``)."""
+        problems: builtins.list[str | None] = [None] * len(tasks)
+        with anyio.move_on_after(FOLLOW_UP_TIMEOUT_S) as scope:
+            try:
+                problems = await owner.follow_up_many(tasks)
+            except Exception as exc:  # a follow-up failing must never leave waiters hanging
+                log.exception("follow-up of tasks %s failed", first_few([t.record.task_id for t in tasks], 5))
+                problems = [f"its follow-up failed: {exception_reason(exc)}"] * len(tasks)
+        if scope.cancelled_caught:
+            log.error("follow-up of tasks %s did not finish within %g s",
+                      first_few([t.record.task_id for t in tasks], 5), FOLLOW_UP_TIMEOUT_S)
+            problems = [f"its follow-up did not finish within {FOLLOW_UP_TIMEOUT_S:g} s"] * len(tasks)
+        for task, problem in zip(tasks, problems, strict=True):
+            if problem:
+                task.record.note(problem)
 
     async def _save_final(self, records: builtins.list[TaskRecord]) -> None:
         """Save final records durably, even while shutting down. Records of tasks ending together
