@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -189,7 +190,12 @@ def find_item(queue_dir: Path, item_id: int) -> tuple[Path, ItemName]:
 
 
 def _known_file(known: Path | None, item_id: int) -> tuple[Path, ItemName] | None:
-    if known is None or not known.exists() or known.is_dir():
+    if known is None:
+        return None
+    try:
+        if stat.S_ISDIR(os.stat(known).st_mode):
+            return None
+    except (OSError, ValueError):  # gone (or a name the OS refuses): the directory is listed instead
         return None
     name = parse_name(known.name)
     return (known, name) if isinstance(name, ItemName) and name.id == item_id else None

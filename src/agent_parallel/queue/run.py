@@ -276,10 +276,12 @@ class Launch:
     missing: list[str]
     isolating: bool
 
-    def claim(self) -> tuple[Path, tuple[int, int] | None]:
-        """Claim the item (pending -> in_progress): its file now, and its size and time (sync)."""
+    def claim(self, *, ensure: bool = True) -> tuple[Path, tuple[int, int] | None]:
+        """Claim the item (pending -> in_progress): its file now, and its size and time (sync).
+        ``ensure``: make the runs directory again first if it vanished (a batch checks once)."""
         ctx, item = self.ctx, self.item
-        ctx.ensure_runs_dir()
+        if ensure:
+            ctx.ensure_runs_dir()
         path = move_item(ctx.queue_dir, ctx.runs_dir, item.id, "in_progress", by=self.by, expect="pending",
                          owned=True, known=ctx.queue_dir / item.file)
         return path, _file_state(path)
@@ -764,7 +766,7 @@ class QueueRun:
         self.preparing: dict[int, _Preparing] = {}  # isolated items claimed, their worktree being made: slots taken
         self.outcomes: dict[int, ItemOutcome] = {}
         self._by_id: list[ItemOutcome] | None = None  # the outcomes sorted by item id, until the next one
-        self.changed = anyio.Event()  # set (and replaced) on every start and end: progress waiters use it
+        self._change = anyio.Event()  # set on every start and end (``changed``): progress waiters use it
         self.state = "running"
         self.stop_reason: str | None = None
         self.held: str | None = None
@@ -999,9 +1001,13 @@ class QueueRun:
 
         def claim_all() -> list[tuple[Path, tuple[int, int] | None] | Exception]:
             claimed: list[tuple[Path, tuple[int, int] | None] | Exception] = []
+            try:
+                self.ctx.ensure_runs_dir()
+            except Exception as exc:  # every claim fails: each item's outcome says why
+                return [exc] * len(ready)
             for one in ready:
                 try:
-                    claimed.append(one.claim())
+                    claimed.append(one.claim(ensure=False))
                 except Exception as exc:  # taken by another claimant, a full disk...: that item alone
                     claimed.append(exc)
             return claimed
@@ -1242,9 +1248,15 @@ class QueueRun:
         self.outcomes[item.id] = ItemOutcome(item=item.id_str, title=item.title, outcome=outcome, **fields)
         self._by_id = None
 
+    @property
+    def changed(self) -> anyio.Event:
+        """An event set at the run's next change (a start, an end, a hold): take it, look, then wait."""
+        if self._change.is_set():  # a new one only when one is asked for: a turn makes several changes
+            self._change = anyio.Event()
+        return self._change
+
     def _changed(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
+        self._change.set()
 
     async def _finalize(self) -> None:
         """Give every item of the run an outcome; the run succeeds only if every one of them completed
