@@ -317,6 +317,31 @@ async def test_cancel_while_claiming_gives_the_claim_back(client, workspace):
     assert by_item(out)["001"]["outcome"] == "not_started"
 
 
+@pytest.mark.fault("a run cancelled while it claims several items together (queue lock held elsewhere): every claim of the batch is given back, nothing starts, all stay pending")
+async def test_cancel_while_claiming_a_batch_gives_every_claim_back(client, workspace):
+    for number in (1, 2, 3):
+        write_item(workspace, number, f"item-{number}", command="sleep 2", files=[f"f{number}"])
+    lock = runs_dir(workspace) / "queue.lock"
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "1.5"])
+    try:
+        await until(lambda: subprocess.run(["flock", "-n", str(lock), "true"], check=False).returncode != 0)
+        run = await call(client, "run_queue", max_parallel=3)
+        await anyio.sleep(0.3)  # the batch's claims wait for the lock
+        cancelled = await call(client, "cancel_task", task_id=run["run_id"])
+    finally:
+        holder.wait(timeout=10)
+    assert cancelled["tasks"][0]["status"] == "cancelled"
+    assert statuses(workspace) == {"001": "pending", "002": "pending", "003": "pending"}
+    tasks = await call(client, "list_tasks")
+    assert [t["task_id"] for t in tasks["tasks"]] == [run["run_id"]]  # no item task was ever started
+    for item in ("001", "002", "003"):
+        moves = history(workspace / ".agent/runs", item)
+        assert [m["to"] for m in moves] == ["in_progress", "pending"], (item, moves)
+        assert moves[-1]["reason"] == f"not started: run {run['run_id']} was stopped while claiming it"
+    out = await call(client, "task_output", task_id=run["run_id"])
+    assert [by_item(out)[item]["outcome"] for item in ("001", "002", "003")] == ["not_started"] * 3
+
+
 # ---------------------------------------------------------------- 5. the task cap holds a start
 
 
