@@ -1052,7 +1052,12 @@ class QueueRun:
         for task in tasks:
             rec = task.record
             item_id = parse_item_id(rec.item_id or "")
-            _, path, before = self._plain.pop(item_id)
+            if (started := self._plain.pop(item_id, None)) is not None:
+                _, path, before = started
+            else:  # (never: _start_ready keeps every item it launched) its file moves all the same
+                log.error("run %s: item %s ended without its start on record", self.run_id, rec.item_id)
+                path = self.ctx.queue_dir / (rec.item_file or "")
+                before = _file_state(path)
             ok = rec.status == TaskStatus.COMPLETED
             move = functools.partial(_end_move, self.ctx, item_id, path, before, "completed" if ok else "failed",
                                      by=self.by, reason=None if ok else rec.reason)

@@ -1109,7 +1109,9 @@ class TaskRegistry:
         problems: builtins.list[str | None] = [None] * len(tasks)
         with anyio.move_on_after(FOLLOW_UP_TIMEOUT_S) as scope:
             try:
-                problems = await owner.follow_up_many(tasks)
+                problems = list(await owner.follow_up_many(tasks))
+                if len(problems) != len(tasks):
+                    raise InternalError(f"{len(problems)} answers for {len(tasks)} tasks")
             except Exception as exc:  # a follow-up failing must never leave waiters hanging
                 log.exception("follow-up of tasks %s failed", first_few([t.record.task_id for t in tasks], 5))
                 problems = [f"its follow-up failed: {exception_reason(exc)}"] * len(tasks)
