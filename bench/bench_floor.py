@@ -133,6 +133,144 @@ def bare_supervisor(runs: Path, n: int = N, slots: int = SLOTS, *, queue: bool =
     return time.perf_counter() - t0, (time.process_time() - c0) / n * 1000
 
 
+def our_parts_supervisor(base: Path, n: int = N, slots: int = SLOTS) -> tuple[float, float]:
+    """The same one-thread loop made of agent-parallel's own parts, no event loop: the queue read and
+    scheduled by the planner (``QueueReader``, ``build_graph``, ``Scheduler``), claims and end moves by
+    ``claims.move_item`` (the end moves of a turn carried by its claims, under one ``queue_lock_now``), each
+    task spawned by ``LocalExecutor._start_sync`` (guarded: subreaper and watchdog), its output moved by a
+    ``LogWriter``, its exit checked by ``processes.may_have_left_processes``, a ``TaskRecord`` per task
+    (its first record journaled, ``FirstRecords``; its final one written with the turn's others in one
+    ``write_batch`` through the record ``Journal``: one ``fdatasync``), an ``ItemOutcome`` per item.
+    What a lean engine for plain items would do, minus its bookkeeping for the clients: (wall seconds,
+    CPU ms per task)."""
+    from agent_parallel.config import load_config
+    from agent_parallel.paths import runs_dir
+    from agent_parallel.queue.claims import move_item, queue_lock_now
+    from agent_parallel.queue.items import QueueReader
+    from agent_parallel.queue.plan import isolation_policy
+    from agent_parallel.queue.planner import Scheduler, build_graph
+    from agent_parallel.results import ItemOutcome
+    from agent_parallel.tasks import processes
+    from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor
+    from agent_parallel.tasks.group_commit import _Write, write_batch
+    from agent_parallel.tasks.journal import FirstRecords, Journal
+    from agent_parallel.tasks.logs import LogWriter, record_path
+    from agent_parallel.tasks.records import Failed, ProcessRef, Succeeded, TaskRecord, new_task_id
+
+    root = base.resolve()
+    queue_dir = root / ".agent/queue"
+    queue_dir.mkdir(parents=True)
+    for number in range(1, n + 1):
+        (queue_dir / f"{number:03d}-pending-item-{number}.md").write_text(f'---\ncommand: "true"\n---\n# Item {number}\n')
+    runs = runs_dir(root)
+    executor = LocalExecutor(guard=True)
+    firsts, journal = FirstRecords(runs), Journal(runs)
+    poller = select.epoll()
+    live: dict[int, dict[str, object]] = {}
+    outcomes: dict[int, ItemOutcome] = {}
+    end_moves: list[int] = []
+    done = running = 0
+    by = "run floor"
+    t0, c0 = time.perf_counter(), time.process_time()
+    config, _ = load_config(root)
+    items, diagnostics = QueueReader().read(root, config.queue_dir)
+    graph = build_graph(items, diagnostics, isolation_policy(root, config, items))
+    scheduler = Scheduler(graph)
+    watchdog = executor._guardian()
+    try:
+        while done < n:
+            batch = scheduler.start_next(slots - running) if running < slots else []
+            if batch or end_moves:
+                with queue_lock_now(runs) as held:
+                    assert held, "the queue lock is held elsewhere"
+                    for item_id in end_moves:
+                        move_item(queue_dir, runs, item_id, "completed", by=by, expect="in_progress",
+                                  known=queue_dir / graph.by_id[item_id].file.replace("-pending-", "-in_progress-"))
+                    paths = [move_item(queue_dir, runs, item_id, "in_progress", by=by, expect="pending", owned=True,
+                                       known=queue_dir / graph.by_id[item_id].file) for item_id in batch]
+                end_moves.clear()
+            firsts_now = []
+            for item_id, path in zip(batch, paths if batch else [], strict=True):
+                item = graph.by_id[item_id]
+                task_id = new_task_id()
+                env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": item.title,
+                       processes.TASK_ID_VAR: task_id}
+                spec = LaunchSpec(task_id=task_id, cwd=root, command=item.command, env=env)
+                record = TaskRecord(task_id=task_id, kind="item", command=item.command or "", cwd=str(root),
+                                    env_keys=sorted(env), item_id=item.id_str, item_file=path.name)
+                firsts_now.append((record_path(runs, task_id), record.model_dump_json().encode()))
+                log = LogWriter(runs, task_id, 64 << 20)
+                if watchdog is not None:
+                    watchdog.watch(0, task_id, flush=False)
+                started = executor._start_sync(spec, watchdog)
+                record.start(time.time(), ProcessRef(pid=started.popen.pid, start_time=started.start_time))
+                task: dict[str, object] = {"item": item, "record": record, "log": log, "started": started,
+                                           "exit": None, "eof": False}
+                assert started.pidfd is not None
+                live[started.pidfd] = live[started.read_fd] = task
+                poller.register(started.pidfd, select.EPOLLIN)
+                poller.register(started.read_fd, select.EPOLLIN)
+                running += 1
+            if firsts_now:
+                firsts.append(firsts_now)
+            if watchdog is not None and batch:
+                watchdog.flush()
+            ended = []
+            for fd, _ in poller.poll():
+                task = live.pop(fd, None)
+                if task is None:
+                    continue
+                started = task["started"]  # type: ignore[assignment]
+                if fd == started.read_fd:  # type: ignore[attr-defined]
+                    try:
+                        if task["log"].absorb(fd):  # type: ignore[attr-defined]
+                            live[fd] = task
+                            continue
+                    except BlockingIOError:
+                        live[fd] = task
+                        continue
+                    task["eof"] = True
+                else:
+                    task["exit"] = processes.wait_child(started.popen)  # type: ignore[attr-defined]
+                    processes.may_have_left_processes(started.popen.pid, task["record"].task_id)  # type: ignore[attr-defined]
+                poller.unregister(fd)
+                os.close(fd)
+                if task["eof"] and task["exit"] is not None:
+                    ended.append(task)
+            writes = []
+            for task in ended:
+                item, record, log = task["item"], task["record"], task["log"]
+                log.close()  # type: ignore[attr-defined]
+                code = task["exit"]
+                record.end(Succeeded() if code == 0 else Failed(exit_code=code), time.time())  # type: ignore[attr-defined]
+                writes.append(_Write(record_path(runs, record.task_id), record.model_dump_json().encode()))  # type: ignore[attr-defined]
+                outcomes[item.id] = ItemOutcome(item=item.id_str, title=item.title, outcome="completed",  # type: ignore[attr-defined]
+                                                task_id=record.task_id, exit_code=code)  # type: ignore[attr-defined]
+                scheduler.finished(item.id, ok=code == 0)  # type: ignore[attr-defined]
+                if watchdog is not None:
+                    watchdog.forget(task["started"].popen.pid, record.task_id)  # type: ignore[attr-defined]
+                end_moves.append(item.id)  # type: ignore[attr-defined]
+                running -= 1
+                done += 1
+            if writes:
+                write_batch(writes, journal)
+                for write in writes:
+                    firsts.filed(write.path)
+        with queue_lock_now(runs):
+            for item_id in end_moves:
+                move_item(queue_dir, runs, item_id, "completed", by=by, expect="in_progress",
+                          known=queue_dir / graph.by_id[item_id].file.replace("-pending-", "-in_progress-"))
+        wall, cpu = time.perf_counter() - t0, (time.process_time() - c0) / n * 1000
+        left = [p.name for p in queue_dir.iterdir() if "-completed-" not in p.name]
+        assert not left and len(outcomes) == n, f"not every item completed: {left[:3]}"
+        return wall, cpu
+    finally:
+        poller.close()
+        journal.close()
+        firsts.close()
+        executor.close()
+
+
 def xargs(n: int = N, slots: int = SLOTS) -> float:
     t0 = time.perf_counter()
     subprocess.run(f"seq {n} | xargs -P{slots} -n1 true", shell=True, check=True)
@@ -144,7 +282,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="floor-"))
-    walls, cpus, queue_walls, queue_cpus, baselines = [], [], [], [], []
+    walls, cpus, queue_walls, queue_cpus, ours_walls, ours_cpus, baselines = [], [], [], [], [], [], []
     try:
         for repeat in range(args.repeats):  # interleaved: machine noise hits all three alike
             runs = base / f"runs{repeat}"
@@ -157,6 +295,9 @@ def main() -> None:
             wall, cpu = bare_supervisor(runs, queue=True)
             queue_walls.append(wall)
             queue_cpus.append(cpu)
+            wall, cpu = our_parts_supervisor(base / f"ours{repeat}")
+            ours_walls.append(wall)
+            ours_cpus.append(cpu)
             baselines.append(xargs())
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -165,12 +306,14 @@ def main() -> None:
           f"files in {base.parent}, {file_system_type(base.parent) or 'unknown file system'}):")
     print(f"  xargs -P{SLOTS}                      {base_wall:.3f} s")
     for what, times, costs in (("bare one-thread epoll supervisor", walls, cpus),
-                               ("  + the queue's claims and moves", queue_walls, queue_cpus)):
+                               ("  + the queue's claims and moves", queue_walls, queue_cpus),
+                               ("  made of agent-parallel's own parts", ours_walls, ours_cpus)):
         wall = statistics.median(times)
         print(f"  {what:<34}  {wall:.3f} s = {wall / base_wall:.2f}x xargs, "
               f"{statistics.median(costs):.2f} ms CPU per task")
     print(f"  (every run: supervisor {', '.join(f'{w:.3f}' for w in walls)}; with the queue "
-          f"{', '.join(f'{w:.3f}' for w in queue_walls)}; xargs {', '.join(f'{b:.3f}' for b in baselines)})")
+          f"{', '.join(f'{w:.3f}' for w in queue_walls)}; our parts {', '.join(f'{w:.3f}' for w in ours_walls)}; "
+          f"xargs {', '.join(f'{b:.3f}' for b in baselines)})")
 
 if __name__ == "__main__":
     main()
