@@ -489,16 +489,34 @@ def _watchdogs_of(server_pid: int) -> int:
     return 1
 
 
-def test_the_watchdog_starts_with_the_first_task(workspace):
-    """A server that runs nothing starts no guard process (some 50 ms of CPU each); the first task starts it."""
+def test_serve_starts_its_watchdog_with_the_server_and_keeps_one(workspace):
+    """`serve` starts the guard process in the background as it starts (its first task neither waits
+    for it nor shares the CPU with its start-up, some 50 ms): one per server, for every task."""
     with RawServer(workspace) as server:
         server.call_tool("list_tasks", {})
-        assert _watchdogs_of(server.process.pid) == 0
+        deadline = time.monotonic() + 10
+        while not _watchdogs_of(server.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        guard = _watchdog_of(server.process.pid)  # before any task
         tid = server.call_tool("launch_task", {"command": "true"})["task_id"]
         assert server.call_tool("task_output", {"task_id": tid})["status"] == "completed"
-        guard = _watchdog_of(server.process.pid)
         server.call_tool("launch_task", {"command": "true"})
         assert _watchdog_of(server.process.pid) == guard  # one per server
+
+
+async def test_a_server_built_in_process_starts_its_watchdog_with_the_first_task(workspace):
+    """``build_server`` without ``start_guard`` (tests, embedding) starts no guard process until a task
+    runs (a test suite builds thousands of servers); the first task starts it, before its process."""
+    executor = LocalExecutor(guard=True)
+    try:
+        async with Client(build_server(workspace, ServerSettings(min_free_memory=0), executor=executor)) as c:
+            await call(c, "list_tasks")
+            await anyio.sleep(0.2)
+            assert executor._watchdog is None
+            out = await call(c, "launch_task", command="true", run_in_background=False)
+            assert out["status"] == "completed" and executor._watchdog is not None
+    finally:
+        executor.close()
 
 
 _GUARD_FAILS_ONCE = """

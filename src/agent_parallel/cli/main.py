@@ -358,7 +358,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides |= _executor_overrides(args)
     settings = ServerSettings.for_workspace(args.root.resolve(), **overrides)
     _check_executor(settings.executor)
-    server = build_server(args.root, settings, handle_signals=True, bearer_token=token, public_url=public_url)
+    server = build_server(args.root, settings, handle_signals=True, bearer_token=token, public_url=public_url,
+                          start_guard=True)
 
     async def run() -> None:
         if args.transport == "stdio":

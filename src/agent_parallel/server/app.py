@@ -32,7 +32,7 @@ from ..paths import runs_dir
 from .prompt import PARALLEL_EXECUTION
 from ..queue.items import QueueReader
 from ..queue.plan import prepare_plan
-from ..tasks.executor import Executor
+from ..tasks.executor import Executor, LocalExecutor
 from ..text import cut, first_few
 from ..tasks.registry import TaskRegistry, open_registry
 from .auth import StaticTokenVerifier
@@ -217,7 +217,7 @@ def _argument_path(loc: Iterable[Any]) -> str:
 def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                  executor: Executor | None = None, *, handle_signals: bool = False,
                  bearer_token: str | None = None, public_url: str | None = None,
-                 reader: QueueReader | None = None) -> MCPServer:
+                 reader: QueueReader | None = None, start_guard: bool = False) -> MCPServer:
     """Create the MCP server for the workspace at ``root``.
 
     ``handle_signals`` (for the real process, not tests): on SIGTERM, SIGINT or SIGHUP stop every
@@ -226,7 +226,8 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
     ``public_url`` is the URL clients reach the server at (used in the SDK's auth metadata).
     Without an ``executor``, the settings choose it (``executor: ray`` starts or joins Ray when the
     server starts, and refuses at once when Ray is not installed). ``reader`` (for tests): the queue
-    cache to use; the server closes it when it stops.
+    cache to use; the server closes it when it stops. ``start_guard`` (``serve``): the local executor's
+    watchdog is started with the server, in the background, not with the first task.
 
     When the server starts it plans the queue in the background (``plan.prepare_plan``), so the
     first ``queue_plan`` finds its plan made.
@@ -255,6 +256,8 @@ def build_server(root: Path | str = ".", settings: ServerSettings | None = None,
                         tg.start_soon(_exit_on_signal, registry)
                     tg.start_soon(updates.watch, registry)
                     tg.start_soon(_prepare_plan, root, queue_reader, closing)
+                    if start_guard and isinstance(registry.executor, LocalExecutor):
+                        tg.start_soon(anyio.to_thread.run_sync, registry.executor.start_guard)
                     yield Workspace(root, settings, registry, queue_reader)
                     closing.set()
                     tg.cancel_scope.cancel()

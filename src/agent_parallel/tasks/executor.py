@@ -225,6 +225,16 @@ class LocalExecutor:
             processes.release_subreaper()
             self._subreaper = False
 
+    def start_guard(self) -> None:
+        """Start the watchdog now, not with the first task (``serve``: a server about to serve will run
+        tasks, and its first one should neither wait for the guard nor share the CPU with its start-up).
+        Blocking (a worker thread); one that cannot start is left to the first task, which then fails
+        saying why."""
+        try:
+            self._guardian()
+        except SpawnError as exc:
+            log.warning("%s", exc)
+
     async def start(self, spec: LaunchSpec, log: LogWriter) -> LocalHandle:
         [(started, _)] = await self.start_batch([(spec, lambda: log)])
         if isinstance(started, Exception):
