@@ -1066,7 +1066,7 @@ class TaskRegistry:
                 elif task.finish_with is not None:
                     owners.setdefault(id(task.finish_with), (task.finish_with, []))[1].append(task)
             for owner, tasks in owners.values():
-                await self._follow_up_many(owner, tasks)
+                await self._follow_up_many(owner.follow_up_many, tasks, FOLLOW_UP_TIMEOUT_S)
             for task, _, _ in ends:
                 task.on_finish = task.finish_with = task.waker = task.log = None  # a finished task keeps only its record
                 task.handle = None  # a process handle is spent; a job stays readable (a run's report)
@@ -1087,38 +1087,32 @@ class TaskRegistry:
 
     async def _follow_up(self, task: Task) -> None:
         """Await the task's ``on_finish`` (at most its ``follow_up_timeout``); a failure is added to its reason."""
-        rec = task.record
         on_finish, task.on_finish = task.on_finish, None
         assert on_finish is not None
-        problem = None
-        limit = task.follow_up_timeout
+
+        async def one(tasks: builtins.list[Task]) -> builtins.list[str | None]:
+            return [await on_finish(tasks[0])]
+
+        await self._follow_up_many(one, [task], task.follow_up_timeout)
+
+    async def _follow_up_many(self, follow_up: Callable[[builtins.list[Task]], Awaitable[builtins.list[str | None]]],
+                              tasks: builtins.list[Task], limit: float) -> None:
+        """Await ``follow_up`` of ``tasks`` (one call: a ``FollowUps`` owner's, or a task's own ``on_finish``),
+        at most ``limit`` seconds; what it answers for each task, or why it failed, is added to that
+        task's reason. Never raises: a follow-up failing must never leave waiters hanging."""
+        which = first_few([t.record.task_id for t in tasks], 5)
+        problems: builtins.list[str | None] = [None] * len(tasks)
         with anyio.move_on_after(limit) as scope:
             try:
-                problem = await on_finish(task)
-            except Exception as exc:  # a follow-up failing must never leave waiters hanging
-                log.exception("follow-up of task %s failed", rec.task_id)
-                problem = f"its follow-up failed: {exception_reason(exc)}"
-        if scope.cancelled_caught:
-            log.error("follow-up of task %s did not finish within %g s", rec.task_id, limit)
-            problem = f"its follow-up did not finish within {limit:g} s"
-        if problem:
-            rec.note(problem)
-
-    async def _follow_up_many(self, owner: FollowUps, tasks: builtins.list[Task]) -> None:
-        """``_follow_up`` of tasks sharing a ``FollowUps`` owner, in one call (``FOLLOW_UP_TIMEOUT_S``)."""
-        problems: builtins.list[str | None] = [None] * len(tasks)
-        with anyio.move_on_after(FOLLOW_UP_TIMEOUT_S) as scope:
-            try:
-                problems = list(await owner.follow_up_many(tasks))
+                problems = list(await follow_up(tasks))
                 if len(problems) != len(tasks):
                     raise InternalError(f"{len(problems)} answers for {len(tasks)} tasks")
-            except Exception as exc:  # a follow-up failing must never leave waiters hanging
-                log.exception("follow-up of tasks %s failed", first_few([t.record.task_id for t in tasks], 5))
+            except Exception as exc:
+                log.exception("follow-up of task %s failed", which)
                 problems = [f"its follow-up failed: {exception_reason(exc)}"] * len(tasks)
         if scope.cancelled_caught:
-            log.error("follow-up of tasks %s did not finish within %g s",
-                      first_few([t.record.task_id for t in tasks], 5), FOLLOW_UP_TIMEOUT_S)
-            problems = [f"its follow-up did not finish within {FOLLOW_UP_TIMEOUT_S:g} s"] * len(tasks)
+            log.error("follow-up of task %s did not finish within %g s", which, limit)
+            problems = [f"its follow-up did not finish within {limit:g} s"] * len(tasks)
         for task, problem in zip(tasks, problems, strict=True):
             if problem:
                 task.record.note(problem)
