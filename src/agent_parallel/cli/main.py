@@ -194,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..queue.items import QueueReader
     from ..queue.run import QueueContext, run_of, start_run
     from .render import progress_view, report_view, shown
+    from ..tasks.executor import LocalExecutor
     from ..tasks.records import TaskStatus
     from ..tasks.registry import open_registry
     from ..server import ServerSettings
@@ -214,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         settings = server_settings.registry_settings()
         executor = server_settings.make_executor()
         async with open_registry(root, runs_dir(root), settings, executor) as registry:
+            if isinstance(registry.executor, LocalExecutor):  # its start-up overlaps the queue's reading, not the run
+                await anyio.to_thread.run_sync(registry.executor.start_guard)
             ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
             # start_run first moves claims of servers that no longer run to blocked (planning moves no
             # file) and says so in its warnings
