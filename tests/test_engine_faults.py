@@ -884,6 +884,27 @@ async def test_completed_items_finds_each_items_latest_completed_task_until_it_i
         assert [t.record.task_id for t in registry.completed_items([7, 9])] == [kept.record.task_id]
 
 
+async def test_a_task_that_prints_nothing_makes_no_log_file(workspace):
+    """The head log is created with the first byte of output: a silent task leaves no log file (one
+    file less per trivial task) and reads as empty; a dependent is still handed an (empty) file."""
+    runs = runs_of(workspace)
+    async with open_registry(workspace, runs, GRACE) as registry:
+        silent = await registry.launch(command="true", cwd=workspace)
+        upstream = await registry.launch(command="exit 0", cwd=workspace)
+        loud = await registry.launch(command="echo hi", cwd=workspace)
+        dependent = await registry.launch(command='echo "[$AGENT_UPSTREAM_LOGS]"', cwd=workspace,
+                                          after=[upstream.record.task_id])
+        with anyio.fail_after(10):
+            for task in (silent, upstream, loud, dependent):
+                await task.done.wait()
+        assert not (runs / f"{silent.record.task_id}.log").exists()
+        assert registry.read_output(silent, cursor=None, max_bytes=100, tail_lines=None, pattern=None).text == ""
+        assert silent.record.output_bytes == 0 and silent.record.status == "completed"
+        assert (runs / f"{loud.record.task_id}.log").read_text() == "hi\n"
+        handed = runs / f"{upstream.record.task_id}.log"
+        assert dependent.record.last_line == f"[{handed}]" and handed.read_bytes() == b""
+
+
 async def test_on_finish_is_awaited_before_waiters_wake(workspace):
     seen = []
 

@@ -308,7 +308,7 @@ async def prepare_launch(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *
     try:
         if any(r.tail_segments for r in upstream):  # cut output is assembled in a file: off the loop
             upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
-        else:  # each one's whole output is its head log: no file is touched
+        else:  # each one's whole output is its head log (made empty for one that printed nothing)
             upstream_logs = [upstream_log_path(runs_dir, r) for r in upstream]
     except OSError as exc:
         raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc

@@ -150,6 +150,11 @@ def upstream_log_path(runs_dir: Path, record: TaskRecord) -> Path:
     """
     head = log_paths(runs_dir, record.task_id)[0]
     if not record.tail_segments:
+        if not record.output_bytes:  # it printed nothing, so no log was made (``LogWriter``): an empty one
+            try:
+                os.close(os.open(head, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            except OSError:  # there already, or the runs directory is gone (git clean): the path as it is
+                pass
         return head
     segments = record.tail_segments
     pieces = [(head, min(_regular_size(head), segments[0]))]
@@ -220,7 +225,14 @@ waiting for a reader of a FIFO planted there (both fail at once, and the task wi
 
 
 class LogWriter:
-    """Appends a task's output to its log files, keeping the head and the most recent tail."""
+    """Appends a task's output to its log files, keeping the head and the most recent tail.
+
+    The head file is created with the first byte of output: a task that prints nothing (most
+    trivial commands) has no log file at all, and one file less to create is a good part of such a
+    task's cost on ext4 (bench/README.md, "The file system's share"). Readers need no file for an
+    empty log (``LogReader`` reads up to ``total``); ``upstream_log_path`` makes an empty one for a
+    dependent. Anything already at the head's name (a planted directory, FIFO or link) is opened, and
+    refused, at once, before the task's command runs."""
 
     def __init__(self, runs_dir: Path, task_id: str, cap_bytes: int) -> None:
         self.runs_dir, self.task_id = runs_dir, task_id
@@ -229,10 +241,27 @@ class LogWriter:
         self.total = 0
         self.dropped = 0
         self.segments: list[int] = []  # start offsets of the kept tail segments, oldest first
-        self._fd = os.open(log_paths(runs_dir, task_id)[0], LOG_OPEN_FLAGS, 0o644)
+        self._head = log_paths(runs_dir, task_id)[0]
+        self._fd = -1  # the head is opened with the first output (``_open_head``)
+        self._closed = False
+        if os.path.lexists(self._head):
+            self._open_head()
         self._room = self.head_cap  # bytes left in the current file
         self._splice = hasattr(os, "splice")
         self.error: str | None = None  # set when the log could not be written (e.g. disk full)
+
+    def _open_head(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "the task's log is closed")
+        try:
+            self._fd = os.open(self._head, LOG_OPEN_FLAGS, 0o644)
+        except FileNotFoundError:
+            if self.runs_dir.exists():
+                raise
+            # the runs directory was removed while the task ran (``git clean -fdX``): its output is lost,
+            # as it was when the log had been made before (written into a file no longer listed), and
+            # the task goes on to its end; the next launch makes the directory again
+            self._fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def write(self, data: bytes) -> None:
         """Append bytes produced by us (e.g. a spawn error), honouring the cap."""
@@ -249,6 +278,11 @@ class LogWriter:
         Returns the bytes moved, 0 at end of stream; raises ``BlockingIOError`` when the pipe is
         empty. Raises ``OSError`` (e.g. ENOSPC) when the log cannot be written.
         """
+        if self._fd < 0 and not self._closed:  # no output yet: the head is made only if some comes
+            first = os.read(src_fd, min(self._room, CHUNK))
+            if first:
+                self.write(first)
+            return len(first)
         self._make_room()
         want = min(self._room, CHUNK)
         if self._splice:
@@ -275,6 +309,8 @@ class LogWriter:
 
     def _make_room(self) -> None:
         if self._room > 0:
+            if self._fd < 0:
+                self._open_head()
             return
         os.close(self._fd)
         if len(self.segments) == 2:
@@ -286,6 +322,7 @@ class LogWriter:
         self._room = self.segment_cap
 
     def close(self) -> None:
+        self._closed = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
