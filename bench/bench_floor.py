@@ -3,8 +3,8 @@
 Issue 11 asks for 300 trivial items at 5 at once within 1.5x of `xargs -P5`. This script measures,
 interleaved with `xargs -P5` in the same run, a supervisor that does only what every task of ours
 must do and nothing else: one thread, one epoll over every pidfd and output pipe, `subprocess.Popen`
-of `/bin/sh -c true` in its own session and working directory, a log file per task that its output
-is copied into, a record file per task (written when it starts, replaced when it ends, one
+of `/bin/sh -c true` in its own session and working directory, a log file per task that prints (made
+with its first output, as ours are), a record file per task (written when it starts, replaced when it ends, one
 directory fsync per batch of ends). No event loop, no coroutine, no thread, no MCP, no claims.
 A second line times the same loop keeping a queue run's file protocol as well (each item claimed and
 moved at its end by a rename under the queue's lock, each move a history line): the floor for
@@ -79,15 +79,14 @@ def bare_supervisor(runs: Path, n: int = N, slots: int = SLOTS, *, queue: bool =
             path = move(number, "pending", "in_progress")
             extra.update({b"AGENT_ITEM_ID": f"{number:05d}".encode(), b"AGENT_ITEM_FILE": os.fsencode(path),
                           b"AGENT_ITEM_TITLE": f"Item {number}".encode()})
-        log_fd = os.open(runs / f"{task_id}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         child = subprocess.Popen(["/bin/sh", "-c", "true"], cwd=runs, env={**env, **extra},
                                  stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
                                  start_new_session=True, close_fds=True)
         os.close(write_end)
         pidfd = os.pidfd_open(child.pid)
-        task: dict[str, object] = {"id": task_id, "number": number, "child": child, "pidfd": pidfd, "pipe": read_end, "log": log_fd,
-                                   "exit": None, "eof": False}
+        task: dict[str, object] = {"id": task_id, "number": number, "child": child, "pidfd": pidfd, "pipe": read_end, "log": -1,
+                                   "exit": None, "eof": False}  # the log file is made with the first output, as ours
         live[pidfd] = live[read_end] = task
         poller.register(pidfd, select.EPOLLIN)
         poller.register(read_end, select.EPOLLIN)
@@ -105,6 +104,8 @@ def bare_supervisor(runs: Path, n: int = N, slots: int = SLOTS, *, queue: bool =
             if fd == task["pipe"]:
                 data = os.read(fd, 1 << 16)
                 if data:
+                    if task["log"] == -1:
+                        task["log"] = os.open(runs / f"{task['id']}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                     os.write(task["log"], data)  # type: ignore[arg-type]
                     live[fd] = task
                     continue
@@ -114,7 +115,8 @@ def bare_supervisor(runs: Path, n: int = N, slots: int = SLOTS, *, queue: bool =
             poller.unregister(fd)
             os.close(fd)
             if task["eof"] and task["exit"] is not None:
-                os.close(task["log"])  # type: ignore[arg-type]
+                if task["log"] != -1:
+                    os.close(task["log"])  # type: ignore[arg-type]
                 running -= 1
                 done += 1
                 ended.append(task)
