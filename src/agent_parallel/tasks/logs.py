@@ -1,6 +1,6 @@
 """Task logs on disk: a capped writer fed straight from the child's pipe, and a paging reader.
 
-One module owns the paths (``log_paths``, ``tail_segment_path``, ``upstream_path``,
+One module owns the paths (``head_log_path``, ``tail_segment_path``, ``upstream_path``,
 ``task_files``). A log keeps the start of the output in ``<id>.log`` (up to half the cap) and the
 most recent output in tail segments ``<id>.<offset>.log`` (each a quarter of the cap, at most two
 kept; a cap below ``MIN_LOG_CAP`` counts as that, so a tiny cap cannot mean one file per
@@ -38,9 +38,9 @@ CHUNK = 1 << 20
 MIN_LOG_CAP = 4096  # the smallest log kept, whatever the configured cap: head 2 KiB, two tail segments of 1 KiB
 
 
-def log_paths(runs_dir: Path, task_id: str) -> tuple[Path, Path]:
-    """The head log, and the directory-plus-prefix tail segments are named from."""
-    return runs_dir / f"{task_id}.log", runs_dir / task_id
+def head_log_path(runs_dir: Path, task_id: str) -> Path:
+    """The head log: the start of a task's output (its tail segments: ``tail_segment_path``)."""
+    return runs_dir / f"{task_id}.log"
 
 
 def tail_segment_path(runs_dir: Path, task_id: str, start: int) -> Path:
@@ -83,7 +83,7 @@ def record_path(runs_dir: Path, task_id: str) -> Path:
 def task_files(runs_dir: Path, task_id: str, segments: list[int]) -> list[Path]:
     """Every file a task may have in ``runs_dir``, by exact name (for pruning: never a pattern)."""
     record = record_path(runs_dir, task_id)
-    return [record, atomic_temporary(record), log_paths(runs_dir, task_id)[0],
+    return [record, atomic_temporary(record), head_log_path(runs_dir, task_id),
             upstream_path(runs_dir, task_id), upstream_list_path(runs_dir, task_id), runs_dir / f"{task_id}.report.json",
             *(tail_segment_path(runs_dir, task_id, s) for s in segments)]
 
@@ -130,7 +130,7 @@ _SEGMENT_NAME = re.compile(r"([0-9]{1,18})\.log", re.ASCII)
 def recover_log_extent(runs_dir: Path, task_id: str, head_cap: int, segments: list[int]) -> tuple[int, list[int], int]:
     """For a log whose writer died (server crash): (total bytes, tail segment starts, dropped bytes),
     given its tail segments as ``tail_segments_on_disk`` found them."""
-    total = _regular_size(log_paths(runs_dir, task_id)[0])
+    total = _regular_size(head_log_path(runs_dir, task_id))
     if segments:
         total = segments[-1] + _regular_size(tail_segment_path(runs_dir, task_id, segments[-1]))
     dropped = segments[0] - head_cap if segments else 0
@@ -148,7 +148,7 @@ def upstream_log_path(runs_dir: Path, record: TaskRecord) -> Path:
     ``[agent-parallel: N bytes dropped here]`` where output was dropped, and the kept tail (made
     once, atomically, then reused). ``record`` must be final. Blocking: call it in a worker thread.
     """
-    head = log_paths(runs_dir, record.task_id)[0]
+    head = head_log_path(runs_dir, record.task_id)
     if not record.tail_segments:
         if not record.output_bytes:  # it printed nothing, so no log was made (``LogWriter``): an empty one
             try:
@@ -241,7 +241,7 @@ class LogWriter:
         self.total = 0
         self.dropped = 0
         self.segments: list[int] = []  # start offsets of the kept tail segments, oldest first
-        self._head = log_paths(runs_dir, task_id)[0]
+        self._head = head_log_path(runs_dir, task_id)
         self._fd = -1  # the head is opened with the first output (``_open_head``)
         self._closed = False
         if os.path.lexists(self._head):
@@ -342,7 +342,7 @@ class LogReader:
     def __init__(self, runs_dir: Path, task_id: str, total: int, head_cap: int, segments: list[int]) -> None:
         self.runs_dir, self.task_id, self.total = runs_dir, task_id, total
         head_len = min(total, head_cap)
-        self.ranges: list[tuple[int, int, Path]] = [(0, head_len, log_paths(runs_dir, task_id)[0])]
+        self.ranges: list[tuple[int, int, Path]] = [(0, head_len, head_log_path(runs_dir, task_id))]
         for i, start in enumerate(segments):
             end = segments[i + 1] if i + 1 < len(segments) else total
             self.ranges.append((start, end, tail_segment_path(runs_dir, task_id, start)))

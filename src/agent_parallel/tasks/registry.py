@@ -39,7 +39,7 @@ from .executor import MAX_ARG_BYTES, Executor, ExecutorError, ExitInfo, LaunchSp
 from .group_commit import SOON_DELAY_S, GroupCommit, write_now
 from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
-from .logs import (UPSTREAM_LOGS_VAR, LineMatcher, LogChunk, LogReader, LogWriter, head_cap, log_paths, record_path,
+from .logs import (UPSTREAM_LOGS_VAR, LineMatcher, LogChunk, LogReader, LogWriter, head_cap, head_log_path, record_path,
                    recover_log_extent, spill_upstream_logs, tail_segments_on_disk, task_files,
                    upstream_log_path)
 from .processes import TASK_ID_VAR, describe_survivors, kill_tasks_now, process_start_time, same_process
@@ -766,7 +766,7 @@ class TaskRegistry:
         return True
 
     def _log_failure(self, task_id: str, exc: OSError) -> str:
-        return f"could not open the task's log {log_paths(self.runs_dir, task_id)[0]}: {os_error_text(exc)}"
+        return f"could not open the task's log {head_log_path(self.runs_dir, task_id)}: {os_error_text(exc)}"
 
     def _save_soon(self, task: Task, *, delay: float = SOON_DELAY_S, data: bytes | None = None) -> None:
         """Write the task's record (``data``: as serialized already; else as it is when written)
