@@ -16,7 +16,7 @@ from agent_parallel.errors import WorktreeError
 from agent_parallel.worktrees import integrate, prepare
 from agent_parallel.worktrees._git import GIT_TIMEOUT_VAR
 from conftest import all_dead_soon, read_pids
-from worktree_helpers import LINES, agent, config, git, head, make_repo
+from worktree_helpers import LINES, agent, commit_once, config, git, head, make_repo
 
 STRATEGIES = ["rebase", "merge", "squash"]
 HOOKS = ["post-checkout", "reference-transaction", "pre-commit", "prepare-commit-msg", "commit-msg", "post-commit",
@@ -254,10 +254,8 @@ def test_a_kill_between_moving_the_target_and_the_checkout_never_shows_the_work_
 def test_a_user_commit_to_the_same_file_during_verify_is_brought_up_not_blocked(repo: Path, tmp_path: Path) -> None:
     """The checkout moves before the ref now: a target moved meanwhile (the user commits while the verify
     runs) must still mean "bring up again", not "local changes", and lose neither commit."""
-    marker = tmp_path / "intruded"
-    verify = (f"if [ ! -e {marker} ]; then touch {marker}; sed -i 's/line 1$/user/' {repo}/a.txt; "
-              f"git -C {repo} commit -qam user; fi")
-    cfg = config(integration_verify=verify)
+    cfg = config(integration_verify=commit_once(repo, tmp_path / "intruded",
+                                                "sed -i 's/line 1$/user/' a.txt && git commit -qam user"))
     item = prepare(repo, cfg, "001", "first")
     agent(item, "echo agent >> a.txt")
     result = integrate(repo, cfg, item, "Mine")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent_parallel.worktrees import integrate, predict_conflicts, prepare
-from worktree_helpers import LINES, agent, config, git, head, make_repo
+from worktree_helpers import LINES, agent, commit_once, config, git, head, make_repo
 
 STRATEGIES = ["rebase", "merge", "squash"]
 
@@ -107,10 +107,7 @@ def test_an_item_with_nothing_new_is_integrated_without_moving_the_target(repo: 
 def test_the_target_moved_by_someone_else_during_verify_loses_no_commit(repo: Path, tmp_path: Path) -> None:
     """The compare-and-swap: the verify command itself commits to main (once), between the bring-up
     and the ref update; the swap fails, the branch is brought up again, and both commits are kept."""
-    marker = tmp_path / "intruded"
-    verify = (f"if [ ! -e {marker} ]; then touch {marker}; "
-              f"git -C {repo} commit -q --allow-empty -m intruder; fi")
-    cfg = config(integration_verify=verify)
+    cfg = config(integration_verify=commit_once(repo, tmp_path / "intruded", "git commit -q --allow-empty -m intruder"))
     item = prepare(repo, cfg, "001", "first")
     agent(item, "echo mine >> a.txt")
     result = integrate(repo, cfg, item, "Mine")

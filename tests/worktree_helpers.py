@@ -50,6 +50,12 @@ def agent(lease: Lease, script: str) -> None:
     subprocess.run(["sh", "-c", script], cwd=lease.workdir, check=True, capture_output=True)
 
 
+def commit_once(repo: Path, marker: Path, commit: str) -> str:
+    """An ``integration.verify`` command that, the first time only (``marker`` remembers), runs ``commit``
+    in ``repo``'s checkout: the user committing to the target while an integration is verified."""
+    return f"if [ ! -e {marker} ]; then touch {marker}; cd {repo} && {commit}; fi"
+
+
 def head(root: Path, ref: str = "main") -> str:
     return git(root, "rev-parse", ref)
 
