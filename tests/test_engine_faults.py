@@ -25,7 +25,7 @@ from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from agent_parallel.errors import QueueError, ResourceLimitError, UsageError
 from agent_parallel.tasks import registry as registry_module
 from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
-from agent_parallel.tasks.logs import LogWriter
+from agent_parallel.tasks.logs import LogWriter, record_path
 from agent_parallel.tasks.processes import process_start_time
 from agent_parallel.tasks.records import ProcessRef, Running, TaskRecord, load_records, save_record
 from agent_parallel.tasks.registry import RegistrySettings, Task, open_registry
@@ -955,6 +955,31 @@ class Owner:
             return []
         return [f"moved {t.record.command}" for t in tasks]
 
+    def follow_up_now(self, tasks: list[Task]) -> list[str | None] | None:
+        if not self.how.startswith("now"):
+            return None  # follow_up_many makes it
+        self.calls.append([(t.record.command, t.record.status, t.done.is_set()) for t in tasks])
+        if self.how == "now raises":
+            raise QueueError("the item files are gone")
+        if self.how == "now answers short":
+            return []
+        return [f"moved {t.record.command} at once" for t in tasks]
+
+
+async def test_a_follow_up_made_at_once_answers_before_the_waiters_wake(workspace):
+    """An owner that makes the follow-up at once (``follow_up_now``, in the lane's turn) is not asked
+    again by ``follow_up_many``: its answer is in the reason, and the waiters wake once the final
+    record is on disk."""
+    owner = Owner("now")
+    async with open_registry(workspace, runs_of(workspace), GRACE) as registry:
+        task = await registry.launch(command="true", cwd=workspace, finish_with=owner, answer_at_once=True)
+        with anyio.fail_after(10):
+            await task.done.wait()
+        on_disk = TaskRecord.model_validate_json(record_path(runs_of(workspace), task.record.task_id).read_bytes())
+    assert owner.calls == [[("true", "completed", False)]]
+    assert task.record.reason == "moved true at once"
+    assert on_disk.status == "completed" and on_disk.reason == "moved true at once"
+
 
 async def test_tasks_of_one_follow_up_owner_get_their_follow_up_from_it(workspace):
     """Tasks launched with the same ``finish_with`` get their follow-up from ``follow_up_many`` (one
@@ -974,7 +999,7 @@ async def test_tasks_of_one_follow_up_owner_get_their_follow_up_from_it(workspac
 
 
 @pytest.mark.fault("the follow-up of many tasks at once (a run's plain items) raises, hangs or answers for fewer tasks: every waiter wakes, each reason says so")
-@pytest.mark.parametrize("how", ["raises", "hangs", "answers short"])
+@pytest.mark.parametrize("how", ["raises", "hangs", "answers short", "now raises", "now answers short"])
 async def test_a_failing_shared_follow_up_still_wakes_every_waiter(workspace, monkeypatch, how):
     monkeypatch.setattr(registry_module, "FOLLOW_UP_TIMEOUT_S", 0.5)
     owner = Owner(how)
@@ -987,7 +1012,7 @@ async def test_a_failing_shared_follow_up_still_wakes_every_waiter(workspace, mo
         expected = {"raises": "its follow-up failed: the item files are gone",
                     "hangs": "its follow-up did not finish within 0.5 s",
                     "answers short": "its follow-up failed: 0 answers for {n} tasks [this is a bug in agent-parallel: "
-                                     "please report it]"}[how]
+                                     "please report it]"}[how.removeprefix("now ")]
         n = len(owner.calls[0])  # 2 when the lane saw both end together, else 1 (each its own call)
         assert [t.record.reason for t in tasks] == [expected.format(n=n), f"exit code 3; {expected.format(n=n)}"]
         await still_works(registry)

@@ -70,6 +70,44 @@ async def test_successful_run_completes_everything_and_reports(fake_client, work
     assert "run " + out["task_id"] + " finished: 4 completed" in out["output"]
 
 
+async def test_a_plain_item_that_ends_starts_the_next_in_the_same_turn_within_max_parallel(client, workspace,
+                                                                                           monkeypatch):
+    """A completed plain item's file moves, its slot frees and the next ready items are claimed and
+    started in the lane's turn that took the end (``QueueRun.follow_up_now``): never more than
+    max_parallel at once, a dependent claimed only once what it waits on moved to completed, and an
+    item that cannot start that way (it has retries) is started by the run's next turn."""
+    from agent_parallel.queue.run import QueueRun
+
+    at_once = []
+    follow_up_now = QueueRun.follow_up_now
+
+    def counted(self, tasks):
+        answers = follow_up_now(self, tasks)
+        at_once.append(answers is not None)
+        return answers
+
+    monkeypatch.setattr(QueueRun, "follow_up_now", counted)
+    spans = workspace / "spans.log"
+    command = f'echo "+ $AGENT_ITEM_ID" >> {spans}; sleep 0.05; echo "- $AGENT_ITEM_ID" >> {spans}'
+    for number in range(1, 13):
+        write_item(workspace, number, f"item-{number}", command=command, files=[f"f{number}"], priority="low")
+    write_item(workspace, 13, "after-one", command=command, blocked_by=[1], retries=1, priority="critical")
+    write_item(workspace, 14, "after-two", command=command, blocked_by=[2], priority="critical")
+    report = (await run_queue_to_end(client, max_parallel=3))["run"]
+    assert report["counts"] == {"running": 0, "completed": 14}
+    assert statuses(workspace) == {f"{n:03d}": "completed" for n in range(1, 15)}
+    assert any(at_once), "no end was made at once"
+    running = peak = 0
+    for line in spans.read_text().splitlines():
+        running += 1 if line.startswith("+") else -1
+        peak = max(peak, running)
+    assert peak <= 3
+    moves = [json.loads(line) for line in (workspace / ".agent/runs/history.jsonl").read_text().splitlines()]
+    order = [(m["item"], m["to"]) for m in moves]
+    assert order.index(("001", "completed")) < order.index(("013", "in_progress"))
+    assert order.index(("002", "completed")) < order.index(("014", "in_progress"))
+
+
 async def test_the_makespan_runs_from_the_first_start_to_the_last_end(client, workspace):
     """Measured from the starts the items recorded, not from their launches (answered while the
     process was still starting)."""

@@ -154,6 +154,11 @@ def _last_guard(move: Callable[[], list[str]]) -> list[str]:
         return [f"{NOT_RECORDED}: {exception_reason(exc)}"]
 
 
+def _make(requests: list[_EndMove]) -> None:
+    for request in requests:
+        request.notes = _last_guard(request.move)
+
+
 class Mover:
     """A run's item file moves, several at a time. A worker-thread hop (waking a worker thread, then
     taking the GIL back) costs about as much CPU as the moves it carries, and a run of trivial items
@@ -205,8 +210,7 @@ class Mover:
         taken, self._pending = self._pending, []
 
         def moves_then_fn() -> _T:
-            for request in taken:
-                request.notes = _last_guard(request.move)
+            _make(taken)
             return fn()
 
         try:
@@ -219,6 +223,16 @@ class Mover:
             for request in taken:
                 if request.notes is None:
                     request.notes = [f"{NOT_RECORDED}: the move was interrupted"]
+                request.done.set()
+
+    def carry_now(self) -> None:
+        """Make the end moves waiting for a claim now, on the event loop: the caller holds the queue's
+        lock (``QueueRun.follow_up_now``)."""
+        taken, self._pending = self._pending, []
+        try:
+            _make(taken)
+        finally:
+            for request in taken:
                 request.done.set()
 
     async def flush(self) -> None:
@@ -288,18 +302,41 @@ class Launch:
 
     async def give_back(self, path: Path, why: str) -> None:
         """Give a claim that never ran back (in_progress -> pending), ``why`` in the history."""
+        await anyio.to_thread.run_sync(lambda: self.give_back_now(path, why))
+
+    def give_back_now(self, path: Path, why: str) -> None:
+        """``give_back``, sync: in a worker thread, or on the loop with the queue's lock held."""
         ctx, item = self.ctx, self.item
         try:
-            await anyio.to_thread.run_sync(lambda: release_claim(ctx.queue_dir, ctx.runs_dir, item.id, by=self.by,
-                                                                  reason=why, known=path))
+            release_claim(ctx.queue_dir, ctx.runs_dir, item.id, by=self.by, reason=why, known=path)
         except Exception as exc:  # the outcome already says why it did not start; add why it stays claimed
             raise QueueError(f"{why}; the claim could not be given back either ({exception_reason(exc)}): "
                              f"move item {item.id_str} back with update_item") from exc
 
 
+def prepare_launch_now(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str) -> Launch | None:
+    """``prepare_launch`` of an item whose checks need no worker thread (no worktree, no cut upstream
+    output to assemble), on the event loop; None for the others."""
+    if is_isolated(ctx.config, item):
+        return None
+    argv, timeout_s = _how_to_run(ctx.config, item)
+    waits_on = graph.waits_on.get(item.id, item.blocked_by)
+    upstream = [t.record for t in ctx.registry.completed_items(waits_on)]
+    if any(r.tail_segments for r in upstream):
+        return None
+    try:
+        upstream_logs = [upstream_log_path(ctx.runs_dir, r) for r in upstream]
+    except OSError as exc:
+        raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
+    missing = missing_upstream(ctx.registry, graph, waits_on)
+    return Launch(ctx, item, by, argv, timeout_s, list(waits_on), upstream_logs, missing, False)
+
+
 async def prepare_launch(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str) -> Launch:
     """What starting ``item`` needs, checked before it is claimed: raises (``QueueError``) when it cannot
     start (no runner, its upstream output cannot be handed over, no repository for its worktree)."""
+    if (ready := prepare_launch_now(ctx, graph, item, by=by)) is not None:
+        return ready
     argv, timeout_s = _how_to_run(ctx.config, item)
     runs_dir = ctx.runs_dir
     waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
@@ -329,7 +366,6 @@ async def launch_claimed(ctx: QueueContext, graph: QueueGraph, ready: Launch, pa
     ``finish_with`` (a run, for an item run once as a plain process): its end is made by that owner's
     ``follow_up_many`` with the other items ending together, instead of ``on_end``/``on_completed``."""
     item, argv, timeout_s, isolating = ready.item, ready.argv, ready.timeout_s, ready.isolating
-    waits_on, upstream_logs, missing = ready.waits_on, ready.upstream_logs, ready.missing
     give_back = ready.give_back
     try:
         await checkpoint_if_cancelled()
@@ -345,13 +381,7 @@ async def launch_claimed(ctx: QueueContext, graph: QueueGraph, ready: Launch, pa
     isolated: Isolated | None = None
     prelude = b""
     workdir = ctx.root
-    env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": cut(item.title, MAX_ENV_TITLE)}
-    if waits_on:
-        env["AGENT_UPSTREAM_ITEMS"] = " ".join(graph.label(dep) for dep in waits_on)
-    if upstream_logs:
-        env[UPSTREAM_LOGS_VAR] = os.pathsep.join(str(p) for p in upstream_logs)
-    if missing:
-        env[UPSTREAM_MISSING_VAR] = " ".join(missing)
+    env = _item_env(graph, ready, path)
     setup: SetupFirst | None = None
     if isolating and stop is None:
         # a launch_task: answered at once, the worktree and its setup being the task's first step
@@ -471,6 +501,35 @@ async def launch_claimed(ctx: QueueContext, graph: QueueGraph, ready: Launch, pa
     elif setup is not None and setup.isolated is None:  # a launch_task's: its worktree is the task's first step
         task.record.phase = "setup"
     return task, isolated
+
+
+def _item_env(graph: QueueGraph, ready: Launch, path: Path) -> dict[str, str]:
+    """What an item's process is told of it (its id, file, title) and of what it waited on."""
+    item = ready.item
+    env = {"AGENT_ITEM_ID": item.id_str, "AGENT_ITEM_FILE": str(path), "AGENT_ITEM_TITLE": cut(item.title, MAX_ENV_TITLE)}
+    if ready.waits_on:
+        env["AGENT_UPSTREAM_ITEMS"] = " ".join(graph.label(dep) for dep in ready.waits_on)
+    if ready.upstream_logs:
+        env[UPSTREAM_LOGS_VAR] = os.pathsep.join(str(p) for p in ready.upstream_logs)
+    if ready.missing:
+        env[UPSTREAM_MISSING_VAR] = " ".join(ready.missing)
+    return env
+
+
+def launch_plain_now(ctx: QueueContext, graph: QueueGraph, ready: Launch, path: Path, *,
+                     finish_with: FollowUps) -> Task:
+    """``launch_claimed`` of a plain item (``runs_plainly``) without awaiting, its end made by ``finish_with``;
+    the claim is given back (in this thread: the caller holds the queue's lock) when it cannot start."""
+    item = ready.item
+    try:
+        return ctx.registry.launch_now(
+            command=item.command, argv=ready.argv, cwd=ctx.root, description=f"item {item.id_str}: {item.title}",
+            env=_item_env(graph, ready, path), timeout_s=ready.timeout_s, kind="item", item_id=item.id_str,
+            item_file=path.name, stdin_path=path if ready.argv else None, resources=item.resources,
+            finish_with=finish_with)
+    except Exception as exc:  # not started (bad strings, a cap, shutting down...): the process never ran
+        ready.give_back_now(path, f"not started: {exception_reason(exc)}")
+        raise
 
 
 def _end_move(ctx: QueueContext, item_id: int, path: Path, before: tuple[int, int] | None, to_status: str, *,
@@ -783,6 +842,7 @@ class QueueRun:
         self._completed: list[int] = []  # items whose process completed, their file not moved yet
         self._plain: dict[int, tuple[WorkItem, Path, tuple[int, int] | None]] = {}  # started by _start_plain
         self._released: dict[int, _Slot | None] = {}  # ... their slot freed, their outcome still to come
+        self._starting = False  # a turn is starting items (``_start_what_fits`` awaits meanwhile)
         self._tg: anyio.abc.TaskGroup | None = None
         self._exit: ExitInfo | None = None
         policy = "continues past failures" if options.continue_on_error else "stops at the first failure"
@@ -859,6 +919,13 @@ class QueueRun:
     async def _start_what_fits(self) -> bool:
         """Start the best-ranked ready items while slots are free and the machine allows it. Items run
         once as a plain process are started together once the others are under way (``_start_plain``)."""
+        self._starting = True  # (``follow_up_now`` starts nothing meanwhile: it would count slots wrong)
+        try:
+            return await self._start_fitting()
+        finally:
+            self._starting = False
+
+    async def _start_fitting(self) -> bool:
         registry = self.ctx.registry
         check = registry.settings.admission
         started = held = False
@@ -1077,6 +1144,74 @@ class QueueRun:
             self._finished += [(item_id, task, end) for item_id, task, end, _ in ends]
             self._changed()
         return ["; ".join(end.notes) or None for _, _, end, _ in ends]
+
+    def follow_up_now(self, tasks: list[Task]) -> list[str | None] | None:
+        """``follow_up_many`` made at once in the lane's turn (``FollowUps``), when every one of ``tasks``
+        completed, the run is under way and the queue's lock is free now: their files move, their slots
+        free and the next plain items are claimed and started right there (``_start_plain_now``), with
+        no turn of the event loop between an end and the next start. Their outcomes are recorded by
+        the run's next turn, as ``follow_up_many``'s. None (nothing done) otherwise."""
+        if self.state != "running" or self._cancelled:
+            return None
+        ids = [parse_item_id(task.record.item_id or "") for task in tasks]
+        if any(task.record.status != TaskStatus.COMPLETED for task in tasks) or any(i not in self._plain for i in ids):
+            return None
+        with queue_lock_now(self.ctx.runs_dir) as held:
+            if not held:
+                return None
+            self.mover.carry_now()  # those waiting for a claim go first, as a claim would take them
+            answers: list[str | None] = []
+            for item_id, task in zip(ids, tasks, strict=True):
+                _, path, before = self._plain.pop(item_id)
+                notes = _last_guard(functools.partial(_end_move, self.ctx, item_id, path, before, "completed",
+                                                      by=self.by, reason=None))
+                self._released[item_id] = self.running.pop(item_id, None)  # its slot is free
+                self.scheduler.finished(item_id, ok=True)
+                self._finished.append((item_id, task, ItemEnd(True, notes)))
+                answers.append("; ".join(notes) or None)
+            if not self._starting:
+                self._start_plain_now()
+        self._changed()
+        return answers
+
+    def _start_plain_now(self) -> None:
+        """Claim and start the next best-ranked items while slots are free, on the event loop, with the
+        queue's lock held (``follow_up_now``): plain items only, and only while nothing holds the run's
+        starts. The first item this cannot start so (a worktree, an agent, retries, upstream output to
+        assemble in a worker thread) waits at the front for the run's next turn, which starts it."""
+        registry, config = self.ctx.registry, self.ctx.config
+        check = registry.settings.admission
+        if self.held is not None or self._retry or self._agent_wait or self.preparing:
+            return  # the turn decides those (and says why a start is held)
+        while len(self.running) < self.options.max_parallel and self.state == "running":
+            if registry.room() <= 0 or (check is not None and check()):
+                return  # the turn holds the start, saying why
+            batch = self.scheduler.start_next(1)
+            if not batch:
+                return
+            item = self.graph.by_id[batch[0]]
+            try:
+                ready = prepare_launch_now(self.ctx, self.graph, item, by=self.by) \
+                    if runs_plainly(config, item) else None
+            except Exception as exc:  # (no runner...)
+                self._not_started(item, exc)
+                continue
+            if ready is None:
+                self._retry.insert(0, item.id)
+                return
+            try:
+                path, before = ready.claim(ensure=False)  # (the lock held: the runs directory is there)
+            except Exception as exc:  # taken by another claimant, a full disk...
+                self._not_started(item, exc)
+                continue
+            self._plain[item.id] = (item, path, before)
+            try:
+                task = launch_plain_now(self.ctx, self.graph, ready, path, finish_with=self)
+            except Exception as exc:
+                del self._plain[item.id]
+                self._not_started(item, exc)
+                continue
+            self._started(item, task, None)
 
     def _not_started(self, item: WorkItem, exc: Exception) -> None:
         """An item that could not start: followed (claimed elsewhere), held (at the cap), or failed."""

@@ -117,6 +117,11 @@ class FollowUps(Protocol):
     async def follow_up_many(self, tasks: list[Task]) -> list[str | None]:
         """As ``FollowUp`` for each of ``tasks`` (their final status is set), in their order."""
 
+    def follow_up_now(self, tasks: list[Task]) -> list[str | None] | None:
+        """The same made at once, on the event loop, in the lane's turn that took the ends (no await:
+        a run frees the slots and starts its next items there); None when it cannot be made at once
+        now, and ``follow_up_many`` makes it instead."""
+
 
 @dataclass
 class Task:
@@ -308,6 +313,45 @@ class TaskRegistry:
         makes it with the other tasks of that owner that end together (``FollowUps``). ``resources``
         go to the executor as they are (``LaunchSpec.resources``).
         """
+        task, spec, predecessors = self._new_task(
+            command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=after,
+            kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, on_finish=on_finish,
+            prelude=prelude, follow_up_timeout=follow_up_timeout, resources=resources, branch=branch,
+            worktree=worktree, held_now=answer_at_once and job is None, record_soon=record_soon,
+            finish_with=finish_with)
+        if answer_at_once and job is None and not predecessors and executor in (None, self.executor):
+            self._go_now(task, spec)
+        else:
+            await self._register(task, spec, predecessors, executor or self.executor, job,
+                                 wait_start=not answer_at_once)
+        await self._prune()
+        return task
+
+    def launch_now(self, *, command: str | None, argv: builtins.list[str] | None, cwd: Path, description: str,
+                   env: dict[str, str], timeout_s: float | None, kind: TaskKind, item_id: str, item_file: str,
+                   stdin_path: Path | None, resources: dict[str, float] | None, finish_with: FollowUps) -> Task:
+        """``launch(answer_at_once=True, record_soon=True)`` of a queue run's plain item, made without
+        awaiting (``FollowUps.follow_up_now`` starts the next items in the lane's turn): the same
+        checks and errors, the same start (the lane's, or its own supervision when held)."""
+        task, spec, _ = self._new_task(
+            command=command, argv=argv, cwd=cwd, description=description, env=env, timeout_s=timeout_s, after=None,
+            kind=kind, item_id=item_id, item_file=item_file, stdin_path=stdin_path, on_finish=None, prelude=b"",
+            follow_up_timeout=None, resources=resources, branch=None, worktree=None, held_now=True,
+            record_soon=True, finish_with=finish_with)
+        self._go_now(task, spec)
+        if self._prune_due():
+            self._tg.start_soon(self._prune)
+        return task
+
+    def _new_task(self, *, command: str | None, argv: builtins.list[str] | None, cwd: Path,
+                  description: str | None, env: dict[str, str] | None, timeout_s: float | None,
+                  after: builtins.list[str] | None, kind: TaskKind, item_id: str | None, item_file: str | None,
+                  stdin_path: Path | None, on_finish: FollowUp | None, prelude: bytes,
+                  follow_up_timeout: float | None, resources: dict[str, float] | None, branch: str | None,
+                  worktree: str | None, held_now: bool, record_soon: bool, finish_with: FollowUps | None,
+                  ) -> tuple[Task, LaunchSpec, builtins.list[Task]]:
+        """``launch`` up to the start: checked, its record journaled (or ``record_soon``) and counted
+        active; ``held_now``: a start the admission check holds says so in the record already."""
         if self._closing:
             raise ShuttingDown("the server is shutting down; launch the task again after it restarts")
         if not self.has_room():
@@ -324,18 +368,18 @@ class TaskRegistry:
         task = Task(record, on_finish=on_finish, finish_with=finish_with, active=True, prelude=prelude,
                     follow_up_timeout=FOLLOW_UP_TIMEOUT_S if follow_up_timeout is None else follow_up_timeout)
         self._save_soon(task, delay=SOON_DELAY_S if record_soon else FIRST_RECORD_DELAY_S, data=first)
-        if answer_at_once and job is None and not predecessors \
-                and self.settings.admission is not None and (why := self.settings.admission()):
+        if held_now and not predecessors and self.settings.admission is not None and (why := self.settings.admission()):
             record.hold(f"start held: {why}")  # the answer says why the start waits (``_admit`` holds it)
-        if answer_at_once and job is None and not predecessors and executor in (None, self.executor) \
-                and record.reason is None and self._lane is not None:
-            self._tasks[record.task_id] = task
+        return task, spec, predecessors
+
+    def _go_now(self, task: Task, spec: LaunchSpec) -> None:
+        """Start a registered task answered at once with nothing to wait for: through the lane, or on
+        its own (``_supervise``) when its start is held or there is no lane."""
+        self._tasks[task.record.task_id] = task
+        if task.record.reason is None and self._lane is not None:
             self._lane_submit(task, spec)
         else:
-            await self._register(task, spec, predecessors, executor or self.executor, job,
-                                 wait_start=not answer_at_once)
-        await self._prune()
-        return task
+            self._tg.start_soon(self._supervise, task, spec, [], self.executor, None)
 
     def _new_record(self, *, command: str | None, argv: builtins.list[str] | None, cwd: Path, description: str | None,
                     env: dict[str, str] | None, timeout_s: float | None, after: builtins.list[str] | None,
@@ -575,13 +619,17 @@ class TaskRegistry:
             paths.extend(task_files(self.runs_dir, task.record.task_id, task.record.tail_segments))
         return paths
 
+    def _prune_due(self) -> bool:
+        batch = max(1, min(32, self.settings.max_records // 100))
+        return len(self._tasks) - self.settings.max_records >= batch and len(self._tasks) >= self._prune_at
+
     async def _prune(self) -> None:
         """Forget the oldest finished tasks beyond ``max_records`` and delete their files (off the loop),
         in batches of up to 1 % of the cap (at most 32): at the cap every launch would otherwise pay
         a worker-thread hop for one task's files."""
-        batch = max(1, min(32, self.settings.max_records // 100))
-        if len(self._tasks) - self.settings.max_records < batch or len(self._tasks) < self._prune_at:
+        if not self._prune_due():
             return
+        batch = max(1, min(32, self.settings.max_records // 100))
         paths = self._forget(self._excess())
         if len(self._tasks) - self.settings.max_records >= batch:  # pinned or live tasks held some back:
             self._prune_at = len(self._tasks) + batch  # look again a batch later, not at every launch
@@ -862,7 +910,8 @@ class TaskRegistry:
             else:  # its follow-up may take long: it must not hold the others' waiters
                 self._tg.start_soon(self._finish_now, [end])
         for batch in shared.values():
-            self._tg.start_soon(self._finish_now, batch)
+            if not self._finish_at_once(batch):
+                self._tg.start_soon(self._finish_now, batch)
         if plain:
             self._tg.start_soon(self._finish_now, plain)
 
@@ -1033,32 +1082,44 @@ class TaskRegistry:
         lane gives each task that has one a call of its own (those of one ``FollowUps`` owner share
         one call)."""
         with anyio.CancelScope(shield=True):
-            for task, _, _ in ends:
-                if task.active:
-                    task.active = False
-                    self._active -= 1
-                if task.holds_slot and task.group is not None:
-                    task.holds_slot = False
-                    task.group.running -= 1
-                    freed, task.group.freed = task.group.freed, anyio.Event()
-                    freed.set()
+            self._free(ends)
             if readable := [task for task, _, _ in ends if task.log is not None and task.log.total]:
                 lines = await anyio.to_thread.run_sync(lambda: [self._last_line_or_none(t) for t in readable])
                 for task, line in zip(readable, lines, strict=True):
                     task.record.last_line = line
-            for task, outcome, notes in ends:
-                rec = task.record
-                rec.end(outcome, time.time())
-                self._index_item(task)
-                for note in notes:
-                    rec.note(note)
-                if task.log is not None:
-                    try:
-                        task.log.close()
-                    except OSError:
-                        pass
-                    rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
-                    rec.tail_segments = list(task.log.segments)
+            self._mark_ended(ends)
+            await self._follow_ups_then_close(ends)
+
+    def _free(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
+        """Give back what the ending tasks held: their place in the active tally, their group's slot."""
+        for task, _, _ in ends:
+            if task.active:
+                task.active = False
+                self._active -= 1
+            if task.holds_slot and task.group is not None:
+                task.holds_slot = False
+                task.group.running -= 1
+                freed, task.group.freed = task.group.freed, anyio.Event()
+                freed.set()
+
+    def _mark_ended(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
+        """Set each record's final status (in memory) and close its log."""
+        for task, outcome, notes in ends:
+            rec = task.record
+            rec.end(outcome, time.time())
+            self._index_item(task)
+            for note in notes:
+                rec.note(note)
+            if task.log is not None:
+                try:
+                    task.log.close()
+                except OSError:
+                    pass
+                rec.output_bytes, rec.dropped_bytes = task.log.total, task.log.dropped
+                rec.tail_segments = list(task.log.segments)
+
+    async def _follow_ups_then_close(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
+        with anyio.CancelScope(shield=True):
             owners: dict[int, tuple[FollowUps, builtins.list[Task]]] = {}
             for task, _, _ in ends:
                 if task.on_finish is not None:
@@ -1067,6 +1128,12 @@ class TaskRegistry:
                     owners.setdefault(id(task.finish_with), (task.finish_with, []))[1].append(task)
             for owner, tasks in owners.values():
                 await self._follow_up_many(owner.follow_up_many, tasks, FOLLOW_UP_TIMEOUT_S)
+            await self._close(ends)
+
+    async def _close(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
+        """The last of ``_finish``: a finished task keeps only its record, written durably before its
+        waiters wake."""
+        with anyio.CancelScope(shield=True):
             for task, _, _ in ends:
                 task.on_finish = task.finish_with = task.waker = task.log = None  # a finished task keeps only its record
                 task.handle = None  # a process handle is spent; a job stays readable (a run's report)
@@ -1078,6 +1145,34 @@ class TaskRegistry:
                 task.done.set()
                 task.done = self._ended  # (its waiters hold the event they wait on)
                 task.record.compact()  # kept in memory until pruned: the smaller the better
+
+    def _finish_at_once(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> bool:
+        """``_finish_now`` of one ``FollowUps`` owner's tasks, its follow-up made at once
+        (``follow_up_now``) in the lane's turn: a run frees their slots and starts its next items
+        there instead of some turns of the event loop later. False (nothing done) when one of them
+        printed something (its last line is read in a worker thread). Never raises."""
+        if any(task.log is not None and task.log.total for task, _, _ in ends):
+            return False
+        tasks = [task for task, _, _ in ends]
+        owner = tasks[0].finish_with
+        assert owner is not None
+        self._free(ends)
+        self._mark_ended(ends)
+        try:
+            problems = owner.follow_up_now(tasks)
+            if problems is not None and len(problems) != len(tasks):
+                raise InternalError(f"{len(problems)} answers for {len(tasks)} tasks")
+        except Exception as exc:
+            log.exception("follow-up of task %s failed", first_few([t.record.task_id for t in tasks], 5))
+            problems = [f"its follow-up failed: {exception_reason(exc)}"] * len(tasks)
+        if problems is None:
+            self._tg.start_soon(self._follow_ups_then_close, ends)
+            return True
+        for task, problem in zip(tasks, problems, strict=True):
+            if problem:
+                task.record.note(problem)
+        self._tg.start_soon(self._close, ends)
+        return True
 
     def _last_line_or_none(self, task: Task) -> str | None:
         try:
