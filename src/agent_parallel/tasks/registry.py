@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -94,13 +95,18 @@ class Job(Protocol):
 class GroupSlots:
     """A fan-out's members share this: at most ``max_parallel`` of them run at once.
 
-    One coroutine per group (``TaskRegistry._dispatch_group``) starts the members in order as slots
-    free up; a member waiting for its turn has no coroutine of its own, only its record."""
+    Its members start in order (``TaskRegistry._dispatch_now``): as many as fit once its predecessors
+    completed (one coroutine per group, ``_dispatch_group``, waits for those and retries a start the
+    task cap holds), then the next one as soon as a member's end frees its slot, in the same turn (in
+    the lane's, for members it followed). A member waiting for its turn has only its record."""
 
     group_id: str
     max_parallel: int
     running: int = 0  # members holding a slot (started, not yet finished)
     freed: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) when a slot is given back
+    waiting: deque[tuple[Task, LaunchSpec]] = field(default_factory=deque)  # members not started yet, in order
+    predecessors: builtins.list[Task] = field(default_factory=list)  # what every member waits on
+    open: bool = False  # its predecessors completed: members start as slots free
 
 
 FollowUp = Callable[["Task"], Awaitable[str | None]]
@@ -492,33 +498,50 @@ class TaskRegistry:
                     task.dispatched = True
                     await self._finish(task, skipped)
                 return
-            for task, spec in members:
-                while not task.finishing and not self._closing and group.running >= group.max_parallel:
+            group.waiting.extend(members)
+            group.predecessors, group.open = predecessors, True
+            while True:  # the members' ends start the next ones (``_free``); here: a start the cap held
+                self._dispatch_now(group)
+                if not group.waiting or self._closing:
+                    break  # (once the server stops nothing starts: the members left end below, interrupted)
+                if group.running >= group.max_parallel:
                     await group.freed.wait()
-                while not task.finishing and not self._closing and not self.has_room():
-                    task.record.hold(f"start held: {self._active} tasks are queued or running (the limit is "
-                                     f"{self.settings.max_running})")
+                else:
                     with anyio.move_on_after(self.settings.admission_retry_s):
                         await group.freed.wait()
-                if self._closing:
-                    break  # nothing starts once the server stops: the members left end below, interrupted
-                if task.finishing:
-                    continue
-                if task.record.reason is not None:
-                    task.record.hold(None)
-                group.running += 1
-                task.holds_slot = task.active = task.dispatched = True
-                self._active += 1
-                if predecessors or self._lane is None:
-                    self._tg.start_soon(self._supervise, task, spec, predecessors, self.executor, None)
-                else:
-                    self._lane_submit(task, spec)
         finally:
+            group.open = False
             self._group_wakers.pop(group.group_id, None)
             with anyio.CancelScope(shield=True):  # the registry closing: members never started end here
                 for task, _ in members:
                     if not task.dispatched and not task.finishing:
                         await self._end_undispatched(task)
+
+    def _dispatch_now(self, group: GroupSlots) -> None:
+        """Start the group's next members in order while one of its slots is free and the task cap has
+        room; a member cancelled meanwhile is passed over (``cancel`` ended it), one the cap holds says
+        so in its record (``_dispatch_group`` tries it again)."""
+        while group.waiting and not self._closing:
+            task, spec = group.waiting[0]
+            if task.finishing:
+                group.waiting.popleft()
+                continue
+            if group.running >= group.max_parallel:
+                return
+            if not self.has_room():
+                task.record.hold(f"start held: {self._active} tasks are queued or running (the limit is "
+                                 f"{self.settings.max_running})")
+                return
+            group.waiting.popleft()
+            if task.record.reason is not None:
+                task.record.hold(None)
+            group.running += 1
+            task.holds_slot = task.active = task.dispatched = True
+            self._active += 1
+            if group.predecessors or self._lane is None:
+                self._tg.start_soon(self._supervise, task, spec, group.predecessors, self.executor, None)
+            else:
+                self._lane_submit(task, spec)
 
     async def _end_undispatched(self, task: Task) -> None:
         """End a group member that never started (cancelled, or the server shutting down)."""
@@ -913,6 +936,7 @@ class TaskRegistry:
             if not self._finish_at_once(batch):
                 self._tg.start_soon(self._finish_now, batch)
         if plain:
+            self._free(plain)  # a fan-out's next members start in this turn (``_dispatch_now``)
             self._tg.start_soon(self._finish_now, plain)
 
     def lane_handover(self, task: Task, deadline: float | None) -> None:
@@ -1091,16 +1115,20 @@ class TaskRegistry:
             await self._follow_ups_then_close(ends)
 
     def _free(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
-        """Give back what the ending tasks held: their place in the active tally, their group's slot."""
+        """Give back what the ending tasks held: their place in the active tally, their group's slot,
+        which the group's next member takes at once (``_dispatch_now``). Once per task."""
         for task, _, _ in ends:
             if task.active:
                 task.active = False
                 self._active -= 1
             if task.holds_slot and task.group is not None:
+                group = task.group
                 task.holds_slot = False
-                task.group.running -= 1
-                freed, task.group.freed = task.group.freed, anyio.Event()
+                group.running -= 1
+                freed, group.freed = group.freed, anyio.Event()
                 freed.set()
+                if group.open:
+                    self._dispatch_now(group)
 
     def _mark_ended(self, ends: builtins.list[tuple[Task, Outcome, tuple[str, ...]]]) -> None:
         """Set each record's final status (in memory) and close its log."""
