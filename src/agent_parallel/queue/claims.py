@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import os
 import stat
@@ -320,6 +321,11 @@ _HISTORY_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NO
 fails the open (ENXIO) instead of blocking it, and a symlink is refused instead of followed."""
 
 
+@functools.lru_cache(maxsize=64)
+def _history_path(runs_dir: Path) -> Path:
+    return runs_dir / HISTORY_FILE
+
+
 def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str, reason: str | None,
                 owned: bool = False) -> None:
     """Append one line to the run history (a single small O_APPEND write: lines never interleave).
@@ -333,7 +339,7 @@ def record_move(runs_dir: Path, item: str, old: str | None, new: str, *, by: str
     if owned:
         move["pid"], move["pid_start"] = _me()
     line = (json.dumps(move) + "\n").encode()
-    path = runs_dir / HISTORY_FILE
+    path = _history_path(runs_dir)
     fd = os.open(path, _HISTORY_FLAGS, 0o644)
     if os.fstat(fd).st_size + len(line) > HISTORY_ROTATE_BYTES:
         os.close(fd)  # callers hold the queue lock: no writer races the rotation

@@ -629,7 +629,7 @@ def missing_upstream(registry: TaskRegistry, graph: QueueGraph, waits_on: Iterab
 
 def _file_state(path: Path) -> tuple[int, int] | None:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns

@@ -20,6 +20,7 @@ cloned repository can ship a ``.agent/runs`` of its own.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import secrets
@@ -75,8 +76,10 @@ def spill_upstream_logs(runs_dir: Path, task_id: str, env: dict[str, str], limit
     env[UPSTREAM_LOGS_FILE_VAR] = str(path)
 
 
+@functools.lru_cache(maxsize=4096)
 def record_path(runs_dir: Path, task_id: str) -> Path:
-    """The task's record (``records.save_record``, the registry's batched saves)."""
+    """The task's record (``records.save_record``, the registry's batched saves). Cached: each of a
+    task's two or three saves is keyed by this path, and a new ``Path`` is parsed and hashed anew."""
     return runs_dir / f"{task_id}.json"
 
 
