@@ -11,10 +11,18 @@ Item fields never reach a shell line or an argv: an item's own ``command`` is ru
 for the configured runner, the item's markdown is its stdin and id, file and title are in
 ``AGENT_ITEM_ID``, ``AGENT_ITEM_FILE`` and ``AGENT_ITEM_TITLE``.
 
-Nothing here blocks the event loop: every move of an item file (it takes the queue's ``flock``,
-which another process may hold) and every file read runs in a worker thread. A move that fails
-(disk full, ``.agent/runs`` removed by ``git clean -fdX``) is reported in the item's outcome and
-never stops the run.
+Nothing here blocks the event loop: a move of an item file takes the queue's ``flock``, which another
+process may hold, so moves are made on the event loop only when the lock is free at once
+(``claims.queue_lock_now``: a rename and a history line), otherwise in a worker thread, as every
+file read is. A move that fails (disk full, ``.agent/runs`` removed by ``git clean -fdX``) is
+reported in the item's outcome and never stops the run.
+
+The usual path of trivial items is the short one: a plain item (``runs_plainly``) that completed
+is ended in the lane's turn that saw its process exit (``QueueRun.follow_up_now``): its file moved,
+its slot freed, and the next ready plain items claimed and launched right there, so they join the
+lane's next start batch without a turn of the event loop between. Anything unusual (a failure, a
+stop, a hold, a worktree, an agent, retries, the lock held elsewhere) takes the run's loop
+(``_turns``), which also records the outcomes.
 """
 
 from __future__ import annotations
@@ -1045,8 +1053,9 @@ class QueueRun:
 
     async def _start_plain(self, items: list[WorkItem]) -> bool:
         """Start items run once as a plain process (``runs_plainly``) together: their claims in one move
-        of the queue, and their ends made together too (``follow_up_many``). A trivial item's own
-        work is a few file moves; one coroutine, lock and event per move cost more than the moves."""
+        of the queue, and their ends made together too (``follow_up_now``, else ``follow_up_many``). A
+        trivial item's own work is a few file moves; one coroutine, lock and event per move cost more
+        than the moves."""
         ready: list[Launch] = []
         for i, item in enumerate(items):
             try:
