@@ -642,9 +642,13 @@ class TaskRegistry:
             paths.extend(task_files(self.runs_dir, task.record.task_id, task.record.tail_segments))
         return paths
 
+    @property
+    def _prune_batch(self) -> int:
+        return max(1, min(32, self.settings.max_records // 100))
+
     def _prune_due(self) -> bool:
-        batch = max(1, min(32, self.settings.max_records // 100))
-        return len(self._tasks) - self.settings.max_records >= batch and len(self._tasks) >= self._prune_at
+        """Whether ``_prune`` has a batch of tasks to forget."""
+        return len(self._tasks) - self.settings.max_records >= self._prune_batch and len(self._tasks) >= self._prune_at
 
     async def _prune(self) -> None:
         """Forget the oldest finished tasks beyond ``max_records`` and delete their files (off the loop),
@@ -652,7 +656,7 @@ class TaskRegistry:
         a worker-thread hop for one task's files."""
         if not self._prune_due():
             return
-        batch = max(1, min(32, self.settings.max_records // 100))
+        batch = self._prune_batch
         paths = self._forget(self._excess())
         if len(self._tasks) - self.settings.max_records >= batch:  # pinned or live tasks held some back:
             self._prune_at = len(self._tasks) + batch  # look again a batch later, not at every launch
@@ -1178,7 +1182,8 @@ class TaskRegistry:
         """``_finish_now`` of one ``FollowUps`` owner's tasks, its follow-up made at once
         (``follow_up_now``) in the lane's turn: a run frees their slots and starts its next items
         there instead of some turns of the event loop later. False (nothing done) when one of them
-        printed something (its last line is read in a worker thread). Never raises."""
+        printed something (its last line is read in a worker thread). A follow-up that fails is added
+        to each task's reason, never raised (the lane would hand every task it follows over)."""
         if any(task.log is not None and task.log.total for task, _, _ in ends):
             return False
         tasks = [task for task, _, _ in ends]
