@@ -74,8 +74,9 @@ async def test_a_plain_item_that_ends_starts_the_next_in_the_same_turn_within_ma
                                                                                            monkeypatch):
     """A completed plain item's file moves, its slot frees and the next ready items are claimed and
     started in the lane's turn that took the end (``QueueRun.follow_up_now``): never more than
-    max_parallel at once, a dependent claimed only once what it waits on moved to completed, and an
-    item that cannot start that way (it has retries) is started by the run's next turn."""
+    max_parallel at once, a dependent claimed only once what it waits on moved to completed, an
+    item that cannot start that way (it has retries) is started by the run's next turn, and the run's
+    log says an item completed before it says what that let start."""
     from agent_parallel.queue.run import QueueRun
 
     at_once = []
@@ -93,7 +94,8 @@ async def test_a_plain_item_that_ends_starts_the_next_in_the_same_turn_within_ma
         write_item(workspace, number, f"item-{number}", command=command, files=[f"f{number}"], priority="low")
     write_item(workspace, 13, "after-one", command=command, blocked_by=[1], retries=1, priority="critical")
     write_item(workspace, 14, "after-two", command=command, blocked_by=[2], priority="critical")
-    report = (await run_queue_to_end(client, max_parallel=3))["run"]
+    out = await run_queue_to_end(client, max_parallel=3)
+    report = out["run"]
     assert report["counts"] == {"running": 0, "completed": 14}
     assert statuses(workspace) == {f"{n:03d}": "completed" for n in range(1, 15)}
     assert any(at_once), "no end was made at once"
@@ -106,6 +108,9 @@ async def test_a_plain_item_that_ends_starts_the_next_in_the_same_turn_within_ma
     order = [(m["item"], m["to"]) for m in moves]
     assert order.index(("001", "completed")) < order.index(("013", "in_progress"))
     assert order.index(("002", "completed")) < order.index(("014", "in_progress"))
+    lines = [line.split(" ", 1)[1] for line in out["output"].splitlines() if line[:2].isdigit()]
+    ended = [i for i, line in enumerate(lines) if line.startswith("completed 002 ")]
+    assert ended and ended[0] < next(i for i, line in enumerate(lines) if line.startswith("started 014 "))
 
 
 async def test_the_makespan_runs_from_the_first_start_to_the_last_end(client, workspace):

@@ -22,7 +22,7 @@ is ended in the lane's turn that saw its process exit (``QueueRun.follow_up_now`
 its slot freed, and the next ready plain items claimed and launched right there, so they join the
 lane's next start batch without a turn of the event loop between. Anything unusual (a failure, a
 stop, a hold, a worktree, an agent, retries, the lock held elsewhere) takes the run's loop
-(``_turns``), which also records the outcomes.
+(``_turns``).
 """
 
 from __future__ import annotations
@@ -1157,9 +1157,9 @@ class QueueRun:
     def follow_up_now(self, tasks: list[Task]) -> list[str | None] | None:
         """``follow_up_many`` made at once in the lane's turn (``FollowUps``), when every one of ``tasks``
         completed, the run is under way and the queue's lock is free now: their files move, their slots
-        free and the next plain items are claimed and started right there (``_start_plain_now``), with
-        no turn of the event loop between an end and the next start. Their outcomes are recorded by
-        the run's next turn, as ``follow_up_many``'s. None (nothing done) otherwise."""
+        free, their outcomes are recorded and the next plain items are claimed and started right there
+        (``_start_plain_now``), with no turn of the event loop between an end and the next start. None
+        (nothing done) otherwise."""
         if self.state != "running" or self._cancelled:
             return None
         ids = [parse_item_id(task.record.item_id or "") for task in tasks]
@@ -1171,12 +1171,12 @@ class QueueRun:
             self.mover.carry_now()  # those waiting for a claim go first, as a claim would take them
             answers: list[str | None] = []
             for item_id, task in zip(ids, tasks, strict=True):
-                _, path, before = self._plain.pop(item_id)
+                item, path, before = self._plain.pop(item_id)
                 notes = _last_guard(functools.partial(_end_move, self.ctx, item_id, path, before, "completed",
                                                       by=self.by, reason=None))
-                self._released[item_id] = self.running.pop(item_id, None)  # its slot is free
+                self.running.pop(item_id, None)  # its slot is free
                 self.scheduler.finished(item_id, ok=True)
-                self._finished.append((item_id, task, ItemEnd(True, notes)))
+                self._record_end(item, task, ItemEnd(True, notes), [], None)  # (logged before what it lets start)
                 answers.append("; ".join(notes) or None)
             if not self._starting:
                 self._start_plain_now()
@@ -1333,18 +1333,8 @@ class QueueRun:
             slot = self._released.pop(item_id) if released else self.running.pop(item_id, None)
             item = slot.item if slot else self.graph.by_id[item_id]
             isolated = slot.isolated if slot else None
-            rec = task.record
-            self.last_end = max(self.last_end or 0.0, rec.ended_at or time.time())
-            if rec.started_at is not None:
-                self._first_started = min(self._first_started or rec.started_at, rec.started_at)
+            self._record_end(item, task, end, lines, isolated)
             ok = end.ok
-            reason = None if ok else (end.reason or rec.reason)
-            self._record(item, "completed" if ok else "failed", task_id=rec.task_id, exit_code=rec.exit_code,
-                         reason=reason, duration_s=rec.duration_s, last_lines=lines,
-                         notes=end.notes, started_at=rec.started_at, ended_at=rec.ended_at,
-                         usage=end.usage, attempts=end.attempts, **_isolation_fields(isolated))
-            self._write(f"{'completed' if ok else 'FAILED'} {item.id_str} ({item.title})"
-                        + ("" if ok else f": {reason}"))
             integrated |= ok and isolated is not None
             if released:
                 pass  # the scheduler heard of it when it completed
@@ -1355,6 +1345,21 @@ class QueueRun:
         running = [s.isolated for s in self.running.values() if s.isolated is not None]
         if integrated and running and self._tg is not None:  # the target moved: what would conflict now?
             self._tg.start_soon(self._forecast, running)
+
+    def _record_end(self, item: WorkItem, task: Task, end: ItemEnd, lines: list[str], isolated: Isolated | None) -> None:
+        """An ended item's outcome, and its line in the run's log."""
+        rec = task.record
+        self.last_end = max(self.last_end or 0.0, rec.ended_at or time.time())
+        if rec.started_at is not None:
+            self._first_started = min(self._first_started or rec.started_at, rec.started_at)
+        ok = end.ok
+        reason = None if ok else (end.reason or rec.reason)
+        self._record(item, "completed" if ok else "failed", task_id=rec.task_id, exit_code=rec.exit_code,
+                     reason=reason, duration_s=rec.duration_s, last_lines=lines,
+                     notes=end.notes, started_at=rec.started_at, ended_at=rec.ended_at,
+                     usage=end.usage, attempts=end.attempts, **_isolation_fields(isolated))
+        self._write(f"{'completed' if ok else 'FAILED'} {item.id_str} ({item.title})"
+                    + ("" if ok else f": {reason}"))
 
     async def _forecast(self, running: list[Isolated]) -> None:
         """Predicted conflicts of the running isolated items with the target as it is now (shown in
