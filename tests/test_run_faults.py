@@ -266,6 +266,36 @@ async def test_a_run_waits_for_an_item_another_run_holds(client, workspace):
     assert statuses(workspace) == {"001": "completed", "002": "completed"}
 
 
+@pytest.mark.fault("the next item is claimed by launch_task while the run's item before it runs: the claim the run makes in the lane's turn that ends that item loses, and the run follows the item to its end elsewhere")
+async def test_a_claim_lost_in_the_turn_that_ends_an_item_is_followed(client, workspace, monkeypatch):
+    from agent_parallel.queue.run import QueueRun
+
+    at_once = []
+    follow_up_now = QueueRun.follow_up_now
+
+    def counted(self, tasks):
+        answers = follow_up_now(self, tasks)
+        at_once.append(answers is not None)
+        return answers
+
+    monkeypatch.setattr(QueueRun, "follow_up_now", counted)
+    write_item(workspace, 1, "first", command="sleep 0.5", files=["a"], priority="critical")
+    write_item(workspace, 2, "taken", command="sleep 1", files=["b"], priority="low")
+    run = await call(client, "run_queue", max_parallel=1)
+    with anyio.fail_after(10):
+        while statuses(workspace)["001"] != "in_progress":
+            await anyio.sleep(0.02)
+    await call(client, "launch_task", item="002")  # taken while 001 runs: the run's claim of it must lose
+    out = await call(client, "task_output", task_id=run["run_id"], timeout=30)
+    assert out["retrieval_status"] == "success" and out["status"] == "completed"
+    assert at_once and at_once[0], "001's end was not made in the lane's turn"
+    assert by_item(out)["001"]["outcome"] == "completed"
+    assert by_item(out)["002"]["outcome"] == "claimed_elsewhere"
+    assert by_item(out)["002"]["reason"] == "claimed by launch_task, where it completed"
+    assert "002: item 002 is already claimed by launch_task" in out["output"]
+    assert statuses(workspace) == {"001": "completed", "002": "completed"}
+
+
 async def test_an_item_failed_elsewhere_is_a_failure_of_that_dependency(client, workspace):
     write_item(workspace, 1, "elsewhere", command="sleep 0.5; exit 3", files=["a"])
     write_item(workspace, 2, "after", command="echo never", blocked_by=[1], files=["b"])
