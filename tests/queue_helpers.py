@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from mcp import Client
 
@@ -50,3 +51,21 @@ async def run_to_end(root: Path, **args: object) -> dict:
 def by_item(report: dict) -> dict[str, dict]:
     """A run report's outcomes by item id."""
     return {o["item"]: o for o in report["run"]["outcomes"]}
+
+
+def ends_made_at_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For each call of ``QueueRun.follow_up_now`` from now on (the ends of plain items in the lane's
+    turn), whether it made them (True) or left them to the run's loop (False)."""
+    from agent_parallel.queue.run import QueueRun
+    from agent_parallel.tasks.registry import Task
+
+    made: list[bool] = []
+    follow_up_now = QueueRun.follow_up_now
+
+    def counted(self: QueueRun, tasks: list[Task]) -> list[str | None] | None:
+        answers = follow_up_now(self, tasks)
+        made.append(answers is not None)
+        return answers
+
+    monkeypatch.setattr(QueueRun, "follow_up_now", counted)
+    return made

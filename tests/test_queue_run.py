@@ -18,7 +18,7 @@ from agent_parallel.tasks.executor import LaunchSpec
 from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from agent_parallel.text import cut
 from conftest import call, call_error
-from queue_helpers import by_item, run_queue_to_end, statuses, write_config, write_item
+from queue_helpers import by_item, ends_made_at_once, run_queue_to_end, statuses, write_config, write_item
 
 pytestmark = pytest.mark.anyio
 
@@ -77,17 +77,7 @@ async def test_a_plain_item_that_ends_starts_the_next_in_the_same_turn_within_ma
     max_parallel at once, a dependent claimed only once what it waits on moved to completed, an
     item that cannot start that way (it has retries) is started by the run's next turn, and the run's
     log says an item completed before it says what that let start."""
-    from agent_parallel.queue.run import QueueRun
-
-    at_once = []
-    follow_up_now = QueueRun.follow_up_now
-
-    def counted(self, tasks):
-        answers = follow_up_now(self, tasks)
-        at_once.append(answers is not None)
-        return answers
-
-    monkeypatch.setattr(QueueRun, "follow_up_now", counted)
+    at_once = ends_made_at_once(monkeypatch)
     spans = workspace / "spans.log"
     command = f'echo "+ $AGENT_ITEM_ID" >> {spans}; sleep 0.05; echo "- $AGENT_ITEM_ID" >> {spans}'
     for number in range(1, 13):

@@ -24,7 +24,7 @@ from agent_parallel.tasks.records import TaskStatus
 from agent_parallel.tasks.registry import RegistrySettings, open_registry
 from agent_parallel.server import ServerSettings, build_server
 from conftest import RawServer, call, call_error
-from queue_helpers import by_item, run_queue_to_end, statuses, write_config, write_item
+from queue_helpers import by_item, ends_made_at_once, run_queue_to_end, statuses, write_config, write_item
 
 pytestmark = pytest.mark.anyio
 
@@ -268,17 +268,7 @@ async def test_a_run_waits_for_an_item_another_run_holds(client, workspace):
 
 @pytest.mark.fault("the next item is claimed by launch_task while the run's item before it runs: the claim the run makes in the lane's turn that ends that item loses, and the run follows the item to its end elsewhere")
 async def test_a_claim_lost_in_the_turn_that_ends_an_item_is_followed(client, workspace, monkeypatch):
-    from agent_parallel.queue.run import QueueRun
-
-    at_once = []
-    follow_up_now = QueueRun.follow_up_now
-
-    def counted(self, tasks):
-        answers = follow_up_now(self, tasks)
-        at_once.append(answers is not None)
-        return answers
-
-    monkeypatch.setattr(QueueRun, "follow_up_now", counted)
+    at_once = ends_made_at_once(monkeypatch)
     write_item(workspace, 1, "first", command="sleep 0.5", files=["a"], priority="critical")
     write_item(workspace, 2, "taken", command="sleep 1", files=["b"], priority="low")
     run = await call(client, "run_queue", max_parallel=1)
