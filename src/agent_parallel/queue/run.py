@@ -56,7 +56,7 @@ from ..results import AgentUsage, ItemOutcome, RunningItem, RunProgress
 from ..tasks.executor import ExitInfo
 from ..tasks.processes import same_process
 from ..tasks.logs import UPSTREAM_LOGS_VAR, LogWriter, upstream_log_path
-from ..tasks.records import TaskStatus
+from ..tasks.records import TaskRecord, TaskStatus
 from ..tasks.registry import FollowUps, Task, TaskRegistry, wait_any
 from ..text import cut, first_few
 from ..worktrees import ShellStop, check_repository, release
@@ -200,7 +200,7 @@ class Mover:
     async def end_many(self, moves: list[Callable[[], list[str]]]) -> list[list[str]]:
         """``end`` of several moves (the items that ended together), waited for as one."""
         if self.closed:
-            return await self.run(lambda: [_last_guard(move) for move in moves])
+            return await self.make(moves)
         done = anyio.Event()
         requests = [_EndMove(move, done) for move in moves]
         self._pending += requests
@@ -208,9 +208,13 @@ class Mover:
             await done.wait()
         if requests[0] in self._pending:  # no claim took them in time (a hop takes every pending move)
             self._pending = [r for r in self._pending if r.done is not done]
-            return await self.run(lambda: [_last_guard(move) for move in moves])
+            return await self.make(moves)
         await done.wait()  # taken by a hop under way
         return [r.notes or [] for r in requests]
+
+    async def make(self, moves: list[Callable[[], list[str]]]) -> list[list[str]]:
+        """Make ``moves`` now (after those queued so far), each one's notes in order."""
+        return await self.run(lambda: [_last_guard(move) for move in moves])
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         """``fn`` after the end moves queued so far: on the event loop when the queue's lock is free,
@@ -322,45 +326,46 @@ class Launch:
                              f"move item {item.id_str} back with update_item") from exc
 
 
+def _prepare(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str) -> tuple[Launch, list[TaskRecord]]:
+    """``prepare_launch``'s checks that need no worker thread, and the records of the upstream items whose
+    cut output must first be assembled in a file (off the loop; their logs are not in the ``Launch`` yet)."""
+    argv, timeout_s = _how_to_run(ctx.config, item)
+    waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
+    upstream = [t.record for t in ctx.registry.completed_items(waits_on)]
+    missing = missing_upstream(ctx.registry, graph, waits_on)
+    to_assemble = upstream if any(r.tail_segments for r in upstream) else []
+    upstream_logs = [] if to_assemble else _upstream_logs(ctx, item, upstream)
+    return Launch(ctx, item, by, argv, timeout_s, list(waits_on), upstream_logs, missing,
+                  is_isolated(ctx.config, item)), to_assemble
+
+
+def _upstream_logs(ctx: QueueContext, item: WorkItem, upstream: list[TaskRecord]) -> list[Path]:
+    """Each upstream item's output as one file (its head log, made empty for one that printed nothing;
+    cut output assembled in a file: blocking then)."""
+    try:
+        return [upstream_log_path(ctx.runs_dir, r) for r in upstream]
+    except OSError as exc:
+        raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
+
+
 def prepare_launch_now(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str) -> Launch | None:
     """``prepare_launch`` of an item whose checks need no worker thread (no worktree, no cut upstream
     output to assemble), on the event loop; None for the others."""
     if is_isolated(ctx.config, item):
         return None
-    argv, timeout_s = _how_to_run(ctx.config, item)
-    waits_on = graph.waits_on.get(item.id, item.blocked_by)
-    upstream = [t.record for t in ctx.registry.completed_items(waits_on)]
-    if any(r.tail_segments for r in upstream):
-        return None
-    try:
-        upstream_logs = [upstream_log_path(ctx.runs_dir, r) for r in upstream]
-    except OSError as exc:
-        raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
-    missing = missing_upstream(ctx.registry, graph, waits_on)
-    return Launch(ctx, item, by, argv, timeout_s, list(waits_on), upstream_logs, missing, False)
+    ready, to_assemble = _prepare(ctx, graph, item, by=by)
+    return None if to_assemble else ready
 
 
 async def prepare_launch(ctx: QueueContext, graph: QueueGraph, item: WorkItem, *, by: str) -> Launch:
     """What starting ``item`` needs, checked before it is claimed: raises (``QueueError``) when it cannot
     start (no runner, its upstream output cannot be handed over, no repository for its worktree)."""
-    if (ready := prepare_launch_now(ctx, graph, item, by=by)) is not None:
-        return ready
-    argv, timeout_s = _how_to_run(ctx.config, item)
-    runs_dir = ctx.runs_dir
-    waits_on = graph.waits_on.get(item.id, item.blocked_by)  # its blocked_by and others' `blocks`
-    upstream = [t.record for t in ctx.registry.completed_items(waits_on)]
-    missing = missing_upstream(ctx.registry, graph, waits_on)
-    try:
-        if any(r.tail_segments for r in upstream):  # cut output is assembled in a file: off the loop
-            upstream_logs = await anyio.to_thread.run_sync(lambda: [upstream_log_path(runs_dir, r) for r in upstream])
-        else:  # each one's whole output is its head log (made empty for one that printed nothing)
-            upstream_logs = [upstream_log_path(runs_dir, r) for r in upstream]
-    except OSError as exc:
-        raise QueueError(f"cannot hand item {item.id_str} the output of the items it waits on: {exception_reason(exc)}") from exc
-    isolating = is_isolated(ctx.config, item)
-    if isolating:  # a workspace that cannot host worktrees is refused before the claim
+    ready, to_assemble = _prepare(ctx, graph, item, by=by)
+    if to_assemble:
+        ready.upstream_logs = await anyio.to_thread.run_sync(lambda: _upstream_logs(ctx, item, to_assemble))
+    if ready.isolating:  # a workspace that cannot host worktrees is refused before the claim
         await anyio.to_thread.run_sync(lambda: check_repository(ctx.root, ctx.config))
-    return Launch(ctx, item, by, argv, timeout_s, list(waits_on), upstream_logs, missing, isolating)
+    return ready
 
 
 async def launch_claimed(ctx: QueueContext, graph: QueueGraph, ready: Launch, path: Path,
@@ -1140,8 +1145,7 @@ class QueueRun:
             ends.append((item_id, task, ItemEnd(ok, [f"{NOT_RECORDED}: the move was interrupted"]), move))
         try:
             if failed := [e for e in ends if not e[2].ok]:
-                for (_, _, end, _), notes in zip(failed, await self.mover.run(
-                        lambda: [_last_guard(e[3]) for e in failed]), strict=True):
+                for (_, _, end, _), notes in zip(failed, await self.mover.make([e[3] for e in failed]), strict=True):
                     end.notes = notes
             if completed := [e for e in ends if e[2].ok]:
                 self._completed += [item_id for item_id, _, _, _ in completed]  # their slots are free
