@@ -218,7 +218,7 @@ class TaskRegistry:
 
     def has_room(self) -> bool:
         """False while ``max_running`` tasks are queued or running: a launch now would be refused."""
-        return self._active < self.settings.max_running
+        return self.room() > 0
 
     def room(self) -> int:
         """How many more tasks may be launched before ``max_running`` is reached."""
@@ -1192,18 +1192,14 @@ class TaskRegistry:
         self._free(ends)
         self._mark_ended(ends)
         try:
-            problems = owner.follow_up_now(tasks)
-            if problems is not None and len(problems) != len(tasks):
-                raise InternalError(f"{len(problems)} answers for {len(tasks)} tasks")
+            answers = owner.follow_up_now(tasks)
+            problems = None if answers is None else _answers_for(tasks, answers)
         except Exception as exc:
-            log.exception("follow-up of task %s failed", first_few([t.record.task_id for t in tasks], 5))
-            problems = [f"its follow-up failed: {exception_reason(exc)}"] * len(tasks)
+            problems = _follow_up_failed(tasks, exc)
         if problems is None:
             self._tg.start_soon(self._follow_ups_then_close, ends)
             return True
-        for task, problem in zip(tasks, problems, strict=True):
-            if problem:
-                task.record.note(problem)
+        _note_each(tasks, problems)
         self._tg.start_soon(self._close, ends)
         return True
 
@@ -1228,22 +1224,16 @@ class TaskRegistry:
         """Await ``follow_up`` of ``tasks`` (one call: a ``FollowUps`` owner's, or a task's own ``on_finish``),
         at most ``limit`` seconds; what it answers for each task, or why it failed, is added to that
         task's reason. Never raises: a follow-up failing must never leave waiters hanging."""
-        which = first_few([t.record.task_id for t in tasks], 5)
         problems: builtins.list[str | None] = [None] * len(tasks)
         with anyio.move_on_after(limit) as scope:
             try:
-                problems = list(await follow_up(tasks))
-                if len(problems) != len(tasks):
-                    raise InternalError(f"{len(problems)} answers for {len(tasks)} tasks")
+                problems = _answers_for(tasks, await follow_up(tasks))
             except Exception as exc:
-                log.exception("follow-up of task %s failed", which)
-                problems = [f"its follow-up failed: {exception_reason(exc)}"] * len(tasks)
+                problems = _follow_up_failed(tasks, exc)
         if scope.cancelled_caught:
-            log.error("follow-up of task %s did not finish within %g s", which, limit)
+            log.error("follow-up of task %s did not finish within %g s", _ids_of(tasks), limit)
             problems = [f"its follow-up did not finish within {limit:g} s"] * len(tasks)
-        for task, problem in zip(tasks, problems, strict=True):
-            if problem:
-                task.record.note(problem)
+        _note_each(tasks, problems)
 
     async def _save_final(self, records: builtins.list[TaskRecord]) -> None:
         """Save final records durably, even while shutting down. Records of tasks ending together
@@ -1263,6 +1253,29 @@ class TaskRegistry:
             for rec, error in zip(records, errors, strict=True):
                 if error is not None:
                     log.error("could not save the record of task %s: %s", rec.task_id, error)
+
+
+def _answers_for(tasks: list[Task], answers: list[str | None]) -> list[str | None]:
+    """A follow-up's answers, one per task (``InternalError`` otherwise: a bug in the follow-up)."""
+    if len(answers) != len(tasks):
+        raise InternalError(f"{len(answers)} answers for {len(tasks)} tasks")
+    return list(answers)
+
+
+def _follow_up_failed(tasks: list[Task], exc: Exception) -> list[str | None]:
+    """What each task's reason says of a follow-up that raised ``exc`` (logged with its traceback)."""
+    log.exception("follow-up of task %s failed", _ids_of(tasks))
+    return [f"its follow-up failed: {exception_reason(exc)}"] * len(tasks)
+
+
+def _note_each(tasks: list[Task], problems: list[str | None]) -> None:
+    for task, problem in zip(tasks, problems, strict=True):
+        if problem:
+            task.record.note(problem)
+
+
+def _ids_of(tasks: list[Task]) -> str:
+    return first_few([t.record.task_id for t in tasks], 5)
 
 
 def _item_number(record: TaskRecord) -> int | None:
