@@ -215,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = server_settings.registry_settings()
         executor = server_settings.make_executor()
         async with open_registry(root, runs_dir(root), settings, executor) as registry:
-            if isinstance(registry.executor, LocalExecutor):  # its start-up overlaps the queue's reading, not the run
+            if isinstance(registry.executor, LocalExecutor):  # started before the run: its first items neither wait for it nor share the CPU with its start-up
                 await anyio.to_thread.run_sync(registry.executor.start_guard)
             ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
             # start_run first moves claims of servers that no longer run to blocked (planning moves no
