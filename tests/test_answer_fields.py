@@ -55,7 +55,7 @@ async def test_task_output_keeps_its_listed_fields_null_or_not_and_drops_the_oth
                     "attempts"} & set(answer)
     several = await call(client, "task_output", task_ids=[running, done["task_id"]], block=False)
     assert all(TASK_OUTPUT_FIELDS <= set(entry) for entry in several["tasks"])
-    assert set(several) == {"retrieval_status", "tasks"}  # no task's fields at the top level, not even as nulls
+    assert set(several) == {"retrieval_status", "counts", "tasks"}  # no task's fields at the top level, not even as nulls
     failed = await call(client, "task_output", task_id=(await call(client, "launch_task", command="exit 3"))["task_id"])
     assert failed["reason"] == "exit code 3"  # shown once it says something
     await call(client, "cancel_task", task_id=running)
@@ -105,3 +105,30 @@ async def test_plan_rows_leave_out_isolation_fields_unless_isolated(client, work
     assert rows["001"]["estimate"] is None and "reason" in rows["001"]  # listed by TOOLS.md: kept as null
     cycle = [e for e in plan["errors"] if e["kind"] == "cycle"]
     assert cycle and cycle[0]["path"] and all("path" not in e for e in plan["errors"] if e["kind"] != "cycle")
+
+
+async def test_an_entry_among_several_says_who_and_how_first_and_leaves_out_what_its_launch_said(client):
+    ids = [(await call(client, "launch_task", command=command))["task_id"] for command in ("echo one", "exit 3")]
+    several = await call(client, "task_output", task_ids=ids)
+    assert list(several)[:2] == ["retrieval_status", "counts"] and several["counts"] == {"completed": 1, "failed": 1}
+    for entry in several["tasks"]:
+        assert TASK_OUTPUT_FIELDS <= set(entry) and list(entry)[:4] == ["task_id", "status", "exit_code", "signal"]
+        assert not {"cwd", "created_at", "description"} & set(entry)  # said at launch; task_output on the id has them
+    assert [entry["command"] for entry in several["tasks"]] == ["echo one", "exit 3"]
+    assert several["tasks"][1]["reason"] == "exit code 3"
+    described = (await call(client, "launch_task", command="true", description="a no-op"))["task_id"]
+    assert (await call(client, "task_output", task_ids=[described, ids[0]]))["tasks"][0]["description"] == "a no-op"
+    one = await call(client, "task_output", task_id=ids[0])  # one task: its fields whole, at the top level
+    assert {"cwd", "created_at", "description"} <= set(one) and "counts" not in one
+
+
+async def test_a_groups_answer_puts_its_state_and_counts_before_its_members_and_no_null_at_the_top(client):
+    waited = await call(client, "launch_task", commands=["true", "exit 2", "true"], run_in_background=False)
+    assert list(waited)[:5] == ["task_id", "group_id", "status", "retrieval_status", "counts"]
+    assert waited["status"] == "failed" and waited["counts"] == {"completed": 2, "failed": 1}
+    assert not [key for key, value in waited.items() if value is None and key != "description"]
+    assert [entry["task_id"] for entry in waited["tasks"]] == waited["task_ids"]
+    out = await call(client, "task_output", task_id=waited["group_id"])
+    assert list(out)[:4] == ["retrieval_status", "group_id", "status", "counts"] and out["counts"] == waited["counts"]
+    background = await call(client, "launch_task", commands=["true"])  # answered at once: no counts, no tasks yet
+    assert set(background) == LAUNCH_FIELDS | {"group_id", "task_ids"}

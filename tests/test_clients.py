@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,3 +35,30 @@ def test_claude_code_lists_the_server_as_connected(claude, tmp_path, workspace):
     assert listed.returncode == 0, listed.stderr
     line = next(line for line in listed.stdout.splitlines() if line.startswith("agent-parallel:"))
     assert "Connected" in line and "✔" in line, listed.stdout
+
+
+def test_claude_code_shows_its_model_a_300_command_fan_out_answer_whole_state_first(claude, tmp_path, workspace):
+    """Claude Code saves a tool answer of over 50,000 characters to a file and shows the model its first
+    2 KB, unless the tool declares a larger size (``_meta["anthropic/maxResultSizeChars"]``). A turn of the
+    real CLI against a fake Messages API: the fan-out's answer (about 85 KB) reaches the model as it is,
+    the group's state and counts first."""
+    from fake_anthropic import fake_messages_api
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    subprocess.run([str(claude), "mcp", "add", "agent-parallel", "--", str(SCRIPT), "serve", "--root", str(workspace)],
+                   cwd=workspace, env=env, capture_output=True, text=True, timeout=120, check=True)
+    arguments = {"commands": ["true"] * 300, "max_parallel": 5, "run_in_background": False}
+    with fake_messages_api("mcp__agent-parallel__launch_task", arguments) as (url, model):
+        turn = subprocess.run([str(claude), "-p", "run these", "--allowedTools", "mcp__agent-parallel__launch_task",
+                               "--output-format", "json"], cwd=workspace, capture_output=True, text=True, timeout=180,
+                              env={**env, "ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": url,
+                                   "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
+    assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-2000:]
+    [shown] = model.tool_results()
+    assert len(shown) > 50_000 and not shown.startswith("<persisted-output>"), shown[:300]
+    answer = json.loads(shown)
+    assert list(answer)[:5] == ["task_id", "group_id", "status", "retrieval_status", "counts"]
+    assert answer["status"] == "completed" and answer["counts"] == {"completed": 300}
+    assert len(answer["tasks"]) == 300 and all(entry["exit_code"] == 0 for entry in answer["tasks"])

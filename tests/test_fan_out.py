@@ -252,8 +252,8 @@ async def test_a_group_waiting_for_its_predecessor_at_shutdown_ends_interrupted(
 
 async def test_an_answer_about_many_tasks_shares_one_output_budget(client):
     """40 shards of 20 KB each: the group's answer (and one about their ids) shows each one's last
-    1,228 bytes (48 KiB shared by 40), not 16 KiB each (650 KB, which Claude Code cuts at 25,000
-    tokens); one task alone still gets 16 KiB, and each shard's start is one page away."""
+    1,228 bytes (48 KiB shared by 40), not 16 KiB each (650 KB, of which Claude Code would show its model
+    the start); one task alone still gets 16 KiB, and each shard's start is one page away."""
     out = await call(client, "launch_task", commands=[f"seq -f 'shard {i:02d} line %05g' 1 1000" for i in range(40)],
                      max_parallel=8)
     done = await call(client, "task_output", task_id=out["group_id"], timeout=60)

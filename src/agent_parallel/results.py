@@ -5,8 +5,9 @@ Times are ISO 8601 strings in UTC; ids and field names follow ``TOOLS.md``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections import Counter
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, Literal, Self, overload
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
@@ -178,12 +179,61 @@ class TaskView(_TaskDetails):
         if short:
             description = cut(description, SHORT_TEXT_CHARS) if description is not None else None
             command = cut(command, SHORT_TEXT_CHARS)
-        return cls(task_id=rec.task_id, status=rec.status, description=description, command=command,
-                   cwd=rec.cwd, item_id=rec.item_id, item_file=rec.item_file, branch=rec.branch,
-                   worktree=rec.worktree, phase=rec.phase, conflicts=rec.conflicts if rec.phase is not None else None,
-                   created_at=iso(rec.created_at),
-                   started_at=iso(rec.started_at), ended_at=iso(rec.ended_at), duration_s=rec.duration_s,
-                   exit_code=rec.exit_code, signal=rec.signal, reason=rec.reason, **extra)
+        return cls(description=description, command=command, cwd=rec.cwd, created_at=iso(rec.created_at),
+                   **_state_of(rec), **extra)
+
+
+def _state_of(rec: TaskRecord) -> dict[str, Any]:
+    """A record's fields every view of the task shows: who it is, where it stands, how it ended."""
+    return dict(task_id=rec.task_id, status=rec.status, item_id=rec.item_id, item_file=rec.item_file,
+                branch=rec.branch, worktree=rec.worktree, phase=rec.phase,
+                conflicts=rec.conflicts if rec.phase is not None else None, started_at=iso(rec.started_at),
+                ended_at=iso(rec.ended_at), duration_s=rec.duration_s, exit_code=rec.exit_code, signal=rec.signal,
+                reason=rec.reason)
+
+
+class TaskEntry(_TaskDetails):
+    """One of several tasks in an answer (``task_output`` with ``task_ids`` or a group, a fan-out
+    waited for at launch): who it is and how it went, those first, then its output.
+
+    A group's answer holds an entry per member, so what an entry repeats, a client pays for as
+    many times (an agent reads it all; Claude Code shows the model an answer of over 50,000
+    characters only as a 2 KB preview of a file). An entry leaves out what ``TOOLS.md`` does not
+    list for ``task_output`` and the launch already said: the working directory, the creation time
+    and a null description (``task_output`` on the one id shows them). The command stays, cut to
+    ``SHORT_TEXT_CHARS``: it tells the members apart."""
+
+    task_id: str
+    status: TaskStatus
+    command: str
+
+    @classmethod
+    def of(cls, rec: TaskRecord, **extra: object) -> Self:
+        description = cut(rec.description, SHORT_TEXT_CHARS) if rec.description is not None else None
+        return cls(description=description, command=cut(rec.command, SHORT_TEXT_CHARS), **_state_of(rec), **extra)
+
+    @model_serializer(mode="wrap")
+    def _who_first(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("description", "") is None:
+            del data["description"]
+        return first_keys(data, _ENTRY_FIRST)
+
+
+_ENTRY_FIRST = ("task_id", "status", "exit_code", "signal", "reason", "command")
+
+
+def first_keys(data: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``data`` with ``keys`` (those it has) first, in that order: what a reader of the answer, or of
+    its first lines only, needs first (Claude Code shows a long answer's first 2 KB)."""
+    ordered = {key: data[key] for key in keys if key in data}
+    ordered.update((key, value) for key, value in data.items() if key not in ordered)
+    return ordered
+
+
+def status_counts(statuses: Iterable[TaskStatus]) -> dict[str, int]:
+    """How many tasks are in each status, most common first."""
+    return dict(Counter(str(s) for s in statuses).most_common())
 
 
 class LaunchResult(TaskView):
@@ -194,17 +244,25 @@ class LaunchResult(TaskView):
 
     retrieval_status: RetrievalStatus | None = omitted_if_none("with run_in_background=false")
     group_id: str | None = omitted_if_none("for `commands`: the group's id (also in task_id)")
+    counts: dict[str, int] | None = omitted_if_none("for `commands` with run_in_background=false: members by status")
     task_ids: list[str] | None = omitted_if_none("for `commands`: each command's task id, in the order given")
-    tasks: list[TaskView] | None = omitted_if_none("for `commands` with run_in_background=false: each member")
+    tasks: list[TaskEntry] | None = omitted_if_none("for `commands` with run_in_background=false: each member")
 
     @model_serializer(mode="wrap")
     def _launched(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """A background launch answers before its task ran: the fields only ``task_output`` can fill
-        (times, exit, output) are left out instead of sent as nulls; ``description`` stays (TOOLS.md)."""
+        (times, exit, output) are left out instead of sent as nulls; ``description`` stays (TOOLS.md).
+        A fan-out waited for has its members' fields in ``tasks``: none stands at the top as a null,
+        and the group's state comes before its members."""
         data: dict[str, Any] = handler(self)
-        if self.retrieval_status is None:
+        if self.retrieval_status is None or self.group_id is not None:
             data = {key: value for key, value in data.items() if value is not None or key == "description"}
+        if self.group_id is not None:
+            data = first_keys(data, _GROUP_FIRST)
         return data
+
+
+_GROUP_FIRST = ("task_id", "group_id", "status", "retrieval_status", "counts")
 
 
 class TaskOutputResult(_TaskDetails):
@@ -217,15 +275,18 @@ class TaskOutputResult(_TaskDetails):
     command: str | None = omitted_if_none()
     cwd: str | None = omitted_if_none()
     created_at: str | None = omitted_if_none()
-    tasks: list[TaskView] | None = omitted_if_none("with `task_ids`: one entry per task, in the order given")
+    tasks: list[TaskEntry] | None = omitted_if_none("with `task_ids`: one entry per task, in the order given")
     group_id: str | None = omitted_if_none("with a group_id as `task_id`: the group (its members in `tasks`)")
+    counts: dict[str, int] | None = omitted_if_none("with `task_ids` or a group: how many tasks are in each status")
 
     @model_serializer(mode="wrap")
     def _several(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """With several tasks, their fields are in ``tasks`` only: none stands at the top level as a null."""
+        """With several tasks, their fields are in ``tasks`` only: none stands at the top level as a
+        null, and the answer's state (``retrieval_status``, the group, ``counts``) comes before them."""
         data: dict[str, Any] = handler(self)
         if self.task_id is None:
-            data = {key: value for key, value in data.items() if value is not None}
+            data = first_keys({key: value for key, value in data.items() if value is not None},
+                              ("retrieval_status", *_GROUP_FIRST))
         return data
 
 
@@ -385,5 +446,5 @@ class ItemMoved(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="claims of servers that no longer run, given back first")
 
 
-for _model in (_TaskDetails, TaskView, LaunchResult, TaskOutputResult, CancelResult):
+for _model in (_TaskDetails, TaskView, TaskEntry, LaunchResult, TaskOutputResult, CancelResult):
     _model.model_rebuild()

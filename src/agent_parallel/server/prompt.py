@@ -31,7 +31,8 @@ If unsure, run them one after the other.
 `launch_task(commands=["pytest tests/shard1", ...], max_parallel=8)` starts them all in one call as a
 group, at most 8 at once, and answers with `group_id` and `task_ids`. Then `task_output(task_id=group_id)`
 waits for all (`wait="any"` for the first), `cancel_task(task_id=group_id)` stops every one, and
-`list_tasks(group_id=...)` lists them. The group's `status` is `completed` only if every member completed.
+`list_tasks(group_id=...)` lists them. The group's `status` is `completed` only if every member completed;
+`counts` says how many members are in each status.
 An answer about several tasks shows the end of each one's output (48 KiB shared by all); read a failed
 member's whole output with `task_output(task_id=<its id>, cursor=0)`.
 

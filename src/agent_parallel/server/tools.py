@@ -30,8 +30,8 @@ from ..queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page
 from ..queue.planner import QueuePlanPage
 from ..queue.items import QueueReader
 from ..queue.run import check_ready, launch_item, run_of, start_run
-from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult,
-                       TaskSummary, TaskView, iso)
+from ..results import (CancelResult, ItemMoved, LaunchResult, RunStarted, TaskEntry, TaskList, TaskOutputResult,
+                       TaskSummary, TaskView, iso, status_counts)
 from ..text import cut, first_few, short_repr
 from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
@@ -46,14 +46,29 @@ MAX_GROUP_COMMANDS = 1000
 """Commands in one fan-out (``launch_task(commands=...)``)."""
 SHARED_ANSWER_BYTES = 48 * 1024
 """Output one answer about several tasks (a group, or ``task_ids``) shows over all of them, each at least
-`MIN_SHARE_BYTES`. Claude Code cuts a tool's answer at 25,000 tokens (its ``MAX_MCP_OUTPUT_TOKENS``): 40 test
-shards at 16 KiB each made 650 KB, of which the model saw the first few."""
+`MIN_SHARE_BYTES`, so the answer stays within `INLINE_ANSWER_CHARS`: 40 test shards at 16 KiB each made
+650 KB, which Claude Code would show its model only the start of."""
 MIN_SHARE_BYTES = 128
+
+INLINE_ANSWER_CHARS = 100_000
+"""Up to this many characters, Claude Code is asked to show a tool's answer to its model whole
+(``_meta["anthropic/maxResultSizeChars"]`` of the tool in ``tools/list``). Without it, Claude Code
+saves an answer of over 50,000 characters to a file and shows the model its first 2 KB: a page of
+64 KiB of output the agent asked for, or a 300-command fan-out's answer, reached the model as the start
+of a JSON document (a 10,000-item queue's plan page is close: 49 KB; a long list_tasks page or a
+group's cancel answer can pass it). These answers are sized by their own
+arguments (``max_bytes``, ``limit``, a plan's page, the commands given); past this size, a file and a
+preview serve an agent better than the whole answer in its context (a group of over about 340 members:
+Claude Code's preview then shows the group's status and counts, which come first)."""
+
+LARGE_ANSWERS = {"anthropic/maxResultSizeChars": INLINE_ANSWER_CHARS}
+"""The ``meta`` of the tools whose answers can pass Claude Code's 50,000 characters (see above)."""
 
 
 def shared_page_bytes(asked: int, tasks: int) -> int:
     """Output per task in an answer about several: what was asked, within its share of `SHARED_ANSWER_BYTES`."""
     return min(asked, max(MIN_SHARE_BYTES, SHARED_ANSWER_BYTES // max(tasks, 1)))
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -103,7 +118,7 @@ def task_tools() -> list[Tool]:
     """launch_task, task_output, cancel_task and list_tasks, for a new server."""
     tools: list[Tool] = []
 
-    @tool(tools, title="Launch a background task",
+    @tool(tools, title="Launch a background task", meta=LARGE_ANSWERS,
           annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                       open_world_hint=True))
     @_tool_errors
@@ -174,7 +189,7 @@ def task_tools() -> list[Tool]:
                                         timeout_s=timeout_s, after=after, answer_at_once=True)
         return await _launch_answer(ws, task, run_in_background)
 
-    @tool(tools, title="Read task output / wait for tasks",
+    @tool(tools, title="Read task output / wait for tasks", meta=LARGE_ANSWERS,
           annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def task_output(
@@ -230,19 +245,25 @@ def task_tools() -> list[Tool]:
         if several:  # a group may hold up to MAX_GROUP_COMMANDS tasks: the answer stays bounded
             max_bytes = shared_page_bytes(max_bytes, len(tasks))
 
-        def read_all() -> list[TaskView]:
+        def read_one() -> TaskView:
+            return view_task(ws, tasks[0], cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines,
+                             pattern=pattern, live_run=live.get(tasks[0].record.task_id))
+
+        def read_all() -> list[TaskEntry]:
             return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
-                              short=several, live_run=live.get(t.record.task_id))
+                              several=True, live_run=live.get(t.record.task_id))
                     for t in tasks]
 
         # logs are read (and a filter matched, within its time budget) off the event loop: other calls go on
-        views = await anyio.to_thread.run_sync(read_all)
         if not several:
-            return TaskOutputResult(**views[0].model_dump(), retrieval_status=status)
-        return TaskOutputResult(retrieval_status=status, tasks=views, group_id=group_id,
-                                status=group_status([t.record for t in tasks]) if group_id else None)
+            view = await anyio.to_thread.run_sync(read_one)
+            return TaskOutputResult(**view.model_dump(), retrieval_status=status)
+        entries = await anyio.to_thread.run_sync(read_all)
+        return TaskOutputResult(retrieval_status=status, tasks=entries, group_id=group_id,
+                                status=group_status([t.record for t in tasks]) if group_id else None,
+                                counts=status_counts(entry.status for entry in entries))
 
-    @tool(tools, title="Cancel tasks",
+    @tool(tools, title="Cancel tasks", meta=LARGE_ANSWERS,
           annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
                                       open_world_hint=False))
     @_tool_errors
@@ -273,7 +294,7 @@ def task_tools() -> list[Tool]:
                  for t, s in zip(tasks, stopped, strict=True)]
         return CancelResult(tasks=[TaskView.of(t.record, short=len(tasks) > 1) for t in tasks], message="; ".join(parts))
 
-    @tool(tools, title="List tasks",
+    @tool(tools, title="List tasks", meta=LARGE_ANSWERS,
           annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def list_tasks(
@@ -326,17 +347,18 @@ async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_i
     having waited, every member's state and recent output (as ``task_output`` on the group)."""
     first = members[0].record
     done: bool | None = None
-    tasks: list[TaskView] | None = None
+    tasks: list[TaskEntry] | None = None
     if not run_in_background:
         done = await ws.registry.wait(members, mode="all", timeout=ws.settings.wait_cap_s)
         max_bytes = shared_page_bytes(16384, len(members))
         tasks = await anyio.to_thread.run_sync(lambda: [
-            view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, short=True)
+            view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, several=True)
             for t in members])
     shown = first_few([cut(first.command, 200)], 1, total=len(members))
     return LaunchResult(task_id=group_id, group_id=group_id, task_ids=[t.record.task_id for t in members],
                         status=group_status([t.record for t in members]), command=shown, cwd=first.cwd,
                         description=first.description, created_at=iso(first.created_at), tasks=tasks,
+                        counts=None if tasks is None else status_counts(entry.status for entry in tasks),
                         retrieval_status=None if done is None else "success" if done else "timeout")
 
 
@@ -362,7 +384,7 @@ def queue_tools(root: Path, reader: QueueReader) -> list[Tool]:
     """queue_plan, run_queue and update_item for a new server of the workspace ``root``."""
     tools: list[Tool] = []
 
-    @tool(tools, title="Plan the work queue",
+    @tool(tools, title="Plan the work queue", meta=LARGE_ANSWERS,
           annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     @_tool_errors
     async def queue_plan(

@@ -4,6 +4,7 @@ the progress notifications sent while ``task_output`` waits on queue runs."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any, Literal, overload
 
 import anyio
 from mcp.server.mcpserver import Context
@@ -11,7 +12,7 @@ from mcp.server.mcpserver import Context
 from .output_filter import OutputFilter
 from ..queue.run import load_report, run_of
 from ..agents.job import ItemJob
-from ..results import AgentUsage, RunProgress, TaskView, usage_from
+from ..results import AgentUsage, RunProgress, TaskEntry, TaskView, usage_from
 from ..tasks.registry import Task, TaskRegistry, wait_any
 from .settings import Workspace
 
@@ -91,12 +92,20 @@ def live_progress(tasks: list[Task]) -> dict[str, RunProgress]:
     return {t.record.task_id: run.progress() for t in tasks if (run := run_of(t)) is not None}
 
 
+@overload
 def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
-              pattern: OutputFilter | None, short: bool = False, live_run: RunProgress | None = None) -> TaskView:
+              pattern: OutputFilter | None, several: Literal[False] = False,
+              live_run: RunProgress | None = None) -> TaskView: ...
+@overload
+def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
+              pattern: OutputFilter | None, several: Literal[True], live_run: RunProgress | None = None) -> TaskEntry: ...
+def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, tail_lines: int | None,
+              pattern: OutputFilter | None, several: bool = False,
+              live_run: RunProgress | None = None) -> TaskView | TaskEntry:
     """A task as ``task_output`` shows it: state, a page of output and, for a run, its progress.
 
     Reads files: call it in a worker thread, passing a live run's progress as ``live_run`` (taken
-    on the event loop). ``short`` cuts the command and description (one of several tasks).
+    on the event loop). ``several``: one of several tasks in an answer (a ``TaskEntry``).
     """
     chunk = ws.registry.read_output(task, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern)
     run: RunProgress | None
@@ -106,9 +115,10 @@ def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, 
         run = load_report(ws.registry.runs_dir, task.record.task_id) if task.record.kind == "run" else None
     if run is not None:
         run = run.shown(MAX_RUN_ITEMS_SHOWN)
-    return TaskView.of(task.record, short=short, usage=usage_of(task), output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
-                       output_bytes=task.output_bytes, truncated=chunk.truncated,
-                       dropped_bytes=ws.registry.dropped_bytes(task), run=run)
+    shown: dict[str, Any] = dict(usage=usage_of(task), output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
+                 output_bytes=task.output_bytes, truncated=chunk.truncated,
+                 dropped_bytes=ws.registry.dropped_bytes(task), run=run)
+    return TaskEntry.of(task.record, **shown) if several else TaskView.of(task.record, **shown)
 
 
 def usage_of(task: Task) -> AgentUsage | None:
