@@ -41,7 +41,8 @@ def test_claude_code_shows_its_model_a_300_command_fan_out_answer_whole_state_fi
     """Claude Code saves a tool answer of over 50,000 characters to a file and shows the model its first
     2 KB, unless the tool declares a larger size (``_meta["anthropic/maxResultSizeChars"]``). A turn of the
     real CLI against a fake Messages API: the fan-out's answer (about 85 KB) reaches the model as it is,
-    the group's state and counts first."""
+    the group's state and counts first. And what the model is told of the tools every turn: their
+    descriptions without the docstrings' indentation, the server's instructions (with the fan-out)."""
     from fake_anthropic import fake_messages_api
 
     home = tmp_path / "home"
@@ -56,6 +57,9 @@ def test_claude_code_shows_its_model_a_300_command_fan_out_answer_whole_state_fi
                               env={**env, "ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": url,
                                    "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
     assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-2000:]
+    offered = {tool["name"]: tool for tool in model.requests[0]["tools"] if "agent-parallel" in tool["name"]}
+    assert len(offered) == 7 and not [name for name, tool in offered.items() if "\n " in tool["description"]]
+    assert "launch_task(commands=[...], max_parallel=N)" in json.dumps(model.requests[0])  # the instructions
     [shown] = model.tool_results()
     assert len(shown) > 50_000 and not shown.startswith("<persisted-output>"), shown[:300]
     answer = json.loads(shown)

@@ -48,7 +48,8 @@ Run shell commands and queue items in the background and wait on them without bl
 launch_task starts work and answers at once with a task_id; task_output reads progress or blocks
 until one, any or all tasks finish; cancel_task stops a task and everything it started;
 list_tasks shows recent tasks. Launch independent work together, then wait with task_output
-(task_ids=[...], wait="all"); chain dependent steps with launch_task(after=[...]).
+(task_ids=[...], wait="all"); chain dependent steps with launch_task(after=[...]). Many similar
+commands (test shards, files to process) go in one call: launch_task(commands=[...], max_parallel=N).
 For the work queue in .agent/queue/: queue_plan says what can run now and in what order,
 run_queue carries it out in the background, update_item records items you do yourself.
 The parallel-execution prompt explains the patterns."""

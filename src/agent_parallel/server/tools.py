@@ -91,7 +91,9 @@ def tool(into: list[Tool], **options: Any) -> Callable[[F], F]:
         code = inspect.unwrap(fn).__code__
         made = _MADE.get(code)
         if made is None:
-            made = Tool.from_function(fn, **options)
+            # the docstring's indentation would reach the model on every turn (Claude Code sends each tool's
+            # description with every request)
+            made = Tool.from_function(fn, description=inspect.cleandoc(fn.__doc__ or ""), **options)
             if made.output_schema is not None:  # (the SDK keeps it on the tool's metadata)
                 simplify(made.fn_metadata.output_schema)
             _MADE[code] = made
