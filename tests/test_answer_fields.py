@@ -132,3 +132,11 @@ async def test_a_groups_answer_puts_its_state_and_counts_before_its_members_and_
     assert list(out)[:4] == ["retrieval_status", "group_id", "status", "counts"] and out["counts"] == waited["counts"]
     background = await call(client, "launch_task", commands=["true"])  # answered at once: no counts, no tasks yet
     assert set(background) == LAUNCH_FIELDS | {"group_id", "task_ids"}
+
+
+async def test_a_cancel_answers_what_happened_first_then_an_entry_per_task(client):
+    group = await call(client, "launch_task", commands=["sleep 30", "sleep 30", "sleep 30"], max_parallel=1)
+    answer = await call(client, "cancel_task", task_id=group["group_id"])
+    assert list(answer) == ["message", "tasks"] and len(answer["tasks"]) == 3
+    assert all(list(entry)[:2] == ["task_id", "status"] and entry["status"] == "cancelled" for entry in answer["tasks"])
+    assert not [entry for entry in answer["tasks"] if {"cwd", "created_at", "description"} & set(entry)]

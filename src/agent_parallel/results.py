@@ -172,14 +172,9 @@ class TaskView(_TaskDetails):
     created_at: str
 
     @classmethod
-    def of(cls, rec: TaskRecord, *, short: bool = False, **extra: object) -> Self:
-        """``short``: one of several tasks, so the command and description are cut (task_output with
-        the one task_id shows them whole)."""
-        description, command = rec.description, rec.command
-        if short:
-            description = cut(description, SHORT_TEXT_CHARS) if description is not None else None
-            command = cut(command, SHORT_TEXT_CHARS)
-        return cls(description=description, command=command, cwd=rec.cwd, created_at=iso(rec.created_at),
+    def of(cls, rec: TaskRecord, **extra: object) -> Self:
+        """The task whole (one of several is a `TaskEntry`: its command and description cut)."""
+        return cls(description=rec.description, command=rec.command, cwd=rec.cwd, created_at=iso(rec.created_at),
                    **_state_of(rec), **extra)
 
 
@@ -291,8 +286,11 @@ class TaskOutputResult(_TaskDetails):
 
 
 class CancelResult(BaseModel):
-    tasks: list[TaskView]
+    """``cancel_task``'s answer: what happened (first: a group's cancel answers an entry per member), then
+    each task's final state."""
+
     message: str
+    tasks: list[TaskEntry]
 
 
 class TaskSummary(BaseModel):

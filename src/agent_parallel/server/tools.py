@@ -294,7 +294,7 @@ def task_tools() -> list[Tool]:
                 tg.start_soon(stop, i)
         parts = [f"{t.record.task_id}: {'cancelled' if s else f'already {t.record.status.value}, nothing to do'}"
                  for t, s in zip(tasks, stopped, strict=True)]
-        return CancelResult(tasks=[TaskView.of(t.record, short=len(tasks) > 1) for t in tasks], message="; ".join(parts))
+        return CancelResult(message="; ".join(parts), tasks=[TaskEntry.of(t.record) for t in tasks])
 
     @tool(tools, title="List tasks", meta=LARGE_ANSWERS,
           annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
