@@ -214,7 +214,8 @@ def task_tools() -> list[Tool]:
         to keep waiting. With block=false it answers at once (retrieval_status="not_ready" while
         running). By default you see the most recent output; page from the start with cursor=0
         and then the returned next_cursor. With task_id the task's fields are at the top level;
-        with task_ids (or a group_id) there is one entry per task in `tasks`.
+        with task_ids (or a group_id) there is one entry per task in `tasks`, after `counts` (how many
+        are in each status).
         """
         ws = workspace_of(ctx)
         if (task_id is None) == (not task_ids):
