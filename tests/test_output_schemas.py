@@ -82,3 +82,48 @@ async def test_servers_built_in_one_process_share_schemas_and_keep_their_own_wor
     assert first == second and len(first) == 7
     assert plan_one == ["001-pending-item-of-one.md"] and plan_two == ["002-pending-item-of-two.md"]
     assert pwd_one.strip() == str(tmp_path / "one") and pwd_two.strip() == str(tmp_path / "two")
+
+
+def schema_titles(node: object, where: str = "") -> list[str]:
+    """Where a ``title`` keyword stands in a JSON schema (not a property that is named "title")."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("title"), str):
+            found.append(where or "/")
+        for key, value in node.items():
+            if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
+                for name, inner in value.items():
+                    found += schema_titles(inner, f"{where}/{key}/{name}")
+            elif isinstance(value, dict | list):
+                found += schema_titles(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += schema_titles(value, f"{where}/{index}")
+    return found
+
+
+async def test_published_schemas_carry_no_titles_made_from_names_and_accept_what_the_arguments_model_does(tmp_path):
+    """A model reads every tool's input schema on every turn: pydantic's titles ("Task Id") said the names
+    again. Input schemas are simplified too; the server still validates arguments with the pydantic model."""
+    from agent_parallel.server.tools import _MADE
+
+    async with Client(build_server(tmp_path, ServerSettings(min_free_memory=0))) as client:
+        tools = (await client.list_tools()).tools
+    for tool in tools:
+        assert schema_titles(tool.input_schema) == [] and schema_titles(tool.output_schema) == [], tool.name
+        jsonschema.Draft202012Validator.check_schema(tool.input_schema)
+    plan = next(tool for tool in tools if tool.name == "queue_plan").output_schema
+    assert plan["$defs"]["PlanItem"]["properties"]["title"]["type"] == "string"  # a property named title stays
+    made = {tool.name: tool for tool in _MADE.values()}
+    samples = {"launch_task": {"command": "true", "cwd": None, "env": {"A": "1"}, "timeout_s": 2.5, "after": ["x"],
+                               "run_in_background": False, "max_parallel": None},
+               "task_output": {"task_ids": ["a", "b"], "block": True, "timeout": 1, "wait": "any", "cursor": None,
+                               "max_bytes": 100, "filter": None}}
+    rng = random.Random(3)
+    for name, sample in samples.items():
+        published = next(tool for tool in tools if tool.name == name).input_schema
+        original = made[name].fn_metadata.arg_model.model_json_schema(by_alias=True)
+        assert published != original
+        for doc in mutations(sample, rng):
+            assert jsonschema.Draft202012Validator(original).is_valid(doc) == \
+                jsonschema.Draft202012Validator(published).is_valid(doc), (name, doc)

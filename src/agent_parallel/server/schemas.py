@@ -7,6 +7,10 @@ it reaches the ``null`` that most optional fields hold. ``simplify`` rewrites ea
 to an equivalent, cheaper form: a list of plain types becomes ``type: [...]``; otherwise ``null`` is
 tried first. A launch_task answer validates about 2.5× faster. The server itself validates with the
 pydantic models, so only what clients read changes, and it accepts exactly the same documents.
+
+``drop_titles`` removes the ``title`` pydantic derives from each name ("Task Id" for ``task_id``):
+a client may show it, but a model reads every tool's input schema on every turn (Claude Code sends
+them with each request), and there the titles were a seventh of it, saying the names again.
 """
 
 from __future__ import annotations
@@ -32,3 +36,24 @@ def simplify(node: Any) -> None:
         for value in node:
             simplify(value)
 
+
+
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "patternProperties")
+
+
+def drop_titles(schema: Any) -> None:
+    """Remove the ``title`` keyword from ``schema`` and every schema inside it, in place (a property
+    that is *named* ``title`` stays: only schemas are walked, not the names of their properties)."""
+    if not isinstance(schema, dict):
+        return
+    if isinstance(schema.get("title"), str):
+        del schema["title"]
+    for key in _SCHEMA_MAPS:
+        for inner in (schema.get(key) or {}).values():
+            drop_titles(inner)
+    for key in _SCHEMA_LISTS:
+        for inner in schema.get(key) or []:
+            drop_titles(inner)
+    for key in ("items", "additionalProperties", "not"):
+        drop_titles(schema.get(key))

@@ -25,7 +25,7 @@ from ..errors import AgentParallelError, UsageError
 from ..paths import resolve_inside
 from ..queue.claims import find_item, move_item, parse_item_id, release_stale_claims
 from .output_filter import OutputFilter
-from .schemas import simplify
+from .schemas import drop_titles, simplify
 from ..queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page
 from ..queue.planner import QueuePlanPage
 from ..queue.items import QueueReader
@@ -85,7 +85,7 @@ def tool(into: list[Tool], **options: Any) -> Callable[[F], F]:
     CPU per tool, for every server built: half a second per server, which a test suite starting
     thousands of servers paid again and again. It runs once per tool per process here; every server
     gets a copy bound to its own function, which has the same code, hence the same schemas. The output
-    schema is ``simplify``-ed once, when made."""
+    schemas are ``simplify``-ed, and their titles dropped, once, when made."""
 
     def register(fn: F) -> F:
         code = inspect.unwrap(fn).__code__
@@ -94,8 +94,11 @@ def tool(into: list[Tool], **options: Any) -> Callable[[F], F]:
             # the docstring's indentation would reach the model on every turn (Claude Code sends each tool's
             # description with every request)
             made = Tool.from_function(fn, description=inspect.cleandoc(fn.__doc__ or ""), **options)
+            simplify(made.parameters)
+            drop_titles(made.parameters)
             if made.output_schema is not None:  # (the SDK keeps it on the tool's metadata)
                 simplify(made.fn_metadata.output_schema)
+                drop_titles(made.fn_metadata.output_schema)
             _MADE[code] = made
         into.append(made.model_copy(update={"fn": fn}))
         return fn
