@@ -140,3 +140,10 @@ async def test_a_cancel_answers_what_happened_first_then_an_entry_per_task(clien
     assert list(answer) == ["message", "tasks"] and len(answer["tasks"]) == 3
     assert all(list(entry)[:2] == ["task_id", "status"] and entry["status"] == "cancelled" for entry in answer["tasks"])
     assert not [entry for entry in answer["tasks"] if {"cwd", "created_at", "description"} & set(entry)]
+
+
+async def test_a_list_row_of_a_plain_command_carries_no_agent_fields(client):
+    await call(client, "launch_task", command="true", run_in_background=False)
+    [row] = (await call(client, "list_tasks"))["tasks"]
+    assert not {"cost_usd", "turns"} & set(row)  # an agent item's (tests/test_agent_runs.py shows them)
+    assert {"task_id", "status", "description", "command", "exit_code", "duration_s", "last_line"} <= set(row)

@@ -303,8 +303,8 @@ class TaskSummary(BaseModel):
     created_at: str
     duration_s: float | None
     last_line: str | None
-    cost_usd: float | None = Field(None, description="an agent item's cost so far, as its CLI reports it")
-    turns: int | None = Field(None, description="an agent item's turns so far")
+    cost_usd: float | None = omitted_if_none("an agent item's cost so far, as its CLI reports it")
+    turns: int | None = omitted_if_none("an agent item's turns so far")
 
     @classmethod
     def of(cls, rec: TaskRecord, *, last_line: str | None, usage: AgentUsage | None = None) -> TaskSummary:
