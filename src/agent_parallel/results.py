@@ -280,9 +280,11 @@ class TaskOutputResult(_TaskDetails):
         null, and the answer's state (``retrieval_status``, the group, ``counts``) comes before them."""
         data: dict[str, Any] = handler(self)
         if self.task_id is None:
-            data = first_keys({key: value for key, value in data.items() if value is not None},
-                              ("retrieval_status", *_GROUP_FIRST))
+            data = first_keys({key: value for key, value in data.items() if value is not None}, _SEVERAL_FIRST)
         return data
+
+
+_SEVERAL_FIRST = ("retrieval_status", "group_id", "status", "counts")
 
 
 class CancelResult(BaseModel):

@@ -1,12 +1,13 @@
-"""The published output schemas, made cheap to validate without changing what they accept.
+"""The published schemas, made cheap to validate and to read without changing what they accept.
 
 Pydantic writes an optional field as ``anyOf: [<its schema>, {type: null}]``. A client that
 validates every answer against the tool's ``outputSchema`` (the Python SDK's does, with
 ``jsonschema``) then tries the field's schema first, resolving ``$ref``s into nested models, before
 it reaches the ``null`` that most optional fields hold. ``simplify`` rewrites each such ``anyOf``
 to an equivalent, cheaper form: a list of plain types becomes ``type: [...]``; otherwise ``null`` is
-tried first. A launch_task answer validates about 2.5× faster. The server itself validates with the
-pydantic models, so only what clients read changes, and it accepts exactly the same documents.
+tried first. A launch_task answer validates about 2.5× faster. Input schemas get the same (shorter
+for a model to read). The server itself validates with the pydantic models, so only what clients
+read changes, and it accepts exactly the same documents.
 
 ``drop_titles`` removes the ``title`` pydantic derives from each name ("Task Id" for ``task_id``):
 a client may show it, but a model reads every tool's input schema on every turn (Claude Code sends
@@ -35,7 +36,6 @@ def simplify(node: Any) -> None:
     elif isinstance(node, list):
         for value in node:
             simplify(value)
-
 
 
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")

@@ -115,9 +115,9 @@ def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, 
         run = load_report(ws.registry.runs_dir, task.record.task_id) if task.record.kind == "run" else None
     if run is not None:
         run = run.shown(MAX_RUN_ITEMS_SHOWN)
-    shown: dict[str, Any] = dict(usage=usage_of(task), output=chunk.text, cursor=chunk.start, next_cursor=chunk.next_cursor,
-                 output_bytes=task.output_bytes, truncated=chunk.truncated,
-                 dropped_bytes=ws.registry.dropped_bytes(task), run=run)
+    shown: dict[str, Any] = dict(usage=usage_of(task), output=chunk.text, cursor=chunk.start,
+                                 next_cursor=chunk.next_cursor, output_bytes=task.output_bytes,
+                                 truncated=chunk.truncated, dropped_bytes=ws.registry.dropped_bytes(task), run=run)
     return TaskEntry.of(task.record, **shown) if several else TaskView.of(task.record, **shown)
 
 
