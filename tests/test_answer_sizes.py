@@ -30,13 +30,16 @@ async def test_the_tools_whose_answers_can_pass_50000_characters_declare_the_siz
     assert not {name: size for name, size in declared.items() if name not in large and size is not None}
 
 
-async def test_a_300_command_fan_outs_answer_and_a_full_page_of_output_fit_what_they_declare(client: Client):
+async def test_a_300_command_fan_out_40_shards_with_output_and_a_full_page_fit_what_they_declare(client: Client):
     group = await call(client, "launch_task", commands=[f"echo shard {n}" for n in range(300)], max_parallel=20,
                        run_in_background=False)
     assert group["counts"] == {"completed": 300}
     assert CLAUDE_CODE_INLINE_CHARS < shown(group) < INLINE_ANSWER_CHARS
     again = await call(client, "task_output", task_id=group["group_id"])
     assert CLAUDE_CODE_INLINE_CHARS < shown(again) < INLINE_ANSWER_CHARS
+    shards = await call(client, "launch_task", commands=[f"seq -f 'shard {i:02d} line %05g' 1 1000" for i in range(40)],
+                        max_parallel=8, run_in_background=False)  # issue 11's "40 test shards, 8 at a time"
+    assert CLAUDE_CODE_INLINE_CHARS < shown(shards) < INLINE_ANSWER_CHARS
     task = (await call(client, "launch_task", command="yes output | head -c 200000"))["task_id"]
     page = await call(client, "task_output", task_id=task, max_bytes=65536)
     assert len(page["output"]) == 65536 and CLAUDE_CODE_INLINE_CHARS < shown(page) < INLINE_ANSWER_CHARS
