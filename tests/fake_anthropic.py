@@ -1,50 +1,47 @@
 """A stand-in for Anthropic's Messages API, so the real Claude Code CLI can run a turn here (no model
-is reachable): its first answer calls one tool with given arguments, every later one ends the turn.
-Every request Claude Code sends is kept, so a test reads what the model would have been shown,
-e.g. a tool's result as Claude Code passed it on (whole, or saved to a file with a preview)."""
+is reachable): its answers call the tools of a script, one per answer, each step's arguments made
+from the results so far; once the script is done, an answer ends the turn. Every request Claude
+Code sends is kept, so a test reads what the model would have been shown, e.g. a tool's result as
+Claude Code passed it on (whole, or saved to a file with a preview)."""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+Arguments = dict[str, Any] | Callable[[list[str]], dict[str, Any]]
+"""A step's arguments, or how to make them from the tool results the model has seen so far (their text)."""
+
+
 @dataclass
 class FakeModel:
-    tool: str
-    """The tool the model calls in its first answer (as Claude Code names it: mcp__<server>__<tool>)."""
-    arguments: dict[str, Any]
+    steps: list[tuple[str, Arguments]]
+    """The tools the model calls, one per answer, in order (as Claude Code names them: mcp__<server>__<tool>)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
 
     def tool_results(self) -> list[str]:
         """The text of every tool result Claude Code sent back to the model, in order."""
-        found = []
-        for request in self.requests:
-            for message in request.get("messages", [])[-1:]:
-                content = message.get("content")
-                for block in content if isinstance(content, list) else []:
-                    if block.get("type") == "tool_result":
-                        inner = block.get("content")
-                        found.append(inner if isinstance(inner, str)
-                                     else "".join(part.get("text", "") for part in inner or []))
-        return found
+        return _tool_results(self.requests[-1]) if self.requests else []
 
     def answer(self, request: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        """The server-sent events of one streamed answer."""
-        answered = any(block.get("type") == "tool_result" for message in request.get("messages", [])
-                       for block in (message.get("content") if isinstance(message.get("content"), list) else []))
+        """The server-sent events of one streamed answer: the script's next step, or the turn's end."""
+        results = _tool_results(request)
         offered = {tool.get("name") for tool in request.get("tools", [])}
         message = {"id": f"msg_{len(self.requests)}", "type": "message", "role": "assistant",
                    "model": request.get("model"), "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": 10, "output_tokens": 1}}
-        if not answered and self.tool in offered:
-            block = {"type": "tool_use", "id": "toolu_01", "name": self.tool, "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(self.arguments)}
+        step = len(results)
+        if step < len(self.steps) and self.steps[step][0] in offered:
+            tool, arguments = self.steps[step]
+            made = arguments(results) if callable(arguments) else arguments
+            block = {"type": "tool_use", "id": f"toolu_{step:02d}", "name": tool, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(made)}
             stop = "tool_use"
         else:
             block, delta, stop = {"type": "text", "text": ""}, {"type": "text_delta", "text": "done"}, "end_turn"
@@ -57,10 +54,21 @@ class FakeModel:
                 ("message_stop", {"type": "message_stop"})]
 
 
+def _tool_results(request: dict[str, Any]) -> list[str]:
+    """The text of the tool results in a request's messages (each request carries the whole turn)."""
+    return [_text(block.get("content")) for message in request.get("messages", [])
+            for block in (message.get("content") if isinstance(message.get("content"), list) else [])
+            if block.get("type") == "tool_result"]
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content or [])
+
+
 @contextmanager
-def fake_messages_api(tool: str, arguments: dict[str, Any]) -> Iterator[tuple[str, FakeModel]]:
+def fake_messages_api(*steps: tuple[str, Arguments]) -> Iterator[tuple[str, FakeModel]]:
     """Serve the fake API on a free local port: yields its base URL (for ANTHROPIC_BASE_URL) and the model."""
-    model = FakeModel(tool, arguments)
+    model = FakeModel(list(steps))
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
