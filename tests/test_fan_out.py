@@ -278,3 +278,37 @@ async def test_the_text_of_a_group_answer_counts_its_members_by_status(client):
     result = await client.call_tool("task_output", {"task_id": group, "timeout": 30})
     [block] = result.content
     assert "  tasks: 3 entries (2 completed, 1 failed)\n" in block.text, block.text
+
+
+async def test_waiting_on_a_group_reports_how_many_members_finished_and_how(client):
+    """An agent waiting on many commands (Claude Code shows a call's progress) hears how many have ended:
+    at most one notification per interval, counts that only grow, the last one the whole group."""
+    commands = [f"sleep 0.{n % 4}; exit {1 if n == 7 else 0}" for n in range(12)]
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    group = await call(client, "launch_task", commands=commands, max_parallel=4)
+    result = await client.call_tool("task_output", {"task_id": group["group_id"], "timeout": 30},
+                                    progress_callback=on_progress)
+    assert result.structured_content["counts"] == {"completed": 11, "failed": 1}
+    assert len(seen) >= 2 and all(total == 12 for _, total, _ in seen)
+    assert [p for p, _, _ in seen] == sorted({p for p, _, _ in seen})  # grows, never repeats
+    assert seen[-1] == (12, 12, "12 of 12 finished: 11 completed, 1 failed")
+    waited = await client.call_tool("launch_task", {"commands": ["sleep 0.2", "sleep 0.4"], "run_in_background": False},
+                                    progress_callback=on_progress)  # the same for a fan-out waited for at launch
+    assert waited.structured_content["counts"] == {"completed": 2} and seen[-1] == (2, 2, "2 of 2 finished: 2 completed")
+
+
+async def test_waiting_on_several_tasks_that_time_out_reports_the_latest_count(client):
+    ids = [(await call(client, "launch_task", command=command))["task_id"] for command in ("true", "sleep 30")]
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    result = await client.call_tool("task_output", {"task_ids": ids, "timeout": 1}, progress_callback=on_progress)
+    assert result.structured_content["retrieval_status"] == "timeout"
+    assert seen == [(1, 2, "1 of 2 finished: 1 completed")]
+    await call(client, "cancel_task", task_ids=ids)

@@ -36,7 +36,8 @@ from ..text import cut, first_few, short_repr
 from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
 from .settings import Workspace, workspace_of
-from .views import MAX_RUN_ITEMS_SHOWN, live_progress, usage_of, view_task, wait_reporting_progress
+from .views import (MAX_RUN_ITEMS_SHOWN, Report, live_progress, usage_of, view_task, wait_counting,
+                    wait_reporting_progress)
 
 MAX_PAGE_BYTES = 65536
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -187,7 +188,7 @@ def task_tools() -> list[Tool]:
             group_id, members = await ws.registry.launch_group(
                 commands, max_parallel=slots, cwd=workdir, description=description, env=env, timeout_s=timeout_s,
                 after=after)
-            return await _group_answer(ws, group_id, members, run_in_background)
+            return await _group_answer(ws, group_id, members, run_in_background, ctx.report_progress)
         # answered once the task's record is written, its start under way (status `queued` for a moment):
         # the answer does not wait for the fork and exec, which cost more than the rest of the call
         task = await ws.registry.launch(command=command, cwd=workdir, description=description, env=env,
@@ -348,14 +349,16 @@ def _check_commands(commands: list[str]) -> None:
             raise UsageError(f"commands[{i}] is empty; every command must be a shell command to run")
 
 
-async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_in_background: bool) -> LaunchResult:
+async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_in_background: bool,
+                        report: Report) -> LaunchResult:
     """A fan-out's answer: the group id (as ``task_id`` and ``group_id``), its members' ids, and,
-    having waited, every member's state and recent output (as ``task_output`` on the group)."""
+    having waited (reporting how many finished), every member's state and recent output (as
+    ``task_output`` on the group)."""
     first = members[0].record
     done: bool | None = None
     tasks: list[TaskEntry] | None = None
     if not run_in_background:
-        done = await ws.registry.wait(members, mode="all", timeout=ws.settings.wait_cap_s)
+        done = await wait_counting(ws.registry, members, "all", ws.settings.wait_cap_s, report)
         max_bytes = shared_page_bytes(16384, len(members))
         tasks = await anyio.to_thread.run_sync(lambda: [
             view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, several=True)

@@ -12,7 +12,7 @@ from mcp.server.mcpserver import Context
 from .output_filter import OutputFilter
 from ..queue.run import load_report, run_of
 from ..agents.job import ItemJob
-from ..results import AgentUsage, RunProgress, TaskEntry, TaskView, usage_from
+from ..results import AgentUsage, RunProgress, TaskEntry, TaskView, status_counts, usage_from
 from ..tasks.registry import Task, TaskRegistry, wait_any
 from .settings import Workspace
 
@@ -29,9 +29,44 @@ Report = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
 async def wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, timeout: float, ctx: Context) -> bool:
-    """Wait like ``registry.wait``; while queue runs are among the tasks, report their progress
-    as MCP progress notifications (``wait_with_progress``)."""
+    """Wait like ``registry.wait``, reporting progress as MCP progress notifications (a no-op unless
+    the client asked for them): a queue run's items (``wait_with_progress``), or how many of several
+    tasks have finished (``wait_counting``: a fan-out's members, ``task_ids``)."""
+    if len(tasks) > 1 and not any(run_of(t) is not None for t in tasks):
+        return await wait_counting(ws.registry, tasks, mode, timeout, ctx.report_progress)
     return await wait_with_progress(ws.registry, tasks, mode, timeout, ctx.report_progress)
+
+
+async def wait_counting(registry: TaskRegistry, tasks: list[Task], mode: str, timeout: float, report: Report,
+                        *, interval: float | None = None) -> bool:
+    """Wait like ``registry.wait`` on several tasks, reporting how many have finished out of all, and
+    how they ended ("12 of 40 finished: 11 completed, 1 failed"): at most once per ``interval``
+    (default ``PROGRESS_INTERVAL_S``), only when the count grew, and the latest before returning. An
+    agent waiting on 300 test shards (Claude Code shows a call's progress) sees them go by; each
+    interval waits only on the tasks not done yet, so a long wait costs no more than one."""
+    interval = PROGRESS_INTERVAL_S if interval is None else interval
+    deadline = anyio.current_time() + timeout
+    sent = 0
+
+    async def send_if_grew() -> None:
+        nonlocal sent
+        ended = [t.record.status for t in tasks if t.done.is_set()]
+        if len(ended) > sent:
+            sent = len(ended)
+            how = ", ".join(f"{n} {status}" for status, n in status_counts(ended).items())
+            await report(sent, len(tasks), f"{sent} of {len(tasks)} finished: {how}")
+
+    while not _all_or_any_done(tasks, mode):
+        left = deadline - anyio.current_time()
+        if left <= 0:
+            with anyio.CancelScope(shield=True):  # timed out: the client still gets the latest count
+                await send_if_grew()
+            return False
+        pending = [t for t in tasks if not t.done.is_set()]
+        await registry.wait(pending, mode=mode, timeout=min(interval, left))
+        await send_if_grew()
+    await send_if_grew()
+    return True
 
 
 async def wait_with_progress(registry: TaskRegistry, tasks: list[Task], mode: str, timeout: float, report: Report,
