@@ -55,12 +55,12 @@ INLINE_ANSWER_CHARS = 100_000
 """Up to this many characters, Claude Code is asked to show a tool's answer to its model whole
 (``_meta["anthropic/maxResultSizeChars"]`` of the tool in ``tools/list``). Without it, Claude Code
 saves an answer of over 50,000 characters to a file and shows the model its first 2 KB: a page of
-64 KiB of output the agent asked for, or a 300-command fan-out's answer, reached the model as the start
-of a JSON document (a 10,000-item queue's plan page is close: 49 KB; a long list_tasks page or a
-group's cancel answer can pass it). These answers are sized by their own
-arguments (``max_bytes``, ``limit``, a plan's page, the commands given); past this size, a file and a
-preview serve an agent better than the whole answer in its context (a group of over about 340 members:
-Claude Code's preview then shows the group's status and counts, which come first)."""
+64 KiB of output the agent asked for, or a 300-command fan-out's answer, reached the model as the
+start of a JSON document (a 10,000-item queue's plan page is close, 49 KB; a long list_tasks page or
+a group's cancel answer can pass it). These answers are sized by their own arguments (``max_bytes``,
+``limit``, a plan's page, the commands given); past this size, a file and a preview serve an agent
+better than the whole answer in its context (a group of over about 340 members: Claude Code's
+preview then shows the group's status and counts, which come first)."""
 
 LARGE_ANSWERS = {"anthropic/maxResultSizeChars": INLINE_ANSWER_CHARS}
 """The ``meta`` of the tools whose answers can pass Claude Code's 50,000 characters (see above)."""
