@@ -111,6 +111,7 @@ async def test_an_entry_among_several_says_who_and_how_first_and_leaves_out_what
     ids = [(await call(client, "launch_task", command=command))["task_id"] for command in ("echo one", "exit 3")]
     several = await call(client, "task_output", task_ids=ids)
     assert list(several)[:2] == ["retrieval_status", "counts"] and several["counts"] == {"completed": 1, "failed": 1}
+    assert list(several["counts"]) == ["failed", "completed"]  # what needs a look first
     for entry in several["tasks"]:
         assert TASK_OUTPUT_FIELDS <= set(entry) and list(entry)[:4] == ["task_id", "status", "exit_code", "signal"]
         assert not {"cwd", "created_at", "description"} & set(entry)  # said at launch; task_output on the id has them

@@ -282,7 +282,8 @@ async def test_the_text_of_a_group_answer_counts_its_members_by_status(client):
 
 async def test_waiting_on_a_group_reports_how_many_members_finished_and_how(client):
     """An agent waiting on many commands (Claude Code shows a call's progress) hears how many have ended:
-    at most one notification per interval, counts that only grow, the last one the whole group."""
+    at most one notification per interval, counts that only grow, the last one the whole group (what
+    needs a look first)."""
     commands = [f"sleep 0.{n % 4}; exit {1 if n == 7 else 0}" for n in range(12)]
     seen: list[tuple[float, float | None, str | None]] = []
 
@@ -295,7 +296,7 @@ async def test_waiting_on_a_group_reports_how_many_members_finished_and_how(clie
     assert result.structured_content["counts"] == {"completed": 11, "failed": 1}
     assert len(seen) >= 2 and all(total == 12 for _, total, _ in seen)
     assert [p for p, _, _ in seen] == sorted({p for p, _, _ in seen})  # grows, never repeats
-    assert seen[-1] == (12, 12, "12 of 12 finished: 11 completed, 1 failed")
+    assert seen[-1] == (12, 12, "12 of 12 finished: 1 failed, 11 completed")
     waited = await client.call_tool("launch_task", {"commands": ["sleep 0.2", "sleep 0.4"], "run_in_background": False},
                                     progress_callback=on_progress)  # the same for a fan-out waited for at launch
     assert waited.structured_content["counts"] == {"completed": 2} and seen[-1] == (2, 2, "2 of 2 finished: 2 completed")

@@ -226,9 +226,15 @@ def first_keys(data: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     return ordered
 
 
+_ATTENTION_FIRST = {status: rank for rank, status in enumerate(
+    [TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.INTERRUPTED, TaskStatus.CANCELLED, TaskStatus.SKIPPED,
+     TaskStatus.RUNNING, TaskStatus.QUEUED, TaskStatus.COMPLETED])}
+
+
 def status_counts(statuses: Iterable[TaskStatus]) -> dict[str, int]:
-    """How many tasks are in each status, most common first."""
-    return dict(Counter(str(s) for s in statuses).most_common())
+    """How many tasks are in each status, what needs a look first ("3 failed, 297 completed")."""
+    counts = Counter(statuses)
+    return {str(status): counts[status] for status in sorted(counts, key=_ATTENTION_FIRST.__getitem__)}
 
 
 class LaunchResult(TaskView):

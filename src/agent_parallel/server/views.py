@@ -40,7 +40,7 @@ async def wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, t
 async def wait_counting(registry: TaskRegistry, tasks: list[Task], mode: str, timeout: float, report: Report,
                         *, interval: float | None = None) -> bool:
     """Wait like ``registry.wait`` on several tasks, reporting how many have finished out of all, and
-    how they ended ("12 of 40 finished: 11 completed, 1 failed"): at most once per ``interval``
+    how they ended ("12 of 40 finished: 1 failed, 11 completed"): at most once per ``interval``
     (default ``PROGRESS_INTERVAL_S``), only when the count grew, and the latest before returning. An
     agent waiting on 300 test shards (Claude Code shows a call's progress) sees them go by; each
     interval waits only on the tasks not done yet, so a long wait costs no more than one."""
