@@ -189,7 +189,7 @@ def _state_of(rec: TaskRecord) -> dict[str, Any]:
 
 class TaskEntry(_TaskDetails):
     """One of several tasks in an answer (``task_output`` with ``task_ids`` or a group, a fan-out
-    waited for at launch): who it is and how it went, those first, then its output.
+    waited for at launch, ``cancel_task``): who it is and how it went, those first, then its output.
 
     A group's answer holds an entry per member, so what an entry repeats, a client pays for as
     many times (an agent reads it all; Claude Code shows the model an answer of over 50,000
@@ -294,8 +294,8 @@ _SEVERAL_FIRST = ("retrieval_status", "group_id", "status", "counts")
 
 
 class CancelResult(BaseModel):
-    """``cancel_task``'s answer: what happened (first: a group's cancel answers an entry per member), then
-    each task's final state."""
+    """``cancel_task``'s answer: what happened, then each task's final state (a group's cancel has an
+    entry per member: the message comes first)."""
 
     message: str
     tasks: list[TaskEntry]
