@@ -27,13 +27,18 @@ def claude() -> Path:
     return CLAUDE
 
 
-def test_claude_code_lists_the_server_as_connected(claude, tmp_path, workspace):
-    home = tmp_path / "home"
+def added_to_claude(claude: Path, home: Path, workspace: Path) -> dict[str, str]:
+    """``claude mcp add`` of our server for ``workspace``, with ``home`` as the CLI's home: its environment."""
     home.mkdir()
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
     added = subprocess.run([str(claude), "mcp", "add", "agent-parallel", "--", str(SCRIPT), "serve", "--root",
                             str(workspace)], cwd=workspace, env=env, capture_output=True, text=True, timeout=120)
     assert added.returncode == 0, added.stderr
+    return env
+
+
+def test_claude_code_lists_the_server_as_connected(claude, tmp_path, workspace):
+    env = added_to_claude(claude, tmp_path / "home", workspace)
     listed = subprocess.run([str(claude), "mcp", "list"], cwd=workspace, env=env, capture_output=True, text=True,
                             timeout=120)
     assert listed.returncode == 0, listed.stderr
@@ -44,9 +49,7 @@ def test_claude_code_lists_the_server_as_connected(claude, tmp_path, workspace):
 def claude_turn(claude: Path, home: Path, workspace: Path, *steps: tuple[str, Arguments]) -> FakeModel:
     """One turn of the real Claude Code CLI in ``workspace`` (the server added to it first), against a
     fake Messages API whose model calls the tools of ``steps``; answers the model, its requests kept."""
-    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
-    subprocess.run([str(claude), "mcp", "add", "agent-parallel", "--", str(SCRIPT), "serve", "--root", str(workspace)],
-                   cwd=workspace, env=env, capture_output=True, text=True, timeout=120, check=True)
+    env = added_to_claude(claude, home, workspace)
     allowed = ",".join(sorted({tool for tool, _ in steps}))
     with fake_messages_api(*steps) as (url, model):
         turn = subprocess.run([str(claude), "-p", "go on", "--allowedTools", allowed, "--output-format", "json"],
