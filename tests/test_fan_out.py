@@ -313,3 +313,29 @@ async def test_waiting_on_several_tasks_that_time_out_reports_the_latest_count(c
     assert result.structured_content["retrieval_status"] == "timeout"
     assert seen == [(1, 2, "1 of 2 finished: 1 completed")]
     await call(client, "cancel_task", task_ids=ids)
+
+
+async def test_a_groups_answer_can_keep_only_the_members_that_did_not_make_it(client):
+    """40 shards, 2 failing: status=["failed"] answers their 2 entries (with the output room all 40 shared)
+    and counts every member; the wait is still over the whole group."""
+    commands = [f"seq -f 'shard {i:02d} line %05g' 1 1000" + ("; exit 1" if i in (5, 31) else "") for i in range(40)]
+    group = await call(client, "launch_task", commands=commands, max_parallel=8)
+    failed = await call(client, "task_output", task_id=group["group_id"], status=["failed", "timed_out"], timeout=60)
+    assert failed["status"] == "failed" and failed["counts"] == {"failed": 2, "completed": 38}
+    assert [entry["task_id"] for entry in failed["tasks"]] == [group["task_ids"][5], group["task_ids"][31]]
+    assert all(len(entry["output"]) == 16384 and entry["output"].endswith("line 01000\n") for entry in failed["tasks"])
+    none = await call(client, "task_output", task_id=group["group_id"], status=["cancelled"])
+    assert none["tasks"] == [] and none["counts"] == failed["counts"]
+
+
+@pytest.mark.fault("task_output's status filter given an unknown state, or with one task: a clear error naming the fix, nothing waited for")
+async def test_task_output_status_filter_refuses_what_it_cannot_mean(client):
+    group = await call(client, "launch_task", commands=["sleep 30", "true"])
+    unknown = await call_error(client, "task_output", task_id=group["group_id"], status=["broken"])
+    assert unknown.endswith("unknown status ['broken']; use some of: cancelled, completed, failed, interrupted, "
+                            "queued, running, skipped, timed_out")
+    started = time.monotonic()
+    one = await call_error(client, "task_output", task_id=group["task_ids"][0], status=["failed"], timeout=30)
+    assert "`status` picks among several tasks (task_ids or a group_id)" in one and time.monotonic() - started < 10
+    assert (await call(client, "task_output", task_id=group["task_ids"][0], block=False))["status"] in ("queued", "running")
+    await call(client, "cancel_task", task_id=group["group_id"])

@@ -276,7 +276,8 @@ class TaskOutputResult(_TaskDetails):
     command: str | None = omitted_if_none()
     cwd: str | None = omitted_if_none()
     created_at: str | None = omitted_if_none()
-    tasks: list[TaskEntry] | None = omitted_if_none("with `task_ids`: one entry per task, in the order given")
+    tasks: list[TaskEntry] | None = omitted_if_none("with `task_ids`: one entry per task, in the order given "
+                                                    "(with `status`: those in these states)")
     group_id: str | None = omitted_if_none("with a group_id as `task_id`: the group (its members in `tasks`)")
     counts: dict[str, int] | None = omitted_if_none("with `task_ids` or a group: how many tasks are in each status")
 

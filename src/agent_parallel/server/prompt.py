@@ -33,8 +33,9 @@ group, at most 8 at once, and answers with `group_id` and `task_ids`. Then `task
 waits for all (`wait="any"` for the first), `cancel_task(task_id=group_id)` stops every one, and
 `list_tasks(group_id=...)` lists them. The group's `status` is `completed` only if every member completed;
 `counts` says how many members are in each status.
-An answer about several tasks shows the end of each one's output (48 KiB shared by all); read a failed
-member's whole output with `task_output(task_id=<its id>, cursor=0)`.
+An answer about several tasks shows the end of each one's output (48 KiB shared by all);
+`task_output(task_id=group_id, status=["failed", "timed_out"])` shows only the members that did not make
+it (with the room the others had), and `task_output(task_id=<its id>, cursor=0)` a member's whole output.
 
 ## Pipeline
 Item A produces output, item B consumes it: `launch_task(command=B, after=[A's task_id])`. B starts

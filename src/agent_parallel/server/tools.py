@@ -209,6 +209,7 @@ def task_tools() -> list[Tool]:
         max_bytes: Annotated[int, Field(description="at most this many bytes of output per task (1 to 65536); several tasks share 48 KiB in all (each at least 128 bytes)")] = 16384,
         tail_lines: Annotated[int | None, Field(description="only the last N lines of the selected output")] = None,
         filter: Annotated[str | None, Field(description="a regular expression: only output lines that match")] = None,
+        status: Annotated[list[str] | None, Field(description="with several tasks: only the entries of those in these states, e.g. ['failed', 'timed_out'] (`counts` still counts them all)")] = None,
     ) -> TaskOutputResult:
         """Get the status and output of one or several background tasks, optionally waiting for them.
 
@@ -219,7 +220,8 @@ def task_tools() -> list[Tool]:
         running). By default you see the most recent output; page from the start with cursor=0
         and then the returned next_cursor. With task_id the task's fields are at the top level;
         with task_ids (or a group_id) there is one entry per task in `tasks`, after `counts` (how many
-        are in each status).
+        are in each status); status=["failed", "timed_out"] keeps only the entries of those that did not
+        make it (and gives their output the room the others had).
         """
         ws = workspace_of(ctx)
         if (task_id is None) == (not task_ids):
@@ -239,18 +241,23 @@ def task_tools() -> list[Tool]:
         if math.isnan(timeout) or timeout < 0:
             raise UsageError(f"timeout must be a number of seconds >= 0 (got {timeout})")
         pattern = OutputFilter(filter) if filter is not None else None
+        group_id = task_id if task_id is not None and is_group_id(task_id) else None
+        several = task_id is None or group_id is not None
+        wanted = _statuses(status)
+        if wanted and not several:
+            raise UsageError("`status` picks among several tasks (task_ids or a group_id); with one task_id, "
+                             "leave it out")
         timeout = min(timeout, ws.settings.wait_cap_s)
         if block:
             done = await wait_reporting_progress(ws, tasks, wait, timeout, ctx)
-            status = "success" if done else "timeout"
+            retrieval = "success" if done else "timeout"
         else:
             finished = [t.done.is_set() for t in tasks]
-            status = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
-        group_id = task_id if task_id is not None and is_group_id(task_id) else None
-        several = task_id is None or group_id is not None
+            retrieval = "success" if (all(finished) if wait == "all" else any(finished)) else "not_ready"
         live = live_progress(tasks)
+        shown = [t for t in tasks if t.record.status in wanted] if wanted else tasks
         if several:  # a group may hold up to MAX_GROUP_COMMANDS tasks: the answer stays bounded
-            max_bytes = shared_page_bytes(max_bytes, len(tasks))
+            max_bytes = shared_page_bytes(max_bytes, len(shown))
 
         def read_one() -> TaskView:
             return view_task(ws, tasks[0], cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines,
@@ -259,16 +266,16 @@ def task_tools() -> list[Tool]:
         def read_all() -> list[TaskEntry]:
             return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
                               several=True, live_run=live.get(t.record.task_id))
-                    for t in tasks]
+                    for t in shown]
 
         # logs are read (and a filter matched, within its time budget) off the event loop: other calls go on
         if not several:
             view = await anyio.to_thread.run_sync(read_one)
-            return TaskOutputResult(**view.model_dump(), retrieval_status=status)
+            return TaskOutputResult(**view.model_dump(), retrieval_status=retrieval)
         entries = await anyio.to_thread.run_sync(read_all)
-        return TaskOutputResult(retrieval_status=status, tasks=entries, group_id=group_id,
+        return TaskOutputResult(retrieval_status=retrieval, tasks=entries, group_id=group_id,
                                 status=group_status([t.record for t in tasks]) if group_id else None,
-                                counts=status_counts(entry.status for entry in entries))
+                                counts=status_counts(t.record.status for t in tasks))
 
     @tool(tools, title="Cancel tasks", meta=LARGE_ANSWERS,
           annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
@@ -317,12 +324,7 @@ def task_tools() -> list[Tool]:
         with task_output or stop it with cancel_task.
         """
         ws = workspace_of(ctx)
-        known = {s.value for s in TaskStatus}
-        wanted = set(status or [])
-        if wanted - known:
-            unknown = sorted(wanted - known)
-            shown = first_few([short_repr(s) for s in unknown[:5]], 5, total=len(unknown))
-            raise UsageError(f"unknown status [{shown}]; use some of: {', '.join(sorted(known))}")
+        wanted = _statuses(status)
         if not 1 <= limit <= 1000:
             raise UsageError(f"limit must be between 1 and 1000 (got {limit})")
         if offset < 0:
@@ -336,6 +338,17 @@ def task_tools() -> list[Tool]:
         return TaskList(total=total, tasks=await anyio.to_thread.run_sync(rows))
 
     return tools
+
+
+def _statuses(status: list[str] | None) -> set[str]:
+    """The task statuses a call names (list_tasks' and task_output's `status`), each checked."""
+    known = {s.value for s in TaskStatus}
+    wanted = set(status or [])
+    if wanted - known:
+        unknown = sorted(wanted - known)
+        shown = first_few([short_repr(s) for s in unknown[:5]], 5, total=len(unknown))
+        raise UsageError(f"unknown status [{shown}]; use some of: {', '.join(sorted(known))}")
+    return wanted
 
 
 def _check_commands(commands: list[str]) -> None:
