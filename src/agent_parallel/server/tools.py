@@ -371,7 +371,7 @@ async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_i
     done: bool | None = None
     tasks: list[TaskEntry] | None = None
     if not run_in_background:
-        done = await wait_counting(ws.registry, members, "all", ws.settings.wait_cap_s, report)
+        done = await wait_counting(ws.registry, members, ws.settings.wait_cap_s, report)
         max_bytes = shared_page_bytes(16384, len(members))
         tasks = await anyio.to_thread.run_sync(lambda: [
             view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, several=True)

@@ -31,19 +31,20 @@ Report = Callable[[float, float | None, str | None], Awaitable[None]]
 async def wait_reporting_progress(ws: Workspace, tasks: list[Task], mode: str, timeout: float, ctx: Context) -> bool:
     """Wait like ``registry.wait``, reporting progress as MCP progress notifications (a no-op unless
     the client asked for them): a queue run's items (``wait_with_progress``), or how many of several
-    tasks have finished (``wait_counting``: a fan-out's members, ``task_ids``)."""
-    if len(tasks) > 1 and not any(run_of(t) is not None for t in tasks):
-        return await wait_counting(ws.registry, tasks, mode, timeout, ctx.report_progress)
+    tasks waited for all have finished (``wait_counting``: a fan-out's members, ``task_ids``; a wait for
+    any one of them ends at the first)."""
+    if mode == "all" and len(tasks) > 1 and not any(run_of(t) is not None for t in tasks):
+        return await wait_counting(ws.registry, tasks, timeout, ctx.report_progress)
     return await wait_with_progress(ws.registry, tasks, mode, timeout, ctx.report_progress)
 
 
-async def wait_counting(registry: TaskRegistry, tasks: list[Task], mode: str, timeout: float, report: Report,
+async def wait_counting(registry: TaskRegistry, tasks: list[Task], timeout: float, report: Report,
                         *, interval: float | None = None) -> bool:
-    """Wait like ``registry.wait`` on several tasks, reporting how many have finished out of all, and
-    how they ended ("12 of 40 finished: 1 failed, 11 completed"): at most once per ``interval``
-    (default ``PROGRESS_INTERVAL_S``), only when the count grew, and the latest before returning. An
-    agent waiting on 300 test shards (Claude Code shows a call's progress) sees them go by; each
-    interval waits only on the tasks not done yet, so a long wait costs no more than one."""
+    """Wait like ``registry.wait`` for all of several tasks, reporting how many have finished out of
+    all, and how they ended ("12 of 40 finished: 1 failed, 11 completed"): at most once per
+    ``interval`` (default ``PROGRESS_INTERVAL_S``), only when the count grew, and the latest before
+    returning. An agent waiting on 300 test shards (Claude Code shows a call's progress) sees them go
+    by; each interval waits in turn only on the tasks not done yet, so a long wait costs no more than one."""
     interval = PROGRESS_INTERVAL_S if interval is None else interval
     deadline = anyio.current_time() + timeout
     sent = 0
@@ -56,14 +57,13 @@ async def wait_counting(registry: TaskRegistry, tasks: list[Task], mode: str, ti
             how = ", ".join(f"{n} {status}" for status, n in status_counts(ended).items())
             await report(sent, len(tasks), f"{sent} of {len(tasks)} finished: {how}")
 
-    while not _all_or_any_done(tasks, mode):
+    while pending := [t for t in tasks if not t.done.is_set()]:
         left = deadline - anyio.current_time()
         if left <= 0:
             with anyio.CancelScope(shield=True):  # timed out: the client still gets the latest count
                 await send_if_grew()
             return False
-        pending = [t for t in tasks if not t.done.is_set()]
-        await registry.wait(pending, mode=mode, timeout=min(interval, left))
+        await registry.wait(pending, mode="all", timeout=min(interval, left))
         await send_if_grew()
     await send_if_grew()
     return True
