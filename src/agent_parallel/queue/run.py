@@ -1197,7 +1197,7 @@ class QueueRun:
         if self.held is not None or self._retry or self._agent_wait or self.preparing:
             return  # the turn decides those (and says why a start is held)
         while len(self.running) < self.options.max_parallel and self.state == "running":
-            if registry.room() <= 0 or (check is not None and check()):
+            if not registry.has_room() or (check is not None and check()):
                 return  # the turn holds the start, saying why
             batch = self.scheduler.start_next(1)
             if not batch:

@@ -380,7 +380,7 @@ async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_i
     return LaunchResult(task_id=group_id, group_id=group_id, task_ids=[t.record.task_id for t in members],
                         status=group_status([t.record for t in members]), command=shown, cwd=first.cwd,
                         description=first.description, created_at=iso(first.created_at), tasks=tasks,
-                        counts=None if tasks is None else status_counts(entry.status for entry in tasks),
+                        counts=None if tasks is None else status_counts(t.record.status for t in members),
                         retrieval_status=None if done is None else "success" if done else "timeout")
 
 
