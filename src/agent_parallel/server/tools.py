@@ -36,7 +36,7 @@ from ..text import cut, first_few, short_repr
 from ..tasks.records import TaskStatus, group_status, is_group_id
 from ..tasks.registry import Task
 from .settings import Workspace, workspace_of
-from .views import (MAX_RUN_ITEMS_SHOWN, Report, live_progress, usage_of, view_task, wait_counting,
+from .views import (MAX_RUN_ITEMS_SHOWN, Report, fit_pages, live_progress, usage_of, view_task, wait_counting,
                     wait_reporting_progress)
 
 MAX_PAGE_BYTES = 65536
@@ -61,6 +61,10 @@ a group's cancel answer can pass it). These answers are sized by their own argum
 ``limit``, a plan's page, the commands given); past this size, a file and a preview serve an agent
 better than the whole answer in its context (a group of over about 340 members: Claude Code's
 preview then shows the group's status and counts, which come first)."""
+
+ANSWER_FIELDS_CHARS = 2_000
+"""Room kept beside an answer's task views for its own fields (retrieval_status, status, counts...):
+the views of an answer fit ``INLINE_ANSWER_CHARS`` less this (``views.fit_pages``)."""
 
 LARGE_ANSWERS = {"anthropic/maxResultSizeChars": INLINE_ANSWER_CHARS}
 """The ``meta`` of the tools whose answers can pass Claude Code's 50,000 characters (see above)."""
@@ -206,7 +210,7 @@ def task_tools() -> list[Tool]:
         timeout: Annotated[float, Field(description="seconds to wait when blocking; clamped to the server's wait cap (default 50)")] = 30,
         wait: Annotated[Literal["all", "any"], Field(description="with several ids: return when all, or any one, have finished")] = "all",
         cursor: Annotated[int | None, Field(description="byte offset to read from (0 = start; pass back next_cursor); omit for the most recent output")] = None,
-        max_bytes: Annotated[int, Field(description="at most this many bytes of output per task (1 to 65536); several tasks share 48 KiB in all (each at least 128 bytes)")] = 16384,
+        max_bytes: Annotated[int, Field(description="at most this many bytes of output per task (1 to 65536); several tasks share 48 KiB in all (each at least 128 bytes); a page comes shorter if its JSON would pass 100,000 characters")] = 16384,
         tail_lines: Annotated[int | None, Field(description="only the last N lines of the selected output")] = None,
         filter: Annotated[str | None, Field(description="a regular expression: only output lines that match")] = None,
         status: Annotated[list[str] | None, Field(description="with several tasks: only the entries of those in these states, e.g. ['failed', 'timed_out'] (`counts` still counts them all)")] = None,
@@ -259,14 +263,18 @@ def task_tools() -> list[Tool]:
         if several:  # a group may hold up to MAX_GROUP_COMMANDS tasks: the answer stays bounded
             max_bytes = shared_page_bytes(max_bytes, len(shown))
 
+        room = INLINE_ANSWER_CHARS - ANSWER_FIELDS_CHARS
+
         def read_one() -> TaskView:
-            return view_task(ws, tasks[0], cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines,
-                             pattern=pattern, live_run=live.get(tasks[0].record.task_id))
+            return fit_pages(lambda page: [view_task(ws, tasks[0], cursor=cursor, max_bytes=page, tail_lines=tail_lines,
+                                                     pattern=pattern, live_run=live.get(tasks[0].record.task_id))],
+                             max_bytes, room)[0]
 
         def read_all() -> list[TaskEntry]:
-            return [view_task(ws, t, cursor=cursor, max_bytes=max_bytes, tail_lines=tail_lines, pattern=pattern,
-                              several=True, live_run=live.get(t.record.task_id))
-                    for t in shown]
+            return fit_pages(lambda page: [view_task(ws, t, cursor=cursor, max_bytes=page, tail_lines=tail_lines,
+                                                     pattern=pattern, several=True, live_run=live.get(t.record.task_id))
+                                           for t in shown],
+                             max_bytes, room)
 
         # logs are read (and a filter matched, within its time budget) off the event loop: other calls go on
         if not several:
@@ -372,10 +380,10 @@ async def _group_answer(ws: Workspace, group_id: str, members: list[Task], run_i
     tasks: list[TaskEntry] | None = None
     if not run_in_background:
         done = await wait_counting(ws.registry, members, ws.settings.wait_cap_s, report)
-        max_bytes = shared_page_bytes(16384, len(members))
-        tasks = await anyio.to_thread.run_sync(lambda: [
-            view_task(ws, t, cursor=None, max_bytes=max_bytes, tail_lines=None, pattern=None, several=True)
-            for t in members])
+        room = INLINE_ANSWER_CHARS - ANSWER_FIELDS_CHARS - sum(len(t.record.task_id) + 3 for t in members)  # task_ids
+        tasks = await anyio.to_thread.run_sync(lambda: fit_pages(lambda page: [
+            view_task(ws, t, cursor=None, max_bytes=page, tail_lines=None, pattern=None, several=True)
+            for t in members], shared_page_bytes(16384, len(members)), room))
     shown = first_few([cut(first.command, 200)], 1, total=len(members))
     return LaunchResult(task_id=group_id, group_id=group_id, task_ids=[t.record.task_id for t in members],
                         status=group_status([t.record for t in members]), command=shown, cwd=first.cwd,
@@ -388,8 +396,9 @@ async def _launch_answer(ws: Workspace, task: Task, run_in_background: bool) -> 
     if run_in_background:
         return LaunchResult.of(task.record)
     done = await ws.registry.wait([task], mode="all", timeout=ws.settings.wait_cap_s)
-    view = await anyio.to_thread.run_sync(
-        lambda: view_task(ws, task, cursor=None, max_bytes=16384, tail_lines=None, pattern=None))
+    view = await anyio.to_thread.run_sync(lambda: fit_pages(
+        lambda page: [view_task(ws, task, cursor=None, max_bytes=page, tail_lines=None, pattern=None)], 16384,
+        INLINE_ANSWER_CHARS - ANSWER_FIELDS_CHARS)[0])
     return LaunchResult(**view.model_dump(), retrieval_status="success" if done else "timeout")
 
 

@@ -3,8 +3,9 @@ the progress notifications sent while ``task_output`` waits on queue runs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 from mcp.server.mcpserver import Context
@@ -154,6 +155,34 @@ def view_task(ws: Workspace, task: Task, *, cursor: int | None, max_bytes: int, 
                                  next_cursor=chunk.next_cursor, output_bytes=task.output_bytes,
                                  truncated=chunk.truncated, dropped_bytes=ws.registry.dropped_bytes(task), run=run)
     return TaskEntry.of(task.record, **shown) if several else TaskView.of(task.record, **shown)
+
+
+V = TypeVar("V", TaskView, TaskEntry)
+
+
+def fit_pages(read: Callable[[int], list[V]], max_bytes: int, room: int) -> list[V]:
+    """``read(max_bytes)`` (views of tasks, a page of output each), read again with shorter pages while the
+    views' JSON passes ``room`` characters and shorter pages can bring it within.
+
+    A page is bounded in bytes, but an answer reaches a client as JSON, where a byte can take six
+    characters (a control character is written ``\\u0001``): 48 KiB of such output made an answer of
+    390,000 characters, past what Claude Code shows its model whole (``tools.INLINE_ANSWER_CHARS``).
+    Pages only get shorter, from where each began (or back from the end, for the most recent output);
+    ``next_cursor`` goes on from where one stops, so nothing is lost. Views too many to fit whatever their
+    output (a group of some 340 members and more) keep their pages: cutting them would not help."""
+    views = read(max_bytes)
+    for _ in range(3):  # output whose escapes are uneven may take a second look
+        size = sum(len(view.model_dump_json()) + 1 for view in views)
+        if size <= room:
+            break
+        output = sum(len(json.dumps(view.output, ensure_ascii=False)) - 2 for view in views if view.output)
+        fixed = size - output
+        if output == 0 or fixed >= room or max_bytes == 1:
+            break
+        longest = min(max_bytes, max(len(view.output) for view in views if view.output))  # (a page may end early)
+        max_bytes = max(1, min(longest - 1, int(longest * (room - fixed) / output * 0.95)))
+        views = read(max_bytes)
+    return views
 
 
 def usage_of(task: Task) -> AgentUsage | None:
