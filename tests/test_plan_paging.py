@@ -18,13 +18,14 @@ import pytest
 from mcp import Client
 
 from agent_parallel.queue.conflicts import find_conflicts
-from agent_parallel.queue.items import QueueReader
+from agent_parallel.queue.items import MAX_TITLE_CHARS, QueueReader
 from agent_parallel.queue.plan import MAX_PAGE_ITEMS, PAGE_ITEMS, plan_page, plan_workspace
 from agent_parallel.queue.planner import MAX_CONFLICTS_SHOWN, MAX_DIAGNOSTICS_SHOWN, MAX_WAVES_SHOWN
 from agent_parallel.results import CancelResult, ItemMoved, LaunchResult, RunStarted, TaskList, TaskOutputResult
 from agent_parallel.queue.planner import QueuePlanPage
 from agent_parallel.server import ServerSettings, build_server
 from agent_parallel.server.app import SUMMARY_CHARS
+from agent_parallel.server.tools import INLINE_ANSWER_CHARS
 from conftest import call, call_error
 
 pytestmark = pytest.mark.anyio
@@ -254,3 +255,53 @@ async def test_the_text_names_the_page_and_what_matters_in_a_plan(workspace: Pat
     assert f"  run_now: {', '.join(answer['run_now'])}\n" in text
     assert "  errors: none\n" in text and f"  predicted_makespan: {answer['predicted_makespan']}\n" in text
     assert "next_offset" not in text  # None: the last page
+
+
+@pytest.mark.fault("a cloned queue's items carry titles of 900,000 characters (a front-matter title, a body heading): each "
+                   "is cut to 300 with a long_title warning naming the item, so no plan row, report or AGENT_ITEM_TITLE "
+                   "carries them (a plan answer was 2.8 MB)")
+async def test_a_title_of_900000_characters_is_cut_with_a_warning(workspace: Path) -> None:
+    queue = workspace / ".agent/queue"
+    queue.mkdir(parents=True)
+    (queue / "001-pending-front.md").write_text(f"---\ntitle: {'T' * 900_000}\nfiles: [a.py]\n---\nBody.\n")
+    (queue / "002-pending-heading.md").write_text(f"---\nfiles: [b.py]\n---\n# {'H' * 900_000}\n")
+    (queue / "003-pending-short.md").write_text(f"---\ntitle: {'S' * MAX_TITLE_CHARS}\nfiles: [c.py]\n---\n")
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
+        answer = await call(client, "queue_plan")
+    assert len(json.dumps(answer)) < 20_000
+    titles = {row["id"]: row["title"] for row in answer["items"]}
+    assert titles["001"] == "T" * MAX_TITLE_CHARS + "... [cut: 899,700 more characters]"
+    assert titles["002"] == "H" * MAX_TITLE_CHARS + "... [cut: 899,700 more characters]"
+    assert titles["003"] == "S" * MAX_TITLE_CHARS  # at the limit: whole, no warning
+    long = [(w["item"], w["message"]) for w in answer["warnings"] if w["kind"] == "long_title"]
+    assert long == [(item, "the title is 900,000 characters; it is cut to 300 wherever it is shown (the plan, the "
+                           "run's report, AGENT_ITEM_TITLE): give a short title and put the rest in the body")
+                    for item in ("001", "002")]
+    assert answer["run_now"] == ["001", "002", "003"] and not answer["errors"]  # a warning: they still run
+    assert sorted(p.name for p in queue.iterdir()) == ["001-pending-front.md", "002-pending-heading.md",
+                                                       "003-pending-short.md"]  # planning changed no file
+
+
+@pytest.mark.fault("a queue whose rows are long (items listing many long paths): a page of 100 rows was 251,000 "
+                   "characters; the page holds fewer rows so the answer fits what Claude Code shows whole, and "
+                   "next_offset goes on: every item on exactly one page, in order")
+async def test_rows_too_long_for_one_answer_come_in_smaller_pages(workspace: Path) -> None:
+    queue = workspace / ".agent/queue"
+    queue.mkdir(parents=True)
+    for number in range(1, 151):
+        files = ", ".join(f"src/{'deep/' * 40}item{number}/file{k}.py" for k in range(10))
+        (queue / f"{number:03d}-pending-item-{number}.md").write_text(f"---\nfiles: [{files}]\n---\n")
+    seen: list[str] = []
+    sizes: list[int] = []
+    async with Client(build_server(workspace, ServerSettings(min_free_memory=0))) as client:
+        offset: int | None = 0
+        while offset is not None:
+            page = await call(client, "queue_plan", offset=offset)
+            assert page["items"] and page["total_items"] == 150
+            seen += [row["id"] for row in page["items"]]
+            sizes.append(len(json.dumps(page, separators=(",", ":"), ensure_ascii=False)))
+            offset = page["next_offset"]
+            if offset is not None:
+                assert offset == len(seen)
+    assert seen == [f"{n:03d}" for n in range(1, 151)]
+    assert max(sizes) <= INLINE_ANSWER_CHARS and len(sizes) > 150 // PAGE_ITEMS + 1

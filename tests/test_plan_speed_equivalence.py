@@ -20,10 +20,11 @@ from pydantic import BaseModel
 
 import legacy_plan as legacy
 from agent_parallel.queue import items as new_items
-from agent_parallel.queue.items import QueueReader, parse_item
+from agent_parallel.queue.items import MAX_TITLE_CHARS, QueueReader, parse_item
 from agent_parallel.queue.plan import plan_workspace
 from agent_parallel.queue import planner as new_planner
 from agent_parallel.queue.planner import make_plan
+from agent_parallel.text import cut
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -106,7 +107,12 @@ def as_before(value: object) -> object:
 def same_parse(file_name: str, text: str) -> None:
     item, diagnostics = parse_item(file_name, text, path=f".agent/queue/{file_name}")
     old_item, old_diagnostics = legacy.parse_item(file_name, text, path=f".agent/queue/{file_name}")
-    assert as_before(item and dump(item)) == (old_item and old_item.model_dump())
+    old = old_item and old_item.model_dump()
+    if old and len(old["title"]) > MAX_TITLE_CHARS:  # cut since the legacy copy, saying so (long_title)
+        old["title"] = cut(old["title"], MAX_TITLE_CHARS)
+        assert [d.kind for d in diagnostics].count("long_title") == 1
+        diagnostics = [d for d in diagnostics if d.kind != "long_title"]
+    assert as_before(item and dump(item)) == old
     assert [as_before(dump(d)) for d in diagnostics] == [d.model_dump() for d in old_diagnostics]
 
 

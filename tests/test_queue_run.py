@@ -16,6 +16,7 @@ from agent_parallel.config import load_config
 from agent_parallel.server import ServerSettings, build_server, views
 from agent_parallel.tasks.executor import LaunchSpec
 from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
+from agent_parallel.queue.items import MAX_TITLE_CHARS
 from agent_parallel.text import cut
 from conftest import call, call_error
 from queue_helpers import by_item, ends_made_at_once, run_queue_to_end, statuses, write_config, write_item
@@ -296,7 +297,7 @@ async def test_a_huge_title_is_cut_in_the_environment_not_refused(client, worksp
     out = await run_queue_to_end(client)
     assert out["status"] == "completed", out
     item = await call(client, "task_output", task_id=by_item(out)["001"]["task_id"])
-    assert item["output"] == f"{len(cut(title, 1000).encode())}\n---"  # the file has it whole
+    assert item["output"] == f"{len(cut(title, MAX_TITLE_CHARS).encode())}\n---"  # as planned; the file has it whole
 
 
 async def test_run_only_selected_items_and_what_they_need(client, workspace):

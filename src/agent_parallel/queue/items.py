@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from ..config import alias_problem, parse_duration, parse_size, unknown_key_warning, yaml_int
 from ..errors import QueueError
 from ..fields import omitted_if_none
-from ..text import HugeNumber, describe, short_repr
+from ..text import HugeNumber, cut, describe, short_repr
 from ..paths import IS_DIRECTORY, NOT_REGULAR, resolve_inside
 from .names import ID_HELP, MAX_ID_DIGITS, ItemName, Status, parse_item_ref, parse_name
 from .names import format_id as format_id  # (what the planner, the run and the tools import from here)
@@ -49,8 +49,14 @@ PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
 MAX_ITEM_BYTES = 1024 * 1024
 """Item files above this size are refused: an item is a page of markdown, not a data file."""
 
-WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config", "stale_claim", "overlap_assumed"})
+WARNING_KINDS = frozenset({"status_mismatch", "unknown_field", "no_files", "config", "stale_claim", "overlap_assumed",
+                           "long_title"})
 """Diagnostic kinds that are warnings; every other kind is an error that stops the item."""
+
+MAX_TITLE_CHARS = 300
+"""A longer title (its front matter, or the body's first heading) is cut to this, with a ``long_title``
+warning: the title goes into every plan row, run report line and ``AGENT_ITEM_TITLE``, and an item file
+may be a megabyte (a cloned repository's queue made a plan answer of 2.8 MB of titles)."""
 
 
 class Diagnostic(BaseModel):
@@ -590,6 +596,14 @@ def _text(field: str, value: object, problems: list[str]) -> str | None:
     return text or None
 
 
+def _short_title(title: str, report: Callable[[str, str], None]) -> str:
+    if len(title) <= MAX_TITLE_CHARS:
+        return title
+    report("long_title", f"the title is {len(title):,} characters; it is cut to {MAX_TITLE_CHARS} wherever it is shown "
+                         "(the plan, the run's report, AGENT_ITEM_TITLE): give a short title and put the rest in the body")
+    return cut(title, MAX_TITLE_CHARS)
+
+
 def _nul_problem(field: str) -> str:
     """A NUL cannot reach a process (an argument or environment value ends at it): refuse it here."""
     return (f"{field} contains a NUL character (\\0), which cannot be passed to a process "
@@ -779,7 +793,7 @@ def _parse_named(name: ItemName, file_name: str, text: str, path: str | None) ->
                                  "slug": name.slug, "status": name.status}
     for field, (attribute, convert) in _CONVERTERS.items():
         values[attribute] = convert(get(field), problems)
-    values["title"] = values["title"] or heading or name.slug
+    values["title"] = _short_title(cast(str | None, values["title"]) or heading or name.slug, report)
     values["body"] = body
     item = trusted(WorkItem, values)
     for message in problems:
@@ -896,6 +910,8 @@ def _usual_item(name: ItemName, file_name: str, text: str, path: str | None,
     values.update(found)
     if values["title"] is None:
         values["title"] = heading or name.slug
+    if len(cast(str, values["title"])) > MAX_TITLE_CHARS:
+        return None  # the long_title warning
     return trusted(WorkItem, values), diagnostics
 
 

@@ -80,10 +80,13 @@ def plan_workspace(root: Path, queue_dir: str | None, max_parallel: int | None, 
 
 
 def plan_page(root: Path, queue_dir: str | None, max_parallel: int | None, reader: QueueReader, *,
-              offset: int = 0, limit: int = PAGE_ITEMS) -> QueuePlanPage:
+              offset: int = 0, limit: int = PAGE_ITEMS, fit_chars: int | None = None) -> QueuePlanPage:
     """`plan_workspace` with one page of its items (`planner.page_plan`): what `queue_plan` answers.
 
     Every page of an unchanged queue comes from the one cached plan: paging plans nothing again.
+    ``fit_chars``: fewer rows (at least one) while the page's JSON passes this many characters; its
+    ``next_offset`` goes on from there (items whose files, components or conflicts run to thousands of
+    entries made a page of 100 rows megabytes long).
     Raises `UsageError` for an offset below 0 or a limit outside 1..`MAX_PAGE_ITEMS`."""
     if offset < 0:
         raise UsageError(f"offset must be >= 0 (got {offset}); the first page of items is offset 0, the next "
@@ -93,7 +96,11 @@ def plan_page(root: Path, queue_dir: str | None, max_parallel: int | None, reade
                          "through a larger queue with offset and next_offset")
     with paused_gc():
         plan, graph = _plan_workspace(root, queue_dir, max_parallel, reader, 0, rows=False)
-        return page_plan(plan, graph, offset, limit)
+        page = page_plan(plan, graph, offset, limit)
+        while fit_chars is not None and limit > 1 and (size := len(page.model_dump_json())) > fit_chars:
+            limit = max(1, min(limit - 1, int(limit * fit_chars / size * 0.9)))
+            page = page_plan(plan, graph, offset, limit)
+        return page
 
 
 def prepare_plan(root: Path, reader: QueueReader, stop: Callable[[], bool]) -> int | None:

@@ -435,14 +435,15 @@ def queue_tools(root: Path, reader: QueueReader) -> list[Tool]:
         lower bound, and a Mermaid flowchart. Call it before run_queue, or to pick items to
         launch yourself with launch_task(item=...).
 
-        `items` comes in pages of `limit` rows (default 100): `total_items` counts them all and
+        `items` comes in pages of `limit` rows (default 100; fewer if 100,000 characters would not hold them): `total_items` counts them all and
         `next_offset` (null on the last page) is the `offset` of the next page; `conflicts`,
         `conflict_groups` and `patterns` then cover the page's items, everything else the whole
         queue. `waves` lists the first 100 waves (`waves_total` counts them all).
         """
         _check_text("queue_dir", queue_dir)
         return await anyio.to_thread.run_sync(
-            lambda: plan_page(root, queue_dir, max_parallel, reader, offset=offset, limit=limit))
+            lambda: plan_page(root, queue_dir, max_parallel, reader, offset=offset, limit=limit,
+                              fit_chars=INLINE_ANSWER_CHARS))
 
     @tool(tools, title="Run the work queue",
           annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
