@@ -2,12 +2,12 @@
 """Ours against a baseline revision on the same trivial run, interleaved: is a change to the run path
 faster, by how much, on a machine whose speed drifts by 10-40 % within minutes?
 
-Run by hand:  python bench/ab_run.py [--baseline REV] [--pairs 15] [--items 300] [--fan-out]
+Run by hand:  python bench/ab_run.py [--baseline REV] [--pairs 15] [--items 300] [--fan-out] [--tmpdir DIR]
 
 Unpacks ``src/`` of ``--baseline`` (default ``HEAD``: the last commit, against the working tree) with
 ``git archive``, then runs ``bench/profile_run.py`` (this tree's script) once on each side per pair,
 alternating which side goes first, with ``TMPDIR`` on tmpfs (``/dev/shm``) when there is one, so the
-file system's cost stays out (see README.md). Prints each side's median CPU per item (all threads, and
+file system's cost stays out (see README.md; ``--tmpdir`` puts it elsewhere). Prints each side's median CPU per item (all threads, and
 the event loop's thread) and makespan, and the median of the per-pair differences with how many pairs
 favour ours: a difference smaller than its pairs' spread is noise.
 """
@@ -48,8 +48,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=15)
     parser.add_argument("--items", type=int, default=300)
     parser.add_argument("--fan-out", action="store_true", help="the fan-out (task layer) instead of a queue run")
+    parser.add_argument("--tmpdir", default=None,
+                        help="where the workspaces go (default /dev/shm: the file system's cost left out); a folder on "
+                             "ext4 to measure a change to what the run writes")
     args = parser.parse_args()
-    tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    tmpdir = args.tmpdir or ("/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+                             else tempfile.gettempdir())
     with tempfile.TemporaryDirectory(prefix="ab-run-") as tmp:
         base = baseline_src(args.baseline, Path(tmp))
         if base is None:

@@ -25,7 +25,7 @@ from agent_parallel.tasks.fake import FakeExecutor, FakeOutcome
 from agent_parallel.errors import QueueError, ResourceLimitError, UsageError
 from agent_parallel.tasks import registry as registry_module
 from agent_parallel.tasks.executor import LaunchSpec, LocalExecutor, SpawnError
-from agent_parallel.tasks.logs import LogWriter, record_path
+from agent_parallel.tasks.logs import LogWriter
 from agent_parallel.tasks.processes import process_start_time
 from agent_parallel.tasks.records import ProcessRef, Running, TaskRecord, load_records, save_record
 from agent_parallel.tasks.registry import RegistrySettings, Task, open_registry
@@ -195,7 +195,7 @@ async def test_a_launch_after_the_runs_dir_was_removed_makes_it_again(workspace)
                 await task.done.wait()
         assert [t.record.status for t in (again, *members)] == ["completed"] * 3
         assert again.record.last_line == "after" and (runs / ".gitignore").read_text().strip() == "*"
-        await registry.records_saved()
+        await registry.records_filed()
         assert (runs / f"{again.record.task_id}.json").exists()
 
 
@@ -975,7 +975,8 @@ async def test_a_follow_up_made_at_once_answers_before_the_waiters_wake(workspac
         task = await registry.launch(command="true", cwd=workspace, finish_with=owner, answer_at_once=True)
         with anyio.fail_after(10):
             await task.done.wait()
-        on_disk = TaskRecord.model_validate_json(record_path(runs_of(workspace), task.record.task_id).read_bytes())
+        # on disk: in the record journal (its file follows a second later, group_commit.py)
+        on_disk = {r.task_id: r for r in load_records(runs_of(workspace), journaled=True)}[task.record.task_id]
     assert owner.calls == [[("true", "completed", False)]]
     assert task.record.reason == "moved true at once"
     assert on_disk.status == "completed" and on_disk.reason == "moved true at once"

@@ -320,3 +320,113 @@ def test_records_an_emptying_could_not_write_again_go_with_the_next_append(tmp_p
     firsts.close()
     assert recover(tmp_path, journal_replaces) == 2
     assert sorted(r.task_id for r in load_records(tmp_path)) == ["new00005", "wait0001"]
+
+
+# -- final records' files written later (GroupCommit(file_delay=...), group_commit.py)
+
+
+async def test_a_final_records_file_waits_while_the_journal_holds_it(tmp_path):
+    written: list[str] = []
+    target = tmp_path / "late0001.json"
+    rec = record("late0001")
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg, journal=Journal(tmp_path), file_delay=0.3, on_written=lambda p: written.append(p.name))
+        await commit.save(target, data(rec))
+        # durable at once in the journal, the file not made yet: a reader of the runs directory sees it completed
+        assert not target.exists() and commit.unfiled == 1
+        [wal] = journals(tmp_path)
+        assert wal.read_bytes() == b"late0001.json\t" + data(rec) + b"\n"
+        assert {r.task_id: r.status for r in load_records(tmp_path, journaled=True)} == {"late0001": "completed"}
+        assert written == []
+        with anyio.fail_after(5):
+            while not target.exists():
+                await anyio.sleep(0.02)
+        assert target.read_bytes() == data(rec) and commit.unfiled == 0
+        await anyio.sleep(0.05)
+        assert written == ["late0001.json"]  # told once, when the file was written
+        tg.cancel_scope.cancel()
+
+
+async def test_a_file_a_running_record_made_is_replaced_at_once_never_left_stale(tmp_path):
+    target = tmp_path / "live0001.json"
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg, journal=Journal(tmp_path), file_delay=60)
+        commit.save_soon(target, data(record("live0001", done=False)), lambda exc: None, delay=0)
+        with anyio.fail_after(5):
+            while not target.exists():
+                await anyio.sleep(0.01)
+        await commit.save(target, data(record("live0001")))
+        assert TaskRecord.model_validate_json(target.read_bytes()).status == "completed"  # not "running" for 60 s
+        # a file that shows the task live while its final record is only journaled: the journal wins for readers
+        (tmp_path / "stale001.json").write_bytes(data(record("stale001", done=False)))
+        await commit.save(tmp_path / "stale001.json", data(record("stale001")))
+        statuses = {r.task_id: r.status for r in load_records(tmp_path, journaled=True)}
+        assert statuses == {"live0001": "completed", "stale001": "completed"}
+        tg.cancel_scope.cancel()
+
+
+async def test_a_checkpoint_writes_the_waiting_files_before_it_empties_the_journal(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "CHECKPOINT_ENTRIES", 5)
+    from agent_parallel.tasks import group_commit
+
+    monkeypatch.setattr(group_commit, "CHECKPOINT_ENTRIES", 5)
+    recs = [record(f"ckpt{i:04d}") for i in range(7)]
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg, journal=Journal(tmp_path), file_delay=60)
+        await commit.save_all([(tmp_path / f"{r.task_id}.json", data(r)) for r in recs[:3]])
+        await commit.save_all([(tmp_path / f"{r.task_id}.json", data(r)) for r in recs[3:6]])
+        [wal] = journals(tmp_path)
+        assert len(wal.read_bytes().splitlines()) == 6 and not list(tmp_path.glob("ckpt*.json"))  # not emptied
+        await commit.save(tmp_path / "ckpt0006.json", data(recs[6]))  # the journal is due: every file goes now
+        assert wal.read_bytes() == b"" and commit.unfiled == 0
+        assert {r.task_id: r.status for r in load_records(tmp_path)} == {r.task_id: "completed" for r in recs}
+        tg.cancel_scope.cancel()
+
+
+async def test_a_pruned_records_waiting_file_is_never_written(tmp_path):
+    target = tmp_path / "gone0001.json"
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg, journal=Journal(tmp_path), file_delay=0.1)
+        await commit.save(target, data(record("gone0001")))
+        commit.forget(target)
+        await anyio.sleep(0.4)
+        assert not target.exists() and commit.unfiled == 0
+        commit.file_now()
+        assert not target.exists()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_clean_stop_writes_every_waiting_file(tmp_path):
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    runs = tmp_path / "runs"
+    async with open_registry(tmp_path, runs, RegistrySettings()) as registry:
+        _, members = await registry.launch_group(["true"] * 5, max_parallel=5, cwd=tmp_path)
+        with anyio.fail_after(10):
+            for task in members:
+                await task.done.wait()
+        await registry.records_saved()
+    assert {r.task_id: r.status for r in load_records(runs)} == {t.record.task_id: "completed" for t in members}
+
+
+@pytest.mark.fault("the server is killed (SIGKILL) in the second between tasks' ends and their record files (the "
+                   "files of final records are written a second later, the journal holding them): the next server "
+                   "writes them back, each task completed")
+async def test_a_kill_before_the_final_records_files_loses_none(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    ids = killed_server(runs, """
+        _, members = await registry.launch_group(["echo one", "echo two", "true"], max_parallel=3, cwd=runs.parent)
+        for task in members:
+            await task.done.wait()
+        await registry.records_saved()
+        print(*(t.record.task_id for t in members), flush=True)
+    """).split()
+    assert not [p for p in runs.glob("*.json") if p.stem in ids]  # killed before any of their files
+    assert {r.task_id: r.status for r in load_records(runs, journaled=True)} == dict.fromkeys(ids, "completed")
+    from agent_parallel.tasks.registry import RegistrySettings, open_registry
+
+    async with open_registry(tmp_path, runs, RegistrySettings()) as registry:
+        assert [registry.get(i).record.status for i in ids] == ["completed"] * 3
+        assert registry.get(ids[0]).record.last_line == "one"
+    assert {r.task_id: r.status for r in load_records(runs) if r.task_id in ids} == dict.fromkeys(ids, "completed")

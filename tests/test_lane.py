@@ -62,6 +62,7 @@ async def test_a_fan_out_goes_through_the_lane_with_every_output_whole(workspace
         _, members = await registry.launch_group(commands, max_parallel=5, cwd=workspace)
         await finished(*members, timeout=30)
         assert lane_started(registry) == 21
+        await registry.records_filed()  # (their files are written a second later otherwise: group_commit.py)
         for i, task in enumerate(members[:20]):
             rec = task.record
             assert rec.exit_code == i % 3 and rec.status == ("completed" if i % 3 == 0 else "failed")

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 from agent_parallel.server import ServerSettings, build_server
-from agent_parallel.tasks.records import TaskRecord
+from agent_parallel.tasks.records import load_records
 from conftest import alive
 from mcp import Client
 from queue_helpers import statuses, write_item
@@ -136,9 +136,11 @@ class ServerSequences(RuleBasedStateMachine):
         assert not pending, f"tasks still not ended after 20 s: {sorted(pending)}"
         listed = self.call("list_tasks", limit=1000)
         assert listed is not None
+        # on disk: its file, or the record journal (the file of a final record follows a second later)
+        durable = {r.task_id: r for r in load_records(self.root / ".agent/runs", journaled=True)}
         for row in listed["tasks"]:
             assert row["status"] in FINAL, row
-            on_disk = TaskRecord.model_validate_json((self.root / ".agent/runs" / f"{row['task_id']}.json").read_text())
+            on_disk = durable[row["task_id"]]
             assert on_disk.status.value == row["status"], (on_disk.status, row)
         for _ in range(50):  # a process being stopped gets 5 s to go
             left = task_processes({row["task_id"] for row in listed["tasks"]})

@@ -6,7 +6,15 @@ queues the write instead: the first caller finding no batch in progress writes e
 far in one worker thread, while later callers queue up for the next batch. Given a ``Journal``, the
 batch's durable writes into the journal's directory are appended to it and made durable together by
 one ``fdatasync``, then written without an fsync (``journal.py``: a crash's losses are written back
-from it); any other durable write is fsynced, and its directory once per batch. Durability is
+from it); any other durable write is fsynced, and its directory once per batch. Given a ``file_delay``
+too, the file of such a journaled write waits that long (``file_later``): creating a file is the
+costliest part of a trivial task's record on ext4 (15 µs to over 1 ms of kernel CPU, bench/README.md),
+and paid on the second core while the next tasks start it slowed a burst of them; later, the files of
+many records are written in one batch, after the burst. Only a file not made yet waits: one a
+``save_soon`` write made (a running record) is replaced at once, so no file shows a task running
+that has ended. The journal holds them meanwhile (a crash writes them back, ``agent-parallel status``
+reads them there); a checkpoint writes those still waiting before it empties the journal, and
+``file_now`` writes them at close. Durability is
 unchanged: ``save`` (``save_all``) returns only once its writes are durable, and raises the ``OSError``
 of its own write (a failed write fails only its caller). A batch, once begun, is finished even if its
 callers are cancelled; a caller cancelled while its write still waits for a batch takes it back (not
@@ -24,6 +32,7 @@ failed ``save_soon`` write calls its ``on_error``; every file written is reporte
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -35,13 +44,15 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
+from ..errors import os_error_text
 from ..paths import fsync_dir, write_atomic
-from .journal import Journal
+from .journal import CHECKPOINT_ENTRIES, Journal
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # files per batch: one batch never keeps a worker thread for long
 SOON_DELAY_S = 0.05  # how long a save_soon write waits to be superseded (a running record, by the final one)
+FILE_DELAY_S = 1.0  # how long a journaled write's file waits (the registry's final records: see above)
 
 
 @dataclass(eq=False)
@@ -55,6 +66,9 @@ class _Write:
     error: OSError | None = None
     superseded: bool = False  # a save_soon write replaced by a later write of its file: never written
     make: Callable[[], bytes] | None = None  # a save_soon write's data, made when a batch takes it
+    file_later: bool = False  # durable: once journaled, its file may wait (``file_delay``)
+    deferred: bool = False  # it was journaled and its file left for later (``write_batch``)
+    filing: bool = False  # the later write of a journaled write's file (not fsynced: the journal holds it)
 
 
 class GroupCommit:
@@ -62,7 +76,7 @@ class GroupCommit:
     needs ``tg``, where the background batches run."""
 
     def __init__(self, *, max_batch: int = MAX_BATCH, tg: TaskGroup | None = None, journal: Journal | None = None,
-                 on_written: Callable[[Path], None] | None = None) -> None:
+                 on_written: Callable[[Path], None] | None = None, file_delay: float | None = None) -> None:
         self._queued: list[_Write] = []  # durable writes waiting, in the order queued
         self._soon: dict[Path, _Write] = {}  # save_soon writes waiting, by file
         self._soon_due: list[tuple[float, int, _Write]] = []  # the same by due time (a heap; superseded ones too)
@@ -77,16 +91,24 @@ class GroupCommit:
         self.journal = journal  # where durable writes into its directory are made durable together
         self._on_written = on_written  # told of each file written (on the event loop)
         self.batches = 0  # batches written (for tests and benchmarks)
+        self._file_delay = file_delay if journal is not None and tg is not None else None
+        self._unfiled: dict[Path, bytes] = {}  # journaled writes whose file waits (``file_delay``), by file
+        self._on_disk: set[Path] = set()  # files a save_soon write made (a running record): not left stale
+
+    @property
+    def unfiled(self) -> int:
+        """Journaled writes whose file is not written yet."""
+        return len(self._unfiled)
 
     def save_soon(self, path: Path, data: bytes | Callable[[], bytes], on_error: Callable[[OSError], None], *,
-                  delay: float = SOON_DELAY_S) -> None:
+                  delay: float = SOON_DELAY_S, filing: bool = False) -> None:
         """Queue an atomic write of ``data`` to ``path`` that nobody waits for (not fsynced), written
         ``delay`` seconds later unless superseded; ``on_error`` is called (on the event loop) if it
         fails. ``data`` may be a function that makes it, called (on the event loop) only if the write
         is not superseded first: most are. See the module docstring."""
         assert self._tg is not None, "save_soon needs the task group GroupCommit was given"
         self._supersede(path)
-        write = _Write(path, b"", durable=False, on_error=on_error, due=anyio.current_time() + delay)
+        write = _Write(path, b"", durable=False, on_error=on_error, due=anyio.current_time() + delay, filing=filing)
         if callable(data):
             write.make = data
         else:
@@ -115,6 +137,27 @@ class GroupCommit:
             self._flushing = False
             self._flush_at = math.inf
 
+    def forget(self, path: Path) -> None:
+        """``path`` is being deleted (a pruned record): its file is not to be written any more."""
+        self._supersede(path)
+        self._unfiled.pop(path, None)
+        self._on_disk.discard(path)
+
+    async def file_all(self) -> None:
+        """Write now the files still waiting for ``file_delay`` (one batch); return once written."""
+        if self._unfiled:
+            await self.save_all([], filing=list(self._unfiled.items()))
+
+    def file_now(self) -> None:
+        """``file_all`` for a caller off the event loop's turn (the registry closing, its task group
+        ended: no batch under way). Sync. A file that cannot be written stays in the journal."""
+        writes = [_Write(path, data, durable=False, filing=True, on_error=functools.partial(_not_filed, path))
+                  for path, data in self._unfiled.items()]
+        if not writes:
+            return
+        write_batch(writes, None)
+        self._after_batch(writes)
+
     def _supersede(self, path: Path) -> None:
         """A new write of ``path`` replaces its ``save_soon`` write still waiting in the queue."""
         if (earlier := self._soon.pop(path, None)) is not None:
@@ -128,15 +171,21 @@ class GroupCommit:
         if error is not None:
             raise error
 
-    async def save_all(self, files: list[tuple[Path, bytes]]) -> list[OSError | None]:
-        """``save`` for several files at once: return once all are on disk, with each one's error (None: written)."""
-        if not files:
+    async def save_all(self, files: list[tuple[Path, bytes]], *,
+                       filing: list[tuple[Path, bytes]] | None = None) -> list[OSError | None]:
+        """``save`` for several files at once: return once all are on disk, with each one's error (None: written).
+        (``filing``: files of journaled writes to write now, not fsynced, ``file_all``.)"""
+        if not files and not filing:
             return []
         writes = []
+        later = self._file_delay is not None
         for path, data in files:
             if self._soon:
                 self._supersede(path)
-            writes.append(_Write(path, data))
+            writes.append(_Write(path, data, file_later=later))
+        for path, data in filing or ():
+            self._supersede(path)
+            writes.append(_Write(path, data, durable=False, filing=True, on_error=functools.partial(_not_filed, path)))
         self._queued.extend(writes)
         await self._write_queued(writes)
         return [write.error for write in writes]
@@ -156,23 +205,42 @@ class GroupCommit:
                     raise
                 continue
             batch = self._take_batch()
+            checkpoint = not (self._unfiled.keys() - {w.path for w in batch if w.filing})
             self._busy = True
             try:
                 with anyio.CancelScope(shield=True):  # a batch begun is finished: its other writers wait on it
-                    await anyio.to_thread.run_sync(write_batch, batch, self.journal)
+                    await anyio.to_thread.run_sync(functools.partial(write_batch, batch, self.journal,
+                                                                     may_checkpoint=checkpoint))
             finally:
                 self.batches += 1
                 self._busy = False
                 written, self._written = self._written, anyio.Event()
                 written.set()
-            for taken in batch:
-                if taken.error is None and self._on_written is not None:
-                    self._on_written(taken.path)
-                if taken.error is not None and taken.on_error is not None:
-                    try:
-                        taken.on_error(taken.error)
-                    except Exception:
-                        log.exception("handling the failed write of %s failed", taken.path)
+            self._after_batch(batch)
+
+    def _after_batch(self, batch: list[_Write]) -> None:
+        """Tell of the files written and of the failed writes; the files of journaled writes wait
+        ``file_delay`` (their later write, ``filing``, goes like a ``save_soon`` write)."""
+        for taken in batch:
+            if taken.deferred:
+                self._unfiled[taken.path] = taken.data
+                assert self._file_delay is not None
+                self.save_soon(taken.path, taken.data, functools.partial(_not_filed, taken.path),
+                               delay=self._file_delay, filing=True)
+                continue
+            if taken.filing and taken.error is None and self._unfiled.get(taken.path) is taken.data:
+                del self._unfiled[taken.path]
+            elif not taken.durable and not taken.filing and taken.error is None and self._file_delay is not None:
+                # (a save_soon write queued after a durable one makes the record as it is then: the file is current)
+                if self._unfiled.pop(taken.path, None) is None:
+                    self._on_disk.add(taken.path)
+            if taken.error is None and self._on_written is not None:
+                self._on_written(taken.path)
+            if taken.error is not None and taken.on_error is not None:
+                try:
+                    taken.on_error(taken.error)
+                except Exception:
+                    log.exception("handling the failed write of %s failed", taken.path)
 
     def _due(self, now: float) -> bool:
         return bool(self._queued) or self._next_due() <= now
@@ -189,6 +257,21 @@ class GroupCommit:
         ``save_soon`` writes that are due (a write of a file always comes after the earlier ones of
         that file: a save_soon write queued before a durable one was superseded by it)."""
         batch, self._queued = self._queued[:self._max_batch], self._queued[self._max_batch:]
+        if self._on_disk:  # a file made already (a running record) is replaced at once, never left stale
+            for write in batch:
+                if write.durable and write.path in self._on_disk:
+                    write.file_later = False
+                    self._on_disk.discard(write.path)
+        if self._unfiled and self.journal is not None and self.journal.entries >= CHECKPOINT_ENTRIES:
+            # the journal is due to be emptied: every file it still holds the only copy of goes now
+            for write in batch:
+                write.file_later = False
+            filing = {w.path for w in batch if w.filing}
+            for path, data in self._unfiled.items():
+                if path not in filing:
+                    self._supersede(path)
+                    batch.append(_Write(path, data, durable=False, filing=True,
+                                        on_error=functools.partial(_not_filed, path)))
         now = anyio.current_time()
         while len(batch) < self._max_batch and self._next_due() <= now:
             _, _, write = heapq.heappop(self._soon_due)
@@ -203,6 +286,10 @@ class GroupCommit:
         return batch
 
 
+def _not_filed(path: Path, exc: OSError) -> None:
+    log.warning("could not write the task record %s (%s); the record journal keeps it", path, os_error_text(exc))
+
+
 def write_now(files: list[tuple[Path, bytes]], journal: Journal | None) -> list[OSError | None]:
     """``save_all`` for a caller that is not on the event loop yet (a registry loading its history):
     the files written atomically and durably in one batch, through ``journal`` (one ``fdatasync`` for
@@ -212,12 +299,14 @@ def write_now(files: list[tuple[Path, bytes]], journal: Journal | None) -> list[
     return [write.error for write in writes]
 
 
-def write_batch(batch: list[_Write], journal: Journal | None = None) -> None:
+def write_batch(batch: list[_Write], journal: Journal | None = None, *, may_checkpoint: bool = True) -> None:
     """Write and rename each file in order, the durable ones made durable (sync: in a worker thread).
 
     The durable writes ``journal`` takes are appended to it with one ``fdatasync`` (``journal.py``),
-    then written without one; any other durable write is fsynced, and its directory once. Every
-    write ends ``done``, with its own ``error`` when it failed (its directory's fsync included)."""
+    then written without one, or not yet (``file_later``: marked ``deferred``); any other durable
+    write is fsynced, and its directory once. The journal is checkpointed when due, unless a file it
+    holds the only copy of is not written (``may_checkpoint``: none outside this batch). Every write
+    ends ``done``, with its own ``error`` when it failed (its directory's fsync included)."""
     journaled: set[int] = set()
     if journal is not None and (taken := [w for w in batch if w.durable and journal.takes(w.path, w.data)]):
         try:
@@ -228,6 +317,10 @@ def write_batch(batch: list[_Write], journal: Journal | None = None) -> None:
     by_dir: dict[Path, list[_Write]] = {}
     for write in batch:
         durable = write.durable and id(write) not in journaled
+        if write.file_later and write.durable and not durable:  # journaled: its file waits
+            write.deferred = True
+            may_checkpoint = False  # (the journal holds the only copy)
+            continue
         try:
             write_atomic(write.path, write.data, durable=durable, sync_dir=False)
             if durable:
@@ -240,11 +333,10 @@ def write_batch(batch: list[_Write], journal: Journal | None = None) -> None:
         except OSError as exc:
             for write in writes:
                 write.error = exc
-    if journaled:
-        assert journal is not None
+    if journal is not None and may_checkpoint and not any(w.filing and w.error for w in batch):
         journal.written()
     for write in batch:
         write.done = True
 
 
-__all__ = ["GroupCommit", "write_batch", "write_now", "MAX_BATCH"]
+__all__ = ["GroupCommit", "write_batch", "write_now", "MAX_BATCH", "FILE_DELAY_S"]

@@ -37,7 +37,7 @@ from ..errors import (AgentParallelError, InternalError, ResourceLimitError, Shu
 from ..paths import ensure_runs_dir
 from ..text import first_few, short_repr
 from .executor import MAX_ARG_BYTES, Executor, ExecutorError, ExitInfo, LaunchSpec, TaskHandle, check_launch_strings
-from .group_commit import SOON_DELAY_S, GroupCommit, write_now
+from .group_commit import FILE_DELAY_S, SOON_DELAY_S, GroupCommit, write_now
 from .journal import FirstRecords, Journal, recover
 from .lane import open_lane
 from .logs import (UPSTREAM_LOGS_VAR, LineMatcher, LogChunk, LogReader, LogWriter, head_cap, head_log_path, record_path,
@@ -179,13 +179,16 @@ class TaskRegistry:
         self._ended.set()
         # the first records of launched tasks, journaled instead of written at once (journal.py)
         self._firsts = FirstRecords(runs_dir)
-        # final records of tasks ending together share a worker thread and one fdatasync (journal.py)
-        self._commits = GroupCommit(tg=tg, journal=Journal(runs_dir), on_written=self._firsts.filed)
+        # final records of tasks ending together share a worker thread and one fdatasync (journal.py);
+        # their files are written a little later, many at once (group_commit.py)
+        self._commits = GroupCommit(tg=tg, journal=Journal(runs_dir), on_written=self._firsts.filed,
+                                    file_delay=FILE_DELAY_S)
         self._lane = open_lane(executor, self, tg)  # starts and follows the common tasks together
         self._load_history()
 
     def close(self) -> None:
         """Release what the registry holds (once its task group has ended)."""
+        self._commits.file_now()  # the final records' files still waiting
         if self._commits.journal is not None:
             self._commits.journal.close()
         self._firsts.close()
@@ -594,6 +597,12 @@ class TaskRegistry:
         while not self._saved.is_set():
             await self._saved.wait()
 
+    async def records_filed(self) -> None:
+        """``records_saved``, and every saved record's file written now instead of a little later
+        (they are durable in the record journal first: ``group_commit.py``)."""
+        await self.records_saved()
+        await self._commits.file_all()
+
     async def shutdown(self, grace: float = 0.5) -> None:
         """Stop every running task (TERM, ``grace``, KILL) and record them as interrupted."""
         self._closing = True
@@ -640,6 +649,7 @@ class TaskRegistry:
                 if not members:
                     del self._groups[group_id]
             paths.extend(task_files(self.runs_dir, task.record.task_id, task.record.tail_segments))
+            self._commits.forget(record_path(self.runs_dir, task.record.task_id))
         return paths
 
     @property
