@@ -361,7 +361,7 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
             None if cpu is None else cpu <= 0.001, note="issue: ~3.5 ms; /proc/<pid>/stat before the call and once the records' files are written after the report")
     create = [file_create_us(tmp / f"rq-{k}") for k in range(repeats)]
     rep.add("run", "  diag: creating a file in the runs' workspaces (median; µs)", f"{statistics.median(create):.0f} µs",
-            note="every task creates 2-3 files (log, record); "
+            note="a trivial task creates one file, its record, a second after its end (in the CPU row, not in the makespan); "
                  + ("ext4 without a journal: a new inode is searched for past every inode of its block group deleted in "
                     "the last 1-6 minutes (the kernel's recently_deleted()), 15 µs to over 1 ms per file after mass "
                     "deletions (a test suite, an earlier bench's clean-up); compare runs with this row in view"
