@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -432,3 +433,33 @@ async def test_a_kill_before_the_final_records_files_loses_none(tmp_path):
         assert [registry.get(i).record.status for i in ids] == ["completed"] * 3
         assert registry.get(ids[0]).record.last_line == "one"
     assert {r.task_id: r.status for r in load_records(runs) if r.task_id in ids} == dict.fromkeys(ids, "completed")
+
+
+@pytest.mark.fault("the disk hangs when a stopping server writes the record files still waiting: the server exits "
+                   "within the limit, the journal keeps the records, and the next server writes them back")
+async def test_a_hung_disk_at_close_does_not_hang_the_exit(tmp_path, monkeypatch):
+    from agent_parallel.tasks import group_commit
+
+    release = threading.Event()
+
+    def hung_disk(path, data, **kw):  # hangs, then fails (EIO)
+        release.wait(30)
+        raise OSError(5, "Input/output error")
+
+    rec = record("hung0001")
+    async with anyio.create_task_group() as tg:
+        journal = Journal(tmp_path)
+        commit = GroupCommit(tg=tg, journal=journal, file_delay=60)
+        await commit.save(tmp_path / "hung0001.json", data(rec))
+        tg.cancel_scope.cancel()
+    monkeypatch.setattr(group_commit, "write_atomic", hung_disk)
+    started = time.monotonic()
+    try:
+        assert commit.file_now(timeout=0.3) is False
+        assert time.monotonic() - started < 2
+        assert not (tmp_path / "hung0001.json").exists()
+    finally:
+        release.set()
+    journal.close()  # the server is gone: the next one recovers what its journal holds
+    assert recover(tmp_path, journal_replaces) == 1
+    assert {r.task_id: r.status for r in load_records(tmp_path)} == {"hung0001": "completed"}

@@ -37,6 +37,7 @@ import heapq
 import itertools
 import logging
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 256  # files per batch: one batch never keeps a worker thread for long
 SOON_DELAY_S = 0.05  # how long a save_soon write waits to be superseded (a running record, by the final one)
 FILE_DELAY_S = 1.0  # how long a journaled write's file waits (the registry's final records: see above)
+FILE_NOW_TIMEOUT_S = 5.0  # how long ``file_now`` (at close) waits for the files still waiting
 
 
 @dataclass(eq=False)
@@ -148,15 +150,24 @@ class GroupCommit:
         if self._unfiled:
             await self.save_all([], filing=list(self._unfiled.items()))
 
-    def file_now(self) -> None:
+    def file_now(self, timeout: float = FILE_NOW_TIMEOUT_S) -> bool:
         """``file_all`` for a caller off the event loop's turn (the registry closing, its task group
-        ended: no batch under way). Sync. A file that cannot be written stays in the journal."""
+        ended: no batch under way). Sync, in a thread given ``timeout`` seconds: a hung disk must not
+        hang a server's exit. What is not written by then, or cannot be, stays in the journal, which
+        the next server recovers. Whether every file was written."""
         writes = [_Write(path, data, durable=False, filing=True, on_error=functools.partial(_not_filed, path))
                   for path, data in self._unfiled.items()]
         if not writes:
-            return
-        write_batch(writes, None)
+            return True
+        writer = threading.Thread(target=write_batch, args=(writes, None), name="record files", daemon=True)
+        writer.start()
+        writer.join(timeout)
+        if writer.is_alive():
+            log.warning("%d task record files were not written within %g s (a slow or hung disk?); the record "
+                        "journal keeps them for the next start", len(writes), timeout)
+            return False
         self._after_batch(writes)
+        return not self._unfiled
 
     def _supersede(self, path: Path) -> None:
         """A new write of ``path`` replaces its ``save_soon`` write still waiting in the queue."""
