@@ -6,19 +6,20 @@ queues the write instead: the first caller finding no batch in progress writes e
 far in one worker thread, while later callers queue up for the next batch. Given a ``Journal``, the
 batch's durable writes into the journal's directory are appended to it and made durable together by
 one ``fdatasync``, then written without an fsync (``journal.py``: a crash's losses are written back
-from it); any other durable write is fsynced, and its directory once per batch. Given a ``file_delay``
-too, the file of such a journaled write waits that long (``file_later``): creating a file is the
-costliest part of a trivial task's record on ext4 (15 µs to over 1 ms of kernel CPU, bench/README.md),
-and paid on the second core while the next tasks start it slowed a burst of them; later, the files of
-many records are written in one batch, after the burst. Only a file not made yet waits: one a
-``save_soon`` write made (a running record) is replaced at once, so no file shows a task running
-that has ended. The journal holds them meanwhile (a crash writes them back, ``agent-parallel status``
-reads them there); a checkpoint writes those still waiting before it empties the journal, and
-``file_now`` writes them at close. Durability is
+from it); any other durable write is fsynced, and its directory once per batch. Durability is
 unchanged: ``save`` (``save_all``) returns only once its writes are durable, and raises the ``OSError``
 of its own write (a failed write fails only its caller). A batch, once begun, is finished even if its
 callers are cancelled; a caller cancelled while its write still waits for a batch takes it back (not
 written).
+
+Given a ``file_delay`` too, the file of a journaled write waits that long (``file_later``). Creating a
+file is the costliest part of a trivial task's record on ext4 (15 µs to over 1 ms of kernel CPU,
+bench/README.md); made while the next tasks start, it took the second core from their children.
+Later, the files of many records are written in one batch, after the burst. The journal holds them
+meanwhile: a crash writes them back, ``agent-parallel status`` reads them there, a checkpoint writes
+those still waiting before it empties the journal, and ``file_now`` writes them at close. Only a file
+not made yet waits: one that a ``save_soon`` write made (a running record) is replaced at once, so no
+file shows a task running that has ended.
 
 ``save_soon`` queues a write nobody waits for (a running task's record: it may be lost in a crash,
 never torn): it is written ``SOON_DELAY_S`` later (or after the delay given), with the batch then

@@ -4,7 +4,8 @@ A final task record must survive a crash. Made durable one file at a time, each 
 of the file, and each batch one of its directory: on this project's ext4 VMs about 0.6 ms of CPU
 each (every one a journal commit of the file system), 1.8 ms of the server's CPU per trivial task.
 ``GroupCommit`` appends a batch's final records to this journal instead, in one write made durable
-by one ``fdatasync``, then writes each record file as usual but without an fsync. The journal is
+by one ``fdatasync``, then writes each record file as usual but without an fsync (the registry's a
+second later, many at once: ``group_commit.py``; a checkpoint waits until they are written). The journal is
 what makes them durable: after a crash, ``recover`` writes back (durably) every record the journal
 holds whose file was lost, torn, or still shows the task running, before the records are loaded.
 
