@@ -463,3 +463,40 @@ async def test_a_hung_disk_at_close_does_not_hang_the_exit(tmp_path, monkeypatch
     journal.close()  # the server is gone: the next one recovers what its journal holds
     assert recover(tmp_path, journal_replaces) == 1
     assert {r.task_id: r.status for r in load_records(tmp_path)} == {"hung0001": "completed"}
+
+
+@pytest.mark.fault("the runs directory refuses new files while the record journal still takes appends (a record's "
+                   "file fails with EIO): each failing batch is one warning, the files are tried again only every "
+                   "checkpoint's worth of records (not all of them at every batch), and once files can be made "
+                   "again every record gets its file and the journal is emptied")
+async def test_files_that_cannot_be_made_are_retried_sparingly_and_none_is_lost(tmp_path, monkeypatch, caplog):
+    from agent_parallel.tasks import group_commit
+
+    monkeypatch.setattr(journal_module, "CHECKPOINT_ENTRIES", 5)
+    monkeypatch.setattr(group_commit, "CHECKPOINT_ENTRIES", 5)
+    real_write, attempts, refusing = group_commit.write_atomic, [], [True]
+
+    def refusing_dir(path, data, **kw):
+        attempts.append(path.name)
+        if refusing[0]:
+            raise OSError(5, "Input/output error")
+        real_write(path, data, **kw)
+
+    monkeypatch.setattr(group_commit, "write_atomic", refusing_dir)
+    recs = [record(f"eio{i:05d}") for i in range(30)]
+    async with anyio.create_task_group() as tg:
+        commit = GroupCommit(tg=tg, journal=Journal(tmp_path), file_delay=60)
+        for rec in recs[:25]:
+            await commit.save(tmp_path / f"{rec.task_id}.json", data(rec))
+        assert commit.unfiled == 25 and not list(tmp_path.glob("eio*.json"))
+        assert len(attempts) < 80  # tried every few batches: all at every batch would be 5+6+...+25 = 315
+        warnings = [r for r in caplog.records if "could not write" in r.getMessage()]
+        assert 1 <= len(warnings) <= 5 and "Input/output error" in warnings[0].getMessage()
+        refusing[0] = False
+        for rec in recs[25:]:
+            await commit.save(tmp_path / f"{rec.task_id}.json", data(rec))
+        assert commit.unfiled == 0
+        [wal] = journals(tmp_path)
+        assert wal.read_bytes() == b""  # every file written, then the journal emptied
+        assert {r.task_id: r.status for r in load_records(tmp_path)} == {r.task_id: "completed" for r in recs}
+        tg.cancel_scope.cancel()

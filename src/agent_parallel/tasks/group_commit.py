@@ -72,6 +72,7 @@ class _Write:
     file_later: bool = False  # durable: once journaled, its file may wait (``file_delay``)
     deferred: bool = False  # it was journaled and its file left for later (``write_batch``)
     filing: bool = False  # the later write of a journaled write's file (not fsynced: the journal holds it)
+    file_error: OSError | None = None  # a journaled write's file failed (``write_batch(keep_failed=True)``)
 
 
 class GroupCommit:
@@ -97,6 +98,7 @@ class GroupCommit:
         self._file_delay = file_delay if journal is not None and tg is not None else None
         self._unfiled: dict[Path, bytes] = {}  # journaled writes whose file waits (``file_delay``), by file
         self._on_disk: set[Path] = set()  # files a save_soon write made (a running record): not left stale
+        self._force_at = 0  # journal entries before waiting files are forced again (after some failed)
 
     @property
     def unfiled(self) -> int:
@@ -156,8 +158,7 @@ class GroupCommit:
         ended: no batch under way). Sync, in a thread given ``timeout`` seconds: a hung disk must not
         hang a server's exit. What is not written by then, or cannot be, stays in the journal, which
         the next server recovers. Whether every file was written."""
-        writes = [_Write(path, data, durable=False, filing=True, on_error=functools.partial(_not_filed, path))
-                  for path, data in self._unfiled.items()]
+        writes = [_Write(path, data, durable=False, filing=True) for path, data in self._unfiled.items()]
         if not writes:
             return True
         writer = threading.Thread(target=write_batch, args=(writes, None), name="record files", daemon=True)
@@ -197,7 +198,7 @@ class GroupCommit:
             writes.append(_Write(path, data, file_later=later))
         for path, data in filing or ():
             self._supersede(path)
-            writes.append(_Write(path, data, durable=False, filing=True, on_error=functools.partial(_not_filed, path)))
+            writes.append(_Write(path, data, durable=False, filing=True))
         self._queued.extend(writes)
         await self._write_queued(writes)
         return [write.error for write in writes]
@@ -222,7 +223,7 @@ class GroupCommit:
             try:
                 with anyio.CancelScope(shield=True):  # a batch begun is finished: its other writers wait on it
                     await anyio.to_thread.run_sync(functools.partial(write_batch, batch, self.journal,
-                                                                     may_checkpoint=checkpoint))
+                                                                     may_checkpoint=checkpoint, keep_failed=True))
             finally:
                 self.batches += 1
                 self._busy = False
@@ -232,13 +233,26 @@ class GroupCommit:
 
     def _after_batch(self, batch: list[_Write]) -> None:
         """Tell of the files written and of the failed writes; the files of journaled writes wait
-        ``file_delay`` (their later write, ``filing``, goes like a ``save_soon`` write)."""
+        ``file_delay`` (their later write, ``filing``, goes like a ``save_soon`` write). Files that could
+        not be written stay waiting, said in one warning, and are tried again with the next checkpoint
+        after ``CHECKPOINT_ENTRIES`` more records (not at every batch: a directory refusing files must
+        not make each batch try them all)."""
+        failed: list[tuple[Path, OSError]] = []
+        for w in batch:
+            if (error := w.file_error or (w.error if w.filing else None)) is not None:
+                failed.append((w.path, error))
+        if failed:
+            (path, error), more = failed[0], ", ..." if len(failed) > 1 else ""
+            log.warning("could not write %d task record file(s) (%s: %s%s); the record journal keeps them, and "
+                        "they are tried again later", len(failed), path, os_error_text(error), more)
+            if self.journal is not None:
+                self._force_at = self.journal.entries + CHECKPOINT_ENTRIES
         for taken in batch:
             if taken.deferred:
                 self._unfiled[taken.path] = taken.data
-                assert self._file_delay is not None
-                self.save_soon(taken.path, taken.data, functools.partial(_not_filed, taken.path),
-                               delay=self._file_delay, filing=True)
+                if self._tg is not None:  # (else tried again by the next checkpoint, file_all or file_now)
+                    self.save_soon(taken.path, taken.data, _told_after_the_batch, filing=True,
+                                   delay=FILE_DELAY_S if self._file_delay is None else self._file_delay)
                 continue
             if taken.filing and taken.error is None and self._unfiled.get(taken.path) is taken.data:
                 del self._unfiled[taken.path]
@@ -253,6 +267,8 @@ class GroupCommit:
                     taken.on_error(taken.error)
                 except Exception:
                     log.exception("handling the failed write of %s failed", taken.path)
+        if not self._unfiled:
+            self._force_at = 0
 
     def _due(self, now: float) -> bool:
         return bool(self._queued) or self._next_due() <= now
@@ -274,7 +290,8 @@ class GroupCommit:
                 if write.durable and write.path in self._on_disk:
                     write.file_later = False
                     self._on_disk.discard(write.path)
-        if self._unfiled and self.journal is not None and self.journal.entries >= CHECKPOINT_ENTRIES:
+        if self._unfiled and self.journal is not None and self.journal.entries >= max(CHECKPOINT_ENTRIES,
+                                                                                      self._force_at):
             # the journal is due to be emptied: every file it still holds the only copy of goes now
             for write in batch:
                 write.file_later = False
@@ -282,8 +299,7 @@ class GroupCommit:
             for path, data in self._unfiled.items():
                 if path not in filing:
                     self._supersede(path)
-                    batch.append(_Write(path, data, durable=False, filing=True,
-                                        on_error=functools.partial(_not_filed, path)))
+                    batch.append(_Write(path, data, durable=False, filing=True))
         now = anyio.current_time()
         while len(batch) < self._max_batch and self._next_due() <= now:
             _, _, write = heapq.heappop(self._soon_due)
@@ -298,8 +314,8 @@ class GroupCommit:
         return batch
 
 
-def _not_filed(path: Path, exc: OSError) -> None:
-    log.warning("could not write the task record %s (%s); the record journal keeps it", path, os_error_text(exc))
+def _told_after_the_batch(exc: OSError) -> None:
+    """A waiting file's write failed: ``GroupCommit._after_batch`` says so, once for its batch."""
 
 
 def write_now(files: list[tuple[Path, bytes]], journal: Journal | None) -> list[OSError | None]:
@@ -311,14 +327,17 @@ def write_now(files: list[tuple[Path, bytes]], journal: Journal | None) -> list[
     return [write.error for write in writes]
 
 
-def write_batch(batch: list[_Write], journal: Journal | None = None, *, may_checkpoint: bool = True) -> None:
+def write_batch(batch: list[_Write], journal: Journal | None = None, *, may_checkpoint: bool = True,
+                keep_failed: bool = False) -> None:
     """Write and rename each file in order, the durable ones made durable (sync: in a worker thread).
 
     The durable writes ``journal`` takes are appended to it with one ``fdatasync`` (``journal.py``),
     then written without one, or not yet (``file_later``: marked ``deferred``); any other durable
     write is fsynced, and its directory once. The journal is checkpointed when due, unless a file it
     holds the only copy of is not written (``may_checkpoint``: none outside this batch). Every write
-    ends ``done``, with its own ``error`` when it failed (its directory's fsync included)."""
+    ends ``done``, with its own ``error`` when it failed (its directory's fsync included); with
+    ``keep_failed``, a journaled write whose file failed is durable all the same: marked ``deferred``
+    (its file tried again later) with the cause in ``file_error``, not failed."""
     journaled: set[int] = set()
     if journal is not None and (taken := [w for w in batch if w.durable and journal.takes(w.path, w.data)]):
         try:
@@ -338,6 +357,11 @@ def write_batch(batch: list[_Write], journal: Journal | None = None, *, may_chec
             if durable:
                 by_dir.setdefault(write.path.parent, []).append(write)
         except OSError as exc:
+            if id(write) in journaled:
+                may_checkpoint = False  # (the journal holds the only copy)
+                if keep_failed:
+                    write.deferred, write.file_error = True, exc
+                    continue
             write.error = exc
     for directory, writes in by_dir.items():
         try:
