@@ -96,7 +96,7 @@ class GroupCommit:
         self._on_written = on_written  # told of each file written (on the event loop)
         self.batches = 0  # batches written (for tests and benchmarks)
         self._file_delay = file_delay if journal is not None and tg is not None else None
-        self._unfiled: dict[Path, bytes] = {}  # journaled writes whose file waits (``file_delay``), by file
+        self._unfiled: dict[Path, bytes] = {}  # journaled writes whose file is not made yet (waits, or failed)
         self._on_disk: set[Path] = set()  # files a save_soon write made (a running record): not left stale
         self._force_at = 0  # journal entries before waiting files are forced again (after some failed)
 
