@@ -218,7 +218,10 @@ class GroupCommit:
                     raise
                 continue
             batch = self._take_batch()
-            checkpoint = not (self._unfiled.keys() - {w.path for w in batch if w.filing})
+            # the journal may be emptied after this batch only if it files every waiting file (the filing
+            # writes are of waiting files only: fewer of them than files waiting settles it at once)
+            filing = [w.path for w in batch if w.filing]
+            checkpoint = len(filing) >= len(self._unfiled) and self._unfiled.keys() <= set(filing)
             self._busy = True
             try:
                 with anyio.CancelScope(shield=True):  # a batch begun is finished: its other writers wait on it
@@ -357,9 +360,9 @@ def write_batch(batch: list[_Write], journal: Journal | None = None, *, may_chec
             if durable:
                 by_dir.setdefault(write.path.parent, []).append(write)
         except OSError as exc:
-            if id(write) in journaled:
+            if id(write) in journaled or write.filing:
                 may_checkpoint = False  # (the journal holds the only copy)
-                if keep_failed:
+                if keep_failed and not write.filing:
                     write.deferred, write.file_error = True, exc
                     continue
             write.error = exc
@@ -369,7 +372,7 @@ def write_batch(batch: list[_Write], journal: Journal | None = None, *, may_chec
         except OSError as exc:
             for write in writes:
                 write.error = exc
-    if journal is not None and may_checkpoint and not any(w.filing and w.error for w in batch):
+    if journal is not None and may_checkpoint:
         journal.written()
     for write in batch:
         write.done = True
