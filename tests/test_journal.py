@@ -20,6 +20,7 @@ import pytest
 from agent_parallel.tasks import journal as journal_module
 from agent_parallel.tasks.group_commit import GroupCommit
 from agent_parallel.tasks.journal import FirstRecords, Journal, recover
+from agent_parallel.tasks import records as records_module
 from agent_parallel.tasks.records import Succeeded, TaskRecord, journal_replaces, load_records
 
 pytestmark = pytest.mark.anyio
@@ -410,10 +411,27 @@ async def test_a_clean_stop_writes_every_waiting_file(tmp_path):
     assert {r.task_id: r.status for r in load_records(runs)} == {t.record.task_id: "completed" for t in members}
 
 
+def test_status_shows_a_gone_servers_journaled_records_however_old_a_live_servers_only_recent(tmp_path):
+    long_ago = time.time() - 3600  # long ended: a live server would have written its file by now
+    old = TaskRecord(task_id="old00001", kind="command", command="true", cwd="/tmp", created_at=long_ago)
+    old.start(long_ago, None)
+    old.end(Succeeded(), long_ago + 1)
+    (tmp_path / "old00001.json").write_bytes(data(record("old00001", done=False)))  # the running record's file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    line = b"old00001.json\t" + data(old) + b"\n"
+    (tmp_path / f"journal-{os.getpid()}-0a1b2c3d.wal").write_bytes(line)  # a live server's (this process)
+    assert {r.task_id: r.status for r in load_records(tmp_path, journaled=True)} == {"old00001": "running"}
+    (tmp_path / f"journal-{os.getpid()}-0a1b2c3d.wal").rename(tmp_path / f"journal-{dead}-0a1b2c3d.wal")
+    assert {r.task_id: r.status for r in load_records(tmp_path, journaled=True)} == {"old00001": "completed"}
+    assert recover(tmp_path, journal_replaces) == 1  # what the next server writes back: the same
+    assert {r.task_id: r.status for r in load_records(tmp_path)} == {"old00001": "completed"}
+
+
 @pytest.mark.fault("the server is killed (SIGKILL) in the second between tasks' ends and their record files (the "
                    "files of final records are written a second later, the journal holding them): the next server "
                    "writes them back, each task completed")
-async def test_a_kill_before_the_final_records_files_loses_none(tmp_path):
+async def test_a_kill_before_the_final_records_files_loses_none(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     runs.mkdir()
     ids = killed_server(runs, """
@@ -426,6 +444,9 @@ async def test_a_kill_before_the_final_records_files_loses_none(tmp_path):
     # killed before their files (a task slower than 50 ms to end had a running record's file, replaced at once)
     assert all(not (runs / f"{i}.json").exists() or TaskRecord.model_validate_json((runs / f"{i}.json").read_bytes())
                .is_done for i in ids)
+    assert {r.task_id: r.status for r in load_records(runs, journaled=True)} == dict.fromkeys(ids, "completed")
+    # read long after (no server started since): the gone server's journal still counts, as recovery will
+    monkeypatch.setattr(records_module, "JOURNALED_WINDOW_S", 0.0)
     assert {r.task_id: r.status for r in load_records(runs, journaled=True)} == dict.fromkeys(ids, "completed")
     from agent_parallel.tasks.registry import RegistrySettings, open_registry
 

@@ -49,6 +49,7 @@ CHECKPOINT_ENTRIES = 1000
 MAX_JOURNAL_BYTES = 64 << 20  # a journal holds about a thousand records of a few KB: bigger is not ours
 JOURNAL_GLOB = "journal-*.wal"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.json")
+_JOURNAL_NAME = re.compile(r"journal-([0-9]{1,10})-[0-9a-f]+\.wal")
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -234,11 +235,13 @@ def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
     return restored
 
 
-def journaled(directory: Path) -> list[tuple[str, bytes]]:
+def journaled(directory: Path) -> list[tuple[str, bytes, bool]]:
     """Every entry of every journal in ``directory``, live servers' too (read only: never locked nor
-    changed), in the order written: (record file name, data). For a reader that shows tasks whose
-    record file is not written yet (``agent-parallel status``). A journal that cannot be read is skipped."""
-    entries: list[tuple[str, bytes]] = []
+    changed), in the order written: (record file name, data, whether its server is surely gone). For a
+    reader that shows tasks whose record file is not written yet (``agent-parallel status``): what a
+    gone server's journal holds is what the next server's ``recover`` will write back. A journal that
+    cannot be read is skipped."""
+    entries: list[tuple[str, bytes, bool]] = []
     for journal in sorted(directory.glob(JOURNAL_GLOB)):
         try:
             fd = open_regular(journal)
@@ -247,12 +250,29 @@ def journaled(directory: Path) -> list[tuple[str, bytes]]:
         try:
             size = os.fstat(fd).st_size
             if size <= MAX_JOURNAL_BYTES:
-                entries += _entries(_read_all(fd, size)).items()
+                gone = _server_gone(journal.name)
+                entries += ((name, data, gone) for name, data in _entries(_read_all(fd, size)).items())
         except OSError:
             continue
         finally:
             os.close(fd)
     return entries
+
+
+def _server_gone(name: str) -> bool:
+    """Whether the server that wrote the journal ``name`` (``journal-<pid>-<random>.wal``) is surely gone:
+    no process has its pid. Read only (a lock taken to ask would make a starting server skip recovering
+    the journal); a pid reused since counts as live, which only keeps the reader cautious."""
+    match = _JOURNAL_NAME.fullmatch(name)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, OverflowError):  # (EPERM: it exists, someone else's)
+        return False
+    return False
 
 
 def _entries(content: bytes) -> dict[str, bytes]:

@@ -462,11 +462,12 @@ def load_records(runs_dir: Path, *, journaled: bool = False) -> list[TaskRecord]
     """Every valid record in ``runs_dir``. Unreadable or implausible ones are skipped with a
     warning (and never crash start-up); records are read only from regular files.
 
-    ``journaled``: also the tasks launched or ended in the last ``JOURNALED_WINDOW_S`` whose record is
-    so far only in their server's journals (``journal.py``: a first record, its file following within a
-    second; a final record, its file written a second later, ``group_commit.py``), checked the same way
-    (skipped quietly); a final record there wins over a first one. Older ones there have their file,
-    or had it and were pruned since."""
+    ``journaled``: also the tasks whose record is so far only in their server's journals (``journal.py``:
+    a first record, its file following within a second; a final record, its file written a second later,
+    ``group_commit.py``), checked the same way (skipped quietly); a final record there wins over a first
+    one. From a live server's journal only those launched or ended in the last ``JOURNALED_WINDOW_S``:
+    older ones have their file, or had it and were pruned since. From the journal of a server that is
+    gone (it crashed before writing the files), every one: what the next server will write back."""
     records = _load_files(runs_dir)
     if journaled:
         from .journal import journaled as journal_entries
@@ -474,7 +475,7 @@ def load_records(runs_dir: Path, *, journaled: bool = False) -> list[TaskRecord]
         have = {r.task_id for r in records if r.is_done}  # (a file still showing a task live may be older)
         recent: dict[str, TaskRecord] = {}
         now = time.time()
-        for name, data in journal_entries(runs_dir):
+        for name, data, gone in journal_entries(runs_dir):
             stem = name[: -len(".json")]
             if stem in have or ((seen := recent.get(stem)) is not None and seen.is_done):
                 continue
@@ -482,7 +483,8 @@ def load_records(runs_dir: Path, *, journaled: bool = False) -> list[TaskRecord]
                 record = TaskRecord.model_validate_json(data)
             except (ValidationError, ValueError, RecursionError):
                 continue
-            if (record.ended_at or record.created_at) > now - JOURNALED_WINDOW_S and not record_problem(record, stem, now):
+            if (gone or (record.ended_at or record.created_at) > now - JOURNALED_WINDOW_S) \
+                    and not record_problem(record, stem, now):
                 if record.is_done:
                     record.compact()
                 recent[stem] = record
