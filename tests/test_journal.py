@@ -428,6 +428,23 @@ def test_status_shows_a_gone_servers_journaled_records_however_old_a_live_server
     assert {r.task_id: r.status for r in load_records(tmp_path)} == {"old00001": "completed"}
 
 
+def test_a_journal_grown_past_the_limit_is_read_from_its_end(tmp_path, monkeypatch, caplog):
+    # record files that cannot be made (no inodes left) keep the journal from being emptied: it grows, and its
+    # newest records are the ones a server still keeps; a planted giant file costs no more than the limit
+    recs = [record(f"many{i:04d}") for i in range(40)]
+    lines = [b"%s.json\t%s\n" % (r.task_id.encode(), data(r)) for r in recs]
+    monkeypatch.setattr(journal_module, "MAX_JOURNAL_BYTES", sum(map(len, lines[-10:])))  # the last 10 lines exactly
+    (tmp_path / "journal-1-0a1b2c3d.wal").write_bytes(b"".join(lines))
+    seen = {r.task_id for r in load_records(tmp_path, journaled=True)}
+    assert seen == {r.task_id for r in recs[-10:]}
+    assert recover(tmp_path, journal_replaces) == 10
+    assert {r.task_id for r in load_records(tmp_path)} == {r.task_id for r in recs[-10:]}
+    assert not journals(tmp_path) and "only its last" in caplog.text
+    (tmp_path / "journal-2-0a1b2c3d.wal").write_bytes(b"x" * 100_000)  # no line at all in its end
+    assert recover(tmp_path, journal_replaces) == 0 and not journals(tmp_path)
+    assert len(load_records(tmp_path)) == 10
+
+
 @pytest.mark.fault("the server is killed (SIGKILL) in the second between tasks' ends and their record files (the "
                    "files of final records are written a second later, the journal holding them): the next server "
                    "writes them back, each task completed")

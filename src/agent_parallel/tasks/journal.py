@@ -25,8 +25,8 @@ removed, by the next server that opens the workspace.
 Each server writes its own journal (``journal-<pid>-<random>.wal`` in the runs directory) and
 holds an exclusive ``flock`` on it for its life, so a server starting beside it recovers only the
 journals of servers that are gone. What a cloned repository may have planted there is never
-trusted: journals are opened ``O_NOFOLLOW|O_NONBLOCK`` and read only when regular files of a
-plausible size; an entry names a record file by a bare ``<id>.json`` name in the journal's own
+trusted: journals are opened ``O_NOFOLLOW|O_NONBLOCK`` and read only when regular files, at most
+their last ``MAX_JOURNAL_BYTES``; an entry names a record file by a bare ``<id>.json`` name in the journal's own
 directory, anything else is skipped; and a record file that holds a finished task is never
 replaced. A line cut short by a crash is skipped (its batch was never reported written).
 """
@@ -46,7 +46,12 @@ from ..paths import fsync_dir, open_regular, write_all, write_atomic
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ENTRIES = 1000
-MAX_JOURNAL_BYTES = 64 << 20  # a journal holds about a thousand records of a few KB: bigger is not ours
+MAX_JOURNAL_BYTES = 64 << 20
+"""The most of a journal read: its last 64 MB, some 30,000 final records, more than a server keeps
+(``max_records``, 10,000 by default). A journal holds about a thousand records of a few KB between two
+checkpoints; it grows past that only while record files cannot be made (no inodes left: the journal
+then holds the only copies, and is not emptied), and its oldest records then belong to tasks pruned
+since. Reading only the end bounds what a file planted there costs a start-up, and loses nothing kept."""
 JOURNAL_GLOB = "journal-*.wal"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.json")
 _JOURNAL_NAME = re.compile(r"journal-([0-9]{1,10})-[0-9a-f]+\.wal")
@@ -219,15 +224,15 @@ def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
             log.warning("skipped the record journal %s: %s", journal, exc)
             continue
         try:
-            st = os.fstat(fd)
-            if st.st_size > MAX_JOURNAL_BYTES:
-                log.warning("skipped the record journal %s: %d bytes is not a journal of ours", journal, st.st_size)
-                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live server's
-            restored += _replay(directory, journal, _read_all(fd, st.st_size), replaces)
+            size = os.fstat(fd).st_size
+            if size > MAX_JOURNAL_BYTES:
+                log.warning("the record journal %s is %d bytes (record files could not be made for long?): only its "
+                            "last %d MB were read", journal, size, MAX_JOURNAL_BYTES >> 20)
+            restored += _replay(directory, journal, _read_journal(fd, size), replaces)
         except OSError as exc:
             log.warning("could not recover the record journal %s: %s", journal, exc)
         finally:
@@ -248,10 +253,8 @@ def journaled(directory: Path) -> list[tuple[str, bytes, bool]]:
         except OSError:
             continue
         try:
-            size = os.fstat(fd).st_size
-            if size <= MAX_JOURNAL_BYTES:
-                gone = _server_gone(journal.name)
-                entries += ((name, data, gone) for name, data in _entries(_read_all(fd, size)).items())
+            content, gone = _read_journal(fd, os.fstat(fd).st_size), _server_gone(journal.name)
+            entries += ((name, data, gone) for name, data in _entries(content).items())
         except OSError:
             continue
         finally:
@@ -333,6 +336,17 @@ def _syncfs(directory: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _read_journal(fd: int, size: int) -> bytes:
+    """A journal's whole lines, of its last ``MAX_JOURNAL_BYTES`` at most (the first line there cut
+    short is left out)."""
+    if size <= MAX_JOURNAL_BYTES:
+        return _read_all(fd, size)
+    os.lseek(fd, size - MAX_JOURNAL_BYTES - 1, os.SEEK_SET)  # (a byte more: is the first line whole?)
+    tail = _read_all(fd, MAX_JOURNAL_BYTES + 1)
+    start = tail.find(b"\n") + 1
+    return tail[start:] if start else b""
 
 
 def _read_all(fd: int, size: int) -> bytes:
