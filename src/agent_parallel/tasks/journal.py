@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_ENTRIES = 1000
 MAX_JOURNAL_BYTES = 64 << 20
-"""The most of a journal read: its last 64 MB, some 30,000 final records, more than a server keeps
-(``max_records``, 10,000 by default). A journal holds about a thousand records of a few KB between two
+"""The most of a journal read: its last 64 MB, some 30,000 final records, more than a server keeps by
+default (``tasks.max_tasks``, 10,000; one set higher may lose its oldest in the case below). A journal holds about a thousand records of a few KB between two
 checkpoints; it grows past that only while record files cannot be made (no inodes left: the journal
 then holds the only copies, and is not emptied), and its oldest records then belong to tasks pruned
 since. Reading only the end bounds what a file planted there costs a start-up, and loses nothing kept."""
