@@ -26,9 +26,9 @@ Each server writes its own journal (``journal-<pid>-<random>.wal`` in the runs d
 holds an exclusive ``flock`` on it for its life, so a server starting beside it recovers only the
 journals of servers that are gone. What a cloned repository may have planted there is never
 trusted: journals are opened ``O_NOFOLLOW|O_NONBLOCK`` and read only when regular files, at most
-their last ``MAX_JOURNAL_BYTES``; an entry names a record file by a bare ``<id>.json`` name in the journal's own
-directory, anything else is skipped; and a record file that holds a finished task is never
-replaced. A line cut short by a crash is skipped (its batch was never reported written).
+their last ``MAX_JOURNAL_BYTES``; an entry names a record file by a bare ``<id>.json`` name in the
+journal's own directory, anything else is skipped; and a record file that holds a finished task is
+never replaced. A line cut short by a crash is skipped (its batch was never reported written).
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ log = logging.getLogger(__name__)
 CHECKPOINT_ENTRIES = 1000
 MAX_JOURNAL_BYTES = 64 << 20
 """The most of a journal read: its last 64 MB, some 30,000 final records, more than a server keeps by
-default (``tasks.max_tasks``, 10,000; one set higher may lose its oldest in the case below). A journal holds about a thousand records of a few KB between two
-checkpoints; it grows past that only while record files cannot be made (no inodes left: the journal
-then holds the only copies, and is not emptied), and its oldest records then belong to tasks pruned
-since. Reading only the end bounds what a file planted there costs a start-up, and loses nothing kept."""
+default (``tasks.max_tasks``, 10,000; one set higher may lose its oldest in the case below). A journal
+holds about a thousand records of a few KB between two checkpoints; it grows past that only while
+record files cannot be made (no inodes left: the journal then holds the only copies, and is not
+emptied), and its oldest records then belong to tasks pruned since. Reading only the end bounds what
+a file planted there costs a start-up, and loses nothing kept."""
 JOURNAL_GLOB = "journal-*.wal"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.json")
 _JOURNAL_NAME = re.compile(r"journal-([0-9]{1,10})-[0-9a-f]+\.wal")
