@@ -231,3 +231,42 @@ async def test_output_ending_before_the_exit_and_a_signal_are_reported(workspace
         assert (killed.record.status, killed.record.signal, killed.record.reason) == \
             ("failed", "SIGKILL", "killed by SIGKILL")
         assert lane_started(registry) == 2
+
+
+async def test_small_batches_in_the_root_start_on_the_loop_others_in_a_worker_thread(workspace):
+    """A start holds its thread until the child has exec'd: on the event loop only for a shell command in the
+    workspace's root (whose file system the loop touches anyway) submitted as others ended (nobody waits for an
+    answer), a few at a time, once the watchdog runs."""
+    import threading
+
+    from agent_parallel.tasks.executor import INLINE_STARTS
+
+    elsewhere = workspace / "sub"
+    elsewhere.mkdir()
+    async with lane_registry(workspace) as registry:
+        loop_thread = threading.get_ident()
+        real = registry.executor._start_sync  # type: ignore[attr-defined]
+        on_loop: list[bool] = []
+
+        def spy(spec, watchdog=None):  # type: ignore[no-untyped-def]
+            on_loop.append(threading.get_ident() == loop_thread)
+            return real(spec, watchdog)
+
+        registry.executor._start_sync = spy  # type: ignore[attr-defined]
+        _, members = await registry.launch_group(["true"] * 12, max_parallel=2, cwd=workspace)
+        await finished(*members)
+        assert len(on_loop) == 12 and not on_loop[0] and any(on_loop)  # (the first batch started the watchdog)
+        on_loop.clear()
+        _, members = await registry.launch_group(["true"] * 12, max_parallel=2, cwd=elsewhere)
+        await finished(*members)
+        assert on_loop == [False] * 12
+        on_loop.clear()
+        _, members = await registry.launch_group(["true"] * (INLINE_STARTS + 1), max_parallel=INLINE_STARTS + 1,
+                                                 cwd=workspace)
+        await finished(*members)
+        assert on_loop == [False] * (INLINE_STARTS + 1)
+        assert all(t.record.status == "completed" for t in members)
+        on_loop.clear()
+        task = await launch_bg(registry, workspace, "true")  # a launch_task's answer must not wait for the start
+        await finished(task)
+        assert on_loop == [False] and task.record.status == "completed"

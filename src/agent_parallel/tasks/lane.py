@@ -6,8 +6,10 @@ when 300 short commands go through a fan-out or a queue run: most of the server'
 went into that machinery, not into the task. The lane does what every such task needs, for all of
 them at once, as ``bench/bench_floor.py`` does:
 
-- the tasks submitted in one turn of the event loop are started in one worker thread, their logs
-  created there too (``LocalExecutor.start_batch``);
+- the tasks submitted in one turn of the event loop are started together, their logs created there
+  too (``LocalExecutor.start_batch``): in a worker thread, or, for a few submitted as others ended,
+  on the loop's own thread when the registry vouches that their start can wait on nothing the loop
+  does not (``inline``);
 - one epoll holds every followed task's pidfd and output pipe; output moves into each log as it comes;
 - the usual end (the command exited, its output ended, it left nothing running) is taken inline,
   and the tasks ending together go to the owner in one call (``LaneOwner.lane_ended``).
@@ -75,6 +77,7 @@ class _Waiting(Generic[K]):
     spec: LaunchSpec
     open_log: Callable[[], LogWriter]
     timeout_s: float | None
+    inline: bool  # may be started on the event loop's thread (``LocalExecutor.start_batch``)
 
 
 @dataclass
@@ -91,13 +94,20 @@ class Lane(Generic[K]):
     _deadlines: list[tuple[float, int, _Followed[K]]] = field(default_factory=list)
     _running: bool = False
     _asleep: bool = False
+    _following_up: bool = False  # in ``lane_ended``: submissions are follow-ups, nobody waits for an answer
     _count: int = 0  # tie-breaker of the deadline heap
     started: int = 0  # processes the lane started (for tests and benchmarks)
 
-    def submit(self, key: K, spec: LaunchSpec, open_log: Callable[[], LogWriter], timeout_s: float | None) -> None:
-        """Start ``spec`` and follow it, its output going to the log ``open_log`` makes (in the worker
-        thread that starts it); ``key`` names it to the owner."""
-        self._waiting.append(_Waiting(key, spec, open_log, timeout_s))
+    def submit(self, key: K, spec: LaunchSpec, open_log: Callable[[], LogWriter], timeout_s: float | None, *,
+               inline: bool = False) -> None:
+        """Start ``spec`` and follow it, its output going to the log ``open_log`` makes (in the thread
+        that starts it); ``key`` names it to the owner.
+
+        ``inline``: the owner vouches that the start may be made on the event loop's thread (see
+        ``LocalExecutor.start_batch``). Taken only for what the owner submits as tasks end (a run's next
+        items, a fan-out's next members): a start submitted with a client's call still to be answered
+        (``launch_task``) would hold that answer up by the start's half millisecond."""
+        self._waiting.append(_Waiting(key, spec, open_log, timeout_s, inline and self._following_up))
         if not self._running:
             self._running = True
             self.tg.start_soon(self._run)
@@ -140,7 +150,8 @@ class Lane(Generic[K]):
             return
         at = time.time()
         try:
-            results = await self.executor.start_batch([(one.spec, one.open_log) for one in batch])
+            results = await self.executor.start_batch([(one.spec, one.open_log) for one in batch],
+                                                      inline=all(one.inline for one in batch))
         except Exception as exc:  # (start_batch gives each task's failure as its result: this is a bug)
             log.exception("starting a batch of tasks failed")
             results = [(exc, None)] * len(batch)
@@ -212,7 +223,11 @@ class Lane(Generic[K]):
             else:
                 self.owner.lane_handover(one.key, one.deadline)
         if ended:
-            self.owner.lane_ended(ended)
+            self._following_up = True  # what the owner submits now is started in the lane's next step
+            try:
+                self.owner.lane_ended(ended)
+            finally:
+                self._following_up = False
 
     def _expire(self) -> None:
         """Hand over the tasks whose timeout has come (their supervision stops them)."""

@@ -902,7 +902,10 @@ class TaskRegistry:
                     log_writer.close()
                 raise _TaskFailure(self._log_failure(rec.task_id, exc)) from exc
 
-        self._lane.submit(task, spec, open_log, rec.timeout_s)
+        # the loop already touches the workspace's file system (claims), and /bin/sh is the system's: a start
+        # that only enters the root and execs the shell can hang nothing new (a cwd elsewhere could: a hung mount)
+        inline = spec.command is not None and spec.stdin_path is None and spec.cwd == self.root
+        self._lane.submit(task, spec, open_log, rec.timeout_s, inline=inline)
 
     def lane_go(self, task: Task) -> bool:
         if self._closing or task.cancel_requested or task.storage_error:
