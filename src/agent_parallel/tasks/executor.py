@@ -267,8 +267,8 @@ class LocalExecutor:
 
         ``inline``: the caller vouches that these starts can wait on nothing the event loop does not
         wait on already (``TaskRegistry._lane_submit``: a shell command in the workspace's root, no
-        stdin file); up to ``INLINE_STARTS`` of them are then made on the loop's thread, once the
-        watchdog runs (its start is a Python process's)."""
+        stdin file, a log made only with the first output); up to ``INLINE_STARTS`` of them are then
+        made on the loop's thread, once the watchdog runs (its start is a Python process's)."""
 
         if inline and len(batch) <= INLINE_STARTS and self._guard_ready():
             started, watchdog = self.start_many_sync(batch)

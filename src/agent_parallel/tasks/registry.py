@@ -903,8 +903,9 @@ class TaskRegistry:
                 raise _TaskFailure(self._log_failure(rec.task_id, exc)) from exc
 
         # the loop already touches the workspace's file system (claims), and /bin/sh is the system's: a start
-        # that only enters the root and execs the shell can hang nothing new (a cwd elsewhere could: a hung mount)
-        inline = spec.command is not None and spec.stdin_path is None and spec.cwd == self.root
+        # that only enters the root and execs the shell can hang nothing new (a cwd elsewhere could: a hung mount;
+        # a prelude would make the log file at the start, where a new file can cost half a millisecond)
+        inline = spec.command is not None and spec.stdin_path is None and spec.cwd == self.root and not prelude
         self._lane.submit(task, spec, open_log, rec.timeout_s, inline=inline)
 
     def lane_go(self, task: Task) -> bool:
