@@ -128,6 +128,19 @@ async def test_gemini_garbage_and_truncated_lines_are_ignored(workspace, tmp_pat
     assert "# Work" in made["stdin"] and "Work" not in " ".join(made["argv"])
 
 
+async def test_a_stream_read_while_the_agent_runs_is_counted_once(workspace, tmp_path, monkeypatch):
+    # the log is followed as it grows (every POLL_S) and read to its end once the CLI exits: that last read
+    # goes on from where the follower stopped (it began again at the attempt's start: turns counted twice)
+    step = gemini_success()
+    step["pause"] = 0.1  # 0.7 s in all: the follower reads while the CLI still runs
+    install(tmp_path, monkeypatch, [step])
+    write_config(workspace, runner={"agent": "gemini"})
+    write_item(workspace, 1, "work", title="Work")
+    out = await run_to_end(workspace)
+    usage = by_item(out)["001"]["usage"]
+    assert usage["turns"] == 2 and usage["result"] == "finished"
+
+
 async def test_the_budget_stops_new_agent_items_mid_run(workspace, tmp_path, monkeypatch):
     install(tmp_path, monkeypatch, [claude_success(cost=0.4)])
     write_config(workspace, runner={"agent": "claude", "max_cost_usd": 0.5}, autonomy={"max_parallel": 1, "level": "L3"})

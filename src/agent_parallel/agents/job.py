@@ -128,6 +128,7 @@ class ItemJob:
         self.waiting: str | None = None
         self._done: list[AgentUsage] = []  # finished attempts' usage
         self._parser: StreamParser | None = None
+        self._fed = 0  # the log offset the parser has read to (``_read``)
         self._handle: TaskHandle | None = None
         self._stopped = False
         self._sleep: anyio.CancelScope | None = None
@@ -249,14 +250,14 @@ class ItemJob:
                 profiles.first_run(plan.agent, plan.agent_args, plan.agent_command)
             argv, stdin = how.argv, plan.stdin_path if how.item_on_stdin else None
             self._parser = StreamParser(plan.agent)
-        start = self.log.total
+        self._fed = self.log.total  # the parser reads this attempt's output from here
         spec = LaunchSpec(task_id=self.task_id, cwd=plan.cwd, command=plan.command if argv is None else None,
                           argv=argv, env=dict(plan.env), stdin_path=stdin, resources=dict(plan.resources))
         self._handle = handle = await plan.executor.start(spec, self.log)
         try:
             async with anyio.create_task_group() as tg:
                 if self._parser is not None:
-                    tg.start_soon(self._follow, start, self._parser)
+                    tg.start_soon(self._follow, self._parser)
                 with anyio.move_on_after(plan.timeout_s if plan.timeout_s is not None else float("inf")) as scope:
                     try:
                         info = await handle.wait()
@@ -276,40 +277,41 @@ class ItemJob:
         outcome = None
         if self._parser is not None:
             parser = self._parser
-            await self._read(start, parser, to_end=True)
+            await self._read(parser, to_end=True)  # (from where the follower stopped)
             outcome = parser.finish(info.exit_code)
             self._done.append(outcome)
             self._parser = None
             self.last = outcome
         return info, outcome
 
-    async def _follow(self, start: int, parser: StreamParser) -> None:
+    async def _follow(self, parser: StreamParser) -> None:
         """Feed the attempt's new log bytes to the parser as they arrive (until cancelled)."""
-        position = start
         while True:
-            position = await self._read(position, parser)
+            await self._read(parser)
             await anyio.sleep(POLL_S)
 
-    async def _read(self, position: int, parser: StreamParser, *, to_end: bool = False) -> int:
+    async def _read(self, parser: StreamParser, *, to_end: bool = False) -> None:
+        """Feed the parser the log's bytes from ``_fed``, where it stopped (every byte once: a read
+        cancelled with the follower still finishes in its thread, so the last read goes on after it)."""
         log = self.log
 
-        def read() -> int:
-            pos = position
+        def read() -> None:
             while True:
                 reader = LogReader(self.plan.runs_dir, self.task_id, log.total, log.head_cap, list(log.segments))
-                if pos >= reader.total:
-                    return pos
-                data, real = reader.read_bytes(pos, READ_CHUNK)
-                if real > pos:
+                if self._fed >= reader.total:
+                    return
+                data, real = reader.read_bytes(self._fed, READ_CHUNK)
+                if real > self._fed:
                     parser.gap()
                 if not data:
-                    return max(pos, real)
+                    self._fed = max(self._fed, real)
+                    return
                 parser.feed(data)
-                pos = real + len(data)
+                self._fed = real + len(data)
                 if not to_end and len(data) < READ_CHUNK:
-                    return pos
+                    return
 
-        return await anyio.to_thread.run_sync(read)
+        await anyio.to_thread.run_sync(read)
 
     async def _wait_gate(self, gate: Gate) -> None:
         with anyio.CancelScope() as self._sleep:
