@@ -141,6 +141,16 @@ async def test_a_stream_read_while_the_agent_runs_is_counted_once(workspace, tmp
     assert usage["turns"] == 2 and usage["result"] == "finished"
 
 
+async def test_a_codex_stream_read_while_it_runs_sums_its_tokens_once(workspace, tmp_path, monkeypatch):
+    step = codex_success()  # Codex reports usage per turn, summed: read twice, the tokens doubled
+    step["pause"] = 0.15
+    install(tmp_path, monkeypatch, [step])
+    write_config(workspace, runner={"agent": "codex"})
+    write_item(workspace, 1, "work", title="Work")
+    usage = by_item(await run_to_end(workspace))["001"]["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["turns"]) == (400, 50, 1)
+
+
 async def test_the_budget_stops_new_agent_items_mid_run(workspace, tmp_path, monkeypatch):
     install(tmp_path, monkeypatch, [claude_success(cost=0.4)])
     write_config(workspace, runner={"agent": "claude", "max_cost_usd": 0.5}, autonomy={"max_parallel": 1, "level": "L3"})
