@@ -18,9 +18,9 @@ import anyio
 import pytest
 
 from agent_parallel.tasks import journal as journal_module
+from agent_parallel.tasks import records as records_module
 from agent_parallel.tasks.group_commit import GroupCommit
 from agent_parallel.tasks.journal import FirstRecords, Journal, recover
-from agent_parallel.tasks import records as records_module
 from agent_parallel.tasks.records import Succeeded, TaskRecord, journal_replaces, load_records
 
 pytestmark = pytest.mark.anyio

@@ -9,6 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from agent_parallel.tasks.executor import LaunchSpec
+from agent_parallel.tasks.logs import LogWriter
 from agent_parallel.tasks.records import TaskRecord
 from agent_parallel.tasks.registry import RegistrySettings, Task, TaskRegistry, open_registry
 from conftest import all_dead, all_dead_soon, fill_disk, read_pids
@@ -260,12 +262,15 @@ async def test_small_batches_in_the_root_start_on_the_loop_others_in_a_worker_th
         _, members = await registry.launch_group(["true"] * 12, max_parallel=2, cwd=elsewhere)
         await finished(*members)
         assert on_loop == [False] * 12
-        on_loop.clear()
-        _, members = await registry.launch_group(["true"] * (INLINE_STARTS + 1), max_parallel=INLINE_STARTS + 1,
-                                                 cwd=workspace)
-        await finished(*members)
-        assert on_loop == [False] * (INLINE_STARTS + 1)
-        assert all(t.record.status == "completed" for t in members)
+        for size, where in ((2, True), (INLINE_STARTS + 1, False)):  # a batch over the limit goes to a thread
+            on_loop.clear()
+            specs = [LaunchSpec(task_id=f"batch{size:02d}{i:02d}", cwd=workspace, command="true") for i in range(size)]
+            started = await registry.executor.start_batch(  # type: ignore[attr-defined]
+                [(spec, lambda spec=spec: LogWriter(workspace / "runs", spec.task_id, 1 << 20)) for spec in specs],
+                inline=True)
+            assert on_loop == [where] * size
+            for handle, _ in started:
+                assert (await handle.wait()).exit_code == 0
         on_loop.clear()
         task = await launch_bg(registry, workspace, "true")  # a launch_task's answer must not wait for the start
         await finished(task)
