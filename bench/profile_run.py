@@ -14,6 +14,10 @@ internal time are printed. ``--progress`` waits for the run as
 ``task_output`` does for a client that asked for progress (``views.wait_reporting_progress``, the
 notifications counted instead of sent), instead of waiting on the task alone. ``--fan-out`` runs the
 same commands as one fan-out group instead (the task layer alone: the difference is the queue's cost).
+A second line breaks the event loop thread's wall time down (``/proc/self/task/TID/schedstat``): on a
+CPU, runnable but waiting for one (a child it just started often takes its CPU), and asleep (in each
+start's vfork until the child has exec'd, and waiting for ends), with the share of the machine's CPUs
+left idle during the run (``/proc/stat``).
 Set ``TMPDIR=/dev/shm`` to leave the file system's cost out (see bench/README.md).
 """
 
@@ -26,6 +30,7 @@ import pstats
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +49,29 @@ from agent_parallel.tasks.registry import RegistrySettings, open_registry
 def cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def loop_schedstat() -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of the event loop's thread (the main
+    thread), from ``/proc/self/task/TID/schedstat``; (0, 0) where the kernel does not keep them."""
+    try:
+        fields = Path(f"/proc/self/task/{threading.main_thread().native_id}/schedstat").read_text().split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle, all) jiffies of every CPU so far (``/proc/stat``): how much of the machine a run left unused."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait
+
+
+SCHED = [0.0, 0.0, 0.0, 0.0]  # the last run's loop thread: on a CPU, waiting for one, wall (seconds); idle share
 
 
 def main_thread_cpu() -> float:
@@ -82,7 +110,8 @@ async def run(root: Path, slots: int, profiler: cProfile.Profile | None,
         from agent_parallel.server.views import wait_reporting_progress
     async with open_registry(root, runs_dir(root), RegistrySettings()) as registry:
         ctx = QueueContext(root, registry.runs_dir, config, registry, QueueReader())
-        c0, m0, t0 = cpu(), main_thread_cpu(), time.perf_counter()
+        c0, m0, t0, s0 = cpu(), main_thread_cpu(), time.perf_counter(), loop_schedstat()
+        i0 = machine_idle()
         HOPS[0] = 0
         if profiler:
             profiler.enable()
@@ -101,6 +130,8 @@ async def run(root: Path, slots: int, profiler: cProfile.Profile | None,
         if profiler:
             profiler.disable()
         wall, used, loop = time.perf_counter() - t0, cpu() - c0, main_thread_cpu() - m0
+        s1, i1 = loop_schedstat(), machine_idle()
+        SCHED[:] = [s1[0] - s0[0], s1[1] - s0[1], wall, (i1[0] - i0[0]) / max(1, i1[1] - i0[1])]
         run = run_of(task)
         assert run is not None
         progress = run.progress()
@@ -114,7 +145,8 @@ async def run_fan_out(root: Path, n: int, slots: int, profiler: cProfile.Profile
     """The same N ``true`` as one fan-out (``launch_group``, what ``launch_task(commands=...)`` does): the
     task layer alone, without the queue's claims, plan and follow-ups, to compare with a run."""
     async with open_registry(root, runs_dir(root), RegistrySettings(max_running=max(64, n))) as registry:
-        c0, m0, t0 = cpu(), main_thread_cpu(), time.perf_counter()
+        c0, m0, t0, s0 = cpu(), main_thread_cpu(), time.perf_counter(), loop_schedstat()
+        i0 = machine_idle()
         HOPS[0] = 0
         if profiler:
             profiler.enable()
@@ -125,6 +157,8 @@ async def run_fan_out(root: Path, n: int, slots: int, profiler: cProfile.Profile
         if profiler:
             profiler.disable()
         wall, used, loop = time.perf_counter() - t0, cpu() - c0, main_thread_cpu() - m0
+        s1, i1 = loop_schedstat(), machine_idle()
+        SCHED[:] = [s1[0] - s0[0], s1[1] - s0[1], wall, (i1[0] - i0[0]) / max(1, i1[1] - i0[1])]
         if any(t.record.status != "completed" for t in tasks):
             print("not all completed:", sorted({t.record.status.value for t in tasks}), file=sys.stderr)
         starts = [t.record.started_at for t in tasks if t.record.started_at is not None]
@@ -159,6 +193,12 @@ def main() -> None:
           f"{loop / args.items * 1000:.2f} ms on the event loop's thread)"
           + f"; {HOPS[0] / args.items:.2f} thread hops per item"
           + (f"; {len(reports)} progress reports" if reports is not None else ""))
+    on_cpu, waiting, wall, idle = SCHED
+    if on_cpu:
+        per = 1e6 / args.items
+        print(f"the event loop's thread, per item: {on_cpu * per:.0f} µs on a CPU, {waiting * per:.0f} µs runnable but "
+              f"waiting for a CPU, {(wall - on_cpu - waiting) * per:.0f} µs asleep (its starts' vfork waits for each "
+              f"child's exec, and waits for ends); the machine's CPUs {idle:.0%} idle")
     if profiler:
         profiler.dump_stats(args.profile)
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(args.top)
