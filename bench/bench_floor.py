@@ -272,7 +272,7 @@ def our_parts_supervisor(base: Path, n: int = N, slots: int = SLOTS) -> tuple[fl
                 move_item(queue_dir, runs, item_id, "completed", by=by, expect="in_progress",
                           known=queue_dir / graph.by_id[item_id].file.replace("-pending-", "-in_progress-"))
         wall = time.perf_counter() - t0
-        filing = [_Write(w.path, w.data, durable=False, filing=True) for w in unfiled]
+        filing = [_Write.filing_of(w.path, w.data) for w in unfiled]
         write_batch(filing, journal)
         for write in filing:
             firsts.filed(write.path)

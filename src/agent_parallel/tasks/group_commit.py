@@ -74,6 +74,11 @@ class _Write:
     filing: bool = False  # the later write of a journaled write's file (not fsynced: the journal holds it)
     file_error: OSError | None = None  # a journaled write's file failed (``write_batch(keep_failed=True)``)
 
+    @classmethod
+    def filing_of(cls, path: Path, data: bytes) -> _Write:
+        """The later write of a journaled write's file: not fsynced, as the journal holds its data."""
+        return cls(path, data, durable=False, filing=True)
+
 
 class GroupCommit:
     """Atomic writes, batched (see the module docstring). One per event loop; ``save_soon``
@@ -158,7 +163,7 @@ class GroupCommit:
         ended: no batch under way). Sync, in a thread given ``timeout`` seconds: a hung disk must not
         hang a server's exit. What is not written by then, or cannot be, stays in the journal, which
         the next server recovers. Whether every file was written."""
-        writes = [_Write(path, data, durable=False, filing=True) for path, data in self._unfiled.items()]
+        writes = [_Write.filing_of(path, data) for path, data in self._unfiled.items()]
         if not writes:
             return True
         writer = threading.Thread(target=write_batch, args=(writes, None), name="record files", daemon=True)
@@ -198,7 +203,7 @@ class GroupCommit:
             writes.append(_Write(path, data, file_later=later))
         for path, data in filing or ():
             self._supersede(path)
-            writes.append(_Write(path, data, durable=False, filing=True))
+            writes.append(_Write.filing_of(path, data))
         self._queued.extend(writes)
         await self._write_queued(writes)
         return [write.error for write in writes]
@@ -302,7 +307,7 @@ class GroupCommit:
             for path, data in self._unfiled.items():
                 if path not in filing:
                     self._supersede(path)
-                    batch.append(_Write(path, data, durable=False, filing=True))
+                    batch.append(_Write.filing_of(path, data))
         now = anyio.current_time()
         while len(batch) < self._max_batch and self._next_due() <= now:
             _, _, write = heapq.heappop(self._soon_due)
