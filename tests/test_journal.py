@@ -428,6 +428,28 @@ def test_status_shows_a_gone_servers_journaled_records_however_old_a_live_server
     assert {r.task_id: r.status for r in load_records(tmp_path)} == {"old00001": "completed"}
 
 
+def test_status_takes_a_journal_whose_lock_is_held_for_a_live_servers_though_its_pid_is_not_seen(tmp_path):
+    """A server in another PID namespace (another container sharing the workspace) has a pid this one
+    does not see: the flock it holds on its journal says it lives, so `status` keeps to the 10 s window."""
+    long_ago = time.time() - 3600
+    old = TaskRecord(task_id="old00001", kind="command", command="true", cwd="/tmp", created_at=long_ago)
+    old.start(long_ago, None)
+    old.end(Succeeded(), long_ago + 1)
+    (tmp_path / "old00001.json").write_bytes(data(record("old00001", done=False)))  # the running record's file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    path = tmp_path / f"journal-{dead}-0a1b2c3d.wal"
+    path.write_bytes(b"old00001.json\t" + data(old) + b"\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # its server, alive where its pid cannot be seen from here
+        assert {r.task_id: r.status for r in load_records(tmp_path, journaled=True)} == {"old00001": "running"}
+    finally:
+        os.close(fd)
+    assert {r.task_id: r.status for r in load_records(tmp_path, journaled=True)} == {"old00001": "completed"}
+    assert path.read_bytes().startswith(b"old00001.json")  # read only: nothing changed
+
+
 @pytest.mark.fault("record files cannot be made for long (no inodes left) while the journal still takes appends, so it "
                    "grows past its read limit: the next start reads its newest records (those a server still keeps) "
                    "and writes them back; a planted giant journal costs no more")

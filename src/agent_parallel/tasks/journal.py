@@ -243,18 +243,26 @@ def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
 
 def journaled(directory: Path) -> list[tuple[str, bytes, bool]]:
     """Every entry of every journal in ``directory``, live servers' too (read only: never locked nor
-    changed), in the order written: (record file name, data, whether its server is surely gone). For a
+    changed), in the order written: (record file name, data, whether its server is gone: no process has
+    its pid, and nobody holds the journal's lock). For a
     reader that shows tasks whose record file is not written yet (``agent-parallel status``): what a
     gone server's journal holds is what the next server's ``recover`` will write back. A journal that
     cannot be read is skipped."""
     entries: list[tuple[str, bytes, bool]] = []
+    locked: set[tuple[int, int, int]] | None = None  # read once, for the first journal whose pid is gone
     for journal in sorted(directory.glob(JOURNAL_GLOB)):
         try:
             fd = open_regular(journal)
         except OSError:
             continue
         try:
-            content, gone = _read_journal(fd, os.fstat(fd).st_size), _server_gone(journal.name)
+            info = os.fstat(fd)
+            content = _read_journal(fd, info.st_size)
+            gone = _server_gone(journal.name)
+            if gone:
+                if locked is None:
+                    locked = _flock_held_files()
+                gone = not _held(info, locked)
             entries += ((name, data, gone) for name, data in _entries(content).items())
         except OSError:
             continue
@@ -263,10 +271,36 @@ def journaled(directory: Path) -> list[tuple[str, bytes, bool]]:
     return entries
 
 
+def _flock_held_files() -> set[tuple[int, int, int]]:
+    """The files someone holds a ``flock`` on, as (device major, minor, inode), from ``/proc/locks``: a
+    journal's server holds one on it for its life (empty where that cannot be read)."""
+    held: set[tuple[int, int, int]] = set()
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read()
+    except OSError:
+        return held
+    for line in text.splitlines():  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (waiters: "1: -> FLOCK ...")
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == b"FLOCK":
+            try:
+                major, minor, inode = fields[5].split(b":")
+                held.add((int(major, 16), int(minor, 16), int(inode)))
+            except ValueError:
+                continue
+    return held
+
+
+def _held(info: os.stat_result, locked: set[tuple[int, int, int]]) -> bool:
+    return (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino) in locked
+
+
 def _server_gone(name: str) -> bool:
-    """Whether the server that wrote the journal ``name`` (``journal-<pid>-<random>.wal``) is surely gone:
+    """Whether the server that wrote the journal ``name`` (``journal-<pid>-<random>.wal``) may be gone:
     no process has its pid. Read only (a lock taken to ask would make a starting server skip recovering
-    the journal); a pid reused since counts as live, which only keeps the reader cautious."""
+    the journal); a pid reused since counts as live, which only keeps the reader cautious. A server in
+    another PID namespace has a pid this one does not see: ``journaled`` also asks whether the journal's
+    ``flock`` is held (``/proc/locks``) before taking it for gone."""
     match = _JOURNAL_NAME.fullmatch(name)
     if match is None:
         return False
