@@ -244,10 +244,9 @@ def recover(directory: Path, replaces: Callable[[Path, bytes], bool]) -> int:
 def journaled(directory: Path) -> list[tuple[str, bytes, bool]]:
     """Every entry of every journal in ``directory``, live servers' too (read only: never locked nor
     changed), in the order written: (record file name, data, whether its server is gone: no process has
-    its pid, and nobody holds the journal's lock). For a
-    reader that shows tasks whose record file is not written yet (``agent-parallel status``): what a
-    gone server's journal holds is what the next server's ``recover`` will write back. A journal that
-    cannot be read is skipped."""
+    its pid, and nobody holds the journal's lock). For a reader that shows tasks whose record file is
+    not written yet (``agent-parallel status``): what a gone server's journal holds is what the next
+    server's ``recover`` will write back. A journal that cannot be read is skipped."""
     entries: list[tuple[str, bytes, bool]] = []
     locked: set[tuple[int, int, int]] | None = None  # read once, for the first journal whose pid is gone
     for journal in sorted(directory.glob(JOURNAL_GLOB)):
