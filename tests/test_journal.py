@@ -429,8 +429,9 @@ def test_status_shows_a_gone_servers_journaled_records_however_old_a_live_server
 
 
 def test_status_takes_a_journal_whose_lock_is_held_for_a_live_servers_though_its_pid_is_not_seen(tmp_path):
-    """A server in another PID namespace (another container sharing the workspace) has a pid this one
-    does not see: the flock it holds on its journal says it lives, so `status` keeps to the 10 s window."""
+    """A server in a PID namespace nested in the reader's (a container sharing the workspace, `status` run on
+    the host) names its journal with a pid the reader does not see: the flock it holds on the journal says it
+    lives, so `status` keeps to the 10 s window."""
     long_ago = time.time() - 3600
     old = TaskRecord(task_id="old00001", kind="command", command="true", cwd="/tmp", created_at=long_ago)
     old.start(long_ago, None)

@@ -298,8 +298,10 @@ def _server_gone(name: str) -> bool:
     """Whether the server that wrote the journal ``name`` (``journal-<pid>-<random>.wal``) may be gone:
     no process has its pid. Read only (a lock taken to ask would make a starting server skip recovering
     the journal); a pid reused since counts as live, which only keeps the reader cautious. A server in
-    another PID namespace has a pid this one does not see: ``journaled`` also asks whether the journal's
-    ``flock`` is held (``/proc/locks``) before taking it for gone."""
+    another PID namespace names its journal with a pid this one does not see: ``journaled`` also asks
+    whether the journal's ``flock`` is held (``/proc/locks``) before taking it for gone. That answers
+    for a server in a namespace nested in the reader's (a container, read from the host); the kernel
+    hides the locks of processes the reader cannot see (a reader inside a container, or beside it)."""
     match = _JOURNAL_NAME.fullmatch(name)
     if match is None:
         return False
