@@ -14,7 +14,9 @@ Sections (``--only`` takes their names):
 * ``run``: 300 trivial items (``command: "true"``, max_parallel 5), interleaved repeat by repeat
   with their baselines: ``seq 300 | xargs -P5 -n1 true``; GNU ``parallel -j5 true`` (when
   installed; otherwise the issue's 1.5 s stands in, marked); ``run_queue`` over stdio (makespan
-  from its report, and the server's CPU time per item from ``/proc/<pid>/stat`` before and after);
+  from its report, and the server's CPU time per item from ``/proc/<pid>/stat`` before and after; a
+  diag row breaks its event loop thread's time down by ``/proc/<pid>/task/<pid>/schedstat``, with the
+  machine's idle share from ``/proc/stat``);
   ``agent-parallel run`` (wall, a fresh workspace each time); 300 commands through one fan-out
   call (``launch_task(commands=[...], max_parallel=5)`` then ``task_output`` on the group; "not
   implemented" while the tool's input schema has no ``commands``; a diag row splits its wall: where the
@@ -58,7 +60,7 @@ import bench_floor
 import bench_plan
 import bench_run
 import bench_tasks
-from bench_common import pct
+from bench_common import machine_idle, pct, thread_schedstat
 from bench_tasks import Report, ToolFailed, call, proc_cpu_s, server, wait_tasks
 from mcp import Client, StdioServerParameters
 from rich.console import Console
@@ -195,23 +197,29 @@ class RunQueueResult:
     makespan: float | None
     wall: float
     cpu_per_item: float | None
+    loop: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the server's event loop thread: on a CPU, waiting, asleep (s)
+    idle: float | None = None  # the machine's CPUs' idle share over the same time
 
 
 async def run_queue_once(root: Path, rep: Report) -> RunQueueResult:
     write_true_queue(root)
     async with server(root) as (c, pid):
         cpu0 = proc_cpu_s(pid) if pid else None
+        sched0, idle0 = thread_schedstat(pid, pid) if pid else (0.0, 0.0), machine_idle()
         t0 = time.perf_counter()
         started = await call(c, "run_queue", {"max_parallel": SLOTS})
         out = await bench_run.wait_done(c, {"task_id": started["run_id"]})
         wall = time.perf_counter() - t0
+        sched1, idle1 = thread_schedstat(pid, pid) if pid else (0.0, 0.0), machine_idle()
         await anyio.sleep(FILE_DELAY_S + 0.5)  # the CPU of writing the records' files, a second later, counts too
         cpu1 = proc_cpu_s(pid) if pid else None
     run = out["run"]
     if run["counts"].get("completed") != N:
         rep.anomalies.append(f"run_queue of {N} `true` items: {run['counts']}")
     cpu = (cpu1 - cpu0) / N if cpu0 is not None and cpu1 is not None else None
-    return RunQueueResult(run["makespan"], wall, cpu)
+    on_cpu, waiting = sched1[0] - sched0[0], sched1[1] - sched0[1]
+    idle = (idle1[0] - idle0[0]) / (idle1[1] - idle0[1]) if idle1[1] > idle0[1] else None
+    return RunQueueResult(run["makespan"], wall, cpu, (on_cpu, waiting, max(0.0, wall - on_cpu - waiting)), idle)
 
 
 def cli_run_once(root: Path, rep: Report) -> float:
@@ -359,6 +367,16 @@ def bench_run_rows(rep: Report, tmp: Path, repeats: int) -> None:
     cpu = median([r.cpu_per_item for r in rq if r.cpu_per_item is not None])
     rep.add("run", "server CPU per trivial item (user+sys of the run_queue server / items)", ms(cpu), "≤ 1 ms",
             None if cpu is None else cpu <= 0.001, note="issue: ~3.5 ms; /proc/<pid>/stat before the call and once the records' files are written after the report")
+    if any(r.loop[0] for r in rq):
+        per = [tuple(v / N * 1e6 for v in r.loop) for r in rq if r.loop[0]]
+        idle = [r.idle for r in rq if r.idle is not None]
+        rep.add("run", "  diag: the server's event loop thread from the call to the answer that the run ended, per item: on "
+                "a CPU / runnable but waiting for one / asleep; the machine's CPUs idle",
+                " / ".join(f"{statistics.median(v[i] for v in per):.0f}" for i in range(3)) + " µs"
+                + (f"; {statistics.median(idle):.0%}" if idle else ""),
+                note="the loop is a run's critical path: asleep is mostly each start's vfork wait for the child's exec, "
+                     "waiting is mostly a child that took the loop's CPU after its exec (bench/README.md, stop 40); "
+                     "xargs leaves some 14-19 % of these CPUs idle")
     create = [file_create_us(tmp / f"rq-{k}") for k in range(repeats)]
     rep.add("run", "  diag: creating a file in the runs' workspaces (median; µs)", f"{statistics.median(create):.0f} µs",
             note="a trivial task creates one file, its record, a second after its end (in the CPU row, not in the makespan); "

@@ -23,3 +23,25 @@ def server_env() -> dict[str, str] | None:
     from mcp.client.stdio import get_default_environment
 
     return {**get_default_environment(), "PYTHONPATH": os.environ["PYTHONPATH"]}
+
+
+def thread_schedstat(pid: int, tid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of thread ``tid`` of process ``pid``, from
+    ``/proc/PID/task/TID/schedstat``; (0, 0) where the kernel does not keep them. The event loop's
+    thread of a server is its main thread (tid = pid)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            fields = f.read().split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle, all) jiffies of every CPU so far (``/proc/stat``): how much of the machine a run left unused."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait

@@ -37,6 +37,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import anyio
+from bench_common import machine_idle, thread_schedstat
 
 from agent_parallel.cli.main import freeze_startup_objects
 from agent_parallel.config import load_config
@@ -52,23 +53,8 @@ def cpu() -> float:
 
 
 def loop_schedstat() -> tuple[float, float]:
-    """(seconds on a CPU, seconds runnable but waiting for one) of the event loop's thread (the main
-    thread), from ``/proc/self/task/TID/schedstat``; (0, 0) where the kernel does not keep them."""
-    try:
-        fields = Path(f"/proc/self/task/{threading.main_thread().native_id}/schedstat").read_text().split()
-    except OSError:
-        return 0.0, 0.0
-    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
-
-
-def machine_idle() -> tuple[int, int]:
-    """(idle, all) jiffies of every CPU so far (``/proc/stat``): how much of the machine a run left unused."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait
+    """``bench_common.thread_schedstat`` of the event loop's thread (the main thread) of this process."""
+    return thread_schedstat(os.getpid(), threading.main_thread().native_id or os.getpid())
 
 
 SCHED = [0.0, 0.0, 0.0, 0.0]  # the last run's loop thread: on a CPU, waiting for one, wall (seconds); idle share
