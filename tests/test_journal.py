@@ -411,15 +411,21 @@ async def test_a_clean_stop_writes_every_waiting_file(tmp_path):
     assert {r.task_id: r.status for r in load_records(runs)} == {t.record.task_id: "completed" for t in members}
 
 
-def test_status_shows_a_gone_servers_journaled_records_however_old_a_live_servers_only_recent(tmp_path):
-    long_ago = time.time() - 3600  # long ended: a live server would have written its file by now
+def long_ended_task_journaled(tmp_path: Path) -> tuple[str, bytes]:
+    """Task old00001, its running record's file in ``tmp_path``, and (the pid of a process that has exited,
+    the journal line of its final record, an hour old: a live server would have written its file by now)."""
+    long_ago = time.time() - 3600
     old = TaskRecord(task_id="old00001", kind="command", command="true", cwd="/tmp", created_at=long_ago)
     old.start(long_ago, None)
     old.end(Succeeded(), long_ago + 1)
     (tmp_path / "old00001.json").write_bytes(data(record("old00001", done=False)))  # the running record's file
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    line = b"old00001.json\t" + data(old) + b"\n"
+    return dead, b"old00001.json\t" + data(old) + b"\n"
+
+
+def test_status_shows_a_gone_servers_journaled_records_however_old_a_live_servers_only_recent(tmp_path):
+    dead, line = long_ended_task_journaled(tmp_path)
     (tmp_path / f"journal-{os.getpid()}-0a1b2c3d.wal").write_bytes(line)  # a live server's (this process)
     assert {r.task_id: r.status for r in load_records(tmp_path, journaled=True)} == {"old00001": "running"}
     (tmp_path / f"journal-{os.getpid()}-0a1b2c3d.wal").rename(tmp_path / f"journal-{dead}-0a1b2c3d.wal")
@@ -432,15 +438,9 @@ def test_status_takes_a_journal_whose_lock_is_held_for_a_live_servers_though_its
     """A server in a PID namespace nested in the reader's (a container sharing the workspace, `status` run on
     the host) names its journal with a pid the reader does not see: the flock it holds on the journal says it
     lives, so `status` keeps to the 10 s window."""
-    long_ago = time.time() - 3600
-    old = TaskRecord(task_id="old00001", kind="command", command="true", cwd="/tmp", created_at=long_ago)
-    old.start(long_ago, None)
-    old.end(Succeeded(), long_ago + 1)
-    (tmp_path / "old00001.json").write_bytes(data(record("old00001", done=False)))  # the running record's file
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    dead, line = long_ended_task_journaled(tmp_path)
     path = tmp_path / f"journal-{dead}-0a1b2c3d.wal"
-    path.write_bytes(b"old00001.json\t" + data(old) + b"\n")
+    path.write_bytes(line)
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # its server, alive where its pid cannot be seen from here
