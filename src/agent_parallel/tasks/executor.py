@@ -255,17 +255,17 @@ class LocalExecutor:
 
     async def start_batch(self, batch: list[tuple[LaunchSpec, Callable[[], LogWriter]]], *, inline: bool = False,
                           ) -> list[tuple[LocalHandle | Exception, LogWriter | None]]:
-        """Start several tasks in one worker thread (``lane.py``; ``start`` is a batch of one): one hop
-        for all, one wake-up of the watchdog, and each log created there (``open_log``: a new file costs
-        up to half a millisecond on some file systems, which the event loop should not pay). Each gets
-        its handle, or the exception that kept it from starting (``SpawnError``, or what ``open_log``
-        raised), with its log if made.
+        """Start several tasks together (``lane.py``; ``start`` is a batch of one), as a rule in one
+        worker thread: one hop for all, one wake-up of the watchdog, and each log created there
+        (``open_log``: a new file costs up to half a millisecond on some file systems, which the event
+        loop should not pay). Each gets its handle, or the exception that kept it from starting
+        (``SpawnError``, or what ``open_log`` raised), with its log if made.
 
-        In a worker thread because the caller of fork/exec waits until the child has exec'd (vfork),
+        A worker thread because the caller of fork/exec waits until the child has exec'd (vfork),
         which would hold the event loop for a good part of a millisecond per task. Shielded: a process
         once started is always handed back (a cancelled caller then stops it through its handle).
 
-        ``inline``: the caller vouches that these starts can wait on nothing the event loop does not
+        The exception, ``inline``: the caller vouches that these starts can wait on nothing the event loop does not
         wait on already (``TaskRegistry._lane_submit``: a shell command in the workspace's root, no
         stdin file, a log made only with the first output); up to ``INLINE_STARTS`` of them are then
         made on the loop's thread, once the watchdog runs (its start is a Python process's)."""
